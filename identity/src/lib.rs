@@ -1,0 +1,13 @@
+//! Workload identity for the mesh: SPIFFE names, the certificate authority
+//! interface (built-in CA now, Istio's CA gRPC later), per-identity leaf
+//! certificates with rotation, and the mTLS configurations HBONE uses.
+
+mod ca;
+mod manager;
+mod spiffe;
+mod tls;
+
+pub use ca::{BuiltinCa, CaError, CertificateAuthority, SignFuture};
+pub use manager::{CertError, SecretManager, WorkloadCert};
+pub use spiffe::{Identity, ParseIdentityError, DEFAULT_TRUST_DOMAIN};
+pub use tls::{peer_identity, spiffe_uri_of, TlsError};
