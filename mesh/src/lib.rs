@@ -1,1 +1,15 @@
+//! The mesh model that every config source feeds (standalone file now, the
+//! Kubernetes API and istiod's WDS later) and the L4 policy it implies.
 
+pub mod authz;
+pub mod model;
+pub mod standalone;
+mod store;
+
+pub use model::{Endpoint, MeshState, MtlsMode, PeerAuthentication, Service, ServicePort, TargetPort, TunnelProtocol, Workload};
+pub use standalone::ConfigError;
+pub use store::{watch_file, MeshStore};
+
+/// Istio's root namespace: policies here without a selector apply mesh-wide.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";

@@ -1,0 +1,178 @@
+//! L4 authorization, shaped like Istio's `istio.security.Authorization` so the
+//! xDS source maps onto it directly: rules are OR-ed, a rule's clauses AND-ed,
+//! a clause's matches OR-ed, a match's non-empty fields AND-ed.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use identity::Identity;
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::model::Workload;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Scope {
+    Global,
+    Namespace,
+    WorkloadSelector(BTreeMap<String, String>),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AuthorizationPolicy {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub action: Action,
+    pub rules: Vec<Rule>,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Rule {
+    pub clauses: Vec<Clause>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Clause {
+    pub matches: Vec<Match>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Match {
+    pub namespaces: Vec<StringMatch>,
+    pub not_namespaces: Vec<StringMatch>,
+    pub principals: Vec<StringMatch>,
+    pub not_principals: Vec<StringMatch>,
+    pub source_ips: Vec<IpNet>,
+    pub not_source_ips: Vec<IpNet>,
+    pub destination_ips: Vec<IpNet>,
+    pub not_destination_ips: Vec<IpNet>,
+    pub destination_ports: Vec<u16>,
+    pub not_destination_ports: Vec<u16>,
+}
+
+/// Istio's string forms: exact, `prefix*`, `*suffix`, and `*` (present).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Presence,
+}
+
+impl StringMatch {
+    pub fn parse(s: &str) -> Self {
+        if s == "*" {
+            StringMatch::Presence
+        } else if let Some(p) = s.strip_suffix('*') {
+            StringMatch::Prefix(p.to_string())
+        } else if let Some(p) = s.strip_prefix('*') {
+            StringMatch::Suffix(p.to_string())
+        } else {
+            StringMatch::Exact(s.to_string())
+        }
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            StringMatch::Exact(e) => v == e,
+            StringMatch::Prefix(p) => v.starts_with(p.as_str()),
+            StringMatch::Suffix(s) => v.ends_with(s.as_str()),
+            StringMatch::Presence => !v.is_empty(),
+        }
+    }
+}
+
+/// What policy knows of a connection. The identity comes only from the
+/// verified peer certificate, never from headers.
+#[derive(Clone, Debug)]
+pub struct Connection<'a> {
+    pub src_identity: Option<&'a Identity>,
+    pub src_ip: IpAddr,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny(String),
+}
+
+impl Match {
+    fn matches(&self, c: &Connection) -> bool {
+        let ns = c.src_identity.map(|i| i.namespace.as_str());
+        let principal = c.src_identity.map(|i| i.principal());
+        // No identity: a positive identity matcher fails, a negative one holds.
+        let any_str = |ms: &[StringMatch], v: Option<&str>| v.is_some_and(|v| ms.iter().any(|m| m.matches(v)));
+        let any_net = |nets: &[IpNet], ip: IpAddr| nets.iter().any(|n| n.contains(&ip));
+        (self.namespaces.is_empty() || any_str(&self.namespaces, ns))
+            && !any_str(&self.not_namespaces, ns)
+            && (self.principals.is_empty() || any_str(&self.principals, principal.as_deref()))
+            && !any_str(&self.not_principals, principal.as_deref())
+            && (self.source_ips.is_empty() || any_net(&self.source_ips, c.src_ip))
+            && !any_net(&self.not_source_ips, c.src_ip)
+            && (self.destination_ips.is_empty() || any_net(&self.destination_ips, c.dst_ip))
+            && !any_net(&self.not_destination_ips, c.dst_ip)
+            && (self.destination_ports.is_empty() || self.destination_ports.contains(&c.dst_port))
+            && !self.not_destination_ports.contains(&c.dst_port)
+    }
+}
+
+impl Rule {
+    fn matches(&self, c: &Connection) -> bool {
+        self.clauses.iter().all(|cl| cl.matches.iter().any(|m| m.matches(c)))
+    }
+}
+
+impl AuthorizationPolicy {
+    pub fn selects(&self, w: &Workload) -> bool {
+        match &self.scope {
+            Scope::Global => true,
+            Scope::Namespace => self.namespace == w.namespace,
+            Scope::WorkloadSelector(sel) => {
+                self.namespace == w.namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            }
+        }
+    }
+
+    fn matches(&self, c: &Connection) -> bool {
+        self.rules.iter().any(|r| r.matches(c))
+    }
+
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Istio's order: dry-run policies only log; any DENY match denies; with no
+/// ALLOW policy selecting the workload, allow; any ALLOW match allows; else deny.
+pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a AuthorizationPolicy>, dst: &Workload, c: &Connection) -> Decision {
+    let mut allows = Vec::new();
+    for p in policies.into_iter().filter(|p| p.selects(dst)) {
+        if p.dry_run {
+            tracing::info!(policy = %p.key(), would_match = p.matches(c), "dry-run policy");
+            continue;
+        }
+        match p.action {
+            Action::Deny if p.matches(c) => return Decision::Deny(format!("denied by DENY policy {}", p.key())),
+            Action::Deny => {}
+            Action::Allow => allows.push(p),
+        }
+    }
+    if allows.is_empty() || allows.iter().any(|p| p.matches(c)) {
+        Decision::Allow
+    } else {
+        Decision::Deny(format!(
+            "no ALLOW policy matched (selecting: {})",
+            allows.iter().map(|p| p.key()).collect::<Vec<_>>().join(", ")
+        ))
+    }
+}

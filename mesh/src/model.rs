@@ -1,0 +1,172 @@
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use identity::Identity;
+use serde::Serialize;
+
+use crate::authz::AuthorizationPolicy;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum TunnelProtocol {
+    /// In the mesh: reached over HBONE on port 15008.
+    Hbone,
+    /// Outside the mesh: plain TCP.
+    None,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub node: String,
+    pub ip: IpAddr,
+    pub labels: BTreeMap<String, String>,
+    /// Named container ports, for services whose targetPort is a name.
+    pub named_ports: BTreeMap<String, u16>,
+    pub protocol: TunnelProtocol,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+}
+
+impl Workload {
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub enum TargetPort {
+    Number(u16),
+    Named(String),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target: TargetPort,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Endpoint {
+    pub workload_uid: String,
+    pub ip: IpAddr,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum MtlsMode {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: MtlsMode,
+    pub port_level: BTreeMap<u16, MtlsMode>,
+}
+
+/// One consistent view of the mesh. Built whole by a config source and
+/// swapped atomically, so the data path reads it without locks.
+#[derive(Default, Debug, Serialize)]
+pub struct MeshState {
+    pub workloads: BTreeMap<String, Arc<Workload>>,
+    pub services: Vec<Arc<Service>>,
+    pub policies: Vec<Arc<AuthorizationPolicy>>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    #[serde(skip)]
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+}
+
+impl MeshState {
+    pub fn new(
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: Vec<AuthorizationPolicy>,
+        peer_authentications: Vec<PeerAuthentication>,
+    ) -> Self {
+        let workloads: BTreeMap<_, _> = workloads.into_iter().map(|w| (w.uid.clone(), Arc::new(w))).collect();
+        let by_ip = workloads.values().map(|w| (w.ip, w.clone())).collect();
+        let services: Vec<_> = services.into_iter().map(Arc::new).collect();
+        let by_vip = services.iter().flat_map(|s| s.vips.iter().map(move |v| (*v, s.clone()))).collect();
+        MeshState {
+            workloads,
+            services,
+            policies: policies.into_iter().map(Arc::new).collect(),
+            peer_authentications,
+            by_ip,
+            by_vip,
+        }
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.workloads.values().find(|w| w.namespace == namespace && w.name == name)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip)
+    }
+
+    /// The endpoints of `svc` that serve `port`, with the port each listens on.
+    pub fn endpoints_for(&self, svc: &Service, port: u16) -> Vec<(Arc<Workload>, u16)> {
+        let Some(sp) = svc.ports.iter().find(|p| p.port == port) else { return Vec::new() };
+        svc.endpoints
+            .iter()
+            .filter_map(|e| self.workloads.get(&e.workload_uid))
+            .filter_map(|w| {
+                let target = match &sp.target {
+                    TargetPort::Number(n) => *n,
+                    TargetPort::Named(name) => *w.named_ports.get(name)?,
+                };
+                Some((w.clone(), target))
+            })
+            .collect()
+    }
+
+    /// The effective mTLS mode for inbound traffic to `w` on `port`:
+    /// workload selector beats namespace beats mesh-wide; UNSET inherits;
+    /// nothing set means PERMISSIVE, as in Istio.
+    pub fn mtls_mode(&self, w: &Workload, port: u16) -> MtlsMode {
+        let selects = |pa: &&PeerAuthentication| {
+            pa.namespace == w.namespace
+                && pa.selector.as_ref().is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        };
+        let mut chain: Vec<MtlsMode> = Vec::new();
+        if let Some(pa) = self.peer_authentications.iter().find(selects) {
+            chain.push(pa.port_level.get(&port).copied().unwrap_or(pa.mode));
+        }
+        let ns_wide = |ns: &str| {
+            self.peer_authentications
+                .iter()
+                .find(|pa| pa.namespace == ns && pa.selector.is_none())
+                .map(|pa| pa.mode)
+        };
+        chain.extend(ns_wide(&w.namespace));
+        chain.extend(ns_wide(crate::ROOT_NAMESPACE));
+        chain.into_iter().find(|m| *m != MtlsMode::Unset).unwrap_or(MtlsMode::Permissive)
+    }
+}

@@ -1,0 +1,95 @@
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::model::MeshState;
+use crate::standalone;
+
+/// The live mesh state plus what the last config load said, for the admin dump.
+pub struct MeshStore {
+    state: ArcSwap<MeshState>,
+    status: Mutex<LoadStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LoadStatus {
+    pub source: String,
+    pub generation: u64,
+    pub last_error: Option<String>,
+}
+
+impl MeshStore {
+    pub fn new(state: MeshState, source: &str) -> Arc<Self> {
+        Arc::new(MeshStore {
+            state: ArcSwap::from_pointee(state),
+            status: Mutex::new(LoadStatus { source: source.to_string(), generation: 1, last_error: None }),
+        })
+    }
+
+    pub fn load(&self) -> Arc<MeshState> {
+        self.state.load_full()
+    }
+
+    pub fn replace(&self, state: MeshState) {
+        self.state.store(Arc::new(state));
+        let mut st = self.status.lock().unwrap();
+        st.generation += 1;
+        st.last_error = None;
+    }
+
+    pub fn reject(&self, error: String) {
+        self.status.lock().unwrap().last_error = Some(error);
+    }
+
+    pub fn status(&self) -> LoadStatus {
+        self.status.lock().unwrap().clone()
+    }
+}
+
+/// Polls the standalone file and applies each good change. A bad change is
+/// logged and recorded; the last good state stays in force. Polling (rather
+/// than inotify) survives editors and ConfigMap mounts that replace the file.
+pub async fn watch_file(path: PathBuf, trust_domain: String, store: Arc<MeshStore>, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut last = std::fs::read(&path).ok();
+    let mut stop = stop;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+        let now = match tokio::fs::read(&path).await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                // A vanished file keeps the last good state serving.
+                if last.is_some() {
+                    tracing::warn!(path = %path.display(), error = %e, "config file unreadable; keeping last good config");
+                    store.reject(format!("{}: {e}", path.display()));
+                }
+                last = None;
+                continue;
+            }
+        };
+        if now == last {
+            continue;
+        }
+        last = now;
+        apply(&path, last.as_deref().unwrap_or_default(), &trust_domain, &store);
+    }
+}
+
+fn apply(path: &Path, bytes: &[u8], trust_domain: &str, store: &MeshStore) {
+    let text = String::from_utf8_lossy(bytes);
+    match standalone::parse(&text, trust_domain) {
+        Ok(state) => {
+            tracing::info!(path = %path.display(), workloads = state.workloads.len(), services = state.services.len(), policies = state.policies.len(), "config applied");
+            store.replace(state);
+        }
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "config rejected; keeping last good config");
+            store.reject(e.to_string());
+        }
+    }
+}

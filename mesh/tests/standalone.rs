@@ -1,0 +1,124 @@
+use std::net::IpAddr;
+
+use identity::Identity;
+use mesh::authz::{evaluate, Connection, Decision};
+use mesh::{standalone, MtlsMode, TunnelProtocol};
+
+const EXAMPLE: &str = include_str!("../../examples/mesh.yaml");
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn example_translates_to_model() {
+    let m = standalone::parse(EXAMPLE, "cluster.local").unwrap();
+    assert_eq!(m.workloads.len(), 4);
+    let client = m.workload_by_ip(ip("10.244.1.10")).unwrap();
+    assert_eq!(client.identity().to_string(), "spiffe://cluster.local/ns/demo/sa/client");
+    assert_eq!(client.node, "node1");
+    assert_eq!(client.protocol, TunnelProtocol::Hbone);
+    let svc = m.service_by_vip(ip("10.96.0.10")).unwrap();
+    assert_eq!(svc.hostname, "echo.demo.svc.cluster.local");
+    let mut eps: Vec<_> = m.endpoints_for(svc, 80).into_iter().map(|(w, p)| (w.name.clone(), p)).collect();
+    eps.sort();
+    assert_eq!(eps, vec![("echo-1".to_string(), 8080), ("echo-2".to_string(), 8080)]);
+    assert!(m.endpoints_for(svc, 81).is_empty(), "unknown service port has no endpoints");
+    assert_eq!(m.mtls_mode(client, 80), MtlsMode::Strict);
+}
+
+#[test]
+fn policy_admits_only_principal() {
+    let m = standalone::parse(EXAMPLE, "cluster.local").unwrap();
+    let echo = m.workload_by_name("demo", "echo-1").unwrap();
+    let client = Identity::new("cluster.local", "demo", "client");
+    let intruder = Identity::new("cluster.local", "demo", "intruder");
+    let conn = |id| Connection { src_identity: id, src_ip: ip("10.244.1.10"), dst_ip: echo.ip, dst_port: 8080 };
+    assert_eq!(evaluate(m.policies.iter().map(|p| &**p), echo, &conn(Some(&client))), Decision::Allow);
+    assert!(matches!(evaluate(m.policies.iter().map(|p| &**p), echo, &conn(Some(&intruder))), Decision::Deny(_)));
+    assert!(matches!(evaluate(m.policies.iter().map(|p| &**p), echo, &conn(None)), Decision::Deny(_)));
+    // The client itself is selected by no policy: open.
+    let c = m.workload_by_name("demo", "client").unwrap();
+    assert_eq!(evaluate(m.policies.iter().map(|p| &**p), c, &conn(Some(&intruder))), Decision::Allow);
+}
+
+const BASE: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: ns, labels: {app: a}}\nspec: {nodeName: n1}\nstatus: {podIP: 10.0.0.1}\n";
+
+fn with(extra: &str) -> Result<mesh::MeshState, mesh::ConfigError> {
+    standalone::parse(&format!("{BASE}---\n{extra}"), "cluster.local")
+}
+
+fn deny_policy(body: &str) -> String {
+    format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: ns}}\nspec:\n{body}")
+}
+
+#[test]
+fn deny_before_allow_and_not_forms() {
+    let doc = format!(
+        "{}\n---\n{}",
+        deny_policy("  action: DENY\n  rules:\n  - from:\n    - source: {notNamespaces: [ns]}\n  - to:\n    - operation: {ports: [\"22\"]}"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-all, namespace: ns}\nspec:\n  rules:\n  - {}"
+    );
+    let m = with(&doc).unwrap();
+    let w = m.workload_by_name("ns", "a").unwrap();
+    let same = Identity::new("cluster.local", "ns", "x");
+    let other = Identity::new("cluster.local", "other", "x");
+    let c = |id, port| Connection { src_identity: id, src_ip: ip("10.0.0.2"), dst_ip: w.ip, dst_port: port };
+    let ev = |c: &Connection| evaluate(m.policies.iter().map(|p| &**p), w, c);
+    assert_eq!(ev(&c(Some(&same), 80)), Decision::Allow);
+    assert!(matches!(ev(&c(Some(&other), 80)), Decision::Deny(_)), "notNamespaces DENY");
+    assert!(matches!(ev(&c(Some(&same), 22)), Decision::Deny(_)), "port DENY beats ALLOW-all");
+    assert!(matches!(ev(&c(None, 80)), Decision::Deny(_)), "no identity is not in namespace ns");
+}
+
+#[test]
+fn ip_blocks_and_l7_fail_closed() {
+    let m = with(&deny_policy("  rules:\n  - from:\n    - source: {ipBlocks: [10.1.0.0/16]}\n  - to:\n    - operation: {methods: [GET]}")).unwrap();
+    let w = m.workload_by_name("ns", "a").unwrap();
+    let c = |src: &str| Connection { src_identity: None, src_ip: ip(src), dst_ip: w.ip, dst_port: 80 };
+    let ev = |c: &Connection| evaluate(m.policies.iter().map(|p| &**p), w, c);
+    assert_eq!(ev(&c("10.1.2.3")), Decision::Allow);
+    // The L7-only ALLOW rule must not open the door to everyone.
+    assert!(matches!(ev(&c("10.2.0.1")), Decision::Deny(_)));
+}
+
+#[test]
+fn errors_name_object_and_field() {
+    let cases: &[(&str, &str)] = &[
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: ns}\nspec: {nodeName: n1}\nstatus: {podIP: 10.0.0.1}\n", "Pod ns/b: status.podIP: 10.0.0.1 is already used by Pod ns/a"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: ns}\nspec: {nodeName: n1}\nstatus: {podIP: 10.0.0.300}\n", "Pod ns/b: status.podIP"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: ns}\nstatus: {podIP: 10.0.0.2}\n", "Pod ns/b: spec: missing"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: ns}\nspec: {}\nstatus: {podIP: 10.0.0.2}\n", "Pod ns/b: spec: missing field `nodeName`"),
+        ("apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n", "Service ns/s: spec.clusterIP: 10.0.0.1 is already used by Pod ns/a"),
+        ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: ns}\n", "ConfigMap ns/c: kind: unsupported kind ConfigMap"),
+        ("kind: Pod\nmetadata: {name: x}\n", "document 2: apiVersion: missing"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: ns}\nspec: {nodeName: n1}\nstatus: {podIP: 10.0.0.9}\n", "Pod ns/a: metadata.name: defined twice"),
+        ("a: [b\n", "document 2: YAML"),
+    ];
+    for (doc, want) in cases {
+        let e = with(doc).unwrap_err().to_string();
+        assert!(e.starts_with(want), "got {e:?}, want prefix {want:?}");
+    }
+    let e = with(&deny_policy("  rules:\n  - from:\n    - source: {ipBlocks: [10.0.0.0/8, 300.0.0.0/8]}")).unwrap_err();
+    assert_eq!((e.object.as_str(), e.field.as_str()), ("AuthorizationPolicy ns/p", "spec.rules[0].from[0].source.ipBlocks[1]"));
+    let e = with(&deny_policy("  rules:\n  - from:\n    - source: {principal: [x]}")).unwrap_err();
+    assert!(e.to_string().contains("spec.rules[0].from[0].source") && e.message.contains("principal"), "{e}");
+    let e = with(&deny_policy("  action: AUDIT")).unwrap_err();
+    assert_eq!(e.field, "spec.action");
+    let e = with("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: ns}\nspec: {mtls: {mode: STRIKT}}").unwrap_err();
+    assert_eq!(e.field, "spec.mtls.mode");
+}
+
+#[test]
+fn peer_authentication_precedence() {
+    let doc = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: mesh, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\n\
+apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns, namespace: ns}\nspec: {mtls: {mode: UNSET}}\n---\n\
+apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: wl, namespace: ns}\nspec: {selector: {matchLabels: {app: a}}, mtls: {mode: UNSET}, portLevelMtls: {9000: {mode: PERMISSIVE}}}";
+    let m = with(doc).unwrap();
+    let w = m.workload_by_name("ns", "a").unwrap();
+    assert_eq!(m.mtls_mode(w, 80), MtlsMode::Strict, "UNSET inherits mesh-wide STRICT");
+    assert_eq!(m.mtls_mode(w, 9000), MtlsMode::Permissive, "port level wins");
+    let open = with("apiVersion: v1\nkind: Namespace\nmetadata: {name: ns}").unwrap();
+    assert_eq!(open.mtls_mode(open.workload_by_name("ns", "a").unwrap(), 80), MtlsMode::Permissive);
+    assert_eq!(open.workload_by_name("ns", "a").unwrap().protocol, TunnelProtocol::None, "unlabelled namespace is not in the mesh");
+}
