@@ -1,1 +1,39 @@
+//! HBONE (SPEC §2): each proxied TCP connection is one HTTP/2 CONNECT stream
+//! inside a mutual-TLS 1.3 connection to port 15008. This crate holds the
+//! client pool, the server side, and the byte pump between a TCP socket and a
+//! stream; callers bring sockets (so they can be made inside a pod's netns)
+//! and TLS configs (from `identity`).
 
+mod client;
+mod copy;
+mod server;
+
+pub use client::{Pool, PoolKey};
+pub use copy::{pump, Transfer};
+pub use server::{serve, Inbound, InboundError};
+
+/// HTTP/2 settings sized for throughput: 64 KiB defaults starve a tunnel.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Streams per pooled connection before the pool opens another (as upstream).
+pub const MAX_STREAMS_PER_CONN: usize = 100;
+pub const HBONE_PORT: u16 = 15008;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("peer {addr} is {got}, expected {want}")]
+    WrongPeer { addr: std::net::SocketAddr, got: String, want: String },
+    #[error("peer {addr}: {source}")]
+    PeerIdentity { addr: std::net::SocketAddr, source: identity::TlsError },
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("CONNECT {authority} refused with status {status}")]
+    Refused { authority: String, status: http::StatusCode },
+    #[error("bad request: {0}")]
+    Request(#[from] http::Error),
+}

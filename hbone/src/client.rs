@@ -1,0 +1,180 @@
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{HeaderMap, Method, Request, StatusCode};
+use identity::Identity;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::Error;
+
+/// One pooled connection carries tunnels for one (source, destination
+/// identity, destination address), as upstream pools them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The local workload the tunnels are for (its uid): its netns and cert.
+    pub source: String,
+    pub dst_identity: Identity,
+    pub dst: SocketAddr,
+}
+
+struct Conn {
+    send: SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<Conn>>>,
+}
+
+/// A held slot on a pooled connection: released when the tunnel ends.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+const IDLE_RELEASE: Duration = Duration::from_secs(300);
+
+impl Pool {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Pool::default())
+    }
+
+    fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamGuard)> {
+        let mut conns = self.conns.lock().unwrap();
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Relaxed));
+        let c = list.iter().find(|c| c.active.load(Ordering::Relaxed) < crate::MAX_STREAMS_PER_CONN)?;
+        c.active.fetch_add(1, Ordering::Relaxed);
+        Some((c.send.clone(), StreamGuard(c.active.clone())))
+    }
+
+    /// Opens a CONNECT tunnel to `authority` over a pooled connection to
+    /// `key.dst`, dialing (with `dial`) and handshaking a new one when none
+    /// has room. The server must prove `key.dst_identity`.
+    pub async fn connect<D, F>(
+        self: &Arc<Self>,
+        key: PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        dial: D,
+        authority: &str,
+        headers: HeaderMap,
+    ) -> Result<(SendStream<Bytes>, RecvStream, StreamGuard), Error>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
+        let (send, guard) = match self.checkout(&key) {
+            Some(c) => c,
+            None => self.dial(&key, tls, dial).await?,
+        };
+        let mut send = send.ready().await?;
+        let mut req = Request::builder().method(Method::CONNECT).uri(authority).body(())?;
+        *req.headers_mut() = headers;
+        let (resp, stream) = send.send_request(req, false)?;
+        let resp = resp.await?;
+        if resp.status() != StatusCode::OK {
+            return Err(Error::Refused { authority: authority.to_string(), status: resp.status() });
+        }
+        Ok((stream, resp.into_body(), guard))
+    }
+
+    async fn dial<D, F>(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        dial: D,
+    ) -> Result<(SendRequest<Bytes>, StreamGuard), Error>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
+        let addr = key.dst;
+        let tcp = dial().await.map_err(|source| Error::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .map_err(|source| Error::Tls { addr, source })?;
+        let got = identity::peer_identity(tls.get_ref().1).map_err(|source| Error::PeerIdentity { addr, source })?;
+        if got != key.dst_identity {
+            return Err(Error::WrongPeer { addr, got: got.to_string(), want: key.dst_identity.to_string() });
+        }
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(crate::STREAM_WINDOW)
+            .initial_connection_window_size(crate::CONNECTION_WINDOW)
+            .max_frame_size(crate::MAX_FRAME)
+            .max_send_buffer_size(crate::MAX_FRAME as usize)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        let active = Arc::new(AtomicUsize::new(1));
+        let closed = Arc::new(AtomicBool::new(false));
+        let (c, a) = (closed.clone(), active.clone());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "HBONE connection ended");
+            }
+            c.store(true, Ordering::Relaxed);
+        });
+        self.conns.lock().unwrap().entry(key.clone()).or_default().push(Conn {
+            send: send.clone(),
+            active: active.clone(),
+            closed: closed.clone(),
+        });
+        self.spawn_idle_reaper(key.clone(), a, closed);
+        Ok((send, StreamGuard(active)))
+    }
+
+    /// Drops a connection from the pool after it has carried nothing for
+    /// IDLE_RELEASE; h2 then closes it once the last handle is gone.
+    fn spawn_idle_reaper(self: &Arc<Self>, key: PoolKey, active: Arc<AtomicUsize>, closed: Arc<AtomicBool>) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut idle_for = Duration::ZERO;
+            let tick = Duration::from_secs(5);
+            while !closed.load(Ordering::Relaxed) {
+                tokio::time::sleep(tick).await;
+                idle_for = if active.load(Ordering::Relaxed) == 0 { idle_for + tick } else { Duration::ZERO };
+                if idle_for >= IDLE_RELEASE {
+                    closed.store(true, Ordering::Relaxed);
+                }
+            }
+            if let Some(pool) = pool.upgrade() {
+                let mut conns = pool.conns.lock().unwrap();
+                if let Some(list) = conns.get_mut(&key) {
+                    list.retain(|c| !Arc::ptr_eq(&c.closed, &closed));
+                    if list.is_empty() {
+                        conns.remove(&key);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Pooled connections per destination, for the admin dump.
+    pub fn stats(&self) -> Vec<(PoolKey, usize, usize)> {
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len(), v.iter().map(|c| c.active.load(Ordering::Relaxed)).sum()))
+            .collect()
+    }
+
+    /// Closes every pooled connection (drain): new tunnels dial afresh.
+    pub fn clear(&self) {
+        self.conns.lock().unwrap().clear();
+    }
+}

@@ -1,0 +1,87 @@
+use std::future::Future;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{HeaderMap, Method, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// One CONNECT request received over HBONE, not yet answered.
+pub struct Inbound {
+    pub authority: SocketAddr,
+    pub headers: HeaderMap,
+    respond: SendResponse<Bytes>,
+    recv: RecvStream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+}
+
+impl Inbound {
+    /// Answers 200: the tunnel is open.
+    pub fn accept(mut self) -> Result<(SendStream<Bytes>, RecvStream), InboundError> {
+        let send = self.respond.send_response(Response::new(()), false)?;
+        Ok((send, self.recv))
+    }
+
+    /// Answers with a refusal status (401/403 policy, 503 no upstream...).
+    pub fn refuse(mut self, status: StatusCode) {
+        let resp = Response::builder().status(status).body(()).expect("static response");
+        let _ = self.respond.send_response(resp, true);
+    }
+}
+
+/// Serves CONNECT streams on one established (TLS) connection until the peer
+/// closes it or `drain` fires; on drain the connection goes away gracefully
+/// (GOAWAY) and live streams finish. Anything that is not a well-formed
+/// CONNECT to `ip:port` is refused here, before the handler sees it.
+pub async fn serve<IO, H, Fut>(io: IO, mut drain: tokio::sync::watch::Receiver<bool>, handler: H) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(Inbound) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(crate::STREAM_WINDOW)
+        .initial_connection_window_size(crate::CONNECTION_WINDOW)
+        .max_frame_size(crate::MAX_FRAME)
+        .max_send_buffer_size(crate::MAX_FRAME as usize)
+        .max_concurrent_streams(crate::MAX_STREAMS_PER_CONN as u32)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let mut draining = *drain.borrow();
+    if draining {
+        conn.graceful_shutdown();
+    }
+    loop {
+        let next = tokio::select! {
+            n = conn.accept() => n,
+            _ = drain.changed(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { return Ok(()) };
+        let (req, mut respond) = next?;
+        let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
+            let _ = respond.send_response(Response::builder().status(status).body(()).unwrap(), true);
+        };
+        if req.method() != Method::CONNECT {
+            refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+            continue;
+        }
+        let authority = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let Some(authority) = authority else {
+            tracing::debug!(uri = %req.uri(), "CONNECT authority is not ip:port");
+            refuse(&mut respond, StatusCode::BAD_REQUEST);
+            continue;
+        };
+        let (parts, recv) = req.into_parts();
+        tokio::spawn(handler(Inbound { authority, headers: parts.headers, respond, recv }));
+    }
+}
