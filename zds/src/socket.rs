@@ -21,6 +21,10 @@ fn seqpacket() -> std::io::Result<OwnedFd> {
     Ok(socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?)
 }
 
+fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    AsyncFd::register(fd).map_err(|e| e.into_parts().1)
+}
+
 /// One end of a ZDS connection: datagram send/receive with optional fds.
 struct Dgram(AsyncFd<OwnedFd>);
 
@@ -77,7 +81,7 @@ impl ZdsClient {
         let fd = seqpacket()?;
         let addr = UnixAddr::new(path).map_err(std::io::Error::from)?;
         connect(fd.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
-        let c = ZdsClient(Dgram(AsyncFd::register(fd)?));
+        let c = ZdsClient(Dgram(register(fd)?));
         c.0.send(&ZdsHello { version: Version::V1 as i32 }.encode_to_vec(), None).await?;
         Ok(c)
     }
@@ -115,7 +119,7 @@ impl ZdsServer {
         let addr = UnixAddr::new(path).map_err(std::io::Error::from)?;
         bind(fd.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
         listen(&fd, Backlog::new(8).map_err(std::io::Error::from)?).map_err(std::io::Error::from)?;
-        Ok(ZdsServer(AsyncFd::register(fd)?))
+        Ok(ZdsServer(register(fd)?))
     }
 
     /// Accepts a ztunnel and reads its hello.
@@ -127,7 +131,7 @@ impl ZdsServer {
             })
             .await?;
         // SAFETY: accept4 returned a fresh fd that nothing else owns.
-        let conn = Dgram(AsyncFd::register(unsafe { OwnedFd::from_raw_fd(fd) })?);
+        let conn = Dgram(register(unsafe { OwnedFd::from_raw_fd(fd) })?);
         let (bytes, fds) = conn.recv().await?;
         let hello = ZdsHello::decode(bytes.as_slice())?;
         if hello.version != Version::V1 as i32 || !fds.is_empty() {
