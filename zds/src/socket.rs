@@ -22,7 +22,8 @@ fn seqpacket() -> std::io::Result<OwnedFd> {
 }
 
 fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
-    AsyncFd::register(fd).map_err(|e| e.into_parts().1)
+    // SAFETY: the AsyncFd owns the OwnedFd, so the fd outlives its registration.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
 
 /// One end of a ZDS connection: datagram send/receive with optional fds.
