@@ -1,1 +1,202 @@
-fn main(){}
+//! ztunnel: the per-node L4 proxy of the ambient mesh.
+
+mod admin;
+mod metrics;
+mod netns;
+mod pods;
+mod proxy;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::Parser;
+use http::StatusCode;
+use identity::{BuiltinCa, CertificateAuthority, SecretManager};
+use mesh::MeshStore;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+#[derive(Parser, Debug)]
+#[command(name = "ztunnel", about = "Per-node L4 proxy of the ambient mesh (HBONE, mTLS, L4 policy)")]
+struct Args {
+    /// The node whose pods this ztunnel serves.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Standalone mesh config (multi-document Kubernetes-style YAML); watched.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value = identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Built-in CA state: the root is created here on first start.
+    #[arg(long, default_value = "/var/lib/ztunnel/ca")]
+    ca_dir: PathBuf,
+    /// Use this root certificate (PEM) instead of --ca-dir; needs --ca-key.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Workload certificate lifetime (e.g. 24h, 30m, 10s); renewed at half life.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// The node agent's ZDS socket (ztunnel connects to it).
+    #[arg(long, default_value = zds::DEFAULT_SOCKET)]
+    zds_socket: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// How long SIGTERM waits for live connections before exiting.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: want a number with unit s, m or h"))?;
+    match unit {
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    // Before any other thread exists: the netns every thread returns to.
+    netns::init_host_netns().context("open own network namespace")?;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("install metrics recorder")?;
+    ::metrics::gauge!("istio_build", "component" => "ztunnel", "tag" => env!("CARGO_PKG_VERSION")).set(1.0);
+
+    let text = std::fs::read_to_string(&args.config).with_context(|| format!("read config {}", args.config.display()))?;
+    let state = mesh::standalone::parse(&text, &args.trust_domain).with_context(|| format!("config {}", args.config.display()))?;
+    let store = MeshStore::new(state, &args.config.display().to_string());
+
+    let ca: Arc<dyn CertificateAuthority> = Arc::new(match (&args.ca_cert, &args.ca_key) {
+        (Some(c), Some(k)) => BuiltinCa::from_files(c, k)?,
+        _ => BuiltinCa::load_or_create(&args.ca_dir, &args.trust_domain)?,
+    });
+    let certs = SecretManager::new(ca, args.cert_ttl);
+
+    let (drain_tx, drain) = watch::channel(false);
+    let px = Arc::new(proxy::Proxy {
+        store: store.clone(),
+        certs: certs.clone(),
+        pool: hbone::Pool::new(),
+        trust_domain: args.trust_domain.clone(),
+        tasks: TaskTracker::new(),
+        drain: drain.clone(),
+    });
+    let pods = pods::Pods::new(px.clone());
+
+    tokio::spawn(mesh::watch_file(args.config.clone(), args.trust_domain.clone(), store.clone(), drain.clone()));
+    tokio::spawn(pods.clone().run_zds(args.zds_socket.clone(), drain.clone()));
+
+    let dump = {
+        let (store, certs, pods, px, node) = (store.clone(), certs.clone(), pods.clone(), px.clone(), args.node.clone());
+        move |path: &str| -> admin::Reply {
+            match path {
+                "/config_dump" => (StatusCode::OK, "application/json", config_dump(&node, &store, &certs, &pods, &px)),
+                "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
+                _ => (StatusCode::NOT_FOUND, "text/plain", "try /config_dump\n".into()),
+            }
+        }
+    };
+    admin::serve(args.admin_addr, dump, drain.clone()).await.with_context(|| format!("admin on {}", args.admin_addr))?;
+    admin::serve(
+        args.metrics_addr,
+        move |path| match path {
+            "/metrics" | "/stats/prometheus" => (StatusCode::OK, "text/plain; version=0.0.4", prom.render()),
+            _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
+        },
+        drain.clone(),
+    )
+    .await
+    .with_context(|| format!("metrics on {}", args.metrics_addr))?;
+    let ready = {
+        let (zds, drain) = (pods.zds_connected.subscribe(), drain.clone());
+        move |path: &str| match path {
+            "/healthz/ready" if *drain.borrow() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into()),
+            "/healthz/ready" if !*zds.borrow() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "waiting for the node agent (ZDS)\n".into()),
+            "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".into()),
+            _ => (StatusCode::NOT_FOUND, "text/plain", "try /healthz/ready\n".into()),
+        }
+    };
+    // Readiness must keep answering 503 during the drain, so it does not stop with it.
+    admin::serve(args.readiness_addr, ready, watch::channel(false).1).await.with_context(|| format!("readiness on {}", args.readiness_addr))?;
+    tracing::info!(node = %args.node, zds = %args.zds_socket.display(), "ztunnel started");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let live = px.tasks.len();
+    tracing::info!(live_connections = live, deadline_s = args.drain_timeout.as_secs(), "draining: no new connections");
+    drain_tx.send_replace(true);
+    pods.stop_all();
+    px.tasks.close();
+    if tokio::time::timeout(args.drain_timeout, px.tasks.wait()).await.is_err() {
+        tracing::warn!(left = px.tasks.len(), "drain deadline passed; closing remaining connections");
+    } else {
+        tracing::info!("drained");
+    }
+    Ok(())
+}
+
+fn config_dump(node: &str, store: &MeshStore, certs: &SecretManager, pods: &pods::Pods, px: &proxy::Proxy) -> String {
+    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    let certificates: Vec<_> = certs
+        .snapshot()
+        .into_iter()
+        .map(|c| match c {
+            Ok(c) => serde_json::json!({
+                "identity": c.identity.to_string(),
+                "state": "valid",
+                "serial": c.serial,
+                "not_before": secs(c.not_before),
+                "expiration": secs(c.not_after),
+                "expires_in_s": c.not_after.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0),
+            }),
+            Err((id, why)) => serde_json::json!({"identity": id.to_string(), "state": why}),
+        })
+        .collect();
+    let pool: Vec<_> = px
+        .pool
+        .stats()
+        .into_iter()
+        .map(|(k, conns, streams)| serde_json::json!({"source": k.source, "destination": k.dst.to_string(), "identity": k.dst_identity.to_string(), "connections": conns, "streams": streams}))
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({
+        "node": node,
+        "config": store.status(),
+        "mesh": &*store.load(),
+        "pods": pods.list(),
+        "certificates": certificates,
+        "hbone_pool": pool,
+        "live_connections": px.tasks.len(),
+    }))
+    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}

@@ -1,0 +1,91 @@
+//! Sockets inside a pod's network namespace (SPEC §5): setns into the pod,
+//! create the socket, setns back, all on the calling thread. A socket keeps
+//! the namespace it was created in, so tokio can drive it from any thread.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
+
+use nix::sched::{setns, CloneFlags};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Marks every socket ztunnel opens in a pod so the capture rules skip it.
+pub const ZTUNNEL_MARK: u32 = 0x539;
+
+static HOST_NETNS: OnceLock<OwnedFd> = OnceLock::new();
+
+/// Remembers the namespace ztunnel itself runs in. Call once, first thing.
+pub fn init_host_netns() -> io::Result<()> {
+    let fd: OwnedFd = std::fs::File::open("/proc/thread-self/ns/net")?.into();
+    let _ = HOST_NETNS.set(fd);
+    Ok(())
+}
+
+#[derive(Debug)]
+pub struct PodNetns {
+    fd: OwnedFd,
+    /// (device, inode) of the namespace: equal ids are the same netns.
+    pub id: (u64, u64),
+}
+
+impl PodNetns {
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        let st = nix::sys::stat::fstat(&fd)?;
+        Ok(PodNetns { fd, id: (st.st_dev as u64, st.st_ino as u64) })
+    }
+
+    fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let host = HOST_NETNS.get().expect("init_host_netns not called");
+        setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET)?;
+        let r = f();
+        if let Err(e) = setns(host.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A worker thread stuck in a pod's netns would open sockets in the
+            // wrong place: stopping is the only safe answer.
+            eprintln!("fatal: cannot return to host netns: {e}");
+            std::process::abort();
+        }
+        r
+    }
+
+    /// A listener on 0.0.0.0:`port` in the pod: marked, reuse-port (old and
+    /// new ztunnel overlap in upgrades), transparent.
+    pub fn listener(&self, port: u16) -> io::Result<TcpListener> {
+        let sock = self.run(|| tcp_socket())?;
+        sock.set_reuse_address(true)?;
+        sock.set_reuse_port(true)?;
+        sock.set_ip_transparent_v4(true)?;
+        sock.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        sock.listen(1024)?;
+        TcpListener::from_std(sock.into())
+    }
+
+    /// Connects from inside the pod. With `as_source`, the socket is bound to
+    /// that (foreign) address first, so the application sees the original
+    /// client IP (IP_TRANSPARENT + IP_FREEBIND).
+    pub async fn connect(&self, dst: SocketAddr, as_source: Option<SocketAddr>) -> io::Result<TcpStream> {
+        let sock = self.run(|| tcp_socket())?;
+        if let Some(src) = as_source {
+            sock.set_ip_transparent_v4(true)?;
+            sock.set_freebind_v4(true)?;
+            sock.bind(&SocketAddr::new(src.ip(), 0).into())?;
+        }
+        let s = TcpSocket::from_std_stream(sock.into()).connect(dst).await?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+}
+
+fn tcp_socket() -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    s.set_mark(ZTUNNEL_MARK)?;
+    Ok(s)
+}
+
+/// The destination a REDIRECTed connection was headed to.
+pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
+    let a = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::OriginalDst)?;
+    let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+    Ok(SocketAddr::from((ip, u16::from_be(a.sin_port))))
+}

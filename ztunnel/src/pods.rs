@@ -1,0 +1,185 @@
+//! The pods this ztunnel serves, as the node agent hands them over ZDS.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use identity::Identity;
+use serde::Serialize;
+use tokio::sync::watch;
+use zds::{Payload, WorkloadInfo, ZdsClient, ZdsError};
+
+use crate::netns::PodNetns;
+use crate::proxy::{start_pod, Pod, Proxy};
+
+struct Served {
+    pod: Arc<Pod>,
+    stop: watch::Sender<bool>,
+}
+
+pub struct Pods {
+    px: Arc<Proxy>,
+    pods: Mutex<HashMap<String, Served>>,
+    pub zds_connected: watch::Sender<bool>,
+}
+
+#[derive(Serialize)]
+pub struct PodView {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: String,
+    pub netns: String,
+}
+
+impl Pods {
+    pub fn new(px: Arc<Proxy>) -> Arc<Self> {
+        Arc::new(Pods { px, pods: Mutex::new(HashMap::new()), zds_connected: watch::channel(false).0 })
+    }
+
+    fn add(&self, uid: &str, info: WorkloadInfo, fd: OwnedFd) -> Result<(), String> {
+        let netns = PodNetns::new(fd).map_err(|e| format!("netns fd: {e}"))?;
+        if let Some(s) = self.pods.lock().unwrap().get(uid) {
+            if s.pod.netns.id == netns.id {
+                return Ok(()); // same pod, same netns: already serving
+            }
+        }
+        if info.namespace.is_empty() || info.name.is_empty() {
+            return Err(format!("add {uid}: workload_info needs name and namespace"));
+        }
+        let sa = if info.service_account.is_empty() { "default" } else { &info.service_account };
+        let pod = Arc::new(Pod {
+            uid: uid.to_string(),
+            identity: Identity::new(&self.px.trust_domain, &info.namespace, sa),
+            name: info.name,
+            namespace: info.namespace,
+            netns,
+        });
+        // A replaced netns (pod sandbox recreated) closes the old listeners first.
+        self.del(uid);
+        let (stop, stop_rx) = watch::channel(false);
+        start_pod(&self.px, pod.clone(), stop_rx).map_err(|e| format!("listen in pod {uid} netns: {e}"))?;
+        self.px.certs.retain(&pod.identity);
+        tracing::info!(uid, pod = %format!("{}/{}", pod.namespace, pod.name), identity = %pod.identity, "pod enrolled: listening in its netns");
+        self.pods.lock().unwrap().insert(uid.to_string(), Served { pod, stop });
+        Ok(())
+    }
+
+    fn del(&self, uid: &str) {
+        let removed = self.pods.lock().unwrap().remove(uid);
+        if let Some(s) = removed {
+            let _ = s.stop.send(true);
+            self.px.certs.release(&s.pod.identity);
+            tracing::info!(uid, "pod removed: listeners closed");
+        }
+    }
+
+    pub fn list(&self) -> Vec<PodView> {
+        let mut v: Vec<_> = self
+            .pods
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| PodView {
+                uid: s.pod.uid.clone(),
+                name: s.pod.name.clone(),
+                namespace: s.pod.namespace.clone(),
+                identity: s.pod.identity.to_string(),
+                netns: format!("{}:{}", s.pod.netns.id.0, s.pod.netns.id.1),
+            })
+            .collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    /// Connects to the agent and follows it for ever, reconnecting with
+    /// backoff. Pods keep being served while the agent is away.
+    pub async fn run_zds(self: Arc<Self>, path: PathBuf, mut drain: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let session = async {
+                let client = ZdsClient::connect(&path).await?;
+                tracing::info!(path = %path.display(), "connected to node agent (ZDS)");
+                self.zds_connected.send_replace(true);
+                backoff = Duration::from_millis(100);
+                self.session(&client).await
+            };
+            let result = tokio::select! {
+                r = session => r,
+                _ = drain.wait_for(|d| *d) => return,
+            };
+            self.zds_connected.send_replace(false);
+            match result {
+                Err(ZdsError::Closed) => tracing::warn!("node agent closed ZDS; reconnecting"),
+                Err(e) => tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "ZDS session failed; reconnecting"),
+                Ok(()) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = drain.wait_for(|d| *d) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(&self, c: &ZdsClient) -> Result<(), ZdsError> {
+        // Until SnapshotSent, the agent replays what it knows; what it did not
+        // replay is gone.
+        let mut snapshot: Option<HashSet<String>> = Some(HashSet::new());
+        loop {
+            let (payload, fd) = match c.recv().await {
+                Ok(x) => x,
+                Err(ZdsError::Protocol(p)) => {
+                    tracing::warn!(error = %p, "ZDS protocol error");
+                    c.ack(Some(p)).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let result = match payload {
+                Payload::Add(a) => {
+                    if let Some(seen) = snapshot.as_mut() {
+                        seen.insert(a.uid.clone());
+                    }
+                    let info = a.workload_info.unwrap_or_default();
+                    self.add(&a.uid, info, fd.expect("checked by ZdsClient::recv"))
+                }
+                Payload::Keep(k) => match snapshot.as_mut() {
+                    Some(seen) if self.pods.lock().unwrap().contains_key(&k.uid) => {
+                        seen.insert(k.uid);
+                        Ok(())
+                    }
+                    Some(_) => Err(format!("keep {}: not a pod this ztunnel serves", k.uid)),
+                    None => Err("keep after snapshot_sent".into()),
+                },
+                Payload::Del(d) => {
+                    self.del(&d.uid);
+                    Ok(())
+                }
+                Payload::SnapshotSent(_) => match snapshot.take() {
+                    Some(seen) => {
+                        let stale: Vec<String> = self.pods.lock().unwrap().keys().filter(|u| !seen.contains(*u)).cloned().collect();
+                        for uid in stale {
+                            self.del(&uid);
+                        }
+                        tracing::info!(pods = seen.len(), "ZDS snapshot complete");
+                        Ok(())
+                    }
+                    None => Err("second snapshot_sent".into()),
+                },
+            };
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "ZDS request failed");
+            }
+            c.ack(result.err()).await?;
+        }
+    }
+
+    pub fn stop_all(&self) {
+        for (_, s) in self.pods.lock().unwrap().drain() {
+            let _ = s.stop.send(true);
+        }
+    }
+}

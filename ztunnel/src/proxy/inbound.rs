@@ -1,0 +1,147 @@
+//! 15008 (HBONE) and 15006 (plaintext) inside the destination pod: admit by
+//! PeerAuthentication and AuthorizationPolicy, then connect to the application
+//! as the original client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::StatusCode;
+use identity::Identity;
+use mesh::authz::{self, Connection, Decision};
+use mesh::MtlsMode;
+use tokio::net::TcpStream;
+
+use super::{Pod, Proxy};
+use crate::metrics::{ConnInfo, ConnMetrics, Flag, Reporter};
+use crate::netns::original_dst;
+
+pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAddr) {
+    let cert = match px.certs.fetch(&pod.identity).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(pod = %pod.uid, %peer, error = %e, "no certificate to terminate HBONE; closing");
+            return;
+        }
+    };
+    let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(tcp));
+    let tls = match handshake.await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "handshake").increment(1);
+            tracing::warn!(pod = %pod.uid, %peer, error = %e, "HBONE TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "timeout").increment(1);
+            tracing::warn!(pod = %pod.uid, %peer, "HBONE TLS handshake timed out");
+            return;
+        }
+    };
+    let src_id = match identity::peer_identity(tls.get_ref().1) {
+        Ok(id) => Arc::new(id),
+        Err(e) => {
+            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "identity").increment(1);
+            tracing::warn!(pod = %pod.uid, %peer, error = %e, "HBONE peer has no usable SPIFFE identity");
+            return;
+        }
+    };
+    let drain = px.drain.clone();
+    let handler = {
+        let px = px.clone();
+        move |inb: hbone::Inbound| stream(px.clone(), pod.clone(), src_id.clone(), peer, inb)
+    };
+    if let Err(e) = hbone::serve(tls, drain, handler).await {
+        tracing::debug!(%peer, error = %e, "HBONE connection ended with error");
+    }
+}
+
+async fn stream(px: Arc<Proxy>, pod: Arc<Pod>, src_id: Arc<Identity>, peer: SocketAddr, inb: hbone::Inbound) {
+    let state = px.store.load();
+    let Some(dst_w) = pod.workload(&state) else {
+        tracing::warn!(pod = %pod.uid, "pod is not in the mesh config; refusing");
+        return inb.refuse(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let target = inb.authority;
+    if target.ip() != dst_w.ip {
+        tracing::warn!(pod = %pod.uid, %target, "CONNECT names an address that is not this pod");
+        return inb.refuse(StatusCode::BAD_REQUEST);
+    }
+    let src_w = state.workload_by_ip(peer.ip()).cloned();
+    let m = ConnMetrics::open(ConnInfo {
+        reporter: Reporter::Destination,
+        src: peer,
+        dst: target,
+        src_workload: src_w.as_deref(),
+        src_identity: Some(&src_id),
+        dst_workload: Some(&dst_w),
+        dst_service: None,
+        mtls: true,
+    });
+    let conn = Connection { src_identity: Some(&src_id), src_ip: peer.ip(), dst_ip: target.ip(), dst_port: target.port() };
+    if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn) {
+        inb.refuse(StatusCode::UNAUTHORIZED);
+        return m.close(Flag::Deny, (0, 0), Some(&why));
+    }
+    drop(state);
+    let app = match pod.netns.connect(target, Some(peer)).await {
+        Ok(s) => s,
+        Err(e) => {
+            inb.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return m.close(Flag::ConnectFailure, (0, 0), Some(&e));
+        }
+    };
+    let (send, recv) = match inb.accept() {
+        Ok(s) => s,
+        Err(e) => return m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
+    };
+    let (rd, wr) = app.into_split();
+    match hbone::pump(rd, wr, send, recv, &|t| m.count(t.received, t.sent)).await {
+        Ok(t) => m.close(Flag::None, (t.received, t.sent), None),
+        Err(e) => m.close(Flag::None, (0, 0), Some(&e)),
+    }
+}
+
+pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, mut down: TcpStream, peer: SocketAddr) {
+    let target = match original_dst(&down) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(pod = %pod.uid, %peer, error = %e, "no original destination; closing");
+            return;
+        }
+    };
+    let state = px.store.load();
+    let Some(dst_w) = pod.workload(&state) else {
+        tracing::warn!(pod = %pod.uid, "pod is not in the mesh config; refusing plaintext");
+        return;
+    };
+    let src_w = state.workload_by_ip(peer.ip()).cloned();
+    let m = ConnMetrics::open(ConnInfo {
+        reporter: Reporter::Destination,
+        src: peer,
+        dst: target,
+        src_workload: src_w.as_deref(),
+        src_identity: None,
+        dst_workload: Some(&dst_w),
+        dst_service: None,
+        mtls: false,
+    });
+    if state.mtls_mode(&dst_w, target.port()) == MtlsMode::Strict {
+        return m.close(Flag::Deny, (0, 0), Some(&"plaintext refused: PeerAuthentication is STRICT"));
+    }
+    let conn = Connection { src_identity: None, src_ip: peer.ip(), dst_ip: target.ip(), dst_port: target.port() };
+    if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn) {
+        return m.close(Flag::Deny, (0, 0), Some(&why));
+    }
+    drop(state);
+    let mut app = match pod.netns.connect(target, Some(peer)).await {
+        Ok(s) => s,
+        Err(e) => return m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
+    };
+    match tokio::io::copy_bidirectional_with_sizes(&mut down, &mut app, 64 * 1024, 64 * 1024).await {
+        Ok((req, resp)) => {
+            m.count(req, resp);
+            m.close(Flag::None, (req, resp), None)
+        }
+        Err(e) => m.close(Flag::None, (0, 0), Some(&e)),
+    }
+}

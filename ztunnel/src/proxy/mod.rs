@@ -1,0 +1,88 @@
+//! The data path: per-pod listeners and what each does with a connection.
+
+mod inbound;
+mod outbound;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use identity::{Identity, SecretManager};
+use mesh::{MeshStore, Workload};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::netns::PodNetns;
+
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+
+/// What every connection handler shares.
+pub struct Proxy {
+    pub store: Arc<MeshStore>,
+    pub certs: Arc<SecretManager>,
+    pub pool: Arc<hbone::Pool>,
+    pub trust_domain: String,
+    /// Every connection task, so a drain can wait for them.
+    pub tasks: TaskTracker,
+    /// Flips to true on SIGTERM: stop accepting, let live connections end.
+    pub drain: watch::Receiver<bool>,
+}
+
+/// A pod this ztunnel serves, as the node agent described it.
+pub struct Pod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: Identity,
+    pub netns: PodNetns,
+}
+
+impl Pod {
+    /// The pod in the mesh model. Handlers refuse traffic for a pod the model
+    /// does not know rather than guess its policy.
+    pub fn workload(&self, state: &mesh::MeshState) -> Option<Arc<Workload>> {
+        state.workloads.get(&self.uid).or_else(|| state.workload_by_name(&self.namespace, &self.name)).cloned()
+    }
+}
+
+/// Opens the pod's three listeners and serves them until `stop` or the drain.
+pub fn start_pod(px: &Arc<Proxy>, pod: Arc<Pod>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    let outbound = pod.netns.listener(OUTBOUND_PORT)?;
+    let plaintext = pod.netns.listener(INBOUND_PLAINTEXT_PORT)?;
+    let hbone = pod.netns.listener(hbone::HBONE_PORT)?;
+    spawn_accept(px, &pod, outbound, stop.clone(), |px, pod, s, peer| outbound::handle(px, pod, s, peer));
+    spawn_accept(px, &pod, plaintext, stop.clone(), |px, pod, s, peer| inbound::plaintext(px, pod, s, peer));
+    spawn_accept(px, &pod, hbone, stop, |px, pod, s, peer| inbound::hbone(px, pod, s, peer));
+    Ok(())
+}
+
+fn spawn_accept<F, Fut>(px: &Arc<Proxy>, pod: &Arc<Pod>, l: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
+where
+    F: Fn(Arc<Proxy>, Arc<Pod>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (px, pod) = (px.clone(), pod.clone());
+    let mut drain = px.drain.clone();
+    tokio::spawn(async move {
+        let port = l.local_addr().map(|a| a.port()).unwrap_or_default();
+        loop {
+            let accepted = tokio::select! {
+                a = l.accept() => a,
+                _ = stop.changed() => break,
+                _ = drain.wait_for(|d| *d) => break,
+            };
+            match accepted {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    px.tasks.spawn(handler(px.clone(), pod.clone(), s, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %pod.uid, port, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+        tracing::debug!(pod = %pod.uid, port, "listener closed");
+    });
+}

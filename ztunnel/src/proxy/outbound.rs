@@ -1,0 +1,133 @@
+//! 15001: traffic a pod sends, REDIRECTed here with its original destination.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use mesh::{Service, TunnelProtocol, Workload};
+use tokio::net::TcpStream;
+
+use super::{Pod, Proxy};
+use crate::metrics::{ConnInfo, ConnMetrics, Flag, Reporter};
+use crate::netns::original_dst;
+
+enum Target {
+    Workload(Arc<Workload>, u16),
+    /// Not a mesh address: plain TCP to where the pod was going.
+    Passthrough(SocketAddr),
+}
+
+pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: SocketAddr) {
+    let orig = match original_dst(&down) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(pod = %pod.uid, %peer, error = %e, "no original destination; closing");
+            return;
+        }
+    };
+    let state = px.store.load();
+    let src_w = pod.workload(&state);
+    let mut service: Option<Arc<Service>> = None;
+    let target = if let Some(svc) = state.service_by_vip(orig.ip()) {
+        service = Some(svc.clone());
+        let eps = state.endpoints_for(svc, orig.port());
+        if eps.is_empty() {
+            let m = ConnMetrics::open(ConnInfo {
+                reporter: Reporter::Source,
+                src: peer,
+                dst: orig,
+                src_workload: src_w.as_deref(),
+                src_identity: Some(&pod.identity),
+                dst_workload: None,
+                dst_service: Some(svc),
+                mtls: false,
+            });
+            let why = format!("service {} has no endpoint for port {}", svc.hostname, orig.port());
+            m.close(Flag::ConnectFailure, (0, 0), Some(&why));
+            return;
+        }
+        let (w, port) = eps[rand::random_range(0..eps.len())].clone();
+        Target::Workload(w, port)
+    } else if let Some(w) = state.workload_by_ip(orig.ip()) {
+        Target::Workload(w.clone(), orig.port())
+    } else {
+        Target::Passthrough(orig)
+    };
+    drop(state);
+
+    let (dst, dst_w) = match &target {
+        Target::Workload(w, port) => (SocketAddr::new(w.ip, *port), Some(w.clone())),
+        Target::Passthrough(a) => (*a, None),
+    };
+    let hbone = dst_w.as_ref().is_some_and(|w| w.protocol == TunnelProtocol::Hbone);
+    let m = ConnMetrics::open(ConnInfo {
+        reporter: Reporter::Source,
+        src: peer,
+        dst,
+        src_workload: src_w.as_deref(),
+        src_identity: Some(&pod.identity),
+        dst_workload: dst_w.as_deref(),
+        dst_service: service.as_deref(),
+        mtls: hbone,
+    });
+    match (hbone, dst_w) {
+        (true, Some(w)) => via_hbone(&px, &pod, down, dst, &w, src_w.as_deref(), m).await,
+        _ => direct(&pod, down, dst, m).await,
+    }
+}
+
+async fn via_hbone(px: &Proxy, pod: &Arc<Pod>, down: TcpStream, dst: SocketAddr, w: &Workload, src_w: Option<&Workload>, m: ConnMetrics) {
+    let cert = match px.certs.fetch(&pod.identity).await {
+        Ok(c) => c,
+        Err(e) => return m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
+    };
+    let hbone_addr = SocketAddr::new(w.ip, hbone::HBONE_PORT);
+    let key = hbone::PoolKey { source: pod.uid.clone(), dst_identity: w.identity(), dst: hbone_addr };
+    let netns_pod = pod.clone();
+    let dial = move || async move { netns_pod.netns.connect(hbone_addr, None).await };
+    let tunnel = px.pool.connect(key, cert.client.clone(), dial, &dst.to_string(), request_headers(pod, src_w)).await;
+    let (send, recv, _guard) = match tunnel {
+        Ok(t) => t,
+        Err(e) => {
+            let flag = if matches!(e, hbone::Error::Refused { status, .. } if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN) { Flag::Deny } else { Flag::ConnectFailure };
+            return m.close(flag, (0, 0), Some(&e));
+        }
+    };
+    let (rd, wr) = down.into_split();
+    let res = hbone::pump(rd, wr, send, recv, &|t| m.count(t.sent, t.received)).await;
+    match res {
+        Ok(t) => m.close(Flag::None, (t.sent, t.received), None),
+        Err(e) => m.close(Flag::None, (0, 0), Some(&e)),
+    }
+}
+
+async fn direct(pod: &Pod, mut down: TcpStream, dst: SocketAddr, m: ConnMetrics) {
+    let mut up = match pod.netns.connect(dst, None).await {
+        Ok(s) => s,
+        Err(e) => return m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
+    };
+    match tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 64 * 1024, 64 * 1024).await {
+        Ok((req, resp)) => {
+            m.count(req, resp);
+            m.close(Flag::None, (req, resp), None)
+        }
+        Err(e) => m.close(Flag::None, (0, 0), Some(&e)),
+    }
+}
+
+/// SPEC §2: a fresh W3C traceparent per connection and baggage naming the source.
+fn request_headers(pod: &Pod, src_w: Option<&Workload>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let trace: u128 = rand::random::<u128>() | 1;
+    let span: u64 = rand::random::<u64>() | 1;
+    let tp = format!("00-{trace:032x}-{span:016x}-01");
+    h.insert("traceparent", tp.parse().expect("hex is a valid header"));
+    let mut baggage = format!("k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={}", pod.namespace, pod.name);
+    if let Some(w) = src_w {
+        baggage.push_str(&format!(",service.name={},service.version={}", w.canonical_name, w.canonical_revision));
+    }
+    if let Ok(v) = baggage.parse() {
+        h.insert("baggage", v);
+    }
+    h
+}
