@@ -144,8 +144,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ => (StatusCode::NOT_FOUND, "text/plain", "try /healthz/ready\n".into()),
         }
     };
-    // Readiness must keep answering 503 during the drain, so it does not stop with it.
-    admin::serve(args.readiness_addr, ready, watch::channel(false).1).await.with_context(|| format!("readiness on {}", args.readiness_addr))?;
+    // Readiness must keep answering 503 during the drain, so it does not stop
+    // with it: its stop signal is one nobody sends (kept alive until exit).
+    let (_never_tx, never) = watch::channel(false);
+    admin::serve(args.readiness_addr, ready, never).await.with_context(|| format!("readiness on {}", args.readiness_addr))?;
     tracing::info!(node = %args.node, zds = %args.zds_socket.display(), "ztunnel started");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

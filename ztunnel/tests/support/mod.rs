@@ -1,0 +1,413 @@
+//! A mesh on one machine for tests: "nodes" and "pods" are network namespaces,
+//! pods hang off one bridge, each node runs a real ztunnel binary, and the
+//! test itself plays the node agent over ZDS. Everything is torn down on drop,
+//! also when the test panics.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sched::{setns, CloneFlags};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub const ZTUNNEL: &str = env!("CARGO_BIN_EXE_ztunnel");
+
+pub fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(out.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn sh_out(cmd: &str) -> (bool, String) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// Runs `f` on a fresh thread inside netns `ns`; sockets it makes stay there.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        setns(fd, CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+pub struct Pod {
+    pub ns: String,
+    pub name: String,
+    pub namespace: String,
+    pub sa: String,
+    pub ip: String,
+    pub node: String,
+}
+
+pub struct Node {
+    pub name: String,
+    pub ns: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub sock: PathBuf,
+    agent: Option<zds::ZdsConn>,
+    server: Option<zds::ZdsServer>,
+}
+
+pub struct Mesh {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub net: String,
+    pub pods: HashMap<String, Pod>,
+    pub nodes: HashMap<String, Node>,
+    pub extra_args: Vec<String>,
+}
+
+/// SPEC §4 in-pod capture rules, as istio-cni will install them.
+const CAPTURE_RULES: &str = "*mangle
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+*nat
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -j ACCEPT
+-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -j ACCEPT
+-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+COMMIT
+";
+
+impl Mesh {
+    /// A bridge network and an empty config; add pods, write config, start nodes.
+    pub fn new(tag: &str) -> Mesh {
+        let prefix = format!("t{}{}{}", tag.chars().take(3).collect::<String>(), std::process::id() % 10000, COUNTER.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(format!("ztunnel-test-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let net = format!("{prefix}-net");
+        let m = Mesh { config: dir.join("mesh.yaml"), dir, net: net.clone(), prefix, pods: HashMap::new(), nodes: HashMap::new(), extra_args: vec![] };
+        sh(&format!("ip netns add {net} && ip -n {net} link set lo up && ip -n {net} link add br0 type bridge && ip -n {net} addr add 10.244.0.1/16 dev br0 && ip -n {net} link set br0 up"));
+        m
+    }
+
+    /// A pod netns on the bridge. `captured` installs the SPEC §4 rules.
+    pub fn pod(&mut self, name: &str, namespace: &str, sa: &str, ip: &str, node: &str, captured: bool) {
+        let ns = format!("{}-{}", self.prefix, name);
+        let host_if = format!("v{}{}", self.prefix.chars().rev().take(6).collect::<String>(), self.pods.len());
+        sh(&format!(
+            "ip netns add {ns} && ip -n {ns} link set lo up && \
+             ip link add {host_if} type veth peer name eth0 netns {ns} && \
+             ip link set {host_if} netns {net} && ip -n {net} link set {host_if} master br0 up && \
+             ip -n {ns} addr add {ip}/16 dev eth0 && ip -n {ns} link set eth0 up && \
+             ip -n {ns} route add default via 10.244.0.1",
+            net = self.net
+        ));
+        if captured {
+            let rules = self.dir.join(format!("{name}.rules"));
+            std::fs::write(&rules, CAPTURE_RULES).unwrap();
+            sh(&format!(
+                "ip netns exec {ns} iptables-restore --noflush < {} && \
+                 ip -n {ns} rule add fwmark 0x111/0xfff pref 32764 lookup 100 && \
+                 ip -n {ns} route add local 0.0.0.0/0 dev lo table 100",
+                rules.display()
+            ));
+        }
+        self.pods.insert(name.into(), Pod { ns, name: name.into(), namespace: namespace.into(), sa: sa.into(), ip: ip.into(), node: node.into() });
+    }
+
+    pub fn write_config(&self, yaml: &str) {
+        // Write-then-rename: the watcher never sees half a file.
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// Starts ztunnel for `node` and enrols the captured pods of that node over ZDS.
+    pub async fn start_node(&mut self, node: &str, ca_dir: &Path) {
+        let ns = format!("{}-{}", self.prefix, node);
+        if !Path::new(&format!("/run/netns/{ns}")).exists() {
+            sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+        }
+        let sock = self.dir.join(format!("{node}.sock"));
+        let server = zds::ZdsServer::bind(&sock).unwrap();
+        let log = self.dir.join(format!("{node}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, ZTUNNEL, "--node", node, "--config"])
+            .arg(&self.config)
+            .arg("--ca-dir")
+            .arg(ca_dir)
+            .arg("--zds-socket")
+            .arg(&sock)
+            .args(["--drain-timeout", "3s"])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let conn = tokio::time::timeout(Duration::from_secs(10), server.accept())
+            .await
+            .unwrap_or_else(|_| panic!("ztunnel {node} never connected to ZDS; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
+            .unwrap();
+        let mut n = Node { name: node.into(), ns, child: Some(child), log, sock, agent: Some(conn), server: Some(server) };
+        let mut mine: Vec<&Pod> = self.pods.values().filter(|p| p.node == node).collect();
+        mine.sort_by(|a, b| a.name.cmp(&b.name));
+        for p in mine {
+            if !self.captured(&p.name) {
+                continue;
+            }
+            let fd = File::open(format!("/run/netns/{}", p.ns)).unwrap();
+            let info = zds::WorkloadInfo { name: p.name.clone(), namespace: p.namespace.clone(), service_account: p.sa.clone() };
+            n.agent.as_ref().unwrap().add(&format!("{}/{}", p.namespace, p.name), info, &fd).await.unwrap();
+        }
+        n.agent.as_ref().unwrap().snapshot_sent().await.unwrap();
+        self.nodes.insert(node.into(), n);
+        self.wait_ready(node);
+    }
+
+    pub fn agent(&self, node: &str) -> &zds::ZdsConn {
+        self.nodes[node].agent.as_ref().unwrap()
+    }
+
+    fn captured(&self, pod: &str) -> bool {
+        self.dir.join(format!("{pod}.rules")).exists()
+    }
+
+    pub fn wait_ready(&self, node: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self.http(node, 15021, "/healthz/ready");
+            if let Some((200, _)) = r {
+                return;
+            }
+            assert!(Instant::now() < deadline, "ztunnel {node} not ready ({r:?}); log:\n{}", self.log(node));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// GET on the node's loopback (admin, metrics, readiness).
+    pub fn http(&self, node: &str, port: u16, path: &str) -> Option<(u16, String)> {
+        let path = path.to_string();
+        in_ns(&self.nodes[node].ns, move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            let status = out.split_whitespace().nth(1)?.parse().ok()?;
+            let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+            Some((status, body))
+        })
+    }
+
+    pub fn config_dump(&self, node: &str) -> serde_json::Value {
+        let (code, body) = self.http(node, 15000, "/config_dump").expect("admin answers");
+        assert_eq!(code, 200);
+        serde_json::from_str(&body).expect("config dump is JSON")
+    }
+
+    pub fn metrics(&self, node: &str) -> String {
+        self.http(node, 15020, "/metrics").expect("metrics answer").1
+    }
+
+    pub fn log(&self, node: &str) -> String {
+        std::fs::read_to_string(&self.nodes[node].log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop_node(&mut self, node: &str) -> std::process::ExitStatus {
+        let n = self.nodes.get_mut(node).unwrap();
+        let mut child = n.child.take().unwrap();
+        // `ip netns exec` execs ztunnel, so the child pid is ztunnel's.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        child.wait().unwrap()
+    }
+
+    pub fn pod_ns(&self, pod: &str) -> String {
+        self.pods[pod].ns.clone()
+    }
+
+    pub fn ip(&self, pod: &str) -> String {
+        self.pods[pod].ip.clone()
+    }
+
+    /// A TCP connection made from inside `pod`.
+    pub fn connect(&self, pod: &str, addr: &str) -> std::io::Result<TcpStream> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        in_ns(&self.pod_ns(pod), move || {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            Ok(s)
+        })
+    }
+
+    /// Echoes every byte back, for as many connections as come.
+    pub fn echo_server(&self, pod: &str, port: u16) {
+        let l = in_ns(&self.pod_ns(pod), move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let mut w = s;
+                    let _ = std::io::copy(&mut r, &mut w);
+                    let _ = w.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+    }
+
+    /// Answers each connection with "<pod> <client ip>\n" and closes.
+    pub fn whoami_server(&self, pod: &str, port: u16) {
+        let l = in_ns(&self.pod_ns(pod), move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        let name = pod.to_string();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let _ = writeln!(s, "{name} {peer}");
+            }
+        });
+    }
+
+    /// One line from a whoami server at `addr`, or the error.
+    pub fn whoami(&self, pod: &str, addr: &str) -> std::io::Result<String> {
+        let mut s = self.connect(pod, addr)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        if out.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "closed without answer"));
+        }
+        Ok(out.trim().to_string())
+    }
+}
+
+/// Sends `data` through an echo server and checks every byte comes back.
+pub fn echo_roundtrip(mut s: TcpStream, data: &[u8]) {
+    let mut w = s.try_clone().unwrap();
+    let send = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&send).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::with_capacity(data.len());
+    s.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert_eq!(got.len(), data.len(), "echo length");
+    assert!(got == data, "echoed bytes differ");
+}
+
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for n in self.nodes.values_mut() {
+            n.agent.take();
+            n.server.take();
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let (_, list) = sh_out("ip netns list");
+        for line in list.lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(&format!("{}-", self.prefix)) {
+                let _ = sh_out(&format!("ip netns pids {name} | xargs -r kill -9; ip netns del {name}"));
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("test state kept in {} for inspection", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The standard two-node test mesh: client (node1), server-1 (node1),
+/// server-2 (node2) behind a service, an outsider not in the mesh.
+pub fn two_node_yaml(policy: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Namespace
+metadata: {{name: app, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: app, labels: {{app: client}}}}
+spec: {{serviceAccountName: client, nodeName: node1}}
+status: {{podIP: 10.244.1.10}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: other, namespace: app, labels: {{app: other}}}}
+spec: {{serviceAccountName: other, nodeName: node2}}
+status: {{podIP: 10.244.2.10}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server-1, namespace: app, labels: {{app: server}}}}
+spec: {{serviceAccountName: server, nodeName: node1}}
+status: {{podIP: 10.244.1.11}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server-2, namespace: app, labels: {{app: server}}}}
+spec: {{serviceAccountName: server, nodeName: node2}}
+status: {{podIP: 10.244.2.11}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: outsider, namespace: app, labels: {{app: outsider, istio.io/dataplane-mode: none}}}}
+spec: {{nodeName: node2}}
+status: {{podIP: 10.244.3.10}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: app}}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {{app: server}}
+  ports: [{{port: 80, targetPort: 8080}}]
+{policy}"
+    )
+}
+
+/// Builds the standard mesh with both nodes running.
+pub async fn two_nodes(tag: &str, policy: &str) -> Mesh {
+    let mut m = Mesh::new(tag);
+    m.pod("client", "app", "client", "10.244.1.10", "node1", true);
+    m.pod("other", "app", "other", "10.244.2.10", "node2", true);
+    m.pod("server-1", "app", "server", "10.244.1.11", "node1", true);
+    m.pod("server-2", "app", "server", "10.244.2.11", "node2", true);
+    m.pod("outsider", "app", "default", "10.244.3.10", "node2", false);
+    m.write_config(&two_node_yaml(policy));
+    let ca = m.dir.join("ca");
+    m.start_node("node1", &ca).await;
+    m.start_node("node2", &ca).await;
+    m
+}
