@@ -1,14 +1,14 @@
 //! End-to-end: real ztunnel processes, pods as network namespaces.
 
-mod support;
-
 use std::io::Read;
 
-use support::*;
+use testbed::*;
+
+const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_to_pod_across_nodes_through_hbone() {
-    let m = two_nodes("p2p", "").await;
+    let m = two_nodes("p2p", ZT, "").await;
     m.echo_server("server-2", 8080);
     m.whoami_server("server-2", 9090);
 
@@ -49,7 +49,7 @@ async fn pod_to_pod_across_nodes_through_hbone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_vip_reaches_endpoints_on_both_nodes() {
-    let m = two_nodes("vip", "").await;
+    let m = two_nodes("vip", ZT, "").await;
     m.whoami_server("server-1", 8080);
     m.whoami_server("server-2", 8080);
     let mut seen = std::collections::BTreeSet::new();

