@@ -59,6 +59,21 @@ pub struct Node {
     server: Option<zds::ZdsServer>,
 }
 
+impl Node {
+    /// Ends this agent session (as an agent restart would).
+    pub fn take_agent(&mut self) -> Option<zds::ZdsConn> {
+        self.agent.take()
+    }
+
+    pub fn server(&self) -> &zds::ZdsServer {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}
+
 pub struct Mesh {
     pub prefix: String,
     pub dir: PathBuf,
@@ -237,7 +252,7 @@ impl Mesh {
         let n = self.nodes.get_mut(node).unwrap();
         let mut child = n.child.take().unwrap();
         // `ip netns exec` execs ztunnel, so the child pid is ztunnel's.
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
         child.wait().unwrap()
     }
 
