@@ -1,0 +1,142 @@
+//! ztunnel vs direct, pod to pod across two nodes, in one run: iperf3 single
+//! and 4-stream throughput, sockperf 64-byte ping-pong latency, new
+//! connections per second with a 1-byte echo, and ztunnel's RSS. Prints a
+//! table. Bounded: every measurement has a fixed duration.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testbed::{in_ns, sh, Mesh};
+
+const SECS: u64 = 8;
+
+fn yaml() -> String {
+    let pod = |ns: &str, name: &str, node: &str, ip: &str| {
+        format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{serviceAccountName: {name}, nodeName: {node}}}\nstatus: {{podIP: {ip}}}\n")
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: direct}}\n{}{}{}{}",
+        pod("mesh", "client", "node1", "10.244.1.10"),
+        pod("mesh", "server", "node2", "10.244.2.10"),
+        pod("direct", "dclient", "node1", "10.244.1.20"),
+        pod("direct", "dserver", "node2", "10.244.2.20"),
+    )
+}
+
+fn run_in(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).stderr(Stdio::inherit()).output().expect("run");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn iperf(m: &Mesh, client: &str, server: &str, streams: u32) -> f64 {
+    let sns = m.pod_ns(server);
+    let mut srv = Command::new("ip").args(["netns", "exec", &sns, "iperf3", "-s", "-1", "-p", "5201"]).stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = run_in(&m.pod_ns(client), &["iperf3", "-c", &m.ip(server), "-p", "5201", "-t", &SECS.to_string(), "-P", &streams.to_string(), "-J"]);
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+}
+
+/// (p50, p99) in microseconds of a 64-byte TCP ping-pong.
+fn sockperf(m: &Mesh, client: &str, server: &str) -> (f64, f64) {
+    let sns = m.pod_ns(server);
+    let ip = m.ip(server);
+    let mut srv = Command::new("ip").args(["netns", "exec", &sns, "sockperf", "server", "--tcp", "-i", &ip, "-p", "11111"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run_in(&m.pod_ns(client), &["sockperf", "ping-pong", "--tcp", "-i", &ip, "-p", "11111", "-t", &SECS.to_string(), "-m", "64"]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let pct = |p: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!("percentile {p}")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (pct("50.000"), pct("99.000"))
+}
+
+/// New connections per second, each carrying a 1-byte echo, 4 in parallel.
+fn conn_rate(m: &Mesh, client: &str, server: &str) -> f64 {
+    let addr: SocketAddr = format!("{}:7000", m.ip(server)).parse().unwrap();
+    let ns = m.pod_ns(client);
+    let deadline = Instant::now() + Duration::from_secs(SECS);
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                in_ns(&ns, move || {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline && n < 200_000 {
+                        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { continue };
+                        let _ = s.set_nodelay(true);
+                        let mut b = [7u8];
+                        if s.write_all(&b).is_ok() && s.read_exact(&mut b).is_ok() {
+                            n += 1;
+                        }
+                    }
+                    n
+                })
+            })
+        })
+        .collect();
+    let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    total as f64 / SECS as f64
+}
+
+fn rss_mb(pid: u32, field: &str) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+        / 1024.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let zt = std::env::args().nth(1).unwrap_or_else(|| "target/release/ztunnel".into());
+    let mut m = Mesh::new("bench", &zt);
+    m.pod("client", "mesh", "client", "10.244.1.10", "node1", true);
+    m.pod("server", "mesh", "server", "10.244.2.10", "node2", true);
+    m.pod("dclient", "direct", "dclient", "10.244.1.20", "node1", false);
+    m.pod("dserver", "direct", "dserver", "10.244.2.20", "node2", false);
+    m.write_config(&yaml());
+    let ca = m.dir.join("ca");
+    m.start_node("node1", &ca).await;
+    m.start_node("node2", &ca).await;
+    m.echo_server("server", 7000);
+    m.echo_server("dserver", 7000);
+    let pids = [m.nodes["node1"].pid(), m.nodes["node2"].pid()];
+    // Warm the pooled HBONE connection and certificates, then measure idle.
+    let _ = conn_rate_once(&m);
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = pids.iter().map(|p| rss_mb(*p, "VmRSS:")).fold(0.0, f64::max);
+
+    eprintln!("measuring: {SECS}s per run; two ztunnels, iperf3/sockperf client and server share 2 cores");
+    let t1 = (iperf(&m, "dclient", "dserver", 1), iperf(&m, "client", "server", 1));
+    let t4 = (iperf(&m, "dclient", "dserver", 4), iperf(&m, "client", "server", 4));
+    let peak = pids.iter().map(|p| rss_mb(*p, "VmHWM:")).fold(0.0, f64::max);
+    let lat = (sockperf(&m, "dclient", "dserver"), sockperf(&m, "client", "server"));
+    let cps = (conn_rate(&m, "dclient", "dserver"), conn_rate(&m, "client", "server"));
+
+    println!();
+    println!("| measure (pod -> pod across nodes)      | direct     | ztunnel    | ztunnel vs direct | target          |");
+    println!("|----------------------------------------|------------|------------|-------------------|-----------------|");
+    println!("| iperf3 1 stream (Gbit/s)               | {:>10.2} | {:>10.2} | {:>16.2}x | >= 0.42x        |", t1.0, t1.1, t1.1 / t1.0);
+    println!("| iperf3 4 streams (Gbit/s)              | {:>10.2} | {:>10.2} | {:>16.2}x |                 |", t4.0, t4.1, t4.1 / t4.0);
+    println!("| 64 B ping-pong p50 (us)                | {:>10.1} | {:>10.1} | {:>+14.1} us | <= +100 us      |", lat.0 .0, lat.1 .0, lat.1 .0 - lat.0 .0);
+    println!("| 64 B ping-pong p99 (us)                | {:>10.1} | {:>10.1} | {:>+14.1} us |                 |", lat.0 .1, lat.1 .1, lat.1 .1 - lat.0 .1);
+    println!("| new connections/s (1-byte echo, 4 par) | {:>10.0} | {:>10.0} | {:>16.2}x | >= 1500/s       |", cps.0, cps.1, cps.1 / cps.0);
+    println!("| ztunnel RSS idle (MB, max of 2 nodes)  |            | {:>10.1} |                   | <= 10 MB        |", idle);
+    println!("| ztunnel RSS peak at 4 streams (MB)     |            | {:>10.1} |                   | <= 30 MB        |", peak);
+    let _ = sh;
+}
+
+fn conn_rate_once(m: &Mesh) -> bool {
+    m.connect("client", "10.244.2.10:7000").map(|mut s| s.write_all(b"x").is_ok() && s.read_exact(&mut [0u8]).is_ok()).unwrap_or(false)
+}
