@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use testbed::{in_ns, sh, Mesh};
 
-const SECS: u64 = 8;
+fn secs() -> u64 {
+    std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8)
+}
 
 fn yaml() -> String {
     let pod = |ns: &str, name: &str, node: &str, ip: &str| {
@@ -34,7 +36,7 @@ fn iperf(m: &Mesh, client: &str, server: &str, streams: u32) -> f64 {
     let sns = m.pod_ns(server);
     let mut srv = Command::new("ip").args(["netns", "exec", &sns, "iperf3", "-s", "-1", "-p", "5201"]).stdout(Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let out = run_in(&m.pod_ns(client), &["iperf3", "-c", &m.ip(server), "-p", "5201", "-t", &SECS.to_string(), "-P", &streams.to_string(), "-J"]);
+    let out = run_in(&m.pod_ns(client), &["iperf3", "-c", &m.ip(server), "-p", "5201", "-t", &secs().to_string(), "-P", &streams.to_string(), "-J"]);
     let _ = srv.wait();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
@@ -46,7 +48,7 @@ fn sockperf(m: &Mesh, client: &str, server: &str) -> (f64, f64) {
     let ip = m.ip(server);
     let mut srv = Command::new("ip").args(["netns", "exec", &sns, "sockperf", "server", "--tcp", "-i", &ip, "-p", "11111"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let out = run_in(&m.pod_ns(client), &["sockperf", "ping-pong", "--tcp", "-i", &ip, "-p", "11111", "-t", &SECS.to_string(), "-m", "64"]);
+    let out = run_in(&m.pod_ns(client), &["sockperf", "ping-pong", "--tcp", "-i", &ip, "-p", "11111", "-t", &secs().to_string(), "-m", "64"]);
     let _ = srv.kill();
     let _ = srv.wait();
     let pct = |p: &str| {
@@ -63,7 +65,7 @@ fn sockperf(m: &Mesh, client: &str, server: &str) -> (f64, f64) {
 fn conn_rate(m: &Mesh, client: &str, server: &str) -> f64 {
     let addr: SocketAddr = format!("{}:7000", m.ip(server)).parse().unwrap();
     let ns = m.pod_ns(client);
-    let deadline = Instant::now() + Duration::from_secs(SECS);
+    let deadline = Instant::now() + Duration::from_secs(secs());
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let ns = ns.clone();
@@ -84,7 +86,7 @@ fn conn_rate(m: &Mesh, client: &str, server: &str) -> f64 {
         })
         .collect();
     let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
-    total as f64 / SECS as f64
+    total as f64 / secs() as f64
 }
 
 fn rss_mb(pid: u32, field: &str) -> f64 {
@@ -101,6 +103,7 @@ fn rss_mb(pid: u32, field: &str) -> f64 {
 async fn main() {
     let zt = std::env::args().nth(1).unwrap_or_else(|| "target/release/ztunnel".into());
     let mut m = Mesh::new("bench", &zt);
+    m.extra_args = std::env::var("ZTUNNEL_ARGS").unwrap_or_default().split_whitespace().map(String::from).collect();
     m.pod("client", "mesh", "client", "10.244.1.10", "node1", true);
     m.pod("server", "mesh", "server", "10.244.2.10", "node2", true);
     m.pod("dclient", "direct", "dclient", "10.244.1.20", "node1", false);
@@ -117,8 +120,12 @@ async fn main() {
     std::thread::sleep(Duration::from_secs(1));
     let idle = pids.iter().map(|p| rss_mb(*p, "VmRSS:")).fold(0.0, f64::max);
 
-    eprintln!("measuring: {SECS}s per run; two ztunnels, iperf3/sockperf client and server share 2 cores");
+    eprintln!("measuring: {}s per run; two ztunnels, iperf3/sockperf client and server share 2 cores", secs());
     let t1 = (iperf(&m, "dclient", "dserver", 1), iperf(&m, "client", "server", 1));
+    if std::env::var("BENCH_ONLY_IPERF").is_ok() {
+        println!("1 stream: direct {:.2} ztunnel {:.2} ({:.2}x)", t1.0, t1.1, t1.1 / t1.0);
+        return;
+    }
     let t4 = (iperf(&m, "dclient", "dserver", 4), iperf(&m, "client", "server", 4));
     let peak = pids.iter().map(|p| rss_mb(*p, "VmHWM:")).fold(0.0, f64::max);
     let lat = (sockperf(&m, "dclient", "dserver"), sockperf(&m, "client", "server"));

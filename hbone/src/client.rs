@@ -105,7 +105,7 @@ impl Pool {
         let tcp = dial().await.map_err(|source| Error::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio_rustls::TlsConnector::from(tls)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .connect(ServerName::IpAddress(addr.ip().into()), crate::read_buffered(tcp))
             .await
             .map_err(|source| Error::Tls { addr, source })?;
         let got = identity::peer_identity(tls.get_ref().1).map_err(|source| Error::PeerIdentity { addr, source })?;

@@ -20,6 +20,12 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 pub const MAX_STREAMS_PER_CONN: usize = 100;
 pub const HBONE_PORT: u16 = 15008;
 
+/// rustls pulls one TLS record (~16 KiB) per read; a large read buffer under
+/// it turns a dozen recv syscalls into one.
+pub fn read_buffered<IO: tokio::io::AsyncRead>(io: IO) -> tokio::io::BufReader<IO> {
+    tokio::io::BufReader::with_capacity(256 * 1024, io)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("connect to {addr}: {source}")]

@@ -53,6 +53,9 @@ struct Args {
     /// How long SIGTERM waits for live connections before exiting.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Data-path threads (the runtime's workers).
+    #[arg(long, default_value_t = 2)]
+    worker_threads: usize,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -81,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     }
     // Before any other thread exists: the netns every thread returns to.
     netns::init_host_netns().context("open own network namespace")?;
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?.block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -23,7 +23,7 @@ pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAd
             return;
         }
     };
-    let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(tcp));
+    let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(hbone::read_buffered(tcp)));
     let tls = match handshake.await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
