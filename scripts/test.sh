@@ -7,4 +7,12 @@ bash scripts/deps.sh
 export ENVOY_BIN="${ENVOY_BIN:-$(command -v envoy)}"
 cargo build --workspace --tests
 # Two at a time: each end-to-end test runs two ztunnels on this 2-core machine.
-cargo test --workspace -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# cargo's last line is a doc-test summary; close with the whole count.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
