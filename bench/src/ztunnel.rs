@@ -121,6 +121,11 @@ async fn main() {
     let idle = pids.iter().map(|p| rss_mb(*p, "VmRSS:")).fold(0.0, f64::max);
 
     eprintln!("measuring: {}s per run; two ztunnels, iperf3/sockperf client and server share 2 cores", secs());
+    if std::env::var("BENCH_ONLY_CPS").is_ok() {
+        let cps = (conn_rate(&m, "dclient", "dserver"), conn_rate(&m, "client", "server"));
+        println!("conn/s: direct {:.0} ztunnel {:.0}", cps.0, cps.1);
+        return;
+    }
     let t1 = (iperf(&m, "dclient", "dserver", 1), iperf(&m, "client", "server", 1));
     if std::env::var("BENCH_ONLY_IPERF").is_ok() {
         println!("1 stream: direct {:.2} ztunnel {:.2} ({:.2}x)", t1.0, t1.1, t1.1 / t1.0);

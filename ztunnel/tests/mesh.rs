@@ -66,3 +66,19 @@ async fn service_vip_reaches_endpoints_on_both_nodes() {
     assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
     assert!(m.metrics("node1").contains("destination_service=\"server.app.svc.cluster.local\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_outside_the_mesh_get_plain_tcp() {
+    let m = two_nodes("out", ZT, "").await;
+    // outsider is labelled dataplane-mode=none: known to the model, not in the mesh.
+    m.whoami_server("outsider", 7070);
+    assert_eq!(m.whoami("client", "10.244.3.10:7070").unwrap(), "outsider 10.244.1.10");
+    let metrics = m.metrics("node1");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("destination_workload=\"outsider\"") && l.contains("connection_security_policy=\"none\"") && l.contains("response_flags=\"-\"")),
+        "{metrics}"
+    );
+    // An address nobody listens on fails as a connect failure, visibly.
+    assert!(m.whoami("client", "10.244.3.10:7071").is_err());
+    assert!(m.metrics("node1").lines().any(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("response_flags=\"CONNECT\"")));
+}
