@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use testbed::{in_ns, sh, Mesh};
+use testbed::{in_ns, Mesh};
 
 fn secs() -> u64 {
     std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8)
@@ -146,7 +146,6 @@ async fn main() {
     println!("| new connections/s (1-byte echo, 4 par) | {:>10.0} | {:>10.0} | {:>16.2}x | >= 1500/s       |", cps.0, cps.1, cps.1 / cps.0);
     println!("| ztunnel RSS idle (MB, max of 2 nodes)  |            | {:>10.1} |                   | <= 10 MB        |", idle);
     println!("| ztunnel RSS peak at 4 streams (MB)     |            | {:>10.1} |                   | <= 30 MB        |", peak);
-    let _ = sh;
 }
 
 fn conn_rate_once(m: &Mesh) -> bool {

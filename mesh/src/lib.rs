@@ -12,4 +12,6 @@ pub use store::{watch_file, MeshStore};
 
 /// Istio's root namespace: policies here without a selector apply mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
+/// The Kubernetes cluster DNS domain service hostnames live under.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";

@@ -117,8 +117,6 @@ struct SvcPort {
     target_port: Option<IntOrString>,
     #[serde(default)]
     protocol: Option<String>,
-    #[serde(default)]
-    app_protocol: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -352,7 +350,6 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
                 tracing::warn!(object, port = p.port, "only TCP service ports are proxied; ignoring this one");
                 continue;
             }
-            let _ = p.app_protocol;
             let target = match p.target_port {
                 None => TargetPort::Number(p.port),
                 Some(IntOrString::Int(n)) => TargetPort::Number(n),
@@ -373,7 +370,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
             _ => Vec::new(),
         };
         out_services.push(Service {
-            hostname: format!("{}.{}.svc.{}", o.metadata.name, namespace, trust_domain_suffix(trust_domain)),
+            hostname: format!("{}.{}.svc.{}", o.metadata.name, namespace, crate::CLUSTER_DOMAIN),
             name: o.metadata.name,
             namespace,
             vips,
@@ -382,12 +379,6 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
         });
     }
     Ok(MeshState::new(workloads, out_services, policies, peer_auths))
-}
-
-/// Kubernetes DNS uses the cluster domain, which equals the trust domain in
-/// the default install.
-fn trust_domain_suffix(td: &str) -> &str {
-    td
 }
 
 fn pod(object: &str, value: serde_yaml::Value) -> Result<Pod, ConfigError> {

@@ -66,17 +66,7 @@ async fn stream(px: Arc<Proxy>, pod: Arc<Pod>, src_id: Arc<Identity>, peer: Sock
         tracing::warn!(pod = %pod.uid, %target, "CONNECT names an address that is not this pod");
         return inb.refuse(StatusCode::BAD_REQUEST);
     }
-    let src_w = state.workload_by_ip(peer.ip()).cloned();
-    let m = ConnMetrics::open(ConnInfo {
-        reporter: Reporter::Destination,
-        src: peer,
-        dst: target,
-        src_workload: src_w.as_deref(),
-        src_identity: Some(&src_id),
-        dst_workload: Some(&dst_w),
-        dst_service: None,
-        mtls: true,
-    });
+    let m = open_metrics(&state, peer, target, Some(&src_id), &dst_w);
     let conn = Connection { src_identity: Some(&src_id), src_ip: peer.ip(), dst_ip: target.ip(), dst_port: target.port() };
     if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn) {
         inb.refuse(StatusCode::UNAUTHORIZED);
@@ -101,7 +91,7 @@ async fn stream(px: Arc<Proxy>, pod: Arc<Pod>, src_id: Arc<Identity>, peer: Sock
     }
 }
 
-pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, mut down: TcpStream, peer: SocketAddr) {
+pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: SocketAddr) {
     let target = match original_dst(&down) {
         Ok(a) => a,
         Err(e) => {
@@ -114,17 +104,7 @@ pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, mut down: TcpStream, peer:
         tracing::warn!(pod = %pod.uid, "pod is not in the mesh config; refusing plaintext");
         return;
     };
-    let src_w = state.workload_by_ip(peer.ip()).cloned();
-    let m = ConnMetrics::open(ConnInfo {
-        reporter: Reporter::Destination,
-        src: peer,
-        dst: target,
-        src_workload: src_w.as_deref(),
-        src_identity: None,
-        dst_workload: Some(&dst_w),
-        dst_service: None,
-        mtls: false,
-    });
+    let m = open_metrics(&state, peer, target, None, &dst_w);
     if state.mtls_mode(&dst_w, target.port()) == MtlsMode::Strict {
         return m.close(Flag::Deny, (0, 0), Some(&"plaintext refused: PeerAuthentication is STRICT"));
     }
@@ -133,15 +113,24 @@ pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, mut down: TcpStream, peer:
         return m.close(Flag::Deny, (0, 0), Some(&why));
     }
     drop(state);
-    let mut app = match pod.netns.connect(target, Some(peer)).await {
-        Ok(s) => s,
-        Err(e) => return m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
-    };
-    match tokio::io::copy_bidirectional_with_sizes(&mut down, &mut app, 64 * 1024, 64 * 1024).await {
-        Ok((req, resp)) => {
-            m.count(req, resp);
-            m.close(Flag::None, (req, resp), None)
-        }
-        Err(e) => m.close(Flag::None, (0, 0), Some(&e)),
+    match pod.netns.connect(target, Some(peer)).await {
+        Ok(app) => super::relay_plain(down, app, m).await,
+        Err(e) => m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
     }
+}
+
+/// Destination-side metrics; the source is named by the verified identity
+/// (mTLS) and, for workload labels, by its address in the model.
+fn open_metrics(state: &mesh::MeshState, peer: SocketAddr, target: SocketAddr, src_id: Option<&Identity>, dst_w: &mesh::Workload) -> ConnMetrics {
+    let src_w = state.workload_by_ip(peer.ip());
+    ConnMetrics::open(ConnInfo {
+        reporter: Reporter::Destination,
+        src: peer,
+        dst: target,
+        src_workload: src_w.map(|w| &**w),
+        src_identity: src_id,
+        dst_workload: Some(dst_w),
+        dst_service: None,
+        mtls: src_id.is_some(),
+    })
 }

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::{ConnMetrics, Flag};
 use crate::netns::PodNetns;
 
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -85,4 +86,16 @@ where
         }
         tracing::debug!(pod = %pod.uid, port, "listener closed");
     });
+}
+
+/// Plain TCP both ways (no tunnel): the bytes are not inspected, so the
+/// kernel-side copy loop does the work; the totals go to metrics at the end.
+async fn relay_plain(mut down: tokio::net::TcpStream, mut up: tokio::net::TcpStream, m: ConnMetrics) {
+    match tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 64 * 1024, 64 * 1024).await {
+        Ok((req, resp)) => {
+            m.count(req, resp);
+            m.close(Flag::None, (req, resp), None)
+        }
+        Err(e) => m.close(Flag::None, (0, 0), Some(&e)),
+    }
 }

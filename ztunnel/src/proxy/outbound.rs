@@ -101,17 +101,10 @@ async fn via_hbone(px: &Proxy, pod: &Arc<Pod>, down: TcpStream, dst: SocketAddr,
     }
 }
 
-async fn direct(pod: &Pod, mut down: TcpStream, dst: SocketAddr, m: ConnMetrics) {
-    let mut up = match pod.netns.connect(dst, None).await {
-        Ok(s) => s,
-        Err(e) => return m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
-    };
-    match tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 64 * 1024, 64 * 1024).await {
-        Ok((req, resp)) => {
-            m.count(req, resp);
-            m.close(Flag::None, (req, resp), None)
-        }
-        Err(e) => m.close(Flag::None, (0, 0), Some(&e)),
+async fn direct(pod: &Pod, down: TcpStream, dst: SocketAddr, m: ConnMetrics) {
+    match pod.netns.connect(dst, None).await {
+        Ok(up) => super::relay_plain(down, up, m).await,
+        Err(e) => m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
     }
 }
 
