@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use testbed::{in_ns, Mesh};
 
 fn secs() -> u64 {
-    std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8)
+    std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8)
 }
 
 fn yaml() -> String {
@@ -28,27 +31,75 @@ fn yaml() -> String {
 }
 
 fn run_in(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).stderr(Stdio::inherit()).output().expect("run");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run");
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 fn iperf(m: &Mesh, client: &str, server: &str, streams: u32) -> f64 {
     let sns = m.pod_ns(server);
-    let mut srv = Command::new("ip").args(["netns", "exec", &sns, "iperf3", "-s", "-1", "-p", "5201"]).stdout(Stdio::null()).spawn().unwrap();
+    let mut srv = Command::new("ip")
+        .args(["netns", "exec", &sns, "iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let out = run_in(&m.pod_ns(client), &["iperf3", "-c", &m.ip(server), "-p", "5201", "-t", &secs().to_string(), "-P", &streams.to_string(), "-J"]);
+    let out = run_in(
+        &m.pod_ns(client),
+        &[
+            "iperf3",
+            "-c",
+            &m.ip(server),
+            "-p",
+            "5201",
+            "-t",
+            &secs().to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    );
     let _ = srv.wait();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
 }
 
 /// (p50, p99) in microseconds of a 64-byte TCP ping-pong.
 fn sockperf(m: &Mesh, client: &str, server: &str) -> (f64, f64) {
     let sns = m.pod_ns(server);
     let ip = m.ip(server);
-    let mut srv = Command::new("ip").args(["netns", "exec", &sns, "sockperf", "server", "--tcp", "-i", &ip, "-p", "11111"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut srv = Command::new("ip")
+        .args([
+            "netns", "exec", &sns, "sockperf", "server", "--tcp", "-i", &ip, "-p", "11111",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let out = run_in(&m.pod_ns(client), &["sockperf", "ping-pong", "--tcp", "-i", &ip, "-p", "11111", "-t", &secs().to_string(), "-m", "64"]);
+    let out = run_in(
+        &m.pod_ns(client),
+        &[
+            "sockperf",
+            "ping-pong",
+            "--tcp",
+            "-i",
+            &ip,
+            "-p",
+            "11111",
+            "-t",
+            &secs().to_string(),
+            "-m",
+            "64",
+        ],
+    );
     let _ = srv.kill();
     let _ = srv.wait();
     let pct = |p: &str| {
@@ -73,7 +124,10 @@ fn conn_rate(m: &Mesh, client: &str, server: &str) -> f64 {
                 in_ns(&ns, move || {
                     let mut n = 0u64;
                     while Instant::now() < deadline && n < 200_000 {
-                        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { continue };
+                        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                        else {
+                            continue;
+                        };
                         let _ = s.set_nodelay(true);
                         let mut b = [7u8];
                         if s.write_all(&b).is_ok() && s.read_exact(&mut b).is_ok() {
@@ -101,13 +155,33 @@ fn rss_mb(pid: u32, field: &str) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let zt = std::env::args().nth(1).unwrap_or_else(|| "target/release/ztunnel".into());
+    let zt = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "target/release/ztunnel".into());
     let mut m = Mesh::new("bench", &zt);
-    m.extra_args = std::env::var("ZTUNNEL_ARGS").unwrap_or_default().split_whitespace().map(String::from).collect();
+    m.extra_args = std::env::var("ZTUNNEL_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     m.pod("client", "mesh", "client", "10.244.1.10", "node1", true);
     m.pod("server", "mesh", "server", "10.244.2.10", "node2", true);
-    m.pod("dclient", "direct", "dclient", "10.244.1.20", "node1", false);
-    m.pod("dserver", "direct", "dserver", "10.244.2.20", "node2", false);
+    m.pod(
+        "dclient",
+        "direct",
+        "dclient",
+        "10.244.1.20",
+        "node1",
+        false,
+    );
+    m.pod(
+        "dserver",
+        "direct",
+        "dserver",
+        "10.244.2.20",
+        "node2",
+        false,
+    );
     m.write_config(&yaml());
     let ca = m.dir.join("ca");
     m.start_node("node1", &ca).await;
@@ -118,23 +192,52 @@ async fn main() {
     // Warm the pooled HBONE connection and certificates, then measure idle.
     let _ = conn_rate_once(&m);
     std::thread::sleep(Duration::from_secs(1));
-    let idle = pids.iter().map(|p| rss_mb(*p, "VmRSS:")).fold(0.0, f64::max);
+    let idle = pids
+        .iter()
+        .map(|p| rss_mb(*p, "VmRSS:"))
+        .fold(0.0, f64::max);
 
-    eprintln!("measuring: {}s per run; two ztunnels, iperf3/sockperf client and server share 2 cores", secs());
+    eprintln!(
+        "measuring: {}s per run; two ztunnels, iperf3/sockperf client and server share 2 cores",
+        secs()
+    );
     if std::env::var("BENCH_ONLY_CPS").is_ok() {
-        let cps = (conn_rate(&m, "dclient", "dserver"), conn_rate(&m, "client", "server"));
+        let cps = (
+            conn_rate(&m, "dclient", "dserver"),
+            conn_rate(&m, "client", "server"),
+        );
         println!("conn/s: direct {:.0} ztunnel {:.0}", cps.0, cps.1);
         return;
     }
-    let t1 = (iperf(&m, "dclient", "dserver", 1), iperf(&m, "client", "server", 1));
+    let t1 = (
+        iperf(&m, "dclient", "dserver", 1),
+        iperf(&m, "client", "server", 1),
+    );
     if std::env::var("BENCH_ONLY_IPERF").is_ok() {
-        println!("1 stream: direct {:.2} ztunnel {:.2} ({:.2}x)", t1.0, t1.1, t1.1 / t1.0);
+        println!(
+            "1 stream: direct {:.2} ztunnel {:.2} ({:.2}x)",
+            t1.0,
+            t1.1,
+            t1.1 / t1.0
+        );
         return;
     }
-    let t4 = (iperf(&m, "dclient", "dserver", 4), iperf(&m, "client", "server", 4));
-    let peak = pids.iter().map(|p| rss_mb(*p, "VmHWM:")).fold(0.0, f64::max);
-    let lat = (sockperf(&m, "dclient", "dserver"), sockperf(&m, "client", "server"));
-    let cps = (conn_rate(&m, "dclient", "dserver"), conn_rate(&m, "client", "server"));
+    let t4 = (
+        iperf(&m, "dclient", "dserver", 4),
+        iperf(&m, "client", "server", 4),
+    );
+    let peak = pids
+        .iter()
+        .map(|p| rss_mb(*p, "VmHWM:"))
+        .fold(0.0, f64::max);
+    let lat = (
+        sockperf(&m, "dclient", "dserver"),
+        sockperf(&m, "client", "server"),
+    );
+    let cps = (
+        conn_rate(&m, "dclient", "dserver"),
+        conn_rate(&m, "client", "server"),
+    );
 
     println!();
     println!("| measure (pod -> pod across nodes)      | direct     | ztunnel    | ztunnel vs direct | target          |");
@@ -149,5 +252,7 @@ async fn main() {
 }
 
 fn conn_rate_once(m: &Mesh) -> bool {
-    m.connect("client", "10.244.2.10:7000").map(|mut s| s.write_all(b"x").is_ok() && s.read_exact(&mut [0u8]).is_ok()).unwrap_or(false)
+    m.connect("client", "10.244.2.10:7000")
+        .map(|mut s| s.write_all(b"x").is_ok() && s.read_exact(&mut [0u8]).is_ok())
+        .unwrap_or(false)
 }

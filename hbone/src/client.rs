@@ -56,7 +56,9 @@ impl Pool {
         let mut conns = self.conns.lock().unwrap();
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.closed.load(Ordering::Relaxed));
-        let c = list.iter().find(|c| c.active.load(Ordering::Relaxed) < crate::MAX_STREAMS_PER_CONN)?;
+        let c = list
+            .iter()
+            .find(|c| c.active.load(Ordering::Relaxed) < crate::MAX_STREAMS_PER_CONN)?;
         c.active.fetch_add(1, Ordering::Relaxed);
         Some((c.send.clone(), StreamGuard(c.active.clone())))
     }
@@ -81,12 +83,18 @@ impl Pool {
             None => self.dial(&key, tls, dial).await?,
         };
         let mut send = send.ready().await?;
-        let mut req = Request::builder().method(Method::CONNECT).uri(authority).body(())?;
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(())?;
         *req.headers_mut() = headers;
         let (resp, stream) = send.send_request(req, false)?;
         let resp = resp.await?;
         if resp.status() != StatusCode::OK {
-            return Err(Error::Refused { authority: authority.to_string(), status: resp.status() });
+            return Err(Error::Refused {
+                authority: authority.to_string(),
+                status: resp.status(),
+            });
         }
         Ok((stream, resp.into_body(), guard))
     }
@@ -102,15 +110,25 @@ impl Pool {
         F: Future<Output = std::io::Result<TcpStream>>,
     {
         let addr = key.dst;
-        let tcp = dial().await.map_err(|source| Error::Connect { addr, source })?;
+        let tcp = dial()
+            .await
+            .map_err(|source| Error::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio_rustls::TlsConnector::from(tls)
-            .connect(ServerName::IpAddress(addr.ip().into()), crate::read_buffered(tcp))
+            .connect(
+                ServerName::IpAddress(addr.ip().into()),
+                crate::read_buffered(tcp),
+            )
             .await
             .map_err(|source| Error::Tls { addr, source })?;
-        let got = identity::peer_identity(tls.get_ref().1).map_err(|source| Error::PeerIdentity { addr, source })?;
+        let got = identity::peer_identity(tls.get_ref().1)
+            .map_err(|source| Error::PeerIdentity { addr, source })?;
         if got != key.dst_identity {
-            return Err(Error::WrongPeer { addr, got: got.to_string(), want: key.dst_identity.to_string() });
+            return Err(Error::WrongPeer {
+                addr,
+                got: got.to_string(),
+                want: key.dst_identity.to_string(),
+            });
         }
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(crate::STREAM_WINDOW)
@@ -129,25 +147,39 @@ impl Pool {
             }
             c.store(true, Ordering::Relaxed);
         });
-        self.conns.lock().unwrap().entry(key.clone()).or_default().push(Conn {
-            send: send.clone(),
-            active: active.clone(),
-            closed: closed.clone(),
-        });
+        self.conns
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .push(Conn {
+                send: send.clone(),
+                active: active.clone(),
+                closed: closed.clone(),
+            });
         self.spawn_idle_reaper(key.clone(), a, closed);
         Ok((send, StreamGuard(active)))
     }
 
     /// Drops a connection from the pool after it has carried nothing for
     /// IDLE_RELEASE; h2 then closes it once the last handle is gone.
-    fn spawn_idle_reaper(self: &Arc<Self>, key: PoolKey, active: Arc<AtomicUsize>, closed: Arc<AtomicBool>) {
+    fn spawn_idle_reaper(
+        self: &Arc<Self>,
+        key: PoolKey,
+        active: Arc<AtomicUsize>,
+        closed: Arc<AtomicBool>,
+    ) {
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut idle_for = Duration::ZERO;
             let tick = Duration::from_secs(5);
             while !closed.load(Ordering::Relaxed) {
                 tokio::time::sleep(tick).await;
-                idle_for = if active.load(Ordering::Relaxed) == 0 { idle_for + tick } else { Duration::ZERO };
+                idle_for = if active.load(Ordering::Relaxed) == 0 {
+                    idle_for + tick
+                } else {
+                    Duration::ZERO
+                };
                 if idle_for >= IDLE_RELEASE {
                     closed.store(true, Ordering::Relaxed);
                 }
@@ -169,7 +201,13 @@ impl Pool {
         let conns = self.conns.lock().unwrap();
         conns
             .iter()
-            .map(|(k, v)| (k.clone(), v.len(), v.iter().map(|c| c.active.load(Ordering::Relaxed)).sum()))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.len(),
+                    v.iter().map(|c| c.active.load(Ordering::Relaxed)).sum(),
+                )
+            })
             .collect()
     }
 

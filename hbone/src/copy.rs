@@ -38,18 +38,27 @@ where
                 return Ok::<_, std::io::Error>(());
             }
             sent.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            counters(Transfer { sent: n as u64, received: 0 });
+            counters(Transfer {
+                sent: n as u64,
+                received: 0,
+            });
             let mut chunk = buf.split().freeze();
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());
                 let cap = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
                     Some(c) => c.map_err(h2_io)?,
-                    None => return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stream closed")),
+                    None => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::BrokenPipe,
+                            "stream closed",
+                        ))
+                    }
                 };
                 if cap == 0 {
                     continue;
                 }
-                send.send_data(chunk.split_to(cap.min(chunk.len())), false).map_err(h2_io)?;
+                send.send_data(chunk.split_to(cap.min(chunk.len())), false)
+                    .map_err(h2_io)?;
             }
         }
     };
@@ -59,7 +68,10 @@ where
             let n = data.len();
             wr.write_all(&data).await?;
             received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            counters(Transfer { sent: 0, received: n as u64 });
+            counters(Transfer {
+                sent: 0,
+                received: n as u64,
+            });
             let _ = recv.flow_control().release_capacity(n);
         }
         wr.shutdown().await?;

@@ -29,17 +29,33 @@ pub fn read_buffered<IO: tokio::io::AsyncRead>(io: IO) -> tokio::io::BufReader<I
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("connect to {addr}: {source}")]
-    Connect { addr: std::net::SocketAddr, source: std::io::Error },
+    Connect {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS handshake with {addr}: {source}")]
-    Tls { addr: std::net::SocketAddr, source: std::io::Error },
+    Tls {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("peer {addr} is {got}, expected {want}")]
-    WrongPeer { addr: std::net::SocketAddr, got: String, want: String },
+    WrongPeer {
+        addr: std::net::SocketAddr,
+        got: String,
+        want: String,
+    },
     #[error("peer {addr}: {source}")]
-    PeerIdentity { addr: std::net::SocketAddr, source: identity::TlsError },
+    PeerIdentity {
+        addr: std::net::SocketAddr,
+        source: identity::TlsError,
+    },
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
     #[error("CONNECT {authority} refused with status {status}")]
-    Refused { authority: String, status: http::StatusCode },
+    Refused {
+        authority: String,
+        status: http::StatusCode,
+    },
     #[error("bad request: {0}")]
     Request(#[from] http::Error),
 }

@@ -30,7 +30,10 @@ impl Inbound {
 
     /// Answers with a refusal status (401/403 policy, 503 no upstream...).
     pub fn refuse(mut self, status: StatusCode) {
-        let resp = Response::builder().status(status).body(()).expect("static response");
+        let resp = Response::builder()
+            .status(status)
+            .body(())
+            .expect("static response");
         let _ = self.respond.send_response(resp, true);
     }
 }
@@ -39,7 +42,11 @@ impl Inbound {
 /// closes it or `drain` fires; on drain the connection goes away gracefully
 /// (GOAWAY) and live streams finish. Anything that is not a well-formed
 /// CONNECT to `ip:port` is refused here, before the handler sees it.
-pub async fn serve<IO, H, Fut>(io: IO, mut drain: tokio::sync::watch::Receiver<bool>, handler: H) -> Result<(), h2::Error>
+pub async fn serve<IO, H, Fut>(
+    io: IO,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+    handler: H,
+) -> Result<(), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Inbound) -> Fut,
@@ -69,19 +76,28 @@ where
         let Some(next) = next else { return Ok(()) };
         let (req, mut respond) = next?;
         let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
-            let _ = respond.send_response(Response::builder().status(status).body(()).unwrap(), true);
+            let _ =
+                respond.send_response(Response::builder().status(status).body(()).unwrap(), true);
         };
         if req.method() != Method::CONNECT {
             refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
             continue;
         }
-        let authority = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let authority = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
         let Some(authority) = authority else {
             tracing::debug!(uri = %req.uri(), "CONNECT authority is not ip:port");
             refuse(&mut respond, StatusCode::BAD_REQUEST);
             continue;
         };
         let (parts, recv) = req.into_parts();
-        tokio::spawn(handler(Inbound { authority, headers: parts.headers, respond, recv }));
+        tokio::spawn(handler(Inbound {
+            authority,
+            headers: parts.headers,
+            respond,
+            recv,
+        }));
     }
 }

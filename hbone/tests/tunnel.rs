@@ -14,7 +14,10 @@ async fn certs(tag: &str) -> (Arc<WorkloadCert>, Arc<WorkloadCert>, std::path::P
     let _ = std::fs::remove_dir_all(&dir);
     let ca = Arc::new(BuiltinCa::load_or_create(&dir, "cluster.local").unwrap());
     let m = SecretManager::new(ca, Duration::from_secs(600));
-    let (s, c) = (Identity::new("cluster.local", "ns", "server"), Identity::new("cluster.local", "ns", "client"));
+    let (s, c) = (
+        Identity::new("cluster.local", "ns", "server"),
+        Identity::new("cluster.local", "ns", "client"),
+    );
     m.retain(&s);
     m.retain(&c);
     (m.fetch(&s).await.unwrap(), m.fetch(&c).await.unwrap(), dir)
@@ -29,7 +32,10 @@ async fn echo_server(server: Arc<WorkloadCert>) -> std::net::SocketAddr {
         let _keep = _tx;
         loop {
             let (tcp, _) = l.accept().await.unwrap();
-            let tls = tokio_rustls::TlsAcceptor::from(server.server.clone()).accept(tcp).await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(server.server.clone())
+                .accept(tcp)
+                .await
+                .unwrap();
             let drain = drain.clone();
             tokio::spawn(hbone::serve(tls, drain, |inb: hbone::Inbound| async move {
                 let (send, recv) = inb.accept().unwrap();
@@ -52,10 +58,20 @@ async fn tunnel_is_byte_exact_and_pooled() {
     let (server, client, dir) = certs("exact").await;
     let addr = echo_server(server).await;
     let pool = hbone::Pool::new();
-    let key = hbone::PoolKey { source: "pod".into(), dst_identity: Identity::new("cluster.local", "ns", "server"), dst: addr };
+    let key = hbone::PoolKey {
+        source: "pod".into(),
+        dst_identity: Identity::new("cluster.local", "ns", "server"),
+        dst: addr,
+    };
     for round in 0..3u8 {
         let (mut send, mut recv, _g) = pool
-            .connect(key.clone(), client.client.clone(), || TcpStream::connect(addr), "10.0.0.1:80", HeaderMap::new())
+            .connect(
+                key.clone(),
+                client.client.clone(),
+                || TcpStream::connect(addr),
+                "10.0.0.1:80",
+                HeaderMap::new(),
+            )
             .await
             .unwrap();
         let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8 ^ round).collect();
@@ -64,8 +80,12 @@ async fn tunnel_is_byte_exact_and_pooled() {
             send.reserve_capacity(payload.len());
             let mut rest = payload;
             while !rest.is_empty() {
-                let cap = std::future::poll_fn(|cx| send.poll_capacity(cx)).await.unwrap().unwrap();
-                send.send_data(rest.split_to(cap.min(rest.len())), false).unwrap();
+                let cap = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                send.send_data(rest.split_to(cap.min(rest.len())), false)
+                    .unwrap();
             }
             send.send_data(Bytes::new(), true).unwrap();
         });
@@ -88,9 +108,19 @@ async fn tunnel_is_byte_exact_and_pooled() {
 async fn client_refuses_server_with_other_identity() {
     let (server, client, dir) = certs("wrongid").await;
     let addr = echo_server(server).await;
-    let key = hbone::PoolKey { source: "pod".into(), dst_identity: Identity::new("cluster.local", "ns", "someone-else"), dst: addr };
+    let key = hbone::PoolKey {
+        source: "pod".into(),
+        dst_identity: Identity::new("cluster.local", "ns", "someone-else"),
+        dst: addr,
+    };
     let err = hbone::Pool::new()
-        .connect(key, client.client.clone(), || TcpStream::connect(addr), "10.0.0.1:80", HeaderMap::new())
+        .connect(
+            key,
+            client.client.clone(),
+            || TcpStream::connect(addr),
+            "10.0.0.1:80",
+            HeaderMap::new(),
+        )
         .await
         .err()
         .expect("must refuse");
@@ -104,15 +134,39 @@ async fn server_refuses_what_is_not_connect_to_ip_port() {
     let addr = echo_server(server).await;
     let tcp = TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(client.client.clone())
-        .connect(rustls::pki_types::ServerName::IpAddress(addr.ip().into()), tcp)
+        .connect(
+            rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+            tcp,
+        )
         .await
         .unwrap();
     let (h2, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(conn);
     let cases = [
-        (Request::builder().method(Method::GET).uri("https://10.0.0.1/").body(()).unwrap(), StatusCode::METHOD_NOT_ALLOWED),
-        (Request::builder().method(Method::CONNECT).uri("service.example:80").body(()).unwrap(), StatusCode::BAD_REQUEST),
-        (Request::builder().method(Method::CONNECT).uri("10.0.0.1:80").body(()).unwrap(), StatusCode::OK),
+        (
+            Request::builder()
+                .method(Method::GET)
+                .uri("https://10.0.0.1/")
+                .body(())
+                .unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri("service.example:80")
+                .body(())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri("10.0.0.1:80")
+                .body(())
+                .unwrap(),
+            StatusCode::OK,
+        ),
     ];
     for (req, want) in cases {
         let mut h2 = h2.clone().ready().await.unwrap();

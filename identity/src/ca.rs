@@ -21,7 +21,10 @@ use crate::tls::spiffe_uri_of;
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("CA state {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("CA root {path}: {reason}")]
     BadRoot { path: PathBuf, reason: String },
     #[error("certificate signing request: {0}")]
@@ -39,7 +42,12 @@ pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<String>, CaErro
 /// Signs workload certificates. Returns the PEM chain, leaf first, root last,
 /// exactly as Istio's `IstioCertificateResponse.cert_chain` carries it.
 pub trait CertificateAuthority: Send + Sync + 'static {
-    fn sign<'a>(&'a self, csr_pem: &'a str, identity: &'a Identity, validity: Duration) -> SignFuture<'a>;
+    fn sign<'a>(
+        &'a self,
+        csr_pem: &'a str,
+        identity: &'a Identity,
+        validity: Duration,
+    ) -> SignFuture<'a>;
 }
 
 /// A self-contained CA for standalone mode: its root lives in a state directory
@@ -69,8 +77,12 @@ impl BuiltinCa {
             .write(true)
             .open(&lock_path)
             .map_err(io(&lock_path))?;
-        let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| CaError::Io { path: lock_path.clone(), source: e.into() })?;
+        let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(
+            |(_, e)| CaError::Io {
+                path: lock_path.clone(),
+                source: e.into(),
+            },
+        )?;
         let cert_path = dir.join(ROOT_CERT);
         let key_path = dir.join(ROOT_KEY);
         if !cert_path.exists() {
@@ -84,22 +96,38 @@ impl BuiltinCa {
 
     pub fn from_files(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
         let read = |p: &Path| {
-            fs::read_to_string(p).map_err(|source| CaError::Io { path: p.to_path_buf(), source })
+            fs::read_to_string(p).map_err(|source| CaError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
         };
         let cert_pem = read(cert_path)?;
         let key_pem = read(key_path)?;
-        let bad = |path: &Path, reason: String| CaError::BadRoot { path: path.to_path_buf(), reason };
+        let bad = |path: &Path, reason: String| CaError::BadRoot {
+            path: path.to_path_buf(),
+            reason,
+        };
         let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(key_path, e.to_string()))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| bad(cert_path, e.to_string()))?;
-        Ok(BuiltinCa { issuer, root_pem: cert_pem })
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| bad(cert_path, e.to_string()))?;
+        Ok(BuiltinCa {
+            issuer,
+            root_pem: cert_pem,
+        })
     }
 
     pub fn root_pem(&self) -> &str {
         &self.root_pem
     }
 
-    fn sign_now(&self, csr_pem: &str, identity: &Identity, validity: Duration) -> Result<Vec<String>, CaError> {
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+    fn sign_now(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        validity: Duration,
+    ) -> Result<Vec<String>, CaError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::BadCsr(e.to_string()))?;
         let asked: Vec<String> = csr
             .params
             .subject_alt_names
@@ -111,29 +139,49 @@ impl BuiltinCa {
             .collect();
         let want = identity.to_string();
         if asked != [want.clone()] {
-            return Err(CaError::IdentityMismatch { asked: asked.join(","), allowed: want });
+            return Err(CaError::IdentityMismatch {
+                asked: asked.join(","),
+                allowed: want,
+            });
         }
         let now = OffsetDateTime::now_utc();
         let p = &mut csr.params;
         // A little backdating tolerates clock skew between nodes.
         p.not_before = now - time::Duration::minutes(1);
-        p.not_after = now + time::Duration::try_from(validity).map_err(|e| CaError::Signing(e.to_string()))?;
+        p.not_after = now
+            + time::Duration::try_from(validity).map_err(|e| CaError::Signing(e.to_string()))?;
         p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         p.serial_number = Some(rand_serial().into());
-        let leaf = csr.signed_by(&self.issuer).map_err(|e| CaError::Signing(e.to_string()))?;
+        let leaf = csr
+            .signed_by(&self.issuer)
+            .map_err(|e| CaError::Signing(e.to_string()))?;
         // Guard against ourselves: the leaf must carry exactly the identity asked.
         let got = spiffe_uri_of(leaf.der()).map_err(|e| CaError::Signing(e.to_string()))?;
         if got != want {
-            return Err(CaError::IdentityMismatch { asked: got, allowed: want });
+            return Err(CaError::IdentityMismatch {
+                asked: got,
+                allowed: want,
+            });
         }
         Ok(vec![leaf.pem(), self.root_pem.clone()])
     }
 }
 
 impl CertificateAuthority for BuiltinCa {
-    fn sign<'a>(&'a self, csr_pem: &'a str, identity: &'a Identity, validity: Duration) -> SignFuture<'a> {
+    fn sign<'a>(
+        &'a self,
+        csr_pem: &'a str,
+        identity: &'a Identity,
+        validity: Duration,
+    ) -> SignFuture<'a> {
         Box::pin(async move { self.sign_now(csr_pem, identity, validity) })
     }
 }
@@ -147,20 +195,33 @@ fn rand_serial() -> Vec<u8> {
 fn new_root(trust_domain: &str) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(|e| CaError::Signing(e.to_string()))?;
     let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::OrganizationName, trust_domain);
-    p.distinguished_name.push(DnType::CommonName, "ambient mesh root CA");
+    p.distinguished_name
+        .push(DnType::OrganizationName, trust_domain);
+    p.distinguished_name
+        .push(DnType::CommonName, "ambient mesh root CA");
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::hours(1);
     p.not_after = now + time::Duration::days(3650);
-    let cert = p.self_signed(&key).map_err(|e| CaError::Signing(e.to_string()))?;
+    let cert = p
+        .self_signed(&key)
+        .map_err(|e| CaError::Signing(e.to_string()))?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
 fn write_file(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().create(true).truncate(true).write(true).mode(mode).open(&tmp)?;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(mode)
+        .open(&tmp)?;
     f.write_all(content.as_bytes())?;
     f.sync_all()?;
     fs::rename(&tmp, path)

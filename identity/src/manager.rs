@@ -41,7 +41,10 @@ impl WorkloadCert {
     /// Half of the life left: CA-side backdating of `not_before` must not
     /// pull renewal forward.
     fn renew_in(&self) -> Duration {
-        self.not_after.duration_since(SystemTime::now()).unwrap_or_default() / 2
+        self.not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            / 2
     }
 }
 
@@ -66,7 +69,11 @@ pub struct SecretManager {
 
 impl SecretManager {
     pub fn new(ca: Arc<dyn CertificateAuthority>, ttl: Duration) -> Arc<Self> {
-        Arc::new(SecretManager { ca, ttl, entries: Mutex::new(HashMap::new()) })
+        Arc::new(SecretManager {
+            ca,
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Starts keeping a certificate for `id` (reference counted: one per local
@@ -78,7 +85,8 @@ impl SecretManager {
             return;
         }
         let (tx, rx) = watch::channel(State::Pending);
-        let task = tokio::spawn(refresh_loop(self.ca.clone(), id.clone(), self.ttl, tx)).abort_handle();
+        let task =
+            tokio::spawn(refresh_loop(self.ca.clone(), id.clone(), self.ttl, tx)).abort_handle();
         entries.insert(id.clone(), Entry { rx, refs: 1, task });
     }
 
@@ -98,7 +106,10 @@ impl SecretManager {
     pub async fn fetch(&self, id: &Identity) -> Result<Arc<WorkloadCert>, CertError> {
         let rx = self.entries.lock().unwrap().get(id).map(|e| e.rx.clone());
         let Some(mut rx) = rx else {
-            return Err(CertError::Unavailable { identity: id.to_string(), reason: "not a local workload".into() });
+            return Err(CertError::Unavailable {
+                identity: id.to_string(),
+                reason: "not a local workload".into(),
+            });
         };
         let state = rx
             .wait_for(|s| !matches!(s, State::Pending))
@@ -108,7 +119,10 @@ impl SecretManager {
         match state {
             State::Ready(c) if c.is_valid_at(SystemTime::now()) => Ok(c),
             State::Ready(_) => Err(CertError::Expired(id.to_string())),
-            State::Failed(reason) => Err(CertError::Unavailable { identity: id.to_string(), reason }),
+            State::Failed(reason) => Err(CertError::Unavailable {
+                identity: id.to_string(),
+                reason,
+            }),
             State::Pending => unreachable!(),
         }
     }
@@ -140,7 +154,12 @@ impl Drop for SecretManager {
     }
 }
 
-async fn refresh_loop(ca: Arc<dyn CertificateAuthority>, id: Identity, ttl: Duration, tx: watch::Sender<State>) {
+async fn refresh_loop(
+    ca: Arc<dyn CertificateAuthority>,
+    id: Identity,
+    ttl: Duration,
+    tx: watch::Sender<State>,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
         match issue(&*ca, &id, ttl).await {
@@ -152,7 +171,8 @@ async fn refresh_loop(ca: Arc<dyn CertificateAuthority>, id: Identity, ttl: Dura
                 tokio::time::sleep(wait.max(Duration::from_millis(500))).await;
             }
             Err(e) => {
-                let still_valid = matches!(&*tx.borrow(), State::Ready(c) if c.is_valid_at(SystemTime::now()));
+                let still_valid =
+                    matches!(&*tx.borrow(), State::Ready(c) if c.is_valid_at(SystemTime::now()));
                 tracing::warn!(identity = %id, error = %e, still_valid, retry_in_ms = backoff.as_millis() as u64, "certificate request failed");
                 if !still_valid {
                     tx.send_replace(State::Failed(e.to_string()));
@@ -174,12 +194,22 @@ enum IssueError {
     Other(String),
 }
 
-async fn issue(ca: &dyn CertificateAuthority, id: &Identity, ttl: Duration) -> Result<WorkloadCert, IssueError> {
+async fn issue(
+    ca: &dyn CertificateAuthority,
+    id: &Identity,
+    ttl: Duration,
+) -> Result<WorkloadCert, IssueError> {
     let other = |e: &dyn std::fmt::Display| IssueError::Other(e.to_string());
     let key = KeyPair::generate().map_err(|e| other(&e))?;
     let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(|e| other(&e))?)];
-    let csr = params.serialize_request(&key).map_err(|e| other(&e))?.pem().map_err(|e| other(&e))?;
+    params.subject_alt_names = vec![SanType::URI(
+        id.to_string().try_into().map_err(|e| other(&e))?,
+    )];
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| other(&e))?
+        .pem()
+        .map_err(|e| other(&e))?;
     let chain_pem = ca.sign(&csr, id, ttl).await?;
     let mut ders = Vec::new();
     for pem in &chain_pem {
@@ -189,15 +219,24 @@ async fn issue(ca: &dyn CertificateAuthority, id: &Identity, ttl: Duration) -> R
     }
     let (leaf, root) = match (ders.first(), ders.last()) {
         (Some(l), Some(r)) if ders.len() >= 2 => (l.clone(), r.clone()),
-        _ => return Err(IssueError::Other(format!("CA returned a chain of {} certificates, want leaf..root", ders.len()))),
+        _ => {
+            return Err(IssueError::Other(format!(
+                "CA returned a chain of {} certificates, want leaf..root",
+                ders.len()
+            )))
+        }
     };
     // SPEC §3: a leaf for another identity than the one asked is an error.
     let got = spiffe_uri_of(&leaf)?;
     if got != id.to_string() {
-        return Err(IssueError::Other(format!("CA issued {got}, asked for {id}")));
+        return Err(IssueError::Other(format!(
+            "CA issued {got}, asked for {id}"
+        )));
     }
     let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).map_err(|e| other(&e))?;
-    let to_system = |t: x509_parser::time::ASN1Time| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
+    let to_system = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+    };
     let not_before = to_system(parsed.validity().not_before);
     let not_after = to_system(parsed.validity().not_after);
     let serial = parsed.raw_serial_as_string();
@@ -242,9 +281,21 @@ mod tests {
         m.retain(&id);
         let c = m.fetch(&id).await.unwrap();
         assert_eq!(c.identity, id);
-        assert_eq!(spiffe_uri_of(&rustls_pemfile::certs(&mut c.chain_pem[0].as_bytes()).next().unwrap().unwrap()).unwrap(), id.to_string());
+        assert_eq!(
+            spiffe_uri_of(
+                &rustls_pemfile::certs(&mut c.chain_pem[0].as_bytes())
+                    .next()
+                    .unwrap()
+                    .unwrap()
+            )
+            .unwrap(),
+            id.to_string()
+        );
         let life = c.not_after.duration_since(c.not_before).unwrap();
-        assert!(life >= Duration::from_secs(3600) && life <= Duration::from_secs(3700), "{life:?}");
+        assert!(
+            life >= Duration::from_secs(3600) && life <= Duration::from_secs(3700),
+            "{life:?}"
+        );
         // Reloading the same state dir yields the same root.
         let root1 = std::fs::read_to_string(dir.join("root-cert.pem")).unwrap();
         let again = BuiltinCa::load_or_create(&dir, "cluster.local").unwrap();
@@ -264,7 +315,10 @@ mod tests {
         let second = m.fetch(&id).await.unwrap();
         assert_ne!(first.serial, second.serial);
         m.release(&id);
-        assert!(m.fetch(&id).await.is_err(), "released identity must not be served");
+        assert!(
+            m.fetch(&id).await.is_err(),
+            "released identity must not be served"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -274,9 +328,18 @@ mod tests {
         let ca = ca(&dir);
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI("spiffe://cluster.local/ns/a/sa/evil".try_into().unwrap())];
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/a/sa/evil".try_into().unwrap(),
+        )];
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-        let err = ca.sign(&csr, &Identity::new("cluster.local", "a", "good"), Duration::from_secs(60)).await.unwrap_err();
+        let err = ca
+            .sign(
+                &csr,
+                &Identity::new("cluster.local", "a", "good"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(err, CaError::IdentityMismatch { .. }), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -29,13 +29,20 @@ impl Identity {
 
     /// The principal as AuthorizationPolicy writes it: the URI without its scheme.
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -66,10 +73,15 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/client".parse().unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/client"
+            .parse()
+            .unwrap();
         assert_eq!(id.namespace, "default");
         assert_eq!(id.service_account, "client");
-        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/client");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/default/sa/client"
+        );
         assert_eq!(id.principal(), "cluster.local/ns/default/sa/client");
     }
 

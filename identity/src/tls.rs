@@ -59,7 +59,10 @@ pub(crate) fn client_config(
     roots: Arc<RootCertStore>,
 ) -> Result<ClientConfig, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(ChainOnlyVerifier { roots, algs: provider.signature_verification_algorithms });
+    let verifier = Arc::new(ChainOnlyVerifier {
+        roots,
+        algs: provider.signature_verification_algorithms,
+    });
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -105,7 +108,9 @@ impl ServerCertVerifier for ChainOnlyVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -124,7 +129,8 @@ impl ServerCertVerifier for ChainOnlyVerifier {
 
 /// The single SPIFFE URI SAN of a DER certificate, as a string.
 pub fn spiffe_uri_of(der: &[u8]) -> Result<String, TlsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| TlsError::BadCertificate(e.to_string()))?
@@ -147,6 +153,9 @@ pub fn spiffe_uri_of(der: &[u8]) -> Result<String, TlsError> {
 
 /// The verified peer's identity from a finished handshake.
 pub fn peer_identity(conn: &rustls::CommonState) -> Result<Identity, TlsError> {
-    let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or(TlsError::NoPeerCertificate)?;
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(TlsError::NoPeerCertificate)?;
     Ok(spiffe_uri_of(leaf)?.parse()?)
 }

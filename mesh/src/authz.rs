@@ -111,7 +111,9 @@ impl Match {
         let ns = c.src_identity.map(|i| i.namespace.as_str());
         let principal = c.src_identity.map(|i| i.principal());
         // No identity: a positive identity matcher fails, a negative one holds.
-        let any_str = |ms: &[StringMatch], v: Option<&str>| v.is_some_and(|v| ms.iter().any(|m| m.matches(v)));
+        let any_str = |ms: &[StringMatch], v: Option<&str>| {
+            v.is_some_and(|v| ms.iter().any(|m| m.matches(v)))
+        };
         let any_net = |nets: &[IpNet], ip: IpAddr| nets.iter().any(|n| n.contains(&ip));
         (self.namespaces.is_empty() || any_str(&self.namespaces, ns))
             && !any_str(&self.not_namespaces, ns)
@@ -128,7 +130,9 @@ impl Match {
 
 impl Rule {
     fn matches(&self, c: &Connection) -> bool {
-        self.clauses.iter().all(|cl| cl.matches.iter().any(|m| m.matches(c)))
+        self.clauses
+            .iter()
+            .all(|cl| cl.matches.iter().any(|m| m.matches(c)))
     }
 }
 
@@ -154,7 +158,11 @@ impl AuthorizationPolicy {
 
 /// Istio's order: dry-run policies only log; any DENY match denies; with no
 /// ALLOW policy selecting the workload, allow; any ALLOW match allows; else deny.
-pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a AuthorizationPolicy>, dst: &Workload, c: &Connection) -> Decision {
+pub fn evaluate<'a>(
+    policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
+    dst: &Workload,
+    c: &Connection,
+) -> Decision {
     let mut allows = Vec::new();
     for p in policies.into_iter().filter(|p| p.selects(dst)) {
         if p.dry_run {
@@ -162,7 +170,9 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
             continue;
         }
         match p.action {
-            Action::Deny if p.matches(c) => return Decision::Deny(format!("denied by DENY policy {}", p.key())),
+            Action::Deny if p.matches(c) => {
+                return Decision::Deny(format!("denied by DENY policy {}", p.key()))
+            }
             Action::Deny => {}
             Action::Allow => allows.push(p),
         }
@@ -172,7 +182,11 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
     } else {
         Decision::Deny(format!(
             "no ALLOW policy matched (selecting: {})",
-            allows.iter().map(|p| p.key()).collect::<Vec<_>>().join(", ")
+            allows
+                .iter()
+                .map(|p| p.key())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     }
 }

@@ -6,7 +6,10 @@ pub mod model;
 pub mod standalone;
 mod store;
 
-pub use model::{Endpoint, MeshState, MtlsMode, PeerAuthentication, Service, ServicePort, TargetPort, TunnelProtocol, Workload};
+pub use model::{
+    Endpoint, MeshState, MtlsMode, PeerAuthentication, Service, ServicePort, TargetPort,
+    TunnelProtocol, Workload,
+};
 pub use standalone::ConfigError;
 pub use store::{watch_file, MeshStore};
 

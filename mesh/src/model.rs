@@ -105,10 +105,16 @@ impl MeshState {
         policies: Vec<AuthorizationPolicy>,
         peer_authentications: Vec<PeerAuthentication>,
     ) -> Self {
-        let workloads: BTreeMap<_, _> = workloads.into_iter().map(|w| (w.uid.clone(), Arc::new(w))).collect();
+        let workloads: BTreeMap<_, _> = workloads
+            .into_iter()
+            .map(|w| (w.uid.clone(), Arc::new(w)))
+            .collect();
         let by_ip = workloads.values().map(|w| (w.ip, w.clone())).collect();
         let services: Vec<_> = services.into_iter().map(Arc::new).collect();
-        let by_vip = services.iter().flat_map(|s| s.vips.iter().map(move |v| (*v, s.clone()))).collect();
+        let by_vip = services
+            .iter()
+            .flat_map(|s| s.vips.iter().map(move |v| (*v, s.clone())))
+            .collect();
         MeshState {
             workloads,
             services,
@@ -124,7 +130,9 @@ impl MeshState {
     }
 
     pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.workloads.values().find(|w| w.namespace == namespace && w.name == name)
+        self.workloads
+            .values()
+            .find(|w| w.namespace == namespace && w.name == name)
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
@@ -133,7 +141,9 @@ impl MeshState {
 
     /// The endpoints of `svc` that serve `port`, with the port each listens on.
     pub fn endpoints_for(&self, svc: &Service, port: u16) -> Vec<(Arc<Workload>, u16)> {
-        let Some(sp) = svc.ports.iter().find(|p| p.port == port) else { return Vec::new() };
+        let Some(sp) = svc.ports.iter().find(|p| p.port == port) else {
+            return Vec::new();
+        };
         svc.endpoints
             .iter()
             .filter_map(|e| self.workloads.get(&e.workload_uid))
@@ -153,7 +163,10 @@ impl MeshState {
     pub fn mtls_mode(&self, w: &Workload, port: u16) -> MtlsMode {
         let selects = |pa: &&PeerAuthentication| {
             pa.namespace == w.namespace
-                && pa.selector.as_ref().is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                && pa
+                    .selector
+                    .as_ref()
+                    .is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
         };
         let mut chain: Vec<MtlsMode> = Vec::new();
         if let Some(pa) = self.peer_authentications.iter().find(selects) {
@@ -167,6 +180,9 @@ impl MeshState {
         };
         chain.extend(ns_wide(&w.namespace));
         chain.extend(ns_wide(crate::ROOT_NAMESPACE));
-        chain.into_iter().find(|m| *m != MtlsMode::Unset).unwrap_or(MtlsMode::Permissive)
+        chain
+            .into_iter()
+            .find(|m| *m != MtlsMode::Unset)
+            .unwrap_or(MtlsMode::Permissive)
     }
 }

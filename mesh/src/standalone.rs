@@ -36,7 +36,11 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn err(object: &str, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { object: object.to_string(), field: field.into(), message: message.into() }
+    ConfigError {
+        object: object.to_string(),
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -252,7 +256,11 @@ struct Pod {
 fn typed<T: DeserializeOwned>(object: &str, value: serde_yaml::Value) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        err(object, if path == "." { String::new() } else { path }, e.into_inner().to_string())
+        err(
+            object,
+            if path == "." { String::new() } else { path },
+            e.into_inner().to_string(),
+        )
     })
 }
 
@@ -266,16 +274,29 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
 
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let docname = format!("document {}", i + 1);
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| err(&docname, "", format!("YAML: {e}")))?;
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| err(&docname, "", format!("YAML: {e}")))?;
         if value.is_null() {
             continue; // empty document, e.g. a trailing `---`
         }
         let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
         let kind = field("kind").ok_or_else(|| err(&docname, "kind", "missing"))?;
         let api = field("apiVersion").ok_or_else(|| err(&docname, "apiVersion", "missing"))?;
-        let name = value.get("metadata").and_then(|m| m.get("name")).and_then(|v| v.as_str()).unwrap_or("");
-        let ns = value.get("metadata").and_then(|m| m.get("namespace")).and_then(|v| v.as_str()).unwrap_or("default");
-        let object = if kind == "Namespace" { format!("Namespace {name}") } else { format!("{kind} {ns}/{name}") };
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let ns = value
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let object = if kind == "Namespace" {
+            format!("Namespace {name}")
+        } else {
+            format!("{kind} {ns}/{name}")
+        };
         if name.is_empty() {
             return Err(err(&object, "metadata.name", "missing"));
         }
@@ -307,28 +328,61 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
     let mut workloads = Vec::new();
     for p in pods {
         if let Some(other) = ips.insert(p.ip, p.object.clone()) {
-            return Err(err(&p.object, "status.podIP", format!("{} is already used by {other}", p.ip)));
+            return Err(err(
+                &p.object,
+                "status.podIP",
+                format!("{} is already used by {other}", p.ip),
+            ));
         }
         let ns_labels = namespaces.get(&p.namespace);
         let in_mesh = match p.meta.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
             Some("ambient") => true,
             Some("none") => false,
-            _ => ns_labels.and_then(|l| l.get(DATAPLANE_MODE_LABEL)).is_some_and(|m| m == "ambient"),
+            _ => ns_labels
+                .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+                .is_some_and(|m| m == "ambient"),
         };
         let label = |keys: &[&str]| keys.iter().find_map(|k| p.meta.labels.get(*k).cloned());
         workloads.push(Workload {
-            uid: p.meta.uid.clone().unwrap_or_else(|| format!("{}/{}", p.namespace, p.meta.name)),
-            canonical_name: label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]).unwrap_or_else(|| p.meta.name.clone()),
-            canonical_revision: label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]).unwrap_or_else(|| "latest".into()),
+            uid: p
+                .meta
+                .uid
+                .clone()
+                .unwrap_or_else(|| format!("{}/{}", p.namespace, p.meta.name)),
+            canonical_name: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| p.meta.name.clone()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
             name: p.meta.name,
             namespace: p.namespace,
-            service_account: p.spec.service_account_name.unwrap_or_else(|| "default".into()),
+            service_account: p
+                .spec
+                .service_account_name
+                .unwrap_or_else(|| "default".into()),
             trust_domain: trust_domain.to_string(),
             node: p.spec.node_name,
             ip: p.ip,
             labels: p.meta.labels,
-            named_ports: p.spec.containers.iter().flat_map(|c| &c.ports).filter_map(|cp| Some((cp.name.clone()?, cp.container_port))).collect(),
-            protocol: if in_mesh { TunnelProtocol::Hbone } else { TunnelProtocol::None },
+            named_ports: p
+                .spec
+                .containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .filter_map(|cp| Some((cp.name.clone()?, cp.container_port)))
+                .collect(),
+            protocol: if in_mesh {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::None
+            },
         });
     }
 
@@ -338,16 +392,30 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
         let namespace = o.metadata.namespace.unwrap_or_else(|| "default".into());
         let mut vips = Vec::new();
         if spec.cluster_ip != "None" {
-            let vip: IpAddr = spec.cluster_ip.parse().map_err(|e| err(&object, "spec.clusterIP", format!("{:?}: {e}", spec.cluster_ip)))?;
+            let vip: IpAddr = spec.cluster_ip.parse().map_err(|e| {
+                err(
+                    &object,
+                    "spec.clusterIP",
+                    format!("{:?}: {e}", spec.cluster_ip),
+                )
+            })?;
             if let Some(other) = ips.insert(vip, object.clone()) {
-                return Err(err(&object, "spec.clusterIP", format!("{vip} is already used by {other}")));
+                return Err(err(
+                    &object,
+                    "spec.clusterIP",
+                    format!("{vip} is already used by {other}"),
+                ));
             }
             vips.push(vip);
         }
         let mut ports = Vec::new();
         for (i, p) in spec.ports.into_iter().enumerate() {
             if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
-                tracing::warn!(object, port = p.port, "only TCP service ports are proxied; ignoring this one");
+                tracing::warn!(
+                    object,
+                    port = p.port,
+                    "only TCP service ports are proxied; ignoring this one"
+                );
                 continue;
             }
             let target = match p.target_port {
@@ -356,21 +424,37 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
                 Some(IntOrString::Str(s)) => match s.parse::<u16>() {
                     Ok(n) => TargetPort::Number(n),
                     Err(_) if !s.is_empty() => TargetPort::Named(s),
-                    Err(_) => return Err(err(&object, format!("spec.ports[{i}].targetPort"), "empty")),
+                    Err(_) => {
+                        return Err(err(&object, format!("spec.ports[{i}].targetPort"), "empty"))
+                    }
                 },
             };
-            ports.push(ServicePort { name: p.name, port: p.port, target });
+            ports.push(ServicePort {
+                name: p.name,
+                port: p.port,
+                target,
+            });
         }
         let endpoints = match &spec.selector {
             Some(sel) if !sel.is_empty() => workloads
                 .iter()
-                .filter(|w| w.namespace == namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-                .map(|w| Endpoint { workload_uid: w.uid.clone(), ip: w.ip })
+                .filter(|w| {
+                    w.namespace == namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                })
+                .map(|w| Endpoint {
+                    workload_uid: w.uid.clone(),
+                    ip: w.ip,
+                })
                 .collect(),
             _ => Vec::new(),
         };
         out_services.push(Service {
-            hostname: format!("{}.{}.svc.{}", o.metadata.name, namespace, crate::CLUSTER_DOMAIN),
+            hostname: format!(
+                "{}.{}.svc.{}",
+                o.metadata.name,
+                namespace,
+                crate::CLUSTER_DOMAIN
+            ),
             name: o.metadata.name,
             namespace,
             vips,
@@ -378,19 +462,41 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
             endpoints,
         });
     }
-    Ok(MeshState::new(workloads, out_services, policies, peer_auths))
+    Ok(MeshState::new(
+        workloads,
+        out_services,
+        policies,
+        peer_auths,
+    ))
 }
 
 fn pod(object: &str, value: serde_yaml::Value) -> Result<Pod, ConfigError> {
     let o: Object<PodSpec, PodStatus> = typed(object, value)?;
-    let spec = o.spec.ok_or_else(|| err(object, "spec", "missing (needs spec.nodeName)"))?;
-    let status = o.status.ok_or_else(|| err(object, "status", "missing (needs status.podIP)"))?;
-    let ip: IpAddr = status.pod_ip.parse().map_err(|e| err(object, "status.podIP", format!("{:?}: {e}", status.pod_ip)))?;
+    let spec = o
+        .spec
+        .ok_or_else(|| err(object, "spec", "missing (needs spec.nodeName)"))?;
+    let status = o
+        .status
+        .ok_or_else(|| err(object, "status", "missing (needs status.podIP)"))?;
+    let ip: IpAddr = status
+        .pod_ip
+        .parse()
+        .map_err(|e| err(object, "status.podIP", format!("{:?}: {e}", status.pod_ip)))?;
     if spec.node_name.is_empty() {
         return Err(err(object, "spec.nodeName", "empty"));
     }
-    let namespace = o.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    Ok(Pod { object: object.to_string(), meta: o.metadata, namespace, spec, ip })
+    let namespace = o
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    Ok(Pod {
+        object: object.to_string(),
+        meta: o.metadata,
+        namespace,
+        spec,
+        ip,
+    })
 }
 
 fn nets(object: &str, field: String, v: &[String]) -> Result<Vec<IpNet>, ConfigError> {
@@ -399,7 +505,13 @@ fn nets(object: &str, field: String, v: &[String]) -> Result<Vec<IpNet>, ConfigE
         .map(|(i, s)| {
             s.parse::<IpNet>()
                 .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| err(object, format!("{field}[{i}]"), format!("{s:?} is not an IP address or CIDR")))
+                .map_err(|_| {
+                    err(
+                        object,
+                        format!("{field}[{i}]"),
+                        format!("{s:?} is not an IP address or CIDR"),
+                    )
+                })
         })
         .collect()
 }
@@ -409,7 +521,13 @@ fn ports(object: &str, field: String, v: &[IntOrString]) -> Result<Vec<u16>, Con
         .enumerate()
         .map(|(i, p)| match p {
             IntOrString::Int(n) => Ok(*n),
-            IntOrString::Str(s) => s.parse().map_err(|_| err(object, format!("{field}[{i}]"), format!("{s:?} is not a port number"))),
+            IntOrString::Str(s) => s.parse().map_err(|_| {
+                err(
+                    object,
+                    format!("{field}[{i}]"),
+                    format!("{s:?} is not a port number"),
+                )
+            }),
         })
         .collect()
 }
@@ -422,24 +540,46 @@ fn strs(v: &[String]) -> Vec<StringMatch> {
 /// targetRefs belong to a waypoint and are not ztunnel's (None). L7-only
 /// attributes cannot be checked at L4, so, as Istio does, an ALLOW rule using
 /// them matches nothing (fail closed) and a DENY rule ignores them (denies more).
-fn authz(object: &str, value: serde_yaml::Value) -> Result<Option<AuthorizationPolicy>, ConfigError> {
+fn authz(
+    object: &str,
+    value: serde_yaml::Value,
+) -> Result<Option<AuthorizationPolicy>, ConfigError> {
     let o: Object<AuthzSpec> = typed(object, value)?;
-    let namespace = o.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = o
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let spec = o.spec.unwrap_or_default();
     if !spec.target_refs.is_empty() || spec.target_ref.is_some() {
-        tracing::info!(object, "policy targets a waypoint (targetRefs); not enforced by ztunnel");
+        tracing::info!(
+            object,
+            "policy targets a waypoint (targetRefs); not enforced by ztunnel"
+        );
         return Ok(None);
     }
     let action = match spec.action.as_deref().unwrap_or("ALLOW") {
         "ALLOW" => Action::Allow,
         "DENY" => Action::Deny,
-        other => return Err(err(object, "spec.action", format!("{other:?} is not supported by ztunnel (ALLOW or DENY)"))),
+        other => {
+            return Err(err(
+                object,
+                "spec.action",
+                format!("{other:?} is not supported by ztunnel (ALLOW or DENY)"),
+            ))
+        }
     };
     if spec.provider.is_some() {
-        return Err(err(object, "spec.provider", "CUSTOM providers are not supported"));
+        return Err(err(
+            object,
+            "spec.provider",
+            "CUSTOM providers are not supported",
+        ));
     }
     let scope = match (&spec.selector, namespace.as_str()) {
-        (Some(sel), _) if !sel.match_labels.is_empty() => Scope::WorkloadSelector(sel.match_labels.clone()),
+        (Some(sel), _) if !sel.match_labels.is_empty() => {
+            Scope::WorkloadSelector(sel.match_labels.clone())
+        }
         (_, ROOT_NAMESPACE) => Scope::Global,
         _ => Scope::Namespace,
     };
@@ -456,9 +596,17 @@ fn authz(object: &str, value: serde_yaml::Value) -> Result<Option<AuthorizationP
                     l7.push(format!("{base}.requestPrincipals"));
                 }
                 let mut src = nets(object, format!("{base}.ipBlocks"), &s.ip_blocks)?;
-                src.extend(nets(object, format!("{base}.remoteIpBlocks"), &s.remote_ip_blocks)?);
+                src.extend(nets(
+                    object,
+                    format!("{base}.remoteIpBlocks"),
+                    &s.remote_ip_blocks,
+                )?);
                 let mut not_src = nets(object, format!("{base}.notIpBlocks"), &s.not_ip_blocks)?;
-                not_src.extend(nets(object, format!("{base}.notRemoteIpBlocks"), &s.not_remote_ip_blocks)?);
+                not_src.extend(nets(
+                    object,
+                    format!("{base}.notRemoteIpBlocks"),
+                    &s.not_remote_ip_blocks,
+                )?);
                 clause.matches.push(Match {
                     principals: strs(&s.principals),
                     not_principals: strs(&s.not_principals),
@@ -476,14 +624,25 @@ fn authz(object: &str, value: serde_yaml::Value) -> Result<Option<AuthorizationP
             for (ti, t) in r.to.iter().enumerate() {
                 let op = &t.operation;
                 let base = format!("spec.rules[{ri}].to[{ti}].operation");
-                for (name, v) in [("hosts", &op.hosts), ("notHosts", &op.not_hosts), ("methods", &op.methods), ("notMethods", &op.not_methods), ("paths", &op.paths), ("notPaths", &op.not_paths)] {
+                for (name, v) in [
+                    ("hosts", &op.hosts),
+                    ("notHosts", &op.not_hosts),
+                    ("methods", &op.methods),
+                    ("notMethods", &op.not_methods),
+                    ("paths", &op.paths),
+                    ("notPaths", &op.not_paths),
+                ] {
                     if !v.is_empty() {
                         l7.push(format!("{base}.{name}"));
                     }
                 }
                 clause.matches.push(Match {
                     destination_ports: ports(object, format!("{base}.ports"), &op.ports)?,
-                    not_destination_ports: ports(object, format!("{base}.notPorts"), &op.not_ports)?,
+                    not_destination_ports: ports(
+                        object,
+                        format!("{base}.notPorts"),
+                        &op.not_ports,
+                    )?,
                     ..Default::default()
                 });
             }
@@ -504,7 +663,14 @@ fn authz(object: &str, value: serde_yaml::Value) -> Result<Option<AuthorizationP
         }
         rules.push(rule);
     }
-    Ok(Some(AuthorizationPolicy { name: o.metadata.name, namespace, scope, action, rules, dry_run: false }))
+    Ok(Some(AuthorizationPolicy {
+        name: o.metadata.name,
+        namespace,
+        scope,
+        action,
+        rules,
+        dry_run: false,
+    }))
 }
 
 fn condition(object: &str, base: &str, c: &Condition) -> Result<Option<Match>, ConfigError> {
@@ -520,7 +686,11 @@ fn condition(object: &str, base: &str, c: &Condition) -> Result<Option<Match>, C
             m.not_destination_ips = nets(object, format!("{base}.notValues"), nots)?;
         }
         "destination.port" => {
-            let to_ports = |v: &Vec<String>| v.iter().map(|s| IntOrString::Str(s.clone())).collect::<Vec<_>>();
+            let to_ports = |v: &Vec<String>| {
+                v.iter()
+                    .map(|s| IntOrString::Str(s.clone()))
+                    .collect::<Vec<_>>()
+            };
             m.destination_ports = ports(object, format!("{base}.values"), &to_ports(vals))?;
             m.not_destination_ports = ports(object, format!("{base}.notValues"), &to_ports(nots))?;
         }
@@ -541,21 +711,44 @@ fn peer_auth(object: &str, value: serde_yaml::Value) -> Result<PeerAuthenticatio
     let o: Object<PeerAuthSpec> = typed(object, value)?;
     let spec = o.spec.unwrap_or_default();
     let mode = |field: String, m: &Option<MtlsSpec>| -> Result<MtlsMode, ConfigError> {
-        match m.as_ref().and_then(|m| m.mode.as_deref()).unwrap_or("UNSET") {
+        match m
+            .as_ref()
+            .and_then(|m| m.mode.as_deref())
+            .unwrap_or("UNSET")
+        {
             "UNSET" => Ok(MtlsMode::Unset),
             "DISABLE" => Ok(MtlsMode::Disable),
             "PERMISSIVE" => Ok(MtlsMode::Permissive),
             "STRICT" => Ok(MtlsMode::Strict),
-            other => Err(err(object, field, format!("{other:?} is not one of UNSET, DISABLE, PERMISSIVE, STRICT"))),
+            other => Err(err(
+                object,
+                field,
+                format!("{other:?} is not one of UNSET, DISABLE, PERMISSIVE, STRICT"),
+            )),
         }
     };
-    let selector = spec.selector.map(|s| s.match_labels).filter(|l| !l.is_empty());
+    let selector = spec
+        .selector
+        .map(|s| s.match_labels)
+        .filter(|l| !l.is_empty());
     if selector.is_none() && !spec.port_level_mtls.is_empty() {
-        return Err(err(object, "spec.portLevelMtls", "requires a workload selector"));
+        return Err(err(
+            object,
+            "spec.portLevelMtls",
+            "requires a workload selector",
+        ));
     }
     let mut port_level = BTreeMap::new();
     for (port, m) in &spec.port_level_mtls {
-        port_level.insert(*port, mode(format!("spec.portLevelMtls.{port}.mode"), &Some(MtlsSpec { mode: m.mode.clone() }))?);
+        port_level.insert(
+            *port,
+            mode(
+                format!("spec.portLevelMtls.{port}.mode"),
+                &Some(MtlsSpec {
+                    mode: m.mode.clone(),
+                }),
+            )?,
+        );
     }
     Ok(PeerAuthentication {
         name: o.metadata.name,

@@ -25,7 +25,11 @@ impl MeshStore {
     pub fn new(state: MeshState, source: &str) -> Arc<Self> {
         Arc::new(MeshStore {
             state: ArcSwap::from_pointee(state),
-            status: Mutex::new(LoadStatus { source: source.to_string(), generation: 1, last_error: None }),
+            status: Mutex::new(LoadStatus {
+                source: source.to_string(),
+                generation: 1,
+                last_error: None,
+            }),
         })
     }
 
@@ -52,7 +56,12 @@ impl MeshStore {
 /// Polls the standalone file and applies each good change. A bad change is
 /// logged and recorded; the last good state stays in force. Polling (rather
 /// than inotify) survives editors and ConfigMap mounts that replace the file.
-pub async fn watch_file(path: PathBuf, trust_domain: String, store: Arc<MeshStore>, stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn watch_file(
+    path: PathBuf,
+    trust_domain: String,
+    store: Arc<MeshStore>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut last = std::fs::read(&path).ok();
     let mut stop = stop;
     loop {
@@ -76,7 +85,12 @@ pub async fn watch_file(path: PathBuf, trust_domain: String, store: Arc<MeshStor
             continue;
         }
         last = now;
-        apply(&path, last.as_deref().unwrap_or_default(), &trust_domain, &store);
+        apply(
+            &path,
+            last.as_deref().unwrap_or_default(),
+            &trust_domain,
+            &store,
+        );
     }
 }
 

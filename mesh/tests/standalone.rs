@@ -15,15 +15,28 @@ fn example_translates_to_model() {
     let m = standalone::parse(EXAMPLE, "cluster.local").unwrap();
     assert_eq!(m.workloads.len(), 4);
     let client = m.workload_by_ip(ip("10.244.1.10")).unwrap();
-    assert_eq!(client.identity().to_string(), "spiffe://cluster.local/ns/demo/sa/client");
+    assert_eq!(
+        client.identity().to_string(),
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
     assert_eq!(client.node, "node1");
     assert_eq!(client.protocol, TunnelProtocol::Hbone);
     let svc = m.service_by_vip(ip("10.96.0.10")).unwrap();
     assert_eq!(svc.hostname, "echo.demo.svc.cluster.local");
-    let mut eps: Vec<_> = m.endpoints_for(svc, 80).into_iter().map(|(w, p)| (w.name.clone(), p)).collect();
+    let mut eps: Vec<_> = m
+        .endpoints_for(svc, 80)
+        .into_iter()
+        .map(|(w, p)| (w.name.clone(), p))
+        .collect();
     eps.sort();
-    assert_eq!(eps, vec![("echo-1".to_string(), 8080), ("echo-2".to_string(), 8080)]);
-    assert!(m.endpoints_for(svc, 81).is_empty(), "unknown service port has no endpoints");
+    assert_eq!(
+        eps,
+        vec![("echo-1".to_string(), 8080), ("echo-2".to_string(), 8080)]
+    );
+    assert!(
+        m.endpoints_for(svc, 81).is_empty(),
+        "unknown service port has no endpoints"
+    );
     assert_eq!(m.mtls_mode(client, 80), MtlsMode::Strict);
 }
 
@@ -33,13 +46,34 @@ fn policy_admits_only_principal() {
     let echo = m.workload_by_name("demo", "echo-1").unwrap();
     let client = Identity::new("cluster.local", "demo", "client");
     let intruder = Identity::new("cluster.local", "demo", "intruder");
-    let conn = |id| Connection { src_identity: id, src_ip: ip("10.244.1.10"), dst_ip: echo.ip, dst_port: 8080 };
-    assert_eq!(evaluate(m.policies.iter().map(|p| &**p), echo, &conn(Some(&client))), Decision::Allow);
-    assert!(matches!(evaluate(m.policies.iter().map(|p| &**p), echo, &conn(Some(&intruder))), Decision::Deny(_)));
-    assert!(matches!(evaluate(m.policies.iter().map(|p| &**p), echo, &conn(None)), Decision::Deny(_)));
+    let conn = |id| Connection {
+        src_identity: id,
+        src_ip: ip("10.244.1.10"),
+        dst_ip: echo.ip,
+        dst_port: 8080,
+    };
+    assert_eq!(
+        evaluate(m.policies.iter().map(|p| &**p), echo, &conn(Some(&client))),
+        Decision::Allow
+    );
+    assert!(matches!(
+        evaluate(
+            m.policies.iter().map(|p| &**p),
+            echo,
+            &conn(Some(&intruder))
+        ),
+        Decision::Deny(_)
+    ));
+    assert!(matches!(
+        evaluate(m.policies.iter().map(|p| &**p), echo, &conn(None)),
+        Decision::Deny(_)
+    ));
     // The client itself is selected by no policy: open.
     let c = m.workload_by_name("demo", "client").unwrap();
-    assert_eq!(evaluate(m.policies.iter().map(|p| &**p), c, &conn(Some(&intruder))), Decision::Allow);
+    assert_eq!(
+        evaluate(m.policies.iter().map(|p| &**p), c, &conn(Some(&intruder))),
+        Decision::Allow
+    );
 }
 
 const BASE: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: ns, labels: {app: a}}\nspec: {nodeName: n1}\nstatus: {podIP: 10.0.0.1}\n";
@@ -63,19 +97,38 @@ fn deny_before_allow_and_not_forms() {
     let w = m.workload_by_name("ns", "a").unwrap();
     let same = Identity::new("cluster.local", "ns", "x");
     let other = Identity::new("cluster.local", "other", "x");
-    let c = |id, port| Connection { src_identity: id, src_ip: ip("10.0.0.2"), dst_ip: w.ip, dst_port: port };
+    let c = |id, port| Connection {
+        src_identity: id,
+        src_ip: ip("10.0.0.2"),
+        dst_ip: w.ip,
+        dst_port: port,
+    };
     let ev = |c: &Connection| evaluate(m.policies.iter().map(|p| &**p), w, c);
     assert_eq!(ev(&c(Some(&same), 80)), Decision::Allow);
-    assert!(matches!(ev(&c(Some(&other), 80)), Decision::Deny(_)), "notNamespaces DENY");
-    assert!(matches!(ev(&c(Some(&same), 22)), Decision::Deny(_)), "port DENY beats ALLOW-all");
-    assert!(matches!(ev(&c(None, 80)), Decision::Deny(_)), "no identity is not in namespace ns");
+    assert!(
+        matches!(ev(&c(Some(&other), 80)), Decision::Deny(_)),
+        "notNamespaces DENY"
+    );
+    assert!(
+        matches!(ev(&c(Some(&same), 22)), Decision::Deny(_)),
+        "port DENY beats ALLOW-all"
+    );
+    assert!(
+        matches!(ev(&c(None, 80)), Decision::Deny(_)),
+        "no identity is not in namespace ns"
+    );
 }
 
 #[test]
 fn ip_blocks_and_l7_fail_closed() {
     let m = with(&deny_policy("  rules:\n  - from:\n    - source: {ipBlocks: [10.1.0.0/16]}\n  - to:\n    - operation: {methods: [GET]}")).unwrap();
     let w = m.workload_by_name("ns", "a").unwrap();
-    let c = |src: &str| Connection { src_identity: None, src_ip: ip(src), dst_ip: w.ip, dst_port: 80 };
+    let c = |src: &str| Connection {
+        src_identity: None,
+        src_ip: ip(src),
+        dst_ip: w.ip,
+        dst_port: 80,
+    };
     let ev = |c: &Connection| evaluate(m.policies.iter().map(|p| &**p), w, c);
     assert_eq!(ev(&c("10.1.2.3")), Decision::Allow);
     // The L7-only ALLOW rule must not open the door to everyone.
@@ -99,10 +152,25 @@ fn errors_name_object_and_field() {
         let e = with(doc).unwrap_err().to_string();
         assert!(e.starts_with(want), "got {e:?}, want prefix {want:?}");
     }
-    let e = with(&deny_policy("  rules:\n  - from:\n    - source: {ipBlocks: [10.0.0.0/8, 300.0.0.0/8]}")).unwrap_err();
-    assert_eq!((e.object.as_str(), e.field.as_str()), ("AuthorizationPolicy ns/p", "spec.rules[0].from[0].source.ipBlocks[1]"));
-    let e = with(&deny_policy("  rules:\n  - from:\n    - source: {principal: [x]}")).unwrap_err();
-    assert!(e.to_string().contains("spec.rules[0].from[0].source") && e.message.contains("principal"), "{e}");
+    let e = with(&deny_policy(
+        "  rules:\n  - from:\n    - source: {ipBlocks: [10.0.0.0/8, 300.0.0.0/8]}",
+    ))
+    .unwrap_err();
+    assert_eq!(
+        (e.object.as_str(), e.field.as_str()),
+        (
+            "AuthorizationPolicy ns/p",
+            "spec.rules[0].from[0].source.ipBlocks[1]"
+        )
+    );
+    let e = with(&deny_policy(
+        "  rules:\n  - from:\n    - source: {principal: [x]}",
+    ))
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("spec.rules[0].from[0].source") && e.message.contains("principal"),
+        "{e}"
+    );
     let e = with(&deny_policy("  action: AUDIT")).unwrap_err();
     assert_eq!(e.field, "spec.action");
     let e = with("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: ns}\nspec: {mtls: {mode: STRIKT}}").unwrap_err();
@@ -116,9 +184,24 @@ apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns,
 apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: wl, namespace: ns}\nspec: {selector: {matchLabels: {app: a}}, mtls: {mode: UNSET}, portLevelMtls: {9000: {mode: PERMISSIVE}}}";
     let m = with(doc).unwrap();
     let w = m.workload_by_name("ns", "a").unwrap();
-    assert_eq!(m.mtls_mode(w, 80), MtlsMode::Strict, "UNSET inherits mesh-wide STRICT");
-    assert_eq!(m.mtls_mode(w, 9000), MtlsMode::Permissive, "port level wins");
+    assert_eq!(
+        m.mtls_mode(w, 80),
+        MtlsMode::Strict,
+        "UNSET inherits mesh-wide STRICT"
+    );
+    assert_eq!(
+        m.mtls_mode(w, 9000),
+        MtlsMode::Permissive,
+        "port level wins"
+    );
     let open = with("apiVersion: v1\nkind: Namespace\nmetadata: {name: ns}").unwrap();
-    assert_eq!(open.mtls_mode(open.workload_by_name("ns", "a").unwrap(), 80), MtlsMode::Permissive);
-    assert_eq!(open.workload_by_name("ns", "a").unwrap().protocol, TunnelProtocol::None, "unlabelled namespace is not in the mesh");
+    assert_eq!(
+        open.mtls_mode(open.workload_by_name("ns", "a").unwrap(), 80),
+        MtlsMode::Permissive
+    );
+    assert_eq!(
+        open.workload_by_name("ns", "a").unwrap().protocol,
+        TunnelProtocol::None,
+        "unlabelled namespace is not in the mesh"
+    );
 }

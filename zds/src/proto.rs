@@ -90,11 +90,17 @@ mod tests {
     #[test]
     fn wire_bytes_match_field_numbers() {
         // del=2 { uid=2 "u" }: 0x12 len 0x12 0x01 'u'
-        let del = WorkloadRequest { payload: Some(Payload::Del(DelWorkload { uid: "u".into() })) };
+        let del = WorkloadRequest {
+            payload: Some(Payload::Del(DelWorkload { uid: "u".into() })),
+        };
         assert_eq!(del.encode_to_vec(), vec![0x12, 0x03, 0x12, 0x01, b'u']);
-        let hello = ZdsHello { version: Version::V1 as i32 };
+        let hello = ZdsHello {
+            version: Version::V1 as i32,
+        };
         assert_eq!(hello.encode_to_vec(), vec![0x08, 0x01]);
-        let keep = WorkloadRequest { payload: Some(Payload::Keep(KeepWorkload { uid: "k".into() })) };
+        let keep = WorkloadRequest {
+            payload: Some(Payload::Keep(KeepWorkload { uid: "k".into() })),
+        };
         assert_eq!(keep.encode_to_vec(), vec![0x2a, 0x03, 0x0a, 0x01, b'k']);
     }
 }

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::socket::{
-    accept4, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog, ControlMessage,
-    ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    accept4, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog,
+    ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use prost::Message;
 use tokio::io::unix::AsyncFd;
@@ -18,7 +18,12 @@ const MAX_DATAGRAM: usize = 64 * 1024;
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn seqpacket() -> std::io::Result<OwnedFd> {
-    Ok(socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?)
+    Ok(socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
 }
 
 fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
@@ -32,11 +37,21 @@ struct Dgram(AsyncFd<OwnedFd>);
 impl Dgram {
     async fn send(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<(), ZdsError> {
         let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
-        let cmsgs: Vec<ControlMessage> = if fds.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&fds)] };
+        let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+            vec![]
+        } else {
+            vec![ControlMessage::ScmRights(&fds)]
+        };
         self.0
             .async_io(Interest::WRITABLE, |s| {
-                sendmsg::<()>(s.as_raw_fd(), &[IoSlice::new(bytes)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
-                    .map_err(std::io::Error::from)
+                sendmsg::<()>(
+                    s.as_raw_fd(),
+                    &[IoSlice::new(bytes)],
+                    &cmsgs,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
             })
             .await?;
         Ok(())
@@ -49,8 +64,13 @@ impl Dgram {
             .async_io(Interest::READABLE, |s| {
                 let mut cmsg = nix::cmsg_space!([RawFd; 4]);
                 let mut iov = [IoSliceMut::new(&mut buf)];
-                let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                    .map_err(std::io::Error::from)?;
+                let msg = recvmsg::<()>(
+                    s.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(std::io::Error::from)?;
                 let mut fds = Vec::new();
                 for c in msg.cmsgs().map_err(std::io::Error::from)? {
                     if let ControlMessageOwned::ScmRights(raw) = c {
@@ -58,7 +78,9 @@ impl Dgram {
                         fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
                     }
                 }
-                let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                let truncated = msg
+                    .flags
+                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
                 Ok((msg.bytes, fds, truncated))
             })
             .await?;
@@ -83,7 +105,14 @@ impl ZdsClient {
         let addr = UnixAddr::new(path).map_err(std::io::Error::from)?;
         connect(fd.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
         let c = ZdsClient(Dgram(register(fd)?));
-        c.0.send(&ZdsHello { version: Version::V1 as i32 }.encode_to_vec(), None).await?;
+        c.0.send(
+            &ZdsHello {
+                version: Version::V1 as i32,
+            }
+            .encode_to_vec(),
+            None,
+        )
+        .await?;
         Ok(c)
     }
 
@@ -92,17 +121,28 @@ impl ZdsClient {
     pub async fn recv(&self) -> Result<(Payload, Option<OwnedFd>), ZdsError> {
         let (bytes, mut fds) = self.0.recv().await?;
         let req = WorkloadRequest::decode(bytes.as_slice())?;
-        let payload = req.payload.ok_or_else(|| ZdsError::Protocol("request without payload".into()))?;
+        let payload = req
+            .payload
+            .ok_or_else(|| ZdsError::Protocol("request without payload".into()))?;
         match (&payload, fds.len()) {
             (Payload::Add(_), 1) => Ok((payload, fds.pop())),
-            (Payload::Add(a), n) => Err(ZdsError::Protocol(format!("add {} carries {n} fds, want 1", a.uid))),
+            (Payload::Add(a), n) => Err(ZdsError::Protocol(format!(
+                "add {} carries {n} fds, want 1",
+                a.uid
+            ))),
             (_, 0) => Ok((payload, None)),
-            (_, n) => Err(ZdsError::Protocol(format!("{payload:?} carries {n} fds, want 0"))),
+            (_, n) => Err(ZdsError::Protocol(format!(
+                "{payload:?} carries {n} fds, want 0"
+            ))),
         }
     }
 
     pub async fn ack(&self, error: Option<String>) -> Result<(), ZdsError> {
-        let resp = WorkloadResponse { payload: Some(ResponsePayload::Ack(Ack { error: error.unwrap_or_default() })) };
+        let resp = WorkloadResponse {
+            payload: Some(ResponsePayload::Ack(Ack {
+                error: error.unwrap_or_default(),
+            })),
+        };
         self.0.send(&resp.encode_to_vec(), None).await
     }
 }
@@ -119,7 +159,8 @@ impl ZdsServer {
         let fd = seqpacket()?;
         let addr = UnixAddr::new(path).map_err(std::io::Error::from)?;
         bind(fd.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
-        listen(&fd, Backlog::new(8).map_err(std::io::Error::from)?).map_err(std::io::Error::from)?;
+        listen(&fd, Backlog::new(8).map_err(std::io::Error::from)?)
+            .map_err(std::io::Error::from)?;
         Ok(ZdsServer(register(fd)?))
     }
 
@@ -128,7 +169,11 @@ impl ZdsServer {
         let fd = self
             .0
             .async_io(Interest::READABLE, |s| {
-                accept4(s.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC).map_err(std::io::Error::from)
+                accept4(
+                    s.as_raw_fd(),
+                    SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(std::io::Error::from)
             })
             .await?;
         // SAFETY: accept4 returned a fresh fd that nothing else owns.
@@ -147,8 +192,18 @@ pub struct ZdsConn(Dgram);
 
 impl ZdsConn {
     async fn call(&self, payload: Payload, fd: Option<BorrowedFd<'_>>) -> Result<(), ZdsError> {
-        self.0.send(&WorkloadRequest { payload: Some(payload) }.encode_to_vec(), fd).await?;
-        let (bytes, _) = tokio::time::timeout(ACK_TIMEOUT, self.0.recv()).await.map_err(|_| ZdsError::Timeout(ACK_TIMEOUT))??;
+        self.0
+            .send(
+                &WorkloadRequest {
+                    payload: Some(payload),
+                }
+                .encode_to_vec(),
+                fd,
+            )
+            .await?;
+        let (bytes, _) = tokio::time::timeout(ACK_TIMEOUT, self.0.recv())
+            .await
+            .map_err(|_| ZdsError::Timeout(ACK_TIMEOUT))??;
         match WorkloadResponse::decode(bytes.as_slice())?.payload {
             Some(ResponsePayload::Ack(a)) if a.error.is_empty() => Ok(()),
             Some(ResponsePayload::Ack(a)) => Err(ZdsError::Nack(a.error)),
@@ -156,26 +211,43 @@ impl ZdsConn {
         }
     }
 
-    pub async fn add(&self, uid: &str, info: WorkloadInfo, netns: &impl AsFd) -> Result<(), ZdsError> {
-        self.call(Payload::Add(AddWorkload { uid: uid.into(), workload_info: Some(info) }), Some(netns.as_fd())).await
+    pub async fn add(
+        &self,
+        uid: &str,
+        info: WorkloadInfo,
+        netns: &impl AsFd,
+    ) -> Result<(), ZdsError> {
+        self.call(
+            Payload::Add(AddWorkload {
+                uid: uid.into(),
+                workload_info: Some(info),
+            }),
+            Some(netns.as_fd()),
+        )
+        .await
     }
 
     pub async fn del(&self, uid: &str) -> Result<(), ZdsError> {
-        self.call(Payload::Del(DelWorkload { uid: uid.into() }), None).await
+        self.call(Payload::Del(DelWorkload { uid: uid.into() }), None)
+            .await
     }
 
     pub async fn keep(&self, uid: &str) -> Result<(), ZdsError> {
-        self.call(Payload::Keep(KeepWorkload { uid: uid.into() }), None).await
+        self.call(Payload::Keep(KeepWorkload { uid: uid.into() }), None)
+            .await
     }
 
     pub async fn snapshot_sent(&self) -> Result<(), ZdsError> {
-        self.call(Payload::SnapshotSent(SnapshotSent {}), None).await
+        self.call(Payload::SnapshotSent(SnapshotSent {}), None)
+            .await
     }
 
     /// Sends raw bytes and fds, for tests of the protocol rules.
     pub async fn call_raw(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<(), ZdsError> {
         self.0.send(bytes, fd).await?;
-        let (bytes, _) = tokio::time::timeout(ACK_TIMEOUT, self.0.recv()).await.map_err(|_| ZdsError::Timeout(ACK_TIMEOUT))??;
+        let (bytes, _) = tokio::time::timeout(ACK_TIMEOUT, self.0.recv())
+            .await
+            .map_err(|_| ZdsError::Timeout(ACK_TIMEOUT))??;
         match WorkloadResponse::decode(bytes.as_slice())?.payload {
             Some(ResponsePayload::Ack(a)) if a.error.is_empty() => Ok(()),
             Some(ResponsePayload::Ack(a)) => Err(ZdsError::Nack(a.error)),

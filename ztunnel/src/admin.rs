@@ -17,7 +17,11 @@ use tokio::sync::watch;
 pub type Reply = (StatusCode, &'static str, String);
 
 /// Serves `route` on `addr` until `drain` flips; each request gets the path.
-pub async fn serve<F>(addr: SocketAddr, route: F, drain: watch::Receiver<bool>) -> std::io::Result<tokio::task::JoinHandle<()>>
+pub async fn serve<F>(
+    addr: SocketAddr,
+    route: F,
+    drain: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>>
 where
     F: Fn(&str) -> Reply + Send + Sync + 'static,
 {
@@ -41,7 +45,9 @@ where
                         .expect("static response parts");
                     async move { Ok::<_, Infallible>(resp) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
             });
         }
     }))

@@ -20,7 +20,10 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 #[derive(Parser, Debug)]
-#[command(name = "ztunnel", about = "Per-node L4 proxy of the ambient mesh (HBONE, mTLS, L4 policy)")]
+#[command(
+    name = "ztunnel",
+    about = "Per-node L4 proxy of the ambient mesh (HBONE, mTLS, L4 policy)"
+)]
 struct Args {
     /// The node whose pods this ztunnel serves.
     #[arg(long, env = "NODE_NAME")]
@@ -63,7 +66,9 @@ struct Args {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: want a number with unit s, m or h"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: want a number with unit s, m or h"))?;
     match unit {
         "s" | "" => Ok(Duration::from_secs(n)),
         "ms" => Ok(Duration::from_millis(n)),
@@ -75,8 +80,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if args.log_json {
         fmt.json().init();
     } else {
@@ -84,17 +92,24 @@ fn main() -> anyhow::Result<()> {
     }
     // Before any other thread exists: the netns every thread returns to.
     netns::init_host_netns().context("open own network namespace")?;
-    tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?.block_on(run(args))
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .enable_all()
+        .build()?
+        .block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("install metrics recorder")?;
-    ::metrics::gauge!("istio_build", "component" => "ztunnel", "tag" => env!("CARGO_PKG_VERSION")).set(1.0);
+    ::metrics::gauge!("istio_build", "component" => "ztunnel", "tag" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
 
-    let text = std::fs::read_to_string(&args.config).with_context(|| format!("read config {}", args.config.display()))?;
-    let state = mesh::standalone::parse(&text, &args.trust_domain).with_context(|| format!("config {}", args.config.display()))?;
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("read config {}", args.config.display()))?;
+    let state = mesh::standalone::parse(&text, &args.trust_domain)
+        .with_context(|| format!("config {}", args.config.display()))?;
     let store = MeshStore::new(state, &args.config.display().to_string());
 
     let ca: Arc<dyn CertificateAuthority> = Arc::new(match (&args.ca_cert, &args.ca_key) {
@@ -114,24 +129,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let pods = pods::Pods::new(px.clone());
 
-    tokio::spawn(mesh::watch_file(args.config.clone(), args.trust_domain.clone(), store.clone(), drain.clone()));
+    tokio::spawn(mesh::watch_file(
+        args.config.clone(),
+        args.trust_domain.clone(),
+        store.clone(),
+        drain.clone(),
+    ));
     tokio::spawn(pods.clone().run_zds(args.zds_socket.clone(), drain.clone()));
 
     let dump = {
-        let (store, certs, pods, px, node) = (store.clone(), certs.clone(), pods.clone(), px.clone(), args.node.clone());
+        let (store, certs, pods, px, node) = (
+            store.clone(),
+            certs.clone(),
+            pods.clone(),
+            px.clone(),
+            args.node.clone(),
+        );
         move |path: &str| -> admin::Reply {
             match path {
-                "/config_dump" => (StatusCode::OK, "application/json", config_dump(&node, &store, &certs, &pods, &px)),
+                "/config_dump" => (
+                    StatusCode::OK,
+                    "application/json",
+                    config_dump(&node, &store, &certs, &pods, &px),
+                ),
                 "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
-                _ => (StatusCode::NOT_FOUND, "text/plain", "try /config_dump\n".into()),
+                _ => (
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "try /config_dump\n".into(),
+                ),
             }
         }
     };
-    admin::serve(args.admin_addr, dump, drain.clone()).await.with_context(|| format!("admin on {}", args.admin_addr))?;
+    admin::serve(args.admin_addr, dump, drain.clone())
+        .await
+        .with_context(|| format!("admin on {}", args.admin_addr))?;
     admin::serve(
         args.metrics_addr,
         move |path| match path {
-            "/metrics" | "/stats/prometheus" => (StatusCode::OK, "text/plain; version=0.0.4", prom.render()),
+            "/metrics" | "/stats/prometheus" => {
+                (StatusCode::OK, "text/plain; version=0.0.4", prom.render())
+            }
             _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
         },
         drain.clone(),
@@ -141,16 +179,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ready = {
         let (zds, drain) = (pods.zds_connected.subscribe(), drain.clone());
         move |path: &str| match path {
-            "/healthz/ready" if *drain.borrow() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into()),
-            "/healthz/ready" if !*zds.borrow() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "waiting for the node agent (ZDS)\n".into()),
+            "/healthz/ready" if *drain.borrow() => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "draining\n".into(),
+            ),
+            "/healthz/ready" if !*zds.borrow() => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "waiting for the node agent (ZDS)\n".into(),
+            ),
             "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".into()),
-            _ => (StatusCode::NOT_FOUND, "text/plain", "try /healthz/ready\n".into()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /healthz/ready\n".into(),
+            ),
         }
     };
     // Readiness must keep answering 503 during the drain, so it does not stop
     // with it: its stop signal is one nobody sends (kept alive until exit).
     let (_never_tx, never) = watch::channel(false);
-    admin::serve(args.readiness_addr, ready, never).await.with_context(|| format!("readiness on {}", args.readiness_addr))?;
+    admin::serve(args.readiness_addr, ready, never)
+        .await
+        .with_context(|| format!("readiness on {}", args.readiness_addr))?;
     tracing::info!(node = %args.node, zds = %args.zds_socket.display(), "ztunnel started");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -159,20 +211,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     let live = px.tasks.len();
-    tracing::info!(live_connections = live, deadline_s = args.drain_timeout.as_secs(), "draining: no new connections");
+    tracing::info!(
+        live_connections = live,
+        deadline_s = args.drain_timeout.as_secs(),
+        "draining: no new connections"
+    );
     drain_tx.send_replace(true);
     pods.stop_all();
     px.tasks.close();
-    if tokio::time::timeout(args.drain_timeout, px.tasks.wait()).await.is_err() {
-        tracing::warn!(left = px.tasks.len(), "drain deadline passed; closing remaining connections");
+    if tokio::time::timeout(args.drain_timeout, px.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = px.tasks.len(),
+            "drain deadline passed; closing remaining connections"
+        );
     } else {
         tracing::info!("drained");
     }
     Ok(())
 }
 
-fn config_dump(node: &str, store: &MeshStore, certs: &SecretManager, pods: &pods::Pods, px: &proxy::Proxy) -> String {
-    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+fn config_dump(
+    node: &str,
+    store: &MeshStore,
+    certs: &SecretManager,
+    pods: &pods::Pods,
+    px: &proxy::Proxy,
+) -> String {
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    };
     let certificates: Vec<_> = certs
         .snapshot()
         .into_iter()

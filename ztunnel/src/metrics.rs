@@ -64,28 +64,84 @@ impl ConnMetrics {
         let ds = c.dst_service;
         let l = |k: &'static str, v: String| Label::new(k, v);
         let labels = vec![
-            l("reporter", if c.reporter == Reporter::Source { "source" } else { "destination" }.into()),
+            l(
+                "reporter",
+                if c.reporter == Reporter::Source {
+                    "source"
+                } else {
+                    "destination"
+                }
+                .into(),
+            ),
             l("source_workload", unknown(sw.map(|w| w.name.as_str()))),
-            l("source_workload_namespace", unknown(sw.map(|w| w.namespace.as_str()).or(c.src_identity.map(|i| i.namespace.as_str())))),
-            l("source_principal", unknown(c.src_identity.map(|i| i.to_string()).as_deref())),
+            l(
+                "source_workload_namespace",
+                unknown(
+                    sw.map(|w| w.namespace.as_str())
+                        .or(c.src_identity.map(|i| i.namespace.as_str())),
+                ),
+            ),
+            l(
+                "source_principal",
+                unknown(c.src_identity.map(|i| i.to_string()).as_deref()),
+            ),
             l("source_app", unknown(sw.map(|w| w.canonical_name.as_str()))),
-            l("source_version", unknown(sw.map(|w| w.canonical_revision.as_str()))),
-            l("source_canonical_service", unknown(sw.map(|w| w.canonical_name.as_str()))),
-            l("source_canonical_revision", unknown(sw.map(|w| w.canonical_revision.as_str()))),
+            l(
+                "source_version",
+                unknown(sw.map(|w| w.canonical_revision.as_str())),
+            ),
+            l(
+                "source_canonical_service",
+                unknown(sw.map(|w| w.canonical_name.as_str())),
+            ),
+            l(
+                "source_canonical_revision",
+                unknown(sw.map(|w| w.canonical_revision.as_str())),
+            ),
             l("source_cluster", "Kubernetes".into()),
-            l("destination_service", unknown(ds.map(|s| s.hostname.as_str()))),
-            l("destination_service_namespace", unknown(ds.map(|s| s.namespace.as_str()))),
-            l("destination_service_name", unknown(ds.map(|s| s.name.as_str()))),
+            l(
+                "destination_service",
+                unknown(ds.map(|s| s.hostname.as_str())),
+            ),
+            l(
+                "destination_service_namespace",
+                unknown(ds.map(|s| s.namespace.as_str())),
+            ),
+            l(
+                "destination_service_name",
+                unknown(ds.map(|s| s.name.as_str())),
+            ),
             l("destination_workload", unknown(dw.map(|w| w.name.as_str()))),
-            l("destination_workload_namespace", unknown(dw.map(|w| w.namespace.as_str()))),
-            l("destination_principal", unknown(dw.map(|w| w.identity().to_string()).as_deref())),
-            l("destination_app", unknown(dw.map(|w| w.canonical_name.as_str()))),
-            l("destination_version", unknown(dw.map(|w| w.canonical_revision.as_str()))),
-            l("destination_canonical_service", unknown(dw.map(|w| w.canonical_name.as_str()))),
-            l("destination_canonical_revision", unknown(dw.map(|w| w.canonical_revision.as_str()))),
+            l(
+                "destination_workload_namespace",
+                unknown(dw.map(|w| w.namespace.as_str())),
+            ),
+            l(
+                "destination_principal",
+                unknown(dw.map(|w| w.identity().to_string()).as_deref()),
+            ),
+            l(
+                "destination_app",
+                unknown(dw.map(|w| w.canonical_name.as_str())),
+            ),
+            l(
+                "destination_version",
+                unknown(dw.map(|w| w.canonical_revision.as_str())),
+            ),
+            l(
+                "destination_canonical_service",
+                unknown(dw.map(|w| w.canonical_name.as_str())),
+            ),
+            l(
+                "destination_canonical_revision",
+                unknown(dw.map(|w| w.canonical_revision.as_str())),
+            ),
             l("destination_cluster", "Kubernetes".into()),
             l("request_protocol", "tcp".into()),
-            l("connection_security_policy", if c.mtls { "mutual_tls" } else { "none" }.into()),
+            l(
+                "connection_security_policy",
+                if c.mtls { "mutual_tls" } else { "none" }.into(),
+            ),
         ];
         let with_flag = |f: Flag| {
             let mut v = labels.clone();
@@ -130,8 +186,12 @@ impl ConnMetrics {
         metrics::counter!("istio_tcp_connections_closed_total", labels).increment(1);
         let duration_ms = self.start.elapsed().as_millis() as u64;
         match error {
-            None => tracing::info!(target: "access", flag = flag.as_str(), request_bytes = bytes.0, response_bytes = bytes.1, duration_ms, "{} connection complete", self.log),
-            Some(e) => tracing::warn!(target: "access", flag = flag.as_str(), request_bytes = bytes.0, response_bytes = bytes.1, duration_ms, error = %e, "{} connection failed", self.log),
+            None => {
+                tracing::info!(target: "access", flag = flag.as_str(), request_bytes = bytes.0, response_bytes = bytes.1, duration_ms, "{} connection complete", self.log)
+            }
+            Some(e) => {
+                tracing::warn!(target: "access", flag = flag.as_str(), request_bytes = bytes.0, response_bytes = bytes.1, duration_ms, error = %e, "{} connection failed", self.log)
+            }
         }
     }
 }

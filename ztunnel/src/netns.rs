@@ -33,7 +33,10 @@ pub struct PodNetns {
 impl PodNetns {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         let st = nix::sys::stat::fstat(&fd)?;
-        Ok(PodNetns { fd, id: (st.st_dev as u64, st.st_ino as u64) })
+        Ok(PodNetns {
+            fd,
+            id: (st.st_dev as u64, st.st_ino as u64),
+        })
     }
 
     fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
@@ -52,7 +55,7 @@ impl PodNetns {
     /// A listener on 0.0.0.0:`port` in the pod: marked, reuse-port (old and
     /// new ztunnel overlap in upgrades), transparent.
     pub fn listener(&self, port: u16) -> io::Result<TcpListener> {
-        let sock = self.run(|| tcp_socket())?;
+        let sock = self.run(tcp_socket)?;
         sock.set_reuse_address(true)?;
         sock.set_reuse_port(true)?;
         sock.set_ip_transparent_v4(true)?;
@@ -64,8 +67,12 @@ impl PodNetns {
     /// Connects from inside the pod. With `as_source`, the socket is bound to
     /// that (foreign) address first, so the application sees the original
     /// client IP (IP_TRANSPARENT + IP_FREEBIND).
-    pub async fn connect(&self, dst: SocketAddr, as_source: Option<SocketAddr>) -> io::Result<TcpStream> {
-        let sock = self.run(|| tcp_socket())?;
+    pub async fn connect(
+        &self,
+        dst: SocketAddr,
+        as_source: Option<SocketAddr>,
+    ) -> io::Result<TcpStream> {
+        let sock = self.run(tcp_socket)?;
         if let Some(src) = as_source {
             sock.set_ip_transparent_v4(true)?;
             sock.set_freebind_v4(true)?;
@@ -78,7 +85,11 @@ impl PodNetns {
 }
 
 fn tcp_socket() -> io::Result<Socket> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    let s = Socket::new(
+        Domain::IPV4,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
     s.set_mark(ZTUNNEL_MARK)?;
     Ok(s)
 }

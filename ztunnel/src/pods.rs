@@ -36,7 +36,11 @@ pub struct PodView {
 
 impl Pods {
     pub fn new(px: Arc<Proxy>) -> Arc<Self> {
-        Arc::new(Pods { px, pods: Mutex::new(HashMap::new()), zds_connected: watch::channel(false).0 })
+        Arc::new(Pods {
+            px,
+            pods: Mutex::new(HashMap::new()),
+            zds_connected: watch::channel(false).0,
+        })
     }
 
     fn add(&self, uid: &str, info: WorkloadInfo, fd: OwnedFd) -> Result<(), String> {
@@ -49,7 +53,11 @@ impl Pods {
         if info.namespace.is_empty() || info.name.is_empty() {
             return Err(format!("add {uid}: workload_info needs name and namespace"));
         }
-        let sa = if info.service_account.is_empty() { "default" } else { &info.service_account };
+        let sa = if info.service_account.is_empty() {
+            "default"
+        } else {
+            &info.service_account
+        };
         let pod = Arc::new(Pod {
             uid: uid.to_string(),
             identity: Identity::new(&self.px.trust_domain, &info.namespace, sa),
@@ -60,10 +68,14 @@ impl Pods {
         // A replaced netns (pod sandbox recreated) closes the old listeners first.
         self.del(uid);
         let (stop, stop_rx) = watch::channel(false);
-        start_pod(&self.px, pod.clone(), stop_rx).map_err(|e| format!("listen in pod {uid} netns: {e}"))?;
+        start_pod(&self.px, pod.clone(), stop_rx)
+            .map_err(|e| format!("listen in pod {uid} netns: {e}"))?;
         self.px.certs.retain(&pod.identity);
         tracing::info!(uid, pod = %format!("{}/{}", pod.namespace, pod.name), identity = %pod.identity, "pod enrolled: listening in its netns");
-        self.pods.lock().unwrap().insert(uid.to_string(), Served { pod, stop });
+        self.pods
+            .lock()
+            .unwrap()
+            .insert(uid.to_string(), Served { pod, stop });
         Ok(())
     }
 
@@ -113,7 +125,9 @@ impl Pods {
             self.zds_connected.send_replace(false);
             match result {
                 Err(ZdsError::Closed) => tracing::warn!("node agent closed ZDS; reconnecting"),
-                Err(e) => tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "ZDS session failed; reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "ZDS session failed; reconnecting")
+                }
                 Ok(()) => {}
             }
             tokio::select! {
@@ -160,7 +174,14 @@ impl Pods {
                 }
                 Payload::SnapshotSent(_) => match snapshot.take() {
                     Some(seen) => {
-                        let stale: Vec<String> = self.pods.lock().unwrap().keys().filter(|u| !seen.contains(*u)).cloned().collect();
+                        let stale: Vec<String> = self
+                            .pods
+                            .lock()
+                            .unwrap()
+                            .keys()
+                            .filter(|u| !seen.contains(*u))
+                            .cloned()
+                            .collect();
                         for uid in stale {
                             self.del(&uid);
                         }

@@ -8,7 +8,13 @@ const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
 
 /// The TLS block for an Envoy tls context, indented by `ind` spaces after its
 /// first line (which the caller places).
-fn tls_common(chain: &std::path::Path, key: &std::path::Path, root: &std::path::Path, expect_san: Option<&str>, ind: usize) -> String {
+fn tls_common(
+    chain: &std::path::Path,
+    key: &std::path::Path,
+    root: &std::path::Path,
+    expect_san: Option<&str>,
+    ind: usize,
+) -> String {
     let p = " ".repeat(ind);
     let san = expect_san
         .map(|s| format!("\n{p}    match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"{s}\"}}}}]"))
@@ -124,25 +130,61 @@ async fn mesh(tag: &str) -> Mesh {
 async fn envoy_hbone_client_into_our_ztunnel() {
     let m = mesh("evc").await;
     m.whoami_server("server-1", 8080);
-    let (c, k, r) = issue_cert(&m.dir.join("ca"), "spiffe://cluster.local/ns/app/sa/client", &m.dir, "envoy-client");
-    let tls = tls_common(&c, &k, &r, Some("spiffe://cluster.local/ns/app/sa/server"), 8);
-    start_envoy(&m.pod_ns("outsider"), &envoy_client("10.244.1.11:8080", "10.244.1.11:15008", &tls), &m.dir, "envoy-client", 18000);
+    let (c, k, r) = issue_cert(
+        &m.dir.join("ca"),
+        "spiffe://cluster.local/ns/app/sa/client",
+        &m.dir,
+        "envoy-client",
+    );
+    let tls = tls_common(
+        &c,
+        &k,
+        &r,
+        Some("spiffe://cluster.local/ns/app/sa/server"),
+        8,
+    );
+    m.start_envoy(
+        "outsider",
+        &envoy_client("10.244.1.11:8080", "10.244.1.11:15008", &tls),
+        "envoy-client",
+        18000,
+    );
 
     // Envoy's tunnel lands in server-1, which sees Envoy's address.
     let mut out = String::new();
-    m.connect("outsider", "127.0.0.1:18000").unwrap().read_to_string(&mut out).unwrap();
+    m.connect("outsider", "127.0.0.1:18000")
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     assert_eq!(out.trim(), "server-1 10.244.3.10");
     let metrics = m.metrics("node1");
-    assert!(metrics.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains("reporter=\"destination\"") && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/client\"") && l.contains("destination_workload=\"server-1\"")), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/client\"")
+                && l.contains("destination_workload=\"server-1\"")),
+        "{metrics}"
+    );
 
     // The same Envoy with a certificate from a foreign CA is refused.
     // Its client certificate is foreign; it trusts our root, so the refusal is ours.
-    let (c, k, _) = issue_cert(&m.dir.join("foreign-ca"), "spiffe://cluster.local/ns/app/sa/client", &m.dir, "envoy-foreign");
+    let (c, k, _) = issue_cert(
+        &m.dir.join("foreign-ca"),
+        "spiffe://cluster.local/ns/app/sa/client",
+        &m.dir,
+        "envoy-foreign",
+    );
     let tls = tls_common(&c, &k, &m.dir.join("ca/root-cert.pem"), None, 8);
-    let cfg = envoy_client("10.244.1.11:8080", "10.244.1.11:15008", &tls).replace("port_value: 18000", "port_value: 18001");
-    start_envoy(&m.pod_ns("outsider"), &cfg, &m.dir, "envoy-foreign", 18001);
+    let cfg = envoy_client("10.244.1.11:8080", "10.244.1.11:15008", &tls)
+        .replace("port_value: 18000", "port_value: 18001");
+    m.start_envoy("outsider", &cfg, "envoy-foreign", 18001);
     let mut out = String::new();
-    let _ = m.connect("outsider", "127.0.0.1:18001").unwrap().read_to_string(&mut out);
+    let _ = m
+        .connect("outsider", "127.0.0.1:18001")
+        .unwrap()
+        .read_to_string(&mut out);
     assert_eq!(out, "", "a foreign-CA client must not reach the app");
     wait_for_log(&m, "HBONE TLS handshake refused");
 }
@@ -151,14 +193,32 @@ async fn envoy_hbone_client_into_our_ztunnel() {
 async fn our_ztunnel_into_envoy_hbone_terminator() {
     let m = mesh("evs").await;
     m.echo_server("server-2", 8080);
-    let (c, k, r) = issue_cert(&m.dir.join("ca"), "spiffe://cluster.local/ns/app/sa/server", &m.dir, "envoy-server");
-    start_envoy(&m.pod_ns("server-2"), &envoy_server(&tls_common(&c, &k, &r, None, 10)), &m.dir, "envoy-server", 15008);
+    let (c, k, r) = issue_cert(
+        &m.dir.join("ca"),
+        "spiffe://cluster.local/ns/app/sa/server",
+        &m.dir,
+        "envoy-server",
+    );
+    m.start_envoy(
+        "server-2",
+        &envoy_server(&tls_common(&c, &k, &r, None, 10)),
+        "envoy-server",
+        15008,
+    );
 
     // client -> server-2: our ztunnel opens HBONE to Envoy, which delivers it.
     let data = pattern(4 << 20, 3);
     echo_roundtrip(m.connect("client", "10.244.2.11:8080").unwrap(), &data);
     let metrics = m.metrics("node1");
-    assert!(metrics.lines().any(|l| l.starts_with("istio_tcp_received_bytes_total") && l.contains("reporter=\"source\"") && l.contains("destination_workload=\"server-2\"") && l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() >= (4 << 20) as f64), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_received_bytes_total")
+                && l.contains("reporter=\"source\"")
+                && l.contains("destination_workload=\"server-2\"")
+                && l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() >= (4 << 20) as f64),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,8 +226,18 @@ async fn terminator_with_wrong_identity_or_foreign_ca_is_refused() {
     let m = mesh("evx").await;
     m.echo_server("server-2", 8080);
     // Right CA, wrong identity: server-2 must prove sa/server.
-    let (c, k, r) = issue_cert(&m.dir.join("ca"), "spiffe://cluster.local/ns/app/sa/impostor", &m.dir, "impostor");
-    start_envoy(&m.pod_ns("server-2"), &envoy_server(&tls_common(&c, &k, &r, None, 10)), &m.dir, "impostor", 15008);
+    let (c, k, r) = issue_cert(
+        &m.dir.join("ca"),
+        "spiffe://cluster.local/ns/app/sa/impostor",
+        &m.dir,
+        "impostor",
+    );
+    m.start_envoy(
+        "server-2",
+        &envoy_server(&tls_common(&c, &k, &r, None, 10)),
+        "impostor",
+        15008,
+    );
     let mut s = m.connect("client", "10.244.2.11:8080").unwrap();
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
@@ -178,7 +248,11 @@ async fn terminator_with_wrong_identity_or_foreign_ca_is_refused() {
 fn wait_for_log(m: &Mesh, needle: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !m.log("node1").contains(needle) {
-        assert!(std::time::Instant::now() < deadline, "node1 log lacks {needle:?}:\n{}", m.log("node1"));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node1 log lacks {needle:?}:\n{}",
+            m.log("node1")
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

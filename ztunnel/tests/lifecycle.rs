@@ -9,8 +9,14 @@ const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
 
 fn serial(m: &Mesh, node: &str, id: &str) -> String {
     let dump = m.config_dump(node);
-    let c = dump["certificates"].as_array().unwrap().iter().find(|c| c["identity"] == id).cloned();
-    c.and_then(|c| c["serial"].as_str().map(String::from)).unwrap_or_default()
+    let c = dump["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["identity"] == id)
+        .cloned();
+    c.and_then(|c| c["serial"].as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 /// Writes and reads back a chunk on a live echo connection.
@@ -47,9 +53,15 @@ async fn certificates_rotate_under_a_live_connection() {
         i += 1;
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(serials.len() >= 3, "expected renewals every ~2 s, saw serials {serials:?}");
+    assert!(
+        serials.len() >= 3,
+        "expected renewals every ~2 s, saw serials {serials:?}"
+    );
     // New connections work with the current certificates.
-    echo_roundtrip(m.connect("client", "10.244.2.11:8080").unwrap(), &pattern(100_000, 9));
+    echo_roundtrip(
+        m.connect("client", "10.244.2.11:8080").unwrap(),
+        &pattern(100_000, 9),
+    );
     ping(&mut live, 999);
 }
 
@@ -62,23 +74,47 @@ async fn zds_del_fails_closed_and_readd_restores() {
     // The agent removes the client pod: ztunnel closes its listeners. The
     // capture rules are still there, so traffic fails rather than escape.
     m.agent("node1").del("app/client").await.unwrap();
-    assert!(m.config_dump("node1")["pods"].as_array().unwrap().iter().all(|p| p["uid"] != "app/client"));
-    assert!(m.whoami("client", "10.244.2.11:8080").is_err(), "a pod without ztunnel must not get out");
+    assert!(m.config_dump("node1")["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["uid"] != "app/client"));
+    assert!(
+        m.whoami("client", "10.244.2.11:8080").is_err(),
+        "a pod without ztunnel must not get out"
+    );
 
     // Re-adding restores service; adding the same netns twice is a no-op.
     let fd = std::fs::File::open(format!("/run/netns/{}", m.pod_ns("client"))).unwrap();
-    let info = zds::WorkloadInfo { name: "client".into(), namespace: "app".into(), service_account: "client".into() };
-    m.agent("node1").add("app/client", info.clone(), &fd).await.unwrap();
+    let info = zds::WorkloadInfo {
+        name: "client".into(),
+        namespace: "app".into(),
+        service_account: "client".into(),
+    };
+    m.agent("node1")
+        .add("app/client", info.clone(), &fd)
+        .await
+        .unwrap();
     m.agent("node1").add("app/client", info, &fd).await.unwrap();
-    assert_eq!(m.whoami("client", "10.244.2.11:8080").unwrap(), "server-2 10.244.1.10");
+    assert_eq!(
+        m.whoami("client", "10.244.2.11:8080").unwrap(),
+        "server-2 10.244.1.10"
+    );
 
     // Protocol errors are refused with a reason, and the session goes on.
     use prost_free::encode_add_without_fd;
-    let err = m.agent("node1").call_raw(&encode_add_without_fd(), None).await.unwrap_err();
+    let err = m
+        .agent("node1")
+        .call_raw(&encode_add_without_fd(), None)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("carries 0 fds"), "{err}");
     let err = m.agent("node1").snapshot_sent().await.unwrap_err();
     assert!(err.to_string().contains("second snapshot_sent"), "{err}");
-    assert_eq!(m.whoami("client", "10.244.2.11:8080").unwrap(), "server-2 10.244.1.10");
+    assert_eq!(
+        m.whoami("client", "10.244.2.11:8080").unwrap(),
+        "server-2 10.244.1.10"
+    );
 }
 
 /// An `add` datagram built by hand (field 1 = AddWorkload{uid=1 "x"}).
@@ -94,11 +130,29 @@ async fn snapshot_drops_pods_not_replayed() {
     // A new agent session (agent restart) that replays only server-1.
     let node = m.nodes.get_mut("node1").unwrap();
     drop(node.take_agent());
-    let conn = tokio::time::timeout(Duration::from_secs(10), node.server().accept()).await.expect("ztunnel reconnects").unwrap();
+    let conn = tokio::time::timeout(Duration::from_secs(10), node.server().accept())
+        .await
+        .expect("ztunnel reconnects")
+        .unwrap();
     let fd = std::fs::File::open(format!("/run/netns/{}", m.pod_ns("server-1"))).unwrap();
-    conn.add("app/server-1", zds::WorkloadInfo { name: "server-1".into(), namespace: "app".into(), service_account: "server".into() }, &fd).await.unwrap();
+    conn.add(
+        "app/server-1",
+        zds::WorkloadInfo {
+            name: "server-1".into(),
+            namespace: "app".into(),
+            service_account: "server".into(),
+        },
+        &fd,
+    )
+    .await
+    .unwrap();
     conn.snapshot_sent().await.unwrap();
-    let pods: Vec<String> = m.config_dump("node1")["pods"].as_array().unwrap().iter().map(|p| p["uid"].as_str().unwrap().to_string()).collect();
+    let pods: Vec<String> = m.config_dump("node1")["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["uid"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(pods, vec!["app/server-1"]);
 }
 
@@ -109,10 +163,21 @@ async fn sigterm_drains_live_connections_and_refuses_new_ones() {
     let mut live = m.connect("client", "10.244.2.11:8080").unwrap();
     ping(&mut live, 1);
     let pid = m.nodes["node1"].pid();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(m.http("node1", 15021, "/healthz/ready").map(|r| r.0), Some(503), "not ready while draining");
-    assert!(m.whoami("client", "10.244.2.11:8080").is_err(), "no new connections while draining");
+    assert_eq!(
+        m.http("node1", 15021, "/healthz/ready").map(|r| r.0),
+        Some(503),
+        "not ready while draining"
+    );
+    assert!(
+        m.whoami("client", "10.244.2.11:8080").is_err(),
+        "no new connections while draining"
+    );
     ping(&mut live, 2);
     drop(live);
     let status = m.stop_node("node1");

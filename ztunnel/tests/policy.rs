@@ -50,33 +50,79 @@ async fn allow_by_principal_deny_by_port_and_peer_authentication() {
     m.whoami_server("server-2", 9091);
     m.whoami_server("client", 7070);
 
-    assert_eq!(m.whoami("client", "10.244.2.11:8080").unwrap(), "server-2 10.244.1.10");
-    assert!(m.whoami("other", "10.244.2.11:8080").is_err(), "sa/other is not admitted by the ALLOW policy");
-    assert!(m.whoami("client", "10.244.2.11:9091").is_err(), "DENY on port 9091 beats the ALLOW");
+    assert_eq!(
+        m.whoami("client", "10.244.2.11:8080").unwrap(),
+        "server-2 10.244.1.10"
+    );
+    assert!(
+        m.whoami("other", "10.244.2.11:8080").is_err(),
+        "sa/other is not admitted by the ALLOW policy"
+    );
+    assert!(
+        m.whoami("client", "10.244.2.11:9091").is_err(),
+        "DENY on port 9091 beats the ALLOW"
+    );
     // Through the VIP the same identity rules hold.
     assert!(m.whoami("other", "10.96.0.10:80").is_err());
 
     // PERMISSIVE (the default): a plaintext client outside the mesh gets in...
-    assert_eq!(m.whoami("outsider", "10.244.1.10:7070").unwrap(), "client 10.244.3.10");
+    assert_eq!(
+        m.whoami("outsider", "10.244.1.10:7070").unwrap(),
+        "client 10.244.3.10"
+    );
     // ...until STRICT is applied, live, without a restart.
     m.write_config(&two_node_yaml(&format!("{POLICIES}{STRICT}")));
-    eventually("STRICT refuses plaintext", Duration::from_secs(5), || m.whoami("outsider", "10.244.1.10:7070").is_err());
+    eventually("STRICT refuses plaintext", Duration::from_secs(5), || {
+        m.whoami("outsider", "10.244.1.10:7070").is_err()
+    });
     // Mesh traffic is unaffected by STRICT.
-    assert_eq!(m.whoami("client", "10.244.2.11:8080").unwrap(), "server-2 10.244.1.10");
+    assert_eq!(
+        m.whoami("client", "10.244.2.11:8080").unwrap(),
+        "server-2 10.244.1.10"
+    );
 
     // A bad config is refused with the object and field named; the last good one stays.
     m.write_config(&two_node_yaml(&format!("{POLICIES}{STRICT}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: broken, namespace: app}}\nspec:\n  rules:\n  - from:\n    - source: {{ipBlocks: [10.0.0.0/33]}}\n")));
-    eventually("bad config reported", Duration::from_secs(5), || m.config_dump("node1")["config"]["last_error"].is_string());
-    let err = m.config_dump("node1")["config"]["last_error"].as_str().unwrap().to_string();
-    assert!(err.contains("AuthorizationPolicy app/broken") && err.contains("spec.rules[0].from[0].source.ipBlocks[0]"), "{err}");
-    assert!(m.whoami("outsider", "10.244.1.10:7070").is_err(), "STRICT still in force");
-    assert_eq!(m.whoami("client", "10.244.2.11:8080").unwrap(), "server-2 10.244.1.10");
-    assert!(m.log("node1").contains("config rejected; keeping last good config"));
+    eventually("bad config reported", Duration::from_secs(5), || {
+        m.config_dump("node1")["config"]["last_error"].is_string()
+    });
+    let err = m.config_dump("node1")["config"]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("AuthorizationPolicy app/broken")
+            && err.contains("spec.rules[0].from[0].source.ipBlocks[0]"),
+        "{err}"
+    );
+    assert!(
+        m.whoami("outsider", "10.244.1.10:7070").is_err(),
+        "STRICT still in force"
+    );
+    assert_eq!(
+        m.whoami("client", "10.244.2.11:8080").unwrap(),
+        "server-2 10.244.1.10"
+    );
+    assert!(m
+        .log("node1")
+        .contains("config rejected; keeping last good config"));
 
     // Denials are visible in metrics with Istio's flag.
     let metrics = m.metrics("node2");
-    assert!(metrics.lines().any(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("response_flags=\"DENY\"") && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/other\"")), "{metrics}");
-    assert!(m.metrics("node1").lines().any(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("response_flags=\"DENY\"") && l.contains("connection_security_policy=\"none\"")));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total")
+                && l.contains("response_flags=\"DENY\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/other\"")),
+        "{metrics}"
+    );
+    assert!(m
+        .metrics("node1")
+        .lines()
+        .any(|l| l.starts_with("istio_tcp_connections_closed_total")
+            && l.contains("response_flags=\"DENY\"")
+            && l.contains("connection_security_policy=\"none\"")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +132,9 @@ async fn wire_between_pods_is_tls13_never_plaintext() {
     m.echo_server("client", 7070);
     let pcap = m.dir.join("br0.pcap");
     let mut tshark = std::process::Command::new("ip")
-        .args(["netns", "exec", &m.net, "dumpcap", "-q", "-P", "-i", "br0", "-w"])
+        .args([
+            "netns", "exec", &m.net, "dumpcap", "-q", "-P", "-i", "br0", "-w",
+        ])
         .arg(&pcap)
         .args(["-f", "tcp"])
         .stderr(std::process::Stdio::piped())
@@ -110,17 +158,33 @@ async fn wire_between_pods_is_tls13_never_plaintext() {
     let control = b"CONTROL-PLAINTEXT-PAYLOAD".repeat(100);
     echo_roundtrip(m.connect("outsider", "10.244.1.10:7070").unwrap(), &control);
     std::thread::sleep(Duration::from_millis(500));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(tshark.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tshark.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
     tshark.wait().unwrap();
 
     let raw = std::fs::read(&pcap).unwrap();
     let contains = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
-    assert!(contains(b"CONTROL-PLAINTEXT-PAYLOAD"), "capture must see plaintext when there is some");
-    assert!(!contains(b"MESH-SECRET-PAYLOAD"), "application bytes crossed the wire in plaintext");
+    assert!(
+        contains(b"CONTROL-PLAINTEXT-PAYLOAD"),
+        "capture must see plaintext when there is some"
+    );
+    assert!(
+        !contains(b"MESH-SECRET-PAYLOAD"),
+        "application bytes crossed the wire in plaintext"
+    );
     // Every packet between the two mesh pods is on 15008, and the handshake is TLS 1.3.
     let (ok, ports) = sh_out(&format!("tshark -r {} -Y 'ip.addr==10.244.1.10 && ip.addr==10.244.2.11' -T fields -e tcp.port 2>/dev/null | sort -u", pcap.display()));
     assert!(ok && !ports.trim().is_empty(), "{ports}");
-    assert!(ports.lines().all(|l| l.split(',').any(|p| p == "15008")), "non-HBONE ports between mesh pods: {ports}");
+    assert!(
+        ports.lines().all(|l| l.split(',').any(|p| p == "15008")),
+        "non-HBONE ports between mesh pods: {ports}"
+    );
     let (ok, versions) = sh_out(&format!("tshark -r {} -d tcp.port==15008,tls -Y 'tls.handshake.type == 2' -T fields -e tls.handshake.extensions.supported_version 2>/dev/null", pcap.display()));
-    assert!(ok && !versions.trim().is_empty() && versions.lines().all(|v| v.trim() == "0x0304"), "ServerHello versions: {versions:?}");
+    assert!(
+        ok && !versions.trim().is_empty() && versions.lines().all(|v| v.trim() == "0x0304"),
+        "ServerHello versions: {versions:?}"
+    );
 }

@@ -11,24 +11,46 @@ use testbed::Mesh;
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_string())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let config = PathBuf::from(arg("--config", "examples/mesh.yaml"));
     let ztunnel = arg("--ztunnel", "target/release/ztunnel");
-    let yaml = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{}: {e}", config.display()));
-    let state = mesh::standalone::parse(&yaml, "cluster.local").unwrap_or_else(|e| panic!("{}: {e}", config.display()));
+    let yaml =
+        std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{}: {e}", config.display()));
+    let state = mesh::standalone::parse(&yaml, "cluster.local")
+        .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
 
     println!("== building the mesh from {}", config.display());
     let mut m = Mesh::new("demo", &ztunnel);
     let mut nodes = std::collections::BTreeSet::new();
     for w in state.workloads.values() {
         let captured = w.protocol == TunnelProtocol::Hbone;
-        m.pod(&w.name, &w.namespace, &w.service_account, &w.ip.to_string(), &w.node, captured);
+        m.pod(
+            &w.name,
+            &w.namespace,
+            &w.service_account,
+            &w.ip.to_string(),
+            &w.node,
+            captured,
+        );
         nodes.insert(w.node.clone());
-        println!("   pod {:<10} {:<12} node {}  {}", w.name, w.ip, w.node, if captured { "ambient (captured)" } else { "not in mesh" });
+        println!(
+            "   pod {:<10} {:<12} node {}  {}",
+            w.name,
+            w.ip,
+            w.node,
+            if captured {
+                "ambient (captured)"
+            } else {
+                "not in mesh"
+            }
+        );
     }
     m.write_config(&yaml);
     let ca = m.dir.join("ca");
@@ -37,7 +59,10 @@ async fn main() {
         println!("   ztunnel on {n}: ready (listening inside its pods' netns)");
     }
 
-    let svc = state.services.first().expect("the demo config has a Service");
+    let svc = state
+        .services
+        .first()
+        .expect("the demo config has a Service");
     let vip: IpAddr = svc.vips[0];
     let port = svc.ports[0].port;
     for (w, target) in state.endpoints_for(svc, port) {
@@ -52,7 +77,10 @@ async fn main() {
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).expect("greeting");
         let mut it = line.split_whitespace();
-        let (who, seen_ip) = (it.next().unwrap_or("?").to_string(), it.next().unwrap_or("?").to_string());
+        let (who, seen_ip) = (
+            it.next().unwrap_or("?").to_string(),
+            it.next().unwrap_or("?").to_string(),
+        );
         println!("   answered by {who:<8} which saw client ip {seen_ip}");
         *hits.entry(who).or_default() += 1;
     }
@@ -84,16 +112,36 @@ async fn main() {
 
     println!("\n== metrics excerpt (istio_tcp_*, reporter=destination)");
     for n in &nodes {
-        for l in m.metrics(n).lines().filter(|l| l.starts_with("istio_tcp_") && l.contains("reporter=\"destination\"")) {
+        for l in m
+            .metrics(n)
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_") && l.contains("reporter=\"destination\""))
+        {
             let name = l.split('{').next().unwrap_or("");
-            let pick = |k: &str| l.split(&format!("{k}=\"")).nth(1).and_then(|x| x.split('"').next()).unwrap_or("").to_string();
+            let pick = |k: &str| {
+                l.split(&format!("{k}=\""))
+                    .nth(1)
+                    .and_then(|x| x.split('"').next())
+                    .unwrap_or("")
+                    .to_string()
+            };
             let value = l.rsplit(' ').next().unwrap_or("");
             println!("   {n} {name}{{source_principal={}, destination_workload={}, response_flags={}}} {value}", pick("source_principal"), pick("destination_workload"), pick("response_flags"));
         }
     }
-    println!("\n== certificates held by ztunnel on {}", nodes.first().unwrap());
-    for c in m.config_dump(nodes.first().unwrap())["certificates"].as_array().unwrap() {
-        println!("   {} expires in {}s", c["identity"].as_str().unwrap_or("?"), c["expires_in_s"]);
+    println!(
+        "\n== certificates held by ztunnel on {}",
+        nodes.first().unwrap()
+    );
+    for c in m.config_dump(nodes.first().unwrap())["certificates"]
+        .as_array()
+        .unwrap()
+    {
+        println!(
+            "   {} expires in {}s",
+            c["identity"].as_str().unwrap_or("?"),
+            c["expires_in_s"]
+        );
     }
     println!("\n== cleaning up");
     drop(m);

@@ -23,16 +23,21 @@ pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAd
             return;
         }
     };
-    let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(hbone::read_buffered(tcp)));
+    let handshake = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(hbone::read_buffered(tcp)),
+    );
     let tls = match handshake.await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "handshake").increment(1);
+            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "handshake")
+                .increment(1);
             tracing::warn!(pod = %pod.uid, %peer, error = %e, "HBONE TLS handshake refused");
             return;
         }
         Err(_) => {
-            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "timeout").increment(1);
+            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "timeout")
+                .increment(1);
             tracing::warn!(pod = %pod.uid, %peer, "HBONE TLS handshake timed out");
             return;
         }
@@ -40,7 +45,8 @@ pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAd
     let src_id = match identity::peer_identity(tls.get_ref().1) {
         Ok(id) => Arc::new(id),
         Err(e) => {
-            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "identity").increment(1);
+            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "identity")
+                .increment(1);
             tracing::warn!(pod = %pod.uid, %peer, error = %e, "HBONE peer has no usable SPIFFE identity");
             return;
         }
@@ -55,7 +61,13 @@ pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAd
     }
 }
 
-async fn stream(px: Arc<Proxy>, pod: Arc<Pod>, src_id: Arc<Identity>, peer: SocketAddr, inb: hbone::Inbound) {
+async fn stream(
+    px: Arc<Proxy>,
+    pod: Arc<Pod>,
+    src_id: Arc<Identity>,
+    peer: SocketAddr,
+    inb: hbone::Inbound,
+) {
     let state = px.store.load();
     let Some(dst_w) = pod.workload(&state) else {
         tracing::warn!(pod = %pod.uid, "pod is not in the mesh config; refusing");
@@ -67,8 +79,14 @@ async fn stream(px: Arc<Proxy>, pod: Arc<Pod>, src_id: Arc<Identity>, peer: Sock
         return inb.refuse(StatusCode::BAD_REQUEST);
     }
     let m = open_metrics(&state, peer, target, Some(&src_id), &dst_w);
-    let conn = Connection { src_identity: Some(&src_id), src_ip: peer.ip(), dst_ip: target.ip(), dst_port: target.port() };
-    if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn) {
+    let conn = Connection {
+        src_identity: Some(&src_id),
+        src_ip: peer.ip(),
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+    };
+    if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn)
+    {
         inb.refuse(StatusCode::UNAUTHORIZED);
         return m.close(Flag::Deny, (0, 0), Some(&why));
     }
@@ -106,10 +124,20 @@ pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Soc
     };
     let m = open_metrics(&state, peer, target, None, &dst_w);
     if state.mtls_mode(&dst_w, target.port()) == MtlsMode::Strict {
-        return m.close(Flag::Deny, (0, 0), Some(&"plaintext refused: PeerAuthentication is STRICT"));
+        return m.close(
+            Flag::Deny,
+            (0, 0),
+            Some(&"plaintext refused: PeerAuthentication is STRICT"),
+        );
     }
-    let conn = Connection { src_identity: None, src_ip: peer.ip(), dst_ip: target.ip(), dst_port: target.port() };
-    if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn) {
+    let conn = Connection {
+        src_identity: None,
+        src_ip: peer.ip(),
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+    };
+    if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn)
+    {
         return m.close(Flag::Deny, (0, 0), Some(&why));
     }
     drop(state);
@@ -121,7 +149,13 @@ pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Soc
 
 /// Destination-side metrics; the source is named by the verified identity
 /// (mTLS) and, for workload labels, by its address in the model.
-fn open_metrics(state: &mesh::MeshState, peer: SocketAddr, target: SocketAddr, src_id: Option<&Identity>, dst_w: &mesh::Workload) -> ConnMetrics {
+fn open_metrics(
+    state: &mesh::MeshState,
+    peer: SocketAddr,
+    target: SocketAddr,
+    src_id: Option<&Identity>,
+    dst_w: &mesh::Workload,
+) -> ConnMetrics {
     let src_w = state.workload_by_ip(peer.ip());
     ConnMetrics::open(ConnInfo {
         reporter: Reporter::Destination,

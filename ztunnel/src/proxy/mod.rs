@@ -43,23 +43,36 @@ impl Pod {
     /// The pod in the mesh model. Handlers refuse traffic for a pod the model
     /// does not know rather than guess its policy.
     pub fn workload(&self, state: &mesh::MeshState) -> Option<Arc<Workload>> {
-        state.workloads.get(&self.uid).or_else(|| state.workload_by_name(&self.namespace, &self.name)).cloned()
+        state
+            .workloads
+            .get(&self.uid)
+            .or_else(|| state.workload_by_name(&self.namespace, &self.name))
+            .cloned()
     }
 }
 
 /// Opens the pod's three listeners and serves them until `stop` or the drain.
-pub fn start_pod(px: &Arc<Proxy>, pod: Arc<Pod>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+pub fn start_pod(
+    px: &Arc<Proxy>,
+    pod: Arc<Pod>,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let outbound = pod.netns.listener(OUTBOUND_PORT)?;
     let plaintext = pod.netns.listener(INBOUND_PLAINTEXT_PORT)?;
     let hbone = pod.netns.listener(hbone::HBONE_PORT)?;
-    spawn_accept(px, &pod, outbound, stop.clone(), |px, pod, s, peer| outbound::handle(px, pod, s, peer));
-    spawn_accept(px, &pod, plaintext, stop.clone(), |px, pod, s, peer| inbound::plaintext(px, pod, s, peer));
-    spawn_accept(px, &pod, hbone, stop, |px, pod, s, peer| inbound::hbone(px, pod, s, peer));
+    spawn_accept(px, &pod, outbound, stop.clone(), outbound::handle);
+    spawn_accept(px, &pod, plaintext, stop.clone(), inbound::plaintext);
+    spawn_accept(px, &pod, hbone, stop, inbound::hbone);
     Ok(())
 }
 
-fn spawn_accept<F, Fut>(px: &Arc<Proxy>, pod: &Arc<Pod>, l: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
-where
+fn spawn_accept<F, Fut>(
+    px: &Arc<Proxy>,
+    pod: &Arc<Pod>,
+    l: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    handler: F,
+) where
     F: Fn(Arc<Proxy>, Arc<Pod>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -90,7 +103,11 @@ where
 
 /// Plain TCP both ways (no tunnel): the bytes are not inspected, so the
 /// kernel-side copy loop does the work; the totals go to metrics at the end.
-async fn relay_plain(mut down: tokio::net::TcpStream, mut up: tokio::net::TcpStream, m: ConnMetrics) {
+async fn relay_plain(
+    mut down: tokio::net::TcpStream,
+    mut up: tokio::net::TcpStream,
+    m: ConnMetrics,
+) {
     match tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 64 * 1024, 64 * 1024).await {
         Ok((req, resp)) => {
             m.count(req, resp);

@@ -42,7 +42,11 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
                 dst_service: Some(svc),
                 mtls: false,
             });
-            let why = format!("service {} has no endpoint for port {}", svc.hostname, orig.port());
+            let why = format!(
+                "service {} has no endpoint for port {}",
+                svc.hostname,
+                orig.port()
+            );
             m.close(Flag::ConnectFailure, (0, 0), Some(&why));
             return;
         }
@@ -59,7 +63,9 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
         Target::Workload(w, port) => (SocketAddr::new(w.ip, *port), Some(w.clone())),
         Target::Passthrough(a) => (*a, None),
     };
-    let hbone = dst_w.as_ref().is_some_and(|w| w.protocol == TunnelProtocol::Hbone);
+    let hbone = dst_w
+        .as_ref()
+        .is_some_and(|w| w.protocol == TunnelProtocol::Hbone);
     let m = ConnMetrics::open(ConnInfo {
         reporter: Reporter::Source,
         src: peer,
@@ -76,20 +82,46 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
     }
 }
 
-async fn via_hbone(px: &Proxy, pod: &Arc<Pod>, down: TcpStream, dst: SocketAddr, w: &Workload, src_w: Option<&Workload>, m: ConnMetrics) {
+async fn via_hbone(
+    px: &Proxy,
+    pod: &Arc<Pod>,
+    down: TcpStream,
+    dst: SocketAddr,
+    w: &Workload,
+    src_w: Option<&Workload>,
+    m: ConnMetrics,
+) {
     let cert = match px.certs.fetch(&pod.identity).await {
         Ok(c) => c,
         Err(e) => return m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
     };
     let hbone_addr = SocketAddr::new(w.ip, hbone::HBONE_PORT);
-    let key = hbone::PoolKey { source: pod.uid.clone(), dst_identity: w.identity(), dst: hbone_addr };
+    let key = hbone::PoolKey {
+        source: pod.uid.clone(),
+        dst_identity: w.identity(),
+        dst: hbone_addr,
+    };
     let netns_pod = pod.clone();
     let dial = move || async move { netns_pod.netns.connect(hbone_addr, None).await };
-    let tunnel = px.pool.connect(key, cert.client.clone(), dial, &dst.to_string(), request_headers(pod, src_w)).await;
+    let tunnel = px
+        .pool
+        .connect(
+            key,
+            cert.client.clone(),
+            dial,
+            &dst.to_string(),
+            request_headers(pod, src_w),
+        )
+        .await;
     let (send, recv, _guard) = match tunnel {
         Ok(t) => t,
         Err(e) => {
-            let flag = if matches!(e, hbone::Error::Refused { status, .. } if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN) { Flag::Deny } else { Flag::ConnectFailure };
+            let flag = if matches!(e, hbone::Error::Refused { status, .. } if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN)
+            {
+                Flag::Deny
+            } else {
+                Flag::ConnectFailure
+            };
             return m.close(flag, (0, 0), Some(&e));
         }
     };
@@ -115,9 +147,15 @@ fn request_headers(pod: &Pod, src_w: Option<&Workload>) -> HeaderMap {
     let span: u64 = rand::random::<u64>() | 1;
     let tp = format!("00-{trace:032x}-{span:016x}-01");
     h.insert("traceparent", tp.parse().expect("hex is a valid header"));
-    let mut baggage = format!("k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={}", pod.namespace, pod.name);
+    let mut baggage = format!(
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={}",
+        pod.namespace, pod.name
+    );
     if let Some(w) = src_w {
-        baggage.push_str(&format!(",service.name={},service.version={}", w.canonical_name, w.canonical_revision));
+        baggage.push_str(&format!(
+            ",service.name={},service.version={}",
+            w.canonical_name, w.canonical_revision
+        ));
     }
     if let Ok(v) = baggage.parse() {
         h.insert("baggage", v);
