@@ -218,7 +218,10 @@ impl Mesh {
             .arg(&sock)
             .args(["--drain-timeout", "3s"])
             .args(&self.extra_args)
-            .env("RUST_LOG", std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
             .spawn()

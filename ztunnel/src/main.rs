@@ -124,6 +124,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         certs: certs.clone(),
         pool: hbone::Pool::new(),
         trust_domain: args.trust_domain.clone(),
+        node: args.node.clone(),
         tasks: TaskTracker::new(),
         drain: drain.clone(),
     });

@@ -65,6 +65,22 @@ impl Pods {
             namespace: info.namespace,
             netns,
         });
+        // The agent and the config should agree; when they do not, say so
+        // loudly: peers check this pod's certificate against the config's
+        // service account, so a mismatch fails every connection.
+        match pod.workload(&self.px.store.load()) {
+            None => tracing::warn!(
+                uid,
+                "pod is not in the mesh config: its traffic is refused until it is"
+            ),
+            Some(w) if w.service_account != sa => {
+                tracing::error!(uid, agent = sa, config = %w.service_account, "service account differs between node agent and config")
+            }
+            Some(w) if w.node != self.px.node => {
+                tracing::warn!(uid, config_node = %w.node, node = %self.px.node, "pod handed to this ztunnel runs on another node per the config")
+            }
+            Some(_) => {}
+        }
         // A replaced netns (pod sandbox recreated) closes the old listeners first.
         self.del(uid);
         let (stop, stop_rx) = watch::channel(false);

@@ -24,6 +24,7 @@ pub struct Proxy {
     pub certs: Arc<SecretManager>,
     pub pool: Arc<hbone::Pool>,
     pub trust_domain: String,
+    pub node: String,
     /// Every connection task, so a drain can wait for them.
     pub tasks: TaskTracker,
     /// Flips to true on SIGTERM: stop accepting, let live connections end.
