@@ -36,6 +36,28 @@ pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Conn>>>,
 }
 
+async fn open(
+    send: SendRequest<Bytes>,
+    authority: &str,
+    headers: HeaderMap,
+) -> Result<(SendStream<Bytes>, RecvStream), Error> {
+    let mut send = send.ready().await?;
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .body(())?;
+    *req.headers_mut() = headers;
+    let (resp, stream) = send.send_request(req, false)?;
+    let resp = resp.await?;
+    if resp.status() != StatusCode::OK {
+        return Err(Error::Refused {
+            authority: authority.to_string(),
+            status: resp.status(),
+        });
+    }
+    Ok((stream, resp.into_body()))
+}
+
 /// A held slot on a pooled connection: released when the tunnel ends.
 pub struct StreamGuard(Arc<AtomicUsize>);
 
@@ -52,7 +74,10 @@ impl Pool {
         Arc::new(Pool::default())
     }
 
-    fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamGuard)> {
+    fn checkout(
+        &self,
+        key: &PoolKey,
+    ) -> Option<(SendRequest<Bytes>, StreamGuard, Arc<AtomicBool>)> {
         let mut conns = self.conns.lock().unwrap();
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.closed.load(Ordering::Relaxed));
@@ -60,7 +85,11 @@ impl Pool {
             .iter()
             .find(|c| c.active.load(Ordering::Relaxed) < crate::MAX_STREAMS_PER_CONN)?;
         c.active.fetch_add(1, Ordering::Relaxed);
-        Some((c.send.clone(), StreamGuard(c.active.clone())))
+        Some((
+            c.send.clone(),
+            StreamGuard(c.active.clone()),
+            c.closed.clone(),
+        ))
     }
 
     /// Opens a CONNECT tunnel to `authority` over a pooled connection to
@@ -78,25 +107,22 @@ impl Pool {
         D: FnOnce() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
-        let (send, guard) = match self.checkout(&key) {
-            Some(c) => c,
-            None => self.dial(&key, tls, dial).await?,
-        };
-        let mut send = send.ready().await?;
-        let mut req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority)
-            .body(())?;
-        *req.headers_mut() = headers;
-        let (resp, stream) = send.send_request(req, false)?;
-        let resp = resp.await?;
-        if resp.status() != StatusCode::OK {
-            return Err(Error::Refused {
-                authority: authority.to_string(),
-                status: resp.status(),
-            });
+        if let Some((send, guard, closed)) = self.checkout(&key) {
+            match open(send, authority, headers.clone()).await {
+                Ok((s, r)) => return Ok((s, r, guard)),
+                // The peer answered: that is the answer.
+                Err(e @ Error::Refused { .. }) => return Err(e),
+                // A pooled connection can die unnoticed (the peer restarted):
+                // retire it and dial once afresh rather than fail the caller.
+                Err(e) => {
+                    tracing::debug!(dst = %key.dst, error = %e, "pooled HBONE connection unusable; redialing");
+                    closed.store(true, Ordering::Relaxed);
+                }
+            }
         }
-        Ok((stream, resp.into_body(), guard))
+        let (send, guard) = self.dial(&key, tls, dial).await?;
+        let (s, r) = open(send, authority, headers).await?;
+        Ok((s, r, guard))
     }
 
     async fn dial<D, F>(

@@ -205,3 +205,20 @@ async fn ztunnel_restart_never_leaks_and_resumes_after_snapshot() {
         "server-2 10.244.1.10"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_ztunnel_restart_replaces_the_pooled_connection() {
+    let mut m = two_nodes("prs", ZT, "").await;
+    m.whoami_server("server-2", 8080);
+    // Warm the pooled HBONE connection node1 -> server-2.
+    assert!(m.whoami("client", "10.244.2.11:8080").is_ok());
+    assert!(m.stop_node("node2").success());
+    let ca = m.dir.join("ca");
+    m.start_node("node2", &ca).await;
+    // The first connection after the restart goes over a new pooled
+    // connection: the old one ended with the old ztunnel.
+    assert_eq!(
+        m.whoami("client", "10.244.2.11:8080").unwrap(),
+        "server-2 10.244.1.10"
+    );
+}
