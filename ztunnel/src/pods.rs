@@ -84,9 +84,12 @@ impl Pods {
         // A replaced netns (pod sandbox recreated) closes the old listeners first.
         self.del(uid);
         let (stop, stop_rx) = watch::channel(false);
-        start_pod(&self.px, pod.clone(), stop_rx)
-            .map_err(|e| format!("listen in pod {uid} netns: {e}"))?;
+        // The certificate is asked for before the first connection can arrive.
         self.px.certs.retain(&pod.identity);
+        if let Err(e) = start_pod(&self.px, pod.clone(), stop_rx) {
+            self.px.certs.release(&pod.identity);
+            return Err(format!("listen in pod {uid} netns: {e}"));
+        }
         tracing::info!(uid, pod = %format!("{}/{}", pod.namespace, pod.name), identity = %pod.identity, "pod enrolled: listening in its netns");
         self.pods
             .lock()
