@@ -1,7 +1,7 @@
 //! A mesh on one machine, for the tests and the demo: "nodes" and "pods" are
 //! network namespaces, pods hang off one bridge, each node runs a real ztunnel
-//! binary, and this crate plays the node agent: it installs the SPEC §4
-//! capture rules and hands pods over ZDS (until istio-cni does both).
+//! binary, and this crate plays the node agent: it installs istio-cni's
+//! capture rules and hands pods over ZDS (until istio-cni's agent does both).
 //! Everything is torn down on drop, also when a test panics.
 
 use std::collections::HashMap;
@@ -53,6 +53,7 @@ pub struct Pod {
     pub sa: String,
     pub ip: String,
     pub node: String,
+    pub captured: bool,
 }
 
 pub struct Node {
@@ -92,29 +93,6 @@ pub struct Mesh {
     /// Other processes started for the test (Envoy...), reaped on drop.
     peers: std::sync::Mutex<Vec<Child>>,
 }
-
-/// SPEC §4 in-pod capture rules, as istio-cni will install them.
-const CAPTURE_RULES: &str = "*mangle
-:ISTIO_PRERT - [0:0]
-:ISTIO_OUTPUT - [0:0]
--A PREROUTING -j ISTIO_PRERT
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
--A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
-COMMIT
-*nat
-:ISTIO_PRERT - [0:0]
-:ISTIO_OUTPUT - [0:0]
--A PREROUTING -j ISTIO_PRERT
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -j ACCEPT
--A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
--A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -j ACCEPT
--A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
-COMMIT
-";
 
 impl Mesh {
     /// A bridge network and an empty config; add pods, write config, start nodes.
@@ -169,14 +147,9 @@ impl Mesh {
             net = self.net
         ));
         if captured {
-            let rules = self.dir.join(format!("{name}.rules"));
-            std::fs::write(&rules, CAPTURE_RULES).unwrap();
-            sh(&format!(
-                "ip netns exec {ns} iptables-restore --noflush < {} && \
-                 ip -n {ns} rule add fwmark 0x111/0xfff pref 32764 lookup 100 && \
-                 ip -n {ns} route add local 0.0.0.0/0 dev lo table 100",
-                rules.display()
-            ));
+            let path = PathBuf::from(format!("/run/netns/{ns}"));
+            istio_cni::redirect::install(&path, istio_cni::redirect::Options::default())
+                .unwrap_or_else(|e| panic!("capture rules for {name}: {e}"));
         }
         self.pods.insert(
             name.into(),
@@ -187,6 +160,7 @@ impl Mesh {
                 sa: sa.into(),
                 ip: ip.into(),
                 node: node.into(),
+                captured,
             },
         );
     }
@@ -273,7 +247,7 @@ impl Mesh {
     }
 
     fn captured(&self, pod: &str) -> bool {
-        self.dir.join(format!("{pod}.rules")).exists()
+        self.pods[pod].captured
     }
 
     pub fn wait_ready(&self, node: &str) {

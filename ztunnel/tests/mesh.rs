@@ -114,16 +114,25 @@ async fn destinations_outside_the_mesh_get_plain_tcp() {
         m.whoami("client", "10.244.3.10:7070").unwrap(),
         "outsider 10.244.1.10"
     );
-    let metrics = m.metrics("node1");
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_tcp_connections_closed_total")
+    // The close is recorded when ztunnel sees both ends finish, a moment
+    // after the client has its answer.
+    let closed = |m: &Mesh| {
+        m.metrics("node1").lines().any(|l| {
+            l.starts_with("istio_tcp_connections_closed_total")
                 && l.contains("destination_workload=\"outsider\"")
                 && l.contains("connection_security_policy=\"none\"")
-                && l.contains("response_flags=\"-\"")),
-        "{metrics}"
-    );
+                && l.contains("response_flags=\"-\"")
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !closed(&m) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            m.metrics("node1")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // An address nobody listens on fails as a connect failure, visibly.
     assert!(m.whoami("client", "10.244.3.10:7071").is_err());
     assert!(m

@@ -87,15 +87,16 @@ async fn stream(
     };
     if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn)
     {
-        inb.refuse(StatusCode::UNAUTHORIZED);
-        return m.close(Flag::Deny, (0, 0), Some(&why));
+        // Recorded before the peer hears it, so metrics never lag the answer.
+        m.close(Flag::Deny, (0, 0), Some(&why));
+        return inb.refuse(StatusCode::UNAUTHORIZED);
     }
     drop(state);
     let app = match pod.netns.connect(target, Some(peer)).await {
         Ok(s) => s,
         Err(e) => {
-            inb.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            return m.close(Flag::ConnectFailure, (0, 0), Some(&e));
+            m.close(Flag::ConnectFailure, (0, 0), Some(&e));
+            return inb.refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     let (send, recv) = match inb.accept() {

@@ -1,0 +1,113 @@
+//! The in-pod rules on a real network namespace (root): install is
+//! idempotent, removal leaves the namespace exactly as it was.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use istio_cni::redirect::{install, remove, Options};
+
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("cni-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        assert!(Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success());
+        Netns(name)
+    }
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.0))
+    }
+    fn sh(&self, cmd: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-c", cmd])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+    /// Everything install may touch: every rule and every non-built-in chain
+    /// (the first use of iptables instantiates empty tables with ACCEPT
+    /// policies, which changes no behaviour), ip rules and all routes.
+    fn state(&self) -> String {
+        const BUILTIN: [&str; 5] = [
+            ":PREROUTING ",
+            ":INPUT ",
+            ":FORWARD ",
+            ":OUTPUT ",
+            ":POSTROUTING ",
+        ];
+        let rules: String = self
+            .sh("iptables-save")
+            .lines()
+            .filter(|l| {
+                l.starts_with("-A")
+                    || (l.starts_with(':') && !BUILTIN.iter().any(|b| l.starts_with(b)))
+                    || (l.starts_with(':') && !l.contains("ACCEPT"))
+            })
+            .map(|l| l.split(" [").next().unwrap().to_string() + "\n")
+            .collect();
+        rules + &self.sh("ip rule show") + &self.sh("ip route show table all")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn install_is_idempotent_and_removal_is_exact() {
+    let ns = Netns::new("idem");
+    let before = ns.state();
+    for opts in [
+        Options::default(),
+        Options {
+            dns: true,
+            inbound: true,
+        },
+        Options {
+            dns: false,
+            inbound: false,
+        },
+    ] {
+        install(&ns.path(), opts).unwrap();
+        let once = ns.state();
+        install(&ns.path(), opts).unwrap();
+        assert_eq!(ns.state(), once, "second install changed state ({opts:?})");
+        assert!(once.contains("--to-ports 15001"), "{once}");
+        assert_eq!(once.contains("--to-ports 15006"), opts.inbound, "{once}");
+        assert_eq!(once.contains("--to-ports 15053"), opts.dns, "{once}");
+        assert_eq!(once.contains("CT --zone 1"), opts.dns, "{once}");
+        assert!(once.contains("fwmark 0x111/0xfff lookup 100"), "{once}");
+        assert!(once.contains("local default dev lo table 100"), "{once}");
+        assert_eq!(
+            once.matches("-A OUTPUT -j ISTIO_OUTPUT").count(),
+            if opts.dns { 3 } else { 2 },
+            "{once}"
+        );
+        remove(&ns.path()).unwrap();
+        assert_eq!(
+            ns.state(),
+            before,
+            "removal left something behind ({opts:?})"
+        );
+    }
+    remove(&ns.path()).unwrap();
+    assert_eq!(ns.state(), before, "second removal");
+}
+
+#[test]
+fn missing_netns_is_an_error_for_install_and_nothing_for_remove() {
+    let gone = PathBuf::from("/run/netns/cni-never-existed");
+    let err = install(&gone, Options::default()).unwrap_err();
+    assert!(err.to_string().contains("cni-never-existed"), "{err}");
+    remove(&gone).unwrap();
+}
