@@ -100,6 +100,21 @@ pub fn rules(opts: Options) -> String {
     r.join("\n") + "\n"
 }
 
+/// `ip rule <op>` for the rule that routes inbound replies to the local stack.
+fn ip_rule(op: &str) -> [&str; 9] {
+    [
+        "ip",
+        "rule",
+        op,
+        "fwmark",
+        INBOUND_MARK,
+        "pref",
+        RULE_PREF,
+        "lookup",
+        ROUTE_TABLE,
+    ]
+}
+
 /// Runs `args` inside the netns at `netns`; Ok(false) when it exits non-zero
 /// and `may_fail` (a check, or deleting what is already gone).
 fn run(
@@ -174,22 +189,7 @@ pub fn install(netns: &Path, opts: Options) -> Result<(), RedirectError> {
         None,
         true,
     )? {
-        run(
-            netns,
-            &[
-                "ip",
-                "rule",
-                "add",
-                "fwmark",
-                INBOUND_MARK,
-                "pref",
-                RULE_PREF,
-                "lookup",
-                ROUTE_TABLE,
-            ],
-            None,
-            false,
-        )?;
+        run(netns, &ip_rule("add"), None, false)?;
     }
     run(
         netns,
@@ -254,22 +254,7 @@ pub fn remove(netns: &Path) -> Result<(), RedirectError> {
             }
         }
     }
-    while run(
-        netns,
-        &[
-            "ip",
-            "rule",
-            "del",
-            "fwmark",
-            INBOUND_MARK,
-            "pref",
-            RULE_PREF,
-            "lookup",
-            ROUTE_TABLE,
-        ],
-        None,
-        true,
-    )? {}
+    while run(netns, &ip_rule("del"), None, true)? {}
     run(
         netns,
         &[

@@ -336,61 +336,49 @@ impl Mesh {
         })
     }
 
-    /// Echoes every byte back, for as many connections as come.
-    pub fn echo_server(&self, pod: &str, port: u16) {
+    /// Listens on `port` inside `pod` and runs `handle(conn, client ip)` on
+    /// a thread per connection, for as many connections as come.
+    fn serve(
+        &self,
+        pod: &str,
+        port: u16,
+        handle: impl Fn(TcpStream, String) + Send + Sync + 'static,
+    ) {
         let l = in_ns(&self.pod_ns(pod), move || {
             TcpListener::bind(("0.0.0.0", port)).unwrap()
         });
+        let handle = std::sync::Arc::new(handle);
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let mut r = s.try_clone().unwrap();
-                    let mut w = s;
-                    let _ = std::io::copy(&mut r, &mut w);
-                    let _ = w.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        });
-    }
-
-    /// Answers each connection with "<pod> <client ip>\n" and closes.
-    pub fn whoami_server(&self, pod: &str, port: u16) {
-        let l = in_ns(&self.pod_ns(pod), move || {
-            TcpListener::bind(("0.0.0.0", port)).unwrap()
-        });
-        let name = pod.to_string();
-        std::thread::spawn(move || {
-            for mut s in l.incoming().flatten() {
                 let peer = s
                     .peer_addr()
                     .map(|a| a.ip().to_string())
                     .unwrap_or_default();
-                let _ = writeln!(s, "{name} {peer}");
+                let handle = handle.clone();
+                std::thread::spawn(move || handle(s, peer));
             }
+        });
+    }
+
+    /// Echoes every byte back.
+    pub fn echo_server(&self, pod: &str, port: u16) {
+        self.serve(pod, port, |s, _| echo(s));
+    }
+
+    /// Answers each connection with "<pod> <client ip>\n" and closes.
+    pub fn whoami_server(&self, pod: &str, port: u16) {
+        let name = pod.to_string();
+        self.serve(pod, port, move |mut s, peer| {
+            let _ = writeln!(s, "{name} {peer}");
         });
     }
 
     /// Greets each connection with "<pod> <client ip>\n", then echoes.
     pub fn greet_echo_server(&self, pod: &str, port: u16) {
-        let l = in_ns(&self.pod_ns(pod), move || {
-            TcpListener::bind(("0.0.0.0", port)).unwrap()
-        });
         let name = pod.to_string();
-        std::thread::spawn(move || {
-            for mut s in l.incoming().flatten() {
-                let peer = s
-                    .peer_addr()
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default();
-                let greeting = format!("{name} {peer}\n");
-                std::thread::spawn(move || {
-                    if s.write_all(greeting.as_bytes()).is_err() {
-                        return;
-                    }
-                    let mut r = s.try_clone().unwrap();
-                    let _ = std::io::copy(&mut r, &mut s);
-                    let _ = s.shutdown(std::net::Shutdown::Write);
-                });
+        self.serve(pod, port, move |mut s, peer| {
+            if writeln!(s, "{name} {peer}").is_ok() {
+                echo(s);
             }
         });
     }
@@ -408,6 +396,13 @@ impl Mesh {
         }
         Ok(out.trim().to_string())
     }
+}
+
+fn echo(s: TcpStream) {
+    let mut r = s.try_clone().unwrap();
+    let mut w = s;
+    let _ = std::io::copy(&mut r, &mut w);
+    let _ = w.shutdown(std::net::Shutdown::Write);
 }
 
 /// Sends `data` through an echo server and checks every byte comes back.

@@ -192,23 +192,11 @@ pub struct ZdsConn(Dgram);
 
 impl ZdsConn {
     async fn call(&self, payload: Payload, fd: Option<BorrowedFd<'_>>) -> Result<(), ZdsError> {
-        self.0
-            .send(
-                &WorkloadRequest {
-                    payload: Some(payload),
-                }
-                .encode_to_vec(),
-                fd,
-            )
-            .await?;
-        let (bytes, _) = tokio::time::timeout(ACK_TIMEOUT, self.0.recv())
-            .await
-            .map_err(|_| ZdsError::Timeout(ACK_TIMEOUT))??;
-        match WorkloadResponse::decode(bytes.as_slice())?.payload {
-            Some(ResponsePayload::Ack(a)) if a.error.is_empty() => Ok(()),
-            Some(ResponsePayload::Ack(a)) => Err(ZdsError::Nack(a.error)),
-            None => Err(ZdsError::Protocol("response without payload".into())),
+        let bytes = WorkloadRequest {
+            payload: Some(payload),
         }
+        .encode_to_vec();
+        self.call_raw(&bytes, fd).await
     }
 
     pub async fn add(
