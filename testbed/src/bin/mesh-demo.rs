@@ -110,6 +110,35 @@ async fn main() {
         Err(e) => println!("   refused: {e}"),
     }
 
+    // Totals over both nodes, as the destination side reported them.
+    let (mut hbone_bytes, mut denied) = (0.0, 0.0);
+    for n in &nodes {
+        for l in m
+            .metrics(n)
+            .lines()
+            .filter(|l| l.contains("reporter=\"destination\""))
+        {
+            let v: f64 = l
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            let mtls = l.contains("connection_security_policy=\"mutual_tls\"");
+            if mtls
+                && (l.starts_with("istio_tcp_received_bytes_total")
+                    || l.starts_with("istio_tcp_sent_bytes_total"))
+            {
+                hbone_bytes += v;
+            }
+            if l.starts_with("istio_tcp_connections_closed_total")
+                && l.contains("response_flags=\"DENY\"")
+            {
+                denied += v;
+            }
+        }
+    }
+    println!("\n== summary: {hbone_bytes} bytes carried over HBONE (mTLS), {denied} connection(s) denied by policy");
+
     println!("\n== metrics excerpt (istio_tcp_*, reporter=destination)");
     for n in &nodes {
         for l in m
