@@ -115,6 +115,21 @@ fn ip_rule(op: &str) -> [&str; 9] {
     ]
 }
 
+/// `ip route <op>` for table 100's local default route.
+fn ip_route(op: &str) -> [&str; 9] {
+    [
+        "ip",
+        "route",
+        op,
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        ROUTE_TABLE,
+    ]
+}
+
 /// Runs `args` inside the netns at `netns`; Ok(false) when it exits non-zero
 /// and `may_fail` (a check, or deleting what is already gone).
 fn run(
@@ -191,22 +206,7 @@ pub fn install(netns: &Path, opts: Options) -> Result<(), RedirectError> {
     )? {
         run(netns, &ip_rule("add"), None, false)?;
     }
-    run(
-        netns,
-        &[
-            "ip",
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            ROUTE_TABLE,
-        ],
-        None,
-        false,
-    )?;
+    run(netns, &ip_route("replace"), None, false)?;
     Ok(())
 }
 
@@ -255,21 +255,6 @@ pub fn remove(netns: &Path) -> Result<(), RedirectError> {
         }
     }
     while run(netns, &ip_rule("del"), None, true)? {}
-    run(
-        netns,
-        &[
-            "ip",
-            "route",
-            "del",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            ROUTE_TABLE,
-        ],
-        None,
-        true,
-    )?;
+    run(netns, &ip_route("del"), None, true)?;
     Ok(())
 }
