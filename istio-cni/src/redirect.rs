@@ -173,13 +173,7 @@ pub fn install(netns: &Path, opts: Options) -> Result<(), RedirectError> {
         return Err(RedirectError::NoNetns(netns.to_path_buf()));
     }
     // Stale jumps from an earlier install with other options go first.
-    remove_jumps(
-        netns,
-        Options {
-            dns: true,
-            inbound: true,
-        },
-    )?;
+    remove_jumps(netns)?;
     run(
         netns,
         &["iptables-restore", "--noflush", "-w"],
@@ -210,8 +204,12 @@ pub fn install(netns: &Path, opts: Options) -> Result<(), RedirectError> {
     Ok(())
 }
 
-fn remove_jumps(netns: &Path, opts: Options) -> Result<(), RedirectError> {
-    for (table, chain, ours) in jumps(opts) {
+/// Deletes every jump install can add, whatever options it was given.
+fn remove_jumps(netns: &Path) -> Result<(), RedirectError> {
+    for (table, chain, ours) in jumps(Options {
+        dns: true,
+        inbound: true,
+    }) {
         // -D removes one copy per call; loop until none is left.
         while run(
             netns,
@@ -230,13 +228,7 @@ pub fn remove(netns: &Path) -> Result<(), RedirectError> {
     if !netns.exists() {
         return Ok(());
     }
-    remove_jumps(
-        netns,
-        Options {
-            dns: true,
-            inbound: true,
-        },
-    )?;
+    remove_jumps(netns)?;
     for table in ["mangle", "nat", "raw"] {
         for ours in [PRERT, OUTPUT] {
             if run(

@@ -13,7 +13,6 @@ use tokio::net::TcpStream;
 
 use super::{Pod, Proxy};
 use crate::metrics::{ConnInfo, ConnMetrics, Flag, Reporter};
-use crate::netns::original_dst;
 
 pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAddr) {
     let cert = match px.certs.fetch(&pod.identity).await {
@@ -111,12 +110,8 @@ async fn stream(
 }
 
 pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: SocketAddr) {
-    let target = match original_dst(&down) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(pod = %pod.uid, %peer, error = %e, "no original destination; closing");
-            return;
-        }
+    let Some(target) = super::redirected_dst(&pod, &down, peer) else {
+        return;
     };
     let state = px.store.load();
     let Some(dst_w) = pod.workload(&state) else {

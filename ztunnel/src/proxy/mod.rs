@@ -102,6 +102,13 @@ fn spawn_accept<F, Fut>(
     });
 }
 
+/// Where a REDIRECTed connection was headed; None (logged) closes it.
+fn redirected_dst(pod: &Pod, s: &tokio::net::TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    crate::netns::original_dst(s)
+        .inspect_err(|e| tracing::warn!(pod = %pod.uid, %peer, error = %e, "no original destination; closing"))
+        .ok()
+}
+
 /// Plain TCP both ways (no tunnel): the bytes are not inspected, so the
 /// kernel-side copy loop does the work; the totals go to metrics at the end.
 async fn relay_plain(

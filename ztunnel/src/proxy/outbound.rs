@@ -9,7 +9,6 @@ use tokio::net::TcpStream;
 
 use super::{Pod, Proxy};
 use crate::metrics::{ConnInfo, ConnMetrics, Flag, Reporter};
-use crate::netns::original_dst;
 
 enum Target {
     Workload(Arc<Workload>, u16),
@@ -18,12 +17,8 @@ enum Target {
 }
 
 pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: SocketAddr) {
-    let orig = match original_dst(&down) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(pod = %pod.uid, %peer, error = %e, "no original destination; closing");
-            return;
-        }
+    let Some(orig) = super::redirected_dst(&pod, &down, peer) else {
+        return;
     };
     let state = px.store.load();
     let src_w = pod.workload(&state);
