@@ -5,6 +5,10 @@ need=()
 for pair in ip:iproute2 iptables-restore:iptables dumpcap:tshark tshark:tshark iperf3:iperf3 sockperf:sockperf nc:netcat-openbsd curl:curl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
+# The reference CNI plugins the istio-cni tests chain ours with; ipset for the
+# node's probe SNAT set; ss (iproute2) to see in-pod listeners.
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+command -v ipset >/dev/null 2>&1 || need+=(ipset)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

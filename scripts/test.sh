@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 export ENVOY_BIN="${ENVOY_BIN:-$(command -v envoy)}"
-cargo build --workspace --tests
+cargo build --workspace --bins --tests
 # Two at a time: each end-to-end test runs two ztunnels on this 2-core machine.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

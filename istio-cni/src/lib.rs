@@ -1,5 +1,13 @@
-//! Capture for ambient pods. What exists so far: the in-pod redirection rules
-//! (SPEC §4) with idempotent install and exact removal. The CNI plugin, the
-//! node agent and its ZDS server (see the `zds` crate) are not built yet.
+//! Capture for ambient pods: the chained CNI plugin (`istio-cni`), the node
+//! agent (`istio-cni-agent`) that installs the in-pod rules of SPEC §4 and
+//! hands pods to ztunnel over ZDS, and the install mode that chains the
+//! plugin into the node's CNI config.
 
+pub mod agent;
+pub mod api;
+pub mod cni;
+pub mod host;
+pub mod install;
+pub mod membership;
+pub mod plugin;
 pub mod redirect;

@@ -27,7 +27,7 @@ pub enum RedirectError {
     },
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Options {
     /// Redirect UDP and TCP port 53 to ztunnel's DNS proxy on 15053.
     pub dns: bool,
@@ -204,12 +204,30 @@ pub fn install(netns: &Path, opts: Options) -> Result<(), RedirectError> {
     Ok(())
 }
 
+/// Whether the jumps into our chains are in place (CHECK, reconcile).
+pub fn installed(netns: &Path) -> Result<bool, RedirectError> {
+    if !netns.exists() {
+        return Err(RedirectError::NoNetns(netns.to_path_buf()));
+    }
+    run(
+        netns,
+        &["iptables", "-w", "-t", "nat", "-C", "OUTPUT", "-j", OUTPUT],
+        None,
+        true,
+    )
+}
+
 /// Deletes every jump install can add, whatever options it was given.
 fn remove_jumps(netns: &Path) -> Result<(), RedirectError> {
+    // Reverse of install: redirects stop before the mangle/connmark rules
+    // that carry already-redirected connections' replies go.
     for (table, chain, ours) in jumps(Options {
         dns: true,
         inbound: true,
-    }) {
+    })
+    .into_iter()
+    .rev()
+    {
         // -D removes one copy per call; loop until none is left.
         while run(
             netns,

@@ -25,6 +25,9 @@ pub struct Workload {
     pub node: String,
     pub ip: IpAddr,
     pub labels: BTreeMap<String, String>,
+    /// Pod annotations (capture options such as `ambient.istio.io/dns-capture`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     /// Named container ports, for services whose targetPort is a name.
     pub named_ports: BTreeMap<String, u16>,
     pub protocol: TunnelProtocol,
@@ -92,6 +95,9 @@ pub struct MeshState {
     pub services: Vec<Arc<Service>>,
     pub policies: Vec<Arc<AuthorizationPolicy>>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// Labels of the namespaces the source declared (enrolment is decided
+    /// from them and the pod's own label).
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]
@@ -120,6 +126,7 @@ impl MeshState {
             services,
             policies: policies.into_iter().map(Arc::new).collect(),
             peer_authentications,
+            namespace_labels: BTreeMap::new(),
             by_ip,
             by_vip,
         }

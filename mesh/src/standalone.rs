@@ -52,6 +52,8 @@ struct Meta {
     uid: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -371,6 +373,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
             node: p.spec.node_name,
             ip: p.ip,
             labels: p.meta.labels,
+            annotations: p.meta.annotations,
             named_ports: p
                 .spec
                 .containers
@@ -462,12 +465,9 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
             endpoints,
         });
     }
-    Ok(MeshState::new(
-        workloads,
-        out_services,
-        policies,
-        peer_auths,
-    ))
+    let mut state = MeshState::new(workloads, out_services, policies, peer_auths);
+    state.namespace_labels = namespaces.into_iter().collect();
+    Ok(state)
 }
 
 fn pod(object: &str, value: serde_yaml::Value) -> Result<Pod, ConfigError> {

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
+mod cni;
+pub use cni::{CniFailure, CniNet};
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn sh(cmd: &str) {
@@ -64,6 +67,8 @@ pub struct Node {
     pub sock: PathBuf,
     agent: Option<zds::ZdsConn>,
     server: Option<zds::ZdsServer>,
+    /// The real istio-cni node agent, when it (not this crate) plays the agent.
+    cni_agent: Option<Child>,
 }
 
 impl Node {
@@ -95,6 +100,41 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// Runs a ztunnel for `node` in the node's netns (made if missing),
+    /// connecting to the ZDS socket `sock`. Returns (netns, process, log).
+    pub(crate) fn spawn_ztunnel(
+        &self,
+        node: &str,
+        sock: &Path,
+        ca_dir: &Path,
+    ) -> (String, Child, PathBuf) {
+        let ns = format!("{}-{}", self.prefix, node);
+        if !Path::new(&format!("/run/netns/{ns}")).exists() {
+            sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+        }
+        let log = self.dir.join(format!("{node}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&self.ztunnel)
+            .args(["--node", node, "--config"])
+            .arg(&self.config)
+            .arg("--ca-dir")
+            .arg(ca_dir)
+            .arg("--zds-socket")
+            .arg(sock)
+            .args(["--drain-timeout", "3s"])
+            .args(&self.extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (ns, child, log)
+    }
+
     /// A bridge network and an empty config; add pods, write config, start nodes.
     pub fn new(tag: &str, ztunnel: &str) -> Mesh {
         let prefix = format!(
@@ -174,32 +214,9 @@ impl Mesh {
 
     /// Starts ztunnel for `node` and enrols the captured pods of that node over ZDS.
     pub async fn start_node(&mut self, node: &str, ca_dir: &Path) {
-        let ns = format!("{}-{}", self.prefix, node);
-        if !Path::new(&format!("/run/netns/{ns}")).exists() {
-            sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
-        }
         let sock = self.dir.join(format!("{node}.sock"));
         let server = zds::ZdsServer::bind(&sock).unwrap();
-        let log = self.dir.join(format!("{node}.log"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(&self.ztunnel)
-            .args(["--node", node, "--config"])
-            .arg(&self.config)
-            .arg("--ca-dir")
-            .arg(ca_dir)
-            .arg("--zds-socket")
-            .arg(&sock)
-            .args(["--drain-timeout", "3s"])
-            .args(&self.extra_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let (ns, child, log) = self.spawn_ztunnel(node, &sock, ca_dir);
         let conn = tokio::time::timeout(Duration::from_secs(10), server.accept())
             .await
             .unwrap_or_else(|_| {
@@ -217,6 +234,7 @@ impl Mesh {
             sock,
             agent: Some(conn),
             server: Some(server),
+            cni_agent: None,
         };
         let mut mine: Vec<&Pod> = self.pods.values().filter(|p| p.node == node).collect();
         mine.sort_by(|a, b| a.name.cmp(&b.name));
@@ -441,7 +459,7 @@ impl Drop for Mesh {
         for n in self.nodes.values_mut() {
             n.agent.take();
             n.server.take();
-            if let Some(mut c) = n.child.take() {
+            for mut c in [n.child.take(), n.cni_agent.take()].into_iter().flatten() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
@@ -618,4 +636,72 @@ impl Mesh {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// A packet capture (dumpcap, TCP only) on `iface` inside netns `ns`.
+pub struct Capture {
+    child: Child,
+    pub pcap: PathBuf,
+}
+
+impl Capture {
+    /// Returns once the capture filter is attached.
+    pub fn start(ns: &str, iface: &str, pcap: PathBuf) -> Capture {
+        let mut child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "dumpcap", "-q", "-P", "-i", iface, "-w",
+            ])
+            .arg(&pcap)
+            .args(["-f", "tcp"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dumpcap (apt-get install tshark)");
+        let mut err = child.stderr.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("Capturing on") {
+            let n = err.read(&mut buf).unwrap();
+            assert!(n > 0, "dumpcap exited: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // dumpcap announces itself a moment before its filter is attached.
+        std::thread::sleep(Duration::from_millis(700));
+        Capture { child, pcap }
+    }
+
+    /// Stops (after late packets land) and returns the raw pcap bytes.
+    pub fn stop(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        self.child.wait().unwrap();
+        std::fs::read(&self.pcap).unwrap()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `needle` occurs anywhere in `haystack` (payload search in a pcap).
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A binary of another crate of this workspace (cargo only exposes a test's
+/// own crate's binaries), found next to the test executable.
+pub fn workspace_bin(name: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join(name);
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin.display().to_string()
 }

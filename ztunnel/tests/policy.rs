@@ -130,43 +130,16 @@ async fn wire_between_pods_is_tls13_never_plaintext() {
     let m = two_nodes("wire", ZT, "").await;
     m.echo_server("server-2", 8080);
     m.echo_server("client", 7070);
-    let pcap = m.dir.join("br0.pcap");
-    let mut tshark = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &m.net, "dumpcap", "-q", "-P", "-i", "br0", "-w",
-        ])
-        .arg(&pcap)
-        .args(["-f", "tcp"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("dumpcap");
-    // Wait until tshark says it is capturing.
-    let mut err = tshark.stderr.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("Capturing on") {
-        let n = std::io::Read::read(&mut err, &mut buf).unwrap();
-        assert!(n > 0, "dumpcap exited: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    // dumpcap announces itself a moment before its filter is attached.
-    std::thread::sleep(Duration::from_millis(700));
+    let cap = Capture::start(&m.net, "br0", m.dir.join("br0.pcap"));
     let secret = b"MESH-SECRET-PAYLOAD-0123456789".repeat(2000);
     echo_roundtrip(m.connect("client", "10.244.2.11:8080").unwrap(), &secret);
     // Control: the same capture does see plaintext when plaintext is sent
     // (outsider is not in the mesh; PERMISSIVE admits it).
     let control = b"CONTROL-PLAINTEXT-PAYLOAD".repeat(100);
     echo_roundtrip(m.connect("outsider", "10.244.1.10:7070").unwrap(), &control);
-    std::thread::sleep(Duration::from_millis(500));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(tshark.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    tshark.wait().unwrap();
-
-    let raw = std::fs::read(&pcap).unwrap();
-    let contains = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    let pcap = cap.pcap.clone();
+    let raw = cap.stop();
+    let contains = |needle: &[u8]| contains(&raw, needle);
     assert!(
         contains(b"CONTROL-PLAINTEXT-PAYLOAD"),
         "capture must see plaintext when there is some"
