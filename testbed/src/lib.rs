@@ -1,7 +1,8 @@
 //! A mesh on one machine, for the tests and the demo: "nodes" and "pods" are
-//! network namespaces, pods hang off one bridge, each node runs a real ztunnel
-//! binary, and this crate plays the node agent: it installs istio-cni's
-//! capture rules and hands pods over ZDS (until istio-cni's agent does both).
+//! network namespaces and each node runs a real ztunnel binary. Two ways to
+//! make pods: `Mesh::pod` (one shared bridge; this crate installs the capture
+//! rules and plays the node agent over ZDS, for ztunnel's own tests) and
+//! `Mesh::cni_pod` (the real CNI chain and istio-cni agent, see `cni.rs`).
 //! Everything is torn down on drop, also when a test panics.
 
 use std::collections::HashMap;

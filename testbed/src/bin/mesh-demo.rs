@@ -26,37 +26,38 @@ async fn main() {
     let state = mesh::standalone::parse(&yaml, "cluster.local")
         .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
 
+    let agent = arg("--agent", "target/release/istio-cni-agent");
+    let plugin = arg("--plugin", "target/release/istio-cni");
     println!("== building the mesh from {}", config.display());
     let mut m = Mesh::new("demo", &ztunnel);
-    let mut nodes = std::collections::BTreeSet::new();
+    m.write_config(&yaml);
+    let nodes: std::collections::BTreeSet<String> =
+        state.workloads.values().map(|w| w.node.clone()).collect();
+    let ca = m.dir.join("ca");
+    for (i, n) in nodes.iter().enumerate() {
+        // Node i owns 10.244.i.0/24 (host-local IPAM of its bridge CNI).
+        m.cni_node(n, i as u8 + 1);
+        m.start_cni_agent(n, &agent, &plugin, &[]);
+        m.start_ztunnel(n, &ca);
+        println!("   {n}: bridge CNI + istio-cni chained by its node agent, ztunnel ready");
+    }
     for w in state.workloads.values() {
-        let captured = w.protocol == TunnelProtocol::Hbone;
-        m.pod(
-            &w.name,
-            &w.namespace,
-            &w.service_account,
-            &w.ip.to_string(),
-            &w.node,
-            captured,
-        );
-        nodes.insert(w.node.clone());
+        // The runtime's part: a sandbox netns, then the node's CNI chain.
+        let r = m.cni_pod(&w.node, &w.name, &w.namespace, &w.service_account, &w.ip.to_string());
+        if let Err(e) = r {
+            panic!("CNI ADD of {}/{} failed: {e:?}", w.namespace, w.name);
+        }
         println!(
             "   pod {:<10} {:<12} node {}  {}",
             w.name,
             w.ip,
             w.node,
-            if captured {
-                "ambient (captured)"
+            if w.protocol == TunnelProtocol::Hbone {
+                "ambient: captured by istio-cni, served by ztunnel"
             } else {
-                "not in mesh"
+                "not in mesh: untouched"
             }
         );
-    }
-    m.write_config(&yaml);
-    let ca = m.dir.join("ca");
-    for n in &nodes {
-        m.start_node(n, &ca).await;
-        println!("   ztunnel on {n}: ready (listening inside its pods' netns)");
     }
 
     let svc = state
