@@ -3,6 +3,7 @@
 
 pub mod authz;
 pub mod model;
+mod service_entry;
 pub mod standalone;
 mod store;
 
@@ -10,6 +11,7 @@ pub use model::{
     Endpoint, MeshState, MtlsMode, PeerAuthentication, Service, ServicePort, TargetPort,
     TunnelProtocol, Workload,
 };
+pub use service_entry::{Resolution, ServiceEntry};
 pub use standalone::ConfigError;
 pub use store::{watch_file, MeshStore};
 

@@ -98,6 +98,7 @@ pub struct MeshState {
     /// Labels of the namespaces the source declared (enrolment is decided
     /// from them and the pod's own label).
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    pub service_entries: Vec<crate::ServiceEntry>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]
@@ -127,6 +128,7 @@ impl MeshState {
             policies: policies.into_iter().map(Arc::new).collect(),
             peer_authentications,
             namespace_labels: BTreeMap::new(),
+            service_entries: Vec::new(),
             by_ip,
             by_vip,
         }
@@ -140,6 +142,24 @@ impl MeshState {
         self.workloads
             .values()
             .find(|w| w.namespace == namespace && w.name == name)
+    }
+
+    /// The addresses `host` (lowercase, no trailing dot) has in the mesh: a
+    /// Service hostname's VIPs or a ServiceEntry host's addresses. None when
+    /// the mesh does not own the name.
+    pub fn addresses_of_host(&self, host: &str) -> Option<Vec<IpAddr>> {
+        if let Some(s) = self.services.iter().find(|s| s.hostname == host) {
+            // Headless: the endpoints themselves, as Kubernetes DNS does.
+            return Some(if s.vips.is_empty() {
+                s.endpoints.iter().map(|e| e.ip).collect()
+            } else {
+                s.vips.clone()
+            });
+        }
+        self.service_entries
+            .iter()
+            .find(|se| se.hosts.iter().any(|h| h == host) && !se.dns_addresses().is_empty())
+            .map(|se| se.dns_addresses().to_vec())
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {

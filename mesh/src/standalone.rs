@@ -35,7 +35,11 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err(object: &str, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn err(
+    object: &str,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> ConfigError {
     ConfigError {
         object: object.to_string(),
         field: field.into(),
@@ -255,7 +259,10 @@ struct Pod {
 }
 
 /// Deserialize `value` as `T`, reporting the failing field path.
-fn typed<T: DeserializeOwned>(object: &str, value: serde_yaml::Value) -> Result<T, ConfigError> {
+pub(crate) fn typed<T: DeserializeOwned>(
+    object: &str,
+    value: serde_yaml::Value,
+) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         err(
@@ -272,6 +279,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
     let mut services = Vec::new();
     let mut policies = Vec::new();
     let mut peer_auths = Vec::new();
+    let mut service_entries = Vec::new();
     let mut seen = HashMap::new();
 
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -320,8 +328,11 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
                 peer_auths.push(peer_auth(&object, value)?)
             }
+            ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "ServiceEntry") => {
+                service_entries.push(crate::service_entry::parse(&object, value)?)
+            }
             (api, kind) => {
-                return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication")))
+                return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry")))
             }
         }
     }
@@ -467,6 +478,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
     }
     let mut state = MeshState::new(workloads, out_services, policies, peer_auths);
     state.namespace_labels = namespaces.into_iter().collect();
+    state.service_entries = service_entries;
     Ok(state)
 }
 

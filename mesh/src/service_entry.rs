@@ -1,0 +1,139 @@
+//! ServiceEntry (networking.istio.io): hosts the mesh knows that have no
+//! Kubernetes Service, so that ztunnel's DNS proxy can answer for them.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::standalone::{err, typed, ConfigError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    None,
+    Static,
+    Dns,
+    DnsRoundRobin,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceEntry {
+    pub name: String,
+    pub namespace: String,
+    pub hosts: Vec<String>,
+    /// The VIPs the hosts resolve to in the mesh.
+    pub addresses: Vec<IpAddr>,
+    pub resolution: Resolution,
+    /// STATIC endpoints' addresses.
+    pub endpoints: Vec<IpAddr>,
+}
+
+impl ServiceEntry {
+    /// What a DNS query for one of the hosts is answered with in the mesh:
+    /// the declared addresses, else (STATIC) the endpoints. Empty means the
+    /// name is left to the upstream resolvers.
+    pub fn dns_addresses(&self) -> &[IpAddr] {
+        if !self.addresses.is_empty() || self.resolution != Resolution::Static {
+            &self.addresses
+        } else {
+            &self.endpoints
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Spec {
+    hosts: Vec<String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    resolution: Option<Resolution>,
+    #[serde(default)]
+    endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Deserialize)]
+struct EndpointSpec {
+    address: String,
+}
+
+#[derive(Deserialize)]
+struct Object {
+    metadata: Meta,
+    spec: Option<Spec>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+fn ip(object: &str, field: String, s: &str) -> Result<IpAddr, ConfigError> {
+    // A single-address CIDR is accepted as that address.
+    let bare = s
+        .strip_suffix("/32")
+        .or_else(|| s.strip_suffix("/128"))
+        .unwrap_or(s);
+    bare.parse().map_err(|_| {
+        err(
+            object,
+            field,
+            format!("{s:?} is not an IP address (ranges are not supported)"),
+        )
+    })
+}
+
+pub(crate) fn parse(object: &str, value: serde_yaml::Value) -> Result<ServiceEntry, ConfigError> {
+    let o: Object = typed(object, value)?;
+    let spec = o
+        .spec
+        .ok_or_else(|| err(object, "spec", "missing (needs spec.hosts)"))?;
+    if spec.hosts.is_empty() {
+        return Err(err(object, "spec.hosts", "empty"));
+    }
+    let mut hosts = Vec::new();
+    for (i, h) in spec.hosts.iter().enumerate() {
+        let h = h.trim_end_matches('.').to_ascii_lowercase();
+        if h.is_empty() || h.split('.').any(|l| l.is_empty() || l.len() > 63) {
+            return Err(err(
+                object,
+                format!("spec.hosts[{i}]"),
+                format!("{h:?} is not a DNS name"),
+            ));
+        }
+        hosts.push(h);
+    }
+    let addresses = spec
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ip(object, format!("spec.addresses[{i}]"), a))
+        .collect::<Result<_, _>>()?;
+    let resolution = spec.resolution.unwrap_or(Resolution::None);
+    let mut endpoints = Vec::new();
+    for (i, e) in spec.endpoints.iter().enumerate() {
+        match e.address.parse() {
+            Ok(a) => endpoints.push(a),
+            // DNS-resolved endpoints name hosts; only STATIC needs IPs.
+            Err(_) if resolution == Resolution::Static => {
+                return Err(err(
+                    object,
+                    format!("spec.endpoints[{i}].address"),
+                    format!("{:?} is not an IP address (resolution STATIC)", e.address),
+                ))
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(ServiceEntry {
+        name: o.metadata.name,
+        namespace: o.metadata.namespace.unwrap_or_else(|| "default".into()),
+        hosts,
+        addresses,
+        resolution,
+        endpoints,
+    })
+}
