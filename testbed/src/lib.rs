@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 use nix::sched::{setns, CloneFlags};
 
 mod cni;
+mod dns;
 pub use cni::{CniFailure, CniNet};
+pub use dns::DnsCounts;
+pub use hickory_proto;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -95,6 +98,8 @@ pub struct Mesh {
     pub pods: HashMap<String, Pod>,
     pub nodes: HashMap<String, Node>,
     pub extra_args: Vec<String>,
+    /// Whether `pod` redirects the pods' DNS to ztunnel (on by default).
+    pub dns_capture: bool,
     ztunnel: PathBuf,
     /// Other processes started for the test (Envoy...), reaped on drop.
     peers: std::sync::Mutex<Vec<Child>>,
@@ -156,6 +161,7 @@ impl Mesh {
             pods: HashMap::new(),
             nodes: HashMap::new(),
             extra_args: vec![],
+            dns_capture: true,
             ztunnel: ztunnel.into(),
             peers: Default::default(),
         };
@@ -189,7 +195,11 @@ impl Mesh {
         ));
         if captured {
             let path = PathBuf::from(format!("/run/netns/{ns}"));
-            istio_cni::redirect::install(&path, istio_cni::redirect::Options::default())
+            let opts = istio_cni::redirect::Options {
+                dns: self.dns_capture,
+                inbound: true,
+            };
+            istio_cni::redirect::install(&path, opts)
                 .unwrap_or_else(|e| panic!("capture rules for {name}: {e}"));
         }
         self.pods.insert(
@@ -470,7 +480,7 @@ impl Drop for Mesh {
             let name = line.split_whitespace().next().unwrap_or("");
             if name.starts_with(&format!("{}-", self.prefix)) {
                 let _ = sh_out(&format!(
-                    "ip netns pids {name} | xargs -r kill -9; ip netns del {name}"
+                    "ip netns pids {name} | xargs -r kill -9; ip netns del {name}; rm -rf /etc/netns/{name}"
                 ));
             }
         }

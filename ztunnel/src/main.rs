@@ -1,6 +1,7 @@
 //! ztunnel: the per-node L4 proxy of the ambient mesh.
 
 mod admin;
+mod dns;
 mod metrics;
 mod netns;
 mod pods;
@@ -101,6 +102,11 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Prefix("istio_dns_".into()),
+            dns::BUCKETS,
+        )
+        .context("metric buckets")?
         .install_recorder()
         .context("install metrics recorder")?;
     ::metrics::gauge!("istio_build", "component" => "ztunnel", "tag" => env!("CARGO_PKG_VERSION"))

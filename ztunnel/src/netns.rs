@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use nix::sched::{setns, CloneFlags};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 /// Marks every socket ztunnel opens in a pod so the capture rules skip it.
 pub const ZTUNNEL_MARK: u32 = 0x539;
@@ -31,6 +31,15 @@ pub struct PodNetns {
 }
 
 impl PodNetns {
+    /// The `ip netns` name of this namespace, if it has one (standalone
+    /// pods): `/etc/netns/<name>/` holds its own resolv.conf.
+    pub fn name(&self) -> Option<String> {
+        std::fs::read_dir("/run/netns").ok()?.flatten().find_map(|e| {
+            let st = nix::sys::stat::stat(&e.path()).ok()?;
+            ((st.st_dev as u64, st.st_ino as u64) == self.id).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+    }
+
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         let st = nix::sys::stat::fstat(&fd)?;
         Ok(PodNetns {
@@ -64,6 +73,28 @@ impl PodNetns {
         TcpListener::from_std(sock.into())
     }
 
+    /// The DNS proxy's sockets on 127.0.0.1:`port` in the pod (UDP and TCP),
+    /// where the capture rules REDIRECT port 53.
+    pub fn dns_listeners(&self, port: u16) -> io::Result<(UdpSocket, TcpListener)> {
+        let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+        let (udp, tcp) = self.run(|| Ok((udp_socket()?, tcp_socket()?)))?;
+        for s in [&udp, &tcp] {
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.bind(&addr.into())?;
+        }
+        tcp.listen(256)?;
+        Ok((UdpSocket::from_std(udp.into())?, TcpListener::from_std(tcp.into())?))
+    }
+
+    /// A marked UDP socket in the pod bound to `local` (upstream DNS: it
+    /// leaves by the pod's own routes, skipping the capture rules).
+    pub fn udp_bind(&self, local: SocketAddr) -> io::Result<UdpSocket> {
+        let s = self.run(udp_socket)?;
+        s.bind(&local.into())?;
+        UdpSocket::from_std(s.into())
+    }
+
     /// Connects from inside the pod. With `as_source`, the socket is bound to
     /// that (foreign) address first, so the application sees the original
     /// client IP (IP_TRANSPARENT + IP_FREEBIND).
@@ -82,6 +113,12 @@ impl PodNetns {
         s.set_nodelay(true)?;
         Ok(s)
     }
+}
+
+fn udp_socket() -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking().cloexec(), Some(Protocol::UDP))?;
+    s.set_mark(ZTUNNEL_MARK)?;
+    Ok(s)
 }
 
 fn tcp_socket() -> io::Result<Socket> {

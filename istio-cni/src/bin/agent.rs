@@ -31,7 +31,7 @@ struct Args {
     state_dir: PathBuf,
     /// Redirect pods' DNS (port 53) to ztunnel's proxy; a pod annotation
     /// `ambient.istio.io/dns-capture` overrides it.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     dns_capture: bool,
     /// Namespaces never captured.
     #[arg(long, value_delimiter = ',', default_value = "kube-system")]

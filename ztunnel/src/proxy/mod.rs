@@ -52,7 +52,7 @@ impl Pod {
     }
 }
 
-/// Opens the pod's three listeners and serves them until `stop` or the drain.
+/// Opens the pod's listeners (three TCP, and DNS) and serves them until `stop` or the drain.
 pub fn start_pod(
     px: &Arc<Proxy>,
     pod: Arc<Pod>,
@@ -63,8 +63,8 @@ pub fn start_pod(
     let hbone = pod.netns.listener(hbone::HBONE_PORT)?;
     spawn_accept(px, &pod, outbound, stop.clone(), outbound::handle);
     spawn_accept(px, &pod, plaintext, stop.clone(), inbound::plaintext);
-    spawn_accept(px, &pod, hbone, stop, inbound::hbone);
-    Ok(())
+    spawn_accept(px, &pod, hbone, stop.clone(), inbound::hbone);
+    crate::dns::start(px, pod, stop)
 }
 
 fn spawn_accept<F, Fut>(
