@@ -119,12 +119,14 @@ async fn ambient_pods_are_captured_at_add_and_talk_hbone() {
         "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
         "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006",
         "-A OUTPUT -j ISTIO_OUTPUT",
+        // DNS capture is the agent's default.
+        "-A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053",
         "fwmark 0x111/0xfff lookup 100",
         "local default dev lo",
     ] {
         assert!(traces.contains(want), "missing {want:?} in:\n{traces}");
     }
-    for port in [15001, 15006, 15008] {
+    for port in [15001, 15006, 15008, 15053] {
         assert!(
             listening(&m, "a").contains(&port),
             "ztunnel not listening on {port} in pod a: {:?}",
