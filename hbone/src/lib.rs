@@ -6,10 +6,12 @@
 
 mod client;
 mod copy;
+mod io;
 mod server;
 
 pub use client::{Pool, PoolKey};
 pub use copy::{pump, Transfer};
+pub use io::StreamIo;
 pub use server::{serve, Inbound, InboundError};
 
 /// HTTP/2 settings sized for throughput: 64 KiB defaults starve a tunnel.

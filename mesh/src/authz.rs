@@ -15,6 +15,8 @@ use crate::model::Workload;
 pub enum Action {
     Allow,
     Deny,
+    /// Waypoint only: logged, never changes the decision.
+    Audit,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -32,6 +34,20 @@ pub struct AuthorizationPolicy {
     pub action: Action,
     pub rules: Vec<Rule>,
     pub dry_run: bool,
+}
+
+/// What a waypoint policy is attached to (in the policy's namespace).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TargetRef {
+    /// `Gateway` (all traffic through that waypoint) or `Service`.
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetedPolicy {
+    pub targets: Vec<TargetRef>,
+    pub policy: AuthorizationPolicy,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -56,6 +72,68 @@ pub struct Match {
     pub not_destination_ips: Vec<IpNet>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+    /// Request attributes: only a waypoint can check them.
+    #[serde(skip_serializing_if = "L7Match::is_empty")]
+    pub l7: L7Match,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct L7Match {
+    pub methods: Vec<StringMatch>,
+    pub not_methods: Vec<StringMatch>,
+    pub paths: Vec<StringMatch>,
+    pub not_paths: Vec<StringMatch>,
+    pub hosts: Vec<StringMatch>,
+    pub not_hosts: Vec<StringMatch>,
+    /// `when: request.headers[name]`: (name, values, notValues).
+    pub headers: Vec<(String, Vec<StringMatch>, Vec<StringMatch>)>,
+}
+
+impl L7Match {
+    pub fn is_empty(&self) -> bool {
+        self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.headers.is_empty()
+    }
+
+    fn matches(&self, r: &HttpRequest) -> bool {
+        let any = |ms: &[StringMatch], v: &str| ms.iter().any(|m| m.matches(v));
+        // Hosts compare without the port, case-insensitively.
+        let host = r.host.rsplit_once(':').map_or(r.host, |(h, p)| {
+            if p.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                r.host
+            }
+        });
+        let host = host.to_ascii_lowercase();
+        let path = r.path.split('?').next().unwrap_or("");
+        (self.methods.is_empty() || any(&self.methods, r.method))
+            && !any(&self.not_methods, r.method)
+            && (self.paths.is_empty() || any(&self.paths, path))
+            && !any(&self.not_paths, path)
+            && (self.hosts.is_empty() || any(&self.hosts, &host))
+            && !any(&self.not_hosts, &host)
+            && self.headers.iter().all(|(name, vals, nots)| {
+                let v = r.headers.get(name.as_str()).and_then(|v| v.to_str().ok());
+                (vals.is_empty() || v.is_some_and(|v| any(vals, v)))
+                    && !v.is_some_and(|v| any(nots, v))
+            })
+    }
+}
+
+/// The request a waypoint decides on.
+#[derive(Clone, Debug)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// Path with any query string.
+    pub path: &'a str,
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
 }
 
 /// Istio's string forms: exact, `prefix*`, `*suffix`, and `*` (present).
@@ -98,6 +176,8 @@ pub struct Connection<'a> {
     pub src_ip: IpAddr,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
+    /// Present at a waypoint; a match with request attributes fails without.
+    pub request: Option<HttpRequest<'a>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +205,7 @@ impl Match {
             && !any_net(&self.not_destination_ips, c.dst_ip)
             && (self.destination_ports.is_empty() || self.destination_ports.contains(&c.dst_port))
             && !self.not_destination_ports.contains(&c.dst_port)
+            && (self.l7.is_empty() || c.request.as_ref().is_some_and(|r| self.l7.matches(r)))
     }
 }
 
@@ -163,8 +244,17 @@ pub fn evaluate<'a>(
     dst: &Workload,
     c: &Connection,
 ) -> Decision {
+    evaluate_selected(policies.into_iter().filter(|p| p.selects(dst)), c)
+}
+
+/// `evaluate` over policies the caller already selected (a waypoint selects
+/// by targetRefs).
+pub fn evaluate_selected<'a>(
+    policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
+    c: &Connection,
+) -> Decision {
     let mut allows = Vec::new();
-    for p in policies.into_iter().filter(|p| p.selects(dst)) {
+    for p in policies {
         if p.dry_run {
             tracing::info!(policy = %p.key(), would_match = p.matches(c), "dry-run policy");
             continue;
@@ -174,6 +264,11 @@ pub fn evaluate<'a>(
                 return Decision::Deny(format!("denied by DENY policy {}", p.key()))
             }
             Action::Deny => {}
+            Action::Audit => {
+                if p.matches(c) {
+                    tracing::info!(policy = %p.key(), "AUDIT policy matched");
+                }
+            }
             Action::Allow => allows.push(p),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod authz;
 pub mod model;
+pub mod routes;
 mod service_entry;
 pub mod standalone;
 mod store;

@@ -28,6 +28,8 @@ pub struct Workload {
     /// Pod annotations (capture options such as `ambient.istio.io/dns-capture`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// The waypoint its namespace or pod label asks for.
+    pub waypoint: Option<crate::routes::WaypointRef>,
     /// Named container ports, for services whose targetPort is a name.
     pub named_ports: BTreeMap<String, u16>,
     pub protocol: TunnelProtocol,
@@ -62,6 +64,8 @@ pub struct Endpoint {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Service {
+    /// The waypoint its own or its namespace's label asks for.
+    pub waypoint: Option<crate::routes::WaypointRef>,
     pub name: String,
     pub namespace: String,
     pub hostname: String,
@@ -99,6 +103,11 @@ pub struct MeshState {
     /// from them and the pod's own label).
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     pub service_entries: Vec<crate::ServiceEntry>,
+    pub waypoints: Vec<crate::routes::Waypoint>,
+    pub http_routes: Vec<crate::routes::HttpRoute>,
+    pub destination_rules: Vec<crate::routes::DestinationRule>,
+    /// AuthorizationPolicies with targetRefs: enforced by waypoints.
+    pub waypoint_policies: Vec<crate::authz::TargetedPolicy>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]
@@ -129,6 +138,10 @@ impl MeshState {
             peer_authentications,
             namespace_labels: BTreeMap::new(),
             service_entries: Vec::new(),
+            waypoints: Vec::new(),
+            http_routes: Vec::new(),
+            destination_rules: Vec::new(),
+            waypoint_policies: Vec::new(),
             by_ip,
             by_vip,
         }

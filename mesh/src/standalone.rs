@@ -10,8 +10,12 @@ use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::authz::{Action, AuthorizationPolicy, Clause, Match, Rule, Scope, StringMatch};
+use crate::authz::{
+    Action, AuthorizationPolicy, Clause, L7Match, Match, Rule, Scope, StringMatch, TargetRef,
+    TargetedPolicy,
+};
 use crate::model::*;
+use crate::routes::{WaypointRef, USE_WAYPOINT_LABEL, USE_WAYPOINT_NS_LABEL};
 use crate::{DATAPLANE_MODE_LABEL, ROOT_NAMESPACE};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,6 +284,10 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
     let mut policies = Vec::new();
     let mut peer_auths = Vec::new();
     let mut service_entries = Vec::new();
+    let mut waypoint_policies = Vec::new();
+    let mut waypoints = Vec::new();
+    let mut http_routes = Vec::new();
+    let mut destination_rules = Vec::new();
     let mut seen = HashMap::new();
 
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -321,9 +329,22 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
             ("v1", "Pod") => pods.push(pod(&object, value)?),
             ("v1", "Service") => services.push((object.clone(), typed::<Object<ServiceSpec>>(&object, value)?)),
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
-                if let Some(p) = authz(&object, value)? {
-                    policies.push(p);
+                match authz(&object, value)? {
+                    ParsedPolicy::Ztunnel(p) => policies.push(p),
+                    ParsedPolicy::Waypoint(p) => waypoint_policies.push(p),
                 }
+            }
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
+                waypoints.extend(crate::routes::gateway(&object, value)?)
+            }
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+                http_routes.push(crate::routes::http_route(&object, value)?)
+            }
+            ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "VirtualService") => {
+                http_routes.push(crate::routes::virtual_service(&object, value)?)
+            }
+            ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "DestinationRule") => {
+                destination_rules.push(crate::routes::destination_rule(&object, value)?)
             }
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
                 peer_auths.push(peer_auth(&object, value)?)
@@ -332,7 +353,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
                 service_entries.push(crate::service_entry::parse(&object, value)?)
             }
             (api, kind) => {
-                return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry")))
+                return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute")))
             }
         }
     }
@@ -355,6 +376,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
                 .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
                 .is_some_and(|m| m == "ambient"),
         };
+        let waypoint = waypoint_ref(&p.meta.labels, ns_labels, &p.namespace);
         let label = |keys: &[&str]| keys.iter().find_map(|k| p.meta.labels.get(*k).cloned());
         workloads.push(Workload {
             uid: p
@@ -385,6 +407,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
             ip: p.ip,
             labels: p.meta.labels,
             annotations: p.meta.annotations,
+            waypoint,
             named_ports: p
                 .spec
                 .containers
@@ -462,7 +485,9 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
                 .collect(),
             _ => Vec::new(),
         };
+        let waypoint = waypoint_ref(&o.metadata.labels, namespaces.get(&namespace), &namespace);
         out_services.push(Service {
+            waypoint,
             hostname: format!(
                 "{}.{}.svc.{}",
                 o.metadata.name,
@@ -479,7 +504,31 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
     let mut state = MeshState::new(workloads, out_services, policies, peer_auths);
     state.namespace_labels = namespaces.into_iter().collect();
     state.service_entries = service_entries;
+    state.waypoint_policies = waypoint_policies;
+    state.waypoints = waypoints;
+    state.http_routes = http_routes;
+    state.destination_rules = destination_rules;
     Ok(state)
+}
+
+/// `istio.io/use-waypoint` on the object, else on its namespace; `none` on
+/// the object opts out of a namespace's waypoint.
+fn waypoint_ref(
+    labels: &BTreeMap<String, String>,
+    ns_labels: Option<&BTreeMap<String, String>>,
+    namespace: &str,
+) -> Option<WaypointRef> {
+    let own = labels
+        .get(USE_WAYPOINT_LABEL)
+        .map(|n| (n, labels.get(USE_WAYPOINT_NS_LABEL)));
+    let (name, ns) = own.or_else(|| {
+        let l = ns_labels?;
+        Some((l.get(USE_WAYPOINT_LABEL)?, l.get(USE_WAYPOINT_NS_LABEL)))
+    })?;
+    (name != "none").then(|| WaypointRef {
+        name: name.clone(),
+        namespace: ns.cloned().unwrap_or_else(|| namespace.to_string()),
+    })
 }
 
 fn pod(object: &str, value: serde_yaml::Value) -> Result<Pod, ConfigError> {
@@ -552,10 +601,7 @@ fn strs(v: &[String]) -> Vec<StringMatch> {
 /// targetRefs belong to a waypoint and are not ztunnel's (None). L7-only
 /// attributes cannot be checked at L4, so, as Istio does, an ALLOW rule using
 /// them matches nothing (fail closed) and a DENY rule ignores them (denies more).
-fn authz(
-    object: &str,
-    value: serde_yaml::Value,
-) -> Result<Option<AuthorizationPolicy>, ConfigError> {
+fn authz(object: &str, value: serde_yaml::Value) -> Result<ParsedPolicy, ConfigError> {
     let o: Object<AuthzSpec> = typed(object, value)?;
     let namespace = o
         .metadata
@@ -563,21 +609,41 @@ fn authz(
         .clone()
         .unwrap_or_else(|| "default".into());
     let spec = o.spec.unwrap_or_default();
-    if !spec.target_refs.is_empty() || spec.target_ref.is_some() {
-        tracing::info!(
-            object,
-            "policy targets a waypoint (targetRefs); not enforced by ztunnel"
-        );
-        return Ok(None);
+    let mut targets = Vec::new();
+    for (i, t) in spec
+        .target_refs
+        .iter()
+        .chain(spec.target_ref.iter())
+        .enumerate()
+    {
+        let field = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let (kind, name) = (field("kind"), field("name"));
+        if !matches!(kind.as_str(), "Gateway" | "Service") || name.is_empty() {
+            return Err(err(
+                object,
+                format!("spec.targetRefs[{i}]"),
+                "a waypoint policy targets a Gateway or a Service by name",
+            ));
+        }
+        targets.push(TargetRef { kind, name });
     }
+    let for_waypoint = !targets.is_empty();
     let action = match spec.action.as_deref().unwrap_or("ALLOW") {
         "ALLOW" => Action::Allow,
         "DENY" => Action::Deny,
+        "AUDIT" if for_waypoint => Action::Audit,
         other => {
             return Err(err(
                 object,
                 "spec.action",
-                format!("{other:?} is not supported by ztunnel (ALLOW or DENY)"),
+                format!(
+                    "{other:?} is not supported {}",
+                    if for_waypoint {
+                        "(ALLOW, DENY or AUDIT)"
+                    } else {
+                        "by ztunnel (ALLOW or DENY; AUDIT needs targetRefs to a waypoint)"
+                    }
+                ),
             ))
         }
     };
@@ -605,6 +671,9 @@ fn authz(
                 let s = &f.source;
                 let base = format!("spec.rules[{ri}].from[{fi}].source");
                 if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
+                    if for_waypoint {
+                        return Err(err(object, format!("{base}.requestPrincipals"), "request principals need RequestAuthentication (JWT), which is not supported"));
+                    }
                     l7.push(format!("{base}.requestPrincipals"));
                 }
                 let mut src = nets(object, format!("{base}.ipBlocks"), &s.ip_blocks)?;
@@ -655,6 +724,23 @@ fn authz(
                         format!("{base}.notPorts"),
                         &op.not_ports,
                     )?,
+                    l7: L7Match {
+                        methods: strs(&op.methods),
+                        not_methods: strs(&op.not_methods),
+                        paths: strs(&op.paths),
+                        not_paths: strs(&op.not_paths),
+                        hosts: op
+                            .hosts
+                            .iter()
+                            .map(|h| StringMatch::parse(&h.to_ascii_lowercase()))
+                            .collect(),
+                        not_hosts: op
+                            .not_hosts
+                            .iter()
+                            .map(|h| StringMatch::parse(&h.to_ascii_lowercase()))
+                            .collect(),
+                        headers: vec![],
+                    },
                     ..Default::default()
                 });
             }
@@ -663,26 +749,53 @@ fn authz(
         for (ci, c) in r.when.iter().enumerate() {
             let base = format!("spec.rules[{ri}].when[{ci}]");
             match condition(object, &base, c)? {
-                Some(m) => rule.clauses.push(Clause { matches: vec![m] }),
+                Some(m) => {
+                    if !m.l7.is_empty() {
+                        l7.push(format!("{base} ({})", c.key));
+                    }
+                    rule.clauses.push(Clause { matches: vec![m] })
+                }
+                None if for_waypoint => {
+                    return Err(err(
+                        object,
+                        format!("{base}.key"),
+                        format!("{:?} is not supported by the waypoint", c.key),
+                    ))
+                }
                 None => l7.push(format!("{base} ({})", c.key)),
             }
         }
-        if !l7.is_empty() {
+        if !l7.is_empty() && !for_waypoint {
             tracing::warn!(object, fields = ?l7, action = ?action, "L7 attributes cannot be enforced by ztunnel; {}", if action == Action::Allow { "this ALLOW rule will match nothing" } else { "this DENY rule ignores them and denies more" });
             if action == Action::Allow {
                 continue;
             }
+            for cl in &mut rule.clauses {
+                for m in &mut cl.matches {
+                    m.l7 = L7Match::default();
+                }
+            }
         }
         rules.push(rule);
     }
-    Ok(Some(AuthorizationPolicy {
+    let policy = AuthorizationPolicy {
         name: o.metadata.name,
         namespace,
         scope,
         action,
         rules,
         dry_run: false,
-    }))
+    };
+    Ok(if for_waypoint {
+        ParsedPolicy::Waypoint(TargetedPolicy { targets, policy })
+    } else {
+        ParsedPolicy::Ztunnel(policy)
+    })
+}
+
+enum ParsedPolicy {
+    Ztunnel(AuthorizationPolicy),
+    Waypoint(TargetedPolicy),
 }
 
 fn condition(object: &str, base: &str, c: &Condition) -> Result<Option<Match>, ConfigError> {
@@ -713,6 +826,10 @@ fn condition(object: &str, base: &str, c: &Condition) -> Result<Option<Match>, C
         "source.principal" => {
             m.principals = strs(vals);
             m.not_principals = strs(nots);
+        }
+        key if key.starts_with("request.headers[") && key.ends_with(']') => {
+            let name = key["request.headers[".len()..key.len() - 1].to_ascii_lowercase();
+            m.l7.headers.push((name, strs(vals), strs(nots)));
         }
         _ => return Ok(None),
     }

@@ -51,6 +51,7 @@ fn policy_admits_only_principal() {
         src_ip: ip("10.244.1.10"),
         dst_ip: echo.ip,
         dst_port: 8080,
+        request: None,
     };
     assert_eq!(
         evaluate(m.policies.iter().map(|p| &**p), echo, &conn(Some(&client))),
@@ -102,6 +103,7 @@ fn deny_before_allow_and_not_forms() {
         src_ip: ip("10.0.0.2"),
         dst_ip: w.ip,
         dst_port: port,
+        request: None,
     };
     let ev = |c: &Connection| evaluate(m.policies.iter().map(|p| &**p), w, c);
     assert_eq!(ev(&c(Some(&same), 80)), Decision::Allow);
@@ -128,6 +130,7 @@ fn ip_blocks_and_l7_fail_closed() {
         src_ip: ip(src),
         dst_ip: w.ip,
         dst_port: 80,
+        request: None,
     };
     let ev = |c: &Connection| evaluate(m.policies.iter().map(|p| &**p), w, c);
     assert_eq!(ev(&c("10.1.2.3")), Decision::Allow);
@@ -213,23 +216,51 @@ fn service_entries_and_hosts_the_mesh_answers_for() {
             "{EXAMPLE}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ext, namespace: demo}}\nspec: {spec}\n"
         ), "cluster.local")
     };
-    let m = se("{hosts: [Api.Example.COM., db.internal], addresses: [240.0.0.5/32], resolution: DNS}").unwrap();
-    assert_eq!(m.addresses_of_host("api.example.com"), Some(vec![ip("240.0.0.5")]));
-    assert_eq!(m.addresses_of_host("db.internal"), Some(vec![ip("240.0.0.5")]));
-    assert_eq!(m.addresses_of_host("echo.demo.svc.cluster.local"), Some(vec![ip("10.96.0.10")]));
+    let m =
+        se("{hosts: [Api.Example.COM., db.internal], addresses: [240.0.0.5/32], resolution: DNS}")
+            .unwrap();
+    assert_eq!(
+        m.addresses_of_host("api.example.com"),
+        Some(vec![ip("240.0.0.5")])
+    );
+    assert_eq!(
+        m.addresses_of_host("db.internal"),
+        Some(vec![ip("240.0.0.5")])
+    );
+    assert_eq!(
+        m.addresses_of_host("echo.demo.svc.cluster.local"),
+        Some(vec![ip("10.96.0.10")])
+    );
     assert_eq!(m.addresses_of_host("nope.example.com"), None);
     // STATIC without addresses: the endpoints. DNS without: not ours to answer.
-    let m = se("{hosts: [s.example], resolution: STATIC, endpoints: [{address: 192.0.2.7}]}").unwrap();
-    assert_eq!(m.addresses_of_host("s.example"), Some(vec![ip("192.0.2.7")]));
-    let m = se("{hosts: [d.example], resolution: DNS, endpoints: [{address: origin.example}]}").unwrap();
+    let m =
+        se("{hosts: [s.example], resolution: STATIC, endpoints: [{address: 192.0.2.7}]}").unwrap();
+    assert_eq!(
+        m.addresses_of_host("s.example"),
+        Some(vec![ip("192.0.2.7")])
+    );
+    let m = se("{hosts: [d.example], resolution: DNS, endpoints: [{address: origin.example}]}")
+        .unwrap();
     assert_eq!(m.addresses_of_host("d.example"), None);
 
     for (spec, field, what) in [
         ("{hosts: []}", "spec.hosts", "empty"),
         ("{hosts: [a..b]}", "spec.hosts[0]", "not a DNS name"),
-        ("{hosts: [a.b], addresses: [10.0.0.0/8]}", "spec.addresses[0]", "ranges are not supported"),
-        ("{hosts: [a.b], resolution: STATIC, endpoints: [{address: x.y}]}", "spec.endpoints[0].address", "STATIC"),
-        ("{hosts: [a.b], resolution: MAYBE}", "spec.resolution", "unknown variant"),
+        (
+            "{hosts: [a.b], addresses: [10.0.0.0/8]}",
+            "spec.addresses[0]",
+            "ranges are not supported",
+        ),
+        (
+            "{hosts: [a.b], resolution: STATIC, endpoints: [{address: x.y}]}",
+            "spec.endpoints[0].address",
+            "STATIC",
+        ),
+        (
+            "{hosts: [a.b], resolution: MAYBE}",
+            "spec.resolution",
+            "unknown variant",
+        ),
     ] {
         let e = se(spec).unwrap_err();
         assert_eq!(e.object, "ServiceEntry demo/ext", "{spec}");

@@ -83,6 +83,7 @@ async fn stream(
         src_ip: peer.ip(),
         dst_ip: target.ip(),
         dst_port: target.port(),
+        request: None,
     };
     if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn)
     {
@@ -131,6 +132,7 @@ pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Soc
         src_ip: peer.ip(),
         dst_ip: target.ip(),
         dst_port: target.port(),
+        request: None,
     };
     if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn)
     {
