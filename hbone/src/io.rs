@@ -47,12 +47,20 @@ impl StreamIo {
                 self.prefix = chunk;
             }
         }
-        Ok(if self.prefix.is_empty() { &self.pending } else { &self.prefix })
+        Ok(if self.prefix.is_empty() {
+            &self.pending
+        } else {
+            &self.prefix
+        })
     }
 }
 
 impl AsyncRead for StreamIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let me = &mut *self;
         if me.pending.is_empty() {
             if !me.prefix.is_empty() {
@@ -76,12 +84,17 @@ impl AsyncRead for StreamIo {
 }
 
 impl AsyncWrite for StreamIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
         let me = &mut *self;
-        me.send.reserve_capacity(buf.len().min(crate::MAX_FRAME as usize));
+        me.send
+            .reserve_capacity(buf.len().min(crate::MAX_FRAME as usize));
         let n = match ready!(me.send.poll_capacity(cx)) {
             Some(Ok(n)) => n,
             Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),

@@ -9,7 +9,7 @@ mod copy;
 mod io;
 mod server;
 
-pub use client::{Pool, PoolKey};
+pub use client::{Pool, PoolKey, StreamGuard};
 pub use copy::{pump, Transfer};
 pub use io::StreamIo;
 pub use server::{serve, Inbound, InboundError};

@@ -320,10 +320,15 @@ async fn bad_input_is_a_clear_cni_error_and_leaves_nothing() {
     let conflist = m.cni_net("node1").conf_dir.join("10-k8s.conflist");
     let ours = std::fs::read_to_string(&conflist).unwrap();
     let mut theirs: serde_json::Value = serde_json::from_str(&ours).unwrap();
-    theirs["plugins"].as_array_mut().unwrap().retain(|p| p["type"] != "istio-cni");
+    theirs["plugins"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p["type"] != "istio-cni");
     std::fs::write(&conflist, theirs.to_string()).unwrap();
     eventually("agent re-chains the plugin", || {
-        std::fs::read_to_string(&conflist).unwrap().contains("\"istio-cni\"")
+        std::fs::read_to_string(&conflist)
+            .unwrap()
+            .contains("\"istio-cni\"")
     });
     sh(&format!("ip netns add {}-x", m.prefix));
     let netns = format!("/run/netns/{}-x", m.prefix);

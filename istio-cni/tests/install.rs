@@ -4,7 +4,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-
 use istio_cni::install::{insert, install_binary, primary_conf, uninstall};
 use serde_json::{json, Value};
 

@@ -228,7 +228,7 @@ impl AuthorizationPolicy {
         }
     }
 
-    fn matches(&self, c: &Connection) -> bool {
+    pub fn matches(&self, c: &Connection) -> bool {
         self.rules.iter().any(|r| r.matches(c))
     }
 

@@ -175,6 +175,54 @@ impl MeshState {
             .map(|se| se.dns_addresses().to_vec())
     }
 
+    /// The waypoint `r` names and the pods that serve it (its Service's
+    /// endpoints). None when the Gateway does not exist.
+    pub fn waypoint(
+        &self,
+        r: &crate::routes::WaypointRef,
+    ) -> Option<(&crate::routes::Waypoint, Vec<Arc<Workload>>)> {
+        let wp = self
+            .waypoints
+            .iter()
+            .find(|w| w.name == r.name && w.namespace == r.namespace)?;
+        let pods = self
+            .services
+            .iter()
+            .find(|s| s.hostname == wp.hostname)
+            .map(|s| {
+                s.endpoints
+                    .iter()
+                    .filter_map(|e| self.workloads.get(&e.workload_uid).cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some((wp, pods))
+    }
+
+    /// The waypoint that must see traffic for `w` addressed to the pod itself
+    /// (its own or its namespace's label, waypoint for `workload` or `all`).
+    pub fn workload_waypoint<'a>(&self, w: &'a Workload) -> Option<&'a crate::routes::WaypointRef> {
+        use crate::routes::WaypointFor;
+        let r = w.waypoint.as_ref()?;
+        let (wp, _) = self.waypoint(r)?;
+        matches!(wp.for_traffic, WaypointFor::Workload | WaypointFor::All).then_some(r)
+    }
+
+    /// The waypoint for traffic addressed to `svc` (waypoint for `service` or `all`).
+    pub fn service_waypoint<'a>(&self, svc: &'a Service) -> Option<&'a crate::routes::WaypointRef> {
+        use crate::routes::WaypointFor;
+        let r = svc.waypoint.as_ref()?;
+        match self.waypoint(r) {
+            Some((wp, _)) if matches!(wp.for_traffic, WaypointFor::Service | WaypointFor::All) => {
+                Some(r)
+            }
+            Some(_) => None,
+            // A label naming a waypoint that does not exist still routes to
+            // it (and fails closed there) rather than silently skipping L7.
+            None => Some(r),
+        }
+    }
+
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip)
     }

@@ -795,7 +795,8 @@ pub fn precedence(m: &RouteMatch) -> (u8, usize, bool, usize, usize) {
         Some(StrMatch::Exact(p)) => (3, p.len()),
         Some(StrMatch::Regex(r)) => (2, r.as_str().len()),
         Some(StrMatch::Prefix(p)) => (1, p.len()),
-        None => (0, 0),
+        // No path: Gateway API's default, PathPrefix "/".
+        None => (1, 1),
     };
     (
         kind,

@@ -36,7 +36,11 @@ fn answer(req: &Message, udp: bool) -> Message {
     let name = q.name().to_ascii().to_lowercase();
     match (name.as_str(), q.query_type()) {
         ("outside.test.", RecordType::A) => {
-            m.add_answer(Record::from_rdata(q.name().clone(), 1234, RData::A(Ipv4Addr::new(192, 0, 2, 1).into())));
+            m.add_answer(Record::from_rdata(
+                q.name().clone(),
+                1234,
+                RData::A(Ipv4Addr::new(192, 0, 2, 1).into()),
+            ));
         }
         ("big.test.", RecordType::TXT) if udp => m.metadata.truncation = true,
         ("big.test.", RecordType::TXT) => {
@@ -49,7 +53,15 @@ fn answer(req: &Message, udp: bool) -> Message {
         _ => {
             m.metadata.response_code = ResponseCode::NXDomain;
             let zone = Name::from_ascii("test.").unwrap();
-            let soa = SOA::new(Name::from_ascii("ns.test.").unwrap(), Name::from_ascii("admin.test.").unwrap(), 1, 3600, 600, 86400, 60);
+            let soa = SOA::new(
+                Name::from_ascii("ns.test.").unwrap(),
+                Name::from_ascii("admin.test.").unwrap(),
+                1,
+                3600,
+                600,
+                86400,
+                60,
+            );
             m.add_authority(Record::from_rdata(zone, 60, RData::SOA(soa)));
         }
     }
@@ -69,7 +81,10 @@ impl Mesh {
     pub fn dns_server(&self, pod: &str) -> Arc<DnsCounts> {
         let counts = Arc::new(DnsCounts::default());
         let (udp, tcp) = in_ns(&self.pod_ns(pod), || {
-            (UdpSocket::bind("0.0.0.0:53").unwrap(), TcpListener::bind("0.0.0.0:53").unwrap())
+            (
+                UdpSocket::bind("0.0.0.0:53").unwrap(),
+                TcpListener::bind("0.0.0.0:53").unwrap(),
+            )
         });
         let c = counts.clone();
         std::thread::spawn(move || {
@@ -100,18 +115,41 @@ impl Mesh {
 
     /// One query from inside `pod` to `server` (redirected to ztunnel when the
     /// pod is captured). Err on timeout or a reply that does not parse.
-    pub fn dns_query(&self, pod: &str, server: &str, name: &str, qtype: RecordType, tcp: bool) -> std::io::Result<Message> {
+    pub fn dns_query(
+        &self,
+        pod: &str,
+        server: &str,
+        name: &str,
+        qtype: RecordType,
+        tcp: bool,
+    ) -> std::io::Result<Message> {
         let mut q = Message::query();
         q.metadata.id = rand_id();
         q.metadata.recursion_desired = true;
         q.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
-        self.dns_raw(pod, server, &q.to_vec().unwrap(), tcp, Duration::from_secs(8))
-            .and_then(|b| Message::from_vec(&b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))
+        self.dns_raw(
+            pod,
+            server,
+            &q.to_vec().unwrap(),
+            tcp,
+            Duration::from_secs(8),
+        )
+        .and_then(|b| {
+            Message::from_vec(&b)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+        })
     }
 
     /// Raw bytes as one DNS message from inside `pod`; the raw reply, or an
     /// error when none came within `wait`.
-    pub fn dns_raw(&self, pod: &str, server: &str, bytes: &[u8], tcp: bool, wait: Duration) -> std::io::Result<Vec<u8>> {
+    pub fn dns_raw(
+        &self,
+        pod: &str,
+        server: &str,
+        bytes: &[u8],
+        tcp: bool,
+        wait: Duration,
+    ) -> std::io::Result<Vec<u8>> {
         let server: SocketAddr = server.parse().unwrap();
         let bytes = bytes.to_vec();
         in_ns(&self.pod_ns(pod), move || {
@@ -140,7 +178,11 @@ impl Mesh {
 }
 
 fn rand_id() -> u16 {
-    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() & 0xffff) as u16
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        & 0xffff) as u16
 }
 
 fn read_framed(s: &mut TcpStream) -> std::io::Result<Message> {
@@ -148,7 +190,8 @@ fn read_framed(s: &mut TcpStream) -> std::io::Result<Message> {
     s.read_exact(&mut len)?;
     let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
     s.read_exact(&mut buf)?;
-    Message::from_vec(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+    Message::from_vec(&buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
 fn write_framed(s: &mut TcpStream, m: &Message) -> std::io::Result<()> {

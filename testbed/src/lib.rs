@@ -18,9 +18,11 @@ use nix::sched::{setns, CloneFlags};
 
 mod cni;
 mod dns;
+mod http;
 pub use cni::{CniFailure, CniNet};
 pub use dns::DnsCounts;
 pub use hickory_proto;
+pub use http::Hits;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -715,4 +717,73 @@ pub fn workspace_bin(name: &str) -> String {
         bin.display()
     );
     bin.display().to_string()
+}
+
+impl Mesh {
+    /// Runs our waypoint for Gateway `namespace/name` inside `pod`'s netns
+    /// (the waypoint pod), sharing the mesh CA; waits until it is ready.
+    /// Its access log goes to `<dir>/<name>-access.log`.
+    pub fn start_waypoint(&self, bin: &str, pod: &str, name: &str, namespace: &str, sa: &str) {
+        let ns = self.pod_ns(pod);
+        let log = self.dir.join(format!("{name}.log"));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                bin,
+                "--name",
+                name,
+                "--namespace",
+                namespace,
+                "--service-account",
+                sa,
+                "--config",
+            ])
+            .arg(&self.config)
+            .arg("--ca-dir")
+            .arg(self.dir.join("ca"))
+            .args(["--drain-timeout", "2s"])
+            .env(
+                "RUST_LOG",
+                std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(File::create(self.dir.join(format!("{name}-access.log"))).unwrap())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.peers.lock().unwrap().push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = in_ns(&ns, || {
+                let mut s = TcpStream::connect(("127.0.0.1", 15021)).ok()?;
+                write!(
+                    s,
+                    "GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                .ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(out.starts_with("HTTP/1.1 200"))
+            });
+            if ready == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waypoint {name} not ready; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A GET on the waypoint's own ports (admin 15000, metrics 15020) inside its pod.
+    pub fn pod_http(&self, pod: &str, port: u16, path: &str) -> String {
+        let (_, out) = sh_out(&format!(
+            "ip netns exec {} curl -s http://127.0.0.1:{port}{path}",
+            self.pod_ns(pod)
+        ));
+        out
+    }
 }

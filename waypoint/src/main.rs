@@ -1,5 +1,292 @@
-//! The namespace-scoped L7 proxy. Not built yet: see the waypoint issue.
-fn main() {
-    eprintln!("waypoint: not implemented yet (L7 proxy is tracked by its own issue)");
-    std::process::exit(2);
+//! waypoint: the namespace-scoped L7 proxy of the ambient mesh. ztunnels send
+//! it the traffic of services (or pods) labelled `istio.io/use-waypoint`; it
+//! terminates HBONE, applies routes and L7 policy, and tunnels on to the
+//! chosen endpoint's ztunnel.
+
+mod body;
+mod lb;
+mod proxy;
+mod route;
+mod telemetry;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use http::StatusCode;
+use identity::{BuiltinCa, CertificateAuthority, Identity, SecretManager};
+use mesh::MeshStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "waypoint",
+    about = "Namespace-scoped L7 proxy of the ambient mesh"
+)]
+struct Args {
+    /// The Gateway (class istio-waypoint) this process serves.
+    #[arg(long, env = "WAYPOINT_NAME")]
+    name: String,
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// The waypoint's service account (its SPIFFE identity); default: --name.
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// Standalone mesh config (the same file as ztunnel's); watched.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value = identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    #[arg(long, default_value = "/var/lib/ztunnel/ca")]
+    ca_dir: PathBuf,
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    #[arg(long, default_value = "24h", value_parser = mesh::routes::parse_duration)]
+    cert_ttl: Duration,
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    #[arg(long, default_value = "30s", value_parser = mesh::routes::parse_duration)]
+    drain_timeout: Duration,
+    #[arg(long, default_value_t = 2)]
+    worker_threads: usize,
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Logs on stderr; stdout carries the access log.
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                "istio_request_duration_milliseconds".into(),
+            ),
+            telemetry::DURATION_BUCKETS_MS,
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_bytes".into()),
+            telemetry::SIZE_BUCKETS,
+        )?
+        .install_recorder()
+        .context("install metrics recorder")?;
+    ::metrics::gauge!("istio_build", "component" => "waypoint", "tag" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
+
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("read config {}", args.config.display()))?;
+    let state = mesh::standalone::parse(&text, &args.trust_domain)
+        .with_context(|| format!("config {}", args.config.display()))?;
+    if !state
+        .waypoints
+        .iter()
+        .any(|w| w.name == args.name && w.namespace == args.namespace)
+    {
+        tracing::warn!(name = args.name, namespace = args.namespace, "no Gateway of class istio-waypoint by this name in the config (yet): policies targeting it will not match");
+    }
+    let store = MeshStore::new(state, &args.config.display().to_string());
+    let ca: Arc<dyn CertificateAuthority> = Arc::new(match (&args.ca_cert, &args.ca_key) {
+        (Some(c), Some(k)) => BuiltinCa::from_files(c, k)?,
+        _ => BuiltinCa::load_or_create(&args.ca_dir, &args.trust_domain)?,
+    });
+    let certs = SecretManager::new(ca, args.cert_ttl);
+    let id = Identity::new(
+        &args.trust_domain,
+        &args.namespace,
+        args.service_account.as_deref().unwrap_or(&args.name),
+    );
+    certs.retain(&id);
+    certs
+        .fetch(&id)
+        .await
+        .with_context(|| format!("certificate for {id}"))?;
+
+    let (drain_tx, drain) = watch::channel(false);
+    let wp = Arc::new(proxy::Waypoint {
+        name: args.name.clone(),
+        namespace: args.namespace.clone(),
+        store: store.clone(),
+        certs: certs.clone(),
+        identity: id.clone(),
+        upstreams: upstream::Upstreams::new(certs.clone(), id.clone()),
+        backends: lb::Backends::default(),
+        drain: drain.clone(),
+    });
+    tokio::spawn(mesh::watch_file(
+        args.config.clone(),
+        args.trust_domain.clone(),
+        store.clone(),
+        drain.clone(),
+    ));
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let tasks = TaskTracker::new();
+    tokio::spawn(accept(wp.clone(), listener, tasks.clone()));
+
+    let dump = {
+        let wp = wp.clone();
+        move |path: &str| -> admin::Reply {
+            match path {
+                "/config_dump" => (StatusCode::OK, "application/json", config_dump(&wp)),
+                _ => (
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "try /config_dump\n".into(),
+                ),
+            }
+        }
+    };
+    admin::serve(args.admin_addr, dump, drain.clone())
+        .await
+        .with_context(|| format!("admin on {}", args.admin_addr))?;
+    admin::serve(
+        args.metrics_addr,
+        move |path| match path {
+            "/metrics" | "/stats/prometheus" => {
+                (StatusCode::OK, "text/plain; version=0.0.4", prom.render())
+            }
+            _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
+        },
+        drain.clone(),
+    )
+    .await
+    .with_context(|| format!("metrics on {}", args.metrics_addr))?;
+    let ready = {
+        let drain = drain.clone();
+        move |path: &str| match path {
+            "/healthz/ready" if *drain.borrow() => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "draining\n".into(),
+            ),
+            "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".into()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /healthz/ready\n".into(),
+            ),
+        }
+    };
+    let (_never_tx, never) = watch::channel(false);
+    admin::serve(args.readiness_addr, ready, never)
+        .await
+        .with_context(|| format!("readiness on {}", args.readiness_addr))?;
+    tracing::info!(name = args.name, namespace = args.namespace, identity = %id, listen = %args.listen, "waypoint started");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!(live = tasks.len(), "draining");
+    drain_tx.send_replace(true);
+    tasks.close();
+    if tokio::time::timeout(args.drain_timeout, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(left = tasks.len(), "drain deadline passed");
+    }
+    Ok(())
+}
+
+async fn accept(wp: Arc<proxy::Waypoint>, l: TcpListener, tasks: TaskTracker) {
+    let mut drain = wp.drain.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = l.accept() => a,
+            _ = drain.wait_for(|d| *d) => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        tasks.spawn(connection(wp.clone(), tcp, peer));
+    }
+}
+
+/// One mTLS connection from a ztunnel: the peer's identity comes from its
+/// verified certificate only.
+async fn connection(wp: Arc<proxy::Waypoint>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    let Ok(cert) = wp.certs.fetch(&wp.identity).await else {
+        return;
+    };
+    let handshake = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(hbone::read_buffered(tcp)),
+    );
+    let tls = match handshake.await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return tracing::warn!(%peer, error = %e, "TLS handshake refused"),
+        Err(_) => return tracing::warn!(%peer, "TLS handshake timed out"),
+    };
+    let src = match identity::peer_identity(tls.get_ref().1) {
+        Ok(id) => Arc::new(id),
+        Err(e) => return tracing::warn!(%peer, error = %e, "peer has no usable SPIFFE identity"),
+    };
+    let handler = {
+        let wp = wp.clone();
+        move |inb: hbone::Inbound| proxy::stream(wp.clone(), src.clone(), peer, inb)
+    };
+    if let Err(e) = hbone::serve(tls, wp.drain.clone(), handler).await {
+        tracing::debug!(%peer, error = %e, "HBONE connection ended with error");
+    }
+}
+
+fn config_dump(wp: &proxy::Waypoint) -> String {
+    let state = wp.store.load();
+    let ejected: Vec<_> = wp
+        .backends
+        .ejected()
+        .into_iter()
+        .map(|(b, ips)| serde_json::json!({"backend": b, "ejected": ips}))
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({
+        "waypoint": {"name": wp.name, "namespace": wp.namespace, "identity": wp.identity.to_string()},
+        "config": wp.store.status(),
+        "routes": state.http_routes,
+        "destination_rules": state.destination_rules,
+        "policies": state.waypoint_policies,
+        "outlier_ejections": ejected,
+        "hbone_pool": wp.upstreams.pool().stats().into_iter().map(|(k, c, s)| serde_json::json!({"destination": k.dst.to_string(), "connections": c, "streams": s})).collect::<Vec<_>>(),
+    }))
+    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }

@@ -1,6 +1,5 @@
 //! ztunnel: the per-node L4 proxy of the ambient mesh.
 
-mod admin;
 mod dns;
 mod metrics;
 mod netns;
@@ -66,17 +65,7 @@ struct Args {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: want a number with unit s, m or h"))?;
-    match unit {
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    }
+    mesh::routes::parse_duration(s)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -283,21 +272,4 @@ fn config_dump(
         "live_connections": px.tasks.len(),
     }))
     .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration;
-    use std::time::Duration;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
-        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
-        assert!(parse_duration("1d").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("h").is_err());
-    }
 }

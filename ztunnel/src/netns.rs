@@ -34,10 +34,14 @@ impl PodNetns {
     /// The `ip netns` name of this namespace, if it has one (standalone
     /// pods): `/etc/netns/<name>/` holds its own resolv.conf.
     pub fn name(&self) -> Option<String> {
-        std::fs::read_dir("/run/netns").ok()?.flatten().find_map(|e| {
-            let st = nix::sys::stat::stat(&e.path()).ok()?;
-            ((st.st_dev as u64, st.st_ino as u64) == self.id).then(|| e.file_name().to_string_lossy().into_owned())
-        })
+        std::fs::read_dir("/run/netns")
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let st = nix::sys::stat::stat(&e.path()).ok()?;
+                ((st.st_dev as u64, st.st_ino as u64) == self.id)
+                    .then(|| e.file_name().to_string_lossy().into_owned())
+            })
     }
 
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
@@ -84,7 +88,10 @@ impl PodNetns {
             s.bind(&addr.into())?;
         }
         tcp.listen(256)?;
-        Ok((UdpSocket::from_std(udp.into())?, TcpListener::from_std(tcp.into())?))
+        Ok((
+            UdpSocket::from_std(udp.into())?,
+            TcpListener::from_std(tcp.into())?,
+        ))
     }
 
     /// A marked UDP socket in the pod bound to `local` (upstream DNS: it
@@ -116,7 +123,11 @@ impl PodNetns {
 }
 
 fn udp_socket() -> io::Result<Socket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking().cloexec(), Some(Protocol::UDP))?;
+    let s = Socket::new(
+        Domain::IPV4,
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
     s.set_mark(ZTUNNEL_MARK)?;
     Ok(s)
 }

@@ -46,7 +46,13 @@ async fn main() {
         // for mesh names (ztunnel answers them in the pod).
         m.resolv_conf(&w.name, &format!("nameserver 10.96.0.53\nsearch {}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:1 attempts:1\n", w.namespace));
         // The runtime's part: a sandbox netns, then the node's CNI chain.
-        let r = m.cni_pod(&w.node, &w.name, &w.namespace, &w.service_account, &w.ip.to_string());
+        let r = m.cni_pod(
+            &w.node,
+            &w.name,
+            &w.namespace,
+            &w.service_account,
+            &w.ip.to_string(),
+        );
         if let Err(e) = r {
             panic!("CNI ADD of {}/{} failed: {e:?}", w.namespace, w.name);
         }
@@ -75,9 +81,17 @@ async fn main() {
     let addr = format!("{vip}:{port}");
 
     println!("\n== DNS in the client pod (its stub resolver, captured to ztunnel)");
-    let short = svc.hostname.split('.').next().unwrap_or_default().to_string();
+    let short = svc
+        .hostname
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     for name in [short.as_str(), svc.hostname.as_str()] {
-        let (_, out) = testbed::sh_out(&format!("ip netns exec {} getent ahostsv4 {name}", m.pod_ns("client")));
+        let (_, out) = testbed::sh_out(&format!(
+            "ip netns exec {} getent ahostsv4 {name}",
+            m.pod_ns("client")
+        ));
         let ip = out.split_whitespace().next().unwrap_or("(no answer)");
         println!("   {name:<32} -> {ip}");
     }

@@ -44,7 +44,11 @@ pub fn plan(req: &Message, state: &MeshState, search: &[String]) -> Plan {
         return Plan::Reply(response(req, ResponseCode::FormErr));
     };
     if q.query_class() == DNSClass::IN {
-        let asked = q.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        let asked = q
+            .name()
+            .to_ascii()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         let found = std::iter::once(asked.clone())
             .chain(search.iter().map(|s| format!("{asked}.{s}")))
             .find_map(|host| state.addresses_of_host(&host));
@@ -105,7 +109,10 @@ pub fn parse(bytes: &[u8]) -> Option<Message> {
 /// against `state`, encode. Must never panic, whatever the bytes.
 pub fn packet_path(bytes: &[u8], state: &MeshState) -> Option<Vec<u8>> {
     let req = parse(bytes)?;
-    let search = ["default.svc.cluster.local".to_string(), "svc.cluster.local".into()];
+    let search = [
+        "default.svc.cluster.local".to_string(),
+        "svc.cluster.local".into(),
+    ];
     match plan(&req, state, &search) {
         Plan::Reply(m) => encode_udp(&req, &m),
         Plan::Forward { .. } => encode_udp(&req, &response(&req, ResponseCode::ServFail)),
@@ -128,14 +135,23 @@ mod tests {
     }
 
     fn search() -> Vec<String> {
-        ["demo.svc.cluster.local", "svc.cluster.local", "cluster.local"].map(String::from).to_vec()
+        [
+            "demo.svc.cluster.local",
+            "svc.cluster.local",
+            "cluster.local",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     fn answers(p: Plan) -> (ResponseCode, Vec<String>) {
         match p {
             Plan::Reply(m) => (
                 m.metadata.response_code,
-                m.answers.iter().map(|r| format!("{} {} {}", r.name, r.ttl, r.data)).collect(),
+                m.answers
+                    .iter()
+                    .map(|r| format!("{} {} {}", r.name, r.ttl, r.data))
+                    .collect(),
             ),
             Plan::Forward { name, .. } => panic!("forwarded {name}"),
         }
@@ -144,19 +160,39 @@ mod tests {
     #[test]
     fn every_name_form_of_a_service_and_service_entry_hosts() {
         let state = mesh::standalone::parse(MESH, "cluster.local").unwrap();
-        for name in ["echo", "echo.demo", "echo.demo.svc", "echo.demo.svc.cluster.local.", "ECHO.Demo.svc.cluster.local"] {
+        for name in [
+            "echo",
+            "echo.demo",
+            "echo.demo.svc",
+            "echo.demo.svc.cluster.local.",
+            "ECHO.Demo.svc.cluster.local",
+        ] {
             let (code, a) = answers(plan(&query(name, RecordType::A), &state, &search()));
             assert_eq!(code, ResponseCode::NoError, "{name}");
             assert_eq!(a.len(), 1, "{name}: {a:?}");
             assert!(a[0].ends_with(" 30 10.96.0.10"), "{name}: {a:?}");
             // The answer is for the name as asked.
-            assert!(a[0].to_lowercase().starts_with(&name.trim_end_matches('.').to_lowercase()), "{a:?}");
+            assert!(
+                a[0].to_lowercase()
+                    .starts_with(&name.trim_end_matches('.').to_lowercase()),
+                "{a:?}"
+            );
         }
-        let (_, a) = answers(plan(&query("api.example.com", RecordType::A), &state, &search()));
+        let (_, a) = answers(plan(
+            &query("api.example.com", RecordType::A),
+            &state,
+            &search(),
+        ));
         assert_eq!(a, ["api.example.com 30 240.0.0.9"]);
         // A mesh name without addresses of the asked family: NOERROR, empty.
-        assert_eq!(answers(plan(&query("echo", RecordType::AAAA), &state, &search())), (ResponseCode::NoError, vec![]));
-        assert_eq!(answers(plan(&query("echo", RecordType::MX), &state, &search())), (ResponseCode::NoError, vec![]));
+        assert_eq!(
+            answers(plan(&query("echo", RecordType::AAAA), &state, &search())),
+            (ResponseCode::NoError, vec![])
+        );
+        assert_eq!(
+            answers(plan(&query("echo", RecordType::MX), &state, &search())),
+            (ResponseCode::NoError, vec![])
+        );
     }
 
     #[test]
@@ -164,14 +200,25 @@ mod tests {
         let state = mesh::standalone::parse(MESH, "cluster.local").unwrap();
         // Short form only within the pod's own search list.
         let p = plan(&query("echo", RecordType::A), &state, &[]);
-        assert!(matches!(p, Plan::Forward { ref name, qtype: RecordType::A } if name.to_ascii() == "echo."));
-        assert!(matches!(plan(&query("example.org", RecordType::A), &state, &search()), Plan::Forward { .. }));
+        assert!(
+            matches!(p, Plan::Forward { ref name, qtype: RecordType::A } if name.to_ascii() == "echo.")
+        );
+        assert!(matches!(
+            plan(&query("example.org", RecordType::A), &state, &search()),
+            Plan::Forward { .. }
+        ));
         let mut two = query("echo", RecordType::A);
         two.add_query(Query::query(Name::from_ascii("x").unwrap(), RecordType::A));
-        assert_eq!(answers(plan(&two, &state, &search())).0, ResponseCode::FormErr);
+        assert_eq!(
+            answers(plan(&two, &state, &search())).0,
+            ResponseCode::FormErr
+        );
         let mut notify = query("echo", RecordType::A);
         notify.metadata.op_code = OpCode::Notify;
-        assert_eq!(answers(plan(&notify, &state, &search())).0, ResponseCode::NotImp);
+        assert_eq!(
+            answers(plan(&notify, &state, &search())).0,
+            ResponseCode::NotImp
+        );
         // Responses and garbage are not requests.
         let mut resp = query("echo", RecordType::A);
         resp.metadata.message_type = MessageType::Response;
@@ -184,7 +231,11 @@ mod tests {
         let req = query("big.example", RecordType::A);
         let mut m = response(&req, ResponseCode::NoError);
         for i in 0..60u8 {
-            m.add_answer(Record::from_rdata(Name::from_ascii("big.example.").unwrap(), 5, RData::A(std::net::Ipv4Addr::new(10, 0, 0, i).into())));
+            m.add_answer(Record::from_rdata(
+                Name::from_ascii("big.example.").unwrap(),
+                5,
+                RData::A(std::net::Ipv4Addr::new(10, 0, 0, i).into()),
+            ));
         }
         let out = Message::from_vec(&encode_udp(&req, &m).unwrap()).unwrap();
         assert!(out.metadata.truncation && out.answers.is_empty());
@@ -202,10 +253,14 @@ mod tests {
         let state = mesh::standalone::parse(MESH, "cluster.local").unwrap();
         let mut with_edns = query("echo.demo.svc.cluster.local", RecordType::A);
         with_edns.set_edns(Edns::new());
-        let seeds: Vec<Vec<u8>> = [query("echo", RecordType::A), query("api.example.com", RecordType::AAAA), with_edns]
-            .iter()
-            .map(|m| m.to_vec().unwrap())
-            .collect();
+        let seeds: Vec<Vec<u8>> = [
+            query("echo", RecordType::A),
+            query("api.example.com", RecordType::AAAA),
+            with_edns,
+        ]
+        .iter()
+        .map(|m| m.to_vec().unwrap())
+        .collect();
         for s in &seeds {
             assert!(packet_path(s, &state).is_some(), "seeds are answered");
         }
@@ -233,6 +288,9 @@ mod tests {
                 parsed += 1;
             }
         }
-        assert!(parsed > 1000, "mutations too destructive to reach the planner ({parsed})");
+        assert!(
+            parsed > 1000,
+            "mutations too destructive to reach the planner ({parsed})"
+        );
     }
 }

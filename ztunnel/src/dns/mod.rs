@@ -45,13 +45,18 @@ impl Meters {
             forwards: metrics::counter!("istio_dns_upstream_requests_total", &l),
             failures: metrics::counter!("istio_dns_upstream_failures_total", &l),
             duration: metrics::histogram!("istio_dns_request_duration_seconds", &l),
-            upstream_duration: metrics::histogram!("istio_dns_upstream_request_duration_seconds", &l),
+            upstream_duration: metrics::histogram!(
+                "istio_dns_upstream_request_duration_seconds",
+                &l
+            ),
         }
     }
 }
 
 /// Histogram buckets for the DNS latencies, seconds.
-pub const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+pub const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 struct Dns {
     px: Arc<Proxy>,
@@ -73,7 +78,11 @@ impl Dns {
             Plan::Forward { name, qtype } => {
                 self.meters.forwards.increment(1);
                 let t = Instant::now();
-                let r = tokio::time::timeout(UPSTREAM_DEADLINE, self.upstream.forward(&req, name, qtype)).await;
+                let r = tokio::time::timeout(
+                    UPSTREAM_DEADLINE,
+                    self.upstream.forward(&req, name, qtype),
+                )
+                .await;
                 self.meters.upstream_duration.record(t.elapsed());
                 match r {
                     Ok(Ok(m)) => m,
@@ -106,7 +115,12 @@ pub fn start(px: &Arc<Proxy>, pod: Arc<Pod>, stop: watch::Receiver<bool>) -> std
         upstream: upstream::Upstream::for_pod(pod.clone()),
         meters: Meters::new(&pod),
     });
-    tokio::spawn(serve_udp(dns.clone(), Arc::new(udp), stop.clone(), px.drain.clone()));
+    tokio::spawn(serve_udp(
+        dns.clone(),
+        Arc::new(udp),
+        stop.clone(),
+        px.drain.clone(),
+    ));
     tokio::spawn(serve_tcp(dns, tcp, stop, px.drain.clone()));
     Ok(())
 }
@@ -118,7 +132,12 @@ async fn stopped(mut stop: watch::Receiver<bool>, mut drain: watch::Receiver<boo
     }
 }
 
-async fn serve_udp(dns: Arc<Dns>, sock: Arc<UdpSocket>, stop: watch::Receiver<bool>, drain: watch::Receiver<bool>) {
+async fn serve_udp(
+    dns: Arc<Dns>,
+    sock: Arc<UdpSocket>,
+    stop: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let stopped = stopped(stop, drain);
     tokio::pin!(stopped);
@@ -147,7 +166,12 @@ async fn serve_udp(dns: Arc<Dns>, sock: Arc<UdpSocket>, stop: watch::Receiver<bo
     }
 }
 
-async fn serve_tcp(dns: Arc<Dns>, l: TcpListener, stop: watch::Receiver<bool>, drain: watch::Receiver<bool>) {
+async fn serve_tcp(
+    dns: Arc<Dns>,
+    l: TcpListener,
+    stop: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+) {
     let stopped = stopped(stop, drain);
     tokio::pin!(stopped);
     loop {
@@ -167,13 +191,22 @@ async fn serve_tcp(dns: Arc<Dns>, l: TcpListener, stop: watch::Receiver<bool>, d
 async fn serve_tcp_conn(dns: Arc<Dns>, mut s: TcpStream) {
     let mut buf = vec![0u8; 65535];
     loop {
-        let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, s.read_u16()).await else { return };
+        let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, s.read_u16()).await else {
+            return;
+        };
         let msg = &mut buf[..len as usize];
-        if tokio::time::timeout(TCP_IDLE, s.read_exact(msg)).await.is_err() {
+        if tokio::time::timeout(TCP_IDLE, s.read_exact(msg))
+            .await
+            .is_err()
+        {
             return;
         }
-        let Some(out) = dns.handle(msg, false).await else { return };
-        let Ok(len) = u16::try_from(out.len()) else { return };
+        let Some(out) = dns.handle(msg, false).await else {
+            return;
+        };
+        let Ok(len) = u16::try_from(out.len()) else {
+            return;
+        };
         let mut framed = Vec::with_capacity(out.len() + 2);
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&out);

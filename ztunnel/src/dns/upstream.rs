@@ -40,13 +40,21 @@ impl RuntimeProvider for PodRuntime {
         self.handle.clone()
     }
 
-    fn connect_tcp(&self, server: SocketAddr, _bind: Option<SocketAddr>, timeout: Option<Duration>) -> BoxFut<Self::Tcp> {
+    fn connect_tcp(
+        &self,
+        server: SocketAddr,
+        _bind: Option<SocketAddr>,
+        timeout: Option<Duration>,
+    ) -> BoxFut<Self::Tcp> {
         let pod = self.pod.clone();
         Box::pin(async move {
             let wait = timeout.unwrap_or(Duration::from_secs(5));
             match tokio::time::timeout(wait, pod.netns.connect(server, None)).await {
                 Ok(s) => s.map(AsyncIoTokioAsStd),
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "DNS TCP connect timed out")),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "DNS TCP connect timed out",
+                )),
             }
         })
     }
@@ -76,10 +84,16 @@ impl Upstream {
             .unwrap_or_else(|| "/etc/resolv.conf".into());
         let parsed = std::fs::read(&path)
             .map_err(|e| e.to_string())
-            .and_then(|b| hickory_resolver::system_conf::parse_resolv_conf(b).map_err(|e| e.to_string()));
+            .and_then(|b| {
+                hickory_resolver::system_conf::parse_resolv_conf(b).map_err(|e| e.to_string())
+            });
         let (servers, mut search) = match parsed {
             Ok((cfg, _)) => {
-                let search = cfg.search().iter().map(|n| n.to_ascii().trim_end_matches('.').to_ascii_lowercase()).collect();
+                let search = cfg
+                    .search()
+                    .iter()
+                    .map(|n| n.to_ascii().trim_end_matches('.').to_ascii_lowercase())
+                    .collect();
                 (cfg.name_servers().to_vec(), search)
             }
             Err(e) => {
@@ -106,7 +120,8 @@ impl Upstream {
             pod,
             handle: TokioHandle::default(),
         };
-        let mut b = Resolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider);
+        let mut b =
+            Resolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider);
         *b.options_mut() = opts;
         let resolver = b.build().expect("resolver from parsed config");
         Upstream { resolver, search }
@@ -114,7 +129,12 @@ impl Upstream {
 
     /// Forwards and rebuilds the answer: records and TTLs as the upstream
     /// gave them, NXDOMAIN/NODATA with their SOA, other error codes as is.
-    pub async fn forward(&self, req: &Message, name: Name, qtype: RecordType) -> Result<Message, NetError> {
+    pub async fn forward(
+        &self,
+        req: &Message,
+        name: Name,
+        qtype: RecordType,
+    ) -> Result<Message, NetError> {
         match self.resolver.lookup(name, qtype).await {
             Ok(l) => {
                 let mut m = answer::response(req, ResponseCode::NoError);

@@ -85,6 +85,10 @@ async fn stream(
         dst_port: target.port(),
         request: None,
     };
+    if let Some(why) = bypasses_waypoint(&state, &dst_w, &src_id, &conn) {
+        m.close(Flag::Deny, (0, 0), Some(&why));
+        return inb.refuse(StatusCode::UNAUTHORIZED);
+    }
     if let Decision::Deny(why) = authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn)
     {
         // Recorded before the peer hears it, so metrics never lag the answer.
@@ -110,6 +114,27 @@ async fn stream(
     }
 }
 
+/// A pod whose traffic must pass its waypoint (waypoint for `workload` or
+/// `all`) takes HBONE only from that waypoint, unless an ALLOW policy on the
+/// pod names this source explicitly.
+fn bypasses_waypoint(
+    state: &mesh::MeshState,
+    w: &mesh::Workload,
+    src: &Identity,
+    c: &Connection,
+) -> Option<String> {
+    let r = state.workload_waypoint(w)?;
+    let pods = state.waypoint(r).map(|(_, p)| p).unwrap_or_default();
+    if pods.iter().any(|p| p.identity() == *src) {
+        return None;
+    }
+    let explicitly_allowed = state
+        .policies
+        .iter()
+        .any(|p| p.action == authz::Action::Allow && p.selects(w) && p.matches(c));
+    (!explicitly_allowed).then(|| format!("{src} bypassed waypoint {}/{}", r.namespace, r.name))
+}
+
 pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: SocketAddr) {
     let Some(target) = super::redirected_dst(&pod, &down, peer) else {
         return;
@@ -120,6 +145,10 @@ pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Soc
         return;
     };
     let m = open_metrics(&state, peer, target, None, &dst_w);
+    if let Some(r) = state.workload_waypoint(&dst_w) {
+        let why = format!("plaintext bypasses waypoint {}/{}", r.namespace, r.name);
+        return m.close(Flag::Deny, (0, 0), Some(&why));
+    }
     if state.mtls_mode(&dst_w, target.port()) == MtlsMode::Strict {
         return m.close(
             Flag::Deny,

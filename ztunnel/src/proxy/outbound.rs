@@ -22,6 +22,46 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
     };
     let state = px.store.load();
     let src_w = pod.workload(&state);
+    // A destination that asks for a waypoint goes through it, never around.
+    let waypoint = match state.service_by_vip(orig.ip()) {
+        Some(svc) => state
+            .service_waypoint(svc)
+            .cloned()
+            .map(|r| (r, Some(svc.clone()))),
+        None => state
+            .workload_by_ip(orig.ip())
+            .and_then(|w| state.workload_waypoint(w))
+            .cloned()
+            .map(|r| (r, None)),
+    };
+    if let Some((r, svc)) = waypoint {
+        let pods = state.waypoint(&r).map(|(_, p)| p).unwrap_or_default();
+        let dst_w = svc
+            .is_none()
+            .then(|| state.workload_by_ip(orig.ip()).cloned())
+            .flatten();
+        drop(state);
+        let m = ConnMetrics::open(ConnInfo {
+            reporter: Reporter::Source,
+            src: peer,
+            dst: orig,
+            src_workload: src_w.as_deref(),
+            src_identity: Some(&pod.identity),
+            dst_workload: dst_w.as_deref(),
+            dst_service: svc.as_deref(),
+            mtls: true,
+        });
+        if pods.is_empty() {
+            let why = format!(
+                "waypoint {}/{} has no ready pod (or no Gateway); not bypassing it",
+                r.namespace, r.name
+            );
+            return m.close(Flag::ConnectFailure, (0, 0), Some(&why));
+        }
+        let wp = pods[rand::random_range(0..pods.len())].clone();
+        // The CONNECT names the original destination; the waypoint routes it.
+        return via_hbone(&px, &pod, down, orig, &wp, src_w.as_deref(), m).await;
+    }
     let mut service: Option<Arc<Service>> = None;
     let target = if let Some(svc) = state.service_by_vip(orig.ip()) {
         service = Some(svc.clone());

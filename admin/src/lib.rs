@@ -1,5 +1,5 @@
-//! The three small HTTP endpoints: admin (localhost 15000), metrics (15020),
-//! readiness (15021).
+//! The three small HTTP endpoints every proxy serves: admin (localhost
+//! 15000), metrics (15020), readiness (15021).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

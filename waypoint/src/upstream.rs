@@ -1,0 +1,190 @@
+//! HTTP to an endpoint: each connection is an HBONE CONNECT stream to the
+//! endpoint's ztunnel (15008), carrying HTTP/1.1 (kept alive and reused) or
+//! HTTP/2 (one multiplexed connection per endpoint). The HBONE layer pools
+//! and multiplexes the TLS connections underneath.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use identity::{Identity, SecretManager};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No tunnel: ztunnel refused (policy), unreachable, TLS.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The connection broke before a response.
+    #[error("reset: {0}")]
+    Reset(String),
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+pub struct Upstreams {
+    pool: Arc<hbone::Pool>,
+    certs: Arc<SecretManager>,
+    identity: Identity,
+    /// Idle HTTP/1.1 connections and the HTTP/2 connection, per endpoint.
+    idle: Mutex<HashMap<(SocketAddr, bool), Vec<Sender>>>,
+}
+
+impl Upstreams {
+    pub fn new(certs: Arc<SecretManager>, identity: Identity) -> Self {
+        Upstreams {
+            pool: hbone::Pool::new(),
+            certs,
+            identity,
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn pool(&self) -> &hbone::Pool {
+        &self.pool
+    }
+
+    /// A raw CONNECT stream (L4 passthrough) over the same pool.
+    pub async fn pool_connect<D, F>(
+        &self,
+        key: hbone::PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        dial: D,
+        dst: SocketAddr,
+    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, hbone::StreamGuard), hbone::Error>
+    where
+        D: FnOnce() -> F,
+        F: std::future::Future<Output = std::io::Result<tokio::net::TcpStream>>,
+    {
+        self.pool
+            .connect(key, tls, dial, &dst.to_string(), http::HeaderMap::new())
+            .await
+    }
+
+    fn checkout(&self, key: (SocketAddr, bool)) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap();
+        let list = idle.get_mut(&key)?;
+        while let Some(s) = list.pop() {
+            match &s {
+                Sender::H1(c) if c.is_ready() => return Some(s),
+                Sender::H2(c) if c.is_ready() => {
+                    // Multiplexed: it stays available to others too.
+                    let c2 = c.clone();
+                    list.push(s);
+                    return Some(Sender::H2(c2));
+                }
+                _ => {} // closed or busy: dropped
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, key: (SocketAddr, bool), s: Sender) {
+        if let Sender::H2(_) = s {
+            return; // the pooled clone is already there
+        }
+        self.idle.lock().unwrap().entry(key).or_default().push(s);
+    }
+
+    async fn connect(
+        &self,
+        ep: &mesh::Workload,
+        dst: SocketAddr,
+        h2: bool,
+    ) -> Result<Sender, UpstreamError> {
+        let cert = self
+            .certs
+            .fetch(&self.identity)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let hbone_addr = SocketAddr::new(ep.ip, hbone::HBONE_PORT);
+        let key = hbone::PoolKey {
+            source: "waypoint".into(),
+            dst_identity: ep.identity(),
+            dst: hbone_addr,
+        };
+        let dial = move || async move { tokio::net::TcpStream::connect(hbone_addr).await };
+        let (send, recv, guard) = self
+            .pool
+            .connect(
+                key,
+                cert.client.clone(),
+                dial,
+                &dst.to_string(),
+                http::HeaderMap::new(),
+            )
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let io = TokioIo::new(hbone::StreamIo::new(send, recv));
+        if h2 {
+            let (s, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(guard);
+            });
+            let s2 = s.clone();
+            self.idle
+                .lock()
+                .unwrap()
+                .entry((dst, true))
+                .or_default()
+                .push(Sender::H2(s2));
+            Ok(Sender::H2(s))
+        } else {
+            let (s, conn) = http1::handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(guard);
+            });
+            Ok(Sender::H1(s))
+        }
+    }
+
+    /// Sends `req` to `ep` (port `port`) and returns the response head; the
+    /// connection goes back to the idle set for the next request.
+    pub async fn send(
+        &self,
+        ep: &mesh::Workload,
+        port: u16,
+        req: Request<Body>,
+        h2: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let dst = SocketAddr::new(ep.ip, port);
+        let key = (dst, h2);
+        let mut sender = match self.checkout(key) {
+            Some(s) => s,
+            None => self.connect(ep, dst, h2).await?,
+        };
+        let resp = match &mut sender {
+            Sender::H1(s) => {
+                s.ready()
+                    .await
+                    .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                s.ready()
+                    .await
+                    .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+                s.send_request(req).await
+            }
+        }
+        .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+        self.checkin(key, sender);
+        Ok(resp)
+    }
+}
