@@ -1,0 +1,152 @@
+//! The waypoint's configuration kinds: translation and named errors.
+
+use std::time::Duration;
+
+use mesh::routes::{parse_duration, Abort, LoadBalancer, RetryOn, RouteApi, StrMatch, WaypointFor};
+use mesh::standalone;
+
+const BASE: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: app, labels: {app: a}}
+spec: {nodeName: n1}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: app}
+spec: {clusterIP: 10.96.0.1, selector: {app: a}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: app, labels: {istio.io/use-waypoint: none}}
+spec: {clusterIP: 10.96.0.2, selector: {app: a}, ports: [{port: 80}]}
+";
+
+fn with(extra: &str) -> Result<mesh::MeshState, mesh::ConfigError> {
+    standalone::parse(&format!("{BASE}---\n{extra}"), "cluster.local")
+}
+
+#[test]
+fn durations_are_go_style() {
+    assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+    assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+    assert!(parse_duration("").is_err());
+}
+
+#[test]
+fn waypoint_labels_and_gateway() {
+    let m = with("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: app, labels: {istio.io/waypoint-for: all}}\nspec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}], addresses: [{type: Hostname, value: wp.app.svc.cluster.local}]}").unwrap();
+    assert_eq!(m.waypoints[0].for_traffic, WaypointFor::All);
+    let svc = |name: &str| m.services.iter().find(|s| s.name == name).unwrap().clone();
+    assert_eq!(svc("a").waypoint.as_ref().unwrap().name, "wp");
+    assert!(svc("b").waypoint.is_none(), "use-waypoint: none opts a service out");
+    let w = m.workload_by_name("app", "a").unwrap();
+    assert!(m.workload_waypoint(w).is_some());
+    // Another class is not a waypoint; a broken one is a named error.
+    let m = with("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress, namespace: app}\nspec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}").unwrap();
+    assert!(m.waypoints.is_empty());
+    let e = with("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: app}\nspec: {gatewayClassName: istio-waypoint, listeners: [{name: m, port: 15008, protocol: HBONE}], addresses: [{type: IPAddress, value: 1.2.3.4}]}").unwrap_err();
+    assert_eq!((e.object.as_str(), e.field.as_str()), ("Gateway app/wp", "spec.addresses"));
+}
+
+#[test]
+fn httproute_and_virtualservice_translate() {
+    let m = with("apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: app}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: a}]
+  rules:
+  - matches: [{path: {type: Exact, value: /x}, method: POST, headers: [{name: X-Env, value: prod}], queryParams: [{name: q, type: RegularExpression, value: \"v[0-9]+\"}]}]
+    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-A, value: \"1\"}], remove: [x-b]}}]
+    backendRefs: [{name: b, port: 80, weight: 3}]
+    timeouts: {request: 2s}
+    retry: {attempts: 3, codes: [502, 503]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v, namespace: app}
+spec:
+  hosts: [b]
+  http:
+  - match: [{uri: {regex: \"/api/.*\"}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 10}}}
+    retries: {attempts: 2, perTryTimeout: 500ms, retryOn: \"gateway-error,reset,429\"}
+    route: [{destination: {host: a.app.svc.cluster.local, subset: v1}, weight: 80}, {destination: {host: a, subset: v2}, weight: 20}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: d, namespace: app}
+spec:
+  host: a
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: X-User}}, connectionPool: {tcp: {maxConnections: 10}, http: {http2MaxRequests: 5}}, outlierDetection: {consecutiveGatewayErrors: 3}}
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+").unwrap();
+    let hr = m.http_routes.iter().find(|r| r.api == RouteApi::HttpRoute).unwrap();
+    assert_eq!(hr.hosts, ["a.app.svc.cluster.local"]);
+    let rule = &hr.rules[0];
+    let mt = &rule.matches[0];
+    assert!(matches!(&mt.path, Some(StrMatch::Exact(p)) if p == "/x"));
+    assert_eq!(mt.method.as_deref(), Some("POST"));
+    assert_eq!(mt.headers[0].0, "x-env");
+    assert!(mt.query[0].1.matches("v12") && !mt.query[0].1.matches("xv12"), "regexes are anchored");
+    assert_eq!(rule.request_headers.set, [("x-a".to_string(), "1".to_string())]);
+    assert_eq!((rule.backends[0].host.as_str(), rule.backends[0].weight), ("b.app.svc.cluster.local", 3));
+    assert_eq!(rule.timeout, Some(Duration::from_secs(2)));
+    assert_eq!(rule.retries.as_ref().unwrap().codes, [502, 503]);
+
+    let vs = m.http_routes.iter().find(|r| r.api == RouteApi::VirtualService).unwrap();
+    assert_eq!(vs.hosts, ["b.app.svc.cluster.local"]);
+    let rule = &vs.rules[0];
+    assert!(matches!(rule.fault.as_ref().unwrap().abort, Some((Abort::Grpc(14), p)) if p == 10.0));
+    let rt = rule.retries.as_ref().unwrap();
+    assert_eq!(rt.retry_on, [RetryOn::GatewayError, RetryOn::Reset, RetryOn::RetriableStatusCodes]);
+    assert_eq!((rt.codes.as_slice(), rt.per_try_timeout), (&[429u16][..], Some(Duration::from_millis(500))));
+    assert_eq!(rule.backends.iter().map(|b| (b.subset.as_deref().unwrap(), b.weight)).collect::<Vec<_>>(), [("v1", 80), ("v2", 20)]);
+
+    let dr = &m.destination_rules[0];
+    assert_eq!(dr.host, "a.app.svc.cluster.local");
+    assert!(matches!(&dr.policy.lb, LoadBalancer::HashHeader(h) if h == "x-user"));
+    assert_eq!((dr.policy.pool.max_connections, dr.policy.pool.http2_max_requests), (Some(10), Some(5)));
+    assert_eq!(dr.policy.outlier.as_ref().unwrap().consecutive_gateway, Some(3));
+}
+
+#[test]
+fn route_errors_name_object_and_field() {
+    for (doc, object, field, what) in [
+        ("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: app}\nspec: {parentRefs: [{name: gw}]}", "HTTPRoute app/r", "spec.parentRefs[0]", "attach to a Service"),
+        ("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: app}\nspec: {parentRefs: [{kind: Service, name: a}], rules: [{matches: [{path: {type: RegularExpression, value: \"(\"}}]}]}", "HTTPRoute app/r", "spec.rules[0].matches[0].path", "bad regex"),
+        ("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: app}\nspec: {parentRefs: [{kind: Service, name: a}], rules: [{filters: [{type: RequestMirror}]}]}", "HTTPRoute app/r", "spec.rules[0].filters[0].type", "not supported"),
+        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: app}\nspec: {hosts: [a], http: [{timeout: soon, route: [{destination: {host: a}}]}]}", "VirtualService app/v", "spec.http[0].timeout", "not a duration"),
+        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: app}\nspec: {hosts: [a], http: [{retries: {attempts: 1, retryOn: sometimes}, route: [{destination: {host: a}}]}]}", "VirtualService app/v", "spec.http[0].retries.retryOn", "sometimes"),
+        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: app}\nspec: {hosts: [a], http: [{mirror: {host: a}, route: [{destination: {host: a}}]}]}", "VirtualService app/v", "spec.http[0]", "mirror"),
+        ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: app}\nspec: {host: a, trafficPolicy: {loadBalancer: {simple: FASTEST}}}", "DestinationRule app/d", "spec.trafficPolicy.loadBalancer", "FASTEST"),
+        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: app}\nspec: {targetRefs: [{kind: Deployment, name: x}]}", "AuthorizationPolicy app/p", "spec.targetRefs[0]", "Gateway or a Service"),
+        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: app}\nspec: {targetRefs: [{kind: Service, name: a}], rules: [{when: [{key: \"request.auth.claims[iss]\", values: [x]}]}]}", "AuthorizationPolicy app/p", "spec.rules[0].when[0].key", "not supported by the waypoint"),
+        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: app}\nspec: {action: AUDIT}", "AuthorizationPolicy app/p", "spec.action", "AUDIT needs targetRefs"),
+    ] {
+        let e = with(doc).unwrap_err();
+        assert_eq!(e.object, object, "{doc}");
+        assert!(e.field.starts_with(field), "{doc}: {e}");
+        assert!(e.to_string().contains(what), "{doc}: {e}");
+    }
+}
+
+#[test]
+fn l7_policy_keeps_request_attributes_for_the_waypoint_only() {
+    let m = with("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: app}\nspec: {targetRefs: [{kind: Service, name: a}], action: DENY, rules: [{to: [{operation: {methods: [DELETE], paths: [/admin*]}}], when: [{key: \"request.headers[x-debug]\", values: [\"1\"]}]}]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: l4, namespace: app}\nspec: {action: DENY, rules: [{to: [{operation: {methods: [DELETE], ports: [\"80\"]}}]}]}").unwrap();
+    assert_eq!(m.waypoint_policies.len(), 1);
+    let wp = &m.waypoint_policies[0].policy;
+    assert!(!wp.rules[0].clauses[0].matches[0].l7.is_empty());
+    assert_eq!(wp.rules[0].clauses[1].matches[0].l7.headers[0].0, "x-debug");
+    // ztunnel's copy of an L7 DENY drops the request attributes (denies more).
+    let zt = m.policies.iter().find(|p| p.name == "l4").unwrap();
+    assert!(zt.rules[0].clauses[0].matches[0].l7.is_empty());
+    assert_eq!(zt.rules[0].clauses[0].matches[0].destination_ports, [80]);
+}
