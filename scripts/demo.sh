@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-cargo build --release -p ztunnel -p istio-cni -p testbed
+cargo build --release -p ztunnel -p istio-cni -p waypoint -p testbed
 exec ./target/release/mesh-demo --config "${1:-examples/mesh.yaml}" --ztunnel target/release/ztunnel \
-  --agent target/release/istio-cni-agent --plugin target/release/istio-cni
+  --agent target/release/istio-cni-agent --plugin target/release/istio-cni \
+  --waypoint target/release/waypoint

@@ -13,7 +13,10 @@ fn ip(s: &str) -> IpAddr {
 #[test]
 fn example_translates_to_model() {
     let m = standalone::parse(EXAMPLE, "cluster.local").unwrap();
-    assert_eq!(m.workloads.len(), 4);
+    assert_eq!(m.workloads.len(), 7);
+    assert_eq!(m.waypoints.len(), 1);
+    assert_eq!(m.http_routes.len(), 1);
+    assert_eq!(m.waypoint_policies.len(), 1);
     let client = m.workload_by_ip(ip("10.244.1.10")).unwrap();
     assert_eq!(
         client.identity().to_string(),
