@@ -92,6 +92,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
+    publish_config(&cfg.state_dir, &config_bytes);
     let pods = load_records(&cfg.state_dir.join(STATE_FILE))?;
     let mut agent = Agent {
         cfg: cfg.clone(),
@@ -160,6 +161,17 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
 }
 
 const STATE_FILE: &str = "pods.json";
+/// The last good mesh config, where the CNI plugin (a host binary that cannot
+/// see the agent container's files) reads membership from.
+pub const PLUGIN_CONFIG: &str = "mesh.yaml";
+
+fn publish_config(state_dir: &Path, bytes: &[u8]) {
+    let path = state_dir.join(PLUGIN_CONFIG);
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &path)) {
+        tracing::error!(path = %path.display(), error = %e, "cannot publish the mesh config for the CNI plugin");
+    }
+}
 
 fn load_records(path: &Path) -> anyhow::Result<BTreeMap<Key, Record>> {
     let records: Vec<Record> = match std::fs::read(path) {
@@ -255,7 +267,10 @@ impl Agent {
             &String::from_utf8_lossy(&self.config_bytes),
             identity::DEFAULT_TRUST_DOMAIN,
         ) {
-            Ok(s) => self.state = Arc::new(s),
+            Ok(s) => {
+                self.state = Arc::new(s);
+                publish_config(&self.cfg.state_dir, &self.config_bytes);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "mesh config rejected; capture decisions keep the last good one");
                 return false;

@@ -35,7 +35,9 @@ fn durations_are_go_style() {
     assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
     assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-    assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+    assert!(parse_duration("5 parsecs")
+        .unwrap_err()
+        .contains("unknown unit"));
     assert!(parse_duration("").is_err());
 }
 
@@ -45,14 +47,20 @@ fn waypoint_labels_and_gateway() {
     assert_eq!(m.waypoints[0].for_traffic, WaypointFor::All);
     let svc = |name: &str| m.services.iter().find(|s| s.name == name).unwrap().clone();
     assert_eq!(svc("a").waypoint.as_ref().unwrap().name, "wp");
-    assert!(svc("b").waypoint.is_none(), "use-waypoint: none opts a service out");
+    assert!(
+        svc("b").waypoint.is_none(),
+        "use-waypoint: none opts a service out"
+    );
     let w = m.workload_by_name("app", "a").unwrap();
     assert!(m.workload_waypoint(w).is_some());
     // Another class is not a waypoint; a broken one is a named error.
     let m = with("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress, namespace: app}\nspec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}").unwrap();
     assert!(m.waypoints.is_empty());
     let e = with("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: app}\nspec: {gatewayClassName: istio-waypoint, listeners: [{name: m, port: 15008, protocol: HBONE}], addresses: [{type: IPAddress, value: 1.2.3.4}]}").unwrap_err();
-    assert_eq!((e.object.as_str(), e.field.as_str()), ("Gateway app/wp", "spec.addresses"));
+    assert_eq!(
+        (e.object.as_str(), e.field.as_str()),
+        ("Gateway app/wp", "spec.addresses")
+    );
 }
 
 #[test]
@@ -88,33 +96,75 @@ spec:
   trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: X-User}}, connectionPool: {tcp: {maxConnections: 10}, http: {http2MaxRequests: 5}}, outlierDetection: {consecutiveGatewayErrors: 3}}
   subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
 ").unwrap();
-    let hr = m.http_routes.iter().find(|r| r.api == RouteApi::HttpRoute).unwrap();
+    let hr = m
+        .http_routes
+        .iter()
+        .find(|r| r.api == RouteApi::HttpRoute)
+        .unwrap();
     assert_eq!(hr.hosts, ["a.app.svc.cluster.local"]);
     let rule = &hr.rules[0];
     let mt = &rule.matches[0];
     assert!(matches!(&mt.path, Some(StrMatch::Exact(p)) if p == "/x"));
     assert_eq!(mt.method.as_deref(), Some("POST"));
     assert_eq!(mt.headers[0].0, "x-env");
-    assert!(mt.query[0].1.matches("v12") && !mt.query[0].1.matches("xv12"), "regexes are anchored");
-    assert_eq!(rule.request_headers.set, [("x-a".to_string(), "1".to_string())]);
-    assert_eq!((rule.backends[0].host.as_str(), rule.backends[0].weight), ("b.app.svc.cluster.local", 3));
+    assert!(
+        mt.query[0].1.matches("v12") && !mt.query[0].1.matches("xv12"),
+        "regexes are anchored"
+    );
+    assert_eq!(
+        rule.request_headers.set,
+        [("x-a".to_string(), "1".to_string())]
+    );
+    assert_eq!(
+        (rule.backends[0].host.as_str(), rule.backends[0].weight),
+        ("b.app.svc.cluster.local", 3)
+    );
     assert_eq!(rule.timeout, Some(Duration::from_secs(2)));
     assert_eq!(rule.retries.as_ref().unwrap().codes, [502, 503]);
 
-    let vs = m.http_routes.iter().find(|r| r.api == RouteApi::VirtualService).unwrap();
+    let vs = m
+        .http_routes
+        .iter()
+        .find(|r| r.api == RouteApi::VirtualService)
+        .unwrap();
     assert_eq!(vs.hosts, ["b.app.svc.cluster.local"]);
     let rule = &vs.rules[0];
     assert!(matches!(rule.fault.as_ref().unwrap().abort, Some((Abort::Grpc(14), p)) if p == 10.0));
     let rt = rule.retries.as_ref().unwrap();
-    assert_eq!(rt.retry_on, [RetryOn::GatewayError, RetryOn::Reset, RetryOn::RetriableStatusCodes]);
-    assert_eq!((rt.codes.as_slice(), rt.per_try_timeout), (&[429u16][..], Some(Duration::from_millis(500))));
-    assert_eq!(rule.backends.iter().map(|b| (b.subset.as_deref().unwrap(), b.weight)).collect::<Vec<_>>(), [("v1", 80), ("v2", 20)]);
+    assert_eq!(
+        rt.retry_on,
+        [
+            RetryOn::GatewayError,
+            RetryOn::Reset,
+            RetryOn::RetriableStatusCodes
+        ]
+    );
+    assert_eq!(
+        (rt.codes.as_slice(), rt.per_try_timeout),
+        (&[429u16][..], Some(Duration::from_millis(500)))
+    );
+    assert_eq!(
+        rule.backends
+            .iter()
+            .map(|b| (b.subset.as_deref().unwrap(), b.weight))
+            .collect::<Vec<_>>(),
+        [("v1", 80), ("v2", 20)]
+    );
 
     let dr = &m.destination_rules[0];
     assert_eq!(dr.host, "a.app.svc.cluster.local");
     assert!(matches!(&dr.policy.lb, LoadBalancer::HashHeader(h) if h == "x-user"));
-    assert_eq!((dr.policy.pool.max_connections, dr.policy.pool.http2_max_requests), (Some(10), Some(5)));
-    assert_eq!(dr.policy.outlier.as_ref().unwrap().consecutive_gateway, Some(3));
+    assert_eq!(
+        (
+            dr.policy.pool.max_connections,
+            dr.policy.pool.http2_max_requests
+        ),
+        (Some(10), Some(5))
+    );
+    assert_eq!(
+        dr.policy.outlier.as_ref().unwrap().consecutive_gateway,
+        Some(3)
+    );
 }
 
 #[test]

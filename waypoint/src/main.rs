@@ -172,10 +172,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     admin::serve(args.admin_addr, dump, drain.clone())
         .await
         .with_context(|| format!("admin on {}", args.admin_addr))?;
+    let process = metrics_process::Collector::default();
+    process.describe();
     admin::serve(
         args.metrics_addr,
         move |path| match path {
             "/metrics" | "/stats/prometheus" => {
+                process.collect();
                 (StatusCode::OK, "text/plain; version=0.0.4", prom.render())
             }
             _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),

@@ -160,11 +160,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     admin::serve(args.admin_addr, dump, drain.clone())
         .await
         .with_context(|| format!("admin on {}", args.admin_addr))?;
+    let process = metrics_process::Collector::default();
+    process.describe();
+    let scrape = {
+        let (certs, zds) = (certs.clone(), pods.zds_connected.subscribe());
+        move || {
+            // Point-in-time values are refreshed at scrape time.
+            process.collect();
+            ::metrics::gauge!("ztunnel_zds_connected").set(if *zds.borrow() { 1.0 } else { 0.0 });
+            for c in certs.snapshot().into_iter().flatten() {
+                let exp = c
+                    .not_after
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                ::metrics::gauge!("ztunnel_certificate_expiration_timestamp_seconds", "identity" => c.identity.to_string()).set(exp);
+            }
+            prom.render()
+        }
+    };
     admin::serve(
         args.metrics_addr,
         move |path| match path {
             "/metrics" | "/stats/prometheus" => {
-                (StatusCode::OK, "text/plain; version=0.0.4", prom.render())
+                (StatusCode::OK, "text/plain; version=0.0.4", scrape())
             }
             _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
         },

@@ -105,7 +105,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let entry = serde_json::json!({
             "type": install::PLUGIN_TYPE,
             "agent_socket": args.plugin_socket,
-            "mesh_config": config,
+            "mesh_config": args.state_dir.join(agent::PLUGIN_CONFIG),
             "exclude_namespaces": args.exclude_namespaces,
         });
         installer = Some(tokio::spawn(install::keep_installed(

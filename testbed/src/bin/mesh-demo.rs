@@ -21,31 +21,78 @@ fn arg(name: &str, default: &str) -> String {
 /// backends serve HTTP, the client sends requests through it.
 fn waypoint_demo(m: &Mesh, state: &mesh::MeshState, wp: &mesh::routes::Waypoint, bin: &str) {
     let Some(pod) = state.workloads.values().find(|w| {
-        w.namespace == wp.namespace && w.labels.get("gateway.networking.k8s.io/gateway-name") == Some(&wp.name)
+        w.namespace == wp.namespace
+            && w.labels.get("gateway.networking.k8s.io/gateway-name") == Some(&wp.name)
     }) else {
-        return println!("\n== waypoint {}/{}: no pod runs it in the config", wp.namespace, wp.name);
+        return println!(
+            "\n== waypoint {}/{}: no pod runs it in the config",
+            wp.namespace, wp.name
+        );
     };
-    m.start_waypoint(bin, &pod.name, &wp.name, &wp.namespace, &pod.service_account);
-    let Some(route) = state.http_routes.first() else { return };
-    let Some(svc) = state.services.iter().find(|s| s.hostname == route.hosts[0]) else { return };
-    for w in state.workloads.values().filter(|w| svc.endpoints.iter().any(|e| e.workload_uid == w.uid)) {
-        let port = state.endpoints_for(svc, svc.ports[0].port).first().map(|(_, p)| *p).unwrap_or(8080);
+    m.start_waypoint(
+        bin,
+        &pod.name,
+        &wp.name,
+        &wp.namespace,
+        &pod.service_account,
+    );
+    let Some(route) = state.http_routes.first() else {
+        return;
+    };
+    let Some(svc) = state.services.iter().find(|s| s.hostname == route.hosts[0]) else {
+        return;
+    };
+    for w in state
+        .workloads
+        .values()
+        .filter(|w| svc.endpoints.iter().any(|e| e.workload_uid == w.uid))
+    {
+        let port = state
+            .endpoints_for(svc, svc.ports[0].port)
+            .first()
+            .map(|(_, p)| *p)
+            .unwrap_or(8080);
         m.http_server(&w.name, port);
     }
     let url = format!("http://{}:{}", svc.vips[0], svc.ports[0].port);
-    println!("\n== client -> {} through waypoint {}/{} ({} {}/{})", svc.hostname, wp.namespace, wp.name, "route", route.namespace, route.name);
-    let (_, out) = testbed::sh_out(&format!("ip netns exec {} curl -s '{url}/shop?i=[1-50]'", m.pod_ns("client")));
+    println!(
+        "\n== client -> {} through waypoint {}/{} ({} {}/{})",
+        svc.hostname, wp.namespace, wp.name, "route", route.namespace, route.name
+    );
+    let (_, out) = testbed::sh_out(&format!(
+        "ip netns exec {} curl -s '{url}/shop?i=[1-50]'",
+        m.pod_ns("client")
+    ));
     let mut spread = std::collections::BTreeMap::<String, u32>::new();
     for l in out.lines() {
         *spread.entry(l.to_string()).or_default() += 1;
     }
     println!("   50 requests answered by: {spread:?}");
-    let (_, code) = testbed::sh_out(&format!("ip netns exec {} curl -s -o /dev/null -w %{{http_code}} {url}/admin", m.pod_ns("client")));
+    let (_, code) = testbed::sh_out(&format!(
+        "ip netns exec {} curl -s -o /dev/null -w %{{http_code}} {url}/admin",
+        m.pod_ns("client")
+    ));
     println!("   GET /admin -> {code} (L7 AuthorizationPolicy on the waypoint)");
     println!("   waypoint metrics (istio_requests_total, reporter=waypoint):");
-    for l in m.pod_http(&pod.name, 15020, "/metrics").lines().filter(|l| l.starts_with("istio_requests_total{")) {
-        let pick = |k: &str| l.split(&format!("{k}=\"")).nth(1).and_then(|x| x.split('"').next()).unwrap_or("").to_string();
-        println!("     destination_workload={} response_code={} response_flags={} {}", pick("destination_workload"), pick("response_code"), pick("response_flags"), l.rsplit(' ').next().unwrap_or(""));
+    for l in m
+        .pod_http(&pod.name, 15020, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+    {
+        let pick = |k: &str| {
+            l.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|x| x.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        println!(
+            "     destination_workload={} response_code={} response_flags={} {}",
+            pick("destination_workload"),
+            pick("response_code"),
+            pick("response_flags"),
+            l.rsplit(' ').next().unwrap_or("")
+        );
     }
 }
 
@@ -169,7 +216,12 @@ async fn main() {
     }
 
     if let Some(wp) = state.waypoints.first() {
-        waypoint_demo(&m, &state, wp, &arg("--waypoint", "target/release/waypoint"));
+        waypoint_demo(
+            &m,
+            &state,
+            wp,
+            &arg("--waypoint", "target/release/waypoint"),
+        );
     }
 
     // Totals over both nodes, as the destination side reported them.
