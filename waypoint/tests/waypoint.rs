@@ -498,3 +498,122 @@ async fn waypoint_for_all_captures_pod_traffic_and_forbids_bypass() {
         "{metrics}"
     );
 }
+
+/// Labels Prometheus adds at scrape time (kubernetes_sd relabeling, see
+/// manifests/README.md), so the proxies never export them.
+const TARGET_LABELS: &[&str] = &["node", "pod", "app", "instance", "job", "namespace"];
+
+/// metric name -> label names, from a Prometheus text exposition.
+fn exposition(text: &str, into: &mut BTreeMap<String, std::collections::BTreeSet<String>>) {
+    let series = regex::Regex::new(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? ").unwrap();
+    let label = regex::Regex::new(r#"([a-zA-Z_][a-zA-Z0-9_]*)="#).unwrap();
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        if let Some(c) = series.captures(l) {
+            let e = into.entry(c[1].to_string()).or_default();
+            if let Some(ls) = c.get(2) {
+                e.extend(label.captures_iter(ls.as_str()).map(|m| m[1].to_string()));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_query_only_what_the_proxies_export() {
+    let cfg = "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-v1, namespace: app}
+spec:
+  hosts: [echo-v1]
+  http: [{retries: {attempts: 2, retryOn: 5xx}, route: [{destination: {host: echo-v1}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: app}
+spec:
+  host: echo
+  trafficPolicy: {outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 30s, maxEjectionPercent: 100}}
+";
+    let c = cluster("wdb", cfg, "service").await;
+    let m = &c.m;
+    // Make every series a panel reads exist: routed and failed requests, a
+    // retry, an ejection, a DNS answer, a TLS handshake failure.
+    bodies(m, "http://10.96.0.20/unstable", 8, "");
+    curl(m, "client", "http://10.96.0.21/flaky/x");
+    m.dns_query(
+        "client",
+        "10.96.0.53:53",
+        "echo",
+        testbed::hickory_proto::rr::RecordType::A,
+        false,
+    )
+    .unwrap();
+    curl(m, "outsider", "-m 2 http://10.244.1.11:15008/not-tls");
+
+    let mut exported = BTreeMap::new();
+    for text in [
+        m.metrics("node1"),
+        m.metrics("node2"),
+        m.pod_http("waypoint", 15020, "/metrics"),
+    ] {
+        exposition(&text, &mut exported);
+    }
+    let selector = regex::Regex::new(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}").unwrap();
+    let matcher = regex::Regex::new(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)").unwrap();
+    let by = regex::Regex::new(r"by\s*\(([^)]*)\)").unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("manifests/dashboards");
+    let mut checked = 0;
+    for f in ["ztunnel.json", "waypoint.json"] {
+        let d: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join(f)).unwrap()).unwrap();
+        let mut exprs: Vec<String> = d["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| {
+                p["targets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t["expr"].as_str().unwrap().to_string())
+            })
+            .collect();
+        exprs.extend(
+            d["templating"]["list"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v["definition"].as_str().map(str::to_string)),
+        );
+        for e in exprs {
+            let mut in_expr = std::collections::BTreeSet::new();
+            for s in selector.captures_iter(&e) {
+                let name = &s[1];
+                let labels = exported.get(name).unwrap_or_else(|| {
+                    panic!("{f}: `{name}` is not exported by ztunnel or the waypoint (in {e})")
+                });
+                in_expr.extend(labels.iter().cloned());
+                for l in matcher.captures_iter(&s[2]) {
+                    assert!(
+                        labels.contains(&l[1]) || TARGET_LABELS.contains(&&l[1]),
+                        "{f}: `{name}` has no label `{}` (in {e})",
+                        &l[1]
+                    );
+                }
+                checked += 1;
+            }
+            for b in by.captures_iter(&e) {
+                for l in b[1].split(',').map(str::trim).filter(|l| !l.is_empty()) {
+                    assert!(
+                        in_expr.contains(l) || TARGET_LABELS.contains(&l),
+                        "{f}: nothing in `{e}` has label `{l}`"
+                    );
+                }
+            }
+        }
+    }
+    assert!(checked >= 25, "only {checked} selectors checked");
+}
