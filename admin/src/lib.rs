@@ -52,3 +52,95 @@ where
         }
     }))
 }
+
+/// Where the three endpoints listen.
+pub struct Addrs {
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+/// Starts the standard endpoints of a proxy: `/config_dump` (admin, JSON from
+/// `dump`), `/metrics` and `/stats/prometheus` (text from `scrape`), and
+/// `/healthz/ready` (503 with the reason `not_ready` gives, else 200).
+/// Admin and metrics stop with `drain`; readiness keeps answering 503 through
+/// the drain, until the process exits.
+pub async fn endpoints(
+    addrs: Addrs,
+    dump: impl Fn() -> String + Send + Sync + 'static,
+    scrape: impl Fn() -> String + Send + Sync + 'static,
+    not_ready: impl Fn() -> Option<&'static str> + Send + Sync + 'static,
+    drain: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let named = |what: &'static str, addr: SocketAddr| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what} on {addr}: {e}"))
+    };
+    serve(
+        addrs.admin,
+        move |path| match path {
+            "/config_dump" => (StatusCode::OK, "application/json", dump()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /config_dump\n".into(),
+            ),
+        },
+        drain.clone(),
+    )
+    .await
+    .map_err(named("admin", addrs.admin))?;
+    serve(
+        addrs.metrics,
+        move |path| match path {
+            "/metrics" | "/stats/prometheus" => {
+                (StatusCode::OK, "text/plain; version=0.0.4", scrape())
+            }
+            _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
+        },
+        drain.clone(),
+    )
+    .await
+    .map_err(named("metrics", addrs.metrics))?;
+    let ready = move |path: &str| match path {
+        "/healthz/ready" => match (*drain.borrow(), not_ready()) {
+            (true, _) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "draining\n".into(),
+            ),
+            (false, Some(why)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+            (false, None) => (StatusCode::OK, "text/plain", "ready\n".into()),
+        },
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /healthz/ready\n".into(),
+        ),
+    };
+    // Its stop signal is one nobody sends: it lives as long as the process.
+    let (never_tx, never) = watch::channel(false);
+    std::mem::forget(never_tx);
+    serve(addrs.readiness, ready, never)
+        .await
+        .map_err(named("readiness", addrs.readiness))?;
+    Ok(())
+}
+
+/// Structured logs on stderr (stdout stays free for access logs), text or
+/// JSON lines, filtered by RUST_LOG (default info).
+pub fn init_logging(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+}

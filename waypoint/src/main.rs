@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use http::StatusCode;
 use identity::{BuiltinCa, CertificateAuthority, Identity, SecretManager};
 use mesh::MeshStore;
 use tokio::net::TcpListener;
@@ -69,17 +68,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     // Logs on stderr; stdout carries the access log.
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        fmt.json().init();
-    } else {
-        fmt.init();
-    }
+    admin::init_logging(args.log_json);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
         .enable_all()
@@ -158,55 +148,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let dump = {
         let wp = wp.clone();
-        move |path: &str| -> admin::Reply {
-            match path {
-                "/config_dump" => (StatusCode::OK, "application/json", config_dump(&wp)),
-                _ => (
-                    StatusCode::NOT_FOUND,
-                    "text/plain",
-                    "try /config_dump\n".into(),
-                ),
-            }
-        }
+        move || config_dump(&wp)
     };
-    admin::serve(args.admin_addr, dump, drain.clone())
-        .await
-        .with_context(|| format!("admin on {}", args.admin_addr))?;
     let process = metrics_process::Collector::default();
     process.describe();
-    admin::serve(
-        args.metrics_addr,
-        move |path| match path {
-            "/metrics" | "/stats/prometheus" => {
-                process.collect();
-                (StatusCode::OK, "text/plain; version=0.0.4", prom.render())
-            }
-            _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
-        },
-        drain.clone(),
-    )
-    .await
-    .with_context(|| format!("metrics on {}", args.metrics_addr))?;
-    let ready = {
-        let drain = drain.clone();
-        move |path: &str| match path {
-            "/healthz/ready" if *drain.borrow() => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "draining\n".into(),
-            ),
-            "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".into()),
-            _ => (
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "try /healthz/ready\n".into(),
-            ),
-        }
+    let scrape = move || {
+        process.collect();
+        prom.render()
     };
-    let (_never_tx, never) = watch::channel(false);
-    admin::serve(args.readiness_addr, ready, never)
-        .await
-        .with_context(|| format!("readiness on {}", args.readiness_addr))?;
+    let addrs = admin::Addrs {
+        admin: args.admin_addr,
+        metrics: args.metrics_addr,
+        readiness: args.readiness_addr,
+    };
+    admin::endpoints(addrs, dump, scrape, || None, drain.clone()).await?;
     tracing::info!(name = args.name, namespace = args.namespace, identity = %id, listen = %args.listen, "waypoint started");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

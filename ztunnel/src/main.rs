@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::Parser;
-use http::StatusCode;
 use identity::{BuiltinCa, CertificateAuthority, SecretManager};
 use mesh::MeshStore;
 use tokio::sync::watch;
@@ -70,16 +69,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        fmt.json().init();
-    } else {
-        fmt.init();
-    }
+    admin::init_logging(args.log_json);
     // Before any other thread exists: the netns every thread returns to.
     netns::init_host_netns().context("open own network namespace")?;
     tokio::runtime::Builder::new_multi_thread()
@@ -141,25 +131,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             px.clone(),
             args.node.clone(),
         );
-        move |path: &str| -> admin::Reply {
-            match path {
-                "/config_dump" => (
-                    StatusCode::OK,
-                    "application/json",
-                    config_dump(&node, &store, &certs, &pods, &px),
-                ),
-                "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
-                _ => (
-                    StatusCode::NOT_FOUND,
-                    "text/plain",
-                    "try /config_dump\n".into(),
-                ),
-            }
-        }
+        move || config_dump(&node, &store, &certs, &pods, &px)
     };
-    admin::serve(args.admin_addr, dump, drain.clone())
-        .await
-        .with_context(|| format!("admin on {}", args.admin_addr))?;
     let process = metrics_process::Collector::default();
     process.describe();
     let scrape = {
@@ -179,45 +152,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             prom.render()
         }
     };
-    admin::serve(
-        args.metrics_addr,
-        move |path| match path {
-            "/metrics" | "/stats/prometheus" => {
-                (StatusCode::OK, "text/plain; version=0.0.4", scrape())
-            }
-            _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
-        },
-        drain.clone(),
-    )
-    .await
-    .with_context(|| format!("metrics on {}", args.metrics_addr))?;
-    let ready = {
-        let (zds, drain) = (pods.zds_connected.subscribe(), drain.clone());
-        move |path: &str| match path {
-            "/healthz/ready" if *drain.borrow() => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "draining\n".into(),
-            ),
-            "/healthz/ready" if !*zds.borrow() => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "waiting for the node agent (ZDS)\n".into(),
-            ),
-            "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".into()),
-            _ => (
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "try /healthz/ready\n".into(),
-            ),
-        }
+    let zds = pods.zds_connected.subscribe();
+    let not_ready = move || (!*zds.borrow()).then_some("waiting for the node agent (ZDS)");
+    let addrs = admin::Addrs {
+        admin: args.admin_addr,
+        metrics: args.metrics_addr,
+        readiness: args.readiness_addr,
     };
-    // Readiness must keep answering 503 during the drain, so it does not stop
-    // with it: its stop signal is one nobody sends (kept alive until exit).
-    let (_never_tx, never) = watch::channel(false);
-    admin::serve(args.readiness_addr, ready, never)
-        .await
-        .with_context(|| format!("readiness on {}", args.readiness_addr))?;
+    admin::endpoints(addrs, dump, scrape, not_ready, drain.clone()).await?;
     tracing::info!(node = %args.node, zds = %args.zds_socket.display(), "ztunnel started");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
