@@ -567,35 +567,29 @@ async fn route_and_send(
         .destination_rules
         .iter()
         .find(|d| d.host == backend.host);
-    let (subset_labels, policy) = match (&backend.subset, dr) {
+    let subset = backend.subset.as_ref().map(|name| {
+        (
+            name,
+            dr.and_then(|d| d.subsets.iter().find(|x| &x.name == name)),
+        )
+    });
+    let (subset_labels, policy) = match (subset, dr) {
         (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
-        (Some(name), Some(d)) => match d.subsets.iter().find(|x| &x.name == name) {
-            Some(sub) => (
-                Some(&sub.labels),
-                sub.policy.clone().unwrap_or_else(|| d.policy.clone()),
-            ),
-            None => {
-                tracing::error!(route = ?route_name, subset = name, rule = %format!("{}/{}", d.namespace, d.name), "route names a subset its DestinationRule does not define");
-                return (
-                    Outcome2::local(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unknown subset\n",
-                        flag::NO_CLUSTER,
-                    ),
-                    route_name,
-                );
-            }
-        },
-        (Some(name), None) => {
-            tracing::error!(route = ?route_name, subset = name, host = backend.host, "route names a subset but no DestinationRule exists for the host");
-            return (
-                Outcome2::local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unknown subset\n",
-                    flag::NO_CLUSTER,
-                ),
-                route_name,
+        (Some((_, Some(sub))), Some(d)) => (
+            Some(&sub.labels),
+            sub.policy.clone().unwrap_or_else(|| d.policy.clone()),
+        ),
+        (Some((name, _)), dr) => {
+            let rule = dr
+                .map(|d| format!("{}/{}", d.namespace, d.name))
+                .unwrap_or_else(|| "none".into());
+            tracing::error!(route = ?route_name, subset = name, host = backend.host, destination_rule = rule, "route names a subset no DestinationRule for the host defines");
+            let resp = Outcome2::local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unknown subset\n",
+                flag::NO_CLUSTER,
             );
+            return (resp, route_name);
         }
     };
     let port = backend
