@@ -144,6 +144,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
     let tasks = TaskTracker::new();
+    telemetry::start_access_log_flusher();
     tokio::spawn(accept(wp.clone(), listener, tasks.clone()));
 
     let dump = {
@@ -178,6 +179,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         tracing::warn!(left = tasks.len(), "drain deadline passed");
     }
+    telemetry::flush_access_log();
     Ok(())
 }
 

@@ -58,7 +58,7 @@ pub const SIZE_BUCKETS: &[f64] = &[
     1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
 ];
 
-pub fn record(r: &Record) {
+fn labels(r: &Record) -> [(&'static str, String); 25] {
     let unknown = || "unknown".to_string();
     let (svc_host, svc_name, svc_ns) = match r.service {
         Some(s) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
@@ -128,13 +128,98 @@ pub fn record(r: &Record) {
         ("response_flags", r.flags.clone()),
         ("connection_security_policy", "mutual_tls".to_string()),
     ];
-    metrics::counter!("istio_requests_total", &labels).increment(1);
-    metrics::histogram!("istio_request_duration_milliseconds", &labels)
-        .record(r.duration.as_secs_f64() * 1000.0);
-    metrics::histogram!("istio_request_bytes", &labels).record(r.request_bytes as f64);
-    metrics::histogram!("istio_response_bytes", &labels).record(r.response_bytes as f64);
+    labels
+}
+
+/// The metric handles of one label set: registering is costly (25 labels,
+/// four metrics), recording through a held handle is not.
+struct Handles {
+    key: (String, String, String, String, &'static str, u16, String),
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+    request_bytes: metrics::Histogram,
+    response_bytes: metrics::Histogram,
+}
+
+static HANDLES: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<u64, Vec<std::sync::Arc<Handles>>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn handles(r: &Record) -> std::sync::Arc<Handles> {
+    use std::hash::{Hash, Hasher};
+    fn uid(w: Option<&Workload>) -> &str {
+        w.map(|w| w.uid.as_str()).unwrap_or("")
+    }
+    let principal = r.src_identity.to_string();
+    let key = (
+        principal.as_str(),
+        uid(r.src_workload),
+        r.service.map(|s| s.hostname.as_str()).unwrap_or(""),
+        uid(r.dst_workload),
+        r.protocol,
+        r.code,
+        r.flags.as_str(),
+    );
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    let hash = h.finish();
+    let same = |k: &(String, String, String, String, &'static str, u16, String)| {
+        (
+            k.0.as_str(),
+            k.1.as_str(),
+            k.2.as_str(),
+            k.3.as_str(),
+            k.4,
+            k.5,
+            k.6.as_str(),
+        ) == key
+    };
+    if let Some(found) = HANDLES
+        .lock()
+        .unwrap()
+        .get(&hash)
+        .and_then(|v| v.iter().find(|x| same(&x.key)).cloned())
+    {
+        return found;
+    }
+    let l = labels(r);
+    let made = std::sync::Arc::new(Handles {
+        key: (
+            key.0.to_string(),
+            key.1.to_string(),
+            key.2.to_string(),
+            key.3.to_string(),
+            key.4,
+            key.5,
+            key.6.to_string(),
+        ),
+        requests: metrics::counter!("istio_requests_total", &l),
+        duration: metrics::histogram!("istio_request_duration_milliseconds", &l),
+        request_bytes: metrics::histogram!("istio_request_bytes", &l),
+        response_bytes: metrics::histogram!("istio_response_bytes", &l),
+    });
+    HANDLES
+        .lock()
+        .unwrap()
+        .entry(hash)
+        .or_default()
+        .push(made.clone());
+    made
+}
+
+pub fn record(r: &Record) {
+    let h = handles(r);
+    h.requests.increment(1);
+    h.duration.record(r.duration.as_secs_f64() * 1000.0);
+    h.request_bytes.record(r.request_bytes as f64);
+    h.response_bytes.record(r.response_bytes as f64);
     if r.attempts > 1 {
-        metrics::counter!("istio_waypoint_retries_total", "destination_service" => labels[9].1.clone()).increment(u64::from(r.attempts - 1));
+        let svc = r
+            .service
+            .map(|s| s.hostname.clone())
+            .unwrap_or_else(|| "unknown".into());
+        metrics::counter!("istio_waypoint_retries_total", "destination_service" => svc)
+            .increment(u64::from(r.attempts - 1));
     }
     let line = serde_json::json!({
         "start_time": humantime_now(),
@@ -153,10 +238,35 @@ pub fn record(r: &Record) {
         "route": r.route,
         "attempts": r.attempts,
     });
-    // One write per line: lines from concurrent requests never interleave.
-    let mut out = line.to_string();
-    out.push('\n');
-    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+    let mut log = ACCESS_LOG.lock().unwrap();
+    // Whole lines only, so lines from concurrent requests never interleave.
+    let _ = serde_json::to_writer(&mut *log, &line);
+    log.push(b'\n');
+    if log.len() >= 64 * 1024 {
+        let _ = std::io::stdout().lock().write_all(&log);
+        log.clear();
+    }
+}
+
+/// Access-log lines not yet written: flushed every 100 ms (and when large,
+/// and on exit) rather than with one write per request.
+static ACCESS_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+pub fn flush_access_log() {
+    let pending = std::mem::take(&mut *ACCESS_LOG.lock().unwrap());
+    if !pending.is_empty() {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&pending);
+        let _ = out.flush();
+    }
+}
+
+/// Starts the periodic flush (a plain thread: it only sleeps and writes).
+pub fn start_access_log_flusher() {
+    std::thread::spawn(|| loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        flush_access_log();
+    });
 }
 
 fn humantime_now() -> String {

@@ -1,0 +1,355 @@
+//! The waypoint against Envoy as an L7 proxy, same route (one backend),
+//! retries (2 on 5xx) and metrics on, 2 worker threads each, same load: wrk
+//! (HTTP/1.1) and h2load (HTTP/2), bounded duration. Also the same load
+//! through ztunnel alone (no L7), for scale. Prints a table.
+//!
+//! Paths (client and backend are ambient pods on two nodes):
+//!   waypoint: client → ztunnel ⇒HBONE⇒ waypoint ⇒HBONE⇒ ztunnel → backend
+//!   envoy:    client → ztunnel (plain, Envoy is outside the mesh) → Envoy → ztunnel (15006) → backend
+//!   L4 only:  client → ztunnel ⇒HBONE⇒ ztunnel → backend
+//! The waypoint path does two mTLS hops the Envoy path does not.
+
+use std::process::Command;
+
+use testbed::Mesh;
+
+fn secs() -> u64 {
+    std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+}
+
+const YAML: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: app}
+spec: {serviceAccountName: client, nodeName: node1}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: backend, namespace: app, labels: {app: backend}}
+spec: {serviceAccountName: backend, nodeName: node2}
+status: {podIP: 10.244.2.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
+spec: {serviceAccountName: waypoint, nodeName: node2}
+status: {podIP: 10.244.2.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: envoy, namespace: app, labels: {app: envoy, istio.io/dataplane-mode: none}}
+spec: {serviceAccountName: envoy, nodeName: node2}
+status: {podIP: 10.244.2.30}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: app, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.10, selector: {app: backend}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-l4, namespace: app}
+spec: {clusterIP: 10.96.0.11, selector: {app: backend}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-envoy, namespace: app}
+spec: {clusterIP: 10.96.0.12, selector: {app: envoy}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: app}
+spec: {clusterIP: 10.96.0.30, selector: {gateway.networking.k8s.io/gateway-name: waypoint}, ports: [{name: mesh, port: 15008}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: app}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: app}
+spec:
+  hosts: [web]
+  http: [{retries: {attempts: 2, retryOn: 5xx}, route: [{destination: {host: web}}]}]
+";
+
+/// The backend: Envoy answering 200 with a small body.
+const BACKEND: &str = r#"
+static_resources:
+  listeners:
+  - address: {socket_address: {address: 0.0.0.0, port_value: 8080}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: backend
+          codec_type: AUTO
+          http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+          route_config:
+            virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: /}, direct_response: {status: 200, body: {inline_string: "hello from the backend\n"}}}]}]
+"#;
+
+/// Envoy as the L7 proxy: one route to the backend, 2 retries on 5xx, stats on.
+const PROXY: &str = r#"
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: 9901}}}
+static_resources:
+  listeners:
+  - address: {socket_address: {address: 0.0.0.0, port_value: 8080}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: proxy
+          codec_type: AUTO
+          http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+          route_config:
+            virtual_hosts:
+            - name: web
+              domains: ["*"]
+              routes: [{match: {prefix: /}, route: {cluster: backend, retry_policy: {retry_on: 5xx, num_retries: 2}}}]
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {cluster_name: backend, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 10.244.2.11, port_value: 8080}}}}]}]}
+"#;
+
+struct Row {
+    path: &'static str,
+    proto: &'static str,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn in_client(m: &Mesh, cmd: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ip netns exec {} {cmd}", m.pod_ns("client")))
+        .output()
+        .expect("load generator");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// wrk's "50%  1.23ms" style values in ms.
+fn ms(v: &str) -> f64 {
+    let (n, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
+    let n: f64 = n.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+fn wrk(m: &Mesh, url: &str) -> (f64, f64, f64) {
+    let out = in_client(m, &format!("wrk -t2 -c32 -d{}s --latency {url}", secs()));
+    let field = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
+    };
+    let rps = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    let errors = out
+        .lines()
+        .any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if errors {
+        eprintln!("wrk {url} reported errors:\n{out}");
+    }
+    (
+        rps,
+        field("50%").map(|v| ms(&v)).unwrap_or(f64::NAN),
+        field("99%").map(|v| ms(&v)).unwrap_or(f64::NAN),
+    )
+}
+
+/// h2load: req/s and mean request time (it prints no percentiles).
+fn h2load(m: &Mesh, url: &str) -> (f64, f64) {
+    let out = in_client(m, &format!("h2load -D {} -c8 -m16 -t2 {url}", secs()));
+    let rps = out
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| {
+            l.split(", ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(f64::NAN);
+    let mean = out
+        .lines()
+        .find(|l| l.starts_with("time for request:"))
+        .and_then(|l| l.split_whitespace().nth(5).map(ms))
+        .unwrap_or(f64::NAN);
+    if !out.contains("0 failed, 0 errored") {
+        eprintln!("h2load {url} reported failures:\n{out}");
+    }
+    (rps, mean)
+}
+
+fn pid_of(ns: &str, comm: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .expect("process in netns")
+        .to_string()
+}
+
+/// Peak RSS (VmHWM) of the process named `comm` in netns `ns`, MiB.
+fn peak_rss(ns: &str, comm: &str) -> f64 {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let kb: f64 = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(kb / 1024.0)
+        })
+        .fold(0.0, f64::max)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let ztunnel = std::env::var("ZTUNNEL").unwrap_or_else(|_| "target/release/ztunnel".into());
+    let waypoint = std::env::var("WAYPOINT").unwrap_or_else(|_| "target/release/waypoint".into());
+    let mut m = Mesh::new("wpb", &ztunnel);
+    m.dns_capture = false;
+    m.pod("client", "app", "client", "10.244.1.10", "node1", true);
+    m.pod("backend", "app", "backend", "10.244.2.11", "node2", true);
+    m.pod("waypoint", "app", "waypoint", "10.244.2.20", "node2", false);
+    m.pod("envoy", "app", "envoy", "10.244.2.30", "node2", false);
+    m.write_config(YAML);
+    let ca = m.dir.join("ca");
+    m.start_node("node1", &ca).await;
+    m.start_node("node2", &ca).await;
+    m.start_envoy("backend", BACKEND, "backend", 8080);
+    m.start_envoy("envoy", PROXY, "proxy", 8080);
+    m.start_waypoint(&waypoint, "waypoint", "waypoint", "app", "waypoint");
+    // Warm up each path (certificates, pools).
+    for url in [
+        "http://10.96.0.10/",
+        "http://10.96.0.11/",
+        "http://10.96.0.12/",
+    ] {
+        assert!(
+            in_client(&m, &format!("curl -s {url}")).contains("hello"),
+            "{url} does not answer"
+        );
+    }
+    let mut rows = Vec::new();
+    for (path, url) in [
+        ("waypoint", "http://10.96.0.10/"),
+        ("envoy", "http://10.96.0.12/"),
+        ("ztunnel only (L4)", "http://10.96.0.11/"),
+    ] {
+        // BENCH_PROFILE=1: perf samples the waypoint during its HTTP/1.1 run.
+        let perf = (path == "waypoint" && std::env::var("BENCH_PROFILE").is_ok()).then(|| {
+            let pid = pid_of(&m.pod_ns("waypoint"), "waypoint");
+            Command::new("perf")
+                .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
+                .arg(m.dir.join("perf.data"))
+                .args(["--", "sleep", &secs().to_string()])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf")
+        });
+        let (rps, p50, p99) = wrk(&m, url);
+        if let Some(mut p) = perf {
+            let _ = p.wait();
+            let out = Command::new("perf")
+                .args([
+                    "report",
+                    "--no-children",
+                    "--stdio",
+                    "--percent-limit",
+                    "1.5",
+                    "-g",
+                    "none",
+                    "-i",
+                ])
+                .arg(m.dir.join("perf.data"))
+                .output()
+                .unwrap();
+            println!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        rows.push(Row {
+            path,
+            proto: "HTTP/1.1 (wrk -c32)",
+            rps,
+            p50_ms: p50,
+            p99_ms: p99,
+        });
+        let (rps, mean) = h2load(&m, url);
+        rows.push(Row {
+            path,
+            proto: "HTTP/2 (h2load -c8 -m16)",
+            rps,
+            p50_ms: mean,
+            p99_ms: f64::NAN,
+        });
+    }
+    println!(
+        "\n{} s per run, 2 cores shared by load generator, proxies and backend\n",
+        secs()
+    );
+    println!("| path | protocol | req/s | p50 ms | p99 ms |");
+    println!("|---|---|---:|---:|---:|");
+    for r in &rows {
+        let p99 = if r.p99_ms.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", r.p99_ms)
+        };
+        let label = if r.proto.starts_with("HTTP/2") {
+            "mean ms"
+        } else {
+            ""
+        };
+        println!(
+            "| {} | {} | {:.0} | {:.2}{} | {} |",
+            r.path,
+            r.proto,
+            r.rps,
+            r.p50_ms,
+            if label.is_empty() { "" } else { " (mean)" },
+            p99
+        );
+    }
+    println!(
+        "\npeak RSS: waypoint {:.1} MiB, Envoy proxy {:.1} MiB",
+        peak_rss(&m.pod_ns("waypoint"), "waypoint"),
+        peak_rss(&m.pod_ns("envoy"), "envoy")
+    );
+}
