@@ -150,6 +150,8 @@ fn bodies(m: &Mesh, url: &str, n: usize, extra: &str) -> BTreeMap<String, usize>
 }
 
 fn access_log(m: &Mesh) -> Vec<serde_json::Value> {
+    // The waypoint flushes its access log every 100 ms.
+    std::thread::sleep(Duration::from_millis(300));
     std::fs::read_to_string(m.dir.join("waypoint-access.log"))
         .unwrap_or_default()
         .lines()
