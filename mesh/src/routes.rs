@@ -146,6 +146,8 @@ pub struct RouteRule {
     pub response_headers: HeaderOps,
     pub rewrite: Option<Rewrite>,
     pub redirect: Option<Redirect>,
+    /// A copy of the request goes here (percent of requests); its answer is dropped.
+    pub mirror: Option<(Backend, f64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -458,6 +460,16 @@ struct HrFilter {
     url_rewrite: Option<HrRewrite>,
     #[serde(default)]
     request_redirect: Option<HrRedirect>,
+    #[serde(default)]
+    request_mirror: Option<HrMirror>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HrMirror {
+    backend_ref: HrBackend,
+    #[serde(default)]
+    percent: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -716,6 +728,25 @@ pub(crate) fn http_route(object: &str, value: serde_yaml::Value) -> Result<HttpR
                         code: rd.status_code.unwrap_or(302),
                     });
                 }
+                "RequestMirror" => {
+                    let mr = f
+                        .request_mirror
+                        .ok_or_else(|| err(object, format!("{fb}.requestMirror"), "missing"))?;
+                    let b = mr.backend_ref;
+                    rule.mirror = Some((
+                        Backend {
+                            host: format!(
+                                "{}.{}.svc.{CLUSTER_DOMAIN}",
+                                b.name,
+                                b.namespace.as_deref().unwrap_or(&ns)
+                            ),
+                            port: b.port,
+                            subset: None,
+                            weight: 1,
+                        },
+                        mr.percent.unwrap_or(100.0).clamp(0.0, 100.0),
+                    ));
+                }
                 other => {
                     return Err(err(
                         object,
@@ -787,6 +818,59 @@ pub(crate) fn http_route(object: &str, value: serde_yaml::Value) -> Result<HttpR
     })
 }
 
+/// GRPCRoute is HTTPRoute over HTTP/2 with `/<service>/<method>` paths: its
+/// method matches become path matches and the rest is read as an HTTPRoute.
+pub(crate) fn grpc_route(
+    object: &str,
+    mut value: serde_yaml::Value,
+) -> Result<HttpRoute, ConfigError> {
+    use serde_yaml::Value;
+    let rules = value
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("rules"))
+        .and_then(Value::as_sequence_mut);
+    for (ri, rule) in rules.into_iter().flatten().enumerate() {
+        let matches = rule.get_mut("matches").and_then(Value::as_sequence_mut);
+        for (mi, m) in matches.into_iter().flatten().enumerate() {
+            let Some(map) = m.as_mapping_mut() else {
+                continue;
+            };
+            let Some(method) = map.remove("method") else {
+                continue;
+            };
+            let field = |k: &str| method.get(k).and_then(Value::as_str).map(str::to_string);
+            let regex = field("type").as_deref() == Some("RegularExpression");
+            let (kind, path) = match (field("service"), field("method"), regex) {
+                (Some(s), Some(m), false) => ("Exact", format!("/{s}/{m}")),
+                (Some(s), None, false) => ("PathPrefix", format!("/{s}/")),
+                (None, Some(m), false) => {
+                    ("RegularExpression", format!("/[^/]+/{}", regex::escape(&m)))
+                }
+                (s, m, true) => (
+                    "RegularExpression",
+                    format!(
+                        "/{}/{}",
+                        s.unwrap_or("[^/]+".into()),
+                        m.unwrap_or("[^/]+".into())
+                    ),
+                ),
+                (None, None, _) => {
+                    return Err(err(
+                        object,
+                        format!("spec.rules[{ri}].matches[{mi}].method"),
+                        "needs service or method",
+                    ))
+                }
+            };
+            let mut p = serde_yaml::Mapping::new();
+            p.insert("type".into(), kind.into());
+            p.insert("value".into(), path.into());
+            map.insert("path".into(), Value::Mapping(p));
+        }
+    }
+    http_route(object, value)
+}
+
 /// Gateway API precedence across all rules of one route: exact path, then
 /// longer prefix, then method, then more headers, then more query params;
 /// declaration order breaks ties.
@@ -842,6 +926,10 @@ struct VsHttp {
     rewrite: Option<VsRewrite>,
     #[serde(default)]
     redirect: Option<VsRedirect>,
+    #[serde(default)]
+    mirror: Option<VsDestination>,
+    #[serde(default)]
+    mirror_percentage: Option<VsPercent>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1189,6 +1277,22 @@ pub(crate) fn virtual_service(
         rule.response_headers = vs_header_ops(headers.response);
         if let Some(rw) = h.rewrite {
             rule.rewrite = Some(Rewrite::Prefix(rw.uri));
+        }
+        if let Some(m) = h.mirror {
+            let pct = h
+                .mirror_percentage
+                .map(|p| p.value)
+                .unwrap_or(100.0)
+                .clamp(0.0, 100.0);
+            rule.mirror = Some((
+                Backend {
+                    host: qualify(&m.host, &ns),
+                    port: m.port.map(|p| p.number),
+                    subset: m.subset,
+                    weight: 1,
+                },
+                pct,
+            ));
         }
         if let Some(rd) = h.redirect {
             rule.redirect = Some(Redirect {

@@ -340,6 +340,9 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
                 http_routes.push(crate::routes::http_route(&object, value)?)
             }
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2", "GRPCRoute") => {
+                http_routes.push(crate::routes::grpc_route(&object, value)?)
+            }
             ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "VirtualService") => {
                 http_routes.push(crate::routes::virtual_service(&object, value)?)
             }
@@ -353,7 +356,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
                 service_entries.push(crate::service_entry::parse(&object, value)?)
             }
             (api, kind) => {
-                return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute")))
+                return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
             }
         }
     }

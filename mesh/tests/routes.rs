@@ -172,10 +172,10 @@ fn route_errors_name_object_and_field() {
     for (doc, object, field, what) in [
         ("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: app}\nspec: {parentRefs: [{name: gw}]}", "HTTPRoute app/r", "spec.parentRefs[0]", "attach to a Service"),
         ("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: app}\nspec: {parentRefs: [{kind: Service, name: a}], rules: [{matches: [{path: {type: RegularExpression, value: \"(\"}}]}]}", "HTTPRoute app/r", "spec.rules[0].matches[0].path", "bad regex"),
-        ("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: app}\nspec: {parentRefs: [{kind: Service, name: a}], rules: [{filters: [{type: RequestMirror}]}]}", "HTTPRoute app/r", "spec.rules[0].filters[0].type", "not supported"),
+        ("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: app}\nspec: {parentRefs: [{kind: Service, name: a}], rules: [{filters: [{type: ExtensionRef}]}]}", "HTTPRoute app/r", "spec.rules[0].filters[0].type", "not supported"),
         ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: app}\nspec: {hosts: [a], http: [{timeout: soon, route: [{destination: {host: a}}]}]}", "VirtualService app/v", "spec.http[0].timeout", "not a duration"),
         ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: app}\nspec: {hosts: [a], http: [{retries: {attempts: 1, retryOn: sometimes}, route: [{destination: {host: a}}]}]}", "VirtualService app/v", "spec.http[0].retries.retryOn", "sometimes"),
-        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: app}\nspec: {hosts: [a], http: [{mirror: {host: a}, route: [{destination: {host: a}}]}]}", "VirtualService app/v", "spec.http[0]", "mirror"),
+        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: app}\nspec: {hosts: [a], http: [{corsPolicy: {}, route: [{destination: {host: a}}]}]}", "VirtualService app/v", "spec.http[0]", "corsPolicy"),
         ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: app}\nspec: {host: a, trafficPolicy: {loadBalancer: {simple: FASTEST}}}", "DestinationRule app/d", "spec.trafficPolicy.loadBalancer", "FASTEST"),
         ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: app}\nspec: {targetRefs: [{kind: Deployment, name: x}]}", "AuthorizationPolicy app/p", "spec.targetRefs[0]", "Gateway or a Service"),
         ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: app}\nspec: {targetRefs: [{kind: Service, name: a}], rules: [{when: [{key: \"request.auth.claims[iss]\", values: [x]}]}]}", "AuthorizationPolicy app/p", "spec.rules[0].when[0].key", "not supported by the waypoint"),
@@ -199,4 +199,54 @@ fn l7_policy_keeps_request_attributes_for_the_waypoint_only() {
     let zt = m.policies.iter().find(|p| p.name == "l4").unwrap();
     assert!(zt.rules[0].clauses[0].matches[0].l7.is_empty());
     assert_eq!(zt.rules[0].clauses[0].matches[0].destination_ports, [80]);
+}
+
+#[test]
+fn grpcroute_and_mirrors_translate() {
+    let m = with("apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: app}
+spec:
+  parentRefs: [{kind: Service, name: a}]
+  rules:
+  - matches: [{method: {service: shop.Cart, method: Add}}, {method: {service: shop.Admin}}, {method: {method: Ping}}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: b, port: 80}, percent: 25}}]
+    backendRefs: [{name: b, port: 80}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v, namespace: app}
+spec:
+  hosts: [b]
+  http: [{route: [{destination: {host: b}}], mirror: {host: a, subset: canary}, mirrorPercentage: {value: 5}}]
+").unwrap();
+    let g = m.http_routes.iter().find(|r| r.name == "g").unwrap();
+    let paths: Vec<bool> = [
+        "/shop.Cart/Add",
+        "/shop.Cart/Remove",
+        "/shop.Admin/Wipe",
+        "/x.Y/Ping",
+    ]
+    .iter()
+    .map(|p| {
+        g.rules[0]
+            .matches
+            .iter()
+            .any(|mt| mt.path.as_ref().unwrap().matches(p))
+    })
+    .collect();
+    assert_eq!(paths, [true, false, true, true]);
+    let (mb, pct) = g.rules[0].mirror.as_ref().unwrap();
+    assert_eq!((mb.host.as_str(), *pct), ("b.app.svc.cluster.local", 25.0));
+    let v = m.http_routes.iter().find(|r| r.name == "v").unwrap();
+    let (mb, pct) = v.rules[0].mirror.as_ref().unwrap();
+    assert_eq!(
+        (mb.host.as_str(), mb.subset.as_deref(), *pct),
+        ("a.app.svc.cluster.local", Some("canary"), 5.0)
+    );
+    let e = with("apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: app}\nspec: {parentRefs: [{kind: Service, name: a}], rules: [{matches: [{method: {type: Exact}}]}]}").unwrap_err();
+    assert_eq!(
+        (e.object.as_str(), e.field.as_str()),
+        ("GRPCRoute app/g", "spec.rules[0].matches[0].method")
+    );
 }

@@ -408,6 +408,152 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
     Response::from_parts(rparts, Counted::new(rbody, done).boxed())
 }
 
+/// A route backend made concrete: its endpoints (subset applied), traffic
+/// policy and upstream protocol.
+struct Target {
+    eps: Vec<(Arc<Workload>, u16)>,
+    policy: TrafficPolicy,
+    h2: bool,
+}
+
+type Unresolved = (StatusCode, &'static str, &'static str, String);
+
+fn resolve(
+    state: &MeshState,
+    backend: &mesh::routes::Backend,
+    dst_host: &str,
+    dst_port: u16,
+) -> Result<Target, Unresolved> {
+    let nc = |why: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "route backend does not resolve\n",
+            flag::NO_CLUSTER,
+            why,
+        )
+    };
+    let bsvc = state
+        .services
+        .iter()
+        .find(|x| x.hostname == backend.host)
+        .ok_or_else(|| nc(format!("service {} does not exist", backend.host)))?;
+    let dr = state
+        .destination_rules
+        .iter()
+        .find(|d| d.host == backend.host);
+    let (labels, policy) = match (&backend.subset, dr) {
+        (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
+        (Some(name), dr) => {
+            let d = dr.ok_or_else(|| {
+                nc(format!(
+                    "subset {name}: no DestinationRule for {}",
+                    backend.host
+                ))
+            })?;
+            let sub = d.subsets.iter().find(|x| &x.name == name).ok_or_else(|| {
+                nc(format!(
+                    "subset {name} is not defined by DestinationRule {}/{}",
+                    d.namespace, d.name
+                ))
+            })?;
+            (
+                Some(&sub.labels),
+                sub.policy.clone().unwrap_or_else(|| d.policy.clone()),
+            )
+        }
+    };
+    let port = backend
+        .port
+        .or_else(|| (bsvc.hostname == dst_host).then_some(dst_port))
+        .or_else(|| bsvc.ports.first().map(|p| p.port))
+        .unwrap_or(dst_port);
+    let eps: Vec<_> = state
+        .endpoints_for(bsvc, port)
+        .into_iter()
+        .filter(|(w, _)| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .collect();
+    if eps.is_empty() {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+            flag::NO_HEALTHY,
+            format!("{} has no endpoint for port {port}", backend.host),
+        ));
+    }
+    // The backend port's declared protocol decides HTTP/2 upstream, as in Istio.
+    let h2 = bsvc
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+        .and_then(|p| p.name.as_deref())
+        .is_some_and(|n| n.starts_with("grpc") || n.starts_with("http2") || n.starts_with("h2c"));
+    Ok(Target { eps, policy, h2 })
+}
+
+/// Sends a copy of the request to the mirror backend and forgets it: its
+/// answer, or failure, never reaches the client. The authority gets
+/// `-shadow`, as Envoy marks mirrored requests.
+fn mirror(
+    wp: &Arc<Waypoint>,
+    state: &MeshState,
+    mb: &mesh::routes::Backend,
+    dst_host: &str,
+    dst_port: u16,
+    parts: &http::request::Parts,
+    body: Bytes,
+) {
+    let target = match resolve(state, mb, dst_host, dst_port) {
+        Ok(t) => t,
+        Err((_, _, _, why)) => {
+            return tracing::warn!(mirror = mb.host, why, "mirror target does not resolve")
+        }
+    };
+    let (ep, port) = target.eps[rand::random_range(0..target.eps.len())].clone();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "/".into());
+    let host = parts
+        .headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .or(parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let shadow = format!("{}-shadow", host.split(':').next().unwrap_or(host));
+    let uri = if target.h2 {
+        format!("http://{shadow}{pq}")
+    } else {
+        pq
+    };
+    let mut b = Request::builder().method(parts.method.clone()).uri(uri);
+    for (k, v) in &parts.headers {
+        if !matches!(
+            k.as_str(),
+            "host" | "connection" | "keep-alive" | "transfer-encoding" | "upgrade" | "te"
+        ) {
+            b = b.header(k, v);
+        }
+    }
+    if !target.h2 {
+        b = b.header("host", shadow.as_str());
+    }
+    let Ok(req) = b.body(Full::new(body).map_err(|e| match e {}).boxed()) else {
+        return;
+    };
+    let wp = wp.clone();
+    tokio::spawn(async move {
+        match wp.upstreams.send(&ep, port, req, target.h2).await {
+            Ok(resp) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %SocketAddr::new(ep.ip, port), error = %e, "mirrored request failed")
+            }
+        }
+    });
+}
+
 /// Policy, routing, faults, balancing, retries: everything between the
 /// request head and the upstream response.
 async fn route_and_send(
@@ -552,68 +698,13 @@ async fn route_and_send(
             route_name,
         );
     };
-    let Some(bsvc) = state.services.iter().find(|x| x.hostname == backend.host) else {
-        tracing::error!(route = ?route_name, backend = backend.host, "route names a service that does not exist");
-        return (
-            Outcome2::local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "route backend does not exist\n",
-                flag::NO_CLUSTER,
-            ),
-            route_name,
-        );
-    };
-    let dr = state
-        .destination_rules
-        .iter()
-        .find(|d| d.host == backend.host);
-    let subset = backend.subset.as_ref().map(|name| {
-        (
-            name,
-            dr.and_then(|d| d.subsets.iter().find(|x| &x.name == name)),
-        )
-    });
-    let (subset_labels, policy) = match (subset, dr) {
-        (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
-        (Some((_, Some(sub))), Some(d)) => (
-            Some(&sub.labels),
-            sub.policy.clone().unwrap_or_else(|| d.policy.clone()),
-        ),
-        (Some((name, _)), dr) => {
-            let rule = dr
-                .map(|d| format!("{}/{}", d.namespace, d.name))
-                .unwrap_or_else(|| "none".into());
-            tracing::error!(route = ?route_name, subset = name, host = backend.host, destination_rule = rule, "route names a subset no DestinationRule for the host defines");
-            let resp = Outcome2::local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unknown subset\n",
-                flag::NO_CLUSTER,
-            );
-            return (resp, route_name);
+    let target = match resolve(state, backend, &svc.hostname, s.target.port()) {
+        Ok(t) => t,
+        Err((code, body, f, why)) => {
+            tracing::error!(route = ?route_name, backend = backend.host, subset = ?backend.subset, why, "route reference does not resolve");
+            return (Outcome2::local(code, body, f), route_name);
         }
     };
-    let port = backend
-        .port
-        .or_else(|| (bsvc.hostname == svc.hostname).then_some(s.target.port()))
-        .or_else(|| bsvc.ports.first().map(|p| p.port))
-        .unwrap_or(s.target.port());
-    let eps: Vec<_> = state
-        .endpoints_for(bsvc, port)
-        .into_iter()
-        .filter(|(w, _)| {
-            subset_labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-        })
-        .collect();
-    if eps.is_empty() {
-        return (
-            Outcome2::local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream",
-                flag::NO_HEALTHY,
-            ),
-            route_name,
-        );
-    }
     // Request rewrites and header operations.
     apply_headers(&mut parts.headers, &rule.request_headers);
     if let Some(rw) = &rule.rewrite {
@@ -633,24 +724,30 @@ async fn route_and_send(
             parts.uri = u;
         }
     }
-    // The backend port's declared protocol decides HTTP/2 upstream, as in Istio.
-    let h2 = bsvc
-        .ports
-        .iter()
-        .find(|p| p.port == port)
-        .and_then(|p| p.name.as_deref())
-        .is_some_and(|n| n.starts_with("grpc") || n.starts_with("http2") || n.starts_with("h2c"));
+    if let Some((mb, pct)) = &rule.mirror {
+        if rand::random::<f64>() * 100.0 < *pct {
+            mirror(
+                wp,
+                state,
+                mb,
+                &svc.hostname,
+                s.target.port(),
+                parts,
+                body.clone(),
+            );
+        }
+    }
     let mut out = send_with_retries(
         wp,
         s,
         rule,
         &backend.host,
         backend.subset.as_deref(),
-        &policy,
-        &eps,
+        &target.policy,
+        &target.eps,
         parts,
         body,
-        h2,
+        target.h2,
     )
     .await;
     if out.flags == flag::NONE {

@@ -271,6 +271,10 @@ spec:
     route: [{destination: {host: echo-v1}}]
   - match: [{uri: {prefix: /nosubset}}]
     route: [{destination: {host: echo-v1, subset: nope}}]
+  - match: [{uri: {prefix: /mirrored}}]
+    route: [{destination: {host: echo-v2}}]
+    mirror: {host: echo-v1}
+    mirrorPercentage: {value: 100}
   - match: [{uri: {prefix: /headers}}]
     headers: {response: {set: {x-route: headers}}}
     route: [{destination: {host: echo-v1}}]
