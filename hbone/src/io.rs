@@ -40,11 +40,15 @@ impl StreamIo {
     /// The first bytes of the stream, without consuming them (protocol
     /// sniffing): waits for the first DATA frame; empty at end of stream.
     pub async fn peek(&mut self) -> io::Result<&[u8]> {
-        if self.prefix.is_empty() && self.pending.is_empty() {
-            if let Some(chunk) = std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
-                let chunk = chunk.map_err(h2_io)?;
-                let _ = self.recv.flow_control().release_capacity(chunk.len());
-                self.prefix = chunk;
+        // Empty DATA frames say nothing about the protocol: wait past them.
+        while self.prefix.is_empty() && self.pending.is_empty() {
+            match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(h2_io)?;
+                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    self.prefix = chunk;
+                }
+                None => break,
             }
         }
         Ok(if self.prefix.is_empty() {

@@ -228,6 +228,33 @@ impl AuthorizationPolicy {
         }
     }
 
+    /// The policy as it can be enforced without seeing requests (ztunnel, or
+    /// a waypoint passing bytes through at L4), failing closed as Istio does:
+    /// an ALLOW rule that needs request attributes matches nothing; a DENY
+    /// rule ignores them and so denies more.
+    pub fn l4_only(&self) -> AuthorizationPolicy {
+        let mut p = self.clone();
+        let uses_l7 = |r: &Rule| {
+            r.clauses
+                .iter()
+                .any(|c| c.matches.iter().any(|m| !m.l7.is_empty()))
+        };
+        match p.action {
+            Action::Allow | Action::Audit => p.rules.retain(|r| !uses_l7(r)),
+            Action::Deny => {
+                for m in p
+                    .rules
+                    .iter_mut()
+                    .flat_map(|r| &mut r.clauses)
+                    .flat_map(|c| &mut c.matches)
+                {
+                    m.l7 = L7Match::default();
+                }
+            }
+        }
+        p
+    }
+
     pub fn matches(&self, c: &Connection) -> bool {
         self.rules.iter().any(|r| r.matches(c))
     }

@@ -770,14 +770,6 @@ fn authz(object: &str, value: serde_yaml::Value) -> Result<ParsedPolicy, ConfigE
         }
         if !l7.is_empty() && !for_waypoint {
             tracing::warn!(object, fields = ?l7, action = ?action, "L7 attributes cannot be enforced by ztunnel; {}", if action == Action::Allow { "this ALLOW rule will match nothing" } else { "this DENY rule ignores them and denies more" });
-            if action == Action::Allow {
-                continue;
-            }
-            for cl in &mut rule.clauses {
-                for m in &mut cl.matches {
-                    m.l7 = L7Match::default();
-                }
-            }
         }
         rules.push(rule);
     }
@@ -792,7 +784,7 @@ fn authz(object: &str, value: serde_yaml::Value) -> Result<ParsedPolicy, ConfigE
     Ok(if for_waypoint {
         ParsedPolicy::Waypoint(TargetedPolicy { targets, policy })
     } else {
-        ParsedPolicy::Ztunnel(policy)
+        ParsedPolicy::Ztunnel(policy.l4_only())
     })
 }
 

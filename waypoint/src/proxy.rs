@@ -23,6 +23,8 @@ use crate::lb::{Backends, HashInput, Outcome};
 use crate::telemetry::{self, flag};
 use crate::upstream::{Body, UpstreamError, Upstreams};
 
+/// How long protocol sniffing waits for the client's first bytes.
+const SNIFF_WAIT: Duration = Duration::from_millis(200);
 /// Requests bodies are buffered (so a retry can resend them) up to this.
 const MAX_BUFFERED_BODY: usize = 8 << 20;
 
@@ -72,12 +74,24 @@ pub async fn stream(wp: Arc<Waypoint>, src: Arc<Identity>, peer: SocketAddr, inb
         Err(e) => return tracing::debug!(error = %e, "stream gone before accept"),
     };
     let mut io = hbone::StreamIo::new(send, recv);
-    let first = match io.peek().await {
-        Ok(b) => b.to_vec(),
-        Err(_) => return,
+    // A port declared TCP is never sniffed (server-first protocols would
+    // wait forever); otherwise a client silent for a moment is not HTTP.
+    let declared_tcp = {
+        let state = wp.store.load();
+        state
+            .service_by_vip(target.ip())
+            .and_then(|svc| svc.ports.iter().find(|p| p.port == target.port()))
+            .and_then(|p| p.name.as_deref())
+            .is_some_and(|n| n == "tcp" || n.starts_with("tcp-"))
     };
+    let http = !declared_tcp
+        && match tokio::time::timeout(SNIFF_WAIT, io.peek()).await {
+            Ok(Ok(first)) => is_http(first),
+            Ok(Err(_)) => return,
+            Err(_) => false,
+        };
     let s = Arc::new(Stream { src, peer, target });
-    if is_http(&first) {
+    if http {
         let svc = hyper::service::service_fn(move |req| {
             let (wp, s) = (wp.clone(), s.clone());
             async move { Ok::<_, Infallible>(handle(&wp, &s, req).await) }
@@ -118,9 +132,11 @@ async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
         dst_port: s.target.port(),
         request: None,
     };
-    if let Decision::Deny(why) =
-        authz::evaluate_selected(policies_for(wp, &state, svc.as_deref()), &conn)
-    {
+    // Without requests to look at, policies apply as ztunnel would apply them.
+    let l4: Vec<_> = policies_for(wp, &state, svc.as_deref())
+        .map(|p| p.l4_only())
+        .collect();
+    if let Decision::Deny(why) = authz::evaluate_selected(&l4, &conn) {
         return tracing::info!(source = %s.src, target = %s.target, why, "L4 stream denied at the waypoint");
     }
     if eps.is_empty() {

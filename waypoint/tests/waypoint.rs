@@ -50,7 +50,7 @@ spec: {clusterIP: 10.96.0.20, selector: {app: echo}, ports: [{name: http, port: 
 apiVersion: v1
 kind: Service
 metadata: {name: echo-v1, namespace: app}
-spec: {clusterIP: 10.96.0.21, selector: {app: echo, version: v1}, ports: [{name: http, port: 80, targetPort: 8080}]}
+spec: {clusterIP: 10.96.0.21, selector: {app: echo, version: v1}, ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp, port: 9000, targetPort: 9000}, {port: 9001, targetPort: 9001}]}
 ---
 apiVersion: v1
 kind: Service
@@ -275,6 +275,11 @@ spec:
     route: [{destination: {host: echo-v2}}]
     mirror: {host: echo-v1}
     mirrorPercentage: {value: 100}
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, redirectCode: 301}
+  - match: [{uri: {prefix: /api/v1}}]
+    rewrite: {uri: /status/202}
+    route: [{destination: {host: echo-v1}}]
   - match: [{uri: {prefix: /headers}}]
     headers: {response: {set: {x-route: headers}}}
     route: [{destination: {host: echo-v1}}]
@@ -419,6 +424,17 @@ spec:
         c.v1.get("/admin/users"),
         0,
         "a denied request never reached the backend"
+    );
+    // Bytes that are not HTTP cannot be checked against paths: the DENY
+    // applies to all of them rather than letting them around it.
+    m.echo_server("echo-v1", 9001);
+    let mut raw = m.connect("client", "10.96.0.21:9001").unwrap();
+    std::io::Write::write_all(&mut raw, b"not http at all\n").unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut raw, &mut got);
+    assert!(
+        got.is_empty(),
+        "an L4 stream went around an L7 DENY: {got:?}"
     );
 
     // echo-v2 (Envoy) answers 500 on /unstable: after two in a row it is
