@@ -55,7 +55,7 @@ spec: {clusterIP: 10.96.0.21, selector: {app: echo, version: v1}, ports: [{name:
 apiVersion: v1
 kind: Service
 metadata: {name: echo-v2, namespace: app}
-spec: {clusterIP: 10.96.0.22, selector: {app: echo, version: v2}, ports: [{name: http, port: 80, targetPort: 8080}]}
+spec: {clusterIP: 10.96.0.22, selector: {app: echo, version: v2}, ports: [{name: http2, port: 80, targetPort: 8080}]}
 ---
 apiVersion: v1
 kind: Service
@@ -76,7 +76,8 @@ spec:
     )
 }
 
-/// echo-v2 is Envoy: 500 on /unstable, else 200 "echo-v2".
+/// echo-v2 is Envoy: 500 on /unstable, else 200 "echo-v2". Its `echo-v2`
+/// Service port is named http2, so the waypoint speaks HTTP/2 to it.
 const ENVOY_ECHO: &str = r#"
 static_resources:
   listeners:
