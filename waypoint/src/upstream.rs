@@ -74,19 +74,21 @@ impl Upstreams {
     fn checkout(&self, key: (SocketAddr, bool)) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap();
         let list = idle.get_mut(&key)?;
-        while let Some(s) = list.pop() {
-            match &s {
-                Sender::H1(c) if c.is_ready() => return Some(s),
-                Sender::H2(c) if c.is_ready() => {
-                    // Multiplexed: it stays available to others too.
-                    let c2 = c.clone();
-                    list.push(s);
-                    return Some(Sender::H2(c2));
-                }
-                _ => {} // closed or busy: dropped
-            }
+        // Closed connections go; busy HTTP/1.1 ones (a response body still
+        // streaming) stay for later; the first ready one is taken.
+        list.retain(|s| match s {
+            Sender::H1(c) => !c.is_closed(),
+            Sender::H2(c) => !c.is_closed(),
+        });
+        let i = list.iter().position(|s| match s {
+            Sender::H1(c) => c.is_ready(),
+            Sender::H2(c) => c.is_ready(),
+        })?;
+        match &list[i] {
+            // Multiplexed: it stays available to others too.
+            Sender::H2(c) => Some(Sender::H2(c.clone())),
+            Sender::H1(_) => Some(list.swap_remove(i)),
         }
-        None
     }
 
     fn checkin(&self, key: (SocketAddr, bool), s: Sender) {
