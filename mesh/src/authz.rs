@@ -24,6 +24,9 @@ pub enum Scope {
     Global,
     Namespace,
     WorkloadSelector(BTreeMap<String, String>),
+    /// Selected by the workload naming it (istiod resolves selectors and
+    /// lists the policies on each workload).
+    Listed,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -225,6 +228,10 @@ impl AuthorizationPolicy {
             Scope::WorkloadSelector(sel) => {
                 self.namespace == w.namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))
             }
+            Scope::Listed => w
+                .authorization_policies
+                .iter()
+                .any(|k| k.split_once('/') == Some((&self.namespace, &self.name))),
         }
     }
 

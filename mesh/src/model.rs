@@ -35,6 +35,9 @@ pub struct Workload {
     pub protocol: TunnelProtocol,
     pub canonical_name: String,
     pub canonical_revision: String,
+    /// `<ns>/<name>` of the selector-scoped policies istiod says apply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<String>,
 }
 
 impl Workload {

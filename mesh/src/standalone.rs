@@ -399,6 +399,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
                 "version",
             ])
             .unwrap_or_else(|| "latest".into()),
+            authorization_policies: Vec::new(),
             name: p.meta.name,
             namespace: p.namespace,
             service_account: p

@@ -28,8 +28,36 @@ struct Args {
     #[arg(long, env = "NODE_NAME")]
     node: String,
     /// Standalone mesh config (multi-document Kubernetes-style YAML); watched.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "xds_address", conflicts_with = "xds_address")]
+    config: Option<PathBuf>,
+    /// istiod's secure xDS address (host:port): the mesh comes from istiod's
+    /// WDS instead of --config, and certificates from istiod's CA.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// The name istiod's certificate carries.
+    #[arg(long, default_value = "istiod.istio-system.svc")]
+    xds_server_name: String,
+    /// PEM root that istiod's serving certificate chains to.
+    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    xds_root_cert: PathBuf,
+    /// Istio CA address; defaults to --xds-address. Setting it (or
+    /// --xds-address) replaces the built-in CA.
+    #[arg(long, env = "CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// Projected service-account token (audience istio-ca) sent to istiod.
+    #[arg(long, default_value = "/var/run/secrets/tokens/istio-token")]
+    token_path: PathBuf,
+    /// This ztunnel's own pod, as istiod identifies its xDS clients.
+    #[arg(long, env = "INSTANCE_IP")]
+    pod_ip: Option<std::net::IpAddr>,
+    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
+    pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pod_namespace: String,
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "ztunnel")]
+    service_account: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
     #[arg(long, default_value = identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     /// Built-in CA state: the root is created here on first start.
@@ -91,19 +119,69 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ::metrics::gauge!("istio_build", "component" => "ztunnel", "tag" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
 
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("read config {}", args.config.display()))?;
-    let state = mesh::standalone::parse(&text, &args.trust_domain)
-        .with_context(|| format!("config {}", args.config.display()))?;
-    let store = MeshStore::new(state, &args.config.display().to_string());
+    let (drain_tx, drain) = watch::channel(false);
+    let control_plane = |address: &str| xds::ControlPlane {
+        address: address.to_string(),
+        server_name: args.xds_server_name.clone(),
+        root_cert: args.xds_root_cert.clone(),
+        token: Some(args.token_path.clone()),
+        cluster_id: args.cluster_id.clone(),
+    };
+    // Cluster mode starts empty and fails closed until istiod's first full
+    // sync; standalone starts from the file or not at all.
+    let (ads_tx, ads_status) = watch::channel(xds::AdsStatus::default());
+    let store = match (&args.config, &args.xds_address) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read config {}", path.display()))?;
+            let state = mesh::standalone::parse(&text, &args.trust_domain)
+                .with_context(|| format!("config {}", path.display()))?;
+            let store = MeshStore::new(state, &path.display().to_string());
+            tokio::spawn(mesh::watch_file(
+                path.clone(),
+                args.trust_domain.clone(),
+                store.clone(),
+                drain.clone(),
+            ));
+            ads_tx.send_replace(xds::AdsStatus { connected: true, synced: true });
+            store
+        }
+        (None, Some(address)) => {
+            let store = MeshStore::new(mesh::MeshState::default(), &format!("xds://{address}"));
+            let ip = args
+                .pod_ip
+                .context("--pod-ip (INSTANCE_IP) is required with --xds-address")?;
+            let ads = xds::Ads {
+                cp: control_plane(address),
+                proxy: xds::ProxyInfo {
+                    ip,
+                    pod_name: args.pod_name.clone(),
+                    pod_namespace: args.pod_namespace.clone(),
+                    node_name: args.node.clone(),
+                    service_account: args.service_account.clone(),
+                    cluster_id: args.cluster_id.clone(),
+                },
+                store: store.clone(),
+                status: ads_tx,
+            };
+            tokio::spawn(ads.run(drain.clone()));
+            store
+        }
+        (None, None) => unreachable!("clap requires --config or --xds-address"),
+    };
 
-    let ca: Arc<dyn CertificateAuthority> = Arc::new(match (&args.ca_cert, &args.ca_key) {
-        (Some(c), Some(k)) => BuiltinCa::from_files(c, k)?,
-        _ => BuiltinCa::load_or_create(&args.ca_dir, &args.trust_domain)?,
-    });
+    let ca: Arc<dyn CertificateAuthority> =
+        match args.ca_address.as_ref().or(args.xds_address.as_ref()) {
+            Some(address) => Arc::new(
+                xds::IstioCa::new(control_plane(address)).context("Istio CA client")?,
+            ),
+            None => Arc::new(match (&args.ca_cert, &args.ca_key) {
+                (Some(c), Some(k)) => BuiltinCa::from_files(c, k)?,
+                _ => BuiltinCa::load_or_create(&args.ca_dir, &args.trust_domain)?,
+            }),
+        };
     let certs = SecretManager::new(ca, args.cert_ttl);
 
-    let (drain_tx, drain) = watch::channel(false);
     let px = Arc::new(proxy::Proxy {
         store: store.clone(),
         certs: certs.clone(),
@@ -115,12 +193,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let pods = pods::Pods::new(px.clone());
 
-    tokio::spawn(mesh::watch_file(
-        args.config.clone(),
-        args.trust_domain.clone(),
-        store.clone(),
-        drain.clone(),
-    ));
     tokio::spawn(pods.clone().run_zds(args.zds_socket.clone(), drain.clone()));
 
     let dump = {
@@ -153,7 +225,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let zds = pods.zds_connected.subscribe();
-    let not_ready = move || (!*zds.borrow()).then_some("waiting for the node agent (ZDS)");
+    let not_ready = move || {
+        if !ads_status.borrow().synced {
+            Some("waiting for istiod's first full xDS sync")
+        } else {
+            (!*zds.borrow()).then_some("waiting for the node agent (ZDS)")
+        }
+    };
     let addrs = admin::Addrs {
         admin: args.admin_addr,
         metrics: args.metrics_addr,

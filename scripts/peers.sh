@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the real control-plane peers the cluster tests run against (kube-apiserver,
+# etcd, istiod) from their Go modules, pinned by testbed/peers/*/go.mod. Builds are
+# cached in $MESH_PEERS_DIR keyed by the go.sum they came from, so a second run is free.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="${MESH_PEERS_DIR:-/var/cache/mesh-peers}"
+mkdir -p "$out/bin"
+export PATH="$PATH:/usr/local/go/bin"
+
+build() { # module-dir stamp-name packages...
+  local dir="$1" stamp="$out/$2.stamp"; shift 2
+  local want; want="$(sha256sum "$dir/go.mod" "$dir/go.sum" | sha256sum | cut -c1-16)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
+  echo "peers: building $* (first run takes several minutes)" >&2
+  (cd "$dir" && go build -trimpath -o "$out/bin/" "$@")
+  echo "$want" > "$stamp"
+}
+
+build "$root/testbed/peers/kube" kube k8s.io/kubernetes/cmd/kube-apiserver ./etcd
+build "$root/testbed/peers/istio" istio istio.io/istio/pilot/cmd/pilot-discovery
+# The CRDs istiod watches ship inside the modules it was built from.
+mkdir -p "$out/crds"
+istio_dir="$(cd "$root/testbed/peers/istio" && go list -m -f '{{.Dir}}' istio.io/istio)"
+gw_dir="$(cd "$root/testbed/peers/istio" && go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)"
+cp "$istio_dir/manifests/charts/base/files/crd-all.gen.yaml" "$out/crds/istio.yaml"
+cat "$gw_dir"/config/crd/standard/gateway.networking.k8s.io_*.yaml > "$out/crds/gateway-api.yaml"
+ls "$out/bin" "$out/crds"

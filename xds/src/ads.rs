@@ -1,0 +1,210 @@
+//! Delta ADS to istiod for the two ambient types (SPEC §8). Every response is
+//! ACKed, or NACKed naming each resource we could not take while the rest
+//! still applies. While istiod is away the last good state keeps serving;
+//! reconnects back off and resume with `initial_resource_versions`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh::MeshStore;
+use prost_types::{value::Kind, Struct, Value};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::channel::ControlPlane;
+use crate::pb::envoy::service::discovery::v3::{
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse, Node,
+};
+use crate::pb::google::rpc::Status;
+use crate::wds::{Resources, ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use crate::XdsError;
+
+const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+/// gRPC INVALID_ARGUMENT, the code Envoy NACKs with.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// Who this ztunnel is, as istiod expects to read it from the xDS node.
+#[derive(Clone, Debug)]
+pub struct ProxyInfo {
+    pub ip: IpAddr,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub node_name: String,
+    pub service_account: String,
+    pub cluster_id: String,
+}
+
+impl ProxyInfo {
+    fn node(&self) -> Node {
+        let s = |v: &str| Value { kind: Some(Kind::StringValue(v.to_string())) };
+        let fields = BTreeMap::from([
+            ("NAMESPACE".to_string(), s(&self.pod_namespace)),
+            ("NODE_NAME".to_string(), s(&self.node_name)),
+            ("CLUSTER_ID".to_string(), s(&self.cluster_id)),
+            ("SERVICE_ACCOUNT".to_string(), s(&self.service_account)),
+            ("NAME".to_string(), s(&self.pod_name)),
+        ]);
+        Node {
+            id: format!(
+                "ztunnel~{}~{}.{}~{}.svc.cluster.local",
+                self.ip, self.pod_name, self.pod_namespace, self.pod_namespace
+            ),
+            cluster: String::new(),
+            metadata: Some(Struct { fields }),
+            user_agent_name: "ztunnel".into(),
+            user_agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// Connection state for readiness and the admin dump.
+#[derive(Clone, Debug, Default)]
+pub struct AdsStatus {
+    pub connected: bool,
+    /// Both types received at least once: the mesh is complete enough to
+    /// enforce (before this, publishing addresses without their policies
+    /// would briefly allow what policy forbids).
+    pub synced: bool,
+}
+
+pub struct Ads {
+    pub cp: ControlPlane,
+    pub proxy: ProxyInfo,
+    pub store: Arc<MeshStore>,
+    pub status: watch::Sender<AdsStatus>,
+}
+
+impl Ads {
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut res = Resources::default();
+        let mut seen: [bool; 2] = [false; 2];
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            let r = tokio::select! {
+                r = self.session(&mut res, &mut seen) => r,
+                _ = stop.changed() => return,
+            };
+            self.status.send_modify(|s| s.connected = false);
+            let err = match r {
+                Ok(()) => "stream closed by istiod".to_string(),
+                Err(e) => e.to_string(),
+            };
+            // A session that lived a while was healthy: retry promptly.
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(200);
+            }
+            tracing::warn!(address = %self.cp.address, error = %err, retry_in_ms = backoff.as_millis() as u64, "xDS disconnected; serving last known state");
+            self.store.reject(format!("xDS {}: {err}", self.cp.address));
+            let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(15));
+        }
+    }
+
+    async fn session(&self, res: &mut Resources, seen: &mut [bool; 2]) -> Result<(), XdsError> {
+        let channel = self.cp.channel()?;
+        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(8);
+        for (i, t) in TYPES.iter().enumerate() {
+            let req = DeltaDiscoveryRequest {
+                // The node goes with the first request of the stream only.
+                node: (i == 0).then(|| self.proxy.node()),
+                type_url: t.to_string(),
+                initial_resource_versions: res
+                    .versions
+                    .get(*t)
+                    .map(|v| v.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default(),
+                ..Default::default()
+            };
+            tx.send(req).await.expect("receiver held below");
+        }
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        self.cp.authorize(&mut req)?;
+        let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .delta_aggregated_resources(req)
+            .await
+            .map_err(XdsError::Rpc)?
+            .into_inner();
+        tracing::info!(address = %self.cp.address, "xDS stream open");
+        self.status.send_modify(|s| s.connected = true);
+        while let Some(resp) = stream.message().await.map_err(XdsError::Rpc)? {
+            let ack = self.apply(res, seen, resp);
+            if tx.send(ack).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one response and returns its ACK or NACK.
+    fn apply(&self, res: &mut Resources, seen: &mut [bool; 2], resp: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let mut errors = Vec::new();
+        let Some(idx) = TYPES.iter().position(|t| *t == resp.type_url) else {
+            errors.push(format!("unsupported resource type {}", resp.type_url));
+            return nack(resp, errors);
+        };
+        for r in &resp.resources {
+            let Some(any) = &r.resource else {
+                errors.push(format!("{}: resource has no body", r.name));
+                continue;
+            };
+            if any.type_url != resp.type_url {
+                errors.push(format!("{}: body is {} in a {} response", r.name, any.type_url, resp.type_url));
+                continue;
+            }
+            if let Err(e) = res.upsert(&resp.type_url, &r.name, &r.version, &any.value) {
+                errors.push(e.to_string());
+            }
+        }
+        for name in &resp.removed_resources {
+            res.remove(&resp.type_url, name);
+        }
+        seen[idx] = true;
+        if seen.iter().all(|s| *s) {
+            self.store.replace(res.build());
+            if !self.status.borrow().synced {
+                tracing::info!(
+                    workloads = res.workloads.len(),
+                    services = res.services.len(),
+                    policies = res.policies.len(),
+                    "xDS initial sync complete"
+                );
+            }
+            self.status.send_modify(|s| s.synced = true);
+        }
+        tracing::debug!(type_url = %resp.type_url, updated = resp.resources.len(), removed = resp.removed_resources.len(), rejected = errors.len(), "xDS response");
+        if errors.is_empty() {
+            DeltaDiscoveryRequest {
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                ..Default::default()
+            }
+        } else {
+            nack(resp, errors)
+        }
+    }
+}
+
+fn nack(resp: DeltaDiscoveryResponse, errors: Vec<String>) -> DeltaDiscoveryRequest {
+    let message = errors.join("; ");
+    tracing::error!(type_url = %resp.type_url, nonce = %resp.nonce, error = %message, "xDS NACK: rejected resources (the rest applied)");
+    ::metrics::counter!("ztunnel_xds_rejected_resources_total").increment(errors.len() as u64);
+    DeltaDiscoveryRequest {
+        type_url: resp.type_url,
+        response_nonce: resp.nonce,
+        error_detail: Some(Status {
+            code: INVALID_ARGUMENT,
+            message,
+            details: Vec::new(),
+        }),
+        ..Default::default()
+    }
+}
