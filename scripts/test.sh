@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
+# The real kube-apiserver, etcd and istiod for the cluster tests (cached).
+bash scripts/peers.sh
 export ENVOY_BIN="${ENVOY_BIN:-$(command -v envoy)}"
 cargo build --workspace --bins --tests
 # Two at a time: each end-to-end test runs two ztunnels on this 2-core machine.

@@ -394,6 +394,13 @@ impl Agent {
                         self.cfg.node
                     ));
                 }
+                let ip = match r.ips.first() {
+                    Some(cni) if ip.is_unspecified() => *cni,
+                    _ => ip,
+                };
+                if ip.is_unspecified() {
+                    return Err(format!("{pod} has no address yet (neither CNI nor the API reported one)"));
+                }
                 if !r.ips.is_empty() && !r.ips.contains(&ip) {
                     return Err(format!(
                         "{pod} got {:?} from the CNI, but the mesh config declares podIP {ip}",

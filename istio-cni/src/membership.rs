@@ -14,7 +14,8 @@ pub const REDIRECTION: &str = "ambient.istio.io/redirection";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Membership {
-    /// Capture it: ztunnel knows it by this uid.
+    /// Capture it: ztunnel knows it by this uid. `ip` is unspecified when the
+    /// pod is not addressed yet: the CNI's address is the one.
     Ambient {
         uid: String,
         ip: IpAddr,
@@ -46,7 +47,7 @@ pub fn decide(
         .get(namespace)
         .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
         .is_some_and(|m| m == "ambient");
-    let Some(w) = state.workload_by_name(namespace, name) else {
+    let Some(w) = state.pod_by_name(namespace, name) else {
         return if ns_ambient {
             Membership::Undeclared
         } else {

@@ -111,6 +111,11 @@ pub struct MeshState {
     pub destination_rules: Vec<crate::routes::DestinationRule>,
     /// AuthorizationPolicies with targetRefs: enforced by waypoints.
     pub waypoint_policies: Vec<crate::authz::TargetedPolicy>,
+    /// Pods scheduled but not yet given an address (`status: {}`): the node
+    /// agent decides their capture at CNI ADD, before the kubelet reports
+    /// the IP. Their `ip` is unspecified; nothing routes to them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unaddressed: Vec<Arc<Workload>>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]
@@ -145,6 +150,7 @@ impl MeshState {
             http_routes: Vec::new(),
             destination_rules: Vec::new(),
             waypoint_policies: Vec::new(),
+            unaddressed: Vec::new(),
             by_ip,
             by_vip,
         }
@@ -158,6 +164,15 @@ impl MeshState {
         self.workloads
             .values()
             .find(|w| w.namespace == namespace && w.name == name)
+    }
+
+    /// Like `workload_by_name`, also finding pods not yet addressed.
+    pub fn pod_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.workload_by_name(namespace, name).or_else(|| {
+            self.unaddressed
+                .iter()
+                .find(|w| w.namespace == namespace && w.name == name)
+        })
     }
 
     /// The addresses `host` (lowercase, no trailing dot) has in the mesh: a

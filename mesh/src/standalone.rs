@@ -100,7 +100,9 @@ struct ContainerPort {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PodStatus {
-    #[serde(rename = "podIP")]
+    /// Empty while the pod is scheduled but not yet networked (the CNI ADD
+    /// is what gives it an address).
+    #[serde(rename = "podIP", default)]
     pod_ip: String,
 }
 
@@ -259,7 +261,7 @@ struct Pod {
     meta: Meta,
     namespace: String,
     spec: PodSpec,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
 }
 
 /// Deserialize `value` as `T`, reporting the failing field path.
@@ -278,6 +280,24 @@ pub(crate) fn typed<T: DeserializeOwned>(
 }
 
 pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
+    let mut docs = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let docname = format!("document {}", i + 1);
+        docs.push(
+            serde_yaml::Value::deserialize(doc)
+                .map_err(|e| err(&docname, "", format!("YAML: {e}")))?,
+        );
+    }
+    parse_values(docs, trust_domain)
+}
+
+/// The translation itself, over already-decoded objects: the standalone file
+/// and the Kubernetes API source both come through here, so a file and a
+/// live cluster behave alike.
+pub fn parse_values(
+    docs: impl IntoIterator<Item = serde_yaml::Value>,
+    trust_domain: &str,
+) -> Result<MeshState, ConfigError> {
     let mut namespaces: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     let mut pods = Vec::new();
     let mut services = Vec::new();
@@ -290,10 +310,8 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
     let mut destination_rules = Vec::new();
     let mut seen = HashMap::new();
 
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, value) in docs.into_iter().enumerate() {
         let docname = format!("document {}", i + 1);
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| err(&docname, "", format!("YAML: {e}")))?;
         if value.is_null() {
             continue; // empty document, e.g. a trailing `---`
         }
@@ -363,13 +381,16 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
 
     let mut ips: HashMap<IpAddr, String> = HashMap::new();
     let mut workloads = Vec::new();
+    let mut unaddressed = Vec::new();
     for p in pods {
-        if let Some(other) = ips.insert(p.ip, p.object.clone()) {
-            return Err(err(
-                &p.object,
-                "status.podIP",
-                format!("{} is already used by {other}", p.ip),
-            ));
+        if let Some(ip) = p.ip {
+            if let Some(other) = ips.insert(ip, p.object.clone()) {
+                return Err(err(
+                    &p.object,
+                    "status.podIP",
+                    format!("{ip} is already used by {other}"),
+                ));
+            }
         }
         let ns_labels = namespaces.get(&p.namespace);
         let in_mesh = match p.meta.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
@@ -381,7 +402,12 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
         };
         let waypoint = waypoint_ref(&p.meta.labels, ns_labels, &p.namespace);
         let label = |keys: &[&str]| keys.iter().find_map(|k| p.meta.labels.get(*k).cloned());
-        workloads.push(Workload {
+        let list = if p.ip.is_some() {
+            &mut workloads
+        } else {
+            &mut unaddressed
+        };
+        list.push(Workload {
             uid: p
                 .meta
                 .uid
@@ -408,7 +434,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
                 .unwrap_or_else(|| "default".into()),
             trust_domain: trust_domain.to_string(),
             node: p.spec.node_name,
-            ip: p.ip,
+            ip: p.ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
             labels: p.meta.labels,
             annotations: p.meta.annotations,
             waypoint,
@@ -507,6 +533,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
     }
     let mut state = MeshState::new(workloads, out_services, policies, peer_auths);
     state.namespace_labels = namespaces.into_iter().collect();
+    state.unaddressed = unaddressed.into_iter().map(std::sync::Arc::new).collect();
     state.service_entries = service_entries;
     state.waypoint_policies = waypoint_policies;
     state.waypoints = waypoints;
@@ -543,10 +570,12 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<Pod, ConfigError> {
     let status = o
         .status
         .ok_or_else(|| err(object, "status", "missing (needs status.podIP)"))?;
-    let ip: IpAddr = status
-        .pod_ip
-        .parse()
-        .map_err(|e| err(object, "status.podIP", format!("{:?}: {e}", status.pod_ip)))?;
+    let ip = match status.pod_ip.as_str() {
+        "" => None,
+        s => Some(s.parse::<IpAddr>().map_err(|e| {
+            err(object, "status.podIP", format!("{s:?}: {e}"))
+        })?),
+    };
     if spec.node_name.is_empty() {
         return Err(err(object, "spec.nodeName", "empty"));
     }

@@ -140,9 +140,13 @@ impl Mesh {
             .append(true)
             .open(self.dir.join(format!("{node}-agent.log")))
             .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, agent_bin, "--node", node, "--config"])
-            .arg(&self.config)
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns, agent_bin, "--node", node]);
+        match &self.kubeconfig {
+            Some(k) => cmd.arg("--from-kube").env("KUBECONFIG", k),
+            None => cmd.arg("--config").arg(&self.config),
+        };
+        let child = cmd
             .arg("--zds-socket")
             .arg(&self.nodes[node].sock)
             .arg("--plugin-socket")

@@ -16,12 +16,15 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
+mod cluster;
 mod cni;
 mod dns;
 mod http;
+pub use cluster::Cluster;
 pub use cni::{CniFailure, CniNet};
 pub use dns::DnsCounts;
 pub use hickory_proto;
+pub use {k8s_openapi, kube};
 pub use http::Hits;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -100,6 +103,10 @@ pub struct Mesh {
     pub pods: HashMap<String, Pod>,
     pub nodes: HashMap<String, Node>,
     pub extra_args: Vec<String>,
+    /// When set, node agents watch this cluster instead of the config file.
+    pub kubeconfig: Option<PathBuf>,
+    /// Per node: arguments replacing `--config`/`--ca-dir` (cluster mode).
+    pub node_args: HashMap<String, Vec<String>>,
     /// Whether `pod` redirects the pods' DNS to ztunnel (on by default).
     pub dns_capture: bool,
     ztunnel: PathBuf,
@@ -121,13 +128,19 @@ impl Mesh {
             sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
         }
         let log = self.dir.join(format!("{node}.log"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns])
             .arg(&self.ztunnel)
-            .args(["--node", node, "--config"])
-            .arg(&self.config)
-            .arg("--ca-dir")
-            .arg(ca_dir)
+            .args(["--node", node]);
+        match self.node_args.get(node) {
+            Some(args) => cmd.args(args),
+            None => cmd
+                .arg("--config")
+                .arg(&self.config)
+                .arg("--ca-dir")
+                .arg(ca_dir),
+        };
+        let child = cmd
             .arg("--zds-socket")
             .arg(sock)
             .args(["--drain-timeout", "3s"])
@@ -163,6 +176,8 @@ impl Mesh {
             pods: HashMap::new(),
             nodes: HashMap::new(),
             extra_args: vec![],
+            node_args: HashMap::new(),
+            kubeconfig: None,
             dns_capture: true,
             ztunnel: ztunnel.into(),
             peers: Default::default(),

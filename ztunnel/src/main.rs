@@ -291,6 +291,8 @@ fn config_dump(
                 "not_before": secs(c.not_before),
                 "expiration": secs(c.not_after),
                 "expires_in_s": c.not_after.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0),
+                // Public: which CA the mesh trusts (the built-in one or istiod's).
+                "root": c.chain_pem.last(),
             }),
             Err((id, why)) => serde_json::json!({"identity": id.to_string(), "state": why}),
         })

@@ -19,8 +19,14 @@ struct Args {
     #[arg(long, env = "NODE_NAME", default_value = "")]
     node: String,
     /// Standalone mesh config that decides membership; watched.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "from_kube", conflicts_with = "from_kube")]
     config: Option<PathBuf>,
+    /// Decide membership from the Kubernetes API (in-cluster credentials, or
+    /// KUBECONFIG): namespaces and this node's pods.
+    #[arg(long)]
+    from_kube: bool,
+    #[arg(long, default_value = identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
     #[arg(long, default_value = zds::DEFAULT_SOCKET)]
     zds_socket: PathBuf,
     /// Where the CNI plugin reaches this agent.
@@ -75,13 +81,50 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(args))
 }
 
+/// Starts the Kubernetes source, which renders namespaces and this node's
+/// pods into a file in the standalone format that the agent then watches;
+/// waits for the first complete render.
+async fn cluster_config(
+    args: &Args,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<PathBuf> {
+    let path = args.state_dir.join("cluster-mesh.yaml");
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("state dir {}", args.state_dir.display()))?;
+    // A render from a previous run is stale: membership must come from now.
+    let _ = std::fs::remove_file(&path);
+    let client = kube::Client::try_default()
+        .await
+        .context("Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let source = tokio::spawn(kube_source::run(
+        client,
+        kube_source::Selection::node_agent(&args.node),
+        path.clone(),
+        args.trust_domain.clone(),
+        stop,
+    ));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !path.exists() {
+        if source.is_finished() {
+            source.await??;
+            anyhow::bail!("Kubernetes source stopped before its first render");
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no complete view of the Kubernetes API after 60s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(path)
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
-    let config = args
-        .config
-        .clone()
-        .context("--config (the standalone mesh file) is required")?;
     anyhow::ensure!(!args.node.is_empty(), "--node (or NODE_NAME) is required");
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let config = match &args.config {
+        Some(c) => c.clone(),
+        None => cluster_config(&args, stop.clone()).await?,
+    };
     let mut installer = None;
     if let Some(conf_dir) = args.cni_conf_dir.clone() {
         let plugin = match &args.plugin_binary {

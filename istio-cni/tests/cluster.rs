@@ -1,0 +1,108 @@
+//! The node agent deciding capture from a real kube-apiserver (built from its
+//! Go module by scripts/peers.sh): labelling a namespace through the API
+//! captures its pods, unlabelling releases them, and a pod of an ambient
+//! namespace is captured at its CNI ADD, before the kubelet reports its IP.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use testbed::*;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_istio-cni-agent");
+const PLUGIN: &str = env!("CARGO_BIN_EXE_istio-cni");
+
+/// ztunnel's own view (standalone): it needs the pods' identities, while
+/// capture is decided by the agent from the API alone.
+const ZTUNNEL_VIEW: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: app}
+spec: {serviceAccountName: a, nodeName: node1}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: plain}
+spec: {serviceAccountName: c, nodeName: node1}
+status: {podIP: 10.244.1.20}
+";
+
+fn traces(m: &Mesh, pod: &str) -> String {
+    let (_, out) = sh_out(&format!("ip netns exec {} iptables-save", m.pod_ns(pod)));
+    out.lines().filter(|l| l.contains("ISTIO")).collect::<Vec<_>>().join("\n")
+}
+
+fn served(m: &Mesh) -> Vec<String> {
+    m.config_dump("node1")["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_label_through_the_api_captures_and_releases() {
+    let mut m = Mesh::new("kcn", &workspace_bin("ztunnel"));
+    m.write_config(ZTUNNEL_VIEW);
+    m.cni_node("node1", 1);
+    let c = Cluster::start(&m).await;
+    c.reach_from_cni_node(&m, "node1");
+    m.kubeconfig = Some(c.kubeconfig.clone());
+
+    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n").await;
+    let none = BTreeMap::new();
+    // Scheduled, not yet networked: what the API says at CNI ADD time.
+    c.pod("app", "a", "a", "node1", None, &none).await;
+    c.pod("plain", "c", "c", "node1", None, &none).await;
+
+    m.start_cni_agent("node1", AGENT, PLUGIN, &[]);
+    let ca = m.dir.join("ca");
+    m.start_ztunnel("node1", &ca);
+
+    m.cni_pod("node1", "a", "app", "a", "10.244.1.10").expect("ADD of an ambient pod");
+    c.pod_ready("app", "a", "10.244.1.10").await;
+    assert!(traces(&m, "a").contains("REDIRECT --to-ports 15001"), "a not captured at ADD");
+    m.cni_pod("node1", "c", "plain", "c", "10.244.1.20").expect("ADD of a plain pod");
+    c.pod_ready("plain", "c", "10.244.1.20").await;
+    assert_eq!(traces(&m, "c"), "", "a pod of an unlabelled namespace got rules");
+    eventually("ztunnel serves a", || served(&m) == ["a"]).await;
+
+    // Label through the API: c is captured, no restart, and talks mTLS.
+    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {istio.io/dataplane-mode: ambient}}\n").await;
+    let took = eventually("c captured after labelling", || traces(&m, "c").contains("REDIRECT --to-ports 15001")).await;
+    eprintln!("namespace label to capture: {took:?}");
+    eventually("ztunnel serves c", || served(&m).contains(&"c".to_string())).await;
+    m.whoami_server("a", 9090);
+    assert_eq!(m.whoami("c", "10.244.1.10:9090").unwrap(), "a 10.244.1.20");
+    assert!(m.metrics("node1").lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
+        && l.contains("source_workload=\"c\"")
+        && l.contains("connection_security_policy=\"mutual_tls\"")));
+
+    // A pod label opts one pod out even in an ambient namespace.
+    c.merge("v1", "Pod", "app", "a", serde_json::json!({"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}})).await;
+    eventually("a released by its opt-out label", || traces(&m, "a").is_empty()).await;
+
+    // Unlabel through the API: rules gone, ztunnel lets go.
+    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {istio.io/dataplane-mode: none}}\n").await;
+    eventually("c released after unlabelling", || traces(&m, "c").is_empty()).await;
+    eventually("ztunnel drops c", || served(&m).is_empty()).await;
+    let log = m.agent_log("node1");
+    assert!(log.contains("cluster config rendered"), "{log}");
+}

@@ -1,0 +1,254 @@
+//! The Kubernetes API as a config source. Watches the kinds a component
+//! needs and renders them, object by object, into the same multi-document
+//! YAML the standalone file holds; that file is then read by the very
+//! translator (and file watcher) standalone mode uses, so a live cluster and a
+//! YAML file cannot drift apart in meaning. The rendered file is also what an
+//! operator inspects when asking "what does this component think the cluster
+//! says".
+//!
+//! One bad object does not freeze the rest: objects whose kind the translator
+//! checks strictly are validated alone first; an invalid one is left out and
+//! logged by name.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kube::api::{Api, DynamicObject};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use serde_json::Value;
+use tokio::sync::{watch, Notify};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What to watch.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub kinds: Vec<GroupVersionKind>,
+    /// Only pods scheduled on this node (the node agent's view).
+    pub pods_on_node: Option<String>,
+}
+
+fn gvk(group: &str, version: &str, kind: &str) -> GroupVersionKind {
+    GroupVersionKind::gvk(group, version, kind)
+}
+
+impl Selection {
+    /// The node agent decides capture from namespaces and its node's pods.
+    pub fn node_agent(node: &str) -> Selection {
+        Selection {
+            kinds: vec![gvk("", "v1", "Namespace"), gvk("", "v1", "Pod")],
+            pods_on_node: Some(node.to_string()),
+        }
+    }
+
+    /// The waypoint routes and authorizes with the whole L7 picture.
+    pub fn waypoint() -> Selection {
+        Selection {
+            kinds: vec![
+                gvk("", "v1", "Namespace"),
+                gvk("", "v1", "Pod"),
+                gvk("", "v1", "Service"),
+                gvk("gateway.networking.k8s.io", "v1", "Gateway"),
+                gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+                gvk("gateway.networking.k8s.io", "v1", "GRPCRoute"),
+                gvk("networking.istio.io", "v1", "VirtualService"),
+                gvk("networking.istio.io", "v1", "DestinationRule"),
+                gvk("networking.istio.io", "v1", "ServiceEntry"),
+                gvk("security.istio.io", "v1", "AuthorizationPolicy"),
+                gvk("security.istio.io", "v1", "PeerAuthentication"),
+            ],
+            pods_on_node: None,
+        }
+    }
+}
+
+/// Watches `sel` and keeps `out` holding the rendered config, rewriting it
+/// (atomically) on every change. Returns when `stop` fires.
+pub async fn run(
+    client: kube::Client,
+    sel: Selection,
+    out: PathBuf,
+    trust_domain: String,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), SourceError> {
+    let changed = Arc::new(Notify::new());
+    let mut stores = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for g in &sel.kinds {
+        let Some(ar) = (tokio::select! {
+            r = discover(&client, g) => r,
+            _ = stop.changed() => return Ok(()),
+        }) else {
+            continue;
+        };
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let mut cfg = watcher::Config::default();
+        if let (Some(node), "Pod") = (&sel.pods_on_node, g.kind.as_str()) {
+            cfg = cfg.fields(&format!("spec.nodeName={node}"));
+        }
+        let writer = reflector::store::Writer::new(ar.clone());
+        stores.push((ar, writer.as_reader()));
+        let changed = changed.clone();
+        let kind = g.kind.clone();
+        tasks.spawn(async move {
+            let mut events = watcher(api, cfg).default_backoff().reflect(writer).boxed();
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(_) => changed.notify_one(),
+                    // The watcher relists by itself; the last good objects stay.
+                    Err(e) => tracing::warn!(kind = %kind, error = %e, "watch error; retrying"),
+                }
+            }
+        });
+    }
+    // Render nothing until every kind has listed once: a file with the
+    // namespaces but not yet the pods would release every captured pod.
+    for (ar, store) in &stores {
+        tokio::select! {
+            r = store.wait_until_ready() => if r.is_err() {
+                tracing::error!(kind = %ar.kind, "watch ended before its first list");
+            },
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+    changed.notify_one();
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        // Let a burst of events (an initial list, a `kubectl apply -f dir`)
+        // land as one rewrite.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = render(&stores, &trust_domain);
+        if last.as_ref() == Some(&text) {
+            continue;
+        }
+        let tmp = out.with_extension("tmp");
+        let write = std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &out));
+        write.map_err(|source| SourceError::Write { path: out.clone(), source })?;
+        tracing::info!(path = %out.display(), bytes = text.len(), "cluster config rendered");
+        last = Some(text);
+    }
+}
+
+/// The API resource for `g`, retrying until the API server answers. None
+/// only when the server says it does not serve the kind: a cluster without
+/// (say) the Gateway API CRDs simply has none of those objects. An
+/// unreachable server is not an empty one: treating it so would release
+/// every captured pod.
+async fn discover(client: &kube::Client, g: &GroupVersionKind) -> Option<ApiResource> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match kube::discovery::pinned_kind(client, g).await {
+            Ok((ar, _)) => return Some(ar),
+            Err(kube::Error::Discovery(e)) => {
+                tracing::warn!(kind = %g.kind, group = %g.group, error = %e, "kind not served by the API server; not watched");
+                return None;
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                tracing::warn!(kind = %g.kind, group = %g.group, "group not served by the API server; not watched");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(kind = %g.kind, error = %e, retry_ms = backoff.as_millis() as u64, "API discovery failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// The objects as standalone YAML documents, sorted for stable output.
+fn render(stores: &[(ApiResource, Store<DynamicObject>)], trust_domain: &str) -> String {
+    let mut docs: BTreeMap<(String, String, String), Value> = BTreeMap::new();
+    for (ar, store) in stores {
+        for obj in store.state() {
+            let Some(v) = clean(ar, &obj) else { continue };
+            let ns = obj.metadata.namespace.clone().unwrap_or_default();
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            docs.insert((ar.kind.clone(), ns, name), v);
+        }
+    }
+    let mut text = String::new();
+    for ((kind, ns, name), v) in docs {
+        let yaml = serde_yaml::to_string(&v).expect("JSON values serialize");
+        if !matches!(kind.as_str(), "Namespace" | "Pod" | "Service") {
+            if let Err(e) = mesh::standalone::parse(&yaml, trust_domain) {
+                tracing::error!(object = %format!("{kind} {ns}/{name}"), error = %e, "invalid object left out of the mesh config");
+                continue;
+            }
+        }
+        text.push_str("---\n");
+        text.push_str(&yaml);
+    }
+    text
+}
+
+/// What the translator reads of an object: identity, labels, annotations,
+/// spec, and for pods the address the kubelet reported. Finished pods are not
+/// part of the mesh.
+fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
+    let m = &obj.metadata;
+    let mut meta = serde_json::Map::new();
+    meta.insert("name".into(), m.name.clone()?.into());
+    if let Some(ns) = &m.namespace {
+        meta.insert("namespace".into(), ns.clone().into());
+    }
+    if let Some(uid) = &m.uid {
+        meta.insert("uid".into(), uid.clone().into());
+    }
+    for (k, v) in [("labels", &m.labels), ("annotations", &m.annotations)] {
+        if let Some(v) = v {
+            let v: BTreeMap<_, _> = v
+                .iter()
+                .filter(|(k, _)| !k.starts_with("kubectl.kubernetes.io/"))
+                .collect();
+            meta.insert(k.into(), serde_json::to_value(v).unwrap());
+        }
+    }
+    let mut out = serde_json::Map::new();
+    out.insert("apiVersion".into(), ar.api_version.clone().into());
+    out.insert("kind".into(), ar.kind.clone().into());
+    out.insert("metadata".into(), Value::Object(meta));
+    if let Some(spec) = obj.data.get("spec") {
+        out.insert("spec".into(), spec.clone());
+    }
+    if ar.kind == "Pod" {
+        let status = obj.data.get("status");
+        let phase = status.and_then(|s| s.get("phase")).and_then(Value::as_str).unwrap_or("");
+        if matches!(phase, "Succeeded" | "Failed") {
+            return None;
+        }
+        // Unscheduled pods belong to no node yet.
+        obj.data.get("spec")?.get("nodeName")?;
+        // A scheduled pod without an IP is still rendered (`status: {}`): its
+        // CNI ADD, which gives it the IP, is where capture is decided.
+        let ip = status.and_then(|s| s.get("podIP")).and_then(Value::as_str).unwrap_or("");
+        let status = if ip.is_empty() { serde_json::json!({}) } else { serde_json::json!({ "podIP": ip }) };
+        out.insert("status".into(), status);
+    }
+    if ar.kind == "Service" {
+        // Headless and ExternalName services have no VIP for ztunnel to match.
+        let ip = obj.data.get("spec")?.get("clusterIP").and_then(Value::as_str).unwrap_or("");
+        if ip.is_empty() || ip == "None" {
+            return None;
+        }
+    }
+    Some(Value::Object(out))
+}
