@@ -27,6 +27,10 @@ use tokio::sync::{watch, Notify};
 pub enum SourceError {
     #[error("Kubernetes API: {0}")]
     Api(#[from] kube::Error),
+    #[error("Kubernetes client (in-cluster or KUBECONFIG): {0}")]
+    Client(String),
+    #[error("no complete view of the Kubernetes API after {0:?}")]
+    NotSynced(Duration),
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -74,6 +78,41 @@ impl Selection {
             pods_on_node: None,
         }
     }
+}
+
+/// Connects (in-cluster credentials, or KUBECONFIG), starts `run` in the
+/// background and returns once the first complete render is on disk, so the
+/// caller can read `out` as its standalone config and watch it.
+pub async fn start(
+    sel: Selection,
+    out: PathBuf,
+    trust_domain: String,
+    stop: watch::Receiver<bool>,
+) -> Result<(), SourceError> {
+    // A render from a previous run is stale: the view must come from now.
+    let _ = std::fs::remove_file(&out);
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| SourceError::Client(e.to_string()))?;
+    let path = out.clone();
+    let mut task = tokio::spawn(async move {
+        if let Err(e) = run(client, sel, path, trust_domain, stop).await {
+            tracing::error!(error = %e, "Kubernetes source stopped");
+        }
+    });
+    let limit = Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + limit;
+    while !out.exists() {
+        if tokio::time::Instant::now() > deadline {
+            task.abort();
+            return Err(SourceError::NotSynced(limit));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = &mut task => return Err(SourceError::NotSynced(limit)),
+        }
+    }
+    Ok(())
 }
 
 /// Watches `sel` and keeps `out` holding the rendered config, rewriting it

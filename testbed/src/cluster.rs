@@ -401,6 +401,14 @@ impl Cluster {
         path
     }
 
+    /// Annotates the pod as istio-cni does once it captured it; istiod only
+    /// sends HBONE as the pod's tunnel protocol after that. For tests where
+    /// the testbed (not our agent) plays the node agent.
+    pub async fn mark_captured(&self, namespace: &str, name: &str) {
+        self.merge("v1", "Pod", namespace, name, json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}}))
+            .await;
+    }
+
     /// Routes a CNI node (172.30.0.x on the bridge) to the control plane.
     pub fn reach_from_cni_node(&self, mesh: &Mesh, node: &str) {
         sh(&format!("ip -n {}-{node} route add {CONTROL_IP}/32 dev eth0", mesh.prefix));

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
-mod cluster;
+pub mod cluster;
 mod cni;
 mod dns;
 mod http;
@@ -103,8 +103,11 @@ pub struct Mesh {
     pub pods: HashMap<String, Pod>,
     pub nodes: HashMap<String, Node>,
     pub extra_args: Vec<String>,
-    /// When set, node agents watch this cluster instead of the config file.
+    /// When set, node agents (and waypoints, with their args) watch this
+    /// cluster instead of the config file.
     pub kubeconfig: Option<PathBuf>,
+    /// Arguments replacing the waypoint's `--config`/`--ca-dir` (cluster mode).
+    pub waypoint_args: Option<Vec<String>>,
     /// Per node: arguments replacing `--config`/`--ca-dir` (cluster mode).
     pub node_args: HashMap<String, Vec<String>>,
     /// Whether `pod` redirects the pods' DNS to ztunnel (on by default).
@@ -178,6 +181,7 @@ impl Mesh {
             extra_args: vec![],
             node_args: HashMap::new(),
             kubeconfig: None,
+            waypoint_args: None,
             dns_capture: true,
             ztunnel: ztunnel.into(),
             peers: Default::default(),
@@ -741,8 +745,8 @@ impl Mesh {
     pub fn start_waypoint(&self, bin: &str, pod: &str, name: &str, namespace: &str, sa: &str) {
         let ns = self.pod_ns(pod);
         let log = self.dir.join(format!("{name}.log"));
-        let child = Command::new("ip")
-            .args([
+        let mut cmd = Command::new("ip");
+        cmd.args([
                 "netns",
                 "exec",
                 &ns,
@@ -753,11 +757,19 @@ impl Mesh {
                 namespace,
                 "--service-account",
                 sa,
-                "--config",
-            ])
-            .arg(&self.config)
-            .arg("--ca-dir")
-            .arg(self.dir.join("ca"))
+            ]);
+        match &self.waypoint_args {
+            Some(args) => cmd.args(args),
+            None => cmd
+                .arg("--config")
+                .arg(&self.config)
+                .arg("--ca-dir")
+                .arg(self.dir.join("ca")),
+        };
+        if let Some(k) = &self.kubeconfig {
+            cmd.env("KUBECONFIG", k);
+        }
+        let child = cmd
             .args(["--drain-timeout", "2s"])
             .env(
                 "RUST_LOG",

@@ -38,8 +38,29 @@ struct Args {
     #[arg(long, env = "SERVICE_ACCOUNT")]
     service_account: Option<String>,
     /// Standalone mesh config (the same file as ztunnel's); watched.
+    #[arg(long, required_unless_present = "from_kube", conflicts_with = "from_kube")]
+    config: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster credentials, or KUBECONFIG) for
+    /// Gateways, routes, policies, Services and Pods instead of --config.
     #[arg(long)]
-    config: PathBuf,
+    from_kube: bool,
+    /// Where the Kubernetes view is rendered (standalone format) and watched.
+    #[arg(long, default_value = "/var/run/waypoint/cluster-mesh.yaml")]
+    kube_render: PathBuf,
+    /// istiod's CA (host:port): the waypoint's certificate comes from it
+    /// instead of the built-in CA.
+    #[arg(long, env = "CA_ADDRESS")]
+    ca_address: Option<String>,
+    #[arg(long, default_value = "istiod.istio-system.svc")]
+    ca_server_name: String,
+    /// PEM root istiod's serving certificate chains to.
+    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    ca_root_cert: PathBuf,
+    /// Projected service-account token (audience istio-ca).
+    #[arg(long, default_value = "/var/run/secrets/tokens/istio-token")]
+    token_path: PathBuf,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
     #[arg(long, default_value = identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     #[arg(long, default_value = "/var/lib/ztunnel/ca")]
@@ -94,10 +115,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ::metrics::gauge!("istio_build", "component" => "waypoint", "tag" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
 
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("read config {}", args.config.display()))?;
+    let (drain_tx, drain) = watch::channel(false);
+    let config = match &args.config {
+        Some(c) => c.clone(),
+        None => {
+            if let Some(dir) = args.kube_render.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+            }
+            kube_source::start(
+                kube_source::Selection::waypoint(),
+                args.kube_render.clone(),
+                args.trust_domain.clone(),
+                drain.clone(),
+            )
+            .await?;
+            args.kube_render.clone()
+        }
+    };
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("read config {}", config.display()))?;
     let state = mesh::standalone::parse(&text, &args.trust_domain)
-        .with_context(|| format!("config {}", args.config.display()))?;
+        .with_context(|| format!("config {}", config.display()))?;
     if !state
         .waypoints
         .iter()
@@ -105,11 +143,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         tracing::warn!(name = args.name, namespace = args.namespace, "no Gateway of class istio-waypoint by this name in the config (yet): policies targeting it will not match");
     }
-    let store = MeshStore::new(state, &args.config.display().to_string());
-    let ca: Arc<dyn CertificateAuthority> = Arc::new(match (&args.ca_cert, &args.ca_key) {
-        (Some(c), Some(k)) => BuiltinCa::from_files(c, k)?,
-        _ => BuiltinCa::load_or_create(&args.ca_dir, &args.trust_domain)?,
-    });
+    let store = MeshStore::new(state, &config.display().to_string());
+    let ca: Arc<dyn CertificateAuthority> = match &args.ca_address {
+        Some(address) => Arc::new(
+            xds::IstioCa::new(
+                xds::ControlPlane {
+                    address: address.clone(),
+                    server_name: args.ca_server_name.clone(),
+                    root_cert: args.ca_root_cert.clone(),
+                    token: Some(args.token_path.clone()),
+                    cluster_id: args.cluster_id.clone(),
+                },
+                false,
+            )
+            .context("Istio CA client")?,
+        ),
+        None => Arc::new(match (&args.ca_cert, &args.ca_key) {
+            (Some(c), Some(k)) => BuiltinCa::from_files(c, k)?,
+            _ => BuiltinCa::load_or_create(&args.ca_dir, &args.trust_domain)?,
+        }),
+    };
     let certs = SecretManager::new(ca, args.cert_ttl);
     let id = Identity::new(
         &args.trust_domain,
@@ -122,7 +175,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("certificate for {id}"))?;
 
-    let (drain_tx, drain) = watch::channel(false);
     let wp = Arc::new(proxy::Waypoint {
         name: args.name.clone(),
         namespace: args.namespace.clone(),
@@ -134,7 +186,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain: drain.clone(),
     });
     tokio::spawn(mesh::watch_file(
-        args.config.clone(),
+        config.clone(),
         args.trust_domain.clone(),
         store.clone(),
         drain.clone(),

@@ -16,24 +16,28 @@ use crate::pb::istio::v1::auth::{
 pub struct IstioCa {
     cp: ControlPlane,
     channel: Channel,
+    impersonate: bool,
 }
 
 impl IstioCa {
-    pub fn new(cp: ControlPlane) -> Result<Self, crate::XdsError> {
+    /// `impersonate`: ask for the identity named in each request (ztunnel,
+    /// on behalf of its node's pods) rather than the caller's own (waypoint).
+    pub fn new(cp: ControlPlane, impersonate: bool) -> Result<Self, crate::XdsError> {
         let channel = cp.channel()?;
-        Ok(IstioCa { cp, channel })
+        Ok(IstioCa { cp, channel, impersonate })
     }
 }
 
 impl CertificateAuthority for IstioCa {
     fn sign<'a>(&'a self, csr_pem: &'a str, identity: &'a Identity, validity: Duration) -> SignFuture<'a> {
         Box::pin(async move {
-            let metadata = Struct {
-                fields: BTreeMap::from([(
+            let mut metadata = Struct { fields: BTreeMap::new() };
+            if self.impersonate {
+                metadata.fields.insert(
                     "ImpersonatedIdentity".to_string(),
                     Value { kind: Some(Kind::StringValue(identity.to_string())) },
-                )]),
-            };
+                );
+            }
             let mut req = tonic::Request::new(IstioCertificateRequest {
                 csr: csr_pem.to_string(),
                 validity_duration: validity.as_secs() as i64,

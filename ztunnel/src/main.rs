@@ -173,7 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ca: Arc<dyn CertificateAuthority> =
         match args.ca_address.as_ref().or(args.xds_address.as_ref()) {
             Some(address) => Arc::new(
-                xds::IstioCa::new(control_plane(address)).context("Istio CA client")?,
+                xds::IstioCa::new(control_plane(address), true).context("Istio CA client")?,
             ),
             None => Arc::new(match (&args.ca_cert, &args.ca_key) {
                 (Some(c), Some(k)) => BuiltinCa::from_files(c, k)?,

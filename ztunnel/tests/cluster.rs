@@ -47,6 +47,7 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
     for (name, ip) in [("client", "10.244.1.10"), ("intruder", "10.244.1.12"), ("server", "10.244.1.11")] {
         let labels = BTreeMap::from([("app".to_string(), name.to_string())]);
         c.pod("demo", name, name, "node1", Some(ip), &labels).await;
+        c.mark_captured("demo", name).await;
     }
     c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  selector: {app: server}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n").await;
     let svc: kube::Api<Service> = kube::Api::namespaced(c.client.clone(), "demo");

@@ -81,9 +81,8 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(args))
 }
 
-/// Starts the Kubernetes source, which renders namespaces and this node's
-/// pods into a file in the standalone format that the agent then watches;
-/// waits for the first complete render.
+/// The Kubernetes source renders namespaces and this node's pods into a file
+/// in the standalone format, which the agent then watches like any config.
 async fn cluster_config(
     args: &Args,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -91,30 +90,13 @@ async fn cluster_config(
     let path = args.state_dir.join("cluster-mesh.yaml");
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("state dir {}", args.state_dir.display()))?;
-    // A render from a previous run is stale: membership must come from now.
-    let _ = std::fs::remove_file(&path);
-    let client = kube::Client::try_default()
-        .await
-        .context("Kubernetes client (in-cluster or KUBECONFIG)")?;
-    let source = tokio::spawn(kube_source::run(
-        client,
+    kube_source::start(
         kube_source::Selection::node_agent(&args.node),
         path.clone(),
         args.trust_domain.clone(),
         stop,
-    ));
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !path.exists() {
-        if source.is_finished() {
-            source.await??;
-            anyhow::bail!("Kubernetes source stopped before its first render");
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "no complete view of the Kubernetes API after 60s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    )
+    .await?;
     Ok(path)
 }
 
