@@ -24,5 +24,7 @@ mkdir -p "$out/crds"
 istio_dir="$(cd "$root/testbed/peers/istio" && go list -m -f '{{.Dir}}' istio.io/istio)"
 gw_dir="$(cd "$root/testbed/peers/istio" && go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)"
 cat "$istio_dir/manifests/charts/base/files/crd-all.gen.yaml" > "$out/crds/istio.yaml"
-cat "$gw_dir"/config/crd/standard/gateway.networking.k8s.io_*.yaml > "$out/crds/gateway-api.yaml"
+for f in "$gw_dir"/config/crd/standard/gateway.networking.k8s.io_*.yaml; do
+  echo "---"; cat "$f"
+done > "$out/crds/gateway-api.yaml"
 ls "$out/bin" "$out/crds"

@@ -287,10 +287,16 @@ impl Cluster {
 
     async fn wait_crds(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
-        while kube::discovery::pinned_kind(&self.client, &gvk).await.is_err() {
-            assert!(Instant::now() < deadline, "Istio CRDs never became served");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        for gvk in [
+            GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy"),
+            GroupVersionKind::gvk("networking.istio.io", "v1", "VirtualService"),
+            GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
+            GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        ] {
+            while kube::discovery::pinned_kind(&self.client, &gvk).await.is_err() {
+                assert!(Instant::now() < deadline, "CRD for {gvk:?} never became served");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     }
 
@@ -332,6 +338,12 @@ impl Cluster {
     pub async fn delete(&self, api_version: &str, kind: &str, namespace: &str, name: &str) {
         let api = self.dynamic(api_version, kind, namespace).await;
         api.delete(name, &Default::default()).await.unwrap();
+    }
+
+    /// The object as the API serves it (JSON), for assertions and diagnostics.
+    pub async fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> serde_json::Value {
+        let api = self.dynamic(api_version, kind, namespace).await;
+        serde_json::to_value(api.get(name).await.unwrap()).unwrap()
     }
 
     /// A JSON merge patch (e.g. a label change on an object another field
@@ -399,6 +411,25 @@ impl Cluster {
         let path = self.dir.join(format!("token-{}", pod.metadata.name.as_deref().unwrap()));
         std::fs::write(&path, tr.status.unwrap().token).unwrap();
         path
+    }
+
+    /// The EndpointSlice kube-controller-manager (not run here) would write
+    /// for Service `service`: its ready `pods` (name, ip) on `ports`
+    /// (name, port). istiod finds a Service's instances through these.
+    pub async fn endpoint_slice(&self, namespace: &str, service: &str, ports: &[(&str, u16)], pods: &[(&str, &str)]) {
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{service}-test"), "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": service,
+                                    "endpointslice.kubernetes.io/managed-by": "mesh-test"}},
+            "addressType": "IPv4",
+            "ports": ports.iter().map(|(n, p)| json!({"name": n, "port": p, "protocol": "TCP"})).collect::<Vec<_>>(),
+            "endpoints": pods.iter().map(|(name, ip)| json!({
+                "addresses": [ip], "conditions": {"ready": true, "serving": true, "terminating": false},
+                "targetRef": {"kind": "Pod", "name": name, "namespace": namespace},
+            })).collect::<Vec<_>>(),
+        });
+        self.apply(&serde_json::to_string(&slice).unwrap()).await;
     }
 
     /// Annotates the pod as istio-cni does once it captured it; istiod only

@@ -112,6 +112,7 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
             c.mark_captured("app", name).await;
         }
     }
+    c.endpoint_slice("app", "waypoint", &[("mesh", 15008)], &[("waypoint", "10.244.1.20")]).await;
     let svc: kube::Api<k8s_openapi::api::core::v1::Service> = kube::Api::namespaced(c.client.clone(), "app");
     let vip = svc.get("echo").await.unwrap().spec.unwrap().cluster_ip.unwrap();
 
@@ -141,8 +142,16 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
         codes(&m, &url, 1) == ["200"]
     })
     .await;
+    // The waypoint flushes its access log every 100 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let wp_log = std::fs::read_to_string(m.dir.join("waypoint-access.log")).unwrap_or_default();
-    assert!(wp_log.contains("/public/x"), "the request did not cross the waypoint:\n{wp_log}");
+    if !wp_log.contains("/public/x") {
+        let gw = c.get("gateway.networking.k8s.io/v1", "Gateway", "app", "waypoint").await;
+        panic!(
+            "the request did not cross the waypoint:\n{wp_log}\nGateway: {gw}\nztunnel services: {}",
+            m.config_dump("node1")["mesh"]["services"]
+        );
+    }
 
     // An HTTPRoute applied through the API splits the traffic.
     c.apply(&split(0, 1)).await;
