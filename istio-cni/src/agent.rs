@@ -37,6 +37,9 @@ pub struct Config {
     pub exclude_namespaces: Vec<String>,
     /// Keep the node's probe SNAT rule and ipset (SPEC §4.5).
     pub probe_snat: bool,
+    /// In a cluster: annotate captured pods so istiod advertises them as
+    /// reachable over HBONE.
+    pub annotator: Option<kube_source::PodAnnotator>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -462,6 +465,9 @@ impl Agent {
                 inbound = options.inbound,
                 "pod captured"
             );
+            if let Some(a) = &self.cfg.annotator {
+                a.set(&r.namespace, &r.name, true);
+            }
         }
         self.pods.get_mut(key).expect("held").enrolled = Some(want);
         Ok(())
@@ -476,6 +482,9 @@ impl Agent {
         self.remove_rules(&r.netns, e.ip).await;
         self.tell_del(&e.uid).await;
         self.pods.get_mut(key).expect("held").enrolled = None;
+        if let Some(a) = &self.cfg.annotator {
+            a.set(&r.namespace, &r.name, false);
+        }
         tracing::info!(pod = %format!("{}/{}", r.namespace, r.name), "pod released: rules removed");
     }
 

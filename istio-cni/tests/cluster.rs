@@ -48,6 +48,13 @@ fn served(m: &Mesh) -> Vec<String> {
         .collect()
 }
 
+fn annotated(c: &Cluster, ns: &str, pod: &str) -> Option<String> {
+    let (c, ns, pod) = (c.client.clone(), ns.to_string(), pod.to_string());
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(c, &ns);
+    let p = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(api.get(&pod))).ok()?;
+    p.metadata.annotations?.get("ambient.istio.io/redirection").cloned()
+}
+
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !f() {
@@ -79,6 +86,8 @@ async fn namespace_label_through_the_api_captures_and_releases() {
     m.cni_pod("node1", "a", "app", "a", "10.244.1.10").expect("ADD of an ambient pod");
     c.pod_ready("app", "a", "10.244.1.10").await;
     assert!(traces(&m, "a").contains("REDIRECT --to-ports 15001"), "a not captured at ADD");
+    // istiod only routes HBONE to pods the agent marked as captured.
+    eventually("a annotated as captured", || annotated(&c, "app", "a") == Some("enabled".into())).await;
     m.cni_pod("node1", "c", "plain", "c", "10.244.1.20").expect("ADD of a plain pod");
     c.pod_ready("plain", "c", "10.244.1.20").await;
     assert_eq!(traces(&m, "c"), "", "a pod of an unlabelled namespace got rules");
@@ -98,6 +107,7 @@ async fn namespace_label_through_the_api_captures_and_releases() {
     // A pod label opts one pod out even in an ambient namespace.
     c.merge("v1", "Pod", "app", "a", serde_json::json!({"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}})).await;
     eventually("a released by its opt-out label", || traces(&m, "a").is_empty()).await;
+    eventually("a's capture annotation removed", || annotated(&c, "app", "a").is_none()).await;
 
     // Unlabel through the API: rules gone, ztunnel lets go.
     c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {istio.io/dataplane-mode: none}}\n").await;

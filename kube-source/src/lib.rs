@@ -291,3 +291,53 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
     }
     Some(Value::Object(out))
 }
+
+/// Tells the cluster which pods the node agent captured, with the annotation
+/// istiod reads before it lets peers reach a pod over HBONE
+/// (`ambient.istio.io/redirection: enabled`). Patches run in the background
+/// and retry: the data path never waits on the API server.
+#[derive(Clone)]
+pub struct PodAnnotator {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for PodAnnotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PodAnnotator")
+    }
+}
+
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+impl PodAnnotator {
+    pub async fn new() -> Result<Self, SourceError> {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| SourceError::Client(e.to_string()))?;
+        Ok(PodAnnotator { client })
+    }
+
+    pub fn set(&self, namespace: &str, name: &str, captured: bool) {
+        let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), namespace);
+        let name = name.to_string();
+        // null removes the key in a JSON merge patch.
+        let value = if captured { Value::from("enabled") } else { Value::Null };
+        let patch = serde_json::json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}});
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            for attempt in 1..=5 {
+                let pp = kube::api::PatchParams::default();
+                match api.patch(&name, &pp, &kube::api::Patch::Merge(&patch)).await {
+                    Ok(_) => return,
+                    // The pod is gone: nothing left to annotate.
+                    Err(kube::Error::Api(s)) if s.code == 404 => return,
+                    Err(e) => {
+                        tracing::warn!(pod = %name, attempt, error = %e, "cannot annotate pod capture state");
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            }
+        });
+    }
+}

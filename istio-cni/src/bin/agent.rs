@@ -141,6 +141,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         dns_capture: args.dns_capture,
         exclude_namespaces: args.exclude_namespaces,
         probe_snat: args.probe_snat,
+        annotator: if args.from_kube {
+            Some(kube_source::PodAnnotator::new().await?)
+        } else {
+            None
+        },
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
