@@ -208,3 +208,121 @@ fn nack(resp: DeltaDiscoveryResponse, errors: Vec<String>) -> DeltaDiscoveryRequ
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::envoy::service::discovery::v3::Resource;
+    use crate::pb::istio::workload as wl;
+    use prost::Message;
+
+    fn ads() -> Ads {
+        Ads {
+            cp: ControlPlane {
+                address: "127.0.0.1:1".into(),
+                server_name: "istiod.istio-system.svc".into(),
+                root_cert: "/nonexistent".into(),
+                token: None,
+                cluster_id: "Kubernetes".into(),
+            },
+            proxy: ProxyInfo {
+                ip: "10.0.0.1".parse().unwrap(),
+                pod_name: "ztunnel-x".into(),
+                pod_namespace: "istio-system".into(),
+                node_name: "n1".into(),
+                service_account: "ztunnel".into(),
+                cluster_id: "Kubernetes".into(),
+            },
+            store: MeshStore::new(mesh::MeshState::default(), "test"),
+            status: watch::channel(AdsStatus::default()).0,
+        }
+    }
+
+    fn resource(name: &str, type_url: &str, body: Vec<u8>) -> Resource {
+        Resource {
+            version: "1".into(),
+            name: name.into(),
+            aliases: vec![],
+            resource: Some(prost_types::Any { type_url: type_url.into(), value: body }),
+        }
+    }
+
+    fn workload(name: &str, ip: [u8; 4]) -> Vec<u8> {
+        wl::Address {
+            r#type: Some(wl::address::Type::Workload(wl::Workload {
+                uid: format!("c//Pod/ns/{name}"),
+                name: name.into(),
+                namespace: "ns".into(),
+                addresses: vec![ip.to_vec()],
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn bad_resources_are_nacked_by_name_and_the_rest_applies_after_full_sync() {
+        let a = ads();
+        let mut res = Resources::default();
+        let mut seen = [false; 2];
+        let resp = DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n1".into(),
+            resources: vec![
+                resource("good", ADDRESS_TYPE, workload("good", [10, 0, 0, 2])),
+                resource("garbage", ADDRESS_TYPE, vec![0xff, 0xff, 0xff]),
+                resource("mistyped", AUTHORIZATION_TYPE, vec![]),
+            ],
+            ..Default::default()
+        };
+        let reply = a.apply(&mut res, &mut seen, resp);
+        assert_eq!(reply.response_nonce, "n1");
+        let why = reply.error_detail.expect("NACK").message;
+        assert!(why.contains("garbage: not a valid type.googleapis.com/istio.workload.Address"), "{why}");
+        assert!(why.contains("mistyped: body is type.googleapis.com/istio.security.Authorization"), "{why}");
+        assert!(!why.contains("good"), "{why}");
+        // Addresses without policies are not published: that would allow
+        // what policy forbids until the policies arrive.
+        assert!(a.store.load().workloads.is_empty());
+        assert!(!a.status.borrow().synced);
+
+        let ack = a.apply(
+            &mut res,
+            &mut seen,
+            DeltaDiscoveryResponse { type_url: AUTHORIZATION_TYPE.into(), nonce: "n2".into(), ..Default::default() },
+        );
+        assert!(ack.error_detail.is_none());
+        assert_eq!(ack.response_nonce, "n2");
+        assert!(a.status.borrow().synced);
+        assert!(a.store.load().workload_by_ip("10.0.0.2".parse().unwrap()).is_some());
+
+        // Removal applies; an unknown type is NACKed whole.
+        let ack = a.apply(
+            &mut res,
+            &mut seen,
+            DeltaDiscoveryResponse {
+                type_url: ADDRESS_TYPE.into(),
+                nonce: "n3".into(),
+                removed_resources: vec!["good".into()],
+                ..Default::default()
+            },
+        );
+        assert!(ack.error_detail.is_none());
+        assert!(a.store.load().workloads.is_empty());
+        let nack = a.apply(
+            &mut res,
+            &mut seen,
+            DeltaDiscoveryResponse { type_url: "type.googleapis.com/other".into(), nonce: "n4".into(), ..Default::default() },
+        );
+        assert!(nack.error_detail.unwrap().message.contains("unsupported resource type"));
+    }
+
+    #[test]
+    fn node_identifies_a_ztunnel_to_istiod() {
+        let n = ads().proxy.node();
+        assert_eq!(n.id, "ztunnel~10.0.0.1~ztunnel-x.istio-system~istio-system.svc.cluster.local");
+        let md = n.metadata.unwrap().fields;
+        assert_eq!(md["NAMESPACE"].kind, Some(Kind::StringValue("istio-system".into())));
+        assert_eq!(md["SERVICE_ACCOUNT"].kind, Some(Kind::StringValue("ztunnel".into())));
+    }
+}

@@ -208,11 +208,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let process = metrics_process::Collector::default();
     process.describe();
     let scrape = {
-        let (certs, zds) = (certs.clone(), pods.zds_connected.subscribe());
+        let (certs, zds, ads) = (certs.clone(), pods.zds_connected.subscribe(), ads_status.clone());
+        let cluster = args.xds_address.is_some();
         move || {
             // Point-in-time values are refreshed at scrape time.
             process.collect();
             ::metrics::gauge!("ztunnel_zds_connected").set(if *zds.borrow() { 1.0 } else { 0.0 });
+            if cluster {
+                ::metrics::gauge!("ztunnel_xds_connected").set(if ads.borrow().connected { 1.0 } else { 0.0 });
+            }
             for c in certs.snapshot().into_iter().flatten() {
                 let exp = c
                     .not_after

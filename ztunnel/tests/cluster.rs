@@ -105,6 +105,7 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
         assert!(m.whoami("client", &target).is_err(), "policy must stay enforced while istiod is down");
     }
     assert!(m.log("node1").contains("xDS disconnected"), "{}", m.log("node1"));
+    assert!(m.metrics("node1").contains("ztunnel_xds_connected 0"));
     let ready = m.http("node1", 15021, "/healthz/ready");
     assert_eq!(ready.map(|r| r.0), Some(200), "ztunnel stays ready on last known state");
 
@@ -115,4 +116,5 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
     })
     .await;
     assert!(m.log("node1").matches("xDS stream open").count() >= 2);
+    assert!(m.metrics("node1").contains("ztunnel_xds_connected 1"));
 }
