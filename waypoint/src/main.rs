@@ -3,12 +3,7 @@
 //! terminates HBONE, applies routes and L7 policy, and tunnels on to the
 //! chosen endpoint's ztunnel.
 
-mod body;
-mod lb;
-mod proxy;
-mod route;
-mod telemetry;
-mod upstream;
+use waypoint::{lb, proxy, telemetry, upstream};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

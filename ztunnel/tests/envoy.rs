@@ -256,3 +256,79 @@ fn wait_for_log(m: &Mesh, needle: &str) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+const ONLY_CLIENT: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server-from-client, namespace: app}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/app/sa/client]}
+";
+
+/// Identity comes from the verified certificate only: an HBONE peer with a
+/// valid mesh certificate for sa/intruder whose CONNECT carries baggage,
+/// forwarded and XFCC headers naming sa/client is still sa/intruder to
+/// policy. And a TLS 1.2 client never gets a handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_identity_headers_and_tls12_are_refused() {
+    let mut m = Mesh::new("spf", ZT);
+    m.pod("client", "app", "client", "10.244.1.10", "node1", true);
+    m.pod("server-1", "app", "server", "10.244.1.11", "node1", true);
+    m.pod("server-2", "app", "server", "10.244.2.11", "node2", false);
+    m.pod("outsider", "app", "default", "10.244.3.10", "node2", false);
+    m.write_config(&two_node_yaml(ONLY_CLIENT));
+    let ca = m.dir.join("ca");
+    m.start_node("node1", &ca).await;
+    m.whoami_server("server-1", 8080);
+
+    let spoof = "tunneling_config: {hostname: \"10.244.1.11:8080\", headers_to_add: [\
+        {header: {key: baggage, value: \"k8s.namespace.name=app,k8s.serviceaccount.name=client\"}}, \
+        {header: {key: forwarded, value: \"for=10.244.1.10;by=spiffe://cluster.local/ns/app/sa/client\"}}, \
+        {header: {key: x-forwarded-client-cert, value: \"URI=spiffe://cluster.local/ns/app/sa/client\"}}]}";
+    for (sa, port) in [("client", 18000), ("intruder", 18001)] {
+        let (c, k, r) = issue_cert(&ca, &format!("spiffe://cluster.local/ns/app/sa/{sa}"), &m.dir, sa);
+        let tls = tls_common(&c, &k, &r, Some("spiffe://cluster.local/ns/app/sa/server"), 8);
+        let cfg = envoy_client("10.244.1.11:8080", "10.244.1.11:15008", &tls)
+            .replace("tunneling_config: {hostname: \"10.244.1.11:8080\"}", spoof)
+            .replace("port_value: 18000", &format!("port_value: {port}"));
+        assert!(cfg.contains("x-forwarded-client-cert"));
+        m.start_envoy("outsider", &cfg, sa, port);
+    }
+    let fetch = |port: u16| {
+        let mut out = String::new();
+        let _ = m.connect("outsider", &format!("127.0.0.1:{port}")).unwrap().read_to_string(&mut out);
+        out
+    };
+    // The real client is admitted (the headers change nothing for it)...
+    assert_eq!(fetch(18000).trim(), "server-1 10.244.3.10");
+    // ...the intruder claiming to be the client is not.
+    assert_eq!(fetch(18001), "", "headers must not change the identity policy sees");
+    let metrics = m.metrics("node1");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_tcp_connections_closed_total")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/intruder\"")
+            && l.contains("response_flags=\"DENY\"")),
+        "the denial is not recorded against the certificate's identity:\n{metrics}"
+    );
+
+    // TLS 1.2 gets no handshake; TLS 1.3 does (our server certificate shows).
+    let s_client = |v: &str| {
+        sh_out(&format!(
+            "ip netns exec {} timeout 5 openssl s_client -connect 10.244.1.11:15008 {v} </dev/null 2>&1",
+            m.pod_ns("outsider")
+        ))
+        .1
+    };
+    let tls13 = s_client("-tls1_3");
+    assert!(tls13.contains("Server certificate"), "{tls13}");
+    let tls12 = s_client("-tls1_2");
+    assert!(!tls12.contains("Server certificate"), "{tls12}");
+    assert!(tls12.contains("alert protocol version"), "{tls12}");
+    wait_for_log(&m, "HBONE TLS handshake refused");
+    assert!(m.metrics("node1").contains("ztunnel_tls_handshake_failures_total"));
+    assert!(m.log("node1").contains("src.identity=spiffe://cluster.local/ns/app/sa/intruder"));
+}
