@@ -4,7 +4,7 @@
 //! namespace is captured at its CNI ADD, before the kubelet reports its IP.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testbed::*;
 
@@ -55,15 +55,6 @@ fn annotated(c: &Cluster, ns: &str, pod: &str) -> Option<String> {
     p.metadata.annotations?.get("ambient.istio.io/redirection").cloned()
 }
 
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    start.elapsed()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_label_through_the_api_captures_and_releases() {
     let mut m = Mesh::new("kcn", &workspace_bin("ztunnel"));
@@ -87,17 +78,17 @@ async fn namespace_label_through_the_api_captures_and_releases() {
     c.pod_ready("app", "a", "10.244.1.10").await;
     assert!(traces(&m, "a").contains("REDIRECT --to-ports 15001"), "a not captured at ADD");
     // istiod only routes HBONE to pods the agent marked as captured.
-    eventually("a annotated as captured", || annotated(&c, "app", "a") == Some("enabled".into())).await;
+    eventually("a annotated as captured", Duration::from_secs(20), || annotated(&c, "app", "a") == Some("enabled".into())).await;
     m.cni_pod("node1", "c", "plain", "c", "10.244.1.20").expect("ADD of a plain pod");
     c.pod_ready("plain", "c", "10.244.1.20").await;
     assert_eq!(traces(&m, "c"), "", "a pod of an unlabelled namespace got rules");
-    eventually("ztunnel serves a", || served(&m) == ["a"]).await;
+    eventually("ztunnel serves a", Duration::from_secs(20), || served(&m) == ["a"]).await;
 
     // Label through the API: c is captured, no restart, and talks mTLS.
     c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {istio.io/dataplane-mode: ambient}}\n").await;
-    let took = eventually("c captured after labelling", || traces(&m, "c").contains("REDIRECT --to-ports 15001")).await;
+    let took = eventually("c captured after labelling", Duration::from_secs(20), || traces(&m, "c").contains("REDIRECT --to-ports 15001")).await;
     eprintln!("namespace label to capture: {took:?}");
-    eventually("ztunnel serves c", || served(&m).contains(&"c".to_string())).await;
+    eventually("ztunnel serves c", Duration::from_secs(20), || served(&m).contains(&"c".to_string())).await;
     m.whoami_server("a", 9090);
     assert_eq!(m.whoami("c", "10.244.1.10:9090").unwrap(), "a 10.244.1.20");
     assert!(m.metrics("node1").lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
@@ -106,13 +97,13 @@ async fn namespace_label_through_the_api_captures_and_releases() {
 
     // A pod label opts one pod out even in an ambient namespace.
     c.merge("v1", "Pod", "app", "a", serde_json::json!({"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}})).await;
-    eventually("a released by its opt-out label", || traces(&m, "a").is_empty()).await;
-    eventually("a's capture annotation removed", || annotated(&c, "app", "a").is_none()).await;
+    eventually("a released by its opt-out label", Duration::from_secs(20), || traces(&m, "a").is_empty()).await;
+    eventually("a's capture annotation removed", Duration::from_secs(20), || annotated(&c, "app", "a").is_none()).await;
 
     // Unlabel through the API: rules gone, ztunnel lets go.
     c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {istio.io/dataplane-mode: none}}\n").await;
-    eventually("c released after unlabelling", || traces(&m, "c").is_empty()).await;
-    eventually("ztunnel drops c", || served(&m).is_empty()).await;
+    eventually("c released after unlabelling", Duration::from_secs(20), || traces(&m, "c").is_empty()).await;
+    eventually("ztunnel drops c", Duration::from_secs(20), || served(&m).is_empty()).await;
     let log = m.agent_log("node1");
     assert!(log.contains("cluster config rendered"), "{log}");
 }

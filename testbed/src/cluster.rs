@@ -41,6 +41,17 @@ pub struct Cluster {
     istiod_http: u16,
 }
 
+/// Polls `f` until it holds; panics naming `what` after `timeout`. Returns
+/// how long it took (the cluster tests report propagation delays).
+pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    start.elapsed()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -20,7 +20,7 @@ pub mod cluster;
 mod cni;
 mod dns;
 mod http;
-pub use cluster::Cluster;
+pub use cluster::{eventually, Cluster};
 pub use cni::{CniFailure, CniNet};
 pub use dns::DnsCounts;
 pub use hickory_proto;

@@ -5,7 +5,7 @@
 //! the API and gets its certificate from istiod's CA.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testbed::*;
 
@@ -76,14 +76,6 @@ fn codes(m: &Mesh, url: &str, n: usize) -> Vec<String> {
         m.pod_ns("client")
     ));
     out.lines().map(str::to_string).collect()
-}
-
-async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

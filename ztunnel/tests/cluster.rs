@@ -3,21 +3,12 @@
 //! changed through the Kubernetes API, and istiod going away and coming back.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use testbed::*;
 
 const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
-
-async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    start.elapsed()
-}
 
 fn allow_only(sa: &str) -> String {
     format!(
