@@ -388,7 +388,7 @@ impl Mesh {
 
     /// Listens on `port` inside `pod` and runs `handle(conn, client ip)` on
     /// a thread per connection, for as many connections as come.
-    fn serve(
+    pub fn serve(
         &self,
         pod: &str,
         port: u16,

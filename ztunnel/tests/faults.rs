@@ -1,0 +1,122 @@
+//! Backends that misbehave: one that never answers, one that resets after
+//! the first bytes, one that half-closes. ztunnel must pass each behaviour
+//! on faithfully (reset as a failure, FIN as EOF with the other direction
+//! still open) and free everything once the client is gone: live connection
+//! tasks and file descriptors on both nodes return to where they were.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use testbed::*;
+
+const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
+
+fn fds(m: &Mesh, node: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", m.nodes[node].pid())).unwrap().count()
+}
+
+fn live(m: &Mesh, node: &str) -> u64 {
+    m.config_dump(node)["live_connections"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_backends_are_passed_on_and_leave_nothing_behind() {
+    let m = two_nodes("flt", ZT, "").await;
+    // 7001: reads forever, never answers.
+    m.serve("server-2", 7001, |mut s, _| {
+        let mut b = [0u8; 1024];
+        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+    });
+    // 7002: reads the first bytes, then resets (SO_LINGER 0).
+    m.serve("server-2", 7002, |mut s, _| {
+        let mut b = [0u8; 16];
+        let _ = s.read(&mut b);
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    });
+    // 7003: answers, half-closes, and keeps reading what the client still sends.
+    let late = Arc::new(AtomicUsize::new(0));
+    let got = late.clone();
+    m.serve("server-2", 7003, move |mut s, _| {
+        let _ = s.write_all(b"bye");
+        let _ = s.shutdown(Shutdown::Write);
+        let mut b = [0u8; 1024];
+        while let Ok(n) = s.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            got.fetch_add(n, Ordering::SeqCst);
+        }
+    });
+    // Warm the HBONE pool and certificates so the baseline includes them.
+    m.echo_server("server-2", 7000);
+    echo_roundtrip(m.connect("client", "10.244.2.11:7000").unwrap(), b"warm");
+    std::thread::sleep(Duration::from_millis(300));
+    // The baseline holds the pooled HBONE connection (node1 → node2) and
+    // the task serving it on node2; both outlive single streams by design.
+    let before = (fds(&m, "node1"), fds(&m, "node2"));
+    let live_before = (live(&m, "node1"), live(&m, "node2"));
+    assert!(live_before.0 + live_before.1 <= 2, "{live_before:?}");
+
+    const ROUNDS: usize = 20;
+    for _ in 0..ROUNDS {
+        // Never answers: the client gives up; nothing answers in between.
+        let mut c = m.connect("client", "10.244.2.11:7001").unwrap();
+        c.write_all(b"hello?").unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut b = [0u8; 8];
+        assert!(c.read(&mut b).is_err(), "a silent backend produced bytes");
+        drop(c);
+
+        // Reset mid-stream: the client sees the connection end, not a hang.
+        let mut c = m.connect("client", "10.244.2.11:7002").unwrap();
+        c.write_all(b"hello").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = c.read(&mut b);
+        assert!(matches!(r, Ok(0) | Err(_)) && !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "reset not passed on: {r:?}");
+        drop(c);
+
+        // Half-close: EOF arrives after "bye", and the other direction still works.
+        let mut c = m.connect("client", "10.244.2.11:7003").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"bye");
+        c.write_all(b"after-fin").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        drop(c);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while late.load(Ordering::SeqCst) < ROUNDS * "after-fin".len() {
+        assert!(Instant::now() < deadline, "bytes sent after the server's FIN were lost: {}", late.load(Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Everything freed: live tasks and fds back to the baseline (a little
+    // fd slack for the HBONE pool redialling).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = (live(&m, "node1"), live(&m, "node2"), fds(&m, "node1"), fds(&m, "node2"));
+        if (now.0, now.1) == live_before && now.2 <= before.0 + 2 && now.3 <= before.1 + 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind after {ROUNDS} rounds (live1, live2, fds1, fds2) = {now:?}; before: live {live_before:?}, fds {before:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = m.metrics("node1");
+    let opened: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains("reporter=\"source\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    let closed: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("reporter=\"source\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(opened, closed, "every connection opened was counted closed");
+    assert!(opened as usize >= 3 * ROUNDS);
+}
