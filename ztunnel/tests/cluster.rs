@@ -10,6 +10,24 @@ use testbed::*;
 
 const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
 
+/// The log without terminal colours.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut it = log.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for c in it.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn allow_only(sa: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1
@@ -46,6 +64,8 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
     let target = format!("{vip}:80");
 
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
+    // Short-lived certificates, so the last phase can outlive them.
+    m.extra_args = vec!["--cert-ttl".into(), "20s".into()];
     m.start_node("node1", &m.dir.clone()).await;
     m.whoami_server("server", 8080);
 
@@ -108,4 +128,50 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
     .await;
     assert!(m.log("node1").matches("xDS stream open").count() >= 2);
     assert!(m.metrics("node1").contains("ztunnel_xds_connected 1"));
+
+    // The CA goes away for longer than a certificate lives: once they expire,
+    // new connections fail closed with the reason logged, and nothing goes
+    // out in plaintext instead.
+    c.stop_istiod();
+    let expiry = m.config_dump("node1")["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["expiration"].as_u64())
+        .max()
+        .unwrap();
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(expiry <= now() + 21, "certificates outlive --cert-ttl");
+    eventually("certificates expire with the CA down", Duration::from_secs(30), || now() > expiry + 1).await;
+    let cap = Capture::start(&m.net, "br0", m.dir.join("expired.pcap"));
+    let mut s = m.connect("client", &target).unwrap();
+    use std::io::{Read, Write};
+    let _ = s.write_all(b"SECRET-AFTER-EXPIRY");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert_eq!(out, "", "a connection went through with expired certificates");
+    // Control: plaintext the capture must see (host leg -> pod).
+    if let Ok(mut p) = std::net::TcpStream::connect_timeout(&"10.244.1.11:8080".parse().unwrap(), Duration::from_secs(2)) {
+        let _ = p.write_all(b"CONTROL-PLAINTEXT-FLOW");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pcap = cap.stop();
+    assert!(contains(&pcap, b"CONTROL-PLAINTEXT-FLOW"), "the capture saw nothing");
+    assert!(!contains(&pcap, b"SECRET-AFTER-EXPIRY"), "plaintext left the pod after certificate expiry");
+    let log = plain(&m.log("node1"));
+    assert!(log.contains("certificate request failed"), "{log}");
+    // Either the renewal already failed past expiry, or the held
+    // certificate is found expired at use: both name identity and cause.
+    assert!(
+        log.contains("error=no certificate for spiffe://cluster.local/ns/demo/sa/client: CA unavailable")
+            || log.contains("error=certificate for spiffe://cluster.local/ns/demo/sa/client expired and could not be renewed"),
+        "the refused connection does not say why:\n{log}"
+    );
+
+    // The CA returns: certificates are renewed and traffic flows again.
+    c.start_istiod().await;
+    eventually("renewal after the CA returns", Duration::from_secs(60), || {
+        m.whoami("client", &target).is_ok()
+    })
+    .await;
 }
