@@ -9,6 +9,8 @@
 //!   L4 only:  client → ztunnel ⇒HBONE⇒ ztunnel → backend
 //! The waypoint path does two mTLS hops the Envoy path does not.
 
+mod soak;
+
 use std::process::Command;
 
 use testbed::Mesh;
@@ -267,6 +269,11 @@ async fn main() {
             in_client(&m, &format!("curl -s {url}")).contains("hello"),
             "{url} does not answer"
         );
+    }
+    // SOAK_SECS=N: a steady-rate soak instead of the comparison.
+    if std::env::var("SOAK_SECS").is_ok() {
+        soak::run(&m, "10.96.0.10", "10.96.0.11");
+        return;
     }
     let mut rows = Vec::new();
     for (path, url) in [

@@ -111,6 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .set(1.0);
 
     let (drain_tx, drain) = watch::channel(false);
+    admin::drain_histograms(prom.clone(), drain.clone());
     let config = match &args.config {
         Some(c) => c.clone(),
         None => {

@@ -120,6 +120,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .set(1.0);
 
     let (drain_tx, drain) = watch::channel(false);
+    admin::drain_histograms(prom.clone(), drain.clone());
     let control_plane = |address: &str| xds::ControlPlane {
         address: address.to_string(),
         server_name: args.xds_server_name.clone(),

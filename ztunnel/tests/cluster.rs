@@ -93,6 +93,19 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
         assert_eq!(cert["root"].as_str().unwrap().trim(), root.trim(), "{cert}");
     }
 
+    // Admin (config dump) only on the node's loopback; metrics on the node
+    // address; neither carries key material.
+    assert!(m.whoami("intruder", "10.244.250.1:15000").is_err(), "admin port reachable off-node");
+    let (ok, scraped) = sh_out(&format!(
+        "ip netns exec {} curl -s -m 5 http://10.244.250.1:15020/metrics",
+        m.pod_ns("intruder")
+    ));
+    assert!(ok && scraped.contains("istio_tcp_connections_opened_total"), "{scraped}");
+    let dump = m.config_dump("node1").to_string();
+    for text in [&scraped, &dump] {
+        assert!(!text.contains("PRIVATE KEY") && !text.contains(std::fs::read_to_string(c.dir.join("cacerts/ca-key.pem")).unwrap().lines().nth(1).unwrap()));
+    }
+
     // A policy applied through the API takes effect within seconds.
     c.apply(&allow_only("client")).await;
     let took = eventually("ALLOW policy shuts the intruder out", Duration::from_secs(20), || {
