@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 # The real kube-apiserver, etcd and istiod for the cluster tests (cached).
 bash scripts/peers.sh
+# CI builds once: incremental state only costs disk (it reached 18 GB here).
+export CARGO_INCREMENTAL=0
 export ENVOY_BIN="${ENVOY_BIN:-$(command -v envoy)}"
 cargo build --workspace --bins --tests
 # Two at a time: each end-to-end test runs two ztunnels on this 2-core machine.
