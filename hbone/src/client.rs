@@ -58,6 +58,52 @@ async fn open(
     Ok((stream, resp.into_body()))
 }
 
+type Handshaken = (
+    SendRequest<Bytes>,
+    h2::client::Connection<tokio_rustls::client::TlsStream<tokio::io::BufReader<TcpStream>>, Bytes>,
+);
+
+/// TCP, TLS (the server must prove `want`), then the HTTP/2 preface.
+async fn handshake<D, F>(
+    addr: SocketAddr,
+    want: &Identity,
+    tls: Arc<rustls::ClientConfig>,
+    dial: D,
+) -> Result<Handshaken, Error>
+where
+    D: FnOnce() -> F,
+    F: Future<Output = std::io::Result<TcpStream>>,
+{
+    let tcp = dial()
+        .await
+        .map_err(|source| Error::Connect { addr, source })?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(
+            ServerName::IpAddress(addr.ip().into()),
+            crate::read_buffered(tcp),
+        )
+        .await
+        .map_err(|source| Error::Tls { addr, source })?;
+    let got = identity::peer_identity(tls.get_ref().1)
+        .map_err(|source| Error::PeerIdentity { addr, source })?;
+    if &got != want {
+        return Err(Error::WrongPeer {
+            addr,
+            got: got.to_string(),
+            want: want.to_string(),
+        });
+    }
+    Ok(h2::client::Builder::new()
+        .initial_window_size(crate::STREAM_WINDOW)
+        .initial_connection_window_size(crate::CONNECTION_WINDOW)
+        .max_frame_size(crate::MAX_FRAME)
+        .max_send_buffer_size(crate::MAX_FRAME as usize)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tls)
+        .await?)
+}
+
 /// A held slot on a pooled connection: released when the tunnel ends.
 pub struct StreamGuard(Arc<AtomicUsize>);
 
@@ -136,40 +182,24 @@ impl Pool {
         F: Future<Output = std::io::Result<TcpStream>>,
     {
         let addr = key.dst;
-        let tcp = dial()
-            .await
-            .map_err(|source| Error::Connect { addr, source })?;
-        let _ = tcp.set_nodelay(true);
-        let tls = tokio_rustls::TlsConnector::from(tls)
-            .connect(
-                ServerName::IpAddress(addr.ip().into()),
-                crate::read_buffered(tcp),
-            )
-            .await
-            .map_err(|source| Error::Tls { addr, source })?;
-        let got = identity::peer_identity(tls.get_ref().1)
-            .map_err(|source| Error::PeerIdentity { addr, source })?;
-        if got != key.dst_identity {
-            return Err(Error::WrongPeer {
-                addr,
-                got: got.to_string(),
-                want: key.dst_identity.to_string(),
-            });
-        }
-        let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(crate::STREAM_WINDOW)
-            .initial_connection_window_size(crate::CONNECTION_WINDOW)
-            .max_frame_size(crate::MAX_FRAME)
-            .max_send_buffer_size(crate::MAX_FRAME as usize)
-            .enable_push(false)
-            .handshake::<_, Bytes>(tls)
-            .await?;
+        let (send, mut conn) = tokio::time::timeout(
+            crate::HANDSHAKE_TIMEOUT,
+            handshake(addr, &key.dst_identity, tls, dial),
+        )
+        .await
+        .map_err(|_| Error::HandshakeTimeout { addr })??;
         let active = Arc::new(AtomicUsize::new(1));
         let closed = Arc::new(AtomicBool::new(false));
         let (c, a) = (closed.clone(), active.clone());
+        let keepalive = crate::keepalive::unanswered(conn.ping_pong());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "HBONE connection ended");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%addr, error = %e, "HBONE connection ended");
+                },
+                // Dropping the connection fails its streams, so their
+                // clients see the end instead of a hang.
+                _ = keepalive => tracing::warn!(%addr, timeout = ?crate::KEEPALIVE_TIMEOUT, "HBONE peer stopped answering PINGs; connection dropped"),
             }
             c.store(true, Ordering::Relaxed);
         });

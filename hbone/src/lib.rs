@@ -7,12 +7,14 @@
 mod client;
 mod copy;
 mod io;
+mod keepalive;
 mod server;
 
 pub use client::{Pool, PoolKey, StreamGuard};
 pub use copy::{pump, Transfer};
 pub use io::StreamIo;
-pub use server::{serve, Inbound, InboundError};
+pub use keepalive::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+pub use server::{log_end, serve, Inbound, InboundError, ServeError};
 
 /// HTTP/2 settings sized for throughput: 64 KiB defaults starve a tunnel.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -21,6 +23,9 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 /// Streams per pooled connection before the pool opens another (as upstream).
 pub const MAX_STREAMS_PER_CONN: usize = 100;
 pub const HBONE_PORT: u16 = 15008;
+/// TCP connect, TLS and HTTP/2 preface together, on either end: a peer that
+/// accepts and then says nothing is cut off rather than held.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// rustls pulls one TLS record (~16 KiB) per read; a large read buffer under
 /// it turns a dozen recv syscalls into one.
@@ -35,6 +40,8 @@ pub enum Error {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("handshake with {addr} timed out after {:?}", crate::HANDSHAKE_TIMEOUT)]
+    HandshakeTimeout { addr: std::net::SocketAddr },
     #[error("TLS handshake with {addr}: {source}")]
     Tls {
         addr: std::net::SocketAddr,

@@ -15,6 +15,17 @@ pub struct Inbound {
     recv: RecvStream,
 }
 
+/// Why a served HBONE connection ended other than by the peer closing it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("no HTTP/2 preface within {:?}", crate::HANDSHAKE_TIMEOUT)]
+    HandshakeTimeout,
+    #[error("peer stopped answering PINGs for {:?}", crate::KEEPALIVE_TIMEOUT)]
+    Unresponsive,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
     #[error("HTTP/2: {0}")]
@@ -46,20 +57,24 @@ pub async fn serve<IO, H, Fut>(
     io: IO,
     mut drain: tokio::sync::watch::Receiver<bool>,
     handler: H,
-) -> Result<(), h2::Error>
+) -> Result<(), ServeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Inbound) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(crate::STREAM_WINDOW)
         .initial_connection_window_size(crate::CONNECTION_WINDOW)
         .max_frame_size(crate::MAX_FRAME)
         .max_send_buffer_size(crate::MAX_FRAME as usize)
         .max_concurrent_streams(crate::MAX_STREAMS_PER_CONN as u32)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .handshake::<_, Bytes>(io);
+    let mut conn = tokio::time::timeout(crate::HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| ServeError::HandshakeTimeout)??;
+    let keepalive = crate::keepalive::unanswered(conn.ping_pong());
+    tokio::pin!(keepalive);
     let mut draining = *drain.borrow();
     if draining {
         conn.graceful_shutdown();
@@ -67,6 +82,7 @@ where
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
+            _ = &mut keepalive => return Err(ServeError::Unresponsive),
             _ = drain.changed(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
@@ -99,5 +115,17 @@ where
             respond,
             recv,
         }));
+    }
+}
+
+/// Logs how a served connection ended: a peer that never spoke HTTP/2 or went
+/// silent is worth an operator's attention, an ordinary close is not.
+pub fn log_end(peer: SocketAddr, result: Result<(), ServeError>) {
+    match result {
+        Err(e @ (ServeError::HandshakeTimeout | ServeError::Unresponsive)) => {
+            tracing::warn!(%peer, error = %e, "HBONE connection dropped")
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "HBONE connection ended with error"),
+        Ok(()) => {}
     }
 }

@@ -743,6 +743,19 @@ impl Mesh {
     /// (the waypoint pod), sharing the mesh CA; waits until it is ready.
     /// Its access log goes to `<dir>/<name>-access.log`.
     pub fn start_waypoint(&self, bin: &str, pod: &str, name: &str, namespace: &str, sa: &str) {
+        self.start_waypoint_with(bin, pod, name, namespace, sa, &[]);
+    }
+
+    /// `start_waypoint` with extra flags; returns the waypoint's pid.
+    pub fn start_waypoint_with(
+        &self,
+        bin: &str,
+        pod: &str,
+        name: &str,
+        namespace: &str,
+        sa: &str,
+        extra: &[&str],
+    ) -> u32 {
         let ns = self.pod_ns(pod);
         let log = self.dir.join(format!("{name}.log"));
         let mut cmd = Command::new("ip");
@@ -771,6 +784,7 @@ impl Mesh {
         }
         let child = cmd
             .args(["--drain-timeout", "2s"])
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "info".into()),
@@ -779,6 +793,8 @@ impl Mesh {
             .stderr(File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        // `ip netns exec` execs the program: this is the waypoint's pid.
+        let pid = child.id();
         self.peers.lock().unwrap().push(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -794,7 +810,7 @@ impl Mesh {
                 Some(out.starts_with("HTTP/1.1 200"))
             });
             if ready == Some(true) {
-                return;
+                return pid;
             }
             assert!(
                 Instant::now() < deadline,

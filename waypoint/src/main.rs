@@ -76,6 +76,10 @@ struct Args {
     readiness_addr: SocketAddr,
     #[arg(long, default_value = "30s", value_parser = mesh::routes::parse_duration)]
     drain_timeout: Duration,
+    /// A client must send a request's whole header block within this, and an
+    /// idle keep-alive connection closes after it (slow-loris bound).
+    #[arg(long, default_value = "30s", value_parser = mesh::routes::parse_duration)]
+    request_header_timeout: Duration,
     #[arg(long, default_value_t = 2)]
     worker_threads: usize,
     #[arg(long)]
@@ -180,6 +184,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         upstreams: upstream::Upstreams::new(certs.clone(), id.clone()),
         backends: lb::Backends::default(),
         drain: drain.clone(),
+        header_timeout: args.request_header_timeout,
     });
     tokio::spawn(mesh::watch_file(
         config.clone(),
@@ -258,7 +263,7 @@ async fn connection(wp: Arc<proxy::Waypoint>, tcp: tokio::net::TcpStream, peer: 
         return;
     };
     let handshake = tokio::time::timeout(
-        Duration::from_secs(10),
+        hbone::HANDSHAKE_TIMEOUT,
         tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(hbone::read_buffered(tcp)),
     );
     let tls = match handshake.await {
@@ -274,9 +279,7 @@ async fn connection(wp: Arc<proxy::Waypoint>, tcp: tokio::net::TcpStream, peer: 
         let wp = wp.clone();
         move |inb: hbone::Inbound| proxy::stream(wp.clone(), src.clone(), peer, inb)
     };
-    if let Err(e) = hbone::serve(tls, wp.drain.clone(), handler).await {
-        tracing::debug!(%peer, error = %e, "HBONE connection ended with error");
-    }
+    hbone::log_end(peer, hbone::serve(tls, wp.drain.clone(), handler).await);
 }
 
 fn config_dump(wp: &proxy::Waypoint) -> String {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use identity::{Identity, SecretManager};
 use mesh::authz::{self, Connection, Decision, HttpRequest};
 use mesh::routes::{Abort, HeaderOps, RetryOn, RetryPolicy, Rewrite, RouteRule, TrafficPolicy};
@@ -37,6 +37,9 @@ pub struct Waypoint {
     pub upstreams: Upstreams,
     pub backends: Backends,
     pub drain: watch::Receiver<bool>,
+    /// HTTP/1 request headers must arrive within this (hyper's own default
+    /// only applies with a timer, which it does not have by default).
+    pub header_timeout: Duration,
 }
 
 /// Who is asking and what they asked for, fixed for the stream.
@@ -92,13 +95,17 @@ pub async fn stream(wp: Arc<Waypoint>, src: Arc<Identity>, peer: SocketAddr, inb
         };
     let s = Arc::new(Stream { src, peer, target });
     if http {
+        let header_timeout = wp.header_timeout;
         let svc = hyper::service::service_fn(move |req| {
             let (wp, s) = (wp.clone(), s.clone());
             async move { Ok::<_, Infallible>(handle(&wp, &s, req).await) }
         });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(io), svc)
-            .await;
+        let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        let _ = server.serve_connection(TokioIo::new(io), svc).await;
     } else {
         l4(&wp, &s, io).await;
     }

@@ -106,6 +106,11 @@ struct Cluster {
 }
 
 async fn cluster(tag: &str, extra: &str, for_traffic: &str) -> Cluster {
+    cluster_with(tag, extra, for_traffic, &[]).await.0
+}
+
+/// `cluster` with extra waypoint flags; also returns the waypoint's pid.
+async fn cluster_with(tag: &str, extra: &str, for_traffic: &str, wp_args: &[&str]) -> (Cluster, u32) {
     let mut m = Mesh::new(tag, &workspace_bin("ztunnel"));
     m.pod("client", "app", "client", "10.244.1.10", "node1", true);
     m.pod("echo-v1", "app", "echo", "10.244.1.11", "node1", true);
@@ -118,8 +123,8 @@ async fn cluster(tag: &str, extra: &str, for_traffic: &str) -> Cluster {
     m.start_node("node2", &ca).await;
     let v1 = m.http_server("echo-v1", 8080);
     m.start_envoy("echo-v2", ENVOY_ECHO, "echo-v2", 8080);
-    m.start_waypoint(WP, "waypoint", "waypoint", "app", "waypoint");
-    Cluster { m, v1 }
+    let pid = m.start_waypoint_with(WP, "waypoint", "waypoint", "app", "waypoint", wp_args);
+    (Cluster { m, v1 }, pid)
 }
 
 /// curl from inside `pod`; returns stdout.
@@ -639,4 +644,135 @@ spec:
         }
     }
     assert!(checked >= 25, "only {checked} selectors checked");
+}
+
+const FAULTY: &str = "---
+apiVersion: v1
+kind: Service
+metadata: {name: faulty, namespace: app}
+spec: {clusterIP: 10.96.0.23, selector: {app: echo, version: v1}, ports: [{name: http-silent, port: 81, targetPort: 8081}, {name: http-reset, port: 82, targetPort: 8082}, {name: tcp-halfclose, port: 9003, targetPort: 9003}]}
+";
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// Slow-loris clients are cut by the header timeout; a backend that never
+/// answers is let go when its client gives up; a resetting backend becomes a
+/// 503 flagged UR; a half-closing one passes through L4 faithfully. After
+/// all of it the waypoint holds no more fds than before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+    let (c, wp) = cluster_with("wfl", FAULTY, "service", &["--request-header-timeout", "2s"]).await;
+    let m = &c.m;
+    let released = Arc::new(AtomicUsize::new(0));
+    let r = released.clone();
+    m.serve("echo-v1", 8081, move |mut s, _| {
+        let mut b = [0u8; 1024];
+        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+        r.fetch_add(1, Ordering::SeqCst);
+    });
+    m.serve("echo-v1", 8082, |mut s, _| {
+        let mut b = [0u8; 1024];
+        let _ = s.read(&mut b);
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    });
+    let late = Arc::new(AtomicUsize::new(0));
+    let l = late.clone();
+    m.serve("echo-v1", 9003, move |mut s, _| {
+        let _ = s.write_all(b"bye");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut b = [0u8; 64];
+        while let Ok(n @ 1..) = s.read(&mut b) {
+            l.fetch_add(n, Ordering::SeqCst);
+        }
+    });
+    // Warm certificates and the HBONE pools so the baseline includes them.
+    assert_eq!(codes(m, "http://10.96.0.21/", 1, ""), ["200"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let fds_before = fds(wp);
+
+    // 20 clients stop halfway through their headers; one trickles a byte
+    // every 300 ms, which must not keep it alive either.
+    let start = Instant::now();
+    let mut slow: Vec<_> = (0..20)
+        .map(|_| {
+            let mut s = m.connect("client", "10.96.0.21:80").unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\nX-Slow: ").unwrap();
+            s
+        })
+        .collect();
+    let trickle = {
+        let mut s = m.connect("client", "10.96.0.21:80").unwrap();
+        std::thread::spawn(move || {
+            s.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+            let start = Instant::now();
+            for _ in 0..40 {
+                std::thread::sleep(Duration::from_millis(300));
+                if s.write_all(b"a").is_err() {
+                    break;
+                }
+            }
+            start.elapsed()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(fds(wp) < fds_before + 5, "slow clients cost the waypoint fds: the tunnels are streams");
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut out = Vec::new();
+        let r = s.read_to_end(&mut out);
+        assert!(!matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "slow client never cut");
+        assert!(!String::from_utf8_lossy(&out).contains(" 200 "), "an incomplete request was answered");
+    }
+    let cut = start.elapsed();
+    let trickled = trickle.join().unwrap();
+    eprintln!("slow-loris clients cut after {cut:?}; the trickling one after {trickled:?}");
+    assert!(cut < Duration::from_secs(10), "header timeout (2 s) not enforced: {cut:?}");
+    assert!(trickled < Duration::from_secs(10), "a trickling client outlived the header timeout: {trickled:?}");
+
+    // A backend that never answers: each client gives up after 1 s, and the
+    // waypoint must let go of the upstream request (the backend sees EOF).
+    for i in 0..10 {
+        assert_eq!(curl(m, "client", &format!("-m 1 -o /dev/null -w '%{{http_code}}' http://10.96.0.23:81/{i}")), "000");
+    }
+    eventually("the waypoint releases abandoned upstream requests", Duration::from_secs(10), || {
+        released.load(Ordering::SeqCst) >= 10
+    })
+    .await;
+
+    // A backend that resets after reading the request: 503, flagged UR.
+    assert_eq!(codes(m, "http://10.96.0.23:82/", 3, ""), ["503", "503", "503"]);
+    let log = access_log(m);
+    let reset: Vec<_> = log
+        .iter()
+        .filter(|l| l["authority"] == "10.96.0.23:82" && l["response_code"] == 503)
+        .collect();
+    assert_eq!(reset.len(), 3, "{log:?}");
+    assert!(reset.iter().all(|l| l["response_flags"] == "UR"), "503s not flagged UR: {reset:?}");
+
+    // Half-close through the waypoint at L4: "bye" then EOF, and our bytes
+    // after the backend's FIN still arrive.
+    for _ in 0..5 {
+        let mut s = m.connect("client", "10.96.0.23:9003").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"bye");
+        s.write_all(b"after-fin").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    eventually("bytes sent after the backend's FIN arrive", Duration::from_secs(10), || {
+        late.load(Ordering::SeqCst) == 5 * "after-fin".len()
+    })
+    .await;
+
+    eventually("the waypoint's fds return to the baseline", Duration::from_secs(10), || {
+        fds(wp) <= fds_before + 2
+    })
+    .await;
 }

@@ -189,3 +189,78 @@ async fn idle_handshakes_time_out_and_a_connection_storm_leaves_no_residue() {
         assert!(a < b + 8 * 1024, "RSS grew {b} kB -> {a} kB over 1,000 connections");
     }
 }
+
+/// A client that completes mTLS on 15008 and then never sends the HTTP/2
+/// preface is cut by the handshake timeout; a peer that vanishes without a
+/// FIN or RST (its packets dropped) is found by HTTP/2 PINGs on both ends,
+/// its tunnels end instead of hanging, and the next connection dials afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tls_clients_and_blackholed_peers_are_cut_off() {
+    use std::process::{Command, Stdio};
+    let m = two_nodes("bho", ZT, "").await;
+    m.echo_server("server-2", 7000);
+
+    let (c, k, r) = issue_cert(&m.dir.join("ca"), "spiffe://cluster.local/ns/app/sa/client", &m.dir, "silent");
+    let start = Instant::now();
+    let mut s_client = Command::new("ip")
+        .args(["netns", "exec", &m.pod_ns("outsider"), "openssl", "s_client", "-quiet", "-tls1_3"])
+        .args(["-connect", "10.244.2.11:15008", "-cert"])
+        .arg(&c)
+        .arg("-key")
+        .arg(&k)
+        .arg("-CAfile")
+        .arg(&r)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(st) = s_client.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = s_client.kill();
+            panic!("a TLS client that never spoke HTTP/2 was held for 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    s_client.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let held = start.elapsed();
+    eprintln!("silent TLS client ({status}) cut after {held:?}");
+    // It did get through TLS (a refused handshake would end at once).
+    assert!(held >= Duration::from_secs(5), "cut before the handshake timeout: {err}");
+    assert!(m.log("node2").contains("no HTTP/2 preface"), "{}", m.log("node2"));
+
+    // A live tunnel, then node2's pod stops answering on 15008 both ways.
+    let mut t = m.connect("client", "10.244.2.11:7000").unwrap();
+    t.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    t.read_exact(&mut b).unwrap();
+    let live_before = (live(&m, "node1"), live(&m, "node2"));
+    let ns2 = m.pod_ns("server-2");
+    let drop_rules = ["INPUT -p tcp --dport 15008 -j DROP", "OUTPUT -p tcp --sport 15008 -j DROP"];
+    for rule in drop_rules {
+        sh(&format!("ip netns exec {ns2} iptables -w -I {rule}"));
+    }
+    let start = Instant::now();
+    t.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let r = t.read(&mut b);
+    let found = start.elapsed();
+    eprintln!("blackholed peer: client connection ended ({r:?}) after {found:?}");
+    assert!(!matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "the tunnel hung for 60 s");
+    assert!(found < Duration::from_secs(45), "{found:?}");
+    // Both ztunnels free the tunnel: node2 ends the app connection too.
+    eventually("both ends release the blackholed tunnel", Duration::from_secs(40), || {
+        live(&m, "node1") < live_before.0 && live(&m, "node2") < live_before.1
+    })
+    .await;
+    assert!(m.log("node1").contains("stopped answering PINGs"), "{}", m.log("node1"));
+    for rule in drop_rules {
+        sh(&format!("ip netns exec {ns2} iptables -w -D {rule}"));
+    }
+    // The dead connection left the pool: the next tunnel dials afresh.
+    echo_roundtrip(m.connect("client", "10.244.2.11:7000").unwrap(), b"after the blackhole");
+}
+

@@ -23,7 +23,7 @@ pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAd
         }
     };
     let handshake = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
+        hbone::HANDSHAKE_TIMEOUT,
         tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(hbone::read_buffered(tcp)),
     );
     let tls = match handshake.await {
@@ -55,9 +55,7 @@ pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAd
         let px = px.clone();
         move |inb: hbone::Inbound| stream(px.clone(), pod.clone(), src_id.clone(), peer, inb)
     };
-    if let Err(e) = hbone::serve(tls, drain, handler).await {
-        tracing::debug!(%peer, error = %e, "HBONE connection ended with error");
-    }
+    hbone::log_end(peer, hbone::serve(tls, drain, handler).await);
 }
 
 async fn stream(
