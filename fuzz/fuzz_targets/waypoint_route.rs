@@ -1,5 +1,5 @@
 //! The waypoint's route choice (HTTPRoute/VirtualService matching on method,
-//! path, query, headers) on arbitrary requests against the example mesh.
+//! path, query, headers) on arbitrary requests against fuzz/waypoint-mesh.yaml (every match kind).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -10,13 +10,13 @@ static MESH: OnceLock<mesh::MeshState> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
     let state = MESH.get_or_init(|| {
-        mesh::standalone::parse(include_str!("../../examples/mesh.yaml"), "cluster.local").expect("example mesh")
+        mesh::standalone::parse(include_str!("../waypoint-mesh.yaml"), "cluster.local").expect("example mesh")
     });
     let text = String::from_utf8_lossy(data);
     let mut lines = text.split('\n');
     let method = lines.next().unwrap_or("GET");
     let uri = lines.next().unwrap_or("/");
-    let host = lines.next().unwrap_or("web.shop.svc.cluster.local");
+    let host = lines.next().unwrap_or("a.app.svc.cluster.local");
     let mut b = http::Request::builder().method(method).uri(uri);
     for l in lines {
         if let Some((k, v)) = l.split_once(':') {
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let Ok(req) = b.body(()) else { return };
     let (parts, _) = req.into_parts();
-    for h in [host, "web.shop.svc.cluster.local"] {
+    for h in [host, "a.app.svc.cluster.local", "b.app.svc.cluster.local"] {
         let _ = waypoint::route::choose(state, h, 80, &parts);
     }
 });

@@ -111,7 +111,7 @@ pub async fn stream(wp: Arc<Waypoint>, src: Arc<Identity>, peer: SocketAddr, inb
     }
 }
 
-fn is_http(first: &[u8]) -> bool {
+pub fn is_http(first: &[u8]) -> bool {
     const METHODS: [&[u8]; 9] = [
         b"GET ",
         b"POST ",
