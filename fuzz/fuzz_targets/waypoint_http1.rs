@@ -1,8 +1,8 @@
 //! The waypoint's HTTP/1.1 request handling on arbitrary client bytes:
 //! protocol sniffing, hyper's parser with the waypoint's header timeout, then
 //! our request logic on whatever it accepts — route choice and L7
-//! AuthorizationPolicy evaluation against fuzz/waypoint-mesh.yaml (every match kind). Nothing panics
-//! or hangs.
+//! AuthorizationPolicy evaluation against fuzz/waypoint-mesh.yaml, which
+//! holds every match kind. Nothing panics or hangs.
 #![no_main]
 
 use std::convert::Infallible;

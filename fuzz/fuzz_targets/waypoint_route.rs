@@ -1,5 +1,6 @@
 //! The waypoint's route choice (HTTPRoute/VirtualService matching on method,
-//! path, query, headers) on arbitrary requests against fuzz/waypoint-mesh.yaml (every match kind).
+//! path, query, headers) on arbitrary requests against
+//! fuzz/waypoint-mesh.yaml, which holds every match kind.
 #![no_main]
 
 use std::sync::OnceLock;
