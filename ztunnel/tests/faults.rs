@@ -336,3 +336,47 @@ fn echo_roundtrip_keep(c: &mut std::net::TcpStream, data: &[u8]) {
     c.read_exact(&mut back).unwrap();
     assert_eq!(back, data);
 }
+
+const DENY_7001: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-7001, namespace: app}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {ports: [\"7001\"]}}]}]
+";
+
+/// The standalone file disappears (the control source is gone): both
+/// ztunnels keep serving and enforcing the last good state, say why in the
+/// config dump, and apply the file again when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_config_file_keeps_the_last_good_state() {
+    let m = two_nodes("gon", ZT, DENY_7001).await;
+    m.echo_server("server-2", 7000);
+    m.echo_server("server-2", 7001);
+    let refused = |m: &Mesh| {
+        let mut c = m.connect("client", "10.244.2.11:7001").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.write_all(b"x");
+        let mut b = [0u8; 1];
+        !matches!(c.read(&mut b), Ok(1))
+    };
+    echo_roundtrip(m.connect("client", "10.244.2.11:7000").unwrap(), b"before");
+    assert!(refused(&m));
+    let generation = m.config_dump("node2")["config"]["generation"].as_u64().unwrap();
+
+    std::fs::remove_file(&m.config).unwrap();
+    eventually("ztunnel reports the missing file", Duration::from_secs(5), || {
+        m.config_dump("node2")["config"]["last_error"].as_str().is_some_and(|e| e.contains(&*m.config.to_string_lossy()))
+    })
+    .await;
+    for _ in 0..5 {
+        echo_roundtrip(m.connect("client", "10.244.2.11:7000").unwrap(), b"while gone");
+        assert!(refused(&m), "the DENY policy lapsed with its file");
+    }
+    assert_eq!(m.config_dump("node2")["config"]["generation"].as_u64().unwrap(), generation, "state changed without a file");
+
+    // The file returns, without the policy: that applies.
+    m.write_config(&two_node_yaml(""));
+    eventually("the returned file applies", Duration::from_secs(5), || !refused(&m)).await;
+}
