@@ -415,6 +415,44 @@ impl Mesh {
         self.serve(pod, port, |s, _| echo(s));
     }
 
+    /// Reads until the client goes away and never answers; returns how many
+    /// clients went away (a proxy that lets go of abandoned requests).
+    pub fn silent_server(&self, pod: &str, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        let gone = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let g = gone.clone();
+        self.serve(pod, port, move |mut s, _| {
+            let mut b = [0u8; 1024];
+            while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+            g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        gone
+    }
+
+    /// Reads the first bytes, then resets the connection (SO_LINGER 0).
+    pub fn resetting_server(&self, pod: &str, port: u16) {
+        self.serve(pod, port, |mut s, _| {
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b);
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        });
+    }
+
+    /// Sends "bye", half-closes, and keeps reading; returns the bytes it
+    /// received after its FIN (they must not be lost).
+    pub fn half_closing_server(&self, pod: &str, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        let late = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let l = late.clone();
+        self.serve(pod, port, move |mut s, _| {
+            let _ = s.write_all(b"bye");
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut b = [0u8; 1024];
+            while let Ok(n @ 1..) = s.read(&mut b) {
+                l.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        late
+    }
+
     /// Answers each connection with "<pod> <client ip>\n" and closes.
     pub fn whoami_server(&self, pod: &str, port: u16) {
         let name = pod.to_string();

@@ -664,33 +664,13 @@ fn fds(pid: u32) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
     use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     use std::time::Instant;
     let (c, wp) = cluster_with("wfl", FAULTY, "service", &["--request-header-timeout", "2s"]).await;
     let m = &c.m;
-    let released = Arc::new(AtomicUsize::new(0));
-    let r = released.clone();
-    m.serve("echo-v1", 8081, move |mut s, _| {
-        let mut b = [0u8; 1024];
-        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
-        r.fetch_add(1, Ordering::SeqCst);
-    });
-    m.serve("echo-v1", 8082, |mut s, _| {
-        let mut b = [0u8; 1024];
-        let _ = s.read(&mut b);
-        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-    });
-    let late = Arc::new(AtomicUsize::new(0));
-    let l = late.clone();
-    m.serve("echo-v1", 9003, move |mut s, _| {
-        let _ = s.write_all(b"bye");
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let mut b = [0u8; 64];
-        while let Ok(n @ 1..) = s.read(&mut b) {
-            l.fetch_add(n, Ordering::SeqCst);
-        }
-    });
+    let released = m.silent_server("echo-v1", 8081);
+    m.resetting_server("echo-v1", 8082);
+    let late = m.half_closing_server("echo-v1", 9003);
     // Warm certificates and the HBONE pools so the baseline includes them.
     assert_eq!(codes(m, "http://10.96.0.21/", 1, ""), ["200"]);
     std::thread::sleep(Duration::from_millis(300));

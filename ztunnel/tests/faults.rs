@@ -6,8 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use testbed::*;
@@ -25,31 +24,9 @@ fn live(m: &Mesh, node: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_backends_are_passed_on_and_leave_nothing_behind() {
     let m = two_nodes("flt", ZT, "").await;
-    // 7001: reads forever, never answers.
-    m.serve("server-2", 7001, |mut s, _| {
-        let mut b = [0u8; 1024];
-        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
-    });
-    // 7002: reads the first bytes, then resets (SO_LINGER 0).
-    m.serve("server-2", 7002, |mut s, _| {
-        let mut b = [0u8; 16];
-        let _ = s.read(&mut b);
-        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-    });
-    // 7003: answers, half-closes, and keeps reading what the client still sends.
-    let late = Arc::new(AtomicUsize::new(0));
-    let got = late.clone();
-    m.serve("server-2", 7003, move |mut s, _| {
-        let _ = s.write_all(b"bye");
-        let _ = s.shutdown(Shutdown::Write);
-        let mut b = [0u8; 1024];
-        while let Ok(n) = s.read(&mut b) {
-            if n == 0 {
-                break;
-            }
-            got.fetch_add(n, Ordering::SeqCst);
-        }
-    });
+    m.silent_server("server-2", 7001);
+    m.resetting_server("server-2", 7002);
+    let late = m.half_closing_server("server-2", 7003);
     // Warm the HBONE pool and certificates so the baseline includes them.
     m.echo_server("server-2", 7000);
     echo_roundtrip(m.connect("client", "10.244.2.11:7000").unwrap(), b"warm");
