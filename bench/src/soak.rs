@@ -24,7 +24,10 @@ struct Flow {
 }
 
 fn env_secs(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// One HTTP/1.1 exchange on `s`; Ok when the answer is a 200 with its body.
@@ -34,7 +37,9 @@ fn get(s: &mut BufReader<TcpStream>, close: bool) -> Result<(), String> {
     } else {
         "GET /soak HTTP/1.1\r\nHost: web\r\n\r\n"
     };
-    s.get_mut().write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    s.get_mut()
+        .write_all(req.as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut status = String::new();
     s.read_line(&mut status).map_err(|e| e.to_string())?;
     if !status.starts_with("HTTP/1.1 200") {
@@ -67,20 +72,36 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 }
 
 fn rss_mib(ns: &str, comm: &str) -> f64 {
-    let out = std::process::Command::new("ip").args(["netns", "pids", ns]).output().unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
         .filter_map(|pid| {
             let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let kb: f64 = st.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+            let kb: f64 = st
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
             Some(kb / 1024.0)
         })
         .fold(0.0, f64::max)
 }
 
 /// Runs `f` every `every` until `stop`, recording latency or error in `flow`.
-fn paced(stop: Arc<AtomicBool>, flow: Arc<Flow>, every: Duration, mut f: impl FnMut() -> Result<(), String>) {
+fn paced(
+    stop: Arc<AtomicBool>,
+    flow: Arc<Flow>,
+    every: Duration,
+    mut f: impl FnMut() -> Result<(), String>,
+) {
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         next += every;
@@ -110,16 +131,26 @@ pub fn run(m: &Mesh, waypoint_url_ip: &str, l4_ip: &str) {
     let total = env_secs("SOAK_SECS", 300);
     let window = env_secs("SOAK_WINDOW_SECS", 60).min(total);
     let stop = Arc::new(AtomicBool::new(false));
-    let l7 = Arc::new(Flow { name: "waypoint keep-alive", window: Default::default() });
-    let l4 = Arc::new(Flow { name: "ztunnel new conns", window: Default::default() });
+    let l7 = Arc::new(Flow {
+        name: "waypoint keep-alive",
+        window: Default::default(),
+    });
+    let l4 = Arc::new(Flow {
+        name: "ztunnel new conns",
+        window: Default::default(),
+    });
     let mut threads = Vec::new();
     // 4 keep-alive connections x 50 req/s through the waypoint = 200 req/s.
     for _ in 0..4 {
         let (stop, flow, addr) = (stop.clone(), l7.clone(), format!("{waypoint_url_ip}:80"));
-        let s = m.connect("client", &addr).expect("connect through the waypoint");
+        let s = m
+            .connect("client", &addr)
+            .expect("connect through the waypoint");
         threads.push(std::thread::spawn(move || {
             let mut conn = BufReader::new(s);
-            paced(stop, flow, Duration::from_millis(20), || get(&mut conn, false));
+            paced(stop, flow, Duration::from_millis(20), || {
+                get(&mut conn, false)
+            });
         }));
     }
     // 20 new connections/s through ztunnel alone, one request each.
@@ -148,7 +179,13 @@ pub fn run(m: &Mesh, waypoint_url_ip: &str, l4_ip: &str) {
             let mut w = std::mem::take(&mut *f.window.lock().unwrap());
             w.lat_us.sort_unstable();
             errors += w.errors;
-            row.push(format!("{} | {} | {:.2} | {:.2}", w.lat_us.len(), w.errors, pct(&w.lat_us, 0.5), pct(&w.lat_us, 0.99)));
+            row.push(format!(
+                "{} | {} | {:.2} | {:.2}",
+                w.lat_us.len(),
+                w.errors,
+                pct(&w.lat_us, 0.5),
+                pct(&w.lat_us, 0.99)
+            ));
         }
         row.push(format!(
             "{:.1} | {:.1} | {:.1}",

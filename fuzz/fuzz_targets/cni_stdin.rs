@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let vars: HashMap<String, String> = String::from_utf8_lossy(env)
         .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect();
     if let Ok(env) = istio_cni::cni::Env::from_vars(|k| vars.get(k).cloned()) {
         let _ = env.pod();

@@ -10,7 +10,8 @@ static MESH: OnceLock<mesh::MeshState> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
     let state = MESH.get_or_init(|| {
-        mesh::standalone::parse(include_str!("../../examples/mesh.yaml"), "cluster.local").expect("example mesh")
+        mesh::standalone::parse(include_str!("../../examples/mesh.yaml"), "cluster.local")
+            .expect("example mesh")
     });
     let _ = ztunnel::dns::answer::packet_path(data, state);
 });

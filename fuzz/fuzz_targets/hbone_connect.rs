@@ -15,7 +15,10 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 fuzz_target!(|data: &[u8]| {
     let rt = RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     });
     rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 20);

@@ -11,7 +11,8 @@ static MESH: OnceLock<mesh::MeshState> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
     let state = MESH.get_or_init(|| {
-        mesh::standalone::parse(include_str!("../waypoint-mesh.yaml"), "cluster.local").expect("example mesh")
+        mesh::standalone::parse(include_str!("../waypoint-mesh.yaml"), "cluster.local")
+            .expect("example mesh")
     });
     let text = String::from_utf8_lossy(data);
     let mut lines = text.split('\n');

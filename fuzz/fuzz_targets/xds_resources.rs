@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
         let (op, name, len) = (rest[0], rest[1], rest[2] as usize);
         let body = &rest[3..(3 + len).min(rest.len())];
         rest = &rest[(3 + len).min(rest.len())..];
-        let ty = if op & 1 == 0 { ADDRESS_TYPE } else { AUTHORIZATION_TYPE };
+        let ty = if op & 1 == 0 {
+            ADDRESS_TYPE
+        } else {
+            AUTHORIZATION_TYPE
+        };
         let name = format!("r{}", name % 8);
         if op & 2 == 0 {
             let _ = res.upsert(ty, &name, "v", body);

@@ -402,7 +402,9 @@ impl Agent {
                     _ => ip,
                 };
                 if ip.is_unspecified() {
-                    return Err(format!("{pod} has no address yet (neither CNI nor the API reported one)"));
+                    return Err(format!(
+                        "{pod} has no address yet (neither CNI nor the API reported one)"
+                    ));
                 }
                 if !r.ips.is_empty() && !r.ips.contains(&ip) {
                     return Err(format!(

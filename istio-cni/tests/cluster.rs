@@ -36,7 +36,10 @@ status: {podIP: 10.244.1.20}
 
 fn traces(m: &Mesh, pod: &str) -> String {
     let (_, out) = sh_out(&format!("ip netns exec {} iptables-save", m.pod_ns(pod)));
-    out.lines().filter(|l| l.contains("ISTIO")).collect::<Vec<_>>().join("\n")
+    out.lines()
+        .filter(|l| l.contains("ISTIO"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn served(m: &Mesh) -> Vec<String> {
@@ -51,8 +54,13 @@ fn served(m: &Mesh) -> Vec<String> {
 fn annotated(c: &Cluster, ns: &str, pod: &str) -> Option<String> {
     let (c, ns, pod) = (c.client.clone(), ns.to_string(), pod.to_string());
     let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(c, &ns);
-    let p = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(api.get(&pod))).ok()?;
-    p.metadata.annotations?.get("ambient.istio.io/redirection").cloned()
+    let p =
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(api.get(&pod)))
+            .ok()?;
+    p.metadata
+        .annotations?
+        .get("ambient.istio.io/redirection")
+        .cloned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,36 +82,87 @@ async fn namespace_label_through_the_api_captures_and_releases() {
     let ca = m.dir.join("ca");
     m.start_ztunnel("node1", &ca);
 
-    m.cni_pod("node1", "a", "app", "a", "10.244.1.10").expect("ADD of an ambient pod");
+    m.cni_pod("node1", "a", "app", "a", "10.244.1.10")
+        .expect("ADD of an ambient pod");
     c.pod_ready("app", "a", "10.244.1.10").await;
-    assert!(traces(&m, "a").contains("REDIRECT --to-ports 15001"), "a not captured at ADD");
+    assert!(
+        traces(&m, "a").contains("REDIRECT --to-ports 15001"),
+        "a not captured at ADD"
+    );
     // istiod only routes HBONE to pods the agent marked as captured.
-    eventually("a annotated as captured", Duration::from_secs(20), || annotated(&c, "app", "a") == Some("enabled".into())).await;
-    m.cni_pod("node1", "c", "plain", "c", "10.244.1.20").expect("ADD of a plain pod");
+    eventually("a annotated as captured", Duration::from_secs(20), || {
+        annotated(&c, "app", "a") == Some("enabled".into())
+    })
+    .await;
+    m.cni_pod("node1", "c", "plain", "c", "10.244.1.20")
+        .expect("ADD of a plain pod");
     c.pod_ready("plain", "c", "10.244.1.20").await;
-    assert_eq!(traces(&m, "c"), "", "a pod of an unlabelled namespace got rules");
-    eventually("ztunnel serves a", Duration::from_secs(20), || served(&m) == ["a"]).await;
+    assert_eq!(
+        traces(&m, "c"),
+        "",
+        "a pod of an unlabelled namespace got rules"
+    );
+    eventually("ztunnel serves a", Duration::from_secs(20), || {
+        served(&m) == ["a"]
+    })
+    .await;
 
     // Label through the API: c is captured, no restart, and talks mTLS.
     c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {istio.io/dataplane-mode: ambient}}\n").await;
-    let took = eventually("c captured after labelling", Duration::from_secs(20), || traces(&m, "c").contains("REDIRECT --to-ports 15001")).await;
+    let took = eventually(
+        "c captured after labelling",
+        Duration::from_secs(20),
+        || traces(&m, "c").contains("REDIRECT --to-ports 15001"),
+    )
+    .await;
     eprintln!("namespace label to capture: {took:?}");
-    eventually("ztunnel serves c", Duration::from_secs(20), || served(&m).contains(&"c".to_string())).await;
+    eventually("ztunnel serves c", Duration::from_secs(20), || {
+        served(&m).contains(&"c".to_string())
+    })
+    .await;
     m.whoami_server("a", 9090);
     assert_eq!(m.whoami("c", "10.244.1.10:9090").unwrap(), "a 10.244.1.20");
-    assert!(m.metrics("node1").lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
-        && l.contains("source_workload=\"c\"")
-        && l.contains("connection_security_policy=\"mutual_tls\"")));
+    assert!(m
+        .metrics("node1")
+        .lines()
+        .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("source_workload=\"c\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")));
 
     // A pod label opts one pod out even in an ambient namespace.
-    c.merge("v1", "Pod", "app", "a", serde_json::json!({"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}})).await;
-    eventually("a released by its opt-out label", Duration::from_secs(20), || traces(&m, "a").is_empty()).await;
-    eventually("a's capture annotation removed", Duration::from_secs(20), || annotated(&c, "app", "a").is_none()).await;
+    c.merge(
+        "v1",
+        "Pod",
+        "app",
+        "a",
+        serde_json::json!({"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}}),
+    )
+    .await;
+    eventually(
+        "a released by its opt-out label",
+        Duration::from_secs(20),
+        || traces(&m, "a").is_empty(),
+    )
+    .await;
+    eventually(
+        "a's capture annotation removed",
+        Duration::from_secs(20),
+        || annotated(&c, "app", "a").is_none(),
+    )
+    .await;
 
     // Unlabel through the API: rules gone, ztunnel lets go.
     c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {istio.io/dataplane-mode: none}}\n").await;
-    eventually("c released after unlabelling", Duration::from_secs(20), || traces(&m, "c").is_empty()).await;
-    eventually("ztunnel drops c", Duration::from_secs(20), || served(&m).is_empty()).await;
+    eventually(
+        "c released after unlabelling",
+        Duration::from_secs(20),
+        || traces(&m, "c").is_empty(),
+    )
+    .await;
+    eventually("ztunnel drops c", Duration::from_secs(20), || {
+        served(&m).is_empty()
+    })
+    .await;
     let log = m.agent_log("node1");
     assert!(log.contains("cluster config rendered"), "{log}");
 }

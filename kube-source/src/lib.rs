@@ -180,7 +180,10 @@ pub async fn run(
         }
         let tmp = out.with_extension("tmp");
         let write = std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &out));
-        write.map_err(|source| SourceError::Write { path: out.clone(), source })?;
+        write.map_err(|source| SourceError::Write {
+            path: out.clone(),
+            source,
+        })?;
         tracing::info!(path = %out.display(), bytes = text.len(), "cluster config rendered");
         last = Some(text);
     }
@@ -270,7 +273,10 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
     }
     if ar.kind == "Pod" {
         let status = obj.data.get("status");
-        let phase = status.and_then(|s| s.get("phase")).and_then(Value::as_str).unwrap_or("");
+        let phase = status
+            .and_then(|s| s.get("phase"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if matches!(phase, "Succeeded" | "Failed") {
             return None;
         }
@@ -278,13 +284,25 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
         obj.data.get("spec")?.get("nodeName")?;
         // A scheduled pod without an IP is still rendered (`status: {}`): its
         // CNI ADD, which gives it the IP, is where capture is decided.
-        let ip = status.and_then(|s| s.get("podIP")).and_then(Value::as_str).unwrap_or("");
-        let status = if ip.is_empty() { serde_json::json!({}) } else { serde_json::json!({ "podIP": ip }) };
+        let ip = status
+            .and_then(|s| s.get("podIP"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let status = if ip.is_empty() {
+            serde_json::json!({})
+        } else {
+            serde_json::json!({ "podIP": ip })
+        };
         out.insert("status".into(), status);
     }
     if ar.kind == "Service" {
         // Headless and ExternalName services have no VIP for ztunnel to match.
-        let ip = obj.data.get("spec")?.get("clusterIP").and_then(Value::as_str).unwrap_or("");
+        let ip = obj
+            .data
+            .get("spec")?
+            .get("clusterIP")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if ip.is_empty() || ip == "None" {
             return None;
         }
@@ -318,16 +336,25 @@ impl PodAnnotator {
     }
 
     pub fn set(&self, namespace: &str, name: &str, captured: bool) {
-        let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), namespace);
+        let api: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), namespace);
         let name = name.to_string();
         // null removes the key in a JSON merge patch.
-        let value = if captured { Value::from("enabled") } else { Value::Null };
-        let patch = serde_json::json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}});
+        let value = if captured {
+            Value::from("enabled")
+        } else {
+            Value::Null
+        };
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}});
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             for attempt in 1..=5 {
                 let pp = kube::api::PatchParams::default();
-                match api.patch(&name, &pp, &kube::api::Patch::Merge(&patch)).await {
+                match api
+                    .patch(&name, &pp, &kube::api::Patch::Merge(&patch))
+                    .await
+                {
                     Ok(_) => return,
                     // The pod is gone: nothing left to annotate.
                     Err(kube::Error::Api(s)) if s.code == 404 => return,

@@ -572,9 +572,10 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<Pod, ConfigError> {
         .ok_or_else(|| err(object, "status", "missing (needs status.podIP)"))?;
     let ip = match status.pod_ip.as_str() {
         "" => None,
-        s => Some(s.parse::<IpAddr>().map_err(|e| {
-            err(object, "status.podIP", format!("{s:?}: {e}"))
-        })?),
+        s => Some(
+            s.parse::<IpAddr>()
+                .map_err(|e| err(object, "status.podIP", format!("{s:?}: {e}")))?,
+        ),
     };
     if spec.node_name.is_empty() {
         return Err(err(object, "spec.nodeName", "empty"));

@@ -46,18 +46,27 @@ pub struct Cluster {
 pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     start.elapsed()
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn peers_dir() -> PathBuf {
-    PathBuf::from(std::env::var("MESH_PEERS_DIR").unwrap_or_else(|_| "/var/cache/mesh-peers".into()))
+    PathBuf::from(
+        std::env::var("MESH_PEERS_DIR").unwrap_or_else(|_| "/var/cache/mesh-peers".into()),
+    )
 }
 
 fn peer_bin(bin: &Path, name: &str) -> PathBuf {
@@ -101,11 +110,26 @@ impl Cluster {
             Command::new(peer_bin(&bin, "etcd"))
                 .arg("--data-dir")
                 .arg(dir.join("etcd"))
-                .args(["--listen-client-urls", &format!("http://127.0.0.1:{client_port}")])
-                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client_port}")])
-                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
-                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
-                .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer_port}")])
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{client_port}"),
+                ])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{client_port}"),
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{peer_port}"),
+                ])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer_port}"),
+                ])
+                .args([
+                    "--initial-cluster",
+                    &format!("default=http://127.0.0.1:{peer_port}"),
+                ])
                 .args(["--log-level", "warn"]),
         );
         procs.insert("etcd", etcd);
@@ -114,12 +138,14 @@ impl Cluster {
         let ca = rcgen::CertificateParams::new(vec![]).unwrap();
         let mut ca = ca;
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(rcgen::DnType::CommonName, "mesh-test-apiserver-ca");
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "mesh-test-apiserver-ca");
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let mut srv = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-        srv.subject_alt_names.push(rcgen::SanType::IpAddress(CONTROL_IP.parse().unwrap()));
+        srv.subject_alt_names
+            .push(rcgen::SanType::IpAddress(CONTROL_IP.parse().unwrap()));
         let srv_key = rcgen::KeyPair::generate().unwrap();
         let srv_cert = srv.signed_by(&srv_key, &issuer).unwrap();
         let sa_key = rcgen::KeyPair::generate().unwrap();
@@ -133,14 +159,22 @@ impl Cluster {
         let tls_key = w("apiserver-key.pem", &srv_key.serialize_pem());
         let sa_priv = w("sa.key", &sa_key.serialize_pem());
         let sa_pub = w("sa.pub", &sa_key.public_key_pem());
-        let tokens = w("tokens.csv", &format!("{ADMIN_TOKEN},admin,admin,\"system:masters\"\n"));
+        let tokens = w(
+            "tokens.csv",
+            &format!("{ADMIN_TOKEN},admin,admin,\"system:masters\"\n"),
+        );
         let api_port = free_port();
         let apiserver = spawn(
             &dir,
             "kube-apiserver",
             Command::new(peer_bin(&bin, "kube-apiserver"))
                 .args(["--etcd-servers", &format!("http://127.0.0.1:{client_port}")])
-                .args(["--bind-address", CONTROL_IP, "--advertise-address", CONTROL_IP])
+                .args([
+                    "--bind-address",
+                    CONTROL_IP,
+                    "--advertise-address",
+                    CONTROL_IP,
+                ])
                 .args(["--secure-port", &api_port.to_string()])
                 .arg("--tls-cert-file")
                 .arg(&tls_cert)
@@ -149,7 +183,10 @@ impl Cluster {
                 .arg("--token-auth-file")
                 .arg(&tokens)
                 .args(["--authorization-mode", "RBAC"])
-                .args(["--service-account-issuer", "https://kubernetes.default.svc.cluster.local"])
+                .args([
+                    "--service-account-issuer",
+                    "https://kubernetes.default.svc.cluster.local",
+                ])
                 .arg("--service-account-key-file")
                 .arg(&sa_pub)
                 .arg("--service-account-signing-key-file")
@@ -169,7 +206,9 @@ impl Cluster {
             ),
         );
         let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
         let client = kube::Client::try_from(cfg).unwrap();
 
         let mut cluster = Cluster {
@@ -198,7 +237,12 @@ impl Cluster {
         std::fs::create_dir_all(&cacerts).unwrap();
         let root = std::fs::read_to_string(ca_state.join("root-cert.pem")).unwrap();
         let key = std::fs::read_to_string(ca_state.join("root-key.pem")).unwrap();
-        for (f, t) in [("ca-cert.pem", &root), ("root-cert.pem", &root), ("cert-chain.pem", &root), ("ca-key.pem", &key)] {
+        for (f, t) in [
+            ("ca-cert.pem", &root),
+            ("root-cert.pem", &root),
+            ("cert-chain.pem", &root),
+            ("ca-key.pem", &key),
+        ] {
             std::fs::write(cacerts.join(f), t).unwrap();
         }
         cluster.root_cert = cacerts.join("root-cert.pem");
@@ -251,7 +295,11 @@ impl Cluster {
                 return;
             }
             self.assert_alive("istiod");
-            assert!(Instant::now() < deadline, "istiod not ready after 90s; log:\n{}", self.log_tail("istiod"));
+            assert!(
+                Instant::now() < deadline,
+                "istiod not ready after 90s; log:\n{}",
+                self.log_tail("istiod")
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
@@ -265,7 +313,8 @@ impl Cluster {
     }
 
     pub fn log_tail(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -291,7 +340,11 @@ impl Cluster {
             }
             self.assert_alive("etcd");
             self.assert_alive("kube-apiserver");
-            assert!(Instant::now() < deadline, "kube-apiserver not ready; log:\n{}", self.log_tail("kube-apiserver"));
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver not ready; log:\n{}",
+                self.log_tail("kube-apiserver")
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
@@ -304,8 +357,14 @@ impl Cluster {
             GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
             GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
         ] {
-            while kube::discovery::pinned_kind(&self.client, &gvk).await.is_err() {
-                assert!(Instant::now() < deadline, "CRD for {gvk:?} never became served");
+            while kube::discovery::pinned_kind(&self.client, &gvk)
+                .await
+                .is_err()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "CRD for {gvk:?} never became served"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -333,16 +392,22 @@ impl Cluster {
                 ),
             };
             let name = obj.metadata.name.clone().unwrap();
-            api.patch(&name, &PatchParams::apply("mesh-test").force(), &Patch::Apply(&v))
-                .await
-                .unwrap_or_else(|e| panic!("apply {} {name}: {e}", tm.kind));
+            api.patch(
+                &name,
+                &PatchParams::apply("mesh-test").force(),
+                &Patch::Apply(&v),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("apply {} {name}: {e}", tm.kind));
         }
     }
 
     async fn dynamic(&self, api_version: &str, kind: &str, namespace: &str) -> Api<DynamicObject> {
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let gvk = GroupVersionKind::gvk(group, version, kind);
-        let (ar, _) = kube::discovery::pinned_kind(&self.client, &gvk).await.unwrap();
+        let (ar, _) = kube::discovery::pinned_kind(&self.client, &gvk)
+            .await
+            .unwrap();
         Api::namespaced_with(self.client.clone(), namespace, &ar)
     }
 
@@ -352,14 +417,27 @@ impl Cluster {
     }
 
     /// The object as the API serves it (JSON), for assertions and diagnostics.
-    pub async fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> serde_json::Value {
+    pub async fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> serde_json::Value {
         let api = self.dynamic(api_version, kind, namespace).await;
         serde_json::to_value(api.get(name).await.unwrap()).unwrap()
     }
 
     /// A JSON merge patch (e.g. a label change on an object another field
     /// manager owns, like a Pod).
-    pub async fn merge(&self, api_version: &str, kind: &str, namespace: &str, name: &str, patch: serde_json::Value) {
+    pub async fn merge(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        patch: serde_json::Value,
+    ) {
         let api = self.dynamic(api_version, kind, namespace).await;
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -369,7 +447,15 @@ impl Cluster {
     /// A Pod object for a pod the test made as a netns: scheduled on `node`,
     /// and with `ip`, running and ready there as a kubelet would report it
     /// (without, as the kubelet leaves it until the CNI ADD returned).
-    pub async fn pod(&self, namespace: &str, name: &str, sa: &str, node: &str, ip: Option<&str>, labels: &BTreeMap<String, String>) -> Pod {
+    pub async fn pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        sa: &str,
+        node: &str,
+        ip: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Pod {
         self.apply(&format!(
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: {namespace}}}\n"
         ))
@@ -418,8 +504,13 @@ impl Cluster {
             },
             ..Default::default()
         };
-        let tr = api.create_token_request(sa, &PostParams::default(), &req).await.unwrap();
-        let path = self.dir.join(format!("token-{}", pod.metadata.name.as_deref().unwrap()));
+        let tr = api
+            .create_token_request(sa, &PostParams::default(), &req)
+            .await
+            .unwrap();
+        let path = self
+            .dir
+            .join(format!("token-{}", pod.metadata.name.as_deref().unwrap()));
         std::fs::write(&path, tr.status.unwrap().token).unwrap();
         path
     }
@@ -427,7 +518,13 @@ impl Cluster {
     /// The EndpointSlice kube-controller-manager (not run here) would write
     /// for Service `service`: its ready `pods` (name, ip) on `ports`
     /// (name, port). istiod finds a Service's instances through these.
-    pub async fn endpoint_slice(&self, namespace: &str, service: &str, ports: &[(&str, u16)], pods: &[(&str, &str)]) {
+    pub async fn endpoint_slice(
+        &self,
+        namespace: &str,
+        service: &str,
+        ports: &[(&str, u16)],
+        pods: &[(&str, &str)],
+    ) {
         let slice = json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": format!("{service}-test"), "namespace": namespace,
@@ -447,13 +544,22 @@ impl Cluster {
     /// sends HBONE as the pod's tunnel protocol after that. For tests where
     /// the testbed (not our agent) plays the node agent.
     pub async fn mark_captured(&self, namespace: &str, name: &str) {
-        self.merge("v1", "Pod", namespace, name, json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}}))
-            .await;
+        self.merge(
+            "v1",
+            "Pod",
+            namespace,
+            name,
+            json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}}),
+        )
+        .await;
     }
 
     /// Routes a CNI node (172.30.0.x on the bridge) to the control plane.
     pub fn reach_from_cni_node(&self, mesh: &Mesh, node: &str) {
-        sh(&format!("ip -n {}-{node} route add {CONTROL_IP}/32 dev eth0", mesh.prefix));
+        sh(&format!(
+            "ip -n {}-{node} route add {CONTROL_IP}/32 dev eth0",
+            mesh.prefix
+        ));
     }
 
     /// Gives node `node`'s netns a leg on the mesh bridge at `ip`, so its
@@ -463,7 +569,11 @@ impl Cluster {
         if !Path::new(&format!("/run/netns/{ns}")).exists() {
             sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
         }
-        let vif = format!("n{}{}", mesh.prefix.chars().rev().take(6).collect::<String>(), node.len() + ip.len());
+        let vif = format!(
+            "n{}{}",
+            mesh.prefix.chars().rev().take(6).collect::<String>(),
+            node.len() + ip.len()
+        );
         sh(&format!(
             "ip link add {vif} type veth peer name eth0 netns {ns} && \
              ip link set {vif} netns {net} && ip -n {net} link set {vif} master br0 up && \
@@ -472,7 +582,14 @@ impl Cluster {
         ));
         self.apply("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: ztunnel, namespace: istio-system}\n").await;
         let pod = self
-            .pod("istio-system", &format!("ztunnel-{node}"), "ztunnel", node, Some(ip), &BTreeMap::from([("app".into(), "ztunnel".into())]))
+            .pod(
+                "istio-system",
+                &format!("ztunnel-{node}"),
+                "ztunnel",
+                node,
+                Some(ip),
+                &BTreeMap::from([("app".into(), "ztunnel".into())]),
+            )
             .await;
         let token = self.pod_token("istio-system", "ztunnel", &pod).await;
         let args: Vec<String> = vec![

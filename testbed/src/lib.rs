@@ -24,8 +24,8 @@ pub use cluster::{eventually, Cluster};
 pub use cni::{CniFailure, CniNet};
 pub use dns::DnsCounts;
 pub use hickory_proto;
-pub use {k8s_openapi, kube};
 pub use http::Hits;
+pub use {k8s_openapi, kube};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -417,7 +417,11 @@ impl Mesh {
 
     /// Reads until the client goes away and never answers; returns how many
     /// clients went away (a proxy that lets go of abandoned requests).
-    pub fn silent_server(&self, pod: &str, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    pub fn silent_server(
+        &self,
+        pod: &str,
+        port: u16,
+    ) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
         let gone = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let g = gone.clone();
         self.serve(pod, port, move |mut s, _| {
@@ -439,7 +443,11 @@ impl Mesh {
 
     /// Sends "bye", half-closes, and keeps reading; returns the bytes it
     /// received after its FIN (they must not be lost).
-    pub fn half_closing_server(&self, pod: &str, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    pub fn half_closing_server(
+        &self,
+        pod: &str,
+        port: u16,
+    ) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
         let late = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let l = late.clone();
         self.serve(pod, port, move |mut s, _| {
@@ -676,7 +684,10 @@ pub fn issue_raw_cert(
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
     ];
     let cert = params.signed_by(&key, &issuer).unwrap();
-    let (c, k) = (out.join(format!("{name}-chain.pem")), out.join(format!("{name}-key.pem")));
+    let (c, k) = (
+        out.join(format!("{name}-chain.pem")),
+        out.join(format!("{name}-key.pem")),
+    );
     std::fs::write(&c, cert.pem()).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     (c, k)
@@ -828,17 +839,17 @@ impl Mesh {
         let log = self.dir.join(format!("{name}.log"));
         let mut cmd = Command::new("ip");
         cmd.args([
-                "netns",
-                "exec",
-                &ns,
-                bin,
-                "--name",
-                name,
-                "--namespace",
-                namespace,
-                "--service-account",
-                sa,
-            ]);
+            "netns",
+            "exec",
+            &ns,
+            bin,
+            "--name",
+            name,
+            "--namespace",
+            namespace,
+            "--service-account",
+            sa,
+        ]);
         match &self.waypoint_args {
             Some(args) => cmd.args(args),
             None => cmd

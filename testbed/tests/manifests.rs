@@ -174,25 +174,41 @@ fn system_manifests_render_validate_and_match_the_binaries() {
             .as_sequence()
             .unwrap()
             .iter()
-            .flat_map(|r| r["verbs"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().to_string()))
+            .flat_map(|r| {
+                r["verbs"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+            })
             .collect::<Vec<_>>()
     };
     let verbs = role("istio-cni");
     assert!(
-        verbs.iter().all(|v| ["get", "list", "watch", "patch"].contains(&v.as_str())),
+        verbs
+            .iter()
+            .all(|v| ["get", "list", "watch", "patch"].contains(&v.as_str())),
         "agent RBAC is not least privilege: {verbs:?}"
     );
     let verbs = role("waypoint-reader");
     assert!(
-        verbs.iter().all(|v| ["get", "list", "watch"].contains(&v.as_str())),
+        verbs
+            .iter()
+            .all(|v| ["get", "list", "watch"].contains(&v.as_str())),
         "waypoint RBAC is not read-only: {verbs:?}"
     );
     // istiod is the control plane: ztunnel asks it for config and
     // certificates, the agent watches the API; no mesh file, no CA key.
     let args = serde_yaml::to_string(&c["args"]).unwrap();
-    assert!(args.contains("--xds-address=istiod.istio-system.svc:15012"), "{args}");
-    assert!(!all.iter().any(|d| d["kind"] == "Secret" || d["kind"] == "ConfigMap"));
-    let cni_args = serde_yaml::to_string(&cni["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
+    assert!(
+        args.contains("--xds-address=istiod.istio-system.svc:15012"),
+        "{args}"
+    );
+    assert!(!all
+        .iter()
+        .any(|d| d["kind"] == "Secret" || d["kind"] == "ConfigMap"));
+    let cni_args =
+        serde_yaml::to_string(&cni["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
     assert!(cni_args.contains("--from-kube"), "{cni_args}");
 }
 
@@ -221,7 +237,10 @@ fn waypoint_template_and_examples_render_validate_and_translate() {
         dep["spec"]["template"]["metadata"]["labels"]["istio.io/dataplane-mode"],
         "none"
     );
-    let binding = all.iter().find(|d| d["kind"] == "ClusterRoleBinding").unwrap();
+    let binding = all
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .unwrap();
     assert_eq!(binding["metadata"]["name"], "waypoint-reader-demo");
     assert_eq!(binding["subjects"][0]["namespace"], "demo");
 

@@ -33,7 +33,11 @@ struct Args {
     #[arg(long, env = "SERVICE_ACCOUNT")]
     service_account: Option<String>,
     /// Standalone mesh config (the same file as ztunnel's); watched.
-    #[arg(long, required_unless_present = "from_kube", conflicts_with = "from_kube")]
+    #[arg(
+        long,
+        required_unless_present = "from_kube",
+        conflicts_with = "from_kube"
+    )]
     config: Option<PathBuf>,
     /// Watch the Kubernetes API (in-cluster credentials, or KUBECONFIG) for
     /// Gateways, routes, policies, Services and Pods instead of --config.

@@ -92,28 +92,56 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
         ("client", "client", vec![("app", "client")]),
         ("echo-v1", "echo", vec![("app", "echo"), ("version", "v1")]),
         ("echo-v2", "echo", vec![("app", "echo"), ("version", "v2")]),
-        ("waypoint", "waypoint", vec![("gateway.networking.k8s.io/gateway-name", "waypoint"), ("istio.io/dataplane-mode", "none")]),
+        (
+            "waypoint",
+            "waypoint",
+            vec![
+                ("gateway.networking.k8s.io/gateway-name", "waypoint"),
+                ("istio.io/dataplane-mode", "none"),
+            ],
+        ),
     ];
     let mut waypoint_pod = None;
     for (name, sa, labels) in pods {
-        let labels: BTreeMap<String, String> = labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-        let p = c.pod("app", name, sa, "node1", Some(&m.ip(name)), &labels).await;
+        let labels: BTreeMap<String, String> = labels
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let p = c
+            .pod("app", name, sa, "node1", Some(&m.ip(name)), &labels)
+            .await;
         if name == "waypoint" {
             waypoint_pod = Some(p);
         } else {
             c.mark_captured("app", name).await;
         }
     }
-    c.endpoint_slice("app", "waypoint", &[("mesh", 15008)], &[("waypoint", "10.244.1.20")]).await;
-    let svc: kube::Api<k8s_openapi::api::core::v1::Service> = kube::Api::namespaced(c.client.clone(), "app");
-    let vip = svc.get("echo").await.unwrap().spec.unwrap().cluster_ip.unwrap();
+    c.endpoint_slice(
+        "app",
+        "waypoint",
+        &[("mesh", 15008)],
+        &[("waypoint", "10.244.1.20")],
+    )
+    .await;
+    let svc: kube::Api<k8s_openapi::api::core::v1::Service> =
+        kube::Api::namespaced(c.client.clone(), "app");
+    let vip = svc
+        .get("echo")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .cluster_ip
+        .unwrap();
 
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
     m.start_node("node1", &m.dir.clone()).await;
     let v1 = m.http_server("echo-v1", 8080);
     let v2 = m.http_server("echo-v2", 8080);
 
-    let token = c.pod_token("app", "waypoint", waypoint_pod.as_ref().unwrap()).await;
+    let token = c
+        .pod_token("app", "waypoint", waypoint_pod.as_ref().unwrap())
+        .await;
     m.kubeconfig = Some(c.kubeconfig.clone());
     m.waypoint_args = Some(vec![
         "--from-kube".into(),
@@ -130,15 +158,19 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
 
     // Before any route: the Service's endpoints, through the waypoint.
     let url = format!("http://{vip}/public/x");
-    eventually("client reaches echo through the waypoint", Duration::from_secs(30), || {
-        codes(&m, &url, 1) == ["200"]
-    })
+    eventually(
+        "client reaches echo through the waypoint",
+        Duration::from_secs(30),
+        || codes(&m, &url, 1) == ["200"],
+    )
     .await;
     // The waypoint flushes its access log every 100 ms.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let wp_log = std::fs::read_to_string(m.dir.join("waypoint-access.log")).unwrap_or_default();
     if !wp_log.contains("/public/x") {
-        let gw = c.get("gateway.networking.k8s.io/v1", "Gateway", "app", "waypoint").await;
+        let gw = c
+            .get("gateway.networking.k8s.io/v1", "Gateway", "app", "waypoint")
+            .await;
         panic!(
             "the request did not cross the waypoint:\n{wp_log}\nGateway: {gw}\nztunnel services: {}",
             m.config_dump("node1")["mesh"]["services"]
@@ -154,15 +186,20 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
     .await;
     c.apply(&split(1, 1)).await;
     let (b1, b2) = (v1.total(), v2.total());
-    eventually("route splits between v1 and v2", Duration::from_secs(20), || {
-        codes(&m, &url, 10).iter().all(|c| c == "200") && v1.total() > b1 && v2.total() > b2
-    })
+    eventually(
+        "route splits between v1 and v2",
+        Duration::from_secs(20),
+        || codes(&m, &url, 10).iter().all(|c| c == "200") && v1.total() > b1 && v2.total() > b2,
+    )
     .await;
 
     // An L7 policy applied through the API is enforced at the waypoint.
     c.apply(L7_POLICY).await;
     let denied = format!("http://{vip}/private");
-    eventually("L7 policy denies a path", Duration::from_secs(20), || codes(&m, &denied, 1) == ["403"]).await;
+    eventually("L7 policy denies a path", Duration::from_secs(20), || {
+        codes(&m, &denied, 1) == ["403"]
+    })
+    .await;
     assert_eq!(codes(&m, &url, 3), ["200", "200", "200"]);
     let (_, post) = sh_out(&format!(
         "ip netns exec {} curl -s -m 10 -X POST -w '%{{http_code}}' -o /dev/null {url}",
@@ -171,5 +208,8 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
     assert_eq!(post, "403", "POST is not allowed by the policy");
 
     let view = std::fs::read_to_string(m.dir.join("waypoint-view.yaml")).unwrap();
-    assert!(view.contains("kind: HTTPRoute") && view.contains("kind: AuthorizationPolicy"), "{view}");
+    assert!(
+        view.contains("kind: HTTPRoute") && view.contains("kind: AuthorizationPolicy"),
+        "{view}"
+    );
 }

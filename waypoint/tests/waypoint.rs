@@ -110,7 +110,12 @@ async fn cluster(tag: &str, extra: &str, for_traffic: &str) -> Cluster {
 }
 
 /// `cluster` with extra waypoint flags; also returns the waypoint's pid.
-async fn cluster_with(tag: &str, extra: &str, for_traffic: &str, wp_args: &[&str]) -> (Cluster, u32) {
+async fn cluster_with(
+    tag: &str,
+    extra: &str,
+    for_traffic: &str,
+    wp_args: &[&str],
+) -> (Cluster, u32) {
     let mut m = Mesh::new(tag, &workspace_bin("ztunnel"));
     m.pod("client", "app", "client", "10.244.1.10", "node1", true);
     m.pod("echo-v1", "app", "echo", "10.244.1.11", "node1", true);
@@ -654,7 +659,9 @@ spec: {clusterIP: 10.96.0.23, selector: {app: echo, version: v1}, ports: [{name:
 ";
 
 fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// Slow-loris clients are cut by the header timeout; a backend that never
@@ -666,7 +673,13 @@ async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
     use std::time::Instant;
-    let (c, wp) = cluster_with("wfl", FAULTY, "service", &["--request-header-timeout", "2s"]).await;
+    let (c, wp) = cluster_with(
+        "wfl",
+        FAULTY,
+        "service",
+        &["--request-header-timeout", "2s"],
+    )
+    .await;
     let m = &c.m;
     let released = m.silent_server("echo-v1", 8081);
     m.resetting_server("echo-v1", 8082);
@@ -682,7 +695,8 @@ async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
     let mut slow: Vec<_> = (0..20)
         .map(|_| {
             let mut s = m.connect("client", "10.96.0.21:80").unwrap();
-            s.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\nX-Slow: ").unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\nX-Slow: ")
+                .unwrap();
             s
         })
         .collect();
@@ -701,39 +715,69 @@ async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
         })
     };
     std::thread::sleep(Duration::from_millis(500));
-    assert!(fds(wp) < fds_before + 5, "slow clients cost the waypoint fds: the tunnels are streams");
+    assert!(
+        fds(wp) < fds_before + 5,
+        "slow clients cost the waypoint fds: the tunnels are streams"
+    );
     for s in &mut slow {
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         let mut out = Vec::new();
         let r = s.read_to_end(&mut out);
-        assert!(!matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "slow client never cut");
-        assert!(!String::from_utf8_lossy(&out).contains(" 200 "), "an incomplete request was answered");
+        assert!(
+            !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "slow client never cut"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out).contains(" 200 "),
+            "an incomplete request was answered"
+        );
     }
     let cut = start.elapsed();
     let trickled = trickle.join().unwrap();
     eprintln!("slow-loris clients cut after {cut:?}; the trickling one after {trickled:?}");
-    assert!(cut < Duration::from_secs(10), "header timeout (2 s) not enforced: {cut:?}");
-    assert!(trickled < Duration::from_secs(10), "a trickling client outlived the header timeout: {trickled:?}");
+    assert!(
+        cut < Duration::from_secs(10),
+        "header timeout (2 s) not enforced: {cut:?}"
+    );
+    assert!(
+        trickled < Duration::from_secs(10),
+        "a trickling client outlived the header timeout: {trickled:?}"
+    );
 
     // A backend that never answers: each client gives up after 1 s, and the
     // waypoint must let go of the upstream request (the backend sees EOF).
     for i in 0..10 {
-        assert_eq!(curl(m, "client", &format!("-m 1 -o /dev/null -w '%{{http_code}}' http://10.96.0.23:81/{i}")), "000");
+        assert_eq!(
+            curl(
+                m,
+                "client",
+                &format!("-m 1 -o /dev/null -w '%{{http_code}}' http://10.96.0.23:81/{i}")
+            ),
+            "000"
+        );
     }
-    eventually("the waypoint releases abandoned upstream requests", Duration::from_secs(10), || {
-        released.load(Ordering::SeqCst) >= 10
-    })
+    eventually(
+        "the waypoint releases abandoned upstream requests",
+        Duration::from_secs(10),
+        || released.load(Ordering::SeqCst) >= 10,
+    )
     .await;
 
     // A backend that resets after reading the request: 503, flagged UR.
-    assert_eq!(codes(m, "http://10.96.0.23:82/", 3, ""), ["503", "503", "503"]);
+    assert_eq!(
+        codes(m, "http://10.96.0.23:82/", 3, ""),
+        ["503", "503", "503"]
+    );
     let log = access_log(m);
     let reset: Vec<_> = log
         .iter()
         .filter(|l| l["authority"] == "10.96.0.23:82" && l["response_code"] == 503)
         .collect();
     assert_eq!(reset.len(), 3, "{log:?}");
-    assert!(reset.iter().all(|l| l["response_flags"] == "UR"), "503s not flagged UR: {reset:?}");
+    assert!(
+        reset.iter().all(|l| l["response_flags"] == "UR"),
+        "503s not flagged UR: {reset:?}"
+    );
 
     // Half-close through the waypoint at L4: "bye" then EOF, and our bytes
     // after the backend's FIN still arrive.
@@ -746,14 +790,18 @@ async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
         s.write_all(b"after-fin").unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
     }
-    eventually("bytes sent after the backend's FIN arrive", Duration::from_secs(10), || {
-        late.load(Ordering::SeqCst) == 5 * "after-fin".len()
-    })
+    eventually(
+        "bytes sent after the backend's FIN arrive",
+        Duration::from_secs(10),
+        || late.load(Ordering::SeqCst) == 5 * "after-fin".len(),
+    )
     .await;
 
-    eventually("the waypoint's fds return to the baseline", Duration::from_secs(10), || {
-        fds(wp) <= fds_before + 2
-    })
+    eventually(
+        "the waypoint's fds return to the baseline",
+        Duration::from_secs(10),
+        || fds(wp) <= fds_before + 2,
+    )
     .await;
 }
 
@@ -774,18 +822,31 @@ async fn strict_wire_stays_encrypted_with_the_waypoint_down_and_ztunnels_restart
     let (mut c, wp) = cluster_with("wsx", STRICT, "service", &[]).await;
     let cap = Capture::start(&c.m.net, "br0", c.m.dir.join("strict.pcap"));
     let ask = |m: &Mesh, url: &str| {
-        curl(m, "client", &format!("-m 3 -o /dev/null -w '%{{http_code}}' -H 'x-secret: {SECRET}' '{url}/{SECRET}'"))
+        curl(
+            m,
+            "client",
+            &format!(
+                "-m 3 -o /dev/null -w '%{{http_code}}' -H 'x-secret: {SECRET}' '{url}/{SECRET}'"
+            ),
+        )
     };
     // Through the waypoint, and straight to the pod (HBONE, no waypoint).
     assert_eq!(ask(&c.m, "http://10.96.0.21"), "200");
     assert_eq!(ask(&c.m, "http://10.244.1.11:8080"), "200");
 
     // The waypoint dies: its services fail rather than bypass it.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(wp as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(wp as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     for _ in 0..3 {
         let code = ask(&c.m, "http://10.96.0.21");
-        assert!(code == "000" || code.starts_with('5'), "service answered {code} with its waypoint dead");
+        assert!(
+            code == "000" || code.starts_with('5'),
+            "service answered {code} with its waypoint dead"
+        );
     }
     c.m.start_waypoint(WP, "waypoint", "waypoint", "app", "waypoint");
     assert_eq!(ask(&c.m, "http://10.96.0.21"), "200");
@@ -810,21 +871,37 @@ async fn strict_wire_stays_encrypted_with_the_waypoint_down_and_ztunnels_restart
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        assert_eq!(codes.last().map(String::as_str), Some("200"), "after restarting {node}: {codes:?}");
+        assert_eq!(
+            codes.last().map(String::as_str),
+            Some("200"),
+            "after restarting {node}: {codes:?}"
+        );
     }
 
     // Control: plaintext between two pods outside the mesh is visible.
     c.m.echo_server("outsider", 7070);
-    echo_roundtrip(c.m.connect("waypoint", "10.244.3.10:7070").unwrap(), b"CONTROL-PLAINTEXT-PAYLOAD");
+    echo_roundtrip(
+        c.m.connect("waypoint", "10.244.3.10:7070").unwrap(),
+        b"CONTROL-PLAINTEXT-PAYLOAD",
+    );
     let pcap = cap.pcap.clone();
     let raw = cap.stop();
-    assert!(contains(&raw, b"CONTROL-PLAINTEXT-PAYLOAD"), "the capture saw nothing");
-    assert!(!contains(&raw, SECRET.as_bytes()), "application bytes crossed the wire in plaintext");
+    assert!(
+        contains(&raw, b"CONTROL-PLAINTEXT-PAYLOAD"),
+        "the capture saw nothing"
+    );
+    assert!(
+        !contains(&raw, SECRET.as_bytes()),
+        "application bytes crossed the wire in plaintext"
+    );
     // Everything the client pod sent or received went over 15008.
     let (ok, ports) = sh_out(&format!(
         "tshark -r {} -Y 'ip.addr==10.244.1.10' -T fields -e tcp.port 2>/dev/null | sort -u",
         pcap.display()
     ));
     assert!(ok && !ports.trim().is_empty(), "{ports}");
-    assert!(ports.lines().all(|l| l.split(',').any(|p| p == "15008")), "client traffic off 15008: {ports}");
+    assert!(
+        ports.lines().all(|l| l.split(',').any(|p| p == "15008")),
+        "client traffic off 15008: {ports}"
+    );
 }

@@ -39,7 +39,9 @@ pub struct ProxyInfo {
 
 impl ProxyInfo {
     fn node(&self) -> Node {
-        let s = |v: &str| Value { kind: Some(Kind::StringValue(v.to_string())) };
+        let s = |v: &str| Value {
+            kind: Some(Kind::StringValue(v.to_string())),
+        };
         let fields = BTreeMap::from([
             ("NAMESPACE".to_string(), s(&self.pod_namespace)),
             ("NODE_NAME".to_string(), s(&self.node_name)),
@@ -145,7 +147,12 @@ impl Ads {
     }
 
     /// Applies one response and returns its ACK or NACK.
-    fn apply(&self, res: &mut Resources, seen: &mut [bool; 2], resp: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+    fn apply(
+        &self,
+        res: &mut Resources,
+        seen: &mut [bool; 2],
+        resp: DeltaDiscoveryResponse,
+    ) -> DeltaDiscoveryRequest {
         let mut errors = Vec::new();
         let Some(idx) = TYPES.iter().position(|t| *t == resp.type_url) else {
             errors.push(format!("unsupported resource type {}", resp.type_url));
@@ -157,7 +164,10 @@ impl Ads {
                 continue;
             };
             if any.type_url != resp.type_url {
-                errors.push(format!("{}: body is {} in a {} response", r.name, any.type_url, resp.type_url));
+                errors.push(format!(
+                    "{}: body is {} in a {} response",
+                    r.name, any.type_url, resp.type_url
+                ));
                 continue;
             }
             if let Err(e) = res.upsert(&resp.type_url, &r.name, &r.version, &any.value) {
@@ -243,7 +253,10 @@ mod tests {
             version: "1".into(),
             name: name.into(),
             aliases: vec![],
-            resource: Some(prost_types::Any { type_url: type_url.into(), value: body }),
+            resource: Some(prost_types::Any {
+                type_url: type_url.into(),
+                value: body,
+            }),
         }
     }
 
@@ -278,8 +291,14 @@ mod tests {
         let reply = a.apply(&mut res, &mut seen, resp);
         assert_eq!(reply.response_nonce, "n1");
         let why = reply.error_detail.expect("NACK").message;
-        assert!(why.contains("garbage: not a valid type.googleapis.com/istio.workload.Address"), "{why}");
-        assert!(why.contains("mistyped: body is type.googleapis.com/istio.security.Authorization"), "{why}");
+        assert!(
+            why.contains("garbage: not a valid type.googleapis.com/istio.workload.Address"),
+            "{why}"
+        );
+        assert!(
+            why.contains("mistyped: body is type.googleapis.com/istio.security.Authorization"),
+            "{why}"
+        );
         assert!(!why.contains("good"), "{why}");
         // Addresses without policies are not published: that would allow
         // what policy forbids until the policies arrive.
@@ -289,12 +308,20 @@ mod tests {
         let ack = a.apply(
             &mut res,
             &mut seen,
-            DeltaDiscoveryResponse { type_url: AUTHORIZATION_TYPE.into(), nonce: "n2".into(), ..Default::default() },
+            DeltaDiscoveryResponse {
+                type_url: AUTHORIZATION_TYPE.into(),
+                nonce: "n2".into(),
+                ..Default::default()
+            },
         );
         assert!(ack.error_detail.is_none());
         assert_eq!(ack.response_nonce, "n2");
         assert!(a.status.borrow().synced);
-        assert!(a.store.load().workload_by_ip("10.0.0.2".parse().unwrap()).is_some());
+        assert!(a
+            .store
+            .load()
+            .workload_by_ip("10.0.0.2".parse().unwrap())
+            .is_some());
 
         // Removal applies; an unknown type is NACKed whole.
         let ack = a.apply(
@@ -312,17 +339,34 @@ mod tests {
         let nack = a.apply(
             &mut res,
             &mut seen,
-            DeltaDiscoveryResponse { type_url: "type.googleapis.com/other".into(), nonce: "n4".into(), ..Default::default() },
+            DeltaDiscoveryResponse {
+                type_url: "type.googleapis.com/other".into(),
+                nonce: "n4".into(),
+                ..Default::default()
+            },
         );
-        assert!(nack.error_detail.unwrap().message.contains("unsupported resource type"));
+        assert!(nack
+            .error_detail
+            .unwrap()
+            .message
+            .contains("unsupported resource type"));
     }
 
     #[test]
     fn node_identifies_a_ztunnel_to_istiod() {
         let n = ads().proxy.node();
-        assert_eq!(n.id, "ztunnel~10.0.0.1~ztunnel-x.istio-system~istio-system.svc.cluster.local");
+        assert_eq!(
+            n.id,
+            "ztunnel~10.0.0.1~ztunnel-x.istio-system~istio-system.svc.cluster.local"
+        );
         let md = n.metadata.unwrap().fields;
-        assert_eq!(md["NAMESPACE"].kind, Some(Kind::StringValue("istio-system".into())));
-        assert_eq!(md["SERVICE_ACCOUNT"].kind, Some(Kind::StringValue("ztunnel".into())));
+        assert_eq!(
+            md["NAMESPACE"].kind,
+            Some(Kind::StringValue("istio-system".into()))
+        );
+        assert_eq!(
+            md["SERVICE_ACCOUNT"].kind,
+            Some(Kind::StringValue("ztunnel".into()))
+        );
     }
 }

@@ -24,18 +24,31 @@ impl IstioCa {
     /// on behalf of its node's pods) rather than the caller's own (waypoint).
     pub fn new(cp: ControlPlane, impersonate: bool) -> Result<Self, crate::XdsError> {
         let channel = cp.channel()?;
-        Ok(IstioCa { cp, channel, impersonate })
+        Ok(IstioCa {
+            cp,
+            channel,
+            impersonate,
+        })
     }
 }
 
 impl CertificateAuthority for IstioCa {
-    fn sign<'a>(&'a self, csr_pem: &'a str, identity: &'a Identity, validity: Duration) -> SignFuture<'a> {
+    fn sign<'a>(
+        &'a self,
+        csr_pem: &'a str,
+        identity: &'a Identity,
+        validity: Duration,
+    ) -> SignFuture<'a> {
         Box::pin(async move {
-            let mut metadata = Struct { fields: BTreeMap::new() };
+            let mut metadata = Struct {
+                fields: BTreeMap::new(),
+            };
             if self.impersonate {
                 metadata.fields.insert(
                     "ImpersonatedIdentity".to_string(),
-                    Value { kind: Some(Kind::StringValue(identity.to_string())) },
+                    Value {
+                        kind: Some(Kind::StringValue(identity.to_string())),
+                    },
                 );
             }
             let mut req = tonic::Request::new(IstioCertificateRequest {

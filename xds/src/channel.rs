@@ -34,7 +34,8 @@ impl ControlPlane {
             .map_err(|e| XdsError::Config(format!("{}: {e}", self.root_cert.display())))?;
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let c = c.map_err(|e| XdsError::Config(format!("{}: {e}", self.root_cert.display())))?;
+            let c =
+                c.map_err(|e| XdsError::Config(format!("{}: {e}", self.root_cert.display())))?;
             roots
                 .add(c)
                 .map_err(|e| XdsError::Config(format!("{}: {e}", self.root_cert.display())))?;
@@ -88,9 +89,9 @@ impl ControlPlane {
         if let Some(path) = &self.token {
             let token = std::fs::read_to_string(path)
                 .map_err(|e| XdsError::Token(format!("{}: {e}", path.display())))?;
-            let value = format!("Bearer {}", token.trim())
-                .parse()
-                .map_err(|_| XdsError::Token(format!("{}: not a valid header value", path.display())))?;
+            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                XdsError::Token(format!("{}: not a valid header value", path.display()))
+            })?;
             md.insert("authorization", value);
         }
         Ok(())

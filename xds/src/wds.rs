@@ -68,12 +68,18 @@ impl Resources {
                     }
                     Some(wl::address::Type::Service(s)) => {
                         for a in &s.addresses {
-                            ip_of(&a.address).map_err(|r| invalid(name, format!("service address: {r}")))?;
+                            ip_of(&a.address)
+                                .map_err(|r| invalid(name, format!("service address: {r}")))?;
                         }
                         self.workloads.remove(name);
                         self.services.insert(name.to_string(), s);
                     }
-                    None => return Err(invalid(name, "Address with neither workload nor service".into())),
+                    None => {
+                        return Err(invalid(
+                            name,
+                            "Address with neither workload nor service".into(),
+                        ))
+                    }
                 }
             }
             AUTHORIZATION_TYPE => {
@@ -120,19 +126,26 @@ impl Resources {
         // that traffic must cross it.
         let mut waypoint_ref = |g: &Option<wl::GatewayAddress>| -> Option<WaypointRef> {
             let (ns, host) = match g.as_ref()?.destination.as_ref()? {
-                wl::gateway_address::Destination::Hostname(h) => (h.namespace.clone(), h.hostname.clone()),
+                wl::gateway_address::Destination::Hostname(h) => {
+                    (h.namespace.clone(), h.hostname.clone())
+                }
                 wl::gateway_address::Destination::Address(a) => {
                     let (ns, host) = vip_hosts.get(&ip_of(&a.address).ok()?)?;
                     (ns.to_string(), host.to_string())
                 }
             };
-            let wp = waypoints.entry((ns.clone(), host.clone())).or_insert_with(|| Waypoint {
-                name: host.clone(),
-                namespace: ns.clone(),
-                hostname: host.clone(),
-                for_traffic: WaypointFor::All,
-            });
-            Some(WaypointRef { name: wp.name.clone(), namespace: wp.namespace.clone() })
+            let wp = waypoints
+                .entry((ns.clone(), host.clone()))
+                .or_insert_with(|| Waypoint {
+                    name: host.clone(),
+                    namespace: ns.clone(),
+                    hostname: host.clone(),
+                    for_traffic: WaypointFor::All,
+                });
+            Some(WaypointRef {
+                name: wp.name.clone(),
+                namespace: wp.namespace.clone(),
+            })
         };
 
         let mut workloads = Vec::new();
@@ -143,14 +156,19 @@ impl Resources {
             for (key, ports) in &w.services {
                 let host = key.split_once('/').map_or(key.as_str(), |(_, h)| h);
                 for p in &ports.ports {
-                    if let (Ok(sp), Ok(tp)) = (u16::try_from(p.service_port), u16::try_from(p.target_port)) {
+                    if let (Ok(sp), Ok(tp)) =
+                        (u16::try_from(p.service_port), u16::try_from(p.target_port))
+                    {
                         if tp != 0 {
                             named_ports.insert(per_endpoint_port(host, sp), tp);
                         }
                     }
                 }
                 if w.status == wl::WorkloadStatus::Healthy as i32 {
-                    members.entry(key.clone()).or_default().push((w.uid.clone(), ip));
+                    members
+                        .entry(key.clone())
+                        .or_default()
+                        .push((w.uid.clone(), ip));
                 }
             }
             workloads.push(Workload {
@@ -181,14 +199,25 @@ impl Resources {
             let key = format!("{}/{}", s.namespace, s.hostname);
             let endpoints = members
                 .get(&key)
-                .map(|m| m.iter().map(|(uid, ip)| Endpoint { workload_uid: uid.clone(), ip: *ip }).collect())
+                .map(|m| {
+                    m.iter()
+                        .map(|(uid, ip)| Endpoint {
+                            workload_uid: uid.clone(),
+                            ip: *ip,
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             services.push(Service {
                 waypoint: waypoint_ref(&s.waypoint),
                 name: s.name.clone(),
                 namespace: s.namespace.clone(),
                 hostname: s.hostname.clone(),
-                vips: s.addresses.iter().filter_map(|a| ip_of(&a.address).ok()).collect(),
+                vips: s
+                    .addresses
+                    .iter()
+                    .filter_map(|a| ip_of(&a.address).ok())
+                    .collect(),
                 ports: s
                     .ports
                     .iter()
@@ -208,13 +237,20 @@ impl Resources {
             // A service port with a fixed target reaches endpoints whose
             // workload entry did not list it.
             for p in &s.ports {
-                if let (Ok(sp), Ok(tp)) = (u16::try_from(p.service_port), u16::try_from(p.target_port)) {
+                if let (Ok(sp), Ok(tp)) =
+                    (u16::try_from(p.service_port), u16::try_from(p.target_port))
+                {
                     if tp == 0 {
                         continue;
                     }
                     for w in workloads.iter_mut() {
-                        if members.get(&key).is_some_and(|m| m.iter().any(|(uid, _)| *uid == w.uid)) {
-                            w.named_ports.entry(per_endpoint_port(&s.hostname, sp)).or_insert(tp);
+                        if members
+                            .get(&key)
+                            .is_some_and(|m| m.iter().any(|(uid, _)| *uid == w.uid))
+                        {
+                            w.named_ports
+                                .entry(per_endpoint_port(&s.hostname, sp))
+                                .or_insert(tp);
                         }
                     }
                 }
@@ -239,7 +275,10 @@ fn per_endpoint_port(host: &str, port: u16) -> String {
 }
 
 fn invalid(name: &str, reason: String) -> ResourceError {
-    ResourceError::Invalid { name: name.to_string(), reason }
+    ResourceError::Invalid {
+        name: name.to_string(),
+        reason,
+    }
 }
 
 fn non_empty(s: &str, default: &str) -> String {
@@ -258,7 +297,10 @@ fn workload_ip(w: &wl::Workload) -> Result<IpAddr, String> {
     // Our pods are single-stack; the first address is the one traffic uses.
     match w.addresses.first() {
         Some(a) => ip_of(a).map_err(|r| format!("workload {}/{} {r}", w.namespace, w.name)),
-        None => Err(format!("workload {}/{} has no address", w.namespace, w.name)),
+        None => Err(format!(
+            "workload {}/{} has no address",
+            w.namespace, w.name
+        )),
     }
 }
 
@@ -297,12 +339,15 @@ fn translate_policy(p: &sec::Authorization) -> Result<AuthorizationPolicy, Strin
             .iter()
             .map(|a| {
                 let ip = ip_of(&a.address)?;
-                IpNet::new(ip, a.length as u8).map_err(|_| format!("prefix length {} for {ip}", a.length))
+                IpNet::new(ip, a.length as u8)
+                    .map_err(|_| format!("prefix length {} for {ip}", a.length))
             })
             .collect()
     };
     let ports = |ps: &[u32]| -> Result<Vec<u16>, String> {
-        ps.iter().map(|p| u16::try_from(*p).map_err(|_| format!("port {p}"))).collect()
+        ps.iter()
+            .map(|p| u16::try_from(*p).map_err(|_| format!("port {p}")))
+            .collect()
     };
     let mut rules = Vec::new();
     for g in &p.groups {
@@ -347,12 +392,23 @@ mod tests {
     use super::*;
     use mesh::authz::{Connection, Decision};
 
-    fn workload(name: &str, ip: [u8; 4], svc: Option<(&str, u32, u32)>, policies: &[&str]) -> wl::Workload {
+    fn workload(
+        name: &str,
+        ip: [u8; 4],
+        svc: Option<(&str, u32, u32)>,
+        policies: &[&str],
+    ) -> wl::Workload {
         let mut services = HashMap::new();
         if let Some((key, sp, tp)) = svc {
             services.insert(
                 key.to_string(),
-                wl::PortList { ports: vec![wl::Port { service_port: sp, target_port: tp, app_protocol: 0 }] },
+                wl::PortList {
+                    ports: vec![wl::Port {
+                        service_port: sp,
+                        target_port: tp,
+                        app_protocol: 0,
+                    }],
+                },
             );
         }
         wl::Workload {
@@ -378,8 +434,21 @@ mod tests {
     fn workloads_services_and_listed_policies() {
         let mut r = Resources::default();
         let key = "demo/echo.demo.svc.cluster.local";
-        put(&mut r, "a", wl::address::Type::Workload(workload("echo", [10, 244, 1, 2], Some((key, 80, 8080)), &["demo/only-client"])));
-        put(&mut r, "b", wl::address::Type::Workload(workload("client", [10, 244, 1, 3], None, &[])));
+        put(
+            &mut r,
+            "a",
+            wl::address::Type::Workload(workload(
+                "echo",
+                [10, 244, 1, 2],
+                Some((key, 80, 8080)),
+                &["demo/only-client"],
+            )),
+        );
+        put(
+            &mut r,
+            "b",
+            wl::address::Type::Workload(workload("client", [10, 244, 1, 3], None, &[])),
+        );
         put(
             &mut r,
             "svc",
@@ -387,8 +456,15 @@ mod tests {
                 name: "echo".into(),
                 namespace: "demo".into(),
                 hostname: "echo.demo.svc.cluster.local".into(),
-                addresses: vec![wl::NetworkAddress { network: String::new(), address: vec![10, 96, 0, 10] }],
-                ports: vec![wl::Port { service_port: 80, target_port: 0, app_protocol: 0 }],
+                addresses: vec![wl::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 96, 0, 10],
+                }],
+                ports: vec![wl::Port {
+                    service_port: 80,
+                    target_port: 0,
+                    app_protocol: 0,
+                }],
                 waypoint: None,
             }),
         );
@@ -400,14 +476,23 @@ mod tests {
             groups: vec![sec::Group {
                 rules: vec![sec::Rules {
                     matches: vec![sec::Match {
-                        service_accounts: vec![sec::ServiceAccountMatch { namespace: "demo".into(), service_account: "client".into() }],
+                        service_accounts: vec![sec::ServiceAccountMatch {
+                            namespace: "demo".into(),
+                            service_account: "client".into(),
+                        }],
                         ..Default::default()
                     }],
                 }],
             }],
             dry_run: false,
         };
-        r.upsert(AUTHORIZATION_TYPE, "demo/only-client", "v1", &allow.encode_to_vec()).unwrap();
+        r.upsert(
+            AUTHORIZATION_TYPE,
+            "demo/only-client",
+            "v1",
+            &allow.encode_to_vec(),
+        )
+        .unwrap();
 
         let st = r.build();
         let svc = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
@@ -418,42 +503,86 @@ mod tests {
         let client = st.workload_by_ip("10.244.1.3".parse().unwrap()).unwrap();
         fn conn<'a>(id: &'a identity::Identity, echo: &Workload) -> Connection<'a> {
             Connection {
-            src_identity: Some(id),
-            src_ip: "10.244.1.3".parse().unwrap(),
-            dst_ip: echo.ip,
-            dst_port: 8080,
-            request: None,
+                src_identity: Some(id),
+                src_ip: "10.244.1.3".parse().unwrap(),
+                dst_ip: echo.ip,
+                dst_port: 8080,
+                request: None,
             }
         }
         let policies: Vec<_> = st.policies.iter().map(|p| p.as_ref()).collect();
-        assert_eq!(authz::evaluate(policies.iter().copied(), echo, &conn(&client.identity(), echo)), Decision::Allow);
+        assert_eq!(
+            authz::evaluate(
+                policies.iter().copied(),
+                echo,
+                &conn(&client.identity(), echo)
+            ),
+            Decision::Allow
+        );
         let other = identity::Identity::new("cluster.local", "demo", "intruder");
-        assert!(matches!(authz::evaluate(policies.iter().copied(), echo, &conn(&other, echo)), Decision::Deny(_)));
+        assert!(matches!(
+            authz::evaluate(policies.iter().copied(), echo, &conn(&other, echo)),
+            Decision::Deny(_)
+        ));
         // The policy is listed on echo only: client has no ALLOW selecting it.
-        assert!(authz::evaluate(policies.iter().copied(), client, &conn(&other, echo)) == Decision::Allow);
+        assert!(
+            authz::evaluate(policies.iter().copied(), client, &conn(&other, echo))
+                == Decision::Allow
+        );
 
         r.remove(AUTHORIZATION_TYPE, "demo/only-client");
         let st = r.build();
         let policies: Vec<_> = st.policies.iter().map(|p| p.as_ref()).collect();
-        assert_eq!(authz::evaluate(policies.iter().copied(), echo, &conn(&other, echo)), Decision::Allow);
+        assert_eq!(
+            authz::evaluate(policies.iter().copied(), echo, &conn(&other, echo)),
+            Decision::Allow
+        );
     }
 
     #[test]
     fn bad_resources_are_refused_by_name_and_keep_the_old_version() {
         let mut r = Resources::default();
-        put(&mut r, "a", wl::address::Type::Workload(workload("echo", [10, 244, 1, 2], None, &[])));
+        put(
+            &mut r,
+            "a",
+            wl::address::Type::Workload(workload("echo", [10, 244, 1, 2], None, &[])),
+        );
         let mut bad = workload("echo", [10, 244, 1, 2], None, &[]);
         bad.addresses = vec![vec![1, 2, 3]];
-        let body = wl::Address { r#type: Some(wl::address::Type::Workload(bad)) }.encode_to_vec();
-        let e = r.upsert(ADDRESS_TYPE, "a", "v2", &body).unwrap_err().to_string();
-        assert!(e.contains("a: workload demo/echo address of 3 bytes"), "{e}");
-        let e = r.upsert(ADDRESS_TYPE, "junk", "v1", &[0xff, 0xff]).unwrap_err().to_string();
-        assert!(e.starts_with("junk: not a valid type.googleapis.com/istio.workload.Address"), "{e}");
-        let bad_policy = sec::Authorization { scope: 7, ..Default::default() };
-        let e = r.upsert(AUTHORIZATION_TYPE, "p", "v1", &bad_policy.encode_to_vec()).unwrap_err().to_string();
+        let body = wl::Address {
+            r#type: Some(wl::address::Type::Workload(bad)),
+        }
+        .encode_to_vec();
+        let e = r
+            .upsert(ADDRESS_TYPE, "a", "v2", &body)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a: workload demo/echo address of 3 bytes"),
+            "{e}"
+        );
+        let e = r
+            .upsert(ADDRESS_TYPE, "junk", "v1", &[0xff, 0xff])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("junk: not a valid type.googleapis.com/istio.workload.Address"),
+            "{e}"
+        );
+        let bad_policy = sec::Authorization {
+            scope: 7,
+            ..Default::default()
+        };
+        let e = r
+            .upsert(AUTHORIZATION_TYPE, "p", "v1", &bad_policy.encode_to_vec())
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "p: unknown scope 7");
         assert_eq!(r.versions[ADDRESS_TYPE]["a"], "v1");
-        assert!(r.build().workload_by_ip("10.244.1.2".parse().unwrap()).is_some());
+        assert!(r
+            .build()
+            .workload_by_ip("10.244.1.2".parse().unwrap())
+            .is_some());
     }
 
     #[test]
@@ -461,10 +590,12 @@ mod tests {
         let mut r = Resources::default();
         let mut w = workload("echo", [10, 244, 1, 2], None, &[]);
         w.waypoint = Some(wl::GatewayAddress {
-            destination: Some(wl::gateway_address::Destination::Address(wl::NetworkAddress {
-                network: String::new(),
-                address: vec![10, 96, 0, 99],
-            })),
+            destination: Some(wl::gateway_address::Destination::Address(
+                wl::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 96, 0, 99],
+                },
+            )),
             hbone_mtls_port: 15008,
         });
         put(&mut r, "a", wl::address::Type::Workload(w));
@@ -475,7 +606,10 @@ mod tests {
                 name: "waypoint".into(),
                 namespace: "demo".into(),
                 hostname: "waypoint.demo.svc.cluster.local".into(),
-                addresses: vec![wl::NetworkAddress { network: String::new(), address: vec![10, 96, 0, 99] }],
+                addresses: vec![wl::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 96, 0, 99],
+                }],
                 ports: vec![],
                 waypoint: None,
             }),

@@ -28,7 +28,11 @@ struct Args {
     #[arg(long, env = "NODE_NAME")]
     node: String,
     /// Standalone mesh config (multi-document Kubernetes-style YAML); watched.
-    #[arg(long, required_unless_present = "xds_address", conflicts_with = "xds_address")]
+    #[arg(
+        long,
+        required_unless_present = "xds_address",
+        conflicts_with = "xds_address"
+    )]
     config: Option<PathBuf>,
     /// istiod's secure xDS address (host:port): the mesh comes from istiod's
     /// WDS instead of --config, and certificates from istiod's CA.
@@ -144,7 +148,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 store.clone(),
                 drain.clone(),
             ));
-            ads_tx.send_replace(xds::AdsStatus { connected: true, synced: true });
+            ads_tx.send_replace(xds::AdsStatus {
+                connected: true,
+                synced: true,
+            });
             store
         }
         (None, Some(address)) => {
@@ -209,14 +216,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let process = metrics_process::Collector::default();
     process.describe();
     let scrape = {
-        let (certs, zds, ads) = (certs.clone(), pods.zds_connected.subscribe(), ads_status.clone());
+        let (certs, zds, ads) = (
+            certs.clone(),
+            pods.zds_connected.subscribe(),
+            ads_status.clone(),
+        );
         let cluster = args.xds_address.is_some();
         move || {
             // Point-in-time values are refreshed at scrape time.
             process.collect();
             ::metrics::gauge!("ztunnel_zds_connected").set(if *zds.borrow() { 1.0 } else { 0.0 });
             if cluster {
-                ::metrics::gauge!("ztunnel_xds_connected").set(if ads.borrow().connected { 1.0 } else { 0.0 });
+                ::metrics::gauge!("ztunnel_xds_connected").set(if ads.borrow().connected {
+                    1.0
+                } else {
+                    0.0
+                });
             }
             for c in certs.snapshot().into_iter().flatten() {
                 let exp = c

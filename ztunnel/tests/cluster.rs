@@ -53,14 +53,25 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
     c.start_istiod().await;
 
     c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n").await;
-    for (name, ip) in [("client", "10.244.1.10"), ("intruder", "10.244.1.12"), ("server", "10.244.1.11")] {
+    for (name, ip) in [
+        ("client", "10.244.1.10"),
+        ("intruder", "10.244.1.12"),
+        ("server", "10.244.1.11"),
+    ] {
         let labels = BTreeMap::from([("app".to_string(), name.to_string())]);
         c.pod("demo", name, name, "node1", Some(ip), &labels).await;
         c.mark_captured("demo", name).await;
     }
     c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  selector: {app: server}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n").await;
     let svc: kube::Api<Service> = kube::Api::namespaced(c.client.clone(), "demo");
-    let vip = svc.get("server").await.unwrap().spec.unwrap().cluster_ip.unwrap();
+    let vip = svc
+        .get("server")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .cluster_ip
+        .unwrap();
     let target = format!("{vip}:80");
 
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
@@ -71,16 +82,20 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
 
     // Service VIP -> the pod istiod says backs it, over HBONE, with the
     // client's own address kept.
-    eventually("client reaches the service through istiod's config", Duration::from_secs(30), || {
-        m.whoami("client", &target).ok().as_deref() == Some("server 10.244.1.10")
-    })
+    eventually(
+        "client reaches the service through istiod's config",
+        Duration::from_secs(30),
+        || m.whoami("client", &target).ok().as_deref() == Some("server 10.244.1.10"),
+    )
     .await;
     assert_eq!(m.whoami("intruder", &target).unwrap(), "server 10.244.1.12");
     let metrics = m.metrics("node1");
     assert!(
-        metrics.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
-            && l.contains("connection_security_policy=\"mutual_tls\"")
-            && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")),
         "mTLS connection not reported:\n{metrics}"
     );
     // Every workload certificate came from istiod's CA (the root we plugged in).
@@ -95,49 +110,87 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
 
     // Admin (config dump) only on the node's loopback; metrics on the node
     // address; neither carries key material.
-    assert!(m.whoami("intruder", "10.244.250.1:15000").is_err(), "admin port reachable off-node");
+    assert!(
+        m.whoami("intruder", "10.244.250.1:15000").is_err(),
+        "admin port reachable off-node"
+    );
     let (ok, scraped) = sh_out(&format!(
         "ip netns exec {} curl -s -m 5 http://10.244.250.1:15020/metrics",
         m.pod_ns("intruder")
     ));
-    assert!(ok && scraped.contains("istio_tcp_connections_opened_total"), "{scraped}");
+    assert!(
+        ok && scraped.contains("istio_tcp_connections_opened_total"),
+        "{scraped}"
+    );
     let dump = m.config_dump("node1").to_string();
     for text in [&scraped, &dump] {
-        assert!(!text.contains("PRIVATE KEY") && !text.contains(std::fs::read_to_string(c.dir.join("cacerts/ca-key.pem")).unwrap().lines().nth(1).unwrap()));
+        assert!(
+            !text.contains("PRIVATE KEY")
+                && !text.contains(
+                    std::fs::read_to_string(c.dir.join("cacerts/ca-key.pem"))
+                        .unwrap()
+                        .lines()
+                        .nth(1)
+                        .unwrap()
+                )
+        );
     }
 
     // A policy applied through the API takes effect within seconds.
     c.apply(&allow_only("client")).await;
-    let took = eventually("ALLOW policy shuts the intruder out", Duration::from_secs(20), || {
-        m.whoami("intruder", &target).is_err()
-    })
+    let took = eventually(
+        "ALLOW policy shuts the intruder out",
+        Duration::from_secs(20),
+        || m.whoami("intruder", &target).is_err(),
+    )
     .await;
     eprintln!("policy applied through the API enforced after {took:?}");
     assert_eq!(m.whoami("client", &target).unwrap(), "server 10.244.1.10");
     c.apply(&allow_only("intruder")).await;
-    eventually("changed policy swaps who is admitted", Duration::from_secs(20), || {
-        m.whoami("client", &target).is_err() && m.whoami("intruder", &target).is_ok()
-    })
+    eventually(
+        "changed policy swaps who is admitted",
+        Duration::from_secs(20),
+        || m.whoami("client", &target).is_err() && m.whoami("intruder", &target).is_ok(),
+    )
     .await;
 
     // istiod goes away: the last known state keeps serving and enforcing.
     c.stop_istiod();
-    c.delete("security.istio.io/v1", "AuthorizationPolicy", "demo", "server-allow").await;
+    c.delete(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        "demo",
+        "server-allow",
+    )
+    .await;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(m.whoami("intruder", &target).unwrap(), "server 10.244.1.12");
-        assert!(m.whoami("client", &target).is_err(), "policy must stay enforced while istiod is down");
+        assert!(
+            m.whoami("client", &target).is_err(),
+            "policy must stay enforced while istiod is down"
+        );
     }
-    assert!(m.log("node1").contains("xDS disconnected"), "{}", m.log("node1"));
+    assert!(
+        m.log("node1").contains("xDS disconnected"),
+        "{}",
+        m.log("node1")
+    );
     assert!(m.metrics("node1").contains("ztunnel_xds_connected 0"));
     let ready = m.http("node1", 15021, "/healthz/ready");
-    assert_eq!(ready.map(|r| r.0), Some(200), "ztunnel stays ready on last known state");
+    assert_eq!(
+        ready.map(|r| r.0),
+        Some(200),
+        "ztunnel stays ready on last known state"
+    );
 
     // istiod returns: the stream resumes and the deletion made meanwhile applies.
     c.start_istiod().await;
-    eventually("resync after istiod restart removes the deleted policy", Duration::from_secs(60), || {
-        m.whoami("client", &target).is_ok()
-    })
+    eventually(
+        "resync after istiod restart removes the deleted policy",
+        Duration::from_secs(60),
+        || m.whoami("client", &target).is_ok(),
+    )
     .await;
     assert!(m.log("node1").matches("xDS stream open").count() >= 2);
     assert!(m.metrics("node1").contains("ztunnel_xds_connected 1"));
@@ -153,24 +206,46 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
         .filter_map(|c| c["expiration"].as_u64())
         .max()
         .unwrap();
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
     assert!(expiry <= now() + 21, "certificates outlive --cert-ttl");
-    eventually("certificates expire with the CA down", Duration::from_secs(30), || now() > expiry + 1).await;
+    eventually(
+        "certificates expire with the CA down",
+        Duration::from_secs(30),
+        || now() > expiry + 1,
+    )
+    .await;
     let cap = Capture::start(&m.net, "br0", m.dir.join("expired.pcap"));
     let mut s = m.connect("client", &target).unwrap();
     use std::io::{Read, Write};
     let _ = s.write_all(b"SECRET-AFTER-EXPIRY");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    assert_eq!(out, "", "a connection went through with expired certificates");
+    assert_eq!(
+        out, "",
+        "a connection went through with expired certificates"
+    );
     // Control: plaintext the capture must see (host leg -> pod).
-    if let Ok(mut p) = std::net::TcpStream::connect_timeout(&"10.244.1.11:8080".parse().unwrap(), Duration::from_secs(2)) {
+    if let Ok(mut p) = std::net::TcpStream::connect_timeout(
+        &"10.244.1.11:8080".parse().unwrap(),
+        Duration::from_secs(2),
+    ) {
         let _ = p.write_all(b"CONTROL-PLAINTEXT-FLOW");
         std::thread::sleep(Duration::from_millis(200));
     }
     let pcap = cap.stop();
-    assert!(contains(&pcap, b"CONTROL-PLAINTEXT-FLOW"), "the capture saw nothing");
-    assert!(!contains(&pcap, b"SECRET-AFTER-EXPIRY"), "plaintext left the pod after certificate expiry");
+    assert!(
+        contains(&pcap, b"CONTROL-PLAINTEXT-FLOW"),
+        "the capture saw nothing"
+    );
+    assert!(
+        !contains(&pcap, b"SECRET-AFTER-EXPIRY"),
+        "plaintext left the pod after certificate expiry"
+    );
     let log = plain(&m.log("node1"));
     assert!(log.contains("certificate request failed"), "{log}");
     // Either the renewal already failed past expiry, or the held
@@ -183,8 +258,10 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
 
     // The CA returns: certificates are renewed and traffic flows again.
     c.start_istiod().await;
-    eventually("renewal after the CA returns", Duration::from_secs(60), || {
-        m.whoami("client", &target).is_ok()
-    })
+    eventually(
+        "renewal after the CA returns",
+        Duration::from_secs(60),
+        || m.whoami("client", &target).is_ok(),
+    )
     .await;
 }

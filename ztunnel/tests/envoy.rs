@@ -290,8 +290,19 @@ async fn spoofed_identity_headers_and_tls12_are_refused() {
         {header: {key: forwarded, value: \"for=10.244.1.10;by=spiffe://cluster.local/ns/app/sa/client\"}}, \
         {header: {key: x-forwarded-client-cert, value: \"URI=spiffe://cluster.local/ns/app/sa/client\"}}]}";
     for (sa, port) in [("client", 18000), ("intruder", 18001)] {
-        let (c, k, r) = issue_cert(&ca, &format!("spiffe://cluster.local/ns/app/sa/{sa}"), &m.dir, sa);
-        let tls = tls_common(&c, &k, &r, Some("spiffe://cluster.local/ns/app/sa/server"), 8);
+        let (c, k, r) = issue_cert(
+            &ca,
+            &format!("spiffe://cluster.local/ns/app/sa/{sa}"),
+            &m.dir,
+            sa,
+        );
+        let tls = tls_common(
+            &c,
+            &k,
+            &r,
+            Some("spiffe://cluster.local/ns/app/sa/server"),
+            8,
+        );
         let cfg = envoy_client("10.244.1.11:8080", "10.244.1.11:15008", &tls)
             .replace("tunneling_config: {hostname: \"10.244.1.11:8080\"}", spoof)
             .replace("port_value: 18000", &format!("port_value: {port}"));
@@ -300,18 +311,27 @@ async fn spoofed_identity_headers_and_tls12_are_refused() {
     }
     let fetch = |port: u16| {
         let mut out = String::new();
-        let _ = m.connect("outsider", &format!("127.0.0.1:{port}")).unwrap().read_to_string(&mut out);
+        let _ = m
+            .connect("outsider", &format!("127.0.0.1:{port}"))
+            .unwrap()
+            .read_to_string(&mut out);
         out
     };
     // The real client is admitted (the headers change nothing for it)...
     assert_eq!(fetch(18000).trim(), "server-1 10.244.3.10");
     // ...the intruder claiming to be the client is not.
-    assert_eq!(fetch(18001), "", "headers must not change the identity policy sees");
+    assert_eq!(
+        fetch(18001),
+        "",
+        "headers must not change the identity policy sees"
+    );
     let metrics = m.metrics("node1");
     assert!(
-        metrics.lines().any(|l| l.starts_with("istio_tcp_connections_closed_total")
-            && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/intruder\"")
-            && l.contains("response_flags=\"DENY\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/intruder\"")
+                && l.contains("response_flags=\"DENY\"")),
         "the denial is not recorded against the certificate's identity:\n{metrics}"
     );
 
@@ -329,8 +349,12 @@ async fn spoofed_identity_headers_and_tls12_are_refused() {
     assert!(!tls12.contains("Server certificate"), "{tls12}");
     assert!(tls12.contains("alert protocol version"), "{tls12}");
     wait_for_log(&m, "HBONE TLS handshake refused");
-    assert!(m.metrics("node1").contains("ztunnel_tls_handshake_failures_total"));
-    assert!(m.log("node1").contains("src.identity=spiffe://cluster.local/ns/app/sa/intruder"));
+    assert!(m
+        .metrics("node1")
+        .contains("ztunnel_tls_handshake_failures_total"));
+    assert!(m
+        .log("node1")
+        .contains("src.identity=spiffe://cluster.local/ns/app/sa/intruder"));
 }
 
 /// Client certificates our 15008 must refuse, presented by openssl as a real
@@ -341,11 +365,36 @@ async fn spoofed_identity_headers_and_tls12_are_refused() {
 async fn expired_foreign_and_non_spiffe_client_certificates_are_refused() {
     let m = mesh("bcc").await;
     let ca = m.dir.join("ca");
-    let spiffe = || vec![rcgen::SanType::URI("spiffe://cluster.local/ns/app/sa/client".try_into().unwrap())];
-    let (good, good_key, root) = issue_cert(&ca, "spiffe://cluster.local/ns/app/sa/client", &m.dir, "good");
+    let spiffe = || {
+        vec![rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/app/sa/client"
+                .try_into()
+                .unwrap(),
+        )]
+    };
+    let (good, good_key, root) = issue_cert(
+        &ca,
+        "spiffe://cluster.local/ns/app/sa/client",
+        &m.dir,
+        "good",
+    );
     let expired = issue_raw_cert(&ca, spiffe(), (2020, 1, 1), (2020, 1, 2), &m.dir, "expired");
-    let no_spiffe = issue_raw_cert(&ca, vec![rcgen::SanType::DnsName("client.app.svc".try_into().unwrap())], (2020, 1, 1), (2099, 1, 1), &m.dir, "no-spiffe");
-    let (foreign, foreign_key, _) = issue_cert(&m.dir.join("foreign-ca"), "spiffe://cluster.local/ns/app/sa/client", &m.dir, "foreign");
+    let no_spiffe = issue_raw_cert(
+        &ca,
+        vec![rcgen::SanType::DnsName(
+            "client.app.svc".try_into().unwrap(),
+        )],
+        (2020, 1, 1),
+        (2099, 1, 1),
+        &m.dir,
+        "no-spiffe",
+    );
+    let (foreign, foreign_key, _) = issue_cert(
+        &m.dir.join("foreign-ca"),
+        "spiffe://cluster.local/ns/app/sa/client",
+        &m.dir,
+        "foreign",
+    );
     // One handshake with a client certificate; openssl prints the alert it got.
     let hello = |cert: &std::path::Path, key: &std::path::Path| {
         sh_out(&format!(
@@ -369,22 +418,45 @@ async fn expired_foreign_and_non_spiffe_client_certificates_are_refused() {
     assert!(ok.contains("Verify return code: 0"), "{ok}");
     let mut counted = failures();
     for (what, (cert, key), reason) in [
-        ("expired", (expired.0.as_path(), expired.1.as_path()), "expired"),
-        ("no SPIFFE id", (no_spiffe.0.as_path(), no_spiffe.1.as_path()), "SPIFFE"),
-        ("foreign root", (foreign.as_path(), foreign_key.as_path()), "BadSignature"),
+        (
+            "expired",
+            (expired.0.as_path(), expired.1.as_path()),
+            "expired",
+        ),
+        (
+            "no SPIFFE id",
+            (no_spiffe.0.as_path(), no_spiffe.1.as_path()),
+            "SPIFFE",
+        ),
+        (
+            "foreign root",
+            (foreign.as_path(), foreign_key.as_path()),
+            "BadSignature",
+        ),
     ] {
         let out = hello(cert, key);
         // TLS 1.3 clients learn of the refusal after their Finished: the
         // alert arrives on the first read.
-        assert!(out.contains("alert") || out.contains("error"), "{what}: openssl saw no refusal:\n{out}");
+        assert!(
+            out.contains("alert") || out.contains("error"),
+            "{what}: openssl saw no refusal:\n{out}"
+        );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while failures() <= counted {
-            assert!(std::time::Instant::now() < deadline, "{what}: refusal not counted");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: refusal not counted"
+            );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         counted = failures();
         let log = m.log("node1");
-        let line = log.lines().rev().find(|l| l.contains("HBONE TLS handshake refused") || l.contains("no usable SPIFFE identity"));
-        assert!(line.is_some_and(|l| l.contains(reason)), "{what}: the log does not name the reason ({reason}):\n{log}");
+        let line = log.lines().rev().find(|l| {
+            l.contains("HBONE TLS handshake refused") || l.contains("no usable SPIFFE identity")
+        });
+        assert!(
+            line.is_some_and(|l| l.contains(reason)),
+            "{what}: the log does not name the reason ({reason}):\n{log}"
+        );
     }
 }

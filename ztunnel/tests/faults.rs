@@ -14,7 +14,9 @@ use testbed::*;
 const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
 
 fn fds(m: &Mesh, node: &str) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", m.nodes[node].pid())).unwrap().count()
+    std::fs::read_dir(format!("/proc/{}/fd", m.nodes[node].pid()))
+        .unwrap()
+        .count()
 }
 
 fn live(m: &Mesh, node: &str) -> u64 {
@@ -42,7 +44,8 @@ async fn misbehaving_backends_are_passed_on_and_leave_nothing_behind() {
         // Never answers: the client gives up; nothing answers in between.
         let mut c = m.connect("client", "10.244.2.11:7001").unwrap();
         c.write_all(b"hello?").unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let mut b = [0u8; 8];
         assert!(c.read(&mut b).is_err(), "a silent backend produced bytes");
         drop(c);
@@ -52,8 +55,11 @@ async fn misbehaving_backends_are_passed_on_and_leave_nothing_behind() {
         c.write_all(b"hello").unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let r = c.read(&mut b);
-        assert!(matches!(r, Ok(0) | Err(_)) && !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-            "reset not passed on: {r:?}");
+        assert!(
+            matches!(r, Ok(0) | Err(_))
+                && !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "reset not passed on: {r:?}"
+        );
         drop(c);
 
         // Half-close: EOF arrives after "bye", and the other direction still works.
@@ -68,7 +74,11 @@ async fn misbehaving_backends_are_passed_on_and_leave_nothing_behind() {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while late.load(Ordering::SeqCst) < ROUNDS * "after-fin".len() {
-        assert!(Instant::now() < deadline, "bytes sent after the server's FIN were lost: {}", late.load(Ordering::SeqCst));
+        assert!(
+            Instant::now() < deadline,
+            "bytes sent after the server's FIN were lost: {}",
+            late.load(Ordering::SeqCst)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -76,7 +86,12 @@ async fn misbehaving_backends_are_passed_on_and_leave_nothing_behind() {
     // fd slack for the HBONE pool redialling).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let now = (live(&m, "node1"), live(&m, "node2"), fds(&m, "node1"), fds(&m, "node2"));
+        let now = (
+            live(&m, "node1"),
+            live(&m, "node2"),
+            fds(&m, "node1"),
+            fds(&m, "node2"),
+        );
         if (now.0, now.1) == live_before && now.2 <= before.0 + 2 && now.3 <= before.1 + 2 {
             break;
         }
@@ -86,12 +101,16 @@ async fn misbehaving_backends_are_passed_on_and_leave_nothing_behind() {
     let metrics = m.metrics("node1");
     let opened: u64 = metrics
         .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains("reporter=\"source\""))
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total") && l.contains("reporter=\"source\"")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     let closed: u64 = metrics
         .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("reporter=\"source\""))
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_closed_total") && l.contains("reporter=\"source\"")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert_eq!(opened, closed, "every connection opened was counted closed");
@@ -120,19 +139,31 @@ async fn idle_handshakes_time_out_and_a_connection_storm_leaves_no_residue() {
     let live_before = live(&m, "node2");
 
     // 50 slow-loris clients on 15008: TCP up, no ClientHello.
-    let idle: Vec<_> = (0..50).map(|_| m.connect("outsider", "10.244.2.11:15008").unwrap()).collect();
+    let idle: Vec<_> = (0..50)
+        .map(|_| m.connect("outsider", "10.244.2.11:15008").unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(fds(&m, "node2") >= fds_before + 50, "the idle clients were not even accepted");
+    assert!(
+        fds(&m, "node2") >= fds_before + 50,
+        "the idle clients were not even accepted"
+    );
     let start = Instant::now();
     for mut c in idle {
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut b = [0u8; 1];
         // ztunnel closes them: EOF (or reset), not our read timeout.
         let r = c.read(&mut b);
-        assert!(matches!(r, Ok(0)) || matches!(&r, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock), "{r:?}");
+        assert!(
+            matches!(r, Ok(0))
+                || matches!(&r, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock),
+            "{r:?}"
+        );
     }
     let waited = start.elapsed();
-    assert!(waited < Duration::from_secs(15), "handshake timeout not enforced ({waited:?})");
+    assert!(
+        waited < Duration::from_secs(15),
+        "handshake timeout not enforced ({waited:?})"
+    );
     eprintln!("idle TLS clients cut after {waited:?}");
 
     // A storm of short mTLS connections (bounded: 1,000, 4 at a time).
@@ -156,14 +187,25 @@ async fn idle_handshakes_time_out_and_a_connection_storm_leaves_no_residue() {
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(live(&m, "node2") == live_before && fds(&m, "node2") <= fds_before + 2) {
-        assert!(Instant::now() < deadline, "storm residue: live {} (was {live_before}), fds {} (was {fds_before})", live(&m, "node2"), fds(&m, "node2"));
+        assert!(
+            Instant::now() < deadline,
+            "storm residue: live {} (was {live_before}), fds {} (was {fds_before})",
+            live(&m, "node2"),
+            fds(&m, "node2")
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let rss_after = (rss_kb(&m, "node1"), rss_kb(&m, "node2"));
-    eprintln!("RSS kB before {rss_before:?}, peak {:?}, after {rss_after:?}", peak.lock().unwrap());
+    eprintln!(
+        "RSS kB before {rss_before:?}, peak {:?}, after {rss_after:?}",
+        peak.lock().unwrap()
+    );
     // Allocator caches keep some; growth bounded well below one buffer per connection.
     for (b, a) in [(rss_before.0, rss_after.0), (rss_before.1, rss_after.1)] {
-        assert!(a < b + 8 * 1024, "RSS grew {b} kB -> {a} kB over 1,000 connections");
+        assert!(
+            a < b + 8 * 1024,
+            "RSS grew {b} kB -> {a} kB over 1,000 connections"
+        );
     }
 }
 
@@ -177,10 +219,23 @@ async fn silent_tls_clients_and_blackholed_peers_are_cut_off() {
     let m = two_nodes("bho", ZT, "").await;
     m.echo_server("server-2", 7000);
 
-    let (c, k, r) = issue_cert(&m.dir.join("ca"), "spiffe://cluster.local/ns/app/sa/client", &m.dir, "silent");
+    let (c, k, r) = issue_cert(
+        &m.dir.join("ca"),
+        "spiffe://cluster.local/ns/app/sa/client",
+        &m.dir,
+        "silent",
+    );
     let start = Instant::now();
     let mut s_client = Command::new("ip")
-        .args(["netns", "exec", &m.pod_ns("outsider"), "openssl", "s_client", "-quiet", "-tls1_3"])
+        .args([
+            "netns",
+            "exec",
+            &m.pod_ns("outsider"),
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-tls1_3",
+        ])
         .args(["-connect", "10.244.2.11:15008", "-cert"])
         .arg(&c)
         .arg("-key")
@@ -203,12 +258,24 @@ async fn silent_tls_clients_and_blackholed_peers_are_cut_off() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut err = String::new();
-    s_client.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    s_client
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     let held = start.elapsed();
     eprintln!("silent TLS client ({status}) cut after {held:?}");
     // It did get through TLS (a refused handshake would end at once).
-    assert!(held >= Duration::from_secs(5), "cut before the handshake timeout: {err}");
-    assert!(m.log("node2").contains("no HTTP/2 preface"), "{}", m.log("node2"));
+    assert!(
+        held >= Duration::from_secs(5),
+        "cut before the handshake timeout: {err}"
+    );
+    assert!(
+        m.log("node2").contains("no HTTP/2 preface"),
+        "{}",
+        m.log("node2")
+    );
 
     // A live tunnel, then node2's pod stops answering on 15008 both ways.
     let mut t = m.connect("client", "10.244.2.11:7000").unwrap();
@@ -217,7 +284,10 @@ async fn silent_tls_clients_and_blackholed_peers_are_cut_off() {
     t.read_exact(&mut b).unwrap();
     let live_before = (live(&m, "node1"), live(&m, "node2"));
     let ns2 = m.pod_ns("server-2");
-    let drop_rules = ["INPUT -p tcp --dport 15008 -j DROP", "OUTPUT -p tcp --sport 15008 -j DROP"];
+    let drop_rules = [
+        "INPUT -p tcp --dport 15008 -j DROP",
+        "OUTPUT -p tcp --sport 15008 -j DROP",
+    ];
     for rule in drop_rules {
         sh(&format!("ip netns exec {ns2} iptables -w -I {rule}"));
     }
@@ -226,21 +296,32 @@ async fn silent_tls_clients_and_blackholed_peers_are_cut_off() {
     let r = t.read(&mut b);
     let found = start.elapsed();
     eprintln!("blackholed peer: client connection ended ({r:?}) after {found:?}");
-    assert!(!matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "the tunnel hung for 60 s");
+    assert!(
+        !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the tunnel hung for 60 s"
+    );
     assert!(found < Duration::from_secs(45), "{found:?}");
     // Both ztunnels free the tunnel: node2 ends the app connection too.
-    eventually("both ends release the blackholed tunnel", Duration::from_secs(40), || {
-        live(&m, "node1") < live_before.0 && live(&m, "node2") < live_before.1
-    })
+    eventually(
+        "both ends release the blackholed tunnel",
+        Duration::from_secs(40),
+        || live(&m, "node1") < live_before.0 && live(&m, "node2") < live_before.1,
+    )
     .await;
-    assert!(m.log("node1").contains("stopped answering PINGs"), "{}", m.log("node1"));
+    assert!(
+        m.log("node1").contains("stopped answering PINGs"),
+        "{}",
+        m.log("node1")
+    );
     for rule in drop_rules {
         sh(&format!("ip netns exec {ns2} iptables -w -D {rule}"));
     }
     // The dead connection left the pool: the next tunnel dials afresh.
-    echo_roundtrip(m.connect("client", "10.244.2.11:7000").unwrap(), b"after the blackhole");
+    echo_roundtrip(
+        m.connect("client", "10.244.2.11:7000").unwrap(),
+        b"after the blackhole",
+    );
 }
-
 
 /// Idle application connections are legitimate on 15001 and 15006 (no idle
 /// timeout there), so what must hold is their cost: 200 idle connections
@@ -257,7 +338,10 @@ async fn idle_connections_cost_bounded_memory_and_leave_nothing_behind() {
     // Bounds: an HBONE tunnel reads into buffers it only touches as bytes
     // arrive; the plaintext relay owns two 64 KiB copy buffers, which may be
     // resident whole (measured here: ~15 kB and ~45 kB).
-    for (path, pod, bound_kb) in [("15001 -> HBONE", "client", 64), ("15006 plaintext inbound", "outsider", 160)] {
+    for (path, pod, bound_kb) in [
+        ("15001 -> HBONE", "client", 64),
+        ("15006 plaintext inbound", "outsider", 160),
+    ] {
         let before = [rss_kb(&m, "node1"), rss_kb(&m, "node2")];
         let fds_before = [fds(&m, "node1"), fds(&m, "node2")];
         let live_before = [live(&m, "node1"), live(&m, "node2")];
@@ -272,7 +356,9 @@ async fn idle_connections_cost_bounded_memory_and_leave_nothing_behind() {
             .collect();
         std::thread::sleep(Duration::from_millis(300));
         let during = [rss_kb(&m, "node1"), rss_kb(&m, "node2")];
-        let per_conn: Vec<u64> = (0..2).map(|i| during[i].saturating_sub(before[i]) / N).collect();
+        let per_conn: Vec<u64> = (0..2)
+            .map(|i| during[i].saturating_sub(before[i]) / N)
+            .collect();
         eprintln!("{path}: {N} idle connections, RSS kB before {before:?}, with them {during:?}: {per_conn:?} kB per connection (node1, node2)");
         for kb in &per_conn {
             assert!(*kb <= bound_kb, "{path}: {kb} kB RSS per idle connection");
@@ -284,7 +370,10 @@ async fn idle_connections_cost_bounded_memory_and_leave_nothing_behind() {
             // (100 streams each); those stay pooled by design, each with
             // an fd on both nodes and a serving task on node2.
             let extra = pooled(&m) - pooled_before;
-            let now = ([live(&m, "node1"), live(&m, "node2")], [fds(&m, "node1"), fds(&m, "node2")]);
+            let now = (
+                [live(&m, "node1"), live(&m, "node2")],
+                [fds(&m, "node1"), fds(&m, "node2")],
+            );
             if now.0 == [live_before[0], live_before[1] + extra as u64]
                 && now.1[0] <= fds_before[0] + extra + 2
                 && now.1[1] <= fds_before[1] + extra + 2
@@ -340,20 +429,40 @@ async fn a_vanished_config_file_keeps_the_last_good_state() {
     };
     echo_roundtrip(m.connect("client", "10.244.2.11:7000").unwrap(), b"before");
     assert!(refused(&m));
-    let generation = m.config_dump("node2")["config"]["generation"].as_u64().unwrap();
+    let generation = m.config_dump("node2")["config"]["generation"]
+        .as_u64()
+        .unwrap();
 
     std::fs::remove_file(&m.config).unwrap();
-    eventually("ztunnel reports the missing file", Duration::from_secs(5), || {
-        m.config_dump("node2")["config"]["last_error"].as_str().is_some_and(|e| e.contains(&*m.config.to_string_lossy()))
-    })
+    eventually(
+        "ztunnel reports the missing file",
+        Duration::from_secs(5),
+        || {
+            m.config_dump("node2")["config"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(&*m.config.to_string_lossy()))
+        },
+    )
     .await;
     for _ in 0..5 {
-        echo_roundtrip(m.connect("client", "10.244.2.11:7000").unwrap(), b"while gone");
+        echo_roundtrip(
+            m.connect("client", "10.244.2.11:7000").unwrap(),
+            b"while gone",
+        );
         assert!(refused(&m), "the DENY policy lapsed with its file");
     }
-    assert_eq!(m.config_dump("node2")["config"]["generation"].as_u64().unwrap(), generation, "state changed without a file");
+    assert_eq!(
+        m.config_dump("node2")["config"]["generation"]
+            .as_u64()
+            .unwrap(),
+        generation,
+        "state changed without a file"
+    );
 
     // The file returns, without the policy: that applies.
     m.write_config(&two_node_yaml(""));
-    eventually("the returned file applies", Duration::from_secs(5), || !refused(&m)).await;
+    eventually("the returned file applies", Duration::from_secs(5), || {
+        !refused(&m)
+    })
+    .await;
 }

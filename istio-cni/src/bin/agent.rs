@@ -19,7 +19,11 @@ struct Args {
     #[arg(long, env = "NODE_NAME", default_value = "")]
     node: String,
     /// Standalone mesh config that decides membership; watched.
-    #[arg(long, required_unless_present = "from_kube", conflicts_with = "from_kube")]
+    #[arg(
+        long,
+        required_unless_present = "from_kube",
+        conflicts_with = "from_kube"
+    )]
     config: Option<PathBuf>,
     /// Decide membership from the Kubernetes API (in-cluster credentials, or
     /// KUBECONFIG): namespaces and this node's pods.
