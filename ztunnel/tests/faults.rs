@@ -115,6 +115,20 @@ async fn misbehaving_backends_are_passed_on_and_leave_nothing_behind() {
         .sum();
     assert_eq!(opened, closed, "every connection opened was counted closed");
     assert!(opened as usize >= 3 * ROUNDS);
+    // The resets are logged as failures, naming the cause, on both ends.
+    let failed = |node: &str| {
+        m.log(node)
+            .lines()
+            .filter(|l| l.contains("connection failed"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let (f1, f2) = (failed("node1"), failed("node2"));
+    assert!(
+        f2.len() >= ROUNDS && f2.iter().any(|l| l.contains("reset")),
+        "destination log: {f2:?}"
+    );
+    assert!(f1.len() >= ROUNDS, "source log: {f1:?}");
 }
 
 fn rss_kb(m: &Mesh, node: &str) -> u64 {
