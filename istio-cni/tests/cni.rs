@@ -266,10 +266,8 @@ async fn restarts_of_ztunnel_and_agent_keep_pods_captured() {
         "packets left a for b while ztunnel was down ({} bytes captured)",
         raw.len()
     );
-    assert_eq!(
-        capture_traces(&m, "a").contains("REDIRECT --to-ports 15001"),
-        true
-    );
+    let traces = capture_traces(&m, "a");
+    assert!(traces.contains("REDIRECT --to-ports 15001"), "{traces}");
 
     // A new ztunnel gets the snapshot and serves a again.
     m.start_ztunnel("node1", &m.dir.join("ca"));

@@ -1303,7 +1303,7 @@ pub(crate) fn virtual_service(
         }
         if rule.backends.is_empty()
             && rule.redirect.is_none()
-            && !rule.fault.as_ref().is_some_and(|f| f.abort.is_some())
+            && rule.fault.as_ref().is_none_or(|f| f.abort.is_none())
         {
             return Err(err(
                 object,

@@ -93,10 +93,10 @@ impl Backend {
             let health = self.health.lock().unwrap();
             (0..eps.len())
                 .filter(|i| {
-                    !health
+                    health
                         .get(&eps[*i].0.ip)
                         .and_then(|s| s.ejected_until)
-                        .is_some_and(|t| t > now)
+                        .is_none_or(|t| t <= now)
                 })
                 .collect()
         };
@@ -221,7 +221,10 @@ fn hash(v: Option<impl Hash>) -> usize {
 /// Balancing state per (service host, subset). Outlier state survives config
 /// changes; a changed pool limit starts a fresh backend.
 #[derive(Default)]
-pub struct Backends(Mutex<HashMap<(String, Option<String>), Arc<Backend>>>);
+pub struct Backends(Mutex<HashMap<BackendKey, Arc<Backend>>>);
+
+/// (service host, subset)
+type BackendKey = (String, Option<String>);
 
 impl Backends {
     pub fn get(&self, host: &str, subset: Option<&str>, policy: &TrafficPolicy) -> Arc<Backend> {

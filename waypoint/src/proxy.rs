@@ -177,10 +177,10 @@ async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
 
 /// The service the CONNECT named (by VIP) and its endpoints on that port, or
 /// the one workload it named.
-fn endpoints_for_target(
-    state: &MeshState,
-    target: SocketAddr,
-) -> Option<(Option<Arc<Service>>, Vec<(Arc<Workload>, u16)>)> {
+/// The service (if the target was a VIP) and its (endpoint, port) pairs.
+type TargetEndpoints = (Option<Arc<Service>>, Vec<(Arc<Workload>, u16)>);
+
+fn endpoints_for_target(state: &MeshState, target: SocketAddr) -> Option<TargetEndpoints> {
     if let Some(svc) = state.service_by_vip(target.ip()) {
         return Some((Some(svc.clone()), state.endpoints_for(svc, target.port())));
     }

@@ -65,7 +65,7 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
         None => (unknown(), unknown(), unknown()),
     };
     let w = |w: Option<&Workload>, f: fn(&Workload) -> String| w.map(f).unwrap_or_else(unknown);
-    let labels = [
+    [
         ("reporter", "waypoint".to_string()),
         ("source_workload", w(r.src_workload, |w| w.name.clone())),
         (
@@ -127,8 +127,7 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
         ("grpc_response_status", String::new()),
         ("response_flags", r.flags.clone()),
         ("connection_security_policy", "mutual_tls".to_string()),
-    ];
-    labels
+    ]
 }
 
 /// The metric handles of one label set: registering is costly (25 labels,

@@ -56,8 +56,8 @@ fn waypoint_demo(m: &Mesh, state: &mesh::MeshState, wp: &mesh::routes::Waypoint,
     }
     let url = format!("http://{}:{}", svc.vips[0], svc.ports[0].port);
     println!(
-        "\n== client -> {} through waypoint {}/{} ({} {}/{})",
-        svc.hostname, wp.namespace, wp.name, "route", route.namespace, route.name
+        "\n== client -> {} through waypoint {}/{} (route {}/{})",
+        svc.hostname, wp.namespace, wp.name, route.namespace, route.name
     );
     let (_, out) = testbed::sh_out(&format!(
         "ip netns exec {} curl -s '{url}/shop?i=[1-50]'",
