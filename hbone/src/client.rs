@@ -3,7 +3,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -34,6 +34,18 @@ struct Conn {
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Conn>>>,
+    gates: Mutex<HashMap<PoolKey, Arc<DialGate>>>,
+}
+
+/// One dial at a time per key: callers that find no room wait for the dial
+/// in flight and use its connection instead of each opening their own (a
+/// burst used to open several). A failed dial is shared with those who
+/// waited on it, so a dead peer costs them one timeout, not one each.
+#[derive(Default)]
+struct DialGate {
+    turn: tokio::sync::Mutex<()>,
+    /// When the last dial through this gate failed, and why.
+    failed: Mutex<Option<(Instant, String)>>,
 }
 
 async fn open(
@@ -166,9 +178,55 @@ impl Pool {
                 }
             }
         }
-        let (send, guard) = self.dial(&key, tls, dial).await?;
+        let (send, guard) = self.dial_once(&key, tls, dial).await?;
         let (s, r) = open(send, authority, headers).await?;
         Ok((s, r, guard))
+    }
+
+    /// A slot on a connection for `key`: one another caller dialed while we
+    /// waited our turn, or one we dial now.
+    async fn dial_once<D, F>(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        dial: D,
+    ) -> Result<(SendRequest<Bytes>, StreamGuard), Error>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
+        let gate = self
+            .gates
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let asked = Instant::now();
+        let result = async {
+            let _turn = gate.turn.lock().await;
+            if let Some((at, reason)) = gate.failed.lock().unwrap().clone() {
+                if at >= asked {
+                    return Err(Error::DialFailed {
+                        addr: key.dst,
+                        reason,
+                    });
+                }
+            }
+            if let Some((send, guard, _)) = self.checkout(key) {
+                return Ok((send, guard));
+            }
+            self.dial(key, tls, dial).await.inspect_err(|e| {
+                *gate.failed.lock().unwrap() = Some((Instant::now(), e.to_string()));
+            })
+        }
+        .await;
+        // The map's reference and ours: nobody else waits on this gate.
+        let mut gates = self.gates.lock().unwrap();
+        if Arc::strong_count(&gate) == 2 {
+            gates.remove(key);
+        }
+        result
     }
 
     async fn dial<D, F>(

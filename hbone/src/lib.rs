@@ -42,6 +42,11 @@ pub enum Error {
     },
     #[error("handshake with {addr} timed out after {:?}", crate::HANDSHAKE_TIMEOUT)]
     HandshakeTimeout { addr: std::net::SocketAddr },
+    #[error("connection to {addr} failed while this tunnel waited for it: {reason}")]
+    DialFailed {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
     #[error("TLS handshake with {addr}: {source}")]
     Tls {
         addr: std::net::SocketAddr,

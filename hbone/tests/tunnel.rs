@@ -175,3 +175,89 @@ async fn server_refuses_what_is_not_connect_to_ip_port() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// 50 tunnels asked for at once share one dial; when the peer accepts TCP
+/// and never answers TLS, the callers that waited on that dial fail with it
+/// (one handshake timeout in all, not one each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_tunnels_share_one_dial_and_its_failure() {
+    let (server, client, dir) = certs("burst").await;
+    let addr = echo_server(server).await;
+    let pool = hbone::Pool::new();
+    let key = hbone::PoolKey {
+        source: "pod".into(),
+        dst_identity: Identity::new("cluster.local", "ns", "server"),
+        dst: addr,
+    };
+    let burst = |key: hbone::PoolKey, n: usize| {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (pool, key, tls) = (pool.clone(), key.clone(), client.client.clone());
+            set.spawn(async move {
+                pool.connect(
+                    key.clone(),
+                    tls,
+                    || TcpStream::connect(key.dst),
+                    "10.0.0.1:80",
+                    HeaderMap::new(),
+                )
+                .await
+            });
+        }
+        set
+    };
+    let mut set = burst(key.clone(), 50);
+    let mut held = Vec::new();
+    while let Some(r) = set.join_next().await {
+        held.push(r.unwrap().unwrap());
+    }
+    let stats = pool.stats();
+    assert_eq!(
+        (stats[0].1, stats[0].2),
+        (1, 50),
+        "50 concurrent first tunnels: (connections, streams)"
+    );
+    drop(held);
+
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            accepted.push(s);
+        }
+    });
+    let start = std::time::Instant::now();
+    let mut set = burst(
+        hbone::PoolKey {
+            dst: silent_addr,
+            ..key
+        },
+        5,
+    );
+    let mut errors = Vec::new();
+    while let Some(r) = set.join_next().await {
+        errors.push(r.unwrap().err().expect("a silent peer gave a tunnel"));
+    }
+    let took = start.elapsed();
+    assert!(
+        took < hbone::HANDSHAKE_TIMEOUT * 2,
+        "waiters paid a timeout each: {took:?}"
+    );
+    let timed_out = errors
+        .iter()
+        .filter(|e| matches!(e, hbone::Error::HandshakeTimeout { .. }))
+        .count();
+    let shared = errors
+        .iter()
+        .filter(|e| matches!(e, hbone::Error::DialFailed { .. }))
+        .count();
+    assert_eq!((timed_out, shared), (1, 4), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.to_string().contains(&silent_addr.to_string())),
+        "{errors:?}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
