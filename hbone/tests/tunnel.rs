@@ -23,6 +23,15 @@ async fn certs(tag: &str) -> (Arc<WorkloadCert>, Arc<WorkloadCert>, std::path::P
     (m.fetch(&s).await.unwrap(), m.fetch(&c).await.unwrap(), dir)
 }
 
+/// Tunnels from one source pod to the server at `addr`, which must prove `sa`.
+fn key(addr: std::net::SocketAddr, sa: &str) -> hbone::PoolKey {
+    hbone::PoolKey {
+        source: "pod".into(),
+        dst_identity: Identity::new("cluster.local", "ns", sa),
+        dst: addr,
+    }
+}
+
 /// An HBONE server whose "application" echoes every byte.
 async fn echo_server(server: Arc<WorkloadCert>) -> std::net::SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -58,11 +67,7 @@ async fn tunnel_is_byte_exact_and_pooled() {
     let (server, client, dir) = certs("exact").await;
     let addr = echo_server(server).await;
     let pool = hbone::Pool::new();
-    let key = hbone::PoolKey {
-        source: "pod".into(),
-        dst_identity: Identity::new("cluster.local", "ns", "server"),
-        dst: addr,
-    };
+    let key = key(addr, "server");
     for round in 0..3u8 {
         let (mut send, mut recv, _g) = pool
             .connect(
@@ -108,11 +113,7 @@ async fn tunnel_is_byte_exact_and_pooled() {
 async fn client_refuses_server_with_other_identity() {
     let (server, client, dir) = certs("wrongid").await;
     let addr = echo_server(server).await;
-    let key = hbone::PoolKey {
-        source: "pod".into(),
-        dst_identity: Identity::new("cluster.local", "ns", "someone-else"),
-        dst: addr,
-    };
+    let key = key(addr, "someone-else");
     let err = hbone::Pool::new()
         .connect(
             key,
@@ -184,11 +185,7 @@ async fn concurrent_first_tunnels_share_one_dial_and_its_failure() {
     let (server, client, dir) = certs("burst").await;
     let addr = echo_server(server).await;
     let pool = hbone::Pool::new();
-    let key = hbone::PoolKey {
-        source: "pod".into(),
-        dst_identity: Identity::new("cluster.local", "ns", "server"),
-        dst: addr,
-    };
+    let key = key(addr, "server");
     let burst = |key: hbone::PoolKey, n: usize| {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..n {

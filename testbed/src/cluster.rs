@@ -417,6 +417,15 @@ impl Cluster {
     }
 
     /// The object as the API serves it (JSON), for assertions and diagnostics.
+    /// The ClusterIP the API server allocated to Service `namespace/name`.
+    pub async fn cluster_ip(&self, namespace: &str, name: &str) -> String {
+        let svc = self.get("v1", "Service", namespace, name).await;
+        svc["spec"]["clusterIP"]
+            .as_str()
+            .unwrap_or_else(|| panic!("Service {namespace}/{name} has no clusterIP: {svc}"))
+            .to_string()
+    }
+
     pub async fn get(
         &self,
         api_version: &str,

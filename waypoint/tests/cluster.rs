@@ -123,16 +123,7 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
         &[("waypoint", "10.244.1.20")],
     )
     .await;
-    let svc: kube::Api<k8s_openapi::api::core::v1::Service> =
-        kube::Api::namespaced(c.client.clone(), "app");
-    let vip = svc
-        .get("echo")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .cluster_ip
-        .unwrap();
+    let vip = c.cluster_ip("app", "echo").await;
 
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
     m.start_node("node1", &m.dir.clone()).await;

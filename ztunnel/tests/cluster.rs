@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
 use testbed::*;
 
 const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
@@ -63,15 +62,7 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
         c.mark_captured("demo", name).await;
     }
     c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  selector: {app: server}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n").await;
-    let svc: kube::Api<Service> = kube::Api::namespaced(c.client.clone(), "demo");
-    let vip = svc
-        .get("server")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .cluster_ip
-        .unwrap();
+    let vip = c.cluster_ip("demo", "server").await;
     let target = format!("{vip}:80");
 
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
