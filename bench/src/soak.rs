@@ -71,30 +71,6 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-fn rss_mib(ns: &str, comm: &str) -> f64 {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
-        .filter_map(|pid| {
-            let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let kb: f64 = st
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some(kb / 1024.0)
-        })
-        .fold(0.0, f64::max)
-}
-
 /// Runs `f` every `every` until `stop`, recording latency or error in `flow`.
 fn paced(
     stop: Arc<AtomicBool>,
@@ -189,9 +165,9 @@ pub fn run(m: &Mesh, waypoint_url_ip: &str, l4_ip: &str) {
         }
         row.push(format!(
             "{:.1} | {:.1} | {:.1}",
-            rss_mib(&nodes[0], "ztunnel"),
-            rss_mib(&nodes[1], "ztunnel"),
-            rss_mib(&wp_ns, "waypoint")
+            super::status_mib(&nodes[0], "ztunnel", "VmRSS"),
+            super::status_mib(&nodes[1], "ztunnel", "VmRSS"),
+            super::status_mib(&wp_ns, "waypoint", "VmRSS")
         ));
         eprintln!("{}", row.join(" | "));
         rows.push(row);

@@ -204,41 +204,19 @@ fn h2load(m: &Mesh, url: &str) -> (f64, f64) {
 }
 
 fn pid_of(ns: &str, comm: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
+    testbed::pids_in_netns(ns, comm)
+        .first()
         .expect("process in netns")
         .to_string()
 }
 
-/// Peak RSS (VmHWM) of the process named `comm` in netns `ns`, MiB.
-fn peak_rss(ns: &str, comm: &str) -> f64 {
-    let out = Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
-        .filter_map(|pid| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let kb: f64 = status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some(kb / 1024.0)
-        })
+/// A memory field (`VmRSS`, `VmHWM`) of the processes named `comm` in netns
+/// `ns`, the largest, MiB.
+fn status_mib(ns: &str, comm: &str, field: &str) -> f64 {
+    testbed::pids_in_netns(ns, comm)
+        .into_iter()
+        .filter_map(|pid| testbed::proc_status_kb(pid, field))
+        .map(|kb| kb as f64 / 1024.0)
         .fold(0.0, f64::max)
 }
 
@@ -356,7 +334,7 @@ async fn main() {
     }
     println!(
         "\npeak RSS: waypoint {:.1} MiB, Envoy proxy {:.1} MiB",
-        peak_rss(&m.pod_ns("waypoint"), "waypoint"),
-        peak_rss(&m.pod_ns("envoy"), "envoy")
+        status_mib(&m.pod_ns("waypoint"), "waypoint", "VmHWM"),
+        status_mib(&m.pod_ns("envoy"), "envoy", "VmHWM")
     );
 }

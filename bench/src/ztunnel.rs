@@ -144,13 +144,7 @@ fn conn_rate(m: &Mesh, client: &str, server: &str) -> f64 {
 }
 
 fn rss_mb(pid: u32, field: &str) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .unwrap_or(f64::NAN)
-        / 1024.0
+    testbed::proc_status_kb(pid, field).map_or(f64::NAN, |kb| kb as f64 / 1024.0)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -192,10 +186,7 @@ async fn main() {
     // Warm the pooled HBONE connection and certificates, then measure idle.
     let _ = conn_rate_once(&m);
     std::thread::sleep(Duration::from_secs(1));
-    let idle = pids
-        .iter()
-        .map(|p| rss_mb(*p, "VmRSS:"))
-        .fold(0.0, f64::max);
+    let idle = pids.iter().map(|p| rss_mb(*p, "VmRSS")).fold(0.0, f64::max);
 
     eprintln!(
         "measuring: {}s per run; two ztunnels, iperf3/sockperf client and server share 2 cores",
@@ -226,10 +217,7 @@ async fn main() {
         iperf(&m, "dclient", "dserver", 4),
         iperf(&m, "client", "server", 4),
     );
-    let peak = pids
-        .iter()
-        .map(|p| rss_mb(*p, "VmHWM:"))
-        .fold(0.0, f64::max);
+    let peak = pids.iter().map(|p| rss_mb(*p, "VmHWM")).fold(0.0, f64::max);
     let lat = (
         sockperf(&m, "dclient", "dserver"),
         sockperf(&m, "client", "server"),

@@ -660,6 +660,42 @@ pub fn issue_cert(
     (c, k, r)
 }
 
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`...), if the
+/// process and the field exist.
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Open file descriptors of `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Pids of the processes named `comm` in network namespace `ns`.
+pub fn pids_in_netns(ns: &str, comm: &str) -> Vec<u32> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
 /// A leaf signed directly by the mesh root in `ca_dir`, with whatever SANs
 /// and validity the test needs (an expired one, one without a SPIFFE id):
 /// certificates the built-in CA would never issue. Returns (cert, key).

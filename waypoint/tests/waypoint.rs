@@ -658,12 +658,6 @@ metadata: {name: faulty, namespace: app}
 spec: {clusterIP: 10.96.0.23, selector: {app: echo, version: v1}, ports: [{name: http-silent, port: 81, targetPort: 8081}, {name: http-reset, port: 82, targetPort: 8082}, {name: tcp-halfclose, port: 9003, targetPort: 9003}]}
 ";
 
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 /// Slow-loris clients are cut by the header timeout; a backend that never
 /// answers is let go when its client gives up; a resetting backend becomes a
 /// 503 flagged UR; a half-closing one passes through L4 faithfully. After
@@ -687,7 +681,7 @@ async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
     // Warm certificates and the HBONE pools so the baseline includes them.
     assert_eq!(codes(m, "http://10.96.0.21/", 1, ""), ["200"]);
     std::thread::sleep(Duration::from_millis(300));
-    let fds_before = fds(wp);
+    let fds_before = fd_count(wp);
 
     // 20 clients stop halfway through their headers; one trickles a byte
     // every 300 ms, which must not keep it alive either.
@@ -716,7 +710,7 @@ async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
     };
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        fds(wp) < fds_before + 5,
+        fd_count(wp) < fds_before + 5,
         "slow clients cost the waypoint fds: the tunnels are streams"
     );
     for s in &mut slow {
@@ -800,7 +794,7 @@ async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
     eventually(
         "the waypoint's fds return to the baseline",
         Duration::from_secs(10),
-        || fds(wp) <= fds_before + 2,
+        || fd_count(wp) <= fds_before + 2,
     )
     .await;
 }

@@ -14,9 +14,7 @@ use testbed::*;
 const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
 
 fn fds(m: &Mesh, node: &str) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", m.nodes[node].pid()))
-        .unwrap()
-        .count()
+    fd_count(m.nodes[node].pid())
 }
 
 fn live(m: &Mesh, node: &str) -> u64 {
@@ -132,12 +130,7 @@ async fn misbehaving_backends_are_passed_on_and_leave_nothing_behind() {
 }
 
 fn rss_kb(m: &Mesh, node: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", m.nodes[node].pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    proc_status_kb(m.nodes[node].pid(), "VmRSS").unwrap()
 }
 
 /// Clients that connect to 15008 and never start TLS are cut off by the
