@@ -23,8 +23,10 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 /// Streams per pooled connection before the pool opens another (as upstream).
 pub const MAX_STREAMS_PER_CONN: usize = 100;
 pub const HBONE_PORT: u16 = 15008;
-/// TCP connect, TLS and HTTP/2 preface together, on either end: a peer that
-/// accepts and then says nothing is cut off rather than held.
+/// A peer that connects and then says nothing is cut off rather than held.
+/// The dialing side spends it on TCP connect, TLS and the HTTP/2 preface
+/// together; the accepting side on TLS, and again on the preface (`serve`
+/// receives the stream after TLS).
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// rustls pulls one TLS record (~16 KiB) per read; a large read buffer under
