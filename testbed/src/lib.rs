@@ -441,6 +441,19 @@ impl Mesh {
         });
     }
 
+    /// The client side of `half_closing_server`: "bye" then EOF must arrive,
+    /// and the bytes sent after the server's FIN go through
+    /// (`HALF_CLOSE_LATE` of them, counted by the server).
+    pub fn half_close_exchange(&self, pod: &str, addr: &str) {
+        let mut c = self.connect(pod, addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"bye");
+        c.write_all(HALF_CLOSE_LATE).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+
     /// Sends "bye", half-closes, and keeps reading; returns the bytes it
     /// received after its FIN (they must not be lost).
     pub fn half_closing_server(
@@ -659,6 +672,9 @@ pub fn issue_cert(
     std::fs::write(&r, chain.last().unwrap()).unwrap();
     (c, k, r)
 }
+
+/// What `half_close_exchange` sends after the server's FIN.
+pub const HALF_CLOSE_LATE: &[u8] = b"after-fin";
 
 /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`...), if the
 /// process and the field exist.

@@ -776,18 +776,12 @@ async fn slow_clients_and_misbehaving_backends_leave_the_waypoint_clean() {
     // Half-close through the waypoint at L4: "bye" then EOF, and our bytes
     // after the backend's FIN still arrive.
     for _ in 0..5 {
-        let mut s = m.connect("client", "10.96.0.23:9003").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).unwrap();
-        assert_eq!(out, b"bye");
-        s.write_all(b"after-fin").unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
+        m.half_close_exchange("client", "10.96.0.23:9003");
     }
     eventually(
         "bytes sent after the backend's FIN arrive",
         Duration::from_secs(10),
-        || late.load(Ordering::SeqCst) == 5 * "after-fin".len(),
+        || late.load(Ordering::SeqCst) == 5 * HALF_CLOSE_LATE.len(),
     )
     .await;
 
