@@ -7,8 +7,10 @@
 //! says".
 //!
 //! One bad object does not freeze the rest: objects whose kind the translator
-//! checks strictly are validated alone first; an invalid one is left out and
-//! logged by name.
+//! checks strictly are validated alone first; an invalid one is left out,
+//! logged and counted once by name, and listed in `Dropped` for the config
+//! dump. Security objects are never left out: the translator makes what it
+//! cannot evaluate fail closed, and reports it itself.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -80,6 +82,9 @@ impl Selection {
     }
 }
 
+/// The objects the last render left out, and why.
+pub type Dropped = Arc<std::sync::Mutex<Vec<mesh::Rejected>>>;
+
 /// Connects (in-cluster credentials, or KUBECONFIG), starts `run` in the
 /// background and returns once the first complete render is on disk, so the
 /// caller can read `out` as its standalone config and watch it.
@@ -88,15 +93,17 @@ pub async fn start(
     out: PathBuf,
     trust_domain: String,
     stop: watch::Receiver<bool>,
-) -> Result<(), SourceError> {
+) -> Result<Dropped, SourceError> {
     // A render from a previous run is stale: the view must come from now.
     let _ = std::fs::remove_file(&out);
     let client = kube::Client::try_default()
         .await
         .map_err(|e| SourceError::Client(e.to_string()))?;
     let path = out.clone();
+    let dropped = Dropped::default();
+    let report = dropped.clone();
     let mut task = tokio::spawn(async move {
-        if let Err(e) = run(client, sel, path, trust_domain, stop).await {
+        if let Err(e) = run(client, sel, path, trust_domain, report, stop).await {
             tracing::error!(error = %e, "Kubernetes source stopped");
         }
     });
@@ -112,7 +119,7 @@ pub async fn start(
             _ = &mut task => return Err(SourceError::NotSynced(limit)),
         }
     }
-    Ok(())
+    Ok(dropped)
 }
 
 /// Watches `sel` and keeps `out` holding the rendered config, rewriting it
@@ -122,6 +129,7 @@ pub async fn run(
     sel: Selection,
     out: PathBuf,
     trust_domain: String,
+    dropped: Dropped,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), SourceError> {
     let changed = Arc::new(Notify::new());
@@ -174,7 +182,12 @@ pub async fn run(
         // Let a burst of events (an initial list, a `kubectl apply -f dir`)
         // land as one rewrite.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let text = render(&stores, &trust_domain);
+        let (text, left_out) = render(&stores, &trust_domain);
+        {
+            let mut d = dropped.lock().unwrap();
+            mesh::report_rejected(&d, &left_out);
+            *d = left_out;
+        }
         if last.as_ref() == Some(&text) {
             continue;
         }
@@ -216,8 +229,13 @@ async fn discover(client: &kube::Client, g: &GroupVersionKind) -> Option<ApiReso
     }
 }
 
-/// The objects as standalone YAML documents, sorted for stable output.
-fn render(stores: &[(ApiResource, Store<DynamicObject>)], trust_domain: &str) -> String {
+/// The objects as standalone YAML documents, sorted for stable output, and
+/// those left out because the translator refuses them.
+fn render(
+    stores: &[(ApiResource, Store<DynamicObject>)],
+    trust_domain: &str,
+) -> (String, Vec<mesh::Rejected>) {
+    let mut left_out = Vec::new();
     let mut docs: BTreeMap<(String, String, String), Value> = BTreeMap::new();
     for (ar, store) in stores {
         for obj in store.state() {
@@ -232,14 +250,21 @@ fn render(stores: &[(ApiResource, Store<DynamicObject>)], trust_domain: &str) ->
         let yaml = serde_yaml::to_string(&v).expect("JSON values serialize");
         if !matches!(kind.as_str(), "Namespace" | "Pod" | "Service") {
             if let Err(e) = mesh::standalone::parse(&yaml, trust_domain) {
-                tracing::error!(object = %format!("{kind} {ns}/{name}"), error = %e, "invalid object left out of the mesh config");
+                left_out.push(mesh::Rejected {
+                    kind,
+                    namespace: ns,
+                    name,
+                    field: e.field,
+                    reason: e.message,
+                    effect: "left out of the mesh config".into(),
+                });
                 continue;
             }
         }
         text.push_str("---\n");
         text.push_str(&yaml);
     }
-    text
+    (text, left_out)
 }
 
 /// What the translator reads of an object: identity, labels, annotations,

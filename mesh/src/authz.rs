@@ -42,7 +42,10 @@ pub struct AuthorizationPolicy {
 /// What a waypoint policy is attached to (in the policy's namespace).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TargetRef {
-    /// `Gateway` (all traffic through that waypoint) or `Service`.
+    /// `Gateway` (all traffic through that waypoint), `Service`, or
+    /// `GatewayClass` (from the root namespace: every waypoint of the class).
+    /// Any other kind could not be read and covers every waypoint in the
+    /// policy's namespace, so what it says fails closed.
     pub kind: String,
     pub name: String,
 }
@@ -53,9 +56,28 @@ pub struct TargetedPolicy {
     pub policy: AuthorizationPolicy,
 }
 
+impl TargetedPolicy {
+    /// Whether the policy applies to traffic through waypoint
+    /// `wp_namespace/wp_name` to `service` (namespace, name), if any.
+    pub fn applies(&self, wp_namespace: &str, wp_name: &str, service: Option<(&str, &str)>) -> bool {
+        let ns = self.policy.namespace.as_str();
+        self.targets.iter().any(|t| match t.kind.as_str() {
+            "Gateway" => ns == wp_namespace && t.name == wp_name,
+            "Service" => service == Some((ns, t.name.as_str())),
+            "GatewayClass" => ns == crate::ROOT_NAMESPACE && t.name == crate::routes::WAYPOINT_CLASS,
+            _ => ns == wp_namespace || ns == crate::ROOT_NAMESPACE,
+        })
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Rule {
     pub clauses: Vec<Clause>,
+    /// Fields of this rule the source held but we cannot evaluate (left out
+    /// of `clauses`). Istio's fail-closed rule: an ALLOW (or AUDIT) rule with
+    /// any matches nothing; a DENY rule matches on the rest, so denies more.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unevaluable: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -213,6 +235,8 @@ impl Match {
 }
 
 impl Rule {
+    /// The rule's clauses alone; `AuthorizationPolicy::matches` adds the
+    /// fail-closed treatment of `unevaluable`.
     fn matches(&self, c: &Connection) -> bool {
         self.clauses
             .iter()
@@ -236,34 +260,28 @@ impl AuthorizationPolicy {
     }
 
     /// The policy as it can be enforced without seeing requests (ztunnel, or
-    /// a waypoint passing bytes through at L4), failing closed as Istio does:
-    /// an ALLOW rule that needs request attributes matches nothing; a DENY
-    /// rule ignores them and so denies more.
+    /// a waypoint passing bytes through at L4): request attributes become
+    /// unevaluable, so an ALLOW rule needing them matches nothing and a DENY
+    /// rule ignores them and denies more, as Istio does.
     pub fn l4_only(&self) -> AuthorizationPolicy {
         let mut p = self.clone();
-        let uses_l7 = |r: &Rule| {
-            r.clauses
-                .iter()
-                .any(|c| c.matches.iter().any(|m| !m.l7.is_empty()))
-        };
-        match p.action {
-            Action::Allow | Action::Audit => p.rules.retain(|r| !uses_l7(r)),
-            Action::Deny => {
-                for m in p
-                    .rules
-                    .iter_mut()
-                    .flat_map(|r| &mut r.clauses)
-                    .flat_map(|c| &mut c.matches)
-                {
-                    m.l7 = L7Match::default();
-                }
+        for r in &mut p.rules {
+            let mut uses_l7 = false;
+            for m in r.clauses.iter_mut().flat_map(|c| &mut c.matches) {
+                uses_l7 |= !m.l7.is_empty();
+                m.l7 = L7Match::default();
+            }
+            if uses_l7 {
+                r.unevaluable.push("request attributes (need a waypoint)".into());
             }
         }
         p
     }
 
     pub fn matches(&self, c: &Connection) -> bool {
-        self.rules.iter().any(|r| r.matches(c))
+        self.rules
+            .iter()
+            .any(|r| (self.action == Action::Deny || r.unevaluable.is_empty()) && r.matches(c))
     }
 
     fn key(&self) -> String {

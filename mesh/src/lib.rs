@@ -3,7 +3,9 @@
 
 pub mod authz;
 pub mod model;
+mod rejected;
 pub mod routes;
+mod security;
 mod service_entry;
 pub mod standalone;
 mod store;
@@ -12,6 +14,7 @@ pub use model::{
     Endpoint, MeshState, MtlsMode, PeerAuthentication, Service, ServicePort, TargetPort,
     TunnelProtocol, Workload,
 };
+pub use rejected::{report_new as report_rejected, Rejected};
 pub use service_entry::{Resolution, ServiceEntry};
 pub use standalone::ConfigError;
 pub use store::{watch_file, MeshStore};

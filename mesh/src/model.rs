@@ -116,6 +116,9 @@ pub struct MeshState {
     /// the IP. Their `ip` is unspecified; nothing routes to them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unaddressed: Vec<Arc<Workload>>,
+    /// Objects the source held that could not be translated as written, and
+    /// what applies instead (security objects fail closed).
+    pub rejected: Vec<crate::Rejected>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]
@@ -151,6 +154,7 @@ impl MeshState {
             destination_rules: Vec::new(),
             waypoint_policies: Vec::new(),
             unaddressed: Vec::new(),
+            rejected: Vec::new(),
             by_ip,
             by_vip,
         }

@@ -6,17 +6,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
-use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::authz::{
-    Action, AuthorizationPolicy, Clause, L7Match, Match, Rule, Scope, StringMatch, TargetRef,
-    TargetedPolicy,
-};
+use crate::security::{self, ParsedPolicy};
 use crate::model::*;
 use crate::routes::{WaypointRef, USE_WAYPOINT_LABEL, USE_WAYPOINT_NS_LABEL};
-use crate::{DATAPLANE_MODE_LABEL, ROOT_NAMESPACE};
+use crate::DATAPLANE_MODE_LABEL;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -135,127 +131,6 @@ struct SvcPort {
     protocol: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Selector {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AuthzSpec {
-    #[serde(default)]
-    selector: Option<Selector>,
-    #[serde(default)]
-    target_refs: Vec<serde_yaml::Value>,
-    #[serde(default)]
-    target_ref: Option<serde_yaml::Value>,
-    #[serde(default)]
-    action: Option<String>,
-    #[serde(default)]
-    rules: Vec<AuthzRule>,
-    #[serde(default)]
-    provider: Option<serde_yaml::Value>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct AuthzRule {
-    #[serde(default)]
-    from: Vec<From>,
-    #[serde(default)]
-    to: Vec<To>,
-    #[serde(default)]
-    when: Vec<Condition>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct From {
-    source: Source,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Source {
-    #[serde(default)]
-    principals: Vec<String>,
-    #[serde(default)]
-    not_principals: Vec<String>,
-    #[serde(default)]
-    namespaces: Vec<String>,
-    #[serde(default)]
-    not_namespaces: Vec<String>,
-    #[serde(default)]
-    ip_blocks: Vec<String>,
-    #[serde(default)]
-    not_ip_blocks: Vec<String>,
-    #[serde(default)]
-    remote_ip_blocks: Vec<String>,
-    #[serde(default)]
-    not_remote_ip_blocks: Vec<String>,
-    #[serde(default)]
-    request_principals: Vec<String>,
-    #[serde(default)]
-    not_request_principals: Vec<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct To {
-    operation: Operation,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Operation {
-    #[serde(default)]
-    ports: Vec<IntOrString>,
-    #[serde(default)]
-    not_ports: Vec<IntOrString>,
-    #[serde(default)]
-    hosts: Vec<String>,
-    #[serde(default)]
-    not_hosts: Vec<String>,
-    #[serde(default)]
-    methods: Vec<String>,
-    #[serde(default)]
-    not_methods: Vec<String>,
-    #[serde(default)]
-    paths: Vec<String>,
-    #[serde(default)]
-    not_paths: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Condition {
-    key: String,
-    #[serde(default)]
-    values: Vec<String>,
-    #[serde(default)]
-    not_values: Vec<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PeerAuthSpec {
-    #[serde(default)]
-    selector: Option<Selector>,
-    #[serde(default)]
-    mtls: Option<MtlsSpec>,
-    #[serde(default)]
-    port_level_mtls: BTreeMap<u16, MtlsSpec>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct MtlsSpec {
-    #[serde(default)]
-    mode: Option<String>,
-}
-
 struct Pod {
     object: String,
     meta: Meta,
@@ -309,6 +184,7 @@ pub fn parse_values(
     let mut http_routes = Vec::new();
     let mut destination_rules = Vec::new();
     let mut seen = HashMap::new();
+    let mut rejected = Vec::new();
 
     for (i, value) in docs.into_iter().enumerate() {
         let docname = format!("document {}", i + 1);
@@ -347,7 +223,7 @@ pub fn parse_values(
             ("v1", "Pod") => pods.push(pod(&object, value)?),
             ("v1", "Service") => services.push((object.clone(), typed::<Object<ServiceSpec>>(&object, value)?)),
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
-                match authz(&object, value)? {
+                match security::authorization_policy(value, &mut rejected) {
                     ParsedPolicy::Ztunnel(p) => policies.push(p),
                     ParsedPolicy::Waypoint(p) => waypoint_policies.push(p),
                 }
@@ -368,7 +244,7 @@ pub fn parse_values(
                 destination_rules.push(crate::routes::destination_rule(&object, value)?)
             }
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
-                peer_auths.push(peer_auth(&object, value)?)
+                peer_auths.push(security::peer_authentication(value, &mut rejected))
             }
             ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "ServiceEntry") => {
                 service_entries.push(crate::service_entry::parse(&object, value)?)
@@ -539,6 +415,7 @@ pub fn parse_values(
     state.waypoints = waypoints;
     state.http_routes = http_routes;
     state.destination_rules = destination_rules;
+    state.rejected = rejected;
     Ok(state)
 }
 
@@ -591,325 +468,5 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<Pod, ConfigError> {
         namespace,
         spec,
         ip,
-    })
-}
-
-fn nets(object: &str, field: String, v: &[String]) -> Result<Vec<IpNet>, ConfigError> {
-    v.iter()
-        .enumerate()
-        .map(|(i, s)| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    err(
-                        object,
-                        format!("{field}[{i}]"),
-                        format!("{s:?} is not an IP address or CIDR"),
-                    )
-                })
-        })
-        .collect()
-}
-
-fn ports(object: &str, field: String, v: &[IntOrString]) -> Result<Vec<u16>, ConfigError> {
-    v.iter()
-        .enumerate()
-        .map(|(i, p)| match p {
-            IntOrString::Int(n) => Ok(*n),
-            IntOrString::Str(s) => s.parse().map_err(|_| {
-                err(
-                    object,
-                    format!("{field}[{i}]"),
-                    format!("{s:?} is not a port number"),
-                )
-            }),
-        })
-        .collect()
-}
-
-fn strs(v: &[String]) -> Vec<StringMatch> {
-    v.iter().map(|s| StringMatch::parse(s)).collect()
-}
-
-/// Translates an AuthorizationPolicy for ztunnel. Policies attached with
-/// targetRefs belong to a waypoint and are not ztunnel's (None). L7-only
-/// attributes cannot be checked at L4, so, as Istio does, an ALLOW rule using
-/// them matches nothing (fail closed) and a DENY rule ignores them (denies more).
-fn authz(object: &str, value: serde_yaml::Value) -> Result<ParsedPolicy, ConfigError> {
-    let o: Object<AuthzSpec> = typed(object, value)?;
-    let namespace = o
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let spec = o.spec.unwrap_or_default();
-    let mut targets = Vec::new();
-    for (i, t) in spec
-        .target_refs
-        .iter()
-        .chain(spec.target_ref.iter())
-        .enumerate()
-    {
-        let field = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-        let (kind, name) = (field("kind"), field("name"));
-        if !matches!(kind.as_str(), "Gateway" | "Service") || name.is_empty() {
-            return Err(err(
-                object,
-                format!("spec.targetRefs[{i}]"),
-                "a waypoint policy targets a Gateway or a Service by name",
-            ));
-        }
-        targets.push(TargetRef { kind, name });
-    }
-    let for_waypoint = !targets.is_empty();
-    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
-        "ALLOW" => Action::Allow,
-        "DENY" => Action::Deny,
-        "AUDIT" if for_waypoint => Action::Audit,
-        other => {
-            return Err(err(
-                object,
-                "spec.action",
-                format!(
-                    "{other:?} is not supported {}",
-                    if for_waypoint {
-                        "(ALLOW, DENY or AUDIT)"
-                    } else {
-                        "by ztunnel (ALLOW or DENY; AUDIT needs targetRefs to a waypoint)"
-                    }
-                ),
-            ))
-        }
-    };
-    if spec.provider.is_some() {
-        return Err(err(
-            object,
-            "spec.provider",
-            "CUSTOM providers are not supported",
-        ));
-    }
-    let scope = match (&spec.selector, namespace.as_str()) {
-        (Some(sel), _) if !sel.match_labels.is_empty() => {
-            Scope::WorkloadSelector(sel.match_labels.clone())
-        }
-        (_, ROOT_NAMESPACE) => Scope::Global,
-        _ => Scope::Namespace,
-    };
-    let mut rules = Vec::new();
-    for (ri, r) in spec.rules.iter().enumerate() {
-        let mut l7 = Vec::new();
-        let mut rule = Rule::default();
-        if !r.from.is_empty() {
-            let mut clause = Clause::default();
-            for (fi, f) in r.from.iter().enumerate() {
-                let s = &f.source;
-                let base = format!("spec.rules[{ri}].from[{fi}].source");
-                if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
-                    if for_waypoint {
-                        return Err(err(object, format!("{base}.requestPrincipals"), "request principals need RequestAuthentication (JWT), which is not supported"));
-                    }
-                    l7.push(format!("{base}.requestPrincipals"));
-                }
-                let mut src = nets(object, format!("{base}.ipBlocks"), &s.ip_blocks)?;
-                src.extend(nets(
-                    object,
-                    format!("{base}.remoteIpBlocks"),
-                    &s.remote_ip_blocks,
-                )?);
-                let mut not_src = nets(object, format!("{base}.notIpBlocks"), &s.not_ip_blocks)?;
-                not_src.extend(nets(
-                    object,
-                    format!("{base}.notRemoteIpBlocks"),
-                    &s.not_remote_ip_blocks,
-                )?);
-                clause.matches.push(Match {
-                    principals: strs(&s.principals),
-                    not_principals: strs(&s.not_principals),
-                    namespaces: strs(&s.namespaces),
-                    not_namespaces: strs(&s.not_namespaces),
-                    source_ips: src,
-                    not_source_ips: not_src,
-                    ..Default::default()
-                });
-            }
-            rule.clauses.push(clause);
-        }
-        if !r.to.is_empty() {
-            let mut clause = Clause::default();
-            for (ti, t) in r.to.iter().enumerate() {
-                let op = &t.operation;
-                let base = format!("spec.rules[{ri}].to[{ti}].operation");
-                for (name, v) in [
-                    ("hosts", &op.hosts),
-                    ("notHosts", &op.not_hosts),
-                    ("methods", &op.methods),
-                    ("notMethods", &op.not_methods),
-                    ("paths", &op.paths),
-                    ("notPaths", &op.not_paths),
-                ] {
-                    if !v.is_empty() {
-                        l7.push(format!("{base}.{name}"));
-                    }
-                }
-                clause.matches.push(Match {
-                    destination_ports: ports(object, format!("{base}.ports"), &op.ports)?,
-                    not_destination_ports: ports(
-                        object,
-                        format!("{base}.notPorts"),
-                        &op.not_ports,
-                    )?,
-                    l7: L7Match {
-                        methods: strs(&op.methods),
-                        not_methods: strs(&op.not_methods),
-                        paths: strs(&op.paths),
-                        not_paths: strs(&op.not_paths),
-                        hosts: op
-                            .hosts
-                            .iter()
-                            .map(|h| StringMatch::parse(&h.to_ascii_lowercase()))
-                            .collect(),
-                        not_hosts: op
-                            .not_hosts
-                            .iter()
-                            .map(|h| StringMatch::parse(&h.to_ascii_lowercase()))
-                            .collect(),
-                        headers: vec![],
-                    },
-                    ..Default::default()
-                });
-            }
-            rule.clauses.push(clause);
-        }
-        for (ci, c) in r.when.iter().enumerate() {
-            let base = format!("spec.rules[{ri}].when[{ci}]");
-            match condition(object, &base, c)? {
-                Some(m) => {
-                    if !m.l7.is_empty() {
-                        l7.push(format!("{base} ({})", c.key));
-                    }
-                    rule.clauses.push(Clause { matches: vec![m] })
-                }
-                None if for_waypoint => {
-                    return Err(err(
-                        object,
-                        format!("{base}.key"),
-                        format!("{:?} is not supported by the waypoint", c.key),
-                    ))
-                }
-                None => l7.push(format!("{base} ({})", c.key)),
-            }
-        }
-        if !l7.is_empty() && !for_waypoint {
-            tracing::warn!(object, fields = ?l7, action = ?action, "L7 attributes cannot be enforced by ztunnel; {}", if action == Action::Allow { "this ALLOW rule will match nothing" } else { "this DENY rule ignores them and denies more" });
-        }
-        rules.push(rule);
-    }
-    let policy = AuthorizationPolicy {
-        name: o.metadata.name,
-        namespace,
-        scope,
-        action,
-        rules,
-        dry_run: false,
-    };
-    Ok(if for_waypoint {
-        ParsedPolicy::Waypoint(TargetedPolicy { targets, policy })
-    } else {
-        ParsedPolicy::Ztunnel(policy.l4_only())
-    })
-}
-
-enum ParsedPolicy {
-    Ztunnel(AuthorizationPolicy),
-    Waypoint(TargetedPolicy),
-}
-
-fn condition(object: &str, base: &str, c: &Condition) -> Result<Option<Match>, ConfigError> {
-    let mut m = Match::default();
-    let (vals, nots) = (&c.values, &c.not_values);
-    match c.key.as_str() {
-        "source.ip" | "remote.ip" => {
-            m.source_ips = nets(object, format!("{base}.values"), vals)?;
-            m.not_source_ips = nets(object, format!("{base}.notValues"), nots)?;
-        }
-        "destination.ip" => {
-            m.destination_ips = nets(object, format!("{base}.values"), vals)?;
-            m.not_destination_ips = nets(object, format!("{base}.notValues"), nots)?;
-        }
-        "destination.port" => {
-            let to_ports = |v: &Vec<String>| {
-                v.iter()
-                    .map(|s| IntOrString::Str(s.clone()))
-                    .collect::<Vec<_>>()
-            };
-            m.destination_ports = ports(object, format!("{base}.values"), &to_ports(vals))?;
-            m.not_destination_ports = ports(object, format!("{base}.notValues"), &to_ports(nots))?;
-        }
-        "source.namespace" => {
-            m.namespaces = strs(vals);
-            m.not_namespaces = strs(nots);
-        }
-        "source.principal" => {
-            m.principals = strs(vals);
-            m.not_principals = strs(nots);
-        }
-        key if key.starts_with("request.headers[") && key.ends_with(']') => {
-            let name = key["request.headers[".len()..key.len() - 1].to_ascii_lowercase();
-            m.l7.headers.push((name, strs(vals), strs(nots)));
-        }
-        _ => return Ok(None),
-    }
-    Ok(Some(m))
-}
-
-fn peer_auth(object: &str, value: serde_yaml::Value) -> Result<PeerAuthentication, ConfigError> {
-    let o: Object<PeerAuthSpec> = typed(object, value)?;
-    let spec = o.spec.unwrap_or_default();
-    let mode = |field: String, m: &Option<MtlsSpec>| -> Result<MtlsMode, ConfigError> {
-        match m
-            .as_ref()
-            .and_then(|m| m.mode.as_deref())
-            .unwrap_or("UNSET")
-        {
-            "UNSET" => Ok(MtlsMode::Unset),
-            "DISABLE" => Ok(MtlsMode::Disable),
-            "PERMISSIVE" => Ok(MtlsMode::Permissive),
-            "STRICT" => Ok(MtlsMode::Strict),
-            other => Err(err(
-                object,
-                field,
-                format!("{other:?} is not one of UNSET, DISABLE, PERMISSIVE, STRICT"),
-            )),
-        }
-    };
-    let selector = spec
-        .selector
-        .map(|s| s.match_labels)
-        .filter(|l| !l.is_empty());
-    if selector.is_none() && !spec.port_level_mtls.is_empty() {
-        return Err(err(
-            object,
-            "spec.portLevelMtls",
-            "requires a workload selector",
-        ));
-    }
-    let mut port_level = BTreeMap::new();
-    for (port, m) in &spec.port_level_mtls {
-        port_level.insert(
-            *port,
-            mode(
-                format!("spec.portLevelMtls.{port}.mode"),
-                &Some(MtlsSpec {
-                    mode: m.mode.clone(),
-                }),
-            )?,
-        );
-    }
-    Ok(PeerAuthentication {
-        name: o.metadata.name,
-        namespace: o.metadata.namespace.unwrap_or_else(|| "default".into()),
-        mode: mode("spec.mtls.mode".into(), &spec.mtls)?,
-        selector,
-        port_level,
     })
 }

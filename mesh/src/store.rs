@@ -12,6 +12,9 @@ use crate::standalone;
 pub struct MeshStore {
     state: ArcSwap<MeshState>,
     status: Mutex<LoadStatus>,
+    /// The generation of the state in force, for whoever must react to a
+    /// change (live connections are re-checked against new policy).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -23,7 +26,9 @@ pub struct LoadStatus {
 
 impl MeshStore {
     pub fn new(state: MeshState, source: &str) -> Arc<Self> {
+        crate::report_rejected(&[], &state.rejected);
         Arc::new(MeshStore {
+            changed: tokio::sync::watch::channel(1).0,
             state: ArcSwap::from_pointee(state),
             status: Mutex::new(LoadStatus {
                 source: source.to_string(),
@@ -38,10 +43,20 @@ impl MeshStore {
     }
 
     pub fn replace(&self, state: MeshState) {
-        self.state.store(Arc::new(state));
-        let mut st = self.status.lock().unwrap();
-        st.generation += 1;
-        st.last_error = None;
+        let old = self.state.swap(Arc::new(state));
+        crate::report_rejected(&old.rejected, &self.state.load().rejected);
+        let generation = {
+            let mut st = self.status.lock().unwrap();
+            st.generation += 1;
+            st.last_error = None;
+            st.generation
+        };
+        self.changed.send_replace(generation);
+    }
+
+    /// Fires after each `replace`, once the new state is in force.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     pub fn reject(&self, error: String) {

@@ -120,13 +120,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let (drain_tx, drain) = watch::channel(false);
     admin::drain_histograms(prom.clone(), drain.clone());
+    // What the Kubernetes source left out, for the config dump.
+    let mut dropped = kube_source::Dropped::default();
     let config = match &args.config {
         Some(c) => c.clone(),
         None => {
             if let Some(dir) = args.kube_render.parent() {
                 std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
             }
-            kube_source::start(
+            dropped = kube_source::start(
                 kube_source::Selection::waypoint(),
                 args.kube_render.clone(),
                 args.trust_domain.clone(),
@@ -206,7 +208,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let dump = {
         let wp = wp.clone();
-        move || config_dump(&wp)
+        move || config_dump(&wp, &dropped.lock().unwrap())
     };
     let process = metrics_process::Collector::default();
     process.describe();
@@ -286,7 +288,7 @@ async fn connection(wp: Arc<proxy::Waypoint>, tcp: tokio::net::TcpStream, peer: 
     hbone::log_end(peer, hbone::serve(tls, wp.drain.clone(), handler).await);
 }
 
-fn config_dump(wp: &proxy::Waypoint) -> String {
+fn config_dump(wp: &proxy::Waypoint, dropped: &[mesh::Rejected]) -> String {
     let state = wp.store.load();
     let ejected: Vec<_> = wp
         .backends
@@ -300,6 +302,9 @@ fn config_dump(wp: &proxy::Waypoint) -> String {
         "routes": state.http_routes,
         "destination_rules": state.destination_rules,
         "policies": state.waypoint_policies,
+        // Objects not translatable as written: policies kept fail-closed
+        // (`rejected`) and other objects the Kubernetes source left out.
+        "rejected": state.rejected.iter().chain(dropped).collect::<Vec<_>>(),
         "outlier_ejections": ejected,
         "hbone_pool": wp.upstreams.pool().stats().into_iter().map(|(k, c, s)| serde_json::json!({"destination": k.dst.to_string(), "connections": c, "streams": s})).collect::<Vec<_>>(),
     }))

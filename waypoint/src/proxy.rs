@@ -189,23 +189,18 @@ fn endpoints_for_target(state: &MeshState, target: SocketAddr) -> Option<TargetE
         .map(|w| (None, vec![(w.clone(), target.port())]))
 }
 
-/// Policies attached to this waypoint (Gateway) or to the destination service.
+/// Policies attached to this waypoint (Gateway or GatewayClass) or to the
+/// destination service.
 fn policies_for<'a>(
     wp: &'a Waypoint,
     state: &'a MeshState,
     svc: Option<&'a Service>,
 ) -> impl Iterator<Item = &'a authz::AuthorizationPolicy> {
+    let svc = svc.map(|s| (s.namespace.as_str(), s.name.as_str()));
     state
         .waypoint_policies
         .iter()
-        .filter(move |tp| {
-            let ns = &tp.policy.namespace;
-            tp.targets.iter().any(|t| match t.kind.as_str() {
-                "Gateway" => *ns == wp.namespace && t.name == wp.name,
-                "Service" => svc.is_some_and(|s| *ns == s.namespace && t.name == s.name),
-                _ => false,
-            })
-        })
+        .filter(move |tp| tp.applies(&wp.namespace, &wp.name, svc))
         .map(|tp| &tp.policy)
 }
 

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use mesh::authz::{self, AuthorizationPolicy, StringMatch};
 use mesh::routes::{Waypoint, WaypointFor, WaypointRef};
-use mesh::{Endpoint, MeshState, Service, ServicePort, TargetPort, TunnelProtocol, Workload};
+use mesh::{Endpoint, MeshState, Rejected, Service, ServicePort, TargetPort, TunnelProtocol, Workload};
 use prost::Message;
 
 use crate::pb::istio::security as sec;
@@ -37,7 +37,9 @@ pub enum ResourceError {
 pub struct Resources {
     pub workloads: BTreeMap<String, wl::Workload>,
     pub services: BTreeMap<String, wl::Service>,
-    pub policies: BTreeMap<String, sec::Authorization>,
+    /// Translated on arrival; one we cannot read fully is kept in its
+    /// fail-closed form with what was wrong, never refused.
+    pub policies: BTreeMap<String, (AuthorizationPolicy, Vec<Rejected>)>,
     /// name -> version, for `initial_resource_versions` on reconnect.
     pub versions: HashMap<String, HashMap<String, String>>,
 }
@@ -83,9 +85,17 @@ impl Resources {
                 }
             }
             AUTHORIZATION_TYPE => {
-                let p = sec::Authorization::decode(body).map_err(decode_err)?;
-                translate_policy(&p).map_err(|reason| invalid(name, reason))?;
-                self.policies.insert(name.to_string(), p);
+                let translated = match sec::Authorization::decode(body) {
+                    Ok(p) => translate_policy(&p, body.len()),
+                    // A policy we cannot decode still says which namespace
+                    // it covers (resources are named `<ns>/<name>`): it
+                    // denies everything there rather than vanish.
+                    Err(e) => match name.split_once('/') {
+                        Some((ns, n)) => undecodable_policy(ns, n, &e),
+                        None => return Err(decode_err(e)),
+                    },
+                };
+                self.policies.insert(name.to_string(), translated);
             }
             other => return Err(ResourceError::UnknownType(other.to_string())),
         }
@@ -257,13 +267,14 @@ impl Resources {
             }
         }
 
-        let policies = self
-            .policies
-            .values()
-            .filter_map(|p| translate_policy(p).ok())
-            .collect();
+        let policies = self.policies.values().map(|(p, _)| p.clone()).collect();
         let mut state = MeshState::new(workloads, services, policies, Vec::new());
         state.waypoints = waypoints.into_values().collect();
+        state.rejected = self
+            .policies
+            .values()
+            .flat_map(|(_, r)| r.iter().cloned())
+            .collect();
         state
     }
 }
@@ -304,17 +315,50 @@ fn workload_ip(w: &wl::Workload) -> Result<IpAddr, String> {
     }
 }
 
-fn translate_policy(p: &sec::Authorization) -> Result<AuthorizationPolicy, String> {
+/// What we cannot read of an Authorization fails closed, as for the
+/// Kubernetes objects: an unknown scope widens to the namespace, an unknown
+/// action is a DENY, a match field we cannot evaluate makes its rule match
+/// nothing (ALLOW) or match on the rest (DENY), and fields this build does
+/// not know (the message re-encodes shorter than it arrived) make the whole
+/// policy deny everything in scope (DENY) or allow nothing (ALLOW).
+fn translate_policy(p: &sec::Authorization, wire_len: usize) -> (AuthorizationPolicy, Vec<Rejected>) {
+    let mut rejected = Vec::new();
+    let mut report = |field: &str, reason: String, effect: &str| {
+        rejected.push(Rejected {
+            kind: POLICY_KIND.into(),
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            field: field.into(),
+            reason,
+            effect: effect.into(),
+        })
+    };
+    let widest = if p.namespace == mesh::ROOT_NAMESPACE {
+        authz::Scope::Global
+    } else {
+        authz::Scope::Namespace
+    };
     let scope = match sec::Scope::try_from(p.scope) {
         Ok(sec::Scope::Global) => authz::Scope::Global,
         Ok(sec::Scope::Namespace) => authz::Scope::Namespace,
         Ok(sec::Scope::WorkloadSelector) => authz::Scope::Listed,
-        Err(_) => return Err(format!("unknown scope {}", p.scope)),
+        Err(_) => {
+            report("scope", format!("unknown scope {}", p.scope), "applied to the policy's namespace");
+            widest
+        }
     };
     let action = match sec::Action::try_from(p.action) {
         Ok(sec::Action::Allow) => authz::Action::Allow,
         Ok(sec::Action::Deny) => authz::Action::Deny,
-        Err(_) => return Err(format!("unknown action {}", p.action)),
+        Err(_) => {
+            report("action", format!("unknown action {}", p.action), "treated as DENY");
+            authz::Action::Deny
+        }
+    };
+    let rule_effect = if action == authz::Action::Deny {
+        "the DENY rule ignores it and denies more"
+    } else {
+        "the rule matches nothing"
     };
     let strings = |ms: &[sec::StringMatch]| -> Result<Vec<StringMatch>, String> {
         ms.iter()
@@ -350,41 +394,106 @@ fn translate_policy(p: &sec::Authorization) -> Result<AuthorizationPolicy, Strin
             .collect()
     };
     let mut rules = Vec::new();
-    for g in &p.groups {
-        let mut clauses = Vec::new();
-        for r in &g.rules {
+    for (gi, g) in p.groups.iter().enumerate() {
+        let mut rule = authz::Rule::default();
+        for (ri, r) in g.rules.iter().enumerate() {
             let mut matches = Vec::new();
-            for m in &r.matches {
-                let mut principals = strings(&m.principals)?;
+            for (mi, m) in r.matches.iter().enumerate() {
+                let base = format!("groups[{gi}].rules[{ri}].matches[{mi}]");
+                // Each field either evaluates or is left out and named.
+                let mut bad = |field: &str, why: String| {
+                    let field = format!("{base}.{field}");
+                    report(&field, why, rule_effect);
+                    rule.unevaluable.push(field);
+                };
+                fn take<T>(
+                    field: &str,
+                    v: Result<Vec<T>, String>,
+                    bad: &mut dyn FnMut(&str, String),
+                ) -> Vec<T> {
+                    v.unwrap_or_else(|why| {
+                        bad(field, why);
+                        Vec::new()
+                    })
+                }
+                let mut principals = take("principals", strings(&m.principals), &mut bad);
                 principals.extend(accounts(&m.service_accounts));
-                let mut not_principals = strings(&m.not_principals)?;
+                let mut not_principals = take("not_principals", strings(&m.not_principals), &mut bad);
                 not_principals.extend(accounts(&m.not_service_accounts));
                 matches.push(authz::Match {
-                    namespaces: strings(&m.namespaces)?,
-                    not_namespaces: strings(&m.not_namespaces)?,
+                    namespaces: take("namespaces", strings(&m.namespaces), &mut bad),
+                    not_namespaces: take("not_namespaces", strings(&m.not_namespaces), &mut bad),
                     principals,
                     not_principals,
-                    source_ips: nets(&m.source_ips)?,
-                    not_source_ips: nets(&m.not_source_ips)?,
-                    destination_ips: nets(&m.destination_ips)?,
-                    not_destination_ips: nets(&m.not_destination_ips)?,
-                    destination_ports: ports(&m.destination_ports)?,
-                    not_destination_ports: ports(&m.not_destination_ports)?,
+                    source_ips: take("source_ips", nets(&m.source_ips), &mut bad),
+                    not_source_ips: take("not_source_ips", nets(&m.not_source_ips), &mut bad),
+                    destination_ips: take("destination_ips", nets(&m.destination_ips), &mut bad),
+                    not_destination_ips: take("not_destination_ips", nets(&m.not_destination_ips), &mut bad),
+                    destination_ports: take("destination_ports", ports(&m.destination_ports), &mut bad),
+                    not_destination_ports: take("not_destination_ports", ports(&m.not_destination_ports), &mut bad),
                     l7: Default::default(),
                 });
             }
-            clauses.push(authz::Clause { matches });
+            rule.clauses.push(authz::Clause { matches });
         }
-        rules.push(authz::Rule { clauses });
+        rules.push(rule);
     }
-    Ok(AuthorizationPolicy {
+    if p.encoded_len() != wire_len {
+        let effect = if action == authz::Action::Deny {
+            "the policy denies all it covers"
+        } else {
+            "the policy allows nothing it covers"
+        };
+        report("", "fields this build does not know".into(), effect);
+        rules = vec![authz::Rule {
+            clauses: Vec::new(),
+            unevaluable: vec!["unknown fields".into()],
+        }];
+    }
+    let policy = AuthorizationPolicy {
         name: p.name.clone(),
         namespace: p.namespace.clone(),
         scope,
         action,
         rules,
         dry_run: p.dry_run,
-    })
+    };
+    (policy, rejected)
+}
+
+/// How a policy is named in reports: the resource type istiod sends.
+const POLICY_KIND: &str = "Authorization";
+
+fn undecodable_policy(
+    namespace: &str,
+    name: &str,
+    e: &prost::DecodeError,
+) -> (AuthorizationPolicy, Vec<Rejected>) {
+    let scope = if namespace == mesh::ROOT_NAMESPACE {
+        authz::Scope::Global
+    } else {
+        authz::Scope::Namespace
+    };
+    let policy = AuthorizationPolicy {
+        name: name.into(),
+        namespace: namespace.into(),
+        scope,
+        action: authz::Action::Deny,
+        rules: vec![authz::Rule {
+            clauses: Vec::new(),
+            unevaluable: vec!["undecodable".into()],
+        }],
+        dry_run: false,
+    };
+    let rejected = Rejected {
+        kind: POLICY_KIND.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+        field: String::new(),
+        reason: format!("cannot decode: {e}"),
+        effect: "denies everything in its namespace".into(),
+    };
+    (policy, vec![rejected])
 }
 
 #[cfg(test)]
@@ -569,20 +678,91 @@ mod tests {
             e.starts_with("junk: not a valid type.googleapis.com/istio.workload.Address"),
             "{e}"
         );
-        let bad_policy = sec::Authorization {
-            scope: 7,
-            ..Default::default()
-        };
-        let e = r
-            .upsert(AUTHORIZATION_TYPE, "p", "v1", &bad_policy.encode_to_vec())
-            .unwrap_err()
-            .to_string();
-        assert_eq!(e, "p: unknown scope 7");
         assert_eq!(r.versions[ADDRESS_TYPE]["a"], "v1");
         assert!(r
             .build()
             .workload_by_ip("10.244.1.2".parse().unwrap())
             .is_some());
+    }
+
+    /// Policies we cannot read fully are kept, fail closed, and reported.
+    #[test]
+    fn unreadable_policies_fail_closed() {
+        let echo = workload("echo", [10, 244, 1, 2], None, &[]);
+        let principal = |p: &str| sec::StringMatch {
+            match_type: Some(sec::string_match::MatchType::Exact(p.into())),
+        };
+        let deny_client = |name: &str| sec::Authorization {
+            name: name.into(),
+            namespace: "demo".into(),
+            scope: sec::Scope::Namespace as i32,
+            action: sec::Action::Deny as i32,
+            groups: vec![sec::Group {
+                rules: vec![sec::Rules {
+                    matches: vec![sec::Match {
+                        principals: vec![principal("cluster.local/ns/demo/sa/client")],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            dry_run: false,
+        };
+        let decide = |body: &[u8], name: &str, src: &str| {
+            let mut r = Resources::default();
+            put(&mut r, "echo", wl::address::Type::Workload(echo.clone()));
+            r.upsert(AUTHORIZATION_TYPE, name, "v1", body).unwrap();
+            let st = r.build();
+            let w = st.workload_by_ip("10.244.1.2".parse().unwrap()).unwrap().clone();
+            let src = identity::Identity::new("cluster.local", "demo", src);
+            let c = Connection {
+                src_identity: Some(&src),
+                src_ip: "10.244.2.9".parse().unwrap(),
+                dst_ip: w.ip,
+                dst_port: 8080,
+                request: None,
+            };
+            let d = authz::evaluate(st.policies.iter().map(|p| p.as_ref()), &w, &c);
+            (d == Decision::Allow, st.rejected.clone())
+        };
+        // Sound: only the named client is denied, nothing reported.
+        let ok = deny_client("demo/p").encode_to_vec();
+        assert_eq!(decide(&ok, "demo/p", "client"), (false, vec![]));
+        assert!(decide(&ok, "demo/p", "other").0);
+
+        // Unknown scope: widens to the namespace; unknown action: a DENY.
+        let mut p = deny_client("p");
+        p.scope = 7;
+        p.action = 9;
+        let (allowed, rejected) = decide(&p.encode_to_vec(), "demo/p", "client");
+        assert!(!allowed);
+        let fields: Vec<_> = rejected.iter().map(|r| r.field.as_str()).collect();
+        assert_eq!(fields, ["scope", "action"]);
+        assert!(decide(&p.encode_to_vec(), "demo/p", "other").0, "the rest of the rule still decides");
+
+        // A match with no type: the DENY rule ignores it and denies more.
+        let mut p = deny_client("p");
+        p.groups[0].rules[0].matches[0].principals = vec![sec::StringMatch { match_type: None }];
+        let (allowed, rejected) = decide(&p.encode_to_vec(), "demo/p", "other");
+        assert!(!allowed, "{rejected:?}");
+        assert_eq!(rejected[0].field, "groups[0].rules[0].matches[0].principals");
+        // ...and the same field in an ALLOW matches nothing.
+        p.action = sec::Action::Allow as i32;
+        assert!(!decide(&p.encode_to_vec(), "demo/p", "client").0);
+
+        // Fields this build does not know (field 99, varint 1): DENY all.
+        let mut body = deny_client("p").encode_to_vec();
+        body.extend([0x98, 0x06, 0x01]);
+        let (allowed, rejected) = decide(&body, "demo/p", "other");
+        assert!(!allowed);
+        assert_eq!((rejected[0].kind.as_str(), rejected[0].name.as_str()), ("Authorization", "p"));
+        assert!(rejected[0].reason.contains("does not know"), "{rejected:?}");
+
+        // Undecodable: denies everything in the namespace the name gives.
+        let (allowed, rejected) = decide(&[0xff, 0xff], "demo/broken", "other");
+        assert!(!allowed);
+        assert_eq!((rejected[0].namespace.as_str(), rejected[0].name.as_str()), ("demo", "broken"));
+        let mut r = Resources::default();
+        assert!(r.upsert(AUTHORIZATION_TYPE, "nonamespace", "v1", &[0xff, 0xff]).is_err());
     }
 
     #[test]
