@@ -35,6 +35,20 @@ metadata: {name: default, namespace: app}
 spec: {mtls: {mode: STRICT}}
 ";
 
+/// External authorization we do not have: must act as a DENY of port 8081.
+const CUSTOM_8081: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: app}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: CUSTOM
+  provider: {name: ext-authz-grpc}
+  rules:
+  - to:
+    - operation: {ports: [\"8081\"]}
+";
+
 fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -81,8 +95,38 @@ async fn allow_by_principal_deny_by_port_and_peer_authentication() {
         "server-2 10.244.1.10"
     );
 
-    // A bad config is refused with the object and field named; the last good one stays.
-    m.write_config(&two_node_yaml(&format!("{POLICIES}{STRICT}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: broken, namespace: app}}\nspec:\n  rules:\n  - from:\n    - source: {{ipBlocks: [10.0.0.0/33]}}\n")));
+    // A policy we cannot evaluate (CUSTOM: no external authorizer here) is
+    // not dropped: it applies as a DENY of what its rules match, the rest of
+    // the config applies, and the object is named in the dump and counted.
+    m.whoami_server("server-2", 8081);
+    assert_eq!(m.whoami("client", "10.244.2.11:8081").unwrap(), "server-2 10.244.1.10");
+    m.write_config(&two_node_yaml(&format!("{POLICIES}{STRICT}{CUSTOM_8081}")));
+    eventually("CUSTOM policy fails closed", Duration::from_secs(5), || {
+        m.whoami("client", "10.244.2.11:8081").is_err()
+    });
+    assert_eq!(
+        m.whoami("client", "10.244.2.11:8080").unwrap(),
+        "server-2 10.244.1.10",
+        "what the CUSTOM rules do not match still flows"
+    );
+    let rejected = m.config_dump("node2")["mesh"]["rejected"].clone();
+    assert!(
+        rejected.as_array().is_some_and(|r| r.iter().any(|r| r["kind"] == "AuthorizationPolicy"
+            && r["namespace"] == "app"
+            && r["name"] == "ext-authz"
+            && r["field"] == "spec.provider")),
+        "{rejected}"
+    );
+    assert!(m.log("node2").contains("config object not translatable as written"));
+    assert!(
+        m.metrics("node2").lines().any(|l| l.starts_with("mesh_config_rejected_objects_total")
+            && l.contains("kind=\"AuthorizationPolicy\"")),
+        "no rejected-object counter"
+    );
+
+    // A bad file (here a Service) is refused whole with the object and field
+    // named; the last good config, the fail-closed policy included, stays.
+    m.write_config(&two_node_yaml(&format!("{POLICIES}{STRICT}{CUSTOM_8081}---\napiVersion: v1\nkind: Service\nmetadata: {{name: broken, namespace: app}}\nspec: {{clusterIP: 10.96.0.300, ports: [{{port: 80}}]}}\n")));
     eventually("bad config reported", Duration::from_secs(5), || {
         m.config_dump("node1")["config"]["last_error"].is_string()
     });
@@ -91,14 +135,14 @@ async fn allow_by_principal_deny_by_port_and_peer_authentication() {
         .unwrap()
         .to_string();
     assert!(
-        err.contains("AuthorizationPolicy app/broken")
-            && err.contains("spec.rules[0].from[0].source.ipBlocks[0]"),
+        err.contains("Service app/broken") && err.contains("spec.clusterIP"),
         "{err}"
     );
     assert!(
         m.whoami("outsider", "10.244.1.10:7070").is_err(),
         "STRICT still in force"
     );
+    assert!(m.whoami("client", "10.244.2.11:8081").is_err(), "the CUSTOM policy still in force");
     assert_eq!(
         m.whoami("client", "10.244.2.11:8080").unwrap(),
         "server-2 10.244.1.10"
