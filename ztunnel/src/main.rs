@@ -198,7 +198,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         node: args.node.clone(),
         tasks: TaskTracker::new(),
         drain: drain.clone(),
+        live: Default::default(),
     });
+    proxy::watch_live(&px);
     let pods = pods::Pods::new(px.clone());
 
     tokio::spawn(pods.clone().run_zds(args.zds_socket.clone(), drain.clone()));

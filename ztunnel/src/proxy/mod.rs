@@ -29,7 +29,11 @@ pub struct Proxy {
     pub tasks: TaskTracker,
     /// Flips to true on SIGTERM: stop accepting, let live connections end.
     pub drain: watch::Receiver<bool>,
+    /// Admitted inbound connections, re-judged on every config change.
+    pub live: Arc<mesh::live::LiveConns<inbound::Inbound>>,
 }
+
+pub use inbound::watch_live;
 
 /// A pod this ztunnel serves, as the node agent described it.
 pub struct Pod {
