@@ -227,15 +227,23 @@ impl MeshState {
         use crate::routes::WaypointFor;
         let r = w.waypoint.as_ref()?;
         let (wp, _) = self.waypoint(r)?;
-        matches!(wp.for_traffic, WaypointFor::Workload | WaypointFor::All).then_some(r)
+        (matches!(wp.for_traffic, WaypointFor::Workload | WaypointFor::All)
+            && wp.admits(&w.namespace, self.namespace_labels.get(&w.namespace)))
+        .then_some(r)
     }
 
-    /// The waypoint for traffic addressed to `svc` (waypoint for `service` or `all`).
+    /// The waypoint for traffic addressed to `svc` (waypoint for `service` or
+    /// `all`, admitting the service's namespace).
     pub fn service_waypoint<'a>(&self, svc: &'a Service) -> Option<&'a crate::routes::WaypointRef> {
         use crate::routes::WaypointFor;
         let r = svc.waypoint.as_ref()?;
         match self.waypoint(r) {
-            Some((wp, _)) if matches!(wp.for_traffic, WaypointFor::Service | WaypointFor::All) => {
+            // A Gateway that does not admit the service's namespace is not
+            // its waypoint, as istiod decides: the binding is ignored.
+            Some((wp, _))
+                if matches!(wp.for_traffic, WaypointFor::Service | WaypointFor::All)
+                    && wp.admits(&svc.namespace, self.namespace_labels.get(&svc.namespace)) =>
+            {
                 Some(r)
             }
             Some(_) => None,

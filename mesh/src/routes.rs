@@ -32,6 +32,31 @@ pub struct Waypoint {
     /// `spec.addresses[0]` of type Hostname), else `<name>.<ns>.svc.<domain>`.
     pub hostname: String,
     pub for_traffic: WaypointFor,
+    /// Which namespaces may bind their services and pods to it (the HBONE
+    /// listener's `allowedRoutes.namespaces`; Gateway API's default: Same).
+    pub allowed_namespaces: AllowedNamespaces,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum AllowedNamespaces {
+    Same,
+    All,
+    /// Namespaces whose labels hold all of these.
+    Selector(BTreeMap<String, String>),
+}
+
+impl Waypoint {
+    /// Whether objects in `namespace` (labelled `labels`) may use this waypoint.
+    pub fn admits(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> bool {
+        namespace == self.namespace
+            || match &self.allowed_namespaces {
+                AllowedNamespaces::Same => false,
+                AllowedNamespaces::All => true,
+                AllowedNamespaces::Selector(sel) => {
+                    labels.is_some_and(|l| sel.iter().all(|(k, v)| l.get(k) == Some(v)))
+                }
+            }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -313,6 +338,64 @@ struct GatewayAddress {
     value: String,
 }
 
+/// The most permissive `allowedRoutes.namespaces` among the HBONE listeners
+/// (all listeners when none says HBONE). A selector we cannot read admits no
+/// other namespace.
+fn allowed_namespaces(
+    object: &str,
+    listeners: &[serde_yaml::Value],
+) -> Result<AllowedNamespaces, ConfigError> {
+    let hbone: Vec<_> = listeners
+        .iter()
+        .filter(|l| l.get("protocol").and_then(|p| p.as_str()) == Some("HBONE"))
+        .collect();
+    let chosen = if hbone.is_empty() {
+        listeners.iter().collect()
+    } else {
+        hbone
+    };
+    let mut best = AllowedNamespaces::Same;
+    for (i, l) in chosen.into_iter().enumerate() {
+        let ns = l.get("allowedRoutes").and_then(|a| a.get("namespaces"));
+        let from = ns.and_then(|n| n.get("from")).and_then(|f| f.as_str());
+        let this = match from.unwrap_or("Same") {
+            "Same" => AllowedNamespaces::Same,
+            "All" => AllowedNamespaces::All,
+            "Selector" => {
+                let sel = ns.and_then(|n| n.get("selector"));
+                let labels = sel
+                    .and_then(|s| s.get("matchLabels"))
+                    .and_then(|m| serde_yaml::from_value::<BTreeMap<String, String>>(m.clone()).ok());
+                let only_labels = sel
+                    .and_then(|s| s.as_mapping())
+                    .is_some_and(|m| m.len() == 1);
+                match labels {
+                    Some(l) if only_labels && !l.is_empty() => AllowedNamespaces::Selector(l),
+                    _ => {
+                        tracing::warn!(object, listener = i, "allowedRoutes selector is not plain matchLabels; no other namespace admitted");
+                        AllowedNamespaces::Same
+                    }
+                }
+            }
+            other => {
+                return Err(err(
+                    object,
+                    format!("spec.listeners[{i}].allowedRoutes.namespaces.from"),
+                    format!("{other:?}: want Same, All or Selector"),
+                ))
+            }
+        };
+        best = match (best, this) {
+            (AllowedNamespaces::All, _) | (_, AllowedNamespaces::All) => AllowedNamespaces::All,
+            (AllowedNamespaces::Selector(s), _) | (_, AllowedNamespaces::Selector(s)) => {
+                AllowedNamespaces::Selector(s)
+            }
+            _ => AllowedNamespaces::Same,
+        };
+    }
+    Ok(best)
+}
+
 /// A Gateway of class istio-waypoint; other classes are not ours (None).
 pub(crate) fn gateway(
     object: &str,
@@ -367,11 +450,13 @@ pub(crate) fn gateway(
             ))
         }
     };
+    let allowed_namespaces = allowed_namespaces(object, &spec.listeners)?;
     Ok(Some(Waypoint {
         name: o.metadata.name,
         namespace: ns,
         hostname,
         for_traffic,
+        allowed_namespaces,
     }))
 }
 

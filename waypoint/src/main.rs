@@ -191,7 +191,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         backends: lb::Backends::default(),
         drain: drain.clone(),
         header_timeout: args.request_header_timeout,
+        live: Default::default(),
     });
+    wp.watch_live();
     tokio::spawn(mesh::watch_file(
         config.clone(),
         args.trust_domain.clone(),

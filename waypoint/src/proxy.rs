@@ -15,9 +15,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use identity::{Identity, SecretManager};
 use mesh::authz::{self, Connection, Decision, HttpRequest};
 use mesh::routes::{Abort, HeaderOps, RetryOn, RetryPolicy, Rewrite, RouteRule, TrafficPolicy};
+use mesh::live::LiveConns;
+use mesh::routes::WaypointRef;
 use mesh::{MeshState, MeshStore, Service, Workload};
 use tokio::sync::watch;
 
+use crate::binding;
 use crate::body::Counted;
 use crate::lb::{Backends, HashInput, Outcome};
 use crate::telemetry::{self, flag};
@@ -40,6 +43,57 @@ pub struct Waypoint {
     /// HTTP/1 request headers must arrive within this (hyper's own default
     /// only applies with a timer, which it does not have by default).
     pub header_timeout: Duration,
+    /// L4 streams passed through, re-judged on every config change.
+    pub live: Arc<LiveConns<L4Stream>>,
+}
+
+/// What an L4 stream was admitted on.
+pub struct L4Stream {
+    src: Arc<Identity>,
+    peer: SocketAddr,
+    target: SocketAddr,
+}
+
+impl Waypoint {
+    fn me(&self) -> WaypointRef {
+        WaypointRef {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+        }
+    }
+
+    /// L4 admission, pure: the destination is bound here and the policies,
+    /// enforced as ztunnel would without requests, allow it. The same for a
+    /// new stream and for a live one when the config changes.
+    fn admit_l4(&self, state: &MeshState, s: &L4Stream) -> Result<(), String> {
+        binding::check(state, &self.me(), s.target).map_err(|e| e.to_string())?;
+        let svc = state.service_by_vip(s.target.ip());
+        let conn = Connection {
+            src_identity: Some(&s.src),
+            src_ip: s.peer.ip(),
+            dst_ip: s.target.ip(),
+            dst_port: s.target.port(),
+            request: None,
+        };
+        let l4: Vec<_> = policies_for(self, state, svc.map(|s| &**s))
+            .map(|p| p.l4_only())
+            .collect();
+        match authz::evaluate_selected(&l4, &conn) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(why) => Err(why),
+        }
+    }
+
+    /// Re-judges live L4 streams whenever the mesh config changes.
+    pub fn watch_live(self: &Arc<Self>) {
+        let wp = self.clone();
+        self.live.clone().watch(
+            self.store.clone(),
+            "waypoint",
+            self.drain.clone(),
+            move |state, s: &L4Stream| wp.admit_l4(state, s),
+        );
+    }
 }
 
 /// Who is asking and what they asked for, fixed for the stream.
@@ -65,11 +119,9 @@ pub async fn stream(wp: Arc<Waypoint>, src: Arc<Identity>, peer: SocketAddr, inb
     let target = inb.authority;
     {
         let state = wp.store.load();
-        if state.service_by_vip(target.ip()).is_none()
-            && state.workload_by_ip(target.ip()).is_none()
-        {
-            tracing::warn!(%target, source = %src, "CONNECT to an address the mesh does not know");
-            return inb.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        if let Err(e) = binding::check(&state, &wp.me(), target) {
+            refuse_unbound(&state, &src, peer, target, &e);
+            return inb.refuse(StatusCode::FORBIDDEN);
         }
     }
     let (send, recv) = match inb.accept() {
@@ -126,29 +178,56 @@ pub fn is_http(first: &[u8]) -> bool {
     first.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| first.starts_with(m))
 }
 
+/// A CONNECT to a destination not bound here: logged with who asked, and
+/// counted and access-logged as a 403 with the "no route" flag.
+fn refuse_unbound(
+    state: &MeshState,
+    src: &Identity,
+    peer: SocketAddr,
+    target: SocketAddr,
+    e: &binding::Unbound,
+) {
+    tracing::warn!(source = %src, %peer, %target, reason = %e, "CONNECT refused: destination not bound to this waypoint");
+    let authority = target.to_string();
+    telemetry::record(&telemetry::Record {
+        src_identity: src,
+        src_workload: state.workload_by_ip(peer.ip()).map(|w| &**w),
+        service: None,
+        dst_workload: None,
+        protocol: "tcp",
+        method: "CONNECT",
+        path: "",
+        authority: &authority,
+        code: StatusCode::FORBIDDEN.as_u16(),
+        flags: flag::NO_ROUTE.to_string(),
+        duration: Duration::ZERO,
+        request_bytes: 0,
+        response_bytes: 0,
+        upstream: None,
+        request_id: "",
+        route: None,
+        attempts: 0,
+    });
+}
+
 /// Not HTTP: one endpoint, bytes both ways, L4 policy only.
 async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
     let state = wp.store.load();
-    let Some((svc, eps)) = endpoints_for_target(&state, s.target) else {
+    let Some((_, eps)) = endpoints_for_target(&state, s.target) else {
         return;
     };
-    let conn = Connection {
-        src_identity: Some(&s.src),
-        src_ip: s.peer.ip(),
-        dst_ip: s.target.ip(),
-        dst_port: s.target.port(),
-        request: None,
+    let key = L4Stream {
+        src: s.src.clone(),
+        peer: s.peer,
+        target: s.target,
     };
-    // Without requests to look at, policies apply as ztunnel would apply them.
-    let l4: Vec<_> = policies_for(wp, &state, svc.as_deref())
-        .map(|p| p.l4_only())
-        .collect();
-    if let Decision::Deny(why) = authz::evaluate_selected(&l4, &conn) {
+    if let Err(why) = wp.admit_l4(&state, &key) {
         return tracing::info!(source = %s.src, target = %s.target, why, "L4 stream denied at the waypoint");
     }
     if eps.is_empty() {
         return;
     }
+    let mut live = wp.live.admit(key);
     let (ep, port) = eps[rand::random_range(0..eps.len())].clone();
     drop(state);
     let Ok(cert) = wp.certs.fetch(&wp.identity).await else {
@@ -169,7 +248,12 @@ async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
     {
         Ok((send, recv, _guard)) => {
             let mut up = hbone::StreamIo::new(send, recv);
-            let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut io, &mut up) => {}
+                Ok(why) = &mut live.revoked => {
+                    tracing::info!(source = %s.src, target = %s.target, reason = why, "live L4 stream closed by a policy change");
+                }
+            }
         }
         Err(e) => tracing::info!(%dst, error = %e, "L4 upstream failed"),
     }
@@ -356,6 +440,12 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         .unwrap_or_else(|| "/".into());
 
     let state = wp.store.load();
+    // A binding can end while an HTTP/2 connection lives: each request is
+    // checked again, like its policy.
+    if let Err(e) = binding::check(&state, &wp.me(), s.target) {
+        refuse_unbound(&state, &s.src, s.peer, s.target, &e);
+        return local(StatusCode::FORBIDDEN, "destination not bound to this waypoint\n");
+    }
     let service = state.service_by_vip(s.target.ip()).cloned();
     let src_workload = state.workload_by_ip(s.peer.ip()).cloned();
     let buffered = Limited::new(body, MAX_BUFFERED_BODY)

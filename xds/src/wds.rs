@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use mesh::authz::{self, AuthorizationPolicy, StringMatch};
-use mesh::routes::{Waypoint, WaypointFor, WaypointRef};
+use mesh::routes::{AllowedNamespaces, Waypoint, WaypointFor, WaypointRef};
 use mesh::{Endpoint, MeshState, Rejected, Service, ServicePort, TargetPort, TunnelProtocol, Workload};
 use prost::Message;
 
@@ -151,6 +151,8 @@ impl Resources {
                     namespace: ns.clone(),
                     hostname: host.clone(),
                     for_traffic: WaypointFor::All,
+                    // istiod sends a waypoint only where the Gateway admits it.
+                    allowed_namespaces: AllowedNamespaces::All,
                 });
             Some(WaypointRef {
                 name: wp.name.clone(),
