@@ -1,8 +1,13 @@
-//! The waypoint serves only destinations bound to it. A client that reaches
-//! the waypoint directly and names, in its CONNECT, a pod that is not bound
-//! here (a pod whose policy trusts the waypoint's identity) is refused before
-//! any byte reaches that pod: the waypoint is not a confused deputy.
+//! The waypoint's security boundaries, end to end.
+//!
+//! It serves only destinations bound to it: a client that reaches the
+//! waypoint directly and names, in its CONNECT, a pod that is not bound here
+//! (a pod whose policy trusts the waypoint's identity) is refused before any
+//! byte reaches that pod — the waypoint is not a confused deputy.
 //! Cross-namespace bindings follow the Gateway's `allowedRoutes`.
+//!
+//! A policy change reaches live traffic: L4 streams it now denies close, and
+//! the next request on a kept-alive HTTP connection is judged by it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,7 +73,7 @@ status: {podIP: 10.244.2.20}
 apiVersion: v1
 kind: Service
 metadata: {name: echo, namespace: app}
-spec: {clusterIP: 10.96.0.20, selector: {app: echo}, ports: [{name: http, port: 80, targetPort: 8080}]}
+spec: {clusterIP: 10.96.0.20, selector: {app: echo}, ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp, port: 9000, targetPort: 9000}]}
 ---
 apiVersion: v1
 kind: Service
@@ -155,9 +160,8 @@ fn connect_to_waypoint(m: &Mesh, pod: &str, identity: Identity, authority: &str)
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waypoint_serves_only_destinations_bound_to_it() {
-    let mut m = Mesh::new("bind", &workspace_bin("ztunnel"));
+async fn mesh(tag: &str) -> Mesh {
+    let mut m = Mesh::new(tag, &workspace_bin("ztunnel"));
     m.pod("client", "app", "client", "10.244.1.10", "node1", true);
     m.pod("echo", "app", "echo", "10.244.1.11", "node1", true);
     m.pod("friend", "friends", "friend", "10.244.1.12", "node1", true);
@@ -168,6 +172,12 @@ async fn waypoint_serves_only_destinations_bound_to_it() {
     let ca = m.dir.join("ca");
     m.start_node("node1", &ca).await;
     m.start_node("node2", &ca).await;
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_serves_only_destinations_bound_to_it() {
+    let m = mesh("bind").await;
     let echo = m.http_server("echo", 8080);
     let friend = m.http_server("friend", 8080);
     let stranger = m.http_server("stranger", 8080);
@@ -226,6 +236,86 @@ async fn waypoint_serves_only_destinations_bound_to_it() {
         metrics.lines().any(|l| l.starts_with("istio_requests_total")
             && l.contains("response_code=\"403\"")
             && l.contains("response_flags=\"NR\"")),
+        "{metrics}"
+    );
+}
+
+const DENY_CLIENT: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: cut-client, namespace: app}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/client]}}]}]
+";
+
+/// One HTTP/1.1 exchange on a kept-alive connection; returns the status.
+fn http_get(s: &mut std::net::TcpStream, path: &str) -> std::io::Result<u16> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    write!(s, "GET {path} HTTP/1.1\r\nHost: echo.app.svc.cluster.local\r\n\r\n")?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {line:?}")))?;
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_change_reaches_live_streams_and_the_next_request() {
+    let m = mesh("wlive").await;
+    m.http_server("echo", 8080);
+    m.echo_server("echo", 9000);
+    m.start_waypoint(WP, "waypoint", "waypoint", "app", "waypoint");
+    eventually("service through the waypoint", Duration::from_secs(20), || {
+        curl(&m, "client", "http://10.96.0.20/up").ends_with(" 200")
+    })
+    .await;
+    // Two live L4 streams through the waypoint (port 9000 is declared TCP)
+    // and one kept-alive HTTP connection.
+    let mut cut = m.connect("client", "10.96.0.20:9000").unwrap();
+    let mut kept = m.connect("friend", "10.96.0.20:9000").unwrap();
+    let mut web = m.connect("client", "10.96.0.20:80").unwrap();
+    for s in [&mut cut, &mut kept] {
+        exchange(s, b"before").unwrap();
+    }
+    assert_eq!(http_get(&mut web, "/first").unwrap(), 200);
+
+    m.write_config(&format!("{MESH}{DENY_CLIENT}"));
+    assert!(
+        closed_within(&mut cut, Duration::from_secs(5)),
+        "the L4 stream the new DENY forbids is still open"
+    );
+    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 253) as u8).collect();
+    exchange(&mut kept, &payload).expect("the unrelated stream was disturbed");
+    // The next request on the connection opened before the change.
+    assert_eq!(http_get(&mut web, "/second").unwrap(), 403);
+    let log = std::fs::read_to_string(m.dir.join("waypoint.log")).unwrap_or_default();
+    assert!(
+        log.contains("live L4 stream closed by a policy change") && log.contains("app/cut-client"),
+        "{log}"
+    );
+    let metrics = m.pod_http("waypoint", 15020, "/metrics");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("mesh_connections_revoked_total")
+            && l.contains("component=\"waypoint\"")),
         "{metrics}"
     );
 }
