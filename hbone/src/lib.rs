@@ -1,4 +1,4 @@
-//! HBONE (SPEC §2): each proxied TCP connection is one HTTP/2 CONNECT stream
+//! HBONE: each proxied TCP connection is one HTTP/2 CONNECT stream
 //! inside a mutual-TLS 1.3 connection to port 15008. This crate holds the
 //! client pool, the server side, and the byte pump between a TCP socket and a
 //! stream; callers bring sockets (so they can be made inside a pod's netns)

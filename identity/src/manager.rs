@@ -226,7 +226,7 @@ async fn issue(
             )))
         }
     };
-    // SPEC §3: a leaf for another identity than the one asked is an error.
+    // A leaf for another identity than the one asked is an error.
     let got = spiffe_uri_of(&leaf)?;
     if got != id.to_string() {
         return Err(IssueError::Other(format!(

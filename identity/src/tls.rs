@@ -1,5 +1,5 @@
 //! mTLS for HBONE: TLS 1.3 only, AES-GCM suites, SPIFFE URI SANs instead of
-//! host names (SPEC §2, §3).
+//! host names.
 
 use std::sync::Arc;
 

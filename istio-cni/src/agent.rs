@@ -35,7 +35,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub dns_capture: bool,
     pub exclude_namespaces: Vec<String>,
-    /// Keep the node's probe SNAT rule and ipset (SPEC §4.5).
+    /// Keep the node's probe SNAT rule and ipset.
     pub probe_snat: bool,
     /// In a cluster: annotate captured pods so istiod advertises them as
     /// reachable over HBONE.

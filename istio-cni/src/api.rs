@@ -1,6 +1,6 @@
 //! The plugin ⇄ node agent exchange: one JSON request line, one JSON answer
-//! line, over a unix stream socket. Internal to istio-cni (SPEC §5b lets it
-//! differ from upstream's); kept tiny so the plugin stays a short-lived,
+//! line, over a unix stream socket. Internal to istio-cni (nothing outside it
+//! speaks it, so it may differ from upstream's); kept tiny so the plugin stays a short-lived,
 //! runtime-free program.
 
 use std::io::{BufRead, BufReader, Write};

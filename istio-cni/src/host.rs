@@ -1,4 +1,4 @@
-//! Node-side rule of SPEC §4.5: kubelet probes to an ambient pod are SNATed
+//! Node-side rule: kubelet probes to an ambient pod are SNATed
 //! to 169.254.7.127 so the in-pod rules let them bypass ztunnel (a probe
 //! must reach the app even under STRICT mTLS). The set of ambient pod IPs is
 //! an ipset the agent keeps; the rule runs in the agent's own (node) netns.

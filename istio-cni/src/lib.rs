@@ -1,5 +1,5 @@
 //! Capture for ambient pods: the chained CNI plugin (`istio-cni`), the node
-//! agent (`istio-cni-agent`) that installs the in-pod rules of SPEC §4 and
+//! agent (`istio-cni-agent`) that installs the in-pod rules and
 //! hands pods to ztunnel over ZDS, and the install mode that chains the
 //! plugin into the node's CNI config.
 

@@ -1,4 +1,4 @@
-//! Which pods are captured, and how (SPEC §5b/§6): the pod label
+//! Which pods are captured, and how: the pod label
 //! `istio.io/dataplane-mode` wins (`ambient` enrols, `none` opts out), else
 //! the namespace label; excluded namespaces never are.
 

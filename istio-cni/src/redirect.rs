@@ -1,4 +1,4 @@
-//! The in-pod rules of SPEC §4, as iptables (Debian's iptables uses the
+//! The in-pod rules, as iptables (Debian's iptables uses the
 //! nf_tables backend; iptables-restore applies a table atomically). Install
 //! is idempotent (our chains are flushed and rewritten, jumps added once);
 //! removal deletes exactly what install added, so a pod is left as it was.

@@ -1,4 +1,4 @@
-//! Istio's standard L7 metrics with `reporter="waypoint"` (SPEC §7) and one
+//! Istio's standard L7 metrics with `reporter="waypoint"` and one
 //! JSON access-log line per request on stdout.
 
 use std::io::Write;

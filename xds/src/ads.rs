@@ -1,4 +1,4 @@
-//! Delta ADS to istiod for the two ambient types (SPEC §8). Every response is
+//! Delta ADS to istiod for the two ambient types. Every response is
 //! ACKed, or NACKed naming each resource we could not take while the rest
 //! still applies. While istiod is away the last good state keeps serving;
 //! reconnects back off and resume with `initial_resource_versions`.

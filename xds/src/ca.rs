@@ -1,4 +1,4 @@
-//! The Istio CA client (SPEC §3): ztunnel asks istiod to sign a CSR for each
+//! The Istio CA client: ztunnel asks istiod to sign a CSR for each
 //! local workload identity, impersonating it with its own node-bound token.
 
 use std::collections::BTreeMap;

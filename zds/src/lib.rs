@@ -1,4 +1,4 @@
-//! ZDS (SPEC §5): the node agent hands each captured pod's network namespace
+//! ZDS: the node agent hands each captured pod's network namespace
 //! to ztunnel over a SOCK_SEQPACKET unix socket, one protobuf per datagram,
 //! the netns fd attached as SCM_RIGHTS. The agent listens; ztunnel connects.
 //! Both ends live here so istio-cni and the tests speak the same code.

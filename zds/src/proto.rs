@@ -1,4 +1,4 @@
-//! Package `istio.workload.zds`, written from its field numbers (SPEC §5).
+//! Package `istio.workload.zds`, written from its field numbers.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]

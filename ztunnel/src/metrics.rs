@@ -1,4 +1,4 @@
-//! Istio's L4 metrics (SPEC §7) and the per-connection access log. Counter
+//! Istio's L4 metrics and the per-connection access log. Counter
 //! handles are resolved once per connection, so counting bytes on the data
 //! path is one atomic add.
 

@@ -1,4 +1,4 @@
-//! Sockets inside a pod's network namespace (SPEC §5): setns into the pod,
+//! Sockets inside a pod's network namespace: setns into the pod,
 //! create the socket, setns back, all on the calling thread. A socket keeps
 //! the namespace it was created in, so tokio can drive it from any thread.
 

@@ -175,7 +175,7 @@ async fn direct(pod: &Pod, down: TcpStream, dst: SocketAddr, m: ConnMetrics) {
     }
 }
 
-/// SPEC §2: a fresh W3C traceparent per connection and baggage naming the source.
+/// A fresh W3C traceparent per connection and baggage naming the source.
 fn request_headers(pod: &Pod, src_w: Option<&Workload>) -> HeaderMap {
     let mut h = HeaderMap::new();
     let trace: u128 = rand::random::<u128>() | 1;
