@@ -578,10 +578,13 @@ impl Cluster {
         if !Path::new(&format!("/run/netns/{ns}")).exists() {
             sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
         }
+        // Named by the address's last two octets: unique per node of a mesh
+        // (lengths were not: node1/10.244.250.1 and node2/10.244.250.2
+        // collided), and within IFNAMSIZ.
         let vif = format!(
             "n{}{}",
             mesh.prefix.chars().rev().take(6).collect::<String>(),
-            node.len() + ip.len()
+            ip.split('.').skip(2).collect::<String>()
         );
         sh(&format!(
             "ip link add {vif} type veth peer name eth0 netns {ns} && \

@@ -529,6 +529,31 @@ pub fn echo_roundtrip(mut s: TcpStream, data: &[u8]) {
     assert!(got == data, "echoed bytes differ");
 }
 
+/// One echo exchange on a connection that stays open (unlike
+/// `echo_roundtrip`, no half-close), so it can be checked again later.
+pub fn exchange(s: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    s.write_all(data)?;
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back)?;
+    assert_eq!(back, data, "echo came back altered");
+    Ok(())
+}
+
+/// Whether the proxy closed `s` (EOF or reset) before `within`; a read that
+/// merely times out means it is still open.
+pub fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)

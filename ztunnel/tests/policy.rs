@@ -206,29 +206,6 @@ async fn wire_between_pods_is_tls13_never_plaintext() {
     );
 }
 
-/// One echo exchange on a connection that stays open.
-fn exchange(s: &mut std::net::TcpStream, data: &[u8]) -> std::io::Result<()> {
-    use std::io::{Read, Write};
-    s.write_all(data)?;
-    let mut back = vec![0u8; data.len()];
-    s.read_exact(&mut back)?;
-    assert_eq!(back, data, "echo came back altered");
-    Ok(())
-}
-
-/// Whether the proxy closed `s` (EOF or reset) before `within`; a read that
-/// merely times out means it is still open.
-fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
-    use std::io::{ErrorKind, Read};
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut b = [0u8; 1];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
-    }
-}
-
 const DENY_CLIENT: &str = "---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
