@@ -985,4 +985,11 @@ impl Mesh {
         ));
         out
     }
+
+    /// The waypoint's `/config_dump` (admin, loopback of its pod) as JSON.
+    pub fn pod_config_dump(&self, pod: &str) -> serde_json::Value {
+        let text = self.pod_http(pod, 15000, "/config_dump");
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("config dump of {pod} is not JSON ({e}): {text}"))
+    }
 }

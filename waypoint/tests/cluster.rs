@@ -5,6 +5,7 @@
 //! the API and gets its certificate from istiod's CA.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use testbed::*;
@@ -78,9 +79,20 @@ fn codes(m: &Mesh, url: &str, n: usize) -> Vec<String> {
     out.lines().map(str::to_string).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manual_waypoint_applies_api_routes_and_policy() {
-    let mut m = Mesh::new("kwp", &workspace_bin("ztunnel"));
+/// The cluster both tests run in, with our waypoint serving it.
+struct Setup {
+    m: Mesh,
+    c: Cluster,
+    v1: Arc<Hits>,
+    v2: Arc<Hits>,
+}
+
+/// client, echo-v1 and echo-v2 (Services echo, echo-v1, echo-v2, all through
+/// the waypoint by the namespace label) captured on node1, HTTP servers on
+/// the echo pods, and our waypoint reading the API (`--from-kube`) with its
+/// certificate from istiod; returns once the waypoint is ready.
+async fn manual_waypoint(tag: &str) -> Setup {
+    let mut m = Mesh::new(tag, &workspace_bin("ztunnel"));
     m.pod("client", "app", "client", "10.244.1.10", "node1", true);
     m.pod("echo-v1", "app", "echo", "10.244.1.11", "node1", true);
     m.pod("echo-v2", "app", "echo", "10.244.1.12", "node1", true);
@@ -123,7 +135,6 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
         &[("waypoint", "10.244.1.20")],
     )
     .await;
-    let vip = c.cluster_ip("app", "echo").await;
 
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
     m.start_node("node1", &m.dir.clone()).await;
@@ -146,6 +157,14 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
         token.display().to_string(),
     ]);
     m.start_waypoint(WP, "waypoint", "waypoint", "app", "waypoint");
+    Setup { m, c, v1, v2 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_waypoint_applies_api_routes_and_policy() {
+    // Bound in this order so the control plane stops before the netns go.
+    let Setup { m, c, v1, v2 } = manual_waypoint("kwp").await;
+    let vip = c.cluster_ip("app", "echo").await;
 
     // Before any route: the Service's endpoints, through the waypoint.
     let url = format!("http://{vip}/public/x");
@@ -203,4 +222,196 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
         view.contains("kind: HTTPRoute") && view.contains("kind: AuthorizationPolicy"),
         "{view}"
     );
+}
+
+// Policies istiod accepts but we cannot evaluate (external authorization,
+// JWT principals and claims). Dropping one would allow what it was written
+// to deny, so each must fail closed at the waypoint and be reported.
+
+const CUSTOM_POLICY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz-admin, namespace: app}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+  action: CUSTOM
+  provider: {name: ext-authz}
+  rules:
+  - to: [{operation: {paths: [\"/admin*\"]}}]
+";
+
+const NO_JWT_DENY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-without-jwt, namespace: app}
+spec:
+  targetRefs: [{group: \"\", kind: Service, name: echo-v2}]
+  action: DENY
+  rules:
+  - from: [{source: {notRequestPrincipals: [\"*\"]}}]
+";
+
+const CLAIMS_ALLOW: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: admins-only, namespace: app}
+spec:
+  targetRefs: [{group: \"\", kind: Service, name: echo-v1}]
+  action: ALLOW
+  rules:
+  - when: [{key: \"request.auth.claims[groups]\", values: [admin]}]
+";
+
+/// The fields the waypoint's config dump reports as not evaluable for
+/// AuthorizationPolicy app/`name`.
+fn rejected_fields(m: &Mesh, name: &str) -> Vec<String> {
+    let dump = m.pod_config_dump("waypoint");
+    let rejected = dump["rejected"]
+        .as_array()
+        .unwrap_or_else(|| panic!("config dump has no rejected list: {dump}"));
+    rejected
+        .iter()
+        .filter(|r| {
+            r["kind"] == "AuthorizationPolicy" && r["namespace"] == "app" && r["name"] == name
+        })
+        .filter_map(|r| r["field"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The waypoint's metrics text and its count of AuthorizationPolicy findings
+/// (`mesh_config_rejected_objects_total`), None while the series is absent.
+fn rejected_policies_counted(m: &Mesh) -> (String, Option<f64>) {
+    let text = m.pod_http("waypoint", 15020, "/metrics");
+    let n = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("mesh_config_rejected_objects_total{")
+                && l.contains("kind=\"AuthorizationPolicy\"")
+        })
+        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    (text, n)
+}
+
+/// Waits for the counter to reach `want` (it is bumped just after the new
+/// state is swapped in), then checks it did not count a finding twice.
+async fn assert_rejected_counted(m: &Mesh, want: f64) {
+    eventually(
+        "mesh_config_rejected_objects_total counts the findings",
+        Duration::from_secs(5),
+        || rejected_policies_counted(m).1 >= Some(want),
+    )
+    .await;
+    let (text, n) = rejected_policies_counted(m);
+    assert_eq!(n, Some(want), "each finding is counted once:\n{text}");
+}
+
+/// AuthorizationPolicy app/`name` as the API server stored it: the CRD
+/// schema prunes fields it does not know, so this shows what Istio accepted.
+async fn policy(c: &Cluster, name: &str) -> serde_json::Value {
+    c.get("security.istio.io/v1", "AuthorizationPolicy", "app", name)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unevaluable_api_policies_fail_closed_at_the_waypoint() {
+    let Setup { m, c, v1, v2 } = manual_waypoint("kfc").await;
+    let (echo, echo_v1, echo_v2) = (
+        c.cluster_ip("app", "echo").await,
+        c.cluster_ip("app", "echo-v1").await,
+        c.cluster_ip("app", "echo-v2").await,
+    );
+    let public = format!("http://{echo}/public/x");
+    let admin = format!("http://{echo}/admin/x");
+    let to_v1 = format!("http://{echo_v1}/x");
+    let to_v2 = format!("http://{echo_v2}/x");
+
+    // Everything answers before any policy, so each 403 below is the policy's.
+    eventually(
+        "client reaches every service through the waypoint",
+        Duration::from_secs(30),
+        || {
+            [&public, &admin, &to_v1, &to_v2]
+                .iter()
+                .all(|u| codes(&m, u, 1) == ["200"])
+        },
+    )
+    .await;
+    assert_eq!(rejected_policies_counted(&m).1, None);
+
+    // CUSTOM (ext-authz) is not supported: its rules deny instead.
+    c.apply(CUSTOM_POLICY).await;
+    let stored = policy(&c, "ext-authz-admin").await;
+    assert_eq!(
+        (
+            stored["spec"]["action"].as_str(),
+            stored["spec"]["provider"]["name"].as_str()
+        ),
+        (Some("CUSTOM"), Some("ext-authz")),
+        "the API server keeps the policy as written: {stored}"
+    );
+    eventually(
+        "the CUSTOM policy denies /admin*",
+        Duration::from_secs(20),
+        || codes(&m, &admin, 1) == ["403"],
+    )
+    .await;
+    let served = v1.total() + v2.total();
+    assert_eq!(codes(&m, &admin, 3), ["403"; 3]);
+    assert_eq!(
+        v1.total() + v2.total(),
+        served,
+        "a denied request reached a backend"
+    );
+    assert_eq!(codes(&m, &public, 3), ["200"; 3]);
+
+    // notRequestPrincipals needs JWT: the DENY rule ignores it and so
+    // denies every request to echo-v2 (as Istio does for a request without
+    // a token).
+    c.apply(NO_JWT_DENY).await;
+    let stored = policy(&c, "deny-without-jwt").await;
+    assert_eq!(
+        stored["spec"]["rules"][0]["from"][0]["source"]["notRequestPrincipals"],
+        serde_json::json!(["*"]),
+        "the API server keeps the policy as written: {stored}"
+    );
+    eventually(
+        "the DENY without JWT denies echo-v2",
+        Duration::from_secs(20),
+        || codes(&m, &to_v2, 1) == ["403"],
+    )
+    .await;
+    let served = v2.total();
+    assert_eq!(codes(&m, &to_v2, 3), ["403"; 3]);
+    assert_eq!(v2.total(), served, "a denied request reached echo-v2");
+    assert_eq!(codes(&m, &to_v1, 3), ["200"; 3]);
+    // A Service-targeted policy covers requests addressed to that Service,
+    // not other Services sharing its pods.
+    assert_eq!(codes(&m, &public, 3), ["200"; 3]);
+
+    // Both are named in the config dump and counted, once each.
+    assert_eq!(rejected_fields(&m, "ext-authz-admin"), ["spec.provider"]);
+    assert_eq!(
+        rejected_fields(&m, "deny-without-jwt"),
+        ["spec.rules[0].from[0].source.notRequestPrincipals"]
+    );
+    assert_rejected_counted(&m, 2.0).await;
+
+    // An ALLOW whose only rule cannot be evaluated matches nothing: echo-v1
+    // is locked down, not opened.
+    c.apply(CLAIMS_ALLOW).await;
+    let stored = policy(&c, "admins-only").await;
+    assert_eq!(
+        stored["spec"]["rules"][0]["when"][0]["key"].as_str(),
+        Some("request.auth.claims[groups]"),
+        "the API server keeps the policy as written: {stored}"
+    );
+    eventually(
+        "the ALLOW on JWT claims allows nothing at echo-v1",
+        Duration::from_secs(20),
+        || codes(&m, &to_v1, 1) == ["403"],
+    )
+    .await;
+    assert_eq!(codes(&m, &public, 3), ["200"; 3]);
+    assert_eq!(
+        rejected_fields(&m, "admins-only"),
+        ["spec.rules[0].when[0].key"]
+    );
+    assert_rejected_counted(&m, 3.0).await;
 }
