@@ -59,12 +59,19 @@ pub struct TargetedPolicy {
 impl TargetedPolicy {
     /// Whether the policy applies to traffic through waypoint
     /// `wp_namespace/wp_name` to `service` (namespace, name), if any.
-    pub fn applies(&self, wp_namespace: &str, wp_name: &str, service: Option<(&str, &str)>) -> bool {
+    pub fn applies(
+        &self,
+        wp_namespace: &str,
+        wp_name: &str,
+        service: Option<(&str, &str)>,
+    ) -> bool {
         let ns = self.policy.namespace.as_str();
         self.targets.iter().any(|t| match t.kind.as_str() {
             "Gateway" => ns == wp_namespace && t.name == wp_name,
             "Service" => service == Some((ns, t.name.as_str())),
-            "GatewayClass" => ns == crate::ROOT_NAMESPACE && t.name == crate::routes::WAYPOINT_CLASS,
+            "GatewayClass" => {
+                ns == crate::ROOT_NAMESPACE && t.name == crate::routes::WAYPOINT_CLASS
+            }
             _ => ns == wp_namespace || ns == crate::ROOT_NAMESPACE,
         })
     }
@@ -272,7 +279,8 @@ impl AuthorizationPolicy {
                 m.l7 = L7Match::default();
             }
             if uses_l7 {
-                r.unevaluable.push("request attributes (need a waypoint)".into());
+                r.unevaluable
+                    .push("request attributes (need a waypoint)".into());
             }
         }
         p

@@ -100,7 +100,11 @@ impl<K: Send + 'static> LiveConns<K> {
                 let state = store.load();
                 let revoked = self.recheck(|k| check(&state, k));
                 if revoked > 0 {
-                    tracing::info!(revoked, live = self.len(), "policy change closed live connections");
+                    tracing::info!(
+                        revoked,
+                        live = self.len(),
+                        "policy change closed live connections"
+                    );
                     metrics::counter!("mesh_connections_revoked_total", "component" => component)
                         .increment(revoked as u64);
                 }
@@ -126,8 +130,14 @@ mod tests {
             _ => Ok(()),
         });
         assert_eq!(n, 1);
-        assert_eq!(b.revoked.try_recv().unwrap(), "denied by DENY policy ns/no-tls");
-        assert!(a.revoked.try_recv().is_err(), "an allowed connection is untouched");
+        assert_eq!(
+            b.revoked.try_recv().unwrap(),
+            "denied by DENY policy ns/no-tls"
+        );
+        assert!(
+            a.revoked.try_recv().is_err(),
+            "an allowed connection is untouched"
+        );
         assert_eq!(live.len(), 1);
         // A revoked connection is not revoked twice.
         assert_eq!(live.recheck(|_| Err("all".into())), 1);

@@ -363,9 +363,9 @@ fn allowed_namespaces(
             "All" => AllowedNamespaces::All,
             "Selector" => {
                 let sel = ns.and_then(|n| n.get("selector"));
-                let labels = sel
-                    .and_then(|s| s.get("matchLabels"))
-                    .and_then(|m| serde_yaml::from_value::<BTreeMap<String, String>>(m.clone()).ok());
+                let labels = sel.and_then(|s| s.get("matchLabels")).and_then(|m| {
+                    serde_yaml::from_value::<BTreeMap<String, String>>(m.clone()).ok()
+                });
                 let only_labels = sel
                     .and_then(|s| s.as_mapping())
                     .is_some_and(|m| m.len() == 1);

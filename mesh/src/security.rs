@@ -206,6 +206,17 @@ fn rule_effect(action: Action) -> &'static str {
     }
 }
 
+/// Istio's `istio.io/dry-run: "true"`: the policy is evaluated and logged,
+/// never enforced.
+fn dry_run(value: &Value) -> bool {
+    value
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| a.get("istio.io/dry-run"))
+        .and_then(Value::as_str)
+        == Some("true")
+}
+
 fn name_and_namespace(value: &Value) -> (String, String) {
     let meta = value.get("metadata");
     let get = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str);
@@ -237,7 +248,11 @@ pub(crate) fn authorization_policy(value: Value, out: &mut Vec<Rejected>) -> Par
     let mut rules = Vec::new();
     if !spec.unknown.is_empty() {
         // A spec-level field could change the meaning of every rule.
-        report.unknown("spec", &spec.unknown, "the policy denies all it covers (DENY) or allows nothing (ALLOW)");
+        report.unknown(
+            "spec",
+            &spec.unknown,
+            "the policy denies all it covers (DENY) or allows nothing (ALLOW)",
+        );
         rules.push(Rule {
             clauses: Vec::new(),
             unevaluable: spec.unknown.keys().map(|k| format!("spec.{k}")).collect(),
@@ -253,7 +268,7 @@ pub(crate) fn authorization_policy(value: Value, out: &mut Vec<Rejected>) -> Par
         scope,
         action,
         rules,
-        dry_run: false,
+        dry_run: dry_run(&value),
     };
     if for_waypoint {
         ParsedPolicy::Waypoint(TargetedPolicy { targets, policy })
@@ -325,7 +340,11 @@ fn unreadable_policy(
         action,
         rules: vec![Rule {
             clauses: Vec::new(),
-            unevaluable: vec![if field.is_empty() { "spec".into() } else { field.to_string() }],
+            unevaluable: vec![if field.is_empty() {
+                "spec".into()
+            } else {
+                field.to_string()
+            }],
         }],
         dry_run: false,
     };
@@ -378,7 +397,11 @@ fn action(action: Option<&str>, provider: Option<&Value>, report: &mut Report) -
         "DENY" => Action::Deny,
         "AUDIT" => Action::Audit,
         other => {
-            report.add("spec.action", format!("action {other:?} is not supported"), AS_DENY);
+            report.add(
+                "spec.action",
+                format!("action {other:?} is not supported"),
+                AS_DENY,
+            );
             Action::Deny
         }
     }
@@ -392,10 +415,16 @@ fn scope(selector: Option<&Selector>, namespace: &str, report: &mut Report) -> S
     };
     match selector {
         Some(sel) if !sel.unknown.is_empty() => {
-            report.unknown("spec.selector", &sel.unknown, "the policy applies to its whole namespace");
+            report.unknown(
+                "spec.selector",
+                &sel.unknown,
+                "the policy applies to its whole namespace",
+            );
             widest
         }
-        Some(sel) if !sel.match_labels.is_empty() => Scope::WorkloadSelector(sel.match_labels.clone()),
+        Some(sel) if !sel.match_labels.is_empty() => {
+            Scope::WorkloadSelector(sel.match_labels.clone())
+        }
         _ => widest,
     }
 }
@@ -409,22 +438,21 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
         report.add(field.clone(), reason, effect);
         rule.unevaluable.push(field);
     };
+    let unknown = |rule: &mut Rule, base: &str, fields: &Unknown, report: &mut Report| {
+        for k in fields.keys() {
+            bad(rule, format!("{base}.{k}"), "unknown field".into(), report);
+        }
+    };
     let base = format!("spec.rules[{ri}]");
-    for k in r.unknown.keys() {
-        bad(&mut rule, format!("{base}.{k}"), "unknown field".into(), report);
-    }
+    unknown(&mut rule, &base, &r.unknown, report);
     if !r.from.is_empty() {
         let mut clause = Clause::default();
         for (fi, f) in r.from.iter().enumerate() {
             let base = format!("{base}.from[{fi}]");
-            for k in f.unknown.keys() {
-                bad(&mut rule, format!("{base}.{k}"), "unknown field".into(), report);
-            }
+            unknown(&mut rule, &base, &f.unknown, report);
             let s = &f.source;
             let base = format!("{base}.source");
-            for k in s.unknown.keys() {
-                bad(&mut rule, format!("{base}.{k}"), "unknown field".into(), report);
-            }
+            unknown(&mut rule, &base, &s.unknown, report);
             for (field, v) in [
                 ("requestPrincipals", &s.request_principals),
                 ("notRequestPrincipals", &s.not_request_principals),
@@ -436,14 +464,29 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
             }
             let net_field = |field: &str, v: &[String], rule: &mut Rule, report: &mut Report| {
                 nets(v).unwrap_or_else(|why| {
-                    bad(rule, format!("{base}.{field}{why}"), "not an IP address or CIDR".into(), report);
+                    bad(
+                        rule,
+                        format!("{base}.{field}{why}"),
+                        "not an IP address or CIDR".into(),
+                        report,
+                    );
                     Vec::new()
                 })
             };
             let mut src = net_field("ipBlocks", &s.ip_blocks, &mut rule, report);
-            src.extend(net_field("remoteIpBlocks", &s.remote_ip_blocks, &mut rule, report));
+            src.extend(net_field(
+                "remoteIpBlocks",
+                &s.remote_ip_blocks,
+                &mut rule,
+                report,
+            ));
             let mut not_src = net_field("notIpBlocks", &s.not_ip_blocks, &mut rule, report);
-            not_src.extend(net_field("notRemoteIpBlocks", &s.not_remote_ip_blocks, &mut rule, report));
+            not_src.extend(net_field(
+                "notRemoteIpBlocks",
+                &s.not_remote_ip_blocks,
+                &mut rule,
+                report,
+            ));
             clause.matches.push(Match {
                 principals: strs(&s.principals),
                 not_principals: strs(&s.not_principals),
@@ -460,20 +503,22 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
         let mut clause = Clause::default();
         for (ti, t) in r.to.iter().enumerate() {
             let base = format!("{base}.to[{ti}]");
-            for k in t.unknown.keys() {
-                bad(&mut rule, format!("{base}.{k}"), "unknown field".into(), report);
-            }
+            unknown(&mut rule, &base, &t.unknown, report);
             let op = &t.operation;
             let base = format!("{base}.operation");
-            for k in op.unknown.keys() {
-                bad(&mut rule, format!("{base}.{k}"), "unknown field".into(), report);
-            }
-            let port_field = |field: &str, v: &[IntOrString], rule: &mut Rule, report: &mut Report| {
-                ports(v).unwrap_or_else(|why| {
-                    bad(rule, format!("{base}.{field}{why}"), "not a port number".into(), report);
-                    Vec::new()
-                })
-            };
+            unknown(&mut rule, &base, &op.unknown, report);
+            let port_field =
+                |field: &str, v: &[IntOrString], rule: &mut Rule, report: &mut Report| {
+                    ports(v).unwrap_or_else(|why| {
+                        bad(
+                            rule,
+                            format!("{base}.{field}{why}"),
+                            "not a port number".into(),
+                            report,
+                        );
+                        Vec::new()
+                    })
+                };
             let lower = |v: &[String]| -> Vec<StringMatch> {
                 v.iter()
                     .map(|h| StringMatch::parse(&h.to_ascii_lowercase()))
@@ -498,17 +543,26 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
     }
     for (ci, c) in r.when.iter().enumerate() {
         let base = format!("{base}.when[{ci}]");
-        for k in c.unknown.keys() {
-            bad(&mut rule, format!("{base}.{k}"), "unknown field".into(), report);
-        }
+        unknown(&mut rule, &base, &c.unknown, report);
         match condition(c) {
             Ok(m) => rule.clauses.push(Clause { matches: vec![m] }),
-            Err(why) => bad(&mut rule, format!("{base}.key"), format!("{:?}: {why}", c.key), report),
+            Err(why) => bad(
+                &mut rule,
+                format!("{base}.key"),
+                format!("{:?}: {why}", c.key),
+                report,
+            ),
         }
     }
     // Request attributes in a ztunnel policy are reported here; `l4_only`
     // turns them into unevaluable fields.
-    if !for_waypoint && rule.clauses.iter().flat_map(|c| &c.matches).any(|m| !m.l7.is_empty()) {
+    if !for_waypoint
+        && rule
+            .clauses
+            .iter()
+            .flat_map(|c| &c.matches)
+            .any(|m| !m.l7.is_empty())
+    {
         report.add(base, "request attributes (methods, paths, hosts, headers) need a waypoint; ztunnel enforces L4 only", effect);
     }
     rule
@@ -530,8 +584,12 @@ fn condition(c: &Condition) -> Result<Match, String> {
         }
         "destination.port" => {
             let as_ports = |v: &[String]| {
-                ports(&v.iter().map(|s| IntOrString::Str(s.clone())).collect::<Vec<_>>())
-                    .map_err(|_| bad_value("a port number"))
+                ports(
+                    &v.iter()
+                        .map(|s| IntOrString::Str(s.clone()))
+                        .collect::<Vec<_>>(),
+                )
+                .map_err(|_| bad_value("a port number"))
             };
             m.destination_ports = as_ports(vals)?;
             m.not_destination_ports = as_ports(nots)?;
@@ -568,11 +626,13 @@ fn nets(v: &[String]) -> Result<Vec<IpNet>, String> {
 fn ports(v: &[IntOrString]) -> Result<Vec<u16>, String> {
     v.iter()
         .enumerate()
-        .map(|(i, p)| match p {
-            IntOrString::Int(n) => u16::try_from(*n).ok(),
-            IntOrString::Str(s) => s.parse().ok(),
-        }
-        .ok_or_else(|| format!("[{i}]")))
+        .map(|(i, p)| {
+            match p {
+                IntOrString::Int(n) => u16::try_from(*n).ok(),
+                IntOrString::Str(s) => s.parse().ok(),
+            }
+            .ok_or_else(|| format!("[{i}]"))
+        })
         .collect()
 }
 
@@ -637,7 +697,11 @@ pub(crate) fn peer_authentication(value: Value, out: &mut Vec<Rejected>) -> Peer
     let spec = o.spec.unwrap_or_default();
     let selector = match &spec.selector {
         Some(s) if !s.unknown.is_empty() => {
-            report.unknown("spec.selector", &s.unknown, "STRICT for the whole namespace");
+            report.unknown(
+                "spec.selector",
+                &s.unknown,
+                "STRICT for the whole namespace",
+            );
             return strict(None);
         }
         Some(s) if !s.match_labels.is_empty() => Some(s.match_labels.clone()),
@@ -675,7 +739,10 @@ pub(crate) fn peer_authentication(value: Value, out: &mut Vec<Rejected>) -> Peer
     for (port, m) in &spec.port_level_mtls {
         let key = match port {
             Value::String(s) => s.clone(),
-            other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+            other => serde_yaml::to_string(other)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
         };
         let field = format!("spec.portLevelMtls.{key}");
         let port_mode = match serde_yaml::from_value::<MtlsSpec>(m.clone()) {
@@ -690,7 +757,11 @@ pub(crate) fn peer_authentication(value: Value, out: &mut Vec<Rejected>) -> Peer
             Ok(p) if selector.is_some() => {
                 port_level.insert(p, port_mode);
             }
-            Ok(_) => report.add(field, "port-level mTLS requires a workload selector", STRICT),
+            Ok(_) => report.add(
+                field,
+                "port-level mTLS requires a workload selector",
+                STRICT,
+            ),
             Err(_) => report.add(field, "not a port number", STRICT),
         }
     }

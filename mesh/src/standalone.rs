@@ -9,9 +9,9 @@ use std::net::IpAddr;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::security::{self, ParsedPolicy};
 use crate::model::*;
 use crate::routes::{WaypointRef, USE_WAYPOINT_LABEL, USE_WAYPOINT_NS_LABEL};
+use crate::security::{self, ParsedPolicy};
 use crate::DATAPLANE_MODE_LABEL;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

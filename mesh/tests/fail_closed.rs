@@ -90,20 +90,30 @@ fn waypoint_allows(m: &MeshState, wp: (&str, &str), path: &str) -> bool {
 /// The finding for `p` names the object and starts with `field`.
 fn reported(m: &MeshState, field: &str) -> bool {
     m.rejected.iter().any(|r| {
-        (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()) == ("AuthorizationPolicy", "ns", "p")
+        (r.kind.as_str(), r.namespace.as_str(), r.name.as_str())
+            == ("AuthorizationPolicy", "ns", "p")
             && r.field.starts_with(field)
     })
 }
 
-const OTHER: Probe = Probe { sa: "other", ..CLIENT };
+const OTHER: Probe = Probe {
+    sa: "other",
+    ..CLIENT
+};
 const PORT_81: Probe = Probe { port: 81, ..CLIENT };
-const FAR: Probe = Probe { src: "192.168.1.1", ..CLIENT };
+const FAR: Probe = Probe {
+    src: "192.168.1.1",
+    ..CLIENT
+};
 const POD_B: Probe = Probe { pod: "b", ..CLIENT };
+
+/// (what, policy, reported field, probes allowed, probes denied)
+type ZtunnelCase = (&'static str, String, &'static str, Vec<Probe>, Vec<Probe>);
 
 #[test]
 fn ztunnel_policies_fail_closed_per_field_class() {
     // (what, policy, reported field, probes that must be allowed, probes that must be denied)
-    let cases: Vec<(&str, String, &str, Vec<Probe>, Vec<Probe>)> = vec![
+    let cases: Vec<ZtunnelCase> = vec![
         ("DENY + requestPrincipals: denies what the rest matches",
             policy("DENY", "  rules: [{from: [{source: {principals: [cluster.local/ns/ns/sa/client], requestPrincipals: [\"*\"]}}]}]"),
             "spec.rules[0].from[0].source.requestPrincipals", vec![OTHER], vec![CLIENT]),
@@ -170,14 +180,30 @@ fn ztunnel_policies_fail_closed_per_field_class() {
     ];
     for (what, doc, field, allowed, denied) in &cases {
         let m = load(doc);
-        assert!(reported(&m, field), "{what}: no finding at {field}: {:#?}", m.rejected);
+        assert!(
+            reported(&m, field),
+            "{what}: no finding at {field}: {:#?}",
+            m.rejected
+        );
         // The rest of the config still applies.
         assert_eq!(m.workloads.len(), 2, "{what}");
         for p in allowed {
-            assert!(ztunnel_allows(&m, p), "{what}: {}:{} -> {} should pass", p.sa, p.port, p.pod);
+            assert!(
+                ztunnel_allows(&m, p),
+                "{what}: {}:{} -> {} should pass",
+                p.sa,
+                p.port,
+                p.pod
+            );
         }
         for p in denied {
-            assert!(!ztunnel_allows(&m, p), "{what}: {}:{} -> {} should be denied", p.sa, p.port, p.pod);
+            assert!(
+                !ztunnel_allows(&m, p),
+                "{what}: {}:{} -> {} should be denied",
+                p.sa,
+                p.port,
+                p.pod
+            );
         }
     }
 }
@@ -193,8 +219,17 @@ fn supported_policies_report_nothing() {
         let m = load(&doc);
         assert!(m.rejected.is_empty(), "{doc}: {:#?}", m.rejected);
     }
+    // Istio's dry-run annotation: evaluated and logged, never enforced.
+    let m = load(&policy("DENY", "  rules: [{}]").replace(
+        "metadata: {name: p, namespace: ns}",
+        "metadata: {name: p, namespace: ns, annotations: {istio.io/dry-run: \"true\"}}",
+    ));
+    assert!(m.policies[0].dry_run && ztunnel_allows(&m, &CLIENT));
     // And they still decide as written.
-    let m = load(&policy("ALLOW", "  rules: [{from: [{source: {principals: [cluster.local/ns/ns/sa/client]}}]}]"));
+    let m = load(&policy(
+        "ALLOW",
+        "  rules: [{from: [{source: {principals: [cluster.local/ns/ns/sa/client]}}]}]",
+    ));
     assert!(ztunnel_allows(&m, &CLIENT) && !ztunnel_allows(&m, &OTHER));
 }
 
@@ -221,14 +256,24 @@ fn waypoint_policies_fail_closed() {
     ];
     for (what, doc, field, allowed, denied) in &cases {
         let m = load(doc);
-        assert!(reported(&m, field), "{what}: no finding at {field}: {:#?}", m.rejected);
+        assert!(
+            reported(&m, field),
+            "{what}: no finding at {field}: {:#?}",
+            m.rejected
+        );
         if let Some(path) = allowed {
             assert!(waypoint_allows(&m, wp, path), "{what}: {path} should pass");
         }
-        assert!(!waypoint_allows(&m, wp, denied), "{what}: {denied} should be denied");
+        assert!(
+            !waypoint_allows(&m, wp, denied),
+            "{what}: {denied} should be denied"
+        );
         // Other waypoints are not this policy's business (same namespace
         // aside, for an unknown target kind).
-        assert!(waypoint_allows(&m, ("other", "wp2"), denied), "{what}: leaked to another namespace");
+        assert!(
+            waypoint_allows(&m, ("other", "wp2"), denied),
+            "{what}: leaked to another namespace"
+        );
     }
     // GatewayClass targets from the root namespace cover every waypoint.
     let m = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: all, namespace: istio-system}\nspec:\n  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [/admin]}}]}]");
@@ -239,7 +284,9 @@ fn waypoint_policies_fail_closed() {
 
 #[test]
 fn peer_authentications_we_cannot_read_are_strict() {
-    let pa = |spec: &str| format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: pa, namespace: ns}}\nspec: {spec}");
+    let pa = |spec: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: pa, namespace: ns}}\nspec: {spec}")
+    };
     for (spec, field, a_port_80, b_port_80) in [
         ("{mtls: {mode: STRIKT}}", "spec.mtls.mode", MtlsMode::Strict, MtlsMode::Strict),
         ("{mtls: {mode: PERMISSIVE}, portLevelMtls: {8080: {mode: DISABLE}}}", "spec.portLevelMtls.8080", MtlsMode::Strict, MtlsMode::Strict),
@@ -262,5 +309,8 @@ fn peer_authentications_we_cannot_read_are_strict() {
     let m = load(&pa("{selector: {matchLabels: {app: a}}, mtls: {mode: STRICT}, portLevelMtls: {9000: {mode: PERMISSIVE}}}"));
     assert!(m.rejected.is_empty());
     let a = m.workload_by_name("ns", "a").unwrap();
-    assert_eq!((m.mtls_mode(a, 80), m.mtls_mode(a, 9000)), (MtlsMode::Strict, MtlsMode::Permissive));
+    assert_eq!(
+        (m.mtls_mode(a, 80), m.mtls_mode(a, 9000)),
+        (MtlsMode::Strict, MtlsMode::Permissive)
+    );
 }

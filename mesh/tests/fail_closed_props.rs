@@ -37,23 +37,74 @@ struct Fragment {
 }
 
 const FRAGMENTS: &[Fragment] = &[
-    Fragment { yaml: "from: [{source: {principals: [cluster.local/ns/ns/sa/client]}}]", ok: true },
-    Fragment { yaml: "from: [{source: {notPrincipals: [cluster.local/ns/ns/sa/client]}}]", ok: true },
-    Fragment { yaml: "from: [{source: {ipBlocks: [10.1.0.0/16]}}]", ok: true },
-    Fragment { yaml: "from: [{source: {namespaces: [ns]}}]", ok: true },
-    Fragment { yaml: "to: [{operation: {ports: [\"80\"]}}]", ok: true },
-    Fragment { yaml: "to: [{operation: {notPorts: [\"80\"]}}]", ok: true },
-    Fragment { yaml: "when: [{key: destination.port, values: [\"81\"]}]", ok: true },
-    Fragment { yaml: "when: [{key: source.ip, notValues: [192.168.0.0/16]}]", ok: true },
-    Fragment { yaml: "from: [{source: {requestPrincipals: [\"*\"]}}]", ok: false },
-    Fragment { yaml: "from: [{source: {notRequestPrincipals: [\"*\"]}}]", ok: false },
-    Fragment { yaml: "from: [{source: {principals: [cluster.local/ns/ns/sa/other], futureField: [x]}}]", ok: false },
-    Fragment { yaml: "from: [{source: {ipBlocks: [10.1.0.0/16, not-an-ip]}}]", ok: false },
-    Fragment { yaml: "to: [{operation: {ports: [http]}}]", ok: false },
-    Fragment { yaml: "to: [{operation: {methods: [GET]}}]", ok: false },
-    Fragment { yaml: "when: [{key: \"request.auth.claims[iss]\", values: [x]}]", ok: false },
-    Fragment { yaml: "when: [{key: \"request.headers[x-a]\", values: [b]}]", ok: false },
-    Fragment { yaml: "when: [{key: destination.port, values: [eighty]}]", ok: false },
+    Fragment {
+        yaml: "from: [{source: {principals: [cluster.local/ns/ns/sa/client]}}]",
+        ok: true,
+    },
+    Fragment {
+        yaml: "from: [{source: {notPrincipals: [cluster.local/ns/ns/sa/client]}}]",
+        ok: true,
+    },
+    Fragment {
+        yaml: "from: [{source: {ipBlocks: [10.1.0.0/16]}}]",
+        ok: true,
+    },
+    Fragment {
+        yaml: "from: [{source: {namespaces: [ns]}}]",
+        ok: true,
+    },
+    Fragment {
+        yaml: "to: [{operation: {ports: [\"80\"]}}]",
+        ok: true,
+    },
+    Fragment {
+        yaml: "to: [{operation: {notPorts: [\"80\"]}}]",
+        ok: true,
+    },
+    Fragment {
+        yaml: "when: [{key: destination.port, values: [\"81\"]}]",
+        ok: true,
+    },
+    Fragment {
+        yaml: "when: [{key: source.ip, notValues: [192.168.0.0/16]}]",
+        ok: true,
+    },
+    Fragment {
+        yaml: "from: [{source: {requestPrincipals: [\"*\"]}}]",
+        ok: false,
+    },
+    Fragment {
+        yaml: "from: [{source: {notRequestPrincipals: [\"*\"]}}]",
+        ok: false,
+    },
+    Fragment {
+        yaml: "from: [{source: {principals: [cluster.local/ns/ns/sa/other], futureField: [x]}}]",
+        ok: false,
+    },
+    Fragment {
+        yaml: "from: [{source: {ipBlocks: [10.1.0.0/16, not-an-ip]}}]",
+        ok: false,
+    },
+    Fragment {
+        yaml: "to: [{operation: {ports: [http]}}]",
+        ok: false,
+    },
+    Fragment {
+        yaml: "to: [{operation: {methods: [GET]}}]",
+        ok: false,
+    },
+    Fragment {
+        yaml: "when: [{key: \"request.auth.claims[iss]\", values: [x]}]",
+        ok: false,
+    },
+    Fragment {
+        yaml: "when: [{key: \"request.headers[x-a]\", values: [b]}]",
+        ok: false,
+    },
+    Fragment {
+        yaml: "when: [{key: destination.port, values: [eighty]}]",
+        ok: false,
+    },
 ];
 
 #[derive(Clone, Debug)]
@@ -88,7 +139,9 @@ impl Policy {
         let mut s = String::from("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec:\n");
         match (self.selector, clean) {
             (1, _) => s.push_str("  selector: {matchLabels: {app: a}}\n"),
-            (2, false) => s.push_str("  selector: {matchExpressions: [{key: app, operator: In, values: [a]}]}\n"),
+            (2, false) => s.push_str(
+                "  selector: {matchExpressions: [{key: app, operator: In, values: [a]}]}\n",
+            ),
             _ => {}
         }
         if let Some(a) = self.action {
@@ -125,7 +178,14 @@ impl Policy {
 }
 
 fn policy() -> impl Strategy<Value = Policy> {
-    let actions = prop::sample::select(vec![None, Some("ALLOW"), Some("DENY"), Some("AUDIT"), Some("CUSTOM"), Some("LOG")]);
+    let actions = prop::sample::select(vec![
+        None,
+        Some("ALLOW"),
+        Some("DENY"),
+        Some("AUDIT"),
+        Some("CUSTOM"),
+        Some("LOG"),
+    ]);
     // A rule holds each kind of entry (from/to/when) at most once.
     let rule = prop::collection::btree_map(0..3usize, 0..FRAGMENTS.len(), 0..3).prop_map(|m| {
         let mut seen = std::collections::BTreeSet::new();
@@ -133,15 +193,20 @@ fn policy() -> impl Strategy<Value = Policy> {
             .filter(|f| seen.insert(FRAGMENTS[*f].yaml.split(':').next().unwrap()))
             .collect::<Vec<_>>()
     });
-    (actions, any::<bool>(), 0..3u8, prop::bool::weighted(0.1), prop::collection::vec(rule, 0..3)).prop_map(
-        |(action, provider, selector, spec_unknown, rules)| Policy {
+    (
+        actions,
+        any::<bool>(),
+        0..3u8,
+        prop::bool::weighted(0.1),
+        prop::collection::vec(rule, 0..3),
+    )
+        .prop_map(|(action, provider, selector, spec_unknown, rules)| Policy {
             action,
             provider: provider && action == Some("CUSTOM"),
             selector,
             spec_unknown,
             rules,
-        },
-    )
+        })
 }
 
 /// Every connection the probes try: (sa, source, port, pod).

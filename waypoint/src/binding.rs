@@ -126,15 +126,30 @@ spec:
         assert_eq!(bound("10.96.0.2:80"), Ok(()));
         assert_eq!(bound("10.0.0.2:8080"), Ok(()));
         // A namespace that asks for wp-a but is not admitted.
-        assert!(matches!(bound("10.96.0.3:80"), Err(Unbound::Service { .. })));
-        assert!(matches!(bound("10.0.0.3:8080"), Err(Unbound::Workload { .. })));
+        assert!(matches!(
+            bound("10.96.0.3:80"),
+            Err(Unbound::Service { .. })
+        ));
+        assert!(matches!(
+            bound("10.0.0.3:8080"),
+            Err(Unbound::Workload { .. })
+        ));
         // Bound to another waypoint entirely (the confused-deputy case).
         let e = bound("10.96.0.4:80").unwrap_err();
         assert!(e.to_string().contains("waypoint d/wp-d"), "{e}");
-        assert!(matches!(bound("10.0.0.4:8080"), Err(Unbound::Workload { .. })));
+        assert!(matches!(
+            bound("10.0.0.4:8080"),
+            Err(Unbound::Workload { .. })
+        ));
         // Not a port of the service; not an address at all.
-        assert!(matches!(bound("10.96.0.1:81"), Err(Unbound::NoSuchPort { .. })));
-        assert_eq!(bound("10.9.9.9:80"), Err(Unbound::Unknown(t("10.9.9.9:80"))));
+        assert!(matches!(
+            bound("10.96.0.1:81"),
+            Err(Unbound::NoSuchPort { .. })
+        ));
+        assert_eq!(
+            bound("10.9.9.9:80"),
+            Err(Unbound::Unknown(t("10.9.9.9:80")))
+        );
         // The admission also steers ztunnel: c's service has no waypoint.
         let c = state.service_by_vip("10.96.0.3".parse().unwrap()).unwrap();
         assert_eq!(state.service_waypoint(c), None);

@@ -14,9 +14,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use identity::{Identity, SecretManager};
 use mesh::authz::{self, Connection, Decision, HttpRequest};
-use mesh::routes::{Abort, HeaderOps, RetryOn, RetryPolicy, Rewrite, RouteRule, TrafficPolicy};
 use mesh::live::LiveConns;
 use mesh::routes::WaypointRef;
+use mesh::routes::{Abort, HeaderOps, RetryOn, RetryPolicy, Rewrite, RouteRule, TrafficPolicy};
 use mesh::{MeshState, MeshStore, Service, Workload};
 use tokio::sync::watch;
 
@@ -48,6 +48,7 @@ pub struct Waypoint {
 }
 
 /// What an L4 stream was admitted on.
+#[derive(Clone)]
 pub struct L4Stream {
     src: Arc<Identity>,
     peer: SocketAddr,
@@ -212,14 +213,17 @@ fn refuse_unbound(
 
 /// Not HTTP: one endpoint, bytes both ways, L4 policy only.
 async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
-    let state = wp.store.load();
-    let Some((_, eps)) = endpoints_for_target(&state, s.target) else {
-        return;
-    };
     let key = L4Stream {
         src: s.src.clone(),
         peer: s.peer,
         target: s.target,
+    };
+    // Registered before the decision: a change after `state` was loaded is
+    // re-checked against this stream too.
+    let mut live = wp.live.admit(key.clone());
+    let state = wp.store.load();
+    let Some((_, eps)) = endpoints_for_target(&state, s.target) else {
+        return;
     };
     if let Err(why) = wp.admit_l4(&state, &key) {
         return tracing::info!(source = %s.src, target = %s.target, why, "L4 stream denied at the waypoint");
@@ -227,7 +231,6 @@ async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
     if eps.is_empty() {
         return;
     }
-    let mut live = wp.live.admit(key);
     let (ep, port) = eps[rand::random_range(0..eps.len())].clone();
     drop(state);
     let Ok(cert) = wp.certs.fetch(&wp.identity).await else {
@@ -444,7 +447,10 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
     // checked again, like its policy.
     if let Err(e) = binding::check(&state, &wp.me(), s.target) {
         refuse_unbound(&state, &s.src, s.peer, s.target, &e);
-        return local(StatusCode::FORBIDDEN, "destination not bound to this waypoint\n");
+        return local(
+            StatusCode::FORBIDDEN,
+            "destination not bound to this waypoint\n",
+        );
     }
     let service = state.service_by_vip(s.target.ip()).cloned();
     let src_workload = state.workload_by_ip(s.peer.ip()).cloned();

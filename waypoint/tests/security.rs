@@ -165,7 +165,14 @@ async fn mesh(tag: &str) -> Mesh {
     m.pod("client", "app", "client", "10.244.1.10", "node1", true);
     m.pod("echo", "app", "echo", "10.244.1.11", "node1", true);
     m.pod("friend", "friends", "friend", "10.244.1.12", "node1", true);
-    m.pod("stranger", "strangers", "stranger", "10.244.1.13", "node1", true);
+    m.pod(
+        "stranger",
+        "strangers",
+        "stranger",
+        "10.244.1.13",
+        "node1",
+        true,
+    );
     m.pod("db", "secure", "db", "10.244.2.30", "node2", true);
     m.pod("waypoint", "app", "waypoint", "10.244.2.20", "node2", false);
     m.write_config(MESH);
@@ -185,9 +192,11 @@ async fn waypoint_serves_only_destinations_bound_to_it() {
     m.start_waypoint(WP, "waypoint", "waypoint", "app", "waypoint");
 
     // A bound service works, through the waypoint.
-    eventually("bound service through the waypoint", Duration::from_secs(20), || {
-        curl(&m, "client", "http://10.96.0.20/bound").ends_with(" 200")
-    })
+    eventually(
+        "bound service through the waypoint",
+        Duration::from_secs(20),
+        || curl(&m, "client", "http://10.96.0.20/bound").ends_with(" 200"),
+    )
     .await;
     assert_eq!(echo.get("/bound"), 1);
     // A cross-namespace binding the Gateway admits works too.
@@ -196,15 +205,31 @@ async fn waypoint_serves_only_destinations_bound_to_it() {
 
     // The confused deputy: straight to the waypoint, naming the database.
     let client = Identity::new("cluster.local", "app", "client");
-    assert_eq!(connect_to_waypoint(&m, "client", client.clone(), "10.244.2.30:8080"), 403);
+    assert_eq!(
+        connect_to_waypoint(&m, "client", client.clone(), "10.244.2.30:8080"),
+        403
+    );
     // A binding the Gateway does not admit is refused the same way.
-    assert_eq!(connect_to_waypoint(&m, "client", client.clone(), "10.96.0.41:80"), 403);
+    assert_eq!(
+        connect_to_waypoint(&m, "client", client.clone(), "10.96.0.41:80"),
+        403
+    );
     // Not a port of a bound service.
-    assert_eq!(connect_to_waypoint(&m, "client", client.clone(), "10.96.0.20:81"), 403);
+    assert_eq!(
+        connect_to_waypoint(&m, "client", client.clone(), "10.96.0.20:81"),
+        403
+    );
     // The same path to a bound destination is accepted: the refusals are
     // about the destination, not the way the CONNECT arrived.
-    assert_eq!(connect_to_waypoint(&m, "client", client, "10.96.0.20:80"), 200);
-    assert_eq!(db.total(), 0, "the database saw a request through the waypoint");
+    assert_eq!(
+        connect_to_waypoint(&m, "client", client, "10.96.0.20:80"),
+        200
+    );
+    assert_eq!(
+        db.total(),
+        0,
+        "the database saw a request through the waypoint"
+    );
 
     // Istio ignores a binding the Gateway does not admit: that service is
     // reached directly, and its own ztunnel enforces its policy.
@@ -215,9 +240,10 @@ async fn waypoint_serves_only_destinations_bound_to_it() {
     // and metrics with 403 and the no-route flag.
     let log = std::fs::read_to_string(m.dir.join("waypoint.log")).unwrap_or_default();
     assert!(
-        log.lines().any(|l| l.contains("destination not bound to this waypoint")
-            && l.contains("spiffe://cluster.local/ns/app/sa/client")
-            && l.contains("10.244.2.30:8080")),
+        log.lines()
+            .any(|l| l.contains("destination not bound to this waypoint")
+                && l.contains("spiffe://cluster.local/ns/app/sa/client")
+                && l.contains("10.244.2.30:8080")),
         "{log}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -233,9 +259,11 @@ async fn waypoint_serves_only_destinations_bound_to_it() {
     );
     let metrics = m.pod_http("waypoint", 15020, "/metrics");
     assert!(
-        metrics.lines().any(|l| l.starts_with("istio_requests_total")
-            && l.contains("response_code=\"403\"")
-            && l.contains("response_flags=\"NR\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total")
+                && l.contains("response_code=\"403\"")
+                && l.contains("response_flags=\"NR\"")),
         "{metrics}"
     );
 }
@@ -253,7 +281,10 @@ spec:
 /// One HTTP/1.1 exchange on a kept-alive connection; returns the status.
 fn http_get(s: &mut std::net::TcpStream, path: &str) -> std::io::Result<u16> {
     use std::io::{BufRead, BufReader, Read, Write};
-    write!(s, "GET {path} HTTP/1.1\r\nHost: echo.app.svc.cluster.local\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: echo.app.svc.cluster.local\r\n\r\n"
+    )?;
     let mut r = BufReader::new(s.try_clone()?);
     let mut line = String::new();
     r.read_line(&mut line)?;
@@ -284,9 +315,11 @@ async fn policy_change_reaches_live_streams_and_the_next_request() {
     m.http_server("echo", 8080);
     m.echo_server("echo", 9000);
     m.start_waypoint(WP, "waypoint", "waypoint", "app", "waypoint");
-    eventually("service through the waypoint", Duration::from_secs(20), || {
-        curl(&m, "client", "http://10.96.0.20/up").ends_with(" 200")
-    })
+    eventually(
+        "service through the waypoint",
+        Duration::from_secs(20),
+        || curl(&m, "client", "http://10.96.0.20/up").ends_with(" 200"),
+    )
     .await;
     // Two live L4 streams through the waypoint (port 9000 is declared TCP)
     // and one kept-alive HTTP connection.
@@ -314,8 +347,10 @@ async fn policy_change_reaches_live_streams_and_the_next_request() {
     );
     let metrics = m.pod_http("waypoint", 15020, "/metrics");
     assert!(
-        metrics.lines().any(|l| l.starts_with("mesh_connections_revoked_total")
-            && l.contains("component=\"waypoint\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_connections_revoked_total")
+                && l.contains("component=\"waypoint\"")),
         "{metrics}"
     );
 }

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use mesh::authz::{self, AuthorizationPolicy, StringMatch};
 use mesh::routes::{AllowedNamespaces, Waypoint, WaypointFor, WaypointRef};
-use mesh::{Endpoint, MeshState, Rejected, Service, ServicePort, TargetPort, TunnelProtocol, Workload};
+use mesh::{
+    Endpoint, MeshState, Rejected, Service, ServicePort, TargetPort, TunnelProtocol, Workload,
+};
 use prost::Message;
 
 use crate::pb::istio::security as sec;
@@ -323,7 +325,10 @@ fn workload_ip(w: &wl::Workload) -> Result<IpAddr, String> {
 /// nothing (ALLOW) or match on the rest (DENY), and fields this build does
 /// not know (the message re-encodes shorter than it arrived) make the whole
 /// policy deny everything in scope (DENY) or allow nothing (ALLOW).
-fn translate_policy(p: &sec::Authorization, wire_len: usize) -> (AuthorizationPolicy, Vec<Rejected>) {
+fn translate_policy(
+    p: &sec::Authorization,
+    wire_len: usize,
+) -> (AuthorizationPolicy, Vec<Rejected>) {
     let mut rejected = Vec::new();
     let mut report = |field: &str, reason: String, effect: &str| {
         rejected.push(Rejected {
@@ -345,7 +350,11 @@ fn translate_policy(p: &sec::Authorization, wire_len: usize) -> (AuthorizationPo
         Ok(sec::Scope::Namespace) => authz::Scope::Namespace,
         Ok(sec::Scope::WorkloadSelector) => authz::Scope::Listed,
         Err(_) => {
-            report("scope", format!("unknown scope {}", p.scope), "applied to the policy's namespace");
+            report(
+                "scope",
+                format!("unknown scope {}", p.scope),
+                "applied to the policy's namespace",
+            );
             widest
         }
     };
@@ -353,7 +362,11 @@ fn translate_policy(p: &sec::Authorization, wire_len: usize) -> (AuthorizationPo
         Ok(sec::Action::Allow) => authz::Action::Allow,
         Ok(sec::Action::Deny) => authz::Action::Deny,
         Err(_) => {
-            report("action", format!("unknown action {}", p.action), "treated as DENY");
+            report(
+                "action",
+                format!("unknown action {}", p.action),
+                "treated as DENY",
+            );
             authz::Action::Deny
         }
     };
@@ -420,7 +433,8 @@ fn translate_policy(p: &sec::Authorization, wire_len: usize) -> (AuthorizationPo
                 }
                 let mut principals = take("principals", strings(&m.principals), &mut bad);
                 principals.extend(accounts(&m.service_accounts));
-                let mut not_principals = take("not_principals", strings(&m.not_principals), &mut bad);
+                let mut not_principals =
+                    take("not_principals", strings(&m.not_principals), &mut bad);
                 not_principals.extend(accounts(&m.not_service_accounts));
                 matches.push(authz::Match {
                     namespaces: take("namespaces", strings(&m.namespaces), &mut bad),
@@ -430,9 +444,21 @@ fn translate_policy(p: &sec::Authorization, wire_len: usize) -> (AuthorizationPo
                     source_ips: take("source_ips", nets(&m.source_ips), &mut bad),
                     not_source_ips: take("not_source_ips", nets(&m.not_source_ips), &mut bad),
                     destination_ips: take("destination_ips", nets(&m.destination_ips), &mut bad),
-                    not_destination_ips: take("not_destination_ips", nets(&m.not_destination_ips), &mut bad),
-                    destination_ports: take("destination_ports", ports(&m.destination_ports), &mut bad),
-                    not_destination_ports: take("not_destination_ports", ports(&m.not_destination_ports), &mut bad),
+                    not_destination_ips: take(
+                        "not_destination_ips",
+                        nets(&m.not_destination_ips),
+                        &mut bad,
+                    ),
+                    destination_ports: take(
+                        "destination_ports",
+                        ports(&m.destination_ports),
+                        &mut bad,
+                    ),
+                    not_destination_ports: take(
+                        "not_destination_ports",
+                        ports(&m.not_destination_ports),
+                        &mut bad,
+                    ),
                     l7: Default::default(),
                 });
             }
@@ -714,7 +740,10 @@ mod tests {
             put(&mut r, "echo", wl::address::Type::Workload(echo.clone()));
             r.upsert(AUTHORIZATION_TYPE, name, "v1", body).unwrap();
             let st = r.build();
-            let w = st.workload_by_ip("10.244.1.2".parse().unwrap()).unwrap().clone();
+            let w = st
+                .workload_by_ip("10.244.1.2".parse().unwrap())
+                .unwrap()
+                .clone();
             let src = identity::Identity::new("cluster.local", "demo", src);
             let c = Connection {
                 src_identity: Some(&src),
@@ -739,14 +768,20 @@ mod tests {
         assert!(!allowed);
         let fields: Vec<_> = rejected.iter().map(|r| r.field.as_str()).collect();
         assert_eq!(fields, ["scope", "action"]);
-        assert!(decide(&p.encode_to_vec(), "demo/p", "other").0, "the rest of the rule still decides");
+        assert!(
+            decide(&p.encode_to_vec(), "demo/p", "other").0,
+            "the rest of the rule still decides"
+        );
 
         // A match with no type: the DENY rule ignores it and denies more.
         let mut p = deny_client("p");
         p.groups[0].rules[0].matches[0].principals = vec![sec::StringMatch { match_type: None }];
         let (allowed, rejected) = decide(&p.encode_to_vec(), "demo/p", "other");
         assert!(!allowed, "{rejected:?}");
-        assert_eq!(rejected[0].field, "groups[0].rules[0].matches[0].principals");
+        assert_eq!(
+            rejected[0].field,
+            "groups[0].rules[0].matches[0].principals"
+        );
         // ...and the same field in an ALLOW matches nothing.
         p.action = sec::Action::Allow as i32;
         assert!(!decide(&p.encode_to_vec(), "demo/p", "client").0);
@@ -756,15 +791,23 @@ mod tests {
         body.extend([0x98, 0x06, 0x01]);
         let (allowed, rejected) = decide(&body, "demo/p", "other");
         assert!(!allowed);
-        assert_eq!((rejected[0].kind.as_str(), rejected[0].name.as_str()), ("Authorization", "p"));
+        assert_eq!(
+            (rejected[0].kind.as_str(), rejected[0].name.as_str()),
+            ("Authorization", "p")
+        );
         assert!(rejected[0].reason.contains("does not know"), "{rejected:?}");
 
         // Undecodable: denies everything in the namespace the name gives.
         let (allowed, rejected) = decide(&[0xff, 0xff], "demo/broken", "other");
         assert!(!allowed);
-        assert_eq!((rejected[0].namespace.as_str(), rejected[0].name.as_str()), ("demo", "broken"));
+        assert_eq!(
+            (rejected[0].namespace.as_str(), rejected[0].name.as_str()),
+            ("demo", "broken")
+        );
         let mut r = Resources::default();
-        assert!(r.upsert(AUTHORIZATION_TYPE, "nonamespace", "v1", &[0xff, 0xff]).is_err());
+        assert!(r
+            .upsert(AUTHORIZATION_TYPE, "nonamespace", "v1", &[0xff, 0xff])
+            .is_err());
     }
 
     #[test]

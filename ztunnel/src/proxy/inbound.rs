@@ -60,6 +60,7 @@ pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAd
 
 /// What an inbound connection was admitted on, kept to judge it again when
 /// policy changes. `src` is None for plaintext (15006).
+#[derive(Clone)]
 pub struct Inbound {
     pub pod: Arc<Pod>,
     pub src: Option<Arc<Identity>>,
@@ -149,6 +150,9 @@ async fn stream(
         peer,
         target: inb.authority,
     };
+    // Registered before the decision: a change that lands after the state
+    // below was loaded is re-checked against this connection too.
+    let mut live = px.live.admit(c.clone());
     let state = px.store.load();
     let dst_w = match admit(&state, &c) {
         Ok(w) => w,
@@ -165,8 +169,7 @@ async fn stream(
     };
     let m = open_metrics(&state, peer, c.target, Some(&src_id), &c.pod, Some(&dst_w));
     drop(state);
-    let (pod, target) = (c.pod.clone(), c.target);
-    let mut live = px.live.admit(c);
+    let (pod, target) = (c.pod, c.target);
     let app = match pod.netns.connect(target, Some(peer)).await {
         Ok(s) => s,
         Err(e) => {
@@ -212,7 +215,11 @@ fn revoked(
 ) {
     let source = src.map(|s| s.to_string()).unwrap_or_default();
     tracing::info!(pod = %pod.uid, %target, source, reason = why, "live connection closed by a policy change");
-    m.close(Flag::Deny, bytes, Some(&format!("closed by policy change: {why}")));
+    m.close(
+        Flag::Deny,
+        bytes,
+        Some(&format!("closed by policy change: {why}")),
+    );
 }
 
 /// A pod whose traffic must pass its waypoint (waypoint for `workload` or
@@ -246,6 +253,8 @@ pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, mut down: TcpStream, peer:
         peer,
         target,
     };
+    // Registered before the decision, as for HBONE.
+    let mut live = px.live.admit(c.clone());
     let state = px.store.load();
     let dst_w = match admit(&state, &c) {
         Ok(w) => w,
@@ -259,8 +268,7 @@ pub async fn plaintext(px: Arc<Proxy>, pod: Arc<Pod>, mut down: TcpStream, peer:
     };
     let m = open_metrics(&state, peer, target, None, &c.pod, Some(&dst_w));
     drop(state);
-    let pod = c.pod.clone();
-    let mut live = px.live.admit(c);
+    let pod = c.pod;
     let mut app = match pod.netns.connect(target, Some(peer)).await {
         Ok(app) => app,
         Err(e) => return m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
