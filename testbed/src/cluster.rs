@@ -39,7 +39,13 @@ pub struct Cluster {
     bin: PathBuf,
     procs: Mutex<BTreeMap<&'static str, Child>>,
     istiod_http: u16,
+    /// Held for the cluster's life: every cluster binds the same control
+    /// address and ports, so the tests of one binary (run on parallel
+    /// threads) take turns.
+    _exclusive: tokio::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Polls `f` until it holds; panics naming `what` after `timeout`. Returns
 /// how long it took (the cluster tests report propagation delays).
@@ -84,6 +90,7 @@ impl Cluster {
     /// Gateway API CRDs; `start_istiod` adds istiod. Everything stops when
     /// the Cluster is dropped.
     pub async fn start(mesh: &Mesh) -> Cluster {
+        let exclusive = ONE_CLUSTER.lock().await;
         let peers = peers_dir();
         let dir = mesh.dir.join("cluster");
         std::fs::create_dir_all(&dir).unwrap();
@@ -219,6 +226,7 @@ impl Cluster {
             bin,
             procs: Mutex::new(procs),
             istiod_http: free_port(),
+            _exclusive: exclusive,
         };
         cluster.wait_api().await;
         for crds in ["istio.yaml", "gateway-api.yaml"] {
