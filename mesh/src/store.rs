@@ -15,6 +15,11 @@ pub struct MeshStore {
     /// The generation of the state in force, for whoever must react to a
     /// change (live connections are re-checked against new policy).
     changed: tokio::sync::watch::Sender<u64>,
+    /// Replaced states that readers may still hold. Freeing a large state
+    /// takes time (tens of ms at 50k workloads); holding one reference here
+    /// means the last one is never dropped on a connection's thread but by
+    /// the writer, at its next change.
+    retired: Mutex<Vec<Arc<MeshState>>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -29,6 +34,7 @@ impl MeshStore {
         crate::report_rejected(&[], &state.rejected);
         Arc::new(MeshStore {
             changed: tokio::sync::watch::channel(1).0,
+            retired: Mutex::new(Vec::new()),
             state: ArcSwap::from_pointee(state),
             status: Mutex::new(LoadStatus {
                 source: source.to_string(),
@@ -45,6 +51,12 @@ impl MeshStore {
     pub fn replace(&self, state: MeshState) {
         let old = self.state.swap(Arc::new(state));
         crate::report_rejected(&old.rejected, &self.state.load().rejected);
+        {
+            let mut retired = self.retired.lock().unwrap();
+            retired.push(old);
+            // Those only we hold any more are freed here, by the writer.
+            retired.retain(|s| Arc::strong_count(s) > 1);
+        }
         let generation = {
             let mut st = self.status.lock().unwrap();
             st.generation += 1;
@@ -100,12 +112,14 @@ pub async fn watch_file(
             continue;
         }
         last = now;
-        apply(
-            &path,
-            last.as_deref().unwrap_or_default(),
-            &trust_domain,
-            &store,
+        // Parsing and building the state is CPU work: off the async workers.
+        let (p, bytes, td, st) = (
+            path.clone(),
+            last.clone().unwrap_or_default(),
+            trust_domain.clone(),
+            store.clone(),
         );
+        let _ = tokio::task::spawn_blocking(move || apply(&p, &bytes, &td, &st)).await;
     }
 }
 

@@ -179,7 +179,15 @@ impl Ads {
         }
         seen[idx] = true;
         if seen.iter().all(|s| *s) {
-            self.store.replace(res.build());
+            // Building the state is the heavy part of a push: never on an
+            // async worker that other connections are waiting for.
+            let state = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                    tokio::task::block_in_place(|| res.build())
+                }
+                _ => res.build(),
+            };
+            self.store.replace(state);
             if !self.status.borrow().synced {
                 tracing::info!(
                     workloads = res.workloads.len(),

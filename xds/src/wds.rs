@@ -163,9 +163,12 @@ impl Resources {
         };
 
         let mut workloads = Vec::new();
+        // uid -> index in `workloads`.
+        let mut position: HashMap<&str, usize> = HashMap::new();
         let mut members: HashMap<String, Vec<(String, IpAddr)>> = HashMap::new();
         for w in self.workloads.values() {
             let Ok(ip) = workload_ip(w) else { continue };
+            position.insert(w.uid.as_str(), workloads.len());
             let mut named_ports = BTreeMap::new();
             for (key, ports) in &w.services {
                 let host = key.split_once('/').map_or(key.as_str(), |(_, h)| h);
@@ -249,7 +252,9 @@ impl Resources {
                 endpoints,
             });
             // A service port with a fixed target reaches endpoints whose
-            // workload entry did not list it.
+            // workload entry did not list it. Only the members are visited
+            // (by position), so this is linear in endpoints, not services
+            // times workloads.
             for p in &s.ports {
                 if let (Ok(sp), Ok(tp)) =
                     (u16::try_from(p.service_port), u16::try_from(p.target_port))
@@ -257,12 +262,10 @@ impl Resources {
                     if tp == 0 {
                         continue;
                     }
-                    for w in workloads.iter_mut() {
-                        if members
-                            .get(&key)
-                            .is_some_and(|m| m.iter().any(|(uid, _)| *uid == w.uid))
-                        {
-                            w.named_ports
+                    for (uid, _) in members.get(&key).into_iter().flatten() {
+                        if let Some(&i) = position.get(uid.as_str()) {
+                            workloads[i]
+                                .named_ports
                                 .entry(per_endpoint_port(&s.hostname, sp))
                                 .or_insert(tp);
                         }
