@@ -132,31 +132,35 @@ impl MeshState {
         policies: Vec<AuthorizationPolicy>,
         peer_authentications: Vec<PeerAuthentication>,
     ) -> Self {
-        let workloads: BTreeMap<_, _> = workloads
-            .into_iter()
-            .map(|w| (w.uid.clone(), Arc::new(w)))
-            .collect();
-        let by_ip = workloads.values().map(|w| (w.ip, w.clone())).collect();
-        let services: Vec<_> = services.into_iter().map(Arc::new).collect();
-        let by_vip = services
-            .iter()
-            .flat_map(|s| s.vips.iter().map(move |v| (*v, s.clone())))
-            .collect();
         MeshState {
+            peer_authentications,
+            ..Self::from_shared(
+                workloads.into_iter().map(Arc::new),
+                services.into_iter().map(Arc::new),
+                policies.into_iter().map(Arc::new),
+            )
+        }
+    }
+
+    /// A state from already-shared entries (a source that keeps its
+    /// translations publishes without copying them).
+    pub fn from_shared(
+        workloads: impl IntoIterator<Item = Arc<Workload>>,
+        services: impl IntoIterator<Item = Arc<Service>>,
+        policies: impl IntoIterator<Item = Arc<AuthorizationPolicy>>,
+    ) -> Self {
+        let workloads: BTreeMap<_, _> = workloads.into_iter().map(|w| (w.uid.clone(), w)).collect();
+        let services: Vec<_> = services.into_iter().collect();
+        MeshState {
+            by_ip: workloads.values().map(|w| (w.ip, w.clone())).collect(),
+            by_vip: services
+                .iter()
+                .flat_map(|s| s.vips.iter().map(move |v| (*v, s.clone())))
+                .collect(),
             workloads,
             services,
-            policies: policies.into_iter().map(Arc::new).collect(),
-            peer_authentications,
-            namespace_labels: BTreeMap::new(),
-            service_entries: Vec::new(),
-            waypoints: Vec::new(),
-            http_routes: Vec::new(),
-            destination_rules: Vec::new(),
-            waypoint_policies: Vec::new(),
-            unaddressed: Vec::new(),
-            rejected: Vec::new(),
-            by_ip,
-            by_vip,
+            policies: policies.into_iter().collect(),
+            ..Default::default()
         }
     }
 

@@ -7,6 +7,7 @@ pub mod ca;
 pub mod channel;
 pub mod pb;
 pub mod wds;
+mod wds_policy;
 
 pub use ads::{Ads, AdsStatus, ProxyInfo};
 pub use ca::IstioCa;

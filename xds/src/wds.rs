@@ -1,13 +1,13 @@
 //! WDS resources (istio.workload.Address, istio.security.Authorization) into
-//! the mesh model. Resources are kept by name as istiod last sent them; each
-//! change rebuilds one whole `MeshState`, so the data path sees a consistent
-//! view exactly as with the standalone file.
+//! the mesh model. Resources are kept by name as istiod last sent them, with
+//! their translations; each push publishes one consistent `MeshState` (the
+//! data path never sees half a push), re-translating only what it changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use ipnet::IpNet;
-use mesh::authz::{self, AuthorizationPolicy, StringMatch};
+use mesh::authz::AuthorizationPolicy;
 use mesh::routes::{AllowedNamespaces, Waypoint, WaypointFor, WaypointRef};
 use mesh::{
     Endpoint, MeshState, Rejected, Service, ServicePort, TargetPort, TunnelProtocol, Workload,
@@ -16,6 +16,7 @@ use prost::Message;
 
 use crate::pb::istio::security as sec;
 use crate::pb::istio::workload as wl;
+use crate::wds_policy::{translate_policy, undecodable_policy};
 
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
@@ -34,16 +35,55 @@ pub enum ResourceError {
     UnknownType(String),
 }
 
-/// What istiod has told us, by resource name.
+/// What istiod has told us, by resource name, kept translated: a push
+/// re-translates only the resources it changed and those that read them
+/// (a service's endpoints read its member workloads; a workload's ports and
+/// address-form waypoint read services), so its cost follows the change, not
+/// the mesh. Publishing a state then copies per-entry `Arc`s.
 #[derive(Default, Debug)]
 pub struct Resources {
     pub workloads: BTreeMap<String, wl::Workload>,
     pub services: BTreeMap<String, wl::Service>,
     /// Translated on arrival; one we cannot read fully is kept in its
     /// fail-closed form with what was wrong, never refused.
-    pub policies: BTreeMap<String, (AuthorizationPolicy, Vec<Rejected>)>,
+    pub policies: BTreeMap<String, (Arc<AuthorizationPolicy>, Vec<Rejected>)>,
     /// name -> version, for `initial_resource_versions` on reconnect.
     pub versions: HashMap<String, HashMap<String, String>>,
+    index: Index,
+}
+
+/// What `build` derives from the raw resources, maintained per change.
+#[derive(Default, Debug)]
+struct Index {
+    /// Translated workloads and services by resource name.
+    workloads: BTreeMap<String, Arc<Workload>>,
+    services: BTreeMap<String, Arc<Service>>,
+    /// Service key (`<ns>/<hostname>`) -> its healthy member workloads, by
+    /// workload resource name (the endpoint order).
+    members: HashMap<String, BTreeMap<String, (String, IpAddr)>>,
+    /// Service key -> the resource names of services with that key.
+    service_names: HashMap<String, BTreeSet<String>>,
+    /// Service VIP -> (namespace, hostname), for waypoints named by address.
+    vip_hosts: HashMap<IpAddr, (String, String)>,
+    /// Waypoint VIP -> resources (workloads and services) naming it.
+    by_waypoint_vip: HashMap<IpAddr, BTreeSet<String>>,
+    /// Resources to translate again at the next `build`.
+    dirty: BTreeSet<String>,
+}
+
+fn service_key(s: &wl::Service) -> String {
+    format!("{}/{}", s.namespace, s.hostname)
+}
+
+fn waypoint_vip(g: &Option<wl::GatewayAddress>) -> Option<IpAddr> {
+    match g.as_ref()?.destination.as_ref()? {
+        wl::gateway_address::Destination::Address(a) => ip_of(&a.address).ok(),
+        wl::gateway_address::Destination::Hostname(_) => None,
+    }
+}
+
+fn service_vips(s: &wl::Service) -> impl Iterator<Item = IpAddr> + '_ {
+    s.addresses.iter().filter_map(|a| ip_of(&a.address).ok())
 }
 
 impl Resources {
@@ -67,7 +107,8 @@ impl Resources {
                 match addr.r#type {
                     Some(wl::address::Type::Workload(w)) => {
                         workload_ip(&w).map_err(|reason| invalid(name, reason))?;
-                        self.services.remove(name);
+                        self.forget_address(name);
+                        self.learn_workload(name, &w);
                         self.workloads.insert(name.to_string(), w);
                     }
                     Some(wl::address::Type::Service(s)) => {
@@ -75,7 +116,8 @@ impl Resources {
                             ip_of(&a.address)
                                 .map_err(|r| invalid(name, format!("service address: {r}")))?;
                         }
-                        self.workloads.remove(name);
+                        self.forget_address(name);
+                        self.learn_service(name, &s);
                         self.services.insert(name.to_string(), s);
                     }
                     None => {
@@ -87,7 +129,7 @@ impl Resources {
                 }
             }
             AUTHORIZATION_TYPE => {
-                let translated = match sec::Authorization::decode(body) {
+                let (policy, rejected) = match sec::Authorization::decode(body) {
                     Ok(p) => translate_policy(&p, body.len()),
                     // A policy we cannot decode still says which namespace
                     // it covers (resources are named `<ns>/<name>`): it
@@ -97,7 +139,8 @@ impl Resources {
                         None => return Err(decode_err(e)),
                     },
                 };
-                self.policies.insert(name.to_string(), translated);
+                self.policies
+                    .insert(name.to_string(), (Arc::new(policy), rejected));
             }
             other => return Err(ResourceError::UnknownType(other.to_string())),
         }
@@ -110,8 +153,7 @@ impl Resources {
 
     pub fn remove(&mut self, type_url: &str, name: &str) {
         if type_url == ADDRESS_TYPE {
-            self.workloads.remove(name);
-            self.services.remove(name);
+            self.forget_address(name);
         } else {
             self.policies.remove(name);
         }
@@ -120,169 +162,294 @@ impl Resources {
         }
     }
 
-    /// The mesh as istiod currently describes it.
-    pub fn build(&self) -> MeshState {
-        let vip_hosts: HashMap<IpAddr, (&str, &str)> = self
-            .services
+    /// Takes out every index entry the address `name` made, and marks what
+    /// read it.
+    fn forget_address(&mut self, name: &str) {
+        let ix = &mut self.index;
+        if let Some(w) = self.workloads.remove(name) {
+            ix.workloads.remove(name);
+            for key in w.services.keys() {
+                let emptied = ix.members.get_mut(key).is_some_and(|m| {
+                    m.remove(name);
+                    m.is_empty()
+                });
+                if emptied {
+                    ix.members.remove(key);
+                }
+                ix.dirty
+                    .extend(ix.service_names.get(key).into_iter().flatten().cloned());
+            }
+            if let Some(vip) = waypoint_vip(&w.waypoint) {
+                remove_from(&mut ix.by_waypoint_vip, &vip, name);
+            }
+        }
+        if let Some(s) = self.services.remove(name) {
+            ix.services.remove(name);
+            let key = service_key(&s);
+            remove_from(&mut ix.service_names, &key, name);
+            // Its members' ports came from it; what named it by VIP resolves
+            // differently now.
+            ix.dirty.extend(
+                ix.members
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .map(|(n, _)| n.clone()),
+            );
+            for vip in service_vips(&s) {
+                if ix.vip_hosts.get(&vip) == Some(&(s.namespace.clone(), s.hostname.clone())) {
+                    ix.vip_hosts.remove(&vip);
+                }
+                ix.dirty
+                    .extend(ix.by_waypoint_vip.get(&vip).into_iter().flatten().cloned());
+            }
+            if let Some(vip) = waypoint_vip(&s.waypoint) {
+                remove_from(&mut ix.by_waypoint_vip, &vip, name);
+            }
+        }
+        ix.dirty.remove(name);
+    }
+
+    fn learn_workload(&mut self, name: &str, w: &wl::Workload) {
+        let ix = &mut self.index;
+        let Ok(ip) = workload_ip(w) else { return };
+        for key in w.services.keys() {
+            if w.status == wl::WorkloadStatus::Healthy as i32 {
+                ix.members
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(name.to_string(), (w.uid.clone(), ip));
+            }
+            ix.dirty
+                .extend(ix.service_names.get(key).into_iter().flatten().cloned());
+        }
+        if let Some(vip) = waypoint_vip(&w.waypoint) {
+            ix.by_waypoint_vip
+                .entry(vip)
+                .or_default()
+                .insert(name.to_string());
+        }
+        ix.dirty.insert(name.to_string());
+    }
+
+    fn learn_service(&mut self, name: &str, s: &wl::Service) {
+        let ix = &mut self.index;
+        let key = service_key(s);
+        ix.service_names
+            .entry(key.clone())
+            .or_default()
+            .insert(name.to_string());
+        ix.dirty.extend(
+            ix.members
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .map(|(n, _)| n.clone()),
+        );
+        for vip in service_vips(s) {
+            ix.vip_hosts
+                .insert(vip, (s.namespace.clone(), s.hostname.clone()));
+            ix.dirty
+                .extend(ix.by_waypoint_vip.get(&vip).into_iter().flatten().cloned());
+        }
+        if let Some(vip) = waypoint_vip(&s.waypoint) {
+            ix.by_waypoint_vip
+                .entry(vip)
+                .or_default()
+                .insert(name.to_string());
+        }
+        ix.dirty.insert(name.to_string());
+    }
+
+    /// The mesh as istiod currently describes it: what changed since the
+    /// last call is translated again; the rest is shared.
+    pub fn build(&mut self) -> MeshState {
+        for name in std::mem::take(&mut self.index.dirty) {
+            if let Some(w) = self.workloads.get(&name) {
+                if let Some(t) = self.translate_workload(w) {
+                    self.index.workloads.insert(name, Arc::new(t));
+                }
+            } else if let Some(s) = self.services.get(&name) {
+                let t = self.translate_service(s);
+                self.index.services.insert(name, Arc::new(t));
+            }
+        }
+        // istiod has already resolved `istio.io/use-waypoint` and the
+        // Gateway's `waypoint-for`: the waypoints are those named.
+        let waypoints: BTreeMap<_, _> = self
+            .index
+            .workloads
             .values()
-            .flat_map(|s| {
-                s.addresses
-                    .iter()
-                    .filter_map(|a| ip_of(&a.address).ok())
-                    .map(move |ip| (ip, (s.namespace.as_str(), s.hostname.as_str())))
+            .filter_map(|w| w.waypoint.as_ref())
+            .chain(
+                self.index
+                    .services
+                    .values()
+                    .filter_map(|s| s.waypoint.as_ref()),
+            )
+            .map(|r| ((r.namespace.clone(), r.name.clone()), r))
+            .collect();
+        let mut state = MeshState::from_shared(
+            self.index.workloads.values().cloned(),
+            self.index.services.values().cloned(),
+            self.policies.values().map(|(p, _)| p.clone()),
+        );
+        state.waypoints = waypoints
+            .into_values()
+            .map(|r| Waypoint {
+                name: r.name.clone(),
+                namespace: r.namespace.clone(),
+                hostname: r.name.clone(),
+                for_traffic: WaypointFor::All,
+                // istiod sends a waypoint only where the Gateway admits it.
+                allowed_namespaces: AllowedNamespaces::All,
             })
             .collect();
-        let mut waypoints: BTreeMap<(String, String), Waypoint> = BTreeMap::new();
-        // istiod has already resolved `istio.io/use-waypoint` and the Gateway's
-        // `waypoint-for`: a workload or service carries a waypoint only when
-        // that traffic must cross it.
-        let mut waypoint_ref = |g: &Option<wl::GatewayAddress>| -> Option<WaypointRef> {
-            let (ns, host) = match g.as_ref()?.destination.as_ref()? {
-                wl::gateway_address::Destination::Hostname(h) => {
-                    (h.namespace.clone(), h.hostname.clone())
-                }
-                wl::gateway_address::Destination::Address(a) => {
-                    let (ns, host) = vip_hosts.get(&ip_of(&a.address).ok()?)?;
-                    (ns.to_string(), host.to_string())
-                }
-            };
-            let wp = waypoints
-                .entry((ns.clone(), host.clone()))
-                .or_insert_with(|| Waypoint {
-                    name: host.clone(),
-                    namespace: ns.clone(),
-                    hostname: host.clone(),
-                    for_traffic: WaypointFor::All,
-                    // istiod sends a waypoint only where the Gateway admits it.
-                    allowed_namespaces: AllowedNamespaces::All,
-                });
-            Some(WaypointRef {
-                name: wp.name.clone(),
-                namespace: wp.namespace.clone(),
-            })
-        };
-
-        let mut workloads = Vec::new();
-        // uid -> index in `workloads`.
-        let mut position: HashMap<&str, usize> = HashMap::new();
-        let mut members: HashMap<String, Vec<(String, IpAddr)>> = HashMap::new();
-        for w in self.workloads.values() {
-            let Ok(ip) = workload_ip(w) else { continue };
-            position.insert(w.uid.as_str(), workloads.len());
-            let mut named_ports = BTreeMap::new();
-            for (key, ports) in &w.services {
-                let host = key.split_once('/').map_or(key.as_str(), |(_, h)| h);
-                for p in &ports.ports {
-                    if let (Ok(sp), Ok(tp)) =
-                        (u16::try_from(p.service_port), u16::try_from(p.target_port))
-                    {
-                        if tp != 0 {
-                            named_ports.insert(per_endpoint_port(host, sp), tp);
-                        }
-                    }
-                }
-                if w.status == wl::WorkloadStatus::Healthy as i32 {
-                    members
-                        .entry(key.clone())
-                        .or_default()
-                        .push((w.uid.clone(), ip));
-                }
-            }
-            workloads.push(Workload {
-                uid: w.uid.clone(),
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                service_account: non_empty(&w.service_account, "default"),
-                trust_domain: non_empty(&w.trust_domain, identity::DEFAULT_TRUST_DOMAIN),
-                node: w.node.clone(),
-                ip,
-                labels: BTreeMap::new(),
-                annotations: BTreeMap::new(),
-                waypoint: waypoint_ref(&w.waypoint),
-                named_ports,
-                protocol: if w.tunnel_protocol == wl::TunnelProtocol::Hbone as i32 {
-                    TunnelProtocol::Hbone
-                } else {
-                    TunnelProtocol::None
-                },
-                canonical_name: non_empty(&w.canonical_name, &w.name),
-                canonical_revision: non_empty(&w.canonical_revision, "latest"),
-                authorization_policies: w.authorization_policies.clone(),
-            });
-        }
-
-        let mut services = Vec::new();
-        for s in self.services.values() {
-            let key = format!("{}/{}", s.namespace, s.hostname);
-            let endpoints = members
-                .get(&key)
-                .map(|m| {
-                    m.iter()
-                        .map(|(uid, ip)| Endpoint {
-                            workload_uid: uid.clone(),
-                            ip: *ip,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            services.push(Service {
-                waypoint: waypoint_ref(&s.waypoint),
-                name: s.name.clone(),
-                namespace: s.namespace.clone(),
-                hostname: s.hostname.clone(),
-                vips: s
-                    .addresses
-                    .iter()
-                    .filter_map(|a| ip_of(&a.address).ok())
-                    .collect(),
-                ports: s
-                    .ports
-                    .iter()
-                    .filter_map(|p| {
-                        let port = u16::try_from(p.service_port).ok()?;
-                        // The target port may differ per endpoint (named
-                        // targetPort): each workload's own map wins.
-                        Some(ServicePort {
-                            name: None,
-                            port,
-                            target: TargetPort::Named(per_endpoint_port(&s.hostname, port)),
-                        })
-                    })
-                    .collect(),
-                endpoints,
-            });
-            // A service port with a fixed target reaches endpoints whose
-            // workload entry did not list it. Only the members are visited
-            // (by position), so this is linear in endpoints, not services
-            // times workloads.
-            for p in &s.ports {
-                if let (Ok(sp), Ok(tp)) =
-                    (u16::try_from(p.service_port), u16::try_from(p.target_port))
-                {
-                    if tp == 0 {
-                        continue;
-                    }
-                    for (uid, _) in members.get(&key).into_iter().flatten() {
-                        if let Some(&i) = position.get(uid.as_str()) {
-                            workloads[i]
-                                .named_ports
-                                .entry(per_endpoint_port(&s.hostname, sp))
-                                .or_insert(tp);
-                        }
-                    }
-                }
-            }
-        }
-
-        let policies = self.policies.values().map(|(p, _)| p.clone()).collect();
-        let mut state = MeshState::new(workloads, services, policies, Vec::new());
-        state.waypoints = waypoints.into_values().collect();
         state.rejected = self
             .policies
             .values()
             .flat_map(|(_, r)| r.iter().cloned())
             .collect();
         state
+    }
+
+    /// A waypoint named by hostname, or by the VIP of a service we know.
+    fn waypoint_ref(&self, g: &Option<wl::GatewayAddress>) -> Option<WaypointRef> {
+        let (namespace, name) = match g.as_ref()?.destination.as_ref()? {
+            wl::gateway_address::Destination::Hostname(h) => {
+                (h.namespace.clone(), h.hostname.clone())
+            }
+            wl::gateway_address::Destination::Address(a) => {
+                self.index.vip_hosts.get(&ip_of(&a.address).ok()?)?.clone()
+            }
+        };
+        Some(WaypointRef { name, namespace })
+    }
+
+    fn translate_workload(&self, w: &wl::Workload) -> Option<Workload> {
+        let ip = workload_ip(w).ok()?;
+        let mut named_ports = BTreeMap::new();
+        for (key, ports) in &w.services {
+            let host = key.split_once('/').map_or(key.as_str(), |(_, h)| h);
+            for p in &ports.ports {
+                if let (Ok(sp), Ok(tp)) =
+                    (u16::try_from(p.service_port), u16::try_from(p.target_port))
+                {
+                    if tp != 0 {
+                        named_ports.insert(per_endpoint_port(host, sp), tp);
+                    }
+                }
+            }
+        }
+        // A service port with a fixed target reaches its (healthy) members
+        // even where their own entry did not list it.
+        if w.status == wl::WorkloadStatus::Healthy as i32 {
+            for key in w.services.keys() {
+                let names = self.index.service_names.get(key).into_iter().flatten();
+                for s in names.filter_map(|n| self.services.get(n)) {
+                    for p in &s.ports {
+                        if let (Ok(sp), Ok(tp)) =
+                            (u16::try_from(p.service_port), u16::try_from(p.target_port))
+                        {
+                            if tp != 0 {
+                                named_ports
+                                    .entry(per_endpoint_port(&s.hostname, sp))
+                                    .or_insert(tp);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Some(Workload {
+            uid: w.uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: non_empty(&w.service_account, "default"),
+            trust_domain: non_empty(&w.trust_domain, identity::DEFAULT_TRUST_DOMAIN),
+            node: w.node.clone(),
+            ip,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            waypoint: self.waypoint_ref(&w.waypoint),
+            named_ports,
+            protocol: if w.tunnel_protocol == wl::TunnelProtocol::Hbone as i32 {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::None
+            },
+            canonical_name: non_empty(&w.canonical_name, &w.name),
+            canonical_revision: non_empty(&w.canonical_revision, "latest"),
+            authorization_policies: w.authorization_policies.clone(),
+        })
+    }
+
+    fn translate_service(&self, s: &wl::Service) -> Service {
+        let endpoints = self
+            .index
+            .members
+            .get(&service_key(s))
+            .map(|m| {
+                m.values()
+                    .map(|(uid, ip)| Endpoint {
+                        workload_uid: uid.clone(),
+                        ip: *ip,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Service {
+            waypoint: self.waypoint_ref(&s.waypoint),
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname: s.hostname.clone(),
+            vips: service_vips(s).collect(),
+            ports: s
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    let port = u16::try_from(p.service_port).ok()?;
+                    // The target port may differ per endpoint (named
+                    // targetPort): each workload's own map wins.
+                    Some(ServicePort {
+                        name: None,
+                        port,
+                        target: TargetPort::Named(per_endpoint_port(&s.hostname, port)),
+                    })
+                })
+                .collect(),
+            endpoints,
+        }
+    }
+
+    /// Index entries left (for the no-leak tests): all zero once every
+    /// address is removed.
+    #[cfg(test)]
+    fn index_sizes(&self) -> [usize; 6] {
+        let ix = &self.index;
+        [
+            ix.workloads.len(),
+            ix.services.len(),
+            ix.members.len(),
+            ix.service_names.len(),
+            ix.vip_hosts.len(),
+            ix.by_waypoint_vip.len(),
+        ]
+    }
+}
+
+/// Removes `name` from the set at `key`, and the set once empty (an index
+/// entry never outlives what made it).
+fn remove_from<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, BTreeSet<String>>,
+    key: &K,
+    name: &str,
+) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(name);
+        if set.is_empty() {
+            map.remove(key);
+        }
     }
 }
 
@@ -303,7 +470,7 @@ fn non_empty(s: &str, default: &str) -> String {
     if s.is_empty() { default } else { s }.to_string()
 }
 
-fn ip_of(b: &[u8]) -> Result<IpAddr, String> {
+pub(crate) fn ip_of(b: &[u8]) -> Result<IpAddr, String> {
     match b.len() {
         4 => Ok(IpAddr::from(<[u8; 4]>::try_from(b).unwrap())),
         16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).unwrap())),
@@ -322,215 +489,13 @@ fn workload_ip(w: &wl::Workload) -> Result<IpAddr, String> {
     }
 }
 
-/// What we cannot read of an Authorization fails closed, as for the
-/// Kubernetes objects: an unknown scope widens to the namespace, an unknown
-/// action is a DENY, a match field we cannot evaluate makes its rule match
-/// nothing (ALLOW) or match on the rest (DENY), and fields this build does
-/// not know (the message re-encodes shorter than it arrived) make the whole
-/// policy deny everything in scope (DENY) or allow nothing (ALLOW).
-fn translate_policy(
-    p: &sec::Authorization,
-    wire_len: usize,
-) -> (AuthorizationPolicy, Vec<Rejected>) {
-    let mut rejected = Vec::new();
-    let mut report = |field: &str, reason: String, effect: &str| {
-        rejected.push(Rejected {
-            kind: POLICY_KIND.into(),
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
-            field: field.into(),
-            reason,
-            effect: effect.into(),
-        })
-    };
-    let widest = if p.namespace == mesh::ROOT_NAMESPACE {
-        authz::Scope::Global
-    } else {
-        authz::Scope::Namespace
-    };
-    let scope = match sec::Scope::try_from(p.scope) {
-        Ok(sec::Scope::Global) => authz::Scope::Global,
-        Ok(sec::Scope::Namespace) => authz::Scope::Namespace,
-        Ok(sec::Scope::WorkloadSelector) => authz::Scope::Listed,
-        Err(_) => {
-            report(
-                "scope",
-                format!("unknown scope {}", p.scope),
-                "applied to the policy's namespace",
-            );
-            widest
-        }
-    };
-    let action = match sec::Action::try_from(p.action) {
-        Ok(sec::Action::Allow) => authz::Action::Allow,
-        Ok(sec::Action::Deny) => authz::Action::Deny,
-        Err(_) => {
-            report(
-                "action",
-                format!("unknown action {}", p.action),
-                "treated as DENY",
-            );
-            authz::Action::Deny
-        }
-    };
-    let rule_effect = if action == authz::Action::Deny {
-        "the DENY rule ignores it and denies more"
-    } else {
-        "the rule matches nothing"
-    };
-    let strings = |ms: &[sec::StringMatch]| -> Result<Vec<StringMatch>, String> {
-        ms.iter()
-            .map(|m| match &m.match_type {
-                Some(sec::string_match::MatchType::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
-                Some(sec::string_match::MatchType::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
-                Some(sec::string_match::MatchType::Suffix(s)) => Ok(StringMatch::Suffix(s.clone())),
-                Some(sec::string_match::MatchType::Presence(_)) => Ok(StringMatch::Presence),
-                None => Err("string match with no match type".to_string()),
-            })
-            .collect()
-    };
-    // A service account match is any trust domain's principal for it; a
-    // principal is `<td>/ns/<ns>/sa/<sa>` and neither part may hold a '/'.
-    let accounts = |ms: &[sec::ServiceAccountMatch]| -> Vec<StringMatch> {
-        ms.iter()
-            .map(|m| StringMatch::Suffix(format!("/ns/{}/sa/{}", m.namespace, m.service_account)))
-            .collect()
-    };
-    let nets = |addrs: &[sec::Address]| -> Result<Vec<IpNet>, String> {
-        addrs
-            .iter()
-            .map(|a| {
-                let ip = ip_of(&a.address)?;
-                IpNet::new(ip, a.length as u8)
-                    .map_err(|_| format!("prefix length {} for {ip}", a.length))
-            })
-            .collect()
-    };
-    let ports = |ps: &[u32]| -> Result<Vec<u16>, String> {
-        ps.iter()
-            .map(|p| u16::try_from(*p).map_err(|_| format!("port {p}")))
-            .collect()
-    };
-    let mut rules = Vec::new();
-    for (gi, g) in p.groups.iter().enumerate() {
-        let mut rule = authz::Rule::default();
-        for (ri, r) in g.rules.iter().enumerate() {
-            let mut matches = Vec::new();
-            for (mi, m) in r.matches.iter().enumerate() {
-                let base = format!("groups[{gi}].rules[{ri}].matches[{mi}]");
-                // Each field either evaluates or is left out and named.
-                let mut bad = |field: &str, why: String| {
-                    let field = format!("{base}.{field}");
-                    report(&field, why, rule_effect);
-                    rule.unevaluable.push(field);
-                };
-                fn take<T>(
-                    field: &str,
-                    v: Result<Vec<T>, String>,
-                    bad: &mut dyn FnMut(&str, String),
-                ) -> Vec<T> {
-                    v.unwrap_or_else(|why| {
-                        bad(field, why);
-                        Vec::new()
-                    })
-                }
-                let mut principals = take("principals", strings(&m.principals), &mut bad);
-                principals.extend(accounts(&m.service_accounts));
-                let mut not_principals =
-                    take("not_principals", strings(&m.not_principals), &mut bad);
-                not_principals.extend(accounts(&m.not_service_accounts));
-                matches.push(authz::Match {
-                    namespaces: take("namespaces", strings(&m.namespaces), &mut bad),
-                    not_namespaces: take("not_namespaces", strings(&m.not_namespaces), &mut bad),
-                    principals,
-                    not_principals,
-                    source_ips: take("source_ips", nets(&m.source_ips), &mut bad),
-                    not_source_ips: take("not_source_ips", nets(&m.not_source_ips), &mut bad),
-                    destination_ips: take("destination_ips", nets(&m.destination_ips), &mut bad),
-                    not_destination_ips: take(
-                        "not_destination_ips",
-                        nets(&m.not_destination_ips),
-                        &mut bad,
-                    ),
-                    destination_ports: take(
-                        "destination_ports",
-                        ports(&m.destination_ports),
-                        &mut bad,
-                    ),
-                    not_destination_ports: take(
-                        "not_destination_ports",
-                        ports(&m.not_destination_ports),
-                        &mut bad,
-                    ),
-                    l7: Default::default(),
-                });
-            }
-            rule.clauses.push(authz::Clause { matches });
-        }
-        rules.push(rule);
-    }
-    if p.encoded_len() != wire_len {
-        let effect = if action == authz::Action::Deny {
-            "the policy denies all it covers"
-        } else {
-            "the policy allows nothing it covers"
-        };
-        report("", "fields this build does not know".into(), effect);
-        rules = vec![authz::Rule {
-            clauses: Vec::new(),
-            unevaluable: vec!["unknown fields".into()],
-        }];
-    }
-    let policy = AuthorizationPolicy {
-        name: p.name.clone(),
-        namespace: p.namespace.clone(),
-        scope,
-        action,
-        rules,
-        dry_run: p.dry_run,
-    };
-    (policy, rejected)
-}
-
-/// How a policy is named in reports: the resource type istiod sends.
-const POLICY_KIND: &str = "Authorization";
-
-fn undecodable_policy(
-    namespace: &str,
-    name: &str,
-    e: &prost::DecodeError,
-) -> (AuthorizationPolicy, Vec<Rejected>) {
-    let scope = if namespace == mesh::ROOT_NAMESPACE {
-        authz::Scope::Global
-    } else {
-        authz::Scope::Namespace
-    };
-    let policy = AuthorizationPolicy {
-        name: name.into(),
-        namespace: namespace.into(),
-        scope,
-        action: authz::Action::Deny,
-        rules: vec![authz::Rule {
-            clauses: Vec::new(),
-            unevaluable: vec!["undecodable".into()],
-        }],
-        dry_run: false,
-    };
-    let rejected = Rejected {
-        kind: POLICY_KIND.into(),
-        namespace: namespace.into(),
-        name: name.into(),
-        field: String::new(),
-        reason: format!("cannot decode: {e}"),
-        effect: "denies everything in its namespace".into(),
-    };
-    (policy, vec![rejected])
-}
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh::authz::{Connection, Decision};
+    use mesh::authz::{self, Connection, Decision};
 
     fn workload(
         name: &str,

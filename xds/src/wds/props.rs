@@ -1,0 +1,167 @@
+//! The incremental state equals a whole rebuild: any sequence of upserts and
+//! removals, published at any points, ends in the state that the surviving
+//! resources give when they arrive at once in any order; and removing every
+//! resource leaves no index entry behind.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const SERVICES: usize = 3;
+const WORKLOADS: usize = 6;
+
+/// Resource `i` (workloads first, then services) in variant `v`.
+fn resource(i: usize, v: u8) -> (String, wl::address::Type) {
+    if i < WORKLOADS {
+        let svc = |j: usize| format!("demo/s{j}.demo.svc.cluster.local");
+        let mut services = std::collections::HashMap::new();
+        // Each variant lists a different service, with or without a target.
+        services.insert(
+            svc((i + v as usize) % SERVICES),
+            wl::PortList {
+                ports: vec![wl::Port {
+                    service_port: 80,
+                    target_port: if v % 2 == 0 { 8080 } else { 0 },
+                    app_protocol: 0,
+                }],
+            },
+        );
+        let waypoint = match (i + v as usize) % 3 {
+            0 => None,
+            1 => Some(wl::GatewayAddress {
+                destination: Some(wl::gateway_address::Destination::Hostname(
+                    wl::NamespacedHostname {
+                        namespace: "demo".into(),
+                        hostname: "wp.demo.svc.cluster.local".into(),
+                    },
+                )),
+                hbone_mtls_port: 15008,
+            }),
+            // By the VIP of a service that may or may not exist (yet).
+            _ => Some(wl::GatewayAddress {
+                destination: Some(wl::gateway_address::Destination::Address(
+                    wl::NetworkAddress {
+                        network: String::new(),
+                        address: vec![172, 16, 0, (i % SERVICES) as u8 + 1],
+                    },
+                )),
+                hbone_mtls_port: 15008,
+            }),
+        };
+        let w = wl::Workload {
+            uid: format!("uid-{i}"),
+            name: format!("w{i}"),
+            namespace: "demo".into(),
+            addresses: vec![vec![10, 0, 0, i as u8 + 1]],
+            tunnel_protocol: wl::TunnelProtocol::Hbone as i32,
+            service_account: format!("sa{v}"),
+            status: if v == 3 {
+                wl::WorkloadStatus::Unhealthy as i32
+            } else {
+                wl::WorkloadStatus::Healthy as i32
+            },
+            services,
+            waypoint,
+            ..Default::default()
+        };
+        (format!("demo/w{i}"), wl::address::Type::Workload(w))
+    } else {
+        let j = i - WORKLOADS;
+        let s = wl::Service {
+            name: format!("s{j}"),
+            namespace: "demo".into(),
+            hostname: format!("s{j}.demo.svc.cluster.local"),
+            addresses: vec![wl::NetworkAddress {
+                network: String::new(),
+                // Variants 0 and 1 share the VIP; 2 and 3 move it.
+                address: vec![172, 16, (v / 2), j as u8 + 1],
+            }],
+            ports: vec![wl::Port {
+                service_port: 80,
+                target_port: if v % 2 == 0 { 9090 } else { 0 },
+                app_protocol: 0,
+            }],
+            ..Default::default()
+        };
+        (
+            format!("demo/s{j}.demo.svc.cluster.local"),
+            wl::address::Type::Service(s),
+        )
+    }
+}
+
+fn upsert(r: &mut Resources, i: usize, v: u8) {
+    let (name, a) = resource(i, v);
+    let body = wl::Address { r#type: Some(a) }.encode_to_vec();
+    r.upsert(ADDRESS_TYPE, &name, "v", &body).unwrap();
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Upsert(usize, u8),
+    Remove(usize),
+    Publish,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..WORKLOADS + SERVICES, 0..4u8).prop_map(|(i, v)| Op::Upsert(i, v)),
+        1 => (0..WORKLOADS + SERVICES).prop_map(Op::Remove),
+        1 => Just(Op::Publish),
+    ]
+}
+
+fn json(s: &MeshState) -> serde_json::Value {
+    serde_json::to_value(s).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn incremental_equals_whole_and_leaves_nothing_behind(
+        ops in prop::collection::vec(op(), 1..40),
+        order in any::<prop::sample::Index>(),
+    ) {
+        let mut r = Resources::default();
+        let mut alive: BTreeMap<usize, u8> = BTreeMap::new();
+        for op in &ops {
+            match op {
+                Op::Upsert(i, v) => {
+                    upsert(&mut r, *i, *v);
+                    alive.insert(*i, *v);
+                }
+                Op::Remove(i) => {
+                    r.remove(ADDRESS_TYPE, &resource(*i, 0).0);
+                    alive.remove(i);
+                }
+                Op::Publish => {
+                    r.build();
+                }
+            }
+        }
+        let incremental = json(&r.build());
+
+        // The same resources at once, in a rotated order.
+        let mut survivors: Vec<_> = alive.iter().map(|(i, v)| (*i, *v)).collect();
+        if !survivors.is_empty() {
+            let k = order.index(survivors.len());
+            survivors.rotate_left(k);
+        }
+        let mut whole = Resources::default();
+        for (i, v) in &survivors {
+            upsert(&mut whole, *i, *v);
+        }
+        prop_assert_eq!(&incremental, &json(&whole.build()));
+
+        // Removing everything leaves no index entry.
+        for i in 0..WORKLOADS + SERVICES {
+            r.remove(ADDRESS_TYPE, &resource(i, 0).0);
+        }
+        let empty = r.build();
+        prop_assert!(empty.workloads.is_empty() && empty.services.is_empty());
+        prop_assert_eq!(r.index_sizes(), [0; 6]);
+    }
+}
