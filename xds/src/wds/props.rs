@@ -23,7 +23,7 @@ fn resource(i: usize, v: u8) -> (String, wl::address::Type) {
             wl::PortList {
                 ports: vec![wl::Port {
                     service_port: 80,
-                    target_port: if v % 2 == 0 { 8080 } else { 0 },
+                    target_port: if v.is_multiple_of(2) { 8080 } else { 0 },
                     app_protocol: 0,
                 }],
             },
@@ -80,7 +80,7 @@ fn resource(i: usize, v: u8) -> (String, wl::address::Type) {
             }],
             ports: vec![wl::Port {
                 service_port: 80,
-                target_port: if v % 2 == 0 { 9090 } else { 0 },
+                target_port: if v.is_multiple_of(2) { 9090 } else { 0 },
                 app_protocol: 0,
             }],
             ..Default::default()
