@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -94,11 +94,19 @@ pub struct PeerAuthentication {
     pub port_level: BTreeMap<u16, MtlsMode>,
 }
 
-/// One consistent view of the mesh. Built whole by a config source and
+/// Workloads by uid, and the address indexes: persistent maps (structural
+/// sharing), so a source that keeps them can publish a new state in O(1) and
+/// change one entry in O(log n), instead of copying the whole mesh. Entries
+/// are `Arc`s: a workload is stored once, whatever indexes it.
+pub type Workloads = imbl::OrdMap<String, Arc<Workload>>;
+pub type ByIp = imbl::HashMap<IpAddr, Arc<Workload>>;
+pub type ByVip = imbl::HashMap<IpAddr, Arc<Service>>;
+
+/// One consistent view of the mesh, published by a config source and
 /// swapped atomically, so the data path reads it without locks.
 #[derive(Default, Debug, Serialize)]
 pub struct MeshState {
-    pub workloads: BTreeMap<String, Arc<Workload>>,
+    pub workloads: Workloads,
     pub services: Vec<Arc<Service>>,
     pub policies: Vec<Arc<AuthorizationPolicy>>,
     pub peer_authentications: Vec<PeerAuthentication>,
@@ -120,9 +128,17 @@ pub struct MeshState {
     /// what applies instead (security objects fail closed).
     pub rejected: Vec<crate::Rejected>,
     #[serde(skip)]
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_ip: ByIp,
     #[serde(skip)]
-    by_vip: HashMap<IpAddr, Arc<Service>>,
+    by_vip: ByVip,
+}
+
+/// Every VIP of `services` to its service.
+pub fn vip_index(services: &[Arc<Service>]) -> ByVip {
+    services
+        .iter()
+        .flat_map(|s| s.vips.iter().map(move |v| (*v, s.clone())))
+        .collect()
 }
 
 impl MeshState {
@@ -149,16 +165,28 @@ impl MeshState {
         services: impl IntoIterator<Item = Arc<Service>>,
         policies: impl IntoIterator<Item = Arc<AuthorizationPolicy>>,
     ) -> Self {
-        let workloads: BTreeMap<_, _> = workloads.into_iter().map(|w| (w.uid.clone(), w)).collect();
+        let workloads: Workloads = workloads.into_iter().map(|w| (w.uid.clone(), w)).collect();
+        let by_ip = workloads.values().map(|w| (w.ip, w.clone())).collect();
         let services: Vec<_> = services.into_iter().collect();
+        let by_vip = vip_index(&services);
+        Self::from_indexes(workloads, by_ip, services, by_vip, policies)
+    }
+
+    /// A state from indexes the source maintains itself (cloning a
+    /// persistent map is O(1)). `by_ip` and `by_vip` must index exactly
+    /// `workloads` and `services`.
+    pub fn from_indexes(
+        workloads: Workloads,
+        by_ip: ByIp,
+        services: Vec<Arc<Service>>,
+        by_vip: ByVip,
+        policies: impl IntoIterator<Item = Arc<AuthorizationPolicy>>,
+    ) -> Self {
         MeshState {
-            by_ip: workloads.values().map(|w| (w.ip, w.clone())).collect(),
-            by_vip: services
-                .iter()
-                .flat_map(|s| s.vips.iter().map(move |v| (*v, s.clone())))
-                .collect(),
             workloads,
+            by_ip,
             services,
+            by_vip,
             policies: policies.into_iter().collect(),
             ..Default::default()
         }

@@ -58,6 +58,11 @@ struct Index {
     /// Translated workloads and services by resource name.
     workloads: BTreeMap<String, Arc<Workload>>,
     services: BTreeMap<String, Arc<Service>>,
+    /// What a published state holds, kept as persistent maps so publishing
+    /// shares them instead of rebuilding them.
+    by_uid: mesh::model::Workloads,
+    by_ip: mesh::model::ByIp,
+    by_vip: mesh::model::ByVip,
     /// Service key (`<ns>/<hostname>`) -> its healthy member workloads, by
     /// workload resource name (the endpoint order).
     members: HashMap<String, BTreeMap<String, (String, IpAddr)>>,
@@ -69,6 +74,38 @@ struct Index {
     by_waypoint_vip: HashMap<IpAddr, BTreeSet<String>>,
     /// Resources to translate again at the next `build`.
     dirty: BTreeSet<String>,
+}
+
+impl Index {
+    fn publish_workload(&mut self, w: &Arc<Workload>) {
+        self.by_uid.insert(w.uid.clone(), w.clone());
+        self.by_ip.insert(w.ip, w.clone());
+    }
+
+    /// Takes out the entries `w` made, unless another entry has since taken
+    /// the same key.
+    fn unpublish_workload(&mut self, w: &Arc<Workload>) {
+        if self.by_uid.get(&w.uid).is_some_and(|x| Arc::ptr_eq(x, w)) {
+            self.by_uid.remove(&w.uid);
+        }
+        if self.by_ip.get(&w.ip).is_some_and(|x| Arc::ptr_eq(x, w)) {
+            self.by_ip.remove(&w.ip);
+        }
+    }
+
+    fn publish_service(&mut self, s: &Arc<Service>) {
+        for vip in &s.vips {
+            self.by_vip.insert(*vip, s.clone());
+        }
+    }
+
+    fn unpublish_service(&mut self, s: &Arc<Service>) {
+        for vip in &s.vips {
+            if self.by_vip.get(vip).is_some_and(|x| Arc::ptr_eq(x, s)) {
+                self.by_vip.remove(vip);
+            }
+        }
+    }
 }
 
 fn service_key(s: &wl::Service) -> String {
@@ -167,7 +204,9 @@ impl Resources {
     fn forget_address(&mut self, name: &str) {
         let ix = &mut self.index;
         if let Some(w) = self.workloads.remove(name) {
-            ix.workloads.remove(name);
+            if let Some(old) = ix.workloads.remove(name) {
+                ix.unpublish_workload(&old);
+            }
             for key in w.services.keys() {
                 let emptied = ix.members.get_mut(key).is_some_and(|m| {
                     m.remove(name);
@@ -184,7 +223,9 @@ impl Resources {
             }
         }
         if let Some(s) = self.services.remove(name) {
-            ix.services.remove(name);
+            if let Some(old) = ix.services.remove(name) {
+                ix.unpublish_service(&old);
+            }
             let key = service_key(&s);
             remove_from(&mut ix.service_names, &key, name);
             // Its members' ports came from it; what named it by VIP resolves
@@ -267,11 +308,20 @@ impl Resources {
         for name in std::mem::take(&mut self.index.dirty) {
             if let Some(w) = self.workloads.get(&name) {
                 if let Some(t) = self.translate_workload(w) {
-                    self.index.workloads.insert(name, Arc::new(t));
+                    let t = Arc::new(t);
+                    self.index.publish_workload(&t);
+                    // Keys the old entry shared with the new one now point
+                    // at the new one and stay.
+                    if let Some(old) = self.index.workloads.insert(name, t) {
+                        self.index.unpublish_workload(&old);
+                    }
                 }
             } else if let Some(s) = self.services.get(&name) {
-                let t = self.translate_service(s);
-                self.index.services.insert(name, Arc::new(t));
+                let t = Arc::new(self.translate_service(s));
+                self.index.publish_service(&t);
+                if let Some(old) = self.index.services.insert(name, t) {
+                    self.index.unpublish_service(&old);
+                }
             }
         }
         // istiod has already resolved `istio.io/use-waypoint` and the
@@ -289,9 +339,11 @@ impl Resources {
             )
             .map(|r| ((r.namespace.clone(), r.name.clone()), r))
             .collect();
-        let mut state = MeshState::from_shared(
-            self.index.workloads.values().cloned(),
-            self.index.services.values().cloned(),
+        let mut state = MeshState::from_indexes(
+            self.index.by_uid.clone(),
+            self.index.by_ip.clone(),
+            self.index.services.values().cloned().collect(),
+            self.index.by_vip.clone(),
             self.policies.values().map(|(p, _)| p.clone()),
         );
         state.waypoints = waypoints
@@ -425,11 +477,14 @@ impl Resources {
     /// Index entries left (for the no-leak tests): all zero once every
     /// address is removed.
     #[cfg(test)]
-    fn index_sizes(&self) -> [usize; 6] {
+    fn index_sizes(&self) -> [usize; 9] {
         let ix = &self.index;
         [
             ix.workloads.len(),
             ix.services.len(),
+            ix.by_uid.len(),
+            ix.by_ip.len(),
+            ix.by_vip.len(),
             ix.members.len(),
             ix.service_names.len(),
             ix.vip_hosts.len(),

@@ -142,7 +142,8 @@ proptest! {
                 }
             }
         }
-        let incremental = json(&r.build());
+        let published = r.build();
+        let incremental = json(&published);
 
         // The same resources at once, in a rotated order.
         let mut survivors: Vec<_> = alive.iter().map(|(i, v)| (*i, *v)).collect();
@@ -154,7 +155,19 @@ proptest! {
         for (i, v) in &survivors {
             upsert(&mut whole, *i, *v);
         }
-        prop_assert_eq!(&incremental, &json(&whole.build()));
+        let fresh = whole.build();
+        prop_assert_eq!(&incremental, &json(&fresh));
+        // The address indexes (not part of the dump) agree too.
+        for w in fresh.workloads.values() {
+            let got = published.workload_by_ip(w.ip).map(|x| x.uid.clone());
+            prop_assert_eq!(got, fresh.workload_by_ip(w.ip).map(|x| x.uid.clone()));
+        }
+        for s in &fresh.services {
+            for vip in &s.vips {
+                let got = published.service_by_vip(*vip).map(|x| x.hostname.clone());
+                prop_assert_eq!(got, Some(s.hostname.clone()));
+            }
+        }
 
         // Removing everything leaves no index entry.
         for i in 0..WORKLOADS + SERVICES {
@@ -162,6 +175,6 @@ proptest! {
         }
         let empty = r.build();
         prop_assert!(empty.workloads.is_empty() && empty.services.is_empty());
-        prop_assert_eq!(r.index_sizes(), [0; 6]);
+        prop_assert_eq!(r.index_sizes(), [0; 9]);
     }
 }
