@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -131,6 +131,42 @@ pub struct MeshState {
     by_ip: ByIp,
     #[serde(skip)]
     by_vip: ByVip,
+    #[serde(skip)]
+    policy_index: PolicyIndex,
+}
+
+/// Policies by where they can apply, so a connection looks only at those
+/// that may select its destination: O(policies in its namespace), not
+/// O(all policies).
+#[derive(Default, Debug)]
+struct PolicyIndex {
+    global: Vec<Arc<AuthorizationPolicy>>,
+    /// Namespace-wide and selector policies, by the policy's namespace.
+    by_namespace: HashMap<String, Vec<Arc<AuthorizationPolicy>>>,
+    /// Policies istiod lists on workloads, by `<ns>/<name>`.
+    listed: HashMap<String, Arc<AuthorizationPolicy>>,
+}
+
+impl PolicyIndex {
+    fn new(policies: &[Arc<AuthorizationPolicy>]) -> Self {
+        use crate::authz::Scope;
+        let mut ix = PolicyIndex::default();
+        for p in policies {
+            match p.scope {
+                Scope::Global => ix.global.push(p.clone()),
+                Scope::Namespace | Scope::WorkloadSelector(_) => ix
+                    .by_namespace
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(p.clone()),
+                Scope::Listed => {
+                    ix.listed
+                        .insert(format!("{}/{}", p.namespace, p.name), p.clone());
+                }
+            }
+        }
+        ix
+    }
 }
 
 /// Every VIP of `services` to its service.
@@ -182,14 +218,35 @@ impl MeshState {
         by_vip: ByVip,
         policies: impl IntoIterator<Item = Arc<AuthorizationPolicy>>,
     ) -> Self {
+        let policies: Vec<_> = policies.into_iter().collect();
         MeshState {
             workloads,
             by_ip,
             services,
             by_vip,
-            policies: policies.into_iter().collect(),
+            policy_index: PolicyIndex::new(&policies),
+            policies,
             ..Default::default()
         }
+    }
+
+    /// The policies that select `w`, found through the index.
+    pub fn policies_selecting<'a>(
+        &'a self,
+        w: &'a Workload,
+    ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
+        let ix = &self.policy_index;
+        let ns = ix.by_namespace.get(&w.namespace).into_iter().flatten();
+        let listed = w
+            .authorization_policies
+            .iter()
+            .filter_map(|k| ix.listed.get(k));
+        ix.global
+            .iter()
+            .chain(ns)
+            .chain(listed)
+            .map(|p| &**p)
+            .filter(move |p| p.selects(w))
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

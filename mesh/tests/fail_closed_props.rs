@@ -11,7 +11,7 @@
 use std::net::IpAddr;
 
 use identity::Identity;
-use mesh::authz::{evaluate, Connection, Decision};
+use mesh::authz::{evaluate, evaluate_selected, Connection, Decision};
 use mesh::{standalone, MeshState};
 use proptest::prelude::*;
 
@@ -225,7 +225,10 @@ fn allowed(m: &MeshState) -> Vec<bool> {
                         dst_port: port,
                         request: None,
                     };
-                    out.push(evaluate(m.policies.iter().map(|p| &**p), w, &c) == Decision::Allow);
+                    let d = evaluate(m.policies.iter().map(|p| &**p), w, &c);
+                    // The index a connection uses finds the same policies.
+                    assert_eq!(d, evaluate_selected(m.policies_selecting(w), &c));
+                    out.push(d == Decision::Allow);
                 }
             }
         }

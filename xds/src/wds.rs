@@ -684,6 +684,12 @@ mod tests {
             authz::evaluate(policies.iter().copied(), echo, &conn(&other, echo)),
             Decision::Deny(_)
         ));
+        // The index a connection uses finds the listed policy too.
+        assert!(matches!(
+            authz::evaluate_selected(st.policies_selecting(echo), &conn(&other, echo)),
+            Decision::Deny(_)
+        ));
+        assert_eq!(st.policies_selecting(client).count(), 0);
         // The policy is listed on echo only: client has no ALLOW selecting it.
         assert!(
             authz::evaluate(policies.iter().copied(), client, &conn(&other, echo))

@@ -121,7 +121,7 @@ pub fn admit(state: &mesh::MeshState, c: &Inbound) -> Result<Arc<mesh::Workload>
             }
         }
     }
-    match authz::evaluate(state.policies.iter().map(|p| &**p), &dst_w, &conn) {
+    match authz::evaluate_selected(state.policies_selecting(&dst_w), &conn) {
         Decision::Allow => Ok(dst_w),
         Decision::Deny(why) => Err(Refused::Policy(why)),
     }
@@ -237,9 +237,8 @@ fn bypasses_waypoint(
         return None;
     }
     let explicitly_allowed = state
-        .policies
-        .iter()
-        .any(|p| p.action == authz::Action::Allow && p.selects(w) && p.matches(c));
+        .policies_selecting(w)
+        .any(|p| p.action == authz::Action::Allow && p.matches(c));
     (!explicitly_allowed).then(|| format!("{src} bypassed waypoint {}/{}", r.namespace, r.name))
 }
 
