@@ -4,6 +4,7 @@
 pub mod authz;
 pub mod live;
 pub mod model;
+mod policy_index;
 mod rejected;
 pub mod routes;
 mod security;

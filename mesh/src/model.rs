@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -6,6 +6,7 @@ use identity::Identity;
 use serde::Serialize;
 
 use crate::authz::AuthorizationPolicy;
+pub use crate::policy_index::PolicyIndex;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum TunnelProtocol {
@@ -132,41 +133,7 @@ pub struct MeshState {
     #[serde(skip)]
     by_vip: ByVip,
     #[serde(skip)]
-    policy_index: PolicyIndex,
-}
-
-/// Policies by where they can apply, so a connection looks only at those
-/// that may select its destination: O(policies in its namespace), not
-/// O(all policies).
-#[derive(Default, Debug)]
-struct PolicyIndex {
-    global: Vec<Arc<AuthorizationPolicy>>,
-    /// Namespace-wide and selector policies, by the policy's namespace.
-    by_namespace: HashMap<String, Vec<Arc<AuthorizationPolicy>>>,
-    /// Policies istiod lists on workloads, by `<ns>/<name>`.
-    listed: HashMap<String, Arc<AuthorizationPolicy>>,
-}
-
-impl PolicyIndex {
-    fn new(policies: &[Arc<AuthorizationPolicy>]) -> Self {
-        use crate::authz::Scope;
-        let mut ix = PolicyIndex::default();
-        for p in policies {
-            match p.scope {
-                Scope::Global => ix.global.push(p.clone()),
-                Scope::Namespace | Scope::WorkloadSelector(_) => ix
-                    .by_namespace
-                    .entry(p.namespace.clone())
-                    .or_default()
-                    .push(p.clone()),
-                Scope::Listed => {
-                    ix.listed
-                        .insert(format!("{}/{}", p.namespace, p.name), p.clone());
-                }
-            }
-        }
-        ix
-    }
+    policy_index: Arc<PolicyIndex>,
 }
 
 /// Every VIP of `services` to its service.
@@ -205,26 +172,28 @@ impl MeshState {
         let by_ip = workloads.values().map(|w| (w.ip, w.clone())).collect();
         let services: Vec<_> = services.into_iter().collect();
         let by_vip = vip_index(&services);
-        Self::from_indexes(workloads, by_ip, services, by_vip, policies)
+        let policies: Vec<_> = policies.into_iter().collect();
+        let index = Arc::new(PolicyIndex::new(&policies));
+        Self::from_indexes(workloads, by_ip, services, by_vip, policies, index)
     }
 
     /// A state from indexes the source maintains itself (cloning a
-    /// persistent map is O(1)). `by_ip` and `by_vip` must index exactly
-    /// `workloads` and `services`.
+    /// persistent map is O(1)). `by_ip`, `by_vip` and `policy_index` must
+    /// index exactly `workloads`, `services` and `policies`.
     pub fn from_indexes(
         workloads: Workloads,
         by_ip: ByIp,
         services: Vec<Arc<Service>>,
         by_vip: ByVip,
-        policies: impl IntoIterator<Item = Arc<AuthorizationPolicy>>,
+        policies: Vec<Arc<AuthorizationPolicy>>,
+        policy_index: Arc<PolicyIndex>,
     ) -> Self {
-        let policies: Vec<_> = policies.into_iter().collect();
         MeshState {
             workloads,
             by_ip,
             services,
             by_vip,
-            policy_index: PolicyIndex::new(&policies),
+            policy_index,
             policies,
             ..Default::default()
         }
@@ -235,17 +204,8 @@ impl MeshState {
         &'a self,
         w: &'a Workload,
     ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
-        let ix = &self.policy_index;
-        let ns = ix.by_namespace.get(&w.namespace).into_iter().flatten();
-        let listed = w
-            .authorization_policies
-            .iter()
-            .filter_map(|k| ix.listed.get(k));
-        ix.global
-            .iter()
-            .chain(ns)
-            .chain(listed)
-            .map(|p| &**p)
+        self.policy_index
+            .candidates(w)
             .filter(move |p| p.selects(w))
     }
 

@@ -329,6 +329,15 @@ pub fn parse_values(
         });
     }
 
+    // Pods by namespace: a selector only looks at its own namespace's pods
+    // (scanning every pod for every service was quadratic in the mesh).
+    let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, w) in workloads.iter().enumerate() {
+        by_namespace
+            .entry(w.namespace.as_str())
+            .or_default()
+            .push(i);
+    }
     let mut out_services = Vec::new();
     for (object, o) in services {
         let spec = o.spec.ok_or_else(|| err(&object, "spec", "missing"))?;
@@ -379,11 +388,12 @@ pub fn parse_values(
             });
         }
         let endpoints = match &spec.selector {
-            Some(sel) if !sel.is_empty() => workloads
-                .iter()
-                .filter(|w| {
-                    w.namespace == namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                })
+            Some(sel) if !sel.is_empty() => by_namespace
+                .get(namespace.as_str())
+                .into_iter()
+                .flatten()
+                .map(|i| &workloads[*i])
+                .filter(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
                 .map(|w| Endpoint {
                     workload_uid: w.uid.clone(),
                     ip: w.ip,

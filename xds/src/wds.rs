@@ -63,6 +63,8 @@ struct Index {
     by_uid: mesh::model::Workloads,
     by_ip: mesh::model::ByIp,
     by_vip: mesh::model::ByVip,
+    /// The published policy list and its index; None after a policy change.
+    policies: Option<(Vec<Arc<AuthorizationPolicy>>, Arc<mesh::model::PolicyIndex>)>,
     /// Service key (`<ns>/<hostname>`) -> its healthy member workloads, by
     /// workload resource name (the endpoint order).
     members: HashMap<String, BTreeMap<String, (String, IpAddr)>>,
@@ -178,6 +180,7 @@ impl Resources {
                 };
                 self.policies
                     .insert(name.to_string(), (Arc::new(policy), rejected));
+                self.index.policies = None;
             }
             other => return Err(ResourceError::UnknownType(other.to_string())),
         }
@@ -193,6 +196,7 @@ impl Resources {
             self.forget_address(name);
         } else {
             self.policies.remove(name);
+            self.index.policies = None;
         }
         if let Some(v) = self.versions.get_mut(type_url) {
             v.remove(name);
@@ -339,12 +343,24 @@ impl Resources {
             )
             .map(|r| ((r.namespace.clone(), r.name.clone()), r))
             .collect();
+        // Policies change far less often than workloads: their list and
+        // index are rebuilt only when they did.
+        let (policies, policy_index) = self
+            .index
+            .policies
+            .get_or_insert_with(|| {
+                let list: Vec<_> = self.policies.values().map(|(p, _)| p.clone()).collect();
+                let index = Arc::new(mesh::model::PolicyIndex::new(&list));
+                (list, index)
+            })
+            .clone();
         let mut state = MeshState::from_indexes(
             self.index.by_uid.clone(),
             self.index.by_ip.clone(),
             self.index.services.values().cloned().collect(),
             self.index.by_vip.clone(),
-            self.policies.values().map(|(p, _)| p.clone()),
+            policies,
+            policy_index,
         );
         state.waypoints = waypoints
             .into_values()
