@@ -77,6 +77,9 @@ struct Agent {
     config_bytes: Vec<u8>,
     pods: BTreeMap<Key, Record>,
     ztunnel: Option<ZdsConn>,
+    /// What `pods.json` holds: rewritten only when the records change (a
+    /// config change on a busy node would otherwise rewrite it each time).
+    persisted: Vec<u8>,
 }
 
 /// Runs until `stop`; leaves every captured pod captured on exit.
@@ -103,6 +106,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         config_bytes,
         pods,
         ztunnel: None,
+        persisted: Vec::new(),
     };
     // What a previous agent captured is re-checked before anyone is served.
     agent.prune().await;
@@ -245,14 +249,20 @@ async fn accept_plugin(l: UnixListener, tx: mpsc::Sender<Event>) {
 }
 
 impl Agent {
-    fn persist(&self) {
+    fn persist(&mut self) {
+        let records: Vec<&Record> = self.pods.values().collect();
+        let bytes = serde_json::to_vec_pretty(&records).expect("JSON");
+        if bytes == self.persisted {
+            return;
+        }
         let path = self.cfg.state_dir.join(STATE_FILE);
         let tmp = path.with_extension("tmp");
-        let records: Vec<&Record> = self.pods.values().collect();
-        let result = std::fs::write(&tmp, serde_json::to_vec_pretty(&records).expect("JSON"))
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(e) = result {
-            tracing::error!(path = %path.display(), error = %e, "cannot persist agent state");
+        let result = std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, &path));
+        match result {
+            Ok(()) => self.persisted = bytes,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot persist agent state")
+            }
         }
     }
 
