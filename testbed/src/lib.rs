@@ -190,7 +190,7 @@ impl Mesh {
         m
     }
 
-    /// A pod netns on the bridge. `captured` installs the SPEC §4 rules.
+    /// A pod netns on the bridge. `captured` installs the in-pod redirection rules.
     pub fn pod(
         &mut self,
         name: &str,
