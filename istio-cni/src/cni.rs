@@ -60,16 +60,23 @@ pub struct NetConf {
     /// The node agent's enrolment socket.
     #[serde(default = "default_agent_socket")]
     pub agent_socket: PathBuf,
-    /// The standalone mesh config membership is decided from.
-    #[serde(default)]
-    pub mesh_config: Option<PathBuf>,
-    /// Namespaces never captured (the node's own system pods).
+    /// The node agent's state dir: the membership answer the plugin judges
+    /// from when the agent does not answer, and where it leaves the pods it
+    /// started meanwhile.
+    #[serde(default = "default_state_dir")]
+    pub agent_state_dir: PathBuf,
+    /// Namespaces never captured (the node's own system pods); they start
+    /// even when the agent never answered.
     #[serde(default = "default_excluded")]
     pub exclude_namespaces: Vec<String>,
 }
 
 fn default_agent_socket() -> PathBuf {
     crate::api::DEFAULT_SOCKET.into()
+}
+
+fn default_state_dir() -> PathBuf {
+    crate::api::DEFAULT_STATE_DIR.into()
 }
 
 fn default_excluded() -> Vec<String> {

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod api;
 pub mod cni;
+pub mod fallback;
 pub mod host;
 pub mod install;
 pub mod membership;

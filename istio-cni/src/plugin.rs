@@ -1,9 +1,13 @@
-//! The chained CNI plugin: decide membership, ask the node agent to enrol,
-//! pass the earlier plugins' result through unchanged.
+//! The chained CNI plugin: ask the node agent about the pod (it decides
+//! membership from its live mesh state and enrols an ambient pod), pass the
+//! earlier plugins' result through unchanged. The plugin never reads the
+//! mesh; when the agent does not answer it judges from the agent's small
+//! membership answer on disk (`crate::fallback`) and starts only pods that
+//! are certainly outside the mesh.
 
-use crate::api::{self, Op, Request};
+use crate::api::{self, CallError, Op, Request, Verdict};
 use crate::cni::{self, code, CniError, Command, Env, NetConf};
-use crate::membership::{decide, Membership};
+use crate::fallback::{self, Judged};
 
 /// Runs one invocation; the Ok value is what goes to stdout.
 pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
@@ -39,41 +43,45 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
             .map(cni::prev_ips)
             .unwrap_or_default(),
     };
+    let pod = format!("{namespace}/{name}");
     match env.command {
         Command::Add => {
             let prev = prev()?;
-            match membership(&conf, &namespace, &name)? {
-                Membership::Outside(why) => {
-                    log(&format!("{namespace}/{name}: not captured ({why})"));
-                    // Best effort: lets a later namespace label capture it.
-                    let _ = api::call(&conf.agent_socket, &req(Op::Observe));
-                }
-                Membership::Undeclared => {
+            let netns = env.netns.as_deref().expect("checked for ADD");
+            if !netns.exists() {
+                return Err(CniError::new(
+                    code::UNKNOWN_CONTAINER,
+                    format!("netns {} does not exist", netns.display()),
+                    format!("container {}", env.container_id),
+                ));
+            }
+            let add = req(Op::Add);
+            match api::call(&conf.agent_socket, &add) {
+                Ok(Verdict::Enrolled) => {}
+                Ok(Verdict::Outside(why)) => log(&format!("{pod}: not captured ({why})")),
+                Err(e) if e.is_refusal() => {
                     return Err(CniError::new(
                         code::ENROL_FAILED,
-                        format!("pod {namespace}/{name} is in an ambient namespace but not in the mesh config"),
-                        "declare the Pod (with its podIP and serviceAccountName) so it gets a mesh identity",
+                        format!("pod {pod} is ambient but could not be enrolled"),
+                        e.to_string(),
                     ))
                 }
-                Membership::Ambient { .. } => {
-                    let netns = env.netns.as_deref().expect("checked for ADD");
-                    if !netns.exists() {
-                        return Err(CniError::new(
-                            code::UNKNOWN_CONTAINER,
-                            format!("netns {} does not exist", netns.display()),
-                            format!("container {}", env.container_id),
-                        ));
-                    }
-                    api::call(&conf.agent_socket, &req(Op::Add)).map_err(|e| enrol_error(&namespace, &name, e))?;
-                }
+                Err(e) => without_agent(&conf, &namespace, &name, e, Some(&add))?,
             }
             Ok(Some(prev.to_string()))
         }
         Command::Check => {
             prev()?;
-            if let Membership::Ambient { .. } = membership(&conf, &namespace, &name)? {
-                api::call(&conf.agent_socket, &req(Op::Check))
-                    .map_err(|e| enrol_error(&namespace, &name, e))?;
+            match api::call(&conf.agent_socket, &req(Op::Check)) {
+                Ok(_) => {}
+                Err(e) if e.is_refusal() => {
+                    return Err(CniError::new(
+                        code::ENROL_FAILED,
+                        format!("pod {pod} is ambient but not captured as it should be"),
+                        e.to_string(),
+                    ))
+                }
+                Err(e) => without_agent(&conf, &namespace, &name, e, None)?,
             }
             Ok(None)
         }
@@ -82,7 +90,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
             // agent that is down reconciles the vanished netns on its own.
             if let Err(e) = api::call(&conf.agent_socket, &req(Op::Del)) {
                 log(&format!(
-                    "{namespace}/{name}: DEL not delivered ({e}); the agent prunes it"
+                    "{pod}: DEL not delivered ({e}); the agent prunes it"
                 ));
             }
             Ok(None)
@@ -91,48 +99,51 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
     }
 }
 
-fn enrol_error(namespace: &str, name: &str, e: api::CallError) -> CniError {
-    let code = match e {
-        api::CallError::Refused(_) => code::ENROL_FAILED,
-        _ => code::TRY_AGAIN_LATER,
-    };
-    CniError::new(
-        code,
-        format!("pod {namespace}/{name} is ambient but could not be enrolled"),
-        e.to_string(),
-    )
-}
-
-fn membership(conf: &NetConf, namespace: &str, name: &str) -> Result<Membership, CniError> {
-    let path = conf.mesh_config.as_ref().ok_or_else(|| {
-        CniError::new(
-            code::INVALID_CONFIG,
-            "mesh_config is not set in the istio-cni network config",
-            "the standalone mesh file membership is decided from",
-        )
-    })?;
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        CniError::new(
-            code::IO,
-            format!("cannot read mesh config {}", path.display()),
-            e.to_string(),
-        )
-    })?;
-    let state = mesh::standalone::parse(&text, identity::DEFAULT_TRUST_DOMAIN).map_err(|e| {
-        CniError::new(
-            code::INVALID_CONFIG,
-            format!("mesh config {} is invalid", path.display()),
-            e.to_string(),
-        )
-    })?;
-    // DNS capture is the agent's setting; it does not change membership.
-    Ok(decide(
-        &state,
+/// The agent did not answer (down, restarting, stuck past the timeout):
+/// a pod that may be ambient fails with "try again later", so it never
+/// starts uncaptured; one that is certainly outside starts, and an ADD is
+/// left for the agent to take in when it is back.
+fn without_agent(
+    conf: &NetConf,
+    namespace: &str,
+    name: &str,
+    err: CallError,
+    add: Option<&Request>,
+) -> Result<(), CniError> {
+    let answer = fallback::read(&conf.agent_state_dir);
+    match fallback::judge(
+        answer.as_ref().ok(),
+        &conf.exclude_namespaces,
         namespace,
         name,
-        &conf.exclude_namespaces,
-        false,
-    ))
+    ) {
+        Judged::Outside(why) => {
+            log(&format!(
+                "{namespace}/{name}: not captured ({why}, from the node agent's last answer; {err})"
+            ));
+            if let Some(add) = add {
+                if let Err(e) = fallback::leave_pending(&conf.agent_state_dir, add) {
+                    log(&format!(
+                        "{namespace}/{name}: cannot leave the pod for the agent ({e}); a later label captures it only after its next ADD"
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Judged::MaybeAmbient(why) => {
+            let mut details = err.to_string();
+            if let Err(e) = &answer {
+                details += &format!("; no membership answer: {e}");
+            }
+            Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!(
+                    "pod {namespace}/{name} may be ambient ({why}) and could not be enrolled: the node agent did not answer"
+                ),
+                details,
+            ))
+        }
+    }
 }
 
 /// The runtime keeps stderr in its logs; stdout is the protocol.

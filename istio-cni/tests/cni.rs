@@ -330,14 +330,13 @@ async fn bad_input_is_a_clear_cni_error_and_leaves_nothing() {
     });
     sh(&format!("ip netns add {}-x", m.prefix));
     let netns = format!("/run/netns/{}-x", m.prefix);
-    let (mesh_config, socket) = (
-        m.config.display().to_string(),
+    let (state_dir, socket) = (
+        m.dir.join("node1/state").display().to_string(),
         m.plugin_socket("node1").display().to_string(),
     );
-    let real_config = mesh_config.clone();
     let conf = move |v: &str, extra: &str| {
         format!(
-            r#"{{"cniVersion":"{v}","name":"k8s","type":"istio-cni","mesh_config":"{mesh_config}","agent_socket":"{socket}","prevResult":{{"cniVersion":"{v}","ips":[{{"address":"10.244.1.10/24"}}]}}{extra}}}"#
+            r#"{{"cniVersion":"{v}","name":"k8s","type":"istio-cni","agent_state_dir":"{state_dir}","agent_socket":"{socket}","prevResult":{{"cniVersion":"{v}","ips":[{{"address":"10.244.1.10/24"}}]}}{extra}}}"#
         )
     };
 
@@ -365,16 +364,6 @@ async fn bad_input_is_a_clear_cni_error_and_leaves_nothing() {
     .unwrap_err();
     assert_eq!(e.code(), Some(3), "{e:?}");
     assert!(e.msg().contains("does-not-exist"), "{e:?}");
-
-    let e = plugin(
-        &m,
-        "ADD",
-        &netns,
-        "app/a",
-        &conf("1.0.0", "").replace(&real_config, "/nonexistent/mesh.yaml"),
-    )
-    .unwrap_err();
-    assert!(e.msg().contains("/nonexistent/mesh.yaml"), "{e:?}");
 
     let e = plugin(&m, "BOGUS", &netns, "app/a", &conf("1.0.0", "")).unwrap_err();
     assert_eq!(e.code(), Some(4), "{e:?}");
@@ -476,4 +465,71 @@ async fn del_is_idempotent_and_leaves_nothing_behind() {
     m.kill_cni_agent("node1");
     let conf = r#"{"cniVersion":"1.0.0","name":"k8s","type":"istio-cni","agent_socket":"/nonexistent.sock"}"#;
     plugin(&m, "DEL", "/run/netns/none", "app/a", conf).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_decides_membership_and_no_mesh_file_is_published() {
+    let mut m = cluster("nmf", &["node1"]);
+    let state = m.dir.join("node1/state");
+    let files: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.iter().all(|f| !f.ends_with(".yaml")), "{files:?}");
+    assert!(files.contains(&"membership.json".to_string()), "{files:?}");
+    let conflist: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(m.cni_net("node1").conf_dir.join("10-k8s.conflist")).unwrap(),
+    )
+    .unwrap();
+    let ours = &conflist["plugins"][1];
+    assert_eq!(ours["type"], "istio-cni");
+    assert!(ours.get("mesh_config").is_none(), "{ours}");
+    assert_eq!(ours["agent_state_dir"], state.display().to_string());
+    // The file the agent was started from goes away (the agent keeps its
+    // last good state): the plugin never needed it.
+    let away = m.dir.join("away.yaml");
+    std::fs::rename(&m.config, &away).unwrap();
+    m.cni_pod("node1", "a", "app", "a", "10.244.1.10").unwrap();
+    assert!(capture_traces(&m, "a").contains("REDIRECT --to-ports 15001"));
+    eventually("ztunnel serves a", || served(&m, "node1") == ["a"]);
+    m.cni_pod("node1", "c", "plain", "c", "10.244.1.20")
+        .unwrap();
+    assert_eq!(capture_traces(&m, "c"), "");
+    std::fs::rename(&away, &m.config).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_agent_down_outside_pods_start_and_ambient_pods_wait() {
+    let mut m = cluster("adn", &["node1"]);
+    m.kill_cni_agent("node1");
+    // Ambient namespace: the chain fails with "try again later" and the pod
+    // is left without rules.
+    let e = m
+        .cni_pod("node1", "a", "app", "a", "10.244.1.10")
+        .unwrap_err();
+    assert_eq!(e.code(), Some(11), "{e:?}");
+    assert!(
+        e.msg().contains("may be ambient") && e.msg().contains("unreachable"),
+        "{e:?}"
+    );
+    assert_eq!(capture_traces(&m, "a"), "");
+    // Not ambient: starts, uncaptured.
+    m.cni_pod("node1", "c", "plain", "c", "10.244.1.20")
+        .unwrap();
+    assert_eq!(capture_traces(&m, "c"), "");
+
+    // The agent is back: it took c in, so labelling c's namespace captures it.
+    m.start_cni_agent("node1", AGENT, PLUGIN, &[]);
+    eventually("agent took in c", || {
+        m.agent_log("node1")
+            .contains("pod started while the agent was away")
+    });
+    m.write_config(&yaml(true));
+    eventually("c captured after labelling", || {
+        capture_traces(&m, "c").contains("REDIRECT --to-ports 15001")
+    });
+    eventually("ztunnel serves c", || {
+        served(&m, "node1").contains(&"c".to_string())
+    });
 }

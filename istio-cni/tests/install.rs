@@ -31,7 +31,7 @@ fn tmp(name: &str) -> Tmp {
 }
 
 fn entry() -> Value {
-    json!({"type": "istio-cni", "agent_socket": "/run/x.sock", "mesh_config": "/etc/mesh.yaml"})
+    json!({"type": "istio-cni", "agent_socket": "/run/x.sock", "agent_state_dir": "/run/istio-cni"})
 }
 
 const CALICO: &str = r#"{
@@ -75,7 +75,7 @@ fn chains_last_keeps_others_and_mode_and_is_idempotent() {
     // Again: nothing to do. A changed entry replaces ours, never duplicates it.
     assert!(!insert(&d, &entry()).unwrap().1);
     let mut e2 = entry();
-    e2["mesh_config"] = json!("/other.yaml");
+    e2["agent_state_dir"] = json!("/other");
     assert!(insert(&d, &e2).unwrap().1);
     let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     assert_eq!(v["plugins"].as_array().unwrap().len(), 3);

@@ -1,11 +1,14 @@
 //! `istio-cni-agent`: the node agent (a DaemonSet with host networking).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use istio_cni::{agent, api, install};
+use mesh::MeshStore;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,8 +39,9 @@ struct Args {
     /// Where the CNI plugin reaches this agent.
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     plugin_socket: PathBuf,
-    /// Which pods this agent captured, kept across restarts.
-    #[arg(long, default_value = "/var/run/istio-cni")]
+    /// Which pods this agent captured (kept across restarts) and the
+    /// membership answer the plugin falls back to.
+    #[arg(long, default_value = api::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Redirect pods' DNS (port 53) to ztunnel's proxy; a pod annotation
     /// `ambient.istio.io/dns-capture` overrides it.
@@ -85,31 +89,76 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(args))
 }
 
-/// The Kubernetes source renders namespaces and this node's pods into a file
-/// in the standalone format, which the agent then watches like any config.
-async fn cluster_config(
-    args: &Args,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<PathBuf> {
-    let path = args.state_dir.join("cluster-mesh.yaml");
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("state dir {}", args.state_dir.display()))?;
-    kube_source::start(
+/// The standalone file, parsed now (a bad file is a startup error) and
+/// followed by the file watcher.
+fn standalone_store(
+    path: &Path,
+    trust_domain: &str,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Arc<MeshStore>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read mesh config {}", path.display()))?;
+    let state = mesh::standalone::parse(&text, trust_domain)
+        .with_context(|| format!("mesh config {}", path.display()))?;
+    let store = MeshStore::new(state, &path.display().to_string());
+    tokio::spawn(mesh::watch_file(
+        path.to_path_buf(),
+        trust_domain.to_string(),
+        store.clone(),
+        stop,
+    ));
+    Ok(store)
+}
+
+/// Namespaces and this node's pods, watched through the Kubernetes API.
+async fn kube_store(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<Arc<MeshStore>> {
+    let source = kube_shim::start(
         kube_source::Selection::node_agent(&args.node),
-        path.clone(),
         args.trust_domain.clone(),
         stop,
+        &args.state_dir,
     )
-    .await?;
-    Ok(path)
+    .await
+    .context("Kubernetes source")?;
+    Ok(source.store)
+}
+
+/// Stands in for `kube_source::start` returning the store itself (being
+/// changed in kube-source): the same signature, over today's file render.
+/// Removed once that lands.
+mod kube_shim {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+
+    pub struct Source {
+        pub store: Arc<mesh::MeshStore>,
+        #[allow(dead_code)]
+        pub dropped: kube_source::Dropped,
+    }
+
+    pub async fn start(
+        sel: kube_source::Selection,
+        trust_domain: String,
+        stop: watch::Receiver<bool>,
+        state_dir: &Path,
+    ) -> anyhow::Result<Source> {
+        let path = state_dir.join("cluster-mesh.yaml");
+        std::fs::create_dir_all(state_dir)?;
+        let dropped =
+            kube_source::start(sel, path.clone(), trust_domain.clone(), stop.clone()).await?;
+        let store = super::standalone_store(&path, &trust_domain, stop)?;
+        Ok(Source { store, dropped })
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(!args.node.is_empty(), "--node (or NODE_NAME) is required");
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let config = match &args.config {
-        Some(c) => c.clone(),
-        None => cluster_config(&args, stop.clone()).await?,
+    let (stop_tx, stop) = watch::channel(false);
+    let store = match &args.config {
+        Some(c) => standalone_store(c, &args.trust_domain, stop.clone())?,
+        None => kube_store(&args, stop.clone()).await?,
     };
     let mut installer = None;
     if let Some(conf_dir) = args.cni_conf_dir.clone() {
@@ -125,7 +174,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let entry = serde_json::json!({
             "type": install::PLUGIN_TYPE,
             "agent_socket": args.plugin_socket,
-            "mesh_config": args.state_dir.join(agent::PLUGIN_CONFIG),
+            "agent_state_dir": args.state_dir,
             "exclude_namespaces": args.exclude_namespaces,
         });
         installer = Some(tokio::spawn(install::keep_installed(
@@ -138,7 +187,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let cfg = agent::Config {
         node: args.node,
-        mesh_config: config,
+        store,
         zds_socket: args.zds_socket,
         plugin_socket: args.plugin_socket,
         state_dir: args.state_dir,
