@@ -80,3 +80,67 @@ pub fn decide(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: amb, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: amb, annotations: {ambient.istio.io/dns-capture: \"false\", ambient.istio.io/bypass-inbound-capture: \"true\"}}\nspec: {serviceAccountName: sa, nodeName: n1}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: out, namespace: amb, labels: {istio.io/dataplane-mode: none}}\nspec: {serviceAccountName: sa, nodeName: n1}\nstatus: {podIP: 10.0.0.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: in, namespace: plain, labels: {istio.io/dataplane-mode: ambient}}\nspec: {serviceAccountName: sa, nodeName: n1}\nstatus: {}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: plain}\nspec: {serviceAccountName: sa, nodeName: n1}\nstatus: {podIP: 10.0.0.4}\n";
+
+    /// What each pod gets: Some((ip, dns, inbound)) for Ambient, else the
+    /// variant's name.
+    #[test]
+    fn decide_table() {
+        let s = mesh::standalone::parse(MESH, "cluster.local").unwrap();
+        let excluded = ["amb-excluded".to_string(), "plain".to_string()];
+        let short = |m: Membership| match m {
+            Membership::Ambient { ip, options, .. } => {
+                format!(
+                    "ambient {ip} dns={} inbound={}",
+                    options.dns, options.inbound
+                )
+            }
+            Membership::Outside(why) => format!("outside: {why}"),
+            Membership::Undeclared => "undeclared".into(),
+        };
+        for (ns, name, excl, want) in [
+            // Annotations override the node's DNS default and inbound capture.
+            (
+                "amb",
+                "a",
+                &[][..],
+                "ambient 10.0.0.1 dns=false inbound=false",
+            ),
+            (
+                "amb",
+                "out",
+                &[],
+                "outside: pod label istio.io/dataplane-mode=none",
+            ),
+            ("amb", "ghost", &[], "undeclared"),
+            // Not yet addressed: the CNI's address will be the one.
+            ("plain", "in", &[], "ambient 0.0.0.0 dns=true inbound=true"),
+            (
+                "plain",
+                "p",
+                &[],
+                "outside: namespace plain is not labelled istio.io/dataplane-mode=ambient",
+            ),
+            (
+                "plain",
+                "ghost",
+                &[],
+                "outside: namespace plain is not labelled istio.io/dataplane-mode=ambient",
+            ),
+            // Exclusion beats a pod's own opt-in.
+            (
+                "plain",
+                "in",
+                &excluded[..],
+                "outside: namespace plain is excluded from capture",
+            ),
+        ] {
+            assert_eq!(short(decide(&s, ns, name, excl, true)), want, "{ns}/{name}");
+        }
+    }
+}
