@@ -2,8 +2,10 @@
 //! Kubernetes API and istiod's WDS later) and the L4 policy it implies.
 
 pub mod authz;
+pub mod file;
 pub mod live;
 pub mod model;
+pub mod objects;
 mod policy_index;
 mod rejected;
 pub mod routes;
@@ -12,6 +14,7 @@ mod service_entry;
 pub mod standalone;
 mod store;
 
+pub use file::{watch_file, FileError, FileSource};
 pub use model::{
     Endpoint, MeshState, MtlsMode, PeerAuthentication, Service, ServicePort, TargetPort,
     TunnelProtocol, Workload,
@@ -19,7 +22,7 @@ pub use model::{
 pub use rejected::{report_new as report_rejected, Rejected};
 pub use service_entry::{Resolution, ServiceEntry};
 pub use standalone::ConfigError;
-pub use store::{watch_file, MeshStore};
+pub use store::MeshStore;
 
 /// Istio's root namespace: policies here without a selector apply mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";

@@ -102,24 +102,111 @@ pub struct PeerAuthentication {
 pub type Workloads = imbl::OrdMap<String, Arc<Workload>>;
 pub type ByIp = imbl::HashMap<IpAddr, Arc<Workload>>;
 pub type ByVip = imbl::HashMap<IpAddr, Arc<Service>>;
+/// Services by `<namespace>/<hostname>` (a hostname may be declared in two
+/// namespaces by ServiceEntries).
+pub type Services = imbl::OrdMap<String, Arc<Service>>;
+
+/// The lookups the data path makes per connection or request, kept by the
+/// source as persistent maps and handed to each published state as is:
+/// workloads by uid, address and name; services by key, VIP and hostname.
+#[derive(Clone, Default, Debug)]
+pub struct Indexes {
+    workloads: Workloads,
+    by_ip: ByIp,
+    by_name: imbl::HashMap<(String, String), Arc<Workload>>,
+    services: Services,
+    by_vip: ByVip,
+    by_host: imbl::HashMap<String, Arc<Service>>,
+}
+
+impl Indexes {
+    pub fn workloads(&self) -> &Workloads {
+        &self.workloads
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
+    /// Adds `w` under its uid, address and name; a key another entry held
+    /// now points at `w`.
+    pub fn insert_workload(&mut self, w: Arc<Workload>) {
+        self.by_ip.insert(w.ip, w.clone());
+        self.by_name
+            .insert((w.namespace.clone(), w.name.clone()), w.clone());
+        self.workloads.insert(w.uid.clone(), w);
+    }
+
+    /// Takes out the entries `w` made, unless another entry has since taken
+    /// the same key (an update publishes the new entry before removing the
+    /// old one).
+    pub fn remove_workload(&mut self, w: &Arc<Workload>) {
+        let mine = |x: Option<&Arc<Workload>>| x.is_some_and(|x| Arc::ptr_eq(x, w));
+        if mine(self.workloads.get(&w.uid)) {
+            self.workloads.remove(&w.uid);
+        }
+        if mine(self.by_ip.get(&w.ip)) {
+            self.by_ip.remove(&w.ip);
+        }
+        let name = (w.namespace.clone(), w.name.clone());
+        if mine(self.by_name.get(&name)) {
+            self.by_name.remove(&name);
+        }
+    }
+
+    pub fn insert_service(&mut self, s: Arc<Service>) {
+        for vip in &s.vips {
+            self.by_vip.insert(*vip, s.clone());
+        }
+        self.by_host.insert(s.hostname.clone(), s.clone());
+        self.services.insert(service_key(&s), s);
+    }
+
+    pub fn remove_service(&mut self, s: &Arc<Service>) {
+        let mine = |x: Option<&Arc<Service>>| x.is_some_and(|x| Arc::ptr_eq(x, s));
+        for vip in &s.vips {
+            if mine(self.by_vip.get(vip)) {
+                self.by_vip.remove(vip);
+            }
+        }
+        if mine(self.by_host.get(&s.hostname)) {
+            self.by_host.remove(&s.hostname);
+        }
+        let key = service_key(s);
+        if mine(self.services.get(&key)) {
+            self.services.remove(&key);
+        }
+    }
+}
+
+fn service_key(s: &Service) -> String {
+    format!("{}/{}", s.namespace, s.hostname)
+}
+
+fn service_values<S: serde::Serializer>(services: &Services, ser: S) -> Result<S::Ok, S::Error> {
+    ser.collect_seq(services.values())
+}
 
 /// One consistent view of the mesh, published by a config source and
-/// swapped atomically, so the data path reads it without locks.
+/// swapped atomically, so the data path reads it without locks. What a
+/// source rebuilds only when it changes is behind an `Arc`, so publishing a
+/// state after a one-pod change copies none of it.
 #[derive(Default, Debug, Serialize)]
 pub struct MeshState {
     pub workloads: Workloads,
-    pub services: Vec<Arc<Service>>,
-    pub policies: Vec<Arc<AuthorizationPolicy>>,
-    pub peer_authentications: Vec<PeerAuthentication>,
+    #[serde(serialize_with = "service_values")]
+    pub services: Services,
+    pub policies: Arc<Vec<Arc<AuthorizationPolicy>>>,
+    pub peer_authentications: Arc<Vec<PeerAuthentication>>,
     /// Labels of the namespaces the source declared (enrolment is decided
     /// from them and the pod's own label).
-    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
-    pub service_entries: Vec<crate::ServiceEntry>,
-    pub waypoints: Vec<crate::routes::Waypoint>,
-    pub http_routes: Vec<crate::routes::HttpRoute>,
-    pub destination_rules: Vec<crate::routes::DestinationRule>,
+    pub namespace_labels: Arc<BTreeMap<String, BTreeMap<String, String>>>,
+    pub service_entries: Arc<Vec<crate::ServiceEntry>>,
+    pub waypoints: Arc<Vec<crate::routes::Waypoint>>,
+    pub http_routes: Arc<Vec<crate::routes::HttpRoute>>,
+    pub destination_rules: Arc<Vec<crate::routes::DestinationRule>>,
     /// AuthorizationPolicies with targetRefs: enforced by waypoints.
-    pub waypoint_policies: Vec<crate::authz::TargetedPolicy>,
+    pub waypoint_policies: Arc<Vec<crate::authz::TargetedPolicy>>,
     /// Pods scheduled but not yet given an address (`status: {}`): the node
     /// agent decides their capture at CNI ADD, before the kubelet reports
     /// the IP. Their `ip` is unspecified; nothing routes to them.
@@ -127,21 +214,17 @@ pub struct MeshState {
     pub unaddressed: Vec<Arc<Workload>>,
     /// Objects the source held that could not be translated as written, and
     /// what applies instead (security objects fail closed).
-    pub rejected: Vec<crate::Rejected>,
+    pub rejected: Arc<Vec<crate::Rejected>>,
     #[serde(skip)]
     by_ip: ByIp,
     #[serde(skip)]
+    by_name: imbl::HashMap<(String, String), Arc<Workload>>,
+    #[serde(skip)]
     by_vip: ByVip,
     #[serde(skip)]
+    by_host: imbl::HashMap<String, Arc<Service>>,
+    #[serde(skip)]
     policy_index: Arc<PolicyIndex>,
-}
-
-/// Every VIP of `services` to its service.
-pub fn vip_index(services: &[Arc<Service>]) -> ByVip {
-    services
-        .iter()
-        .flat_map(|s| s.vips.iter().map(move |v| (*v, s.clone())))
-        .collect()
 }
 
 impl MeshState {
@@ -151,48 +234,35 @@ impl MeshState {
         policies: Vec<AuthorizationPolicy>,
         peer_authentications: Vec<PeerAuthentication>,
     ) -> Self {
+        let mut ix = Indexes::default();
+        for w in workloads {
+            ix.insert_workload(Arc::new(w));
+        }
+        for s in services {
+            ix.insert_service(Arc::new(s));
+        }
+        let policies: Vec<_> = policies.into_iter().map(Arc::new).collect();
+        let index = Arc::new(PolicyIndex::new(&policies));
         MeshState {
-            peer_authentications,
-            ..Self::from_shared(
-                workloads.into_iter().map(Arc::new),
-                services.into_iter().map(Arc::new),
-                policies.into_iter().map(Arc::new),
-            )
+            peer_authentications: Arc::new(peer_authentications),
+            ..Self::from_indexes(ix, Arc::new(policies), index)
         }
     }
 
-    /// A state from already-shared entries (a source that keeps its
-    /// translations publishes without copying them).
-    pub fn from_shared(
-        workloads: impl IntoIterator<Item = Arc<Workload>>,
-        services: impl IntoIterator<Item = Arc<Service>>,
-        policies: impl IntoIterator<Item = Arc<AuthorizationPolicy>>,
-    ) -> Self {
-        let workloads: Workloads = workloads.into_iter().map(|w| (w.uid.clone(), w)).collect();
-        let by_ip = workloads.values().map(|w| (w.ip, w.clone())).collect();
-        let services: Vec<_> = services.into_iter().collect();
-        let by_vip = vip_index(&services);
-        let policies: Vec<_> = policies.into_iter().collect();
-        let index = Arc::new(PolicyIndex::new(&policies));
-        Self::from_indexes(workloads, by_ip, services, by_vip, policies, index)
-    }
-
-    /// A state from indexes the source maintains itself (cloning a
-    /// persistent map is O(1)). `by_ip`, `by_vip` and `policy_index` must
-    /// index exactly `workloads`, `services` and `policies`.
+    /// A state from indexes the source maintains itself (cloning persistent
+    /// maps is O(1)). `policy_index` must index exactly `policies`.
     pub fn from_indexes(
-        workloads: Workloads,
-        by_ip: ByIp,
-        services: Vec<Arc<Service>>,
-        by_vip: ByVip,
-        policies: Vec<Arc<AuthorizationPolicy>>,
+        ix: Indexes,
+        policies: Arc<Vec<Arc<AuthorizationPolicy>>>,
         policy_index: Arc<PolicyIndex>,
     ) -> Self {
         MeshState {
-            workloads,
-            by_ip,
-            services,
-            by_vip,
+            workloads: ix.workloads,
+            by_ip: ix.by_ip,
+            by_name: ix.by_name,
+            services: ix.services,
+            by_vip: ix.by_vip,
+            by_host: ix.by_host,
             policy_index,
             policies,
             ..Default::default()
@@ -214,9 +284,7 @@ impl MeshState {
     }
 
     pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.workloads
-            .values()
-            .find(|w| w.namespace == namespace && w.name == name)
+        self.by_name.get(&(namespace.to_string(), name.to_string()))
     }
 
     /// Like `workload_by_name`, also finding pods not yet addressed.
@@ -232,7 +300,7 @@ impl MeshState {
     /// Service hostname's VIPs or a ServiceEntry host's addresses. None when
     /// the mesh does not own the name.
     pub fn addresses_of_host(&self, host: &str) -> Option<Vec<IpAddr>> {
-        if let Some(s) = self.services.iter().find(|s| s.hostname == host) {
+        if let Some(s) = self.service_by_host(host) {
             // Headless: the endpoints themselves, as Kubernetes DNS does.
             return Some(if s.vips.is_empty() {
                 s.endpoints.iter().map(|e| e.ip).collect()
@@ -257,9 +325,7 @@ impl MeshState {
             .iter()
             .find(|w| w.name == r.name && w.namespace == r.namespace)?;
         let pods = self
-            .services
-            .iter()
-            .find(|s| s.hostname == wp.hostname)
+            .service_by_host(&wp.hostname)
             .map(|s| {
                 s.endpoints
                     .iter()
@@ -300,6 +366,11 @@ impl MeshState {
             // it (and fails closed there) rather than silently skipping L7.
             None => Some(r),
         }
+    }
+
+    /// The Service (or ServiceEntry) declaring `host`.
+    pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
+        self.by_host.get(host)
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {

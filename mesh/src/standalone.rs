@@ -2,17 +2,19 @@
 //! (the shapes users write in a cluster), translated into a `MeshState`.
 //! Every error names the object and the field at fault.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
 use crate::model::*;
+use crate::objects::{Kind, ObjectKey, Objects, PodDecl, ServiceDecl, Translated};
 use crate::routes::{WaypointRef, USE_WAYPOINT_LABEL, USE_WAYPOINT_NS_LABEL};
 use crate::security::{self, ParsedPolicy};
-use crate::DATAPLANE_MODE_LABEL;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -47,11 +49,9 @@ pub(crate) fn err(
     }
 }
 
+/// Name and namespace are read before the kind is known (the object's key).
 #[derive(Deserialize, Default)]
 struct Meta {
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
     #[serde(default)]
     uid: Option<String>,
     #[serde(default)]
@@ -131,14 +131,6 @@ struct SvcPort {
     protocol: Option<String>,
 }
 
-struct Pod {
-    object: String,
-    meta: Meta,
-    namespace: String,
-    spec: PodSpec,
-    ip: Option<IpAddr>,
-}
-
 /// Deserialize `value` as `T`, reporting the failing field path.
 pub(crate) fn typed<T: DeserializeOwned>(
     object: &str,
@@ -154,284 +146,202 @@ pub(crate) fn typed<T: DeserializeOwned>(
     })
 }
 
+/// The whole file as one state: every object translated alone, then
+/// checked as a set (no object twice, no address twice), then derived. A
+/// file with any error is refused whole, naming the object and field.
 pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
-    let mut docs = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let docname = format!("document {}", i + 1);
-        docs.push(
-            serde_yaml::Value::deserialize(doc)
-                .map_err(|e| err(&docname, "", format!("YAML: {e}")))?,
-        );
-    }
-    parse_values(docs, trust_domain)
+    crate::file::FileSource::new(std::path::Path::new(""), trust_domain).apply(text)
 }
 
-/// The translation itself, over already-decoded objects: the standalone file
-/// and the Kubernetes API source both come through here, so a file and a
-/// live cluster behave alike.
+/// Over already-decoded objects (tests and tools that build values).
 pub fn parse_values(
     docs: impl IntoIterator<Item = serde_yaml::Value>,
     trust_domain: &str,
 ) -> Result<MeshState, ConfigError> {
-    let mut namespaces: HashMap<String, BTreeMap<String, String>> = HashMap::new();
-    let mut pods = Vec::new();
-    let mut services = Vec::new();
-    let mut policies = Vec::new();
-    let mut peer_auths = Vec::new();
-    let mut service_entries = Vec::new();
-    let mut waypoint_policies = Vec::new();
-    let mut waypoints = Vec::new();
-    let mut http_routes = Vec::new();
-    let mut destination_rules = Vec::new();
-    let mut seen = HashMap::new();
+    let mut all = Vec::new();
+    for (i, v) in docs.into_iter().enumerate() {
+        all.extend(translate(v, &format!("document {}", i + 1))?);
+    }
+    let summaries: Vec<_> = all.iter().map(crate::file::DocSummary::of).collect();
+    crate::file::check_set(&summaries)?;
+    let mut objects = Objects::new(trust_domain);
+    for t in all {
+        objects.upsert(t);
+    }
+    Ok(objects.publish())
+}
+
+/// One YAML document of the file, as text: unchanged text need not be
+/// parsed again.
+pub(crate) struct Doc<'a> {
+    pub index: usize,
+    pub text: &'a str,
+}
+
+/// The documents of a multi-document YAML text. A line that starts with
+/// `---` (alone or followed by a space) always begins a new document in
+/// YAML, even inside a block scalar, so splitting on it is exact; what
+/// follows the marker on its line belongs to the new document.
+pub(crate) fn split(text: &str) -> impl Iterator<Item = Doc<'_>> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") {
+            docs.push(&text[start..at]);
+            start = at + 3;
+        }
+        at += line.len();
+    }
+    docs.push(&text[start..]);
+    // A file may open with `---`: the empty text before it is no document.
+    let skip_first = docs.first().is_some_and(|d| d.trim().is_empty()) && docs.len() > 1;
+    docs.into_iter()
+        .skip(skip_first as usize)
+        .enumerate()
+        .map(|(index, text)| Doc { index, text })
+}
+
+/// Parses and translates one document; `Ok(None)` for an empty one.
+pub(crate) fn translate_doc(index: usize, text: &str) -> Result<Option<Translated>, ConfigError> {
+    let docname = format!("document {}", index + 1);
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| err(&docname, "", format!("YAML: {e}")))?;
+    translate(value, &docname)
+}
+
+/// Translates one object alone: what it says, before what other objects
+/// (its namespace, the pods a Service selects) make of it. `Ok(None)` for an
+/// empty document. Security objects never fail here: what cannot be
+/// evaluated fails closed and is reported in `rejected`.
+pub fn translate(
+    value: serde_yaml::Value,
+    docname: &str,
+) -> Result<Option<Translated>, ConfigError> {
+    if value.is_null() {
+        return Ok(None); // empty document, e.g. a trailing `---`
+    }
+    let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let kind = field("kind").ok_or_else(|| err(docname, "kind", "missing"))?;
+    let api = field("apiVersion").ok_or_else(|| err(docname, "apiVersion", "missing"))?;
+    let meta = |k: &str| {
+        value
+            .get("metadata")
+            .and_then(|m| m.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    let name = meta("name").unwrap_or_default();
+    let key = ObjectKey {
+        namespace: if kind == "Namespace" {
+            String::new()
+        } else {
+            meta("namespace").unwrap_or_else(|| "default".into())
+        },
+        kind,
+        name,
+    };
+    let object = key.to_string();
+    if key.name.is_empty() {
+        return Err(err(&object, "metadata.name", "missing"));
+    }
     let mut rejected = Vec::new();
+    let translated = match (api.as_str(), key.kind.as_str()) {
+        ("v1", "Namespace") => {
+            let o: Object<serde::de::IgnoredAny> = typed(&object, value)?;
+            Kind::Namespace(o.metadata.labels)
+        }
+        ("v1", "Pod") => Kind::Pod(pod(&object, value)?),
+        ("v1", "Service") => Kind::Service(service(&object, value)?),
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+            match security::authorization_policy(value, &mut rejected) {
+                ParsedPolicy::Ztunnel(p) => Kind::Policy(Arc::new(p)),
+                ParsedPolicy::Waypoint(p) => Kind::WaypointPolicy(p),
+            }
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
+            Kind::Gateway(crate::routes::gateway(&object, value)?)
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            Kind::Route(crate::routes::http_route(&object, value)?)
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2", "GRPCRoute") => {
+            Kind::Route(crate::routes::grpc_route(&object, value)?)
+        }
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "VirtualService") => {
+            Kind::Route(crate::routes::virtual_service(&object, value)?)
+        }
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "DestinationRule") => {
+            Kind::DestinationRule(crate::routes::destination_rule(&object, value)?)
+        }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+            Kind::PeerAuthentication(security::peer_authentication(value, &mut rejected))
+        }
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "ServiceEntry") => {
+            Kind::ServiceEntry(crate::service_entry::parse(&object, value)?)
+        }
+        (api, kind) => {
+            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
+        }
+    };
+    Ok(Some(Translated {
+        key,
+        object: translated,
+        rejected,
+    }))
+}
 
-    for (i, value) in docs.into_iter().enumerate() {
-        let docname = format!("document {}", i + 1);
-        if value.is_null() {
-            continue; // empty document, e.g. a trailing `---`
-        }
-        let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
-        let kind = field("kind").ok_or_else(|| err(&docname, "kind", "missing"))?;
-        let api = field("apiVersion").ok_or_else(|| err(&docname, "apiVersion", "missing"))?;
-        let name = value
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        let ns = value
-            .get("metadata")
-            .and_then(|m| m.get("namespace"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
-        let object = if kind == "Namespace" {
-            format!("Namespace {name}")
-        } else {
-            format!("{kind} {ns}/{name}")
-        };
-        if name.is_empty() {
-            return Err(err(&object, "metadata.name", "missing"));
-        }
-        if seen.insert(object.clone(), ()).is_some() {
-            return Err(err(&object, "metadata.name", "defined twice"));
-        }
-        match (api.as_str(), kind.as_str()) {
-            ("v1", "Namespace") => {
-                let o: Object<serde::de::IgnoredAny> = typed(&object, value)?;
-                namespaces.insert(o.metadata.name, o.metadata.labels);
-            }
-            ("v1", "Pod") => pods.push(pod(&object, value)?),
-            ("v1", "Service") => services.push((object.clone(), typed::<Object<ServiceSpec>>(&object, value)?)),
-            ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
-                match security::authorization_policy(value, &mut rejected) {
-                    ParsedPolicy::Ztunnel(p) => policies.push(p),
-                    ParsedPolicy::Waypoint(p) => waypoint_policies.push(p),
-                }
-            }
-            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
-                waypoints.extend(crate::routes::gateway(&object, value)?)
-            }
-            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
-                http_routes.push(crate::routes::http_route(&object, value)?)
-            }
-            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2", "GRPCRoute") => {
-                http_routes.push(crate::routes::grpc_route(&object, value)?)
-            }
-            ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "VirtualService") => {
-                http_routes.push(crate::routes::virtual_service(&object, value)?)
-            }
-            ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "DestinationRule") => {
-                destination_rules.push(crate::routes::destination_rule(&object, value)?)
-            }
-            ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
-                peer_auths.push(security::peer_authentication(value, &mut rejected))
-            }
-            ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "ServiceEntry") => {
-                service_entries.push(crate::service_entry::parse(&object, value)?)
-            }
-            (api, kind) => {
-                return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
-            }
-        }
+fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, ConfigError> {
+    let o: Object<ServiceSpec> = typed(object, value)?;
+    let spec = o.spec.ok_or_else(|| err(object, "spec", "missing"))?;
+    let mut vips = Vec::new();
+    if spec.cluster_ip != "None" {
+        let vip: IpAddr = spec.cluster_ip.parse().map_err(|e| {
+            err(
+                object,
+                "spec.clusterIP",
+                format!("{:?}: {e}", spec.cluster_ip),
+            )
+        })?;
+        vips.push(vip);
     }
-
-    let mut ips: HashMap<IpAddr, String> = HashMap::new();
-    let mut workloads = Vec::new();
-    let mut unaddressed = Vec::new();
-    for p in pods {
-        if let Some(ip) = p.ip {
-            if let Some(other) = ips.insert(ip, p.object.clone()) {
-                return Err(err(
-                    &p.object,
-                    "status.podIP",
-                    format!("{ip} is already used by {other}"),
-                ));
-            }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.into_iter().enumerate() {
+        if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
+            tracing::warn!(
+                object,
+                port = p.port,
+                "only TCP service ports are proxied; ignoring this one"
+            );
+            continue;
         }
-        let ns_labels = namespaces.get(&p.namespace);
-        let in_mesh = match p.meta.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
-            Some("ambient") => true,
-            Some("none") => false,
-            _ => ns_labels
-                .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
-                .is_some_and(|m| m == "ambient"),
-        };
-        let waypoint = waypoint_ref(&p.meta.labels, ns_labels, &p.namespace);
-        let label = |keys: &[&str]| keys.iter().find_map(|k| p.meta.labels.get(*k).cloned());
-        let list = if p.ip.is_some() {
-            &mut workloads
-        } else {
-            &mut unaddressed
-        };
-        list.push(Workload {
-            uid: p
-                .meta
-                .uid
-                .clone()
-                .unwrap_or_else(|| format!("{}/{}", p.namespace, p.meta.name)),
-            canonical_name: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| p.meta.name.clone()),
-            canonical_revision: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| "latest".into()),
-            authorization_policies: Vec::new(),
-            name: p.meta.name,
-            namespace: p.namespace,
-            service_account: p
-                .spec
-                .service_account_name
-                .unwrap_or_else(|| "default".into()),
-            trust_domain: trust_domain.to_string(),
-            node: p.spec.node_name,
-            ip: p.ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-            labels: p.meta.labels,
-            annotations: p.meta.annotations,
-            waypoint,
-            named_ports: p
-                .spec
-                .containers
-                .iter()
-                .flat_map(|c| &c.ports)
-                .filter_map(|cp| Some((cp.name.clone()?, cp.container_port)))
-                .collect(),
-            protocol: if in_mesh {
-                TunnelProtocol::Hbone
-            } else {
-                TunnelProtocol::None
+        let target = match p.target_port {
+            None => TargetPort::Number(p.port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(n),
+            Some(IntOrString::Str(s)) => match s.parse::<u16>() {
+                Ok(n) => TargetPort::Number(n),
+                Err(_) if !s.is_empty() => TargetPort::Named(s),
+                Err(_) => return Err(err(object, format!("spec.ports[{i}].targetPort"), "empty")),
             },
-        });
-    }
-
-    // Pods by namespace: a selector only looks at its own namespace's pods
-    // (scanning every pod for every service was quadratic in the mesh).
-    let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, w) in workloads.iter().enumerate() {
-        by_namespace
-            .entry(w.namespace.as_str())
-            .or_default()
-            .push(i);
-    }
-    let mut out_services = Vec::new();
-    for (object, o) in services {
-        let spec = o.spec.ok_or_else(|| err(&object, "spec", "missing"))?;
-        let namespace = o.metadata.namespace.unwrap_or_else(|| "default".into());
-        let mut vips = Vec::new();
-        if spec.cluster_ip != "None" {
-            let vip: IpAddr = spec.cluster_ip.parse().map_err(|e| {
-                err(
-                    &object,
-                    "spec.clusterIP",
-                    format!("{:?}: {e}", spec.cluster_ip),
-                )
-            })?;
-            if let Some(other) = ips.insert(vip, object.clone()) {
-                return Err(err(
-                    &object,
-                    "spec.clusterIP",
-                    format!("{vip} is already used by {other}"),
-                ));
-            }
-            vips.push(vip);
-        }
-        let mut ports = Vec::new();
-        for (i, p) in spec.ports.into_iter().enumerate() {
-            if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
-                tracing::warn!(
-                    object,
-                    port = p.port,
-                    "only TCP service ports are proxied; ignoring this one"
-                );
-                continue;
-            }
-            let target = match p.target_port {
-                None => TargetPort::Number(p.port),
-                Some(IntOrString::Int(n)) => TargetPort::Number(n),
-                Some(IntOrString::Str(s)) => match s.parse::<u16>() {
-                    Ok(n) => TargetPort::Number(n),
-                    Err(_) if !s.is_empty() => TargetPort::Named(s),
-                    Err(_) => {
-                        return Err(err(&object, format!("spec.ports[{i}].targetPort"), "empty"))
-                    }
-                },
-            };
-            ports.push(ServicePort {
-                name: p.name,
-                port: p.port,
-                target,
-            });
-        }
-        let endpoints = match &spec.selector {
-            Some(sel) if !sel.is_empty() => by_namespace
-                .get(namespace.as_str())
-                .into_iter()
-                .flatten()
-                .map(|i| &workloads[*i])
-                .filter(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-                .map(|w| Endpoint {
-                    workload_uid: w.uid.clone(),
-                    ip: w.ip,
-                })
-                .collect(),
-            _ => Vec::new(),
         };
-        let waypoint = waypoint_ref(&o.metadata.labels, namespaces.get(&namespace), &namespace);
-        out_services.push(Service {
-            waypoint,
-            hostname: format!(
-                "{}.{}.svc.{}",
-                o.metadata.name,
-                namespace,
-                crate::CLUSTER_DOMAIN
-            ),
-            name: o.metadata.name,
-            namespace,
-            vips,
-            ports,
-            endpoints,
+        ports.push(ServicePort {
+            name: p.name,
+            port: p.port,
+            target,
         });
     }
-    let mut state = MeshState::new(workloads, out_services, policies, peer_auths);
-    state.namespace_labels = namespaces.into_iter().collect();
-    state.unaddressed = unaddressed.into_iter().map(std::sync::Arc::new).collect();
-    state.service_entries = service_entries;
-    state.waypoint_policies = waypoint_policies;
-    state.waypoints = waypoints;
-    state.http_routes = http_routes;
-    state.destination_rules = destination_rules;
-    state.rejected = rejected;
-    Ok(state)
+    Ok(ServiceDecl {
+        labels: o.metadata.labels,
+        selector: spec.selector.filter(|s| !s.is_empty()),
+        vips,
+        ports,
+    })
 }
 
 /// `istio.io/use-waypoint` on the object, else on its namespace; `none` on
 /// the object opts out of a namespace's waypoint.
-fn waypoint_ref(
+pub(crate) fn waypoint_ref(
     labels: &BTreeMap<String, String>,
     ns_labels: Option<&BTreeMap<String, String>>,
     namespace: &str,
@@ -449,7 +359,7 @@ fn waypoint_ref(
     })
 }
 
-fn pod(object: &str, value: serde_yaml::Value) -> Result<Pod, ConfigError> {
+fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
     let o: Object<PodSpec, PodStatus> = typed(object, value)?;
     let spec = o
         .spec
@@ -467,16 +377,20 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<Pod, ConfigError> {
     if spec.node_name.is_empty() {
         return Err(err(object, "spec.nodeName", "empty"));
     }
-    let namespace = o
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    Ok(Pod {
-        object: object.to_string(),
-        meta: o.metadata,
-        namespace,
-        spec,
+    Ok(PodDecl {
+        uid: o.metadata.uid,
+        labels: o.metadata.labels,
+        annotations: o.metadata.annotations,
+        service_account: spec
+            .service_account_name
+            .unwrap_or_else(|| "default".into()),
+        node: spec.node_name,
         ip,
+        named_ports: spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter_map(|cp| Some((cp.name.clone()?, cp.container_port)))
+            .collect(),
     })
 }

@@ -1,12 +1,9 @@
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::model::MeshState;
-use crate::standalone;
 
 /// The live mesh state plus what the last config load said, for the admin dump.
 pub struct MeshStore {
@@ -77,62 +74,5 @@ impl MeshStore {
 
     pub fn status(&self) -> LoadStatus {
         self.status.lock().unwrap().clone()
-    }
-}
-
-/// Polls the standalone file and applies each good change. A bad change is
-/// logged and recorded; the last good state stays in force. Polling (rather
-/// than inotify) survives editors and ConfigMap mounts that replace the file.
-pub async fn watch_file(
-    path: PathBuf,
-    trust_domain: String,
-    store: Arc<MeshStore>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut last = std::fs::read(&path).ok();
-    let mut stop = stop;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = stop.changed() => return,
-        }
-        let now = match tokio::fs::read(&path).await {
-            Ok(b) => Some(b),
-            Err(e) => {
-                // A vanished file keeps the last good state serving.
-                if last.is_some() {
-                    tracing::warn!(path = %path.display(), error = %e, "config file unreadable; keeping last good config");
-                    store.reject(format!("{}: {e}", path.display()));
-                }
-                last = None;
-                continue;
-            }
-        };
-        if now == last {
-            continue;
-        }
-        last = now;
-        // Parsing and building the state is CPU work: off the async workers.
-        let (p, bytes, td, st) = (
-            path.clone(),
-            last.clone().unwrap_or_default(),
-            trust_domain.clone(),
-            store.clone(),
-        );
-        let _ = tokio::task::spawn_blocking(move || apply(&p, &bytes, &td, &st)).await;
-    }
-}
-
-fn apply(path: &Path, bytes: &[u8], trust_domain: &str, store: &MeshStore) {
-    let text = String::from_utf8_lossy(bytes);
-    match standalone::parse(&text, trust_domain) {
-        Ok(state) => {
-            tracing::info!(path = %path.display(), workloads = state.workloads.len(), services = state.services.len(), policies = state.policies.len(), "config applied");
-            store.replace(state);
-        }
-        Err(e) => {
-            tracing::error!(path = %path.display(), error = %e, "config rejected; keeping last good config");
-            store.reject(e.to_string());
-        }
     }
 }

@@ -45,7 +45,13 @@ fn durations_are_go_style() {
 fn waypoint_labels_and_gateway() {
     let m = with("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: app, labels: {istio.io/waypoint-for: all}}\nspec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}], addresses: [{type: Hostname, value: wp.app.svc.cluster.local}]}").unwrap();
     assert_eq!(m.waypoints[0].for_traffic, WaypointFor::All);
-    let svc = |name: &str| m.services.iter().find(|s| s.name == name).unwrap().clone();
+    let svc = |name: &str| {
+        m.services
+            .values()
+            .find(|s| s.name == name)
+            .unwrap()
+            .clone()
+    };
     assert_eq!(svc("a").waypoint.as_ref().unwrap().name, "wp");
     assert!(
         svc("b").waypoint.is_none(),

@@ -547,9 +547,7 @@ fn resolve(
         )
     };
     let bsvc = state
-        .services
-        .iter()
-        .find(|x| x.hostname == backend.host)
+        .service_by_host(&backend.host)
         .ok_or_else(|| nc(format!("service {} does not exist", backend.host)))?;
     let dr = state
         .destination_rules

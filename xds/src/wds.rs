@@ -60,11 +60,14 @@ struct Index {
     services: BTreeMap<String, Arc<Service>>,
     /// What a published state holds, kept as persistent maps so publishing
     /// shares them instead of rebuilding them.
-    by_uid: mesh::model::Workloads,
-    by_ip: mesh::model::ByIp,
-    by_vip: mesh::model::ByVip,
-    /// The published policy list and its index; None after a policy change.
-    policies: Option<(Vec<Arc<AuthorizationPolicy>>, Arc<mesh::model::PolicyIndex>)>,
+    published: mesh::model::Indexes,
+    /// The published policy list, its index and what could not be read of
+    /// it; None after a policy change.
+    policies: Option<Policies>,
+    /// Waypoints named by some workload or service, with how many name
+    /// each; the published list is rebuilt only when the set changes.
+    waypoint_refs: BTreeMap<(String, String), usize>,
+    waypoints: Option<Arc<Vec<Waypoint>>>,
     /// Service key (`<ns>/<hostname>`) -> its healthy member workloads, by
     /// workload resource name (the endpoint order).
     members: HashMap<String, BTreeMap<String, (String, IpAddr)>>,
@@ -78,33 +81,49 @@ struct Index {
     dirty: BTreeSet<String>,
 }
 
+type Policies = (
+    Arc<Vec<Arc<AuthorizationPolicy>>>,
+    Arc<mesh::model::PolicyIndex>,
+    Arc<Vec<Rejected>>,
+);
+
 impl Index {
     fn publish_workload(&mut self, w: &Arc<Workload>) {
-        self.by_uid.insert(w.uid.clone(), w.clone());
-        self.by_ip.insert(w.ip, w.clone());
+        self.published.insert_workload(w.clone());
+        self.count_waypoint(w.waypoint.as_ref(), true);
     }
 
     /// Takes out the entries `w` made, unless another entry has since taken
     /// the same key.
     fn unpublish_workload(&mut self, w: &Arc<Workload>) {
-        if self.by_uid.get(&w.uid).is_some_and(|x| Arc::ptr_eq(x, w)) {
-            self.by_uid.remove(&w.uid);
-        }
-        if self.by_ip.get(&w.ip).is_some_and(|x| Arc::ptr_eq(x, w)) {
-            self.by_ip.remove(&w.ip);
-        }
+        self.published.remove_workload(w);
+        self.count_waypoint(w.waypoint.as_ref(), false);
     }
 
     fn publish_service(&mut self, s: &Arc<Service>) {
-        for vip in &s.vips {
-            self.by_vip.insert(*vip, s.clone());
-        }
+        self.published.insert_service(s.clone());
+        self.count_waypoint(s.waypoint.as_ref(), true);
     }
 
     fn unpublish_service(&mut self, s: &Arc<Service>) {
-        for vip in &s.vips {
-            if self.by_vip.get(vip).is_some_and(|x| Arc::ptr_eq(x, s)) {
-                self.by_vip.remove(vip);
+        self.published.remove_service(s);
+        self.count_waypoint(s.waypoint.as_ref(), false);
+    }
+
+    fn count_waypoint(&mut self, r: Option<&WaypointRef>, add: bool) {
+        let Some(r) = r else { return };
+        let key = (r.namespace.clone(), r.name.clone());
+        let n = self.waypoint_refs.entry(key.clone()).or_default();
+        if add {
+            *n += 1;
+            if *n == 1 {
+                self.waypoints = None;
+            }
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.waypoint_refs.remove(&key);
+                self.waypoints = None;
             }
         }
     }
@@ -330,54 +349,35 @@ impl Resources {
         }
         // istiod has already resolved `istio.io/use-waypoint` and the
         // Gateway's `waypoint-for`: the waypoints are those named.
-        let waypoints: BTreeMap<_, _> = self
-            .index
-            .workloads
-            .values()
-            .filter_map(|w| w.waypoint.as_ref())
-            .chain(
-                self.index
-                    .services
-                    .values()
-                    .filter_map(|s| s.waypoint.as_ref()),
-            )
-            .map(|r| ((r.namespace.clone(), r.name.clone()), r))
-            .collect();
+        let ix = &mut self.index;
+        let waypoints = ix
+            .waypoints
+            .get_or_insert_with(|| {
+                let list = ix.waypoint_refs.keys().map(|(namespace, name)| Waypoint {
+                    name: name.clone(),
+                    namespace: namespace.clone(),
+                    hostname: name.clone(),
+                    for_traffic: WaypointFor::All,
+                    // istiod sends a waypoint only where the Gateway admits it.
+                    allowed_namespaces: AllowedNamespaces::All,
+                });
+                Arc::new(list.collect())
+            })
+            .clone();
         // Policies change far less often than workloads: their list and
         // index are rebuilt only when they did.
-        let (policies, policy_index) = self
-            .index
+        let (policies, policy_index, rejected) = ix
             .policies
             .get_or_insert_with(|| {
                 let list: Vec<_> = self.policies.values().map(|(p, _)| p.clone()).collect();
                 let index = Arc::new(mesh::model::PolicyIndex::new(&list));
-                (list, index)
+                let rejected = self.policies.values().flat_map(|(_, r)| r.iter().cloned());
+                (Arc::new(list), index, Arc::new(rejected.collect()))
             })
             .clone();
-        let mut state = MeshState::from_indexes(
-            self.index.by_uid.clone(),
-            self.index.by_ip.clone(),
-            self.index.services.values().cloned().collect(),
-            self.index.by_vip.clone(),
-            policies,
-            policy_index,
-        );
-        state.waypoints = waypoints
-            .into_values()
-            .map(|r| Waypoint {
-                name: r.name.clone(),
-                namespace: r.namespace.clone(),
-                hostname: r.name.clone(),
-                for_traffic: WaypointFor::All,
-                // istiod sends a waypoint only where the Gateway admits it.
-                allowed_namespaces: AllowedNamespaces::All,
-            })
-            .collect();
-        state.rejected = self
-            .policies
-            .values()
-            .flat_map(|(_, r)| r.iter().cloned())
-            .collect();
+        let mut state = MeshState::from_indexes(ix.published.clone(), policies, policy_index);
+        state.waypoints = waypoints;
+        state.rejected = rejected;
         state
     }
 
@@ -498,9 +498,9 @@ impl Resources {
         [
             ix.workloads.len(),
             ix.services.len(),
-            ix.by_uid.len(),
-            ix.by_ip.len(),
-            ix.by_vip.len(),
+            ix.published.workloads().len(),
+            ix.published.services().len(),
+            ix.waypoint_refs.len(),
             ix.members.len(),
             ix.service_names.len(),
             ix.vip_hosts.len(),
@@ -798,7 +798,7 @@ mod tests {
                 request: None,
             };
             let d = authz::evaluate(st.policies.iter().map(|p| p.as_ref()), &w, &c);
-            (d == Decision::Allow, st.rejected.clone())
+            (d == Decision::Allow, st.rejected.to_vec())
         };
         // Sound: only the named client is denied, nothing reported.
         let ok = deny_client("demo/p").encode_to_vec();

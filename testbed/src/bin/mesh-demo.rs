@@ -39,7 +39,7 @@ fn waypoint_demo(m: &Mesh, state: &mesh::MeshState, wp: &mesh::routes::Waypoint,
     let Some(route) = state.http_routes.first() else {
         return;
     };
-    let Some(svc) = state.services.iter().find(|s| s.hostname == route.hosts[0]) else {
+    let Some(svc) = state.service_by_host(&route.hosts[0]) else {
         return;
     };
     for w in state
@@ -150,7 +150,8 @@ async fn main() {
 
     let svc = state
         .services
-        .first()
+        .values()
+        .next()
         .expect("the demo config has a Service");
     let vip: IpAddr = svc.vips[0];
     let port = svc.ports[0].port;

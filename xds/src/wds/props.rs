@@ -162,7 +162,7 @@ proptest! {
             let got = published.workload_by_ip(w.ip).map(|x| x.uid.clone());
             prop_assert_eq!(got, fresh.workload_by_ip(w.ip).map(|x| x.uid.clone()));
         }
-        for s in &fresh.services {
+        for s in fresh.services.values() {
             for vip in &s.vips {
                 let got = published.service_by_vip(*vip).map(|x| x.hostname.clone());
                 prop_assert_eq!(got, Some(s.hostname.clone()));

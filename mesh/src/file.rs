@@ -1,0 +1,228 @@
+//! The standalone file as a source. A change re-reads the file, but only
+//! documents whose text changed are parsed and translated again; the rest
+//! keep their translation, and the incremental translator re-derives only
+//! what the changed objects touch. A file with any error is refused whole
+//! (the last good state stays), as an operator editing one file expects.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::objects::{ObjectKey, Objects, Translated};
+use crate::standalone::{err, split, translate_doc};
+use crate::{ConfigError, MeshState, MeshStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {source}")]
+    Invalid { path: PathBuf, source: ConfigError },
+}
+
+/// What a document translated to, as far as checking the whole set needs.
+#[derive(Clone)]
+pub(crate) struct DocSummary {
+    key: ObjectKey,
+    addresses: Vec<(&'static str, IpAddr)>,
+}
+
+impl DocSummary {
+    pub(crate) fn of(t: &Translated) -> Self {
+        DocSummary {
+            key: t.key.clone(),
+            addresses: t.object.addresses(),
+        }
+    }
+}
+
+/// The file's documents as last applied (by a hash of their text) and the
+/// objects they made.
+pub struct FileSource {
+    path: PathBuf,
+    objects: Objects,
+    docs: HashMap<u64, Option<DocSummary>>,
+}
+
+fn text_hash(text: &str) -> u64 {
+    // Fixed keys: the same text hashes alike across changes.
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+impl FileSource {
+    pub fn new(path: &Path, trust_domain: &str) -> Self {
+        FileSource {
+            path: path.to_path_buf(),
+            objects: Objects::new(trust_domain),
+            docs: HashMap::new(),
+        }
+    }
+
+    /// Reads the file and builds the first state from it.
+    pub fn open(path: &Path, trust_domain: &str) -> Result<(Self, MeshState), FileError> {
+        let mut src = FileSource::new(path, trust_domain);
+        let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let state = src.apply(&text).map_err(|source| FileError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok((src, state))
+    }
+
+    /// Applies the file's new text. On error nothing changes.
+    pub fn apply(&mut self, text: &str) -> Result<MeshState, ConfigError> {
+        let mut docs = HashMap::new();
+        let mut changed = Vec::new();
+        let mut order = Vec::new();
+        for d in split(text) {
+            let h = text_hash(d.text);
+            let summary = match self.docs.get(&h) {
+                Some(s) => s.clone(),
+                None => {
+                    let t = translate_doc(d.index, d.text)?;
+                    let s = t.as_ref().map(DocSummary::of);
+                    changed.extend(t);
+                    s
+                }
+            };
+            order.extend(summary.clone());
+            docs.insert(h, summary);
+        }
+        check_set(&order)?;
+        let keep: HashSet<&ObjectKey> = order.iter().map(|s| &s.key).collect();
+        let gone: Vec<ObjectKey> = self
+            .docs
+            .values()
+            .flatten()
+            .map(|s| &s.key)
+            .filter(|k| !keep.contains(k))
+            .cloned()
+            .collect();
+        for k in &gone {
+            self.objects.remove(k);
+        }
+        for t in changed {
+            self.objects.upsert(t);
+        }
+        self.docs = docs;
+        Ok(self.objects.publish())
+    }
+
+    /// Polls the file and applies each good change to `store`. A bad change
+    /// is logged and recorded; the last good state stays in force. Polling
+    /// (rather than inotify) survives editors and ConfigMap mounts that
+    /// replace the file.
+    pub async fn watch(self, store: Arc<MeshStore>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let path = self.path.clone();
+        let mut last = std::fs::read(&path).ok();
+        let mut me = Some(self);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+            let now = match tokio::fs::read(&path).await {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    // A vanished file keeps the last good state serving.
+                    if last.is_some() {
+                        tracing::warn!(path = %path.display(), error = %e, "config file unreadable; keeping last good config");
+                        store.reject(format!("{}: {e}", path.display()));
+                    }
+                    last = None;
+                    continue;
+                }
+            };
+            if now == last {
+                continue;
+            }
+            last = now;
+            let bytes = last.clone().unwrap_or_default();
+            let mut src = me.take().expect("source is returned by each apply");
+            let st = store.clone();
+            // Parsing and deriving is CPU work: off the async workers.
+            let task = tokio::task::spawn_blocking(move || {
+                src.apply_to(&bytes, &st);
+                src
+            });
+            match task.await {
+                Ok(src) => me = Some(src),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "config apply panicked; the file is no longer watched");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn apply_to(&mut self, bytes: &[u8], store: &MeshStore) {
+        let path = self.path.display().to_string();
+        let text = String::from_utf8_lossy(bytes);
+        match self.apply(&text) {
+            Ok(state) => {
+                tracing::info!(
+                    path,
+                    workloads = state.workloads.len(),
+                    services = state.services.len(),
+                    policies = state.policies.len(),
+                    "config applied"
+                );
+                store.replace(state);
+            }
+            Err(e) => {
+                tracing::error!(path, error = %e, "config rejected; keeping last good config");
+                store.reject(e.to_string());
+            }
+        }
+    }
+}
+
+/// No object twice, no address claimed twice.
+pub(crate) fn check_set(docs: &[DocSummary]) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    let mut ips: HashMap<IpAddr, &ObjectKey> = HashMap::new();
+    for d in docs {
+        if !seen.insert(&d.key) {
+            return Err(err(&d.key.to_string(), "metadata.name", "defined twice"));
+        }
+        for (field, ip) in &d.addresses {
+            if let Some(other) = ips.insert(*ip, &d.key) {
+                return Err(err(
+                    &d.key.to_string(),
+                    *field,
+                    format!("{ip} is already used by {other}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Watches `path` into `store`, which was built from the file's current
+/// text (that text is translated once more here, to know its documents).
+pub async fn watch_file(
+    path: PathBuf,
+    trust_domain: String,
+    store: Arc<MeshStore>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut src = FileSource::new(&path, &trust_domain);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Err(e) = src.apply(&text) {
+            tracing::warn!(path = %path.display(), error = %e, "config file invalid at watch start; waiting for a good one");
+        }
+    }
+    src.watch(store, stop).await
+}

@@ -1,0 +1,601 @@
+//! The incremental translator the Kubernetes-shaped sources feed (the
+//! standalone file and the Kubernetes API): objects arrive and leave one at
+//! a time, each translated alone (`standalone::translate`), and `publish`
+//! derives only what those changes touch. What derives from what:
+//!
+//! - a workload from its pod and its namespace's labels (enrolment, waypoint);
+//! - a service from its declaration, its namespace's labels and the pods of
+//!   its namespace its selector matches (endpoints);
+//! - the lists (policies, routes, waypoints, ...) from their objects, rebuilt
+//!   only when one of them changed.
+//!
+//! So a pod change re-derives that pod and the services of its namespace
+//! that select it (before or after); a namespace change its pods and
+//! services. The published indexes are persistent maps shared with every
+//! state published before, so publishing costs O(what changed).
+//!
+//! Two objects claiming one address: the smaller key keeps it, the other is
+//! left out and reported — decided by key, not arrival order, so the result
+//! does not depend on the order objects arrive in. (The file refuses such a
+//! set whole before it gets here.)
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use crate::authz::{AuthorizationPolicy, TargetedPolicy};
+use crate::model::{
+    Endpoint, Indexes, MeshState, PeerAuthentication, PolicyIndex, Service, ServicePort,
+    TunnelProtocol, Workload,
+};
+use crate::routes::{DestinationRule, HttpRoute, Waypoint};
+use crate::{Rejected, ServiceEntry, DATAPLANE_MODE_LABEL};
+
+/// An object's identity in its source: kind, namespace (empty for a
+/// Namespace) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.kind == "Namespace" {
+            write!(f, "Namespace {}", self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// A pod as declared, before its namespace says whether it is in the mesh.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodDecl {
+    pub uid: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub service_account: String,
+    pub node: String,
+    /// None while scheduled but not yet networked.
+    pub ip: Option<IpAddr>,
+    pub named_ports: BTreeMap<String, u16>,
+}
+
+/// A Service as declared, before its endpoints are known.
+#[derive(Clone, Debug)]
+pub struct ServiceDecl {
+    pub labels: BTreeMap<String, String>,
+    /// None or empty: no endpoints are derived (they are managed elsewhere).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+impl ServiceDecl {
+    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector
+            .as_ref()
+            .is_some_and(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    }
+}
+
+/// What one object translates to on its own.
+#[derive(Clone, Debug)]
+pub enum Kind {
+    Namespace(BTreeMap<String, String>),
+    Pod(PodDecl),
+    Service(ServiceDecl),
+    Policy(Arc<AuthorizationPolicy>),
+    WaypointPolicy(TargetedPolicy),
+    PeerAuthentication(PeerAuthentication),
+    Gateway(Option<Waypoint>),
+    Route(HttpRoute),
+    DestinationRule(DestinationRule),
+    ServiceEntry(ServiceEntry),
+}
+
+impl Kind {
+    /// The addresses the object claims, with the field that claims each.
+    pub fn addresses(&self) -> Vec<(&'static str, IpAddr)> {
+        match self {
+            Kind::Pod(p) => p.ip.map(|ip| ("status.podIP", ip)).into_iter().collect(),
+            Kind::Service(s) => s.vips.iter().map(|v| ("spec.clusterIP", *v)).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// One translated object, and what of it could not be evaluated.
+#[derive(Clone, Debug)]
+pub struct Translated {
+    pub key: ObjectKey,
+    pub object: Kind,
+    pub rejected: Vec<Rejected>,
+}
+
+type Name = (String, String);
+
+/// Every object a source holds, translated, and the state derived from
+/// them, kept up to date per change.
+#[derive(Default)]
+pub struct Objects {
+    trust_domain: String,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pods: BTreeMap<Name, PodDecl>,
+    services: BTreeMap<Name, ServiceDecl>,
+    /// Everything published as a list, in key order.
+    lists: BTreeMap<ObjectKey, Kind>,
+    /// Per object: what could not be evaluated, or why it was left out.
+    rejected: BTreeMap<ObjectKey, Vec<Rejected>>,
+    /// Who claims each address; the first (smallest key) holds it.
+    ip_owners: BTreeMap<IpAddr, BTreeSet<ObjectKey>>,
+
+    ix: Indexes,
+    pod_out: HashMap<Name, Arc<Workload>>,
+    svc_out: HashMap<Name, Arc<Service>>,
+    unaddressed: BTreeMap<Name, Arc<Workload>>,
+    dirty_pods: BTreeSet<Name>,
+    dirty_services: BTreeSet<Name>,
+    lists_dirty: bool,
+    namespaces_dirty: bool,
+    rejected_dirty: bool,
+    published: Lists,
+}
+
+/// What `publish` rebuilds only when its inputs changed.
+#[derive(Default, Clone)]
+struct Lists {
+    policies: Arc<Vec<Arc<AuthorizationPolicy>>>,
+    policy_index: Arc<PolicyIndex>,
+    waypoint_policies: Arc<Vec<TargetedPolicy>>,
+    peer_authentications: Arc<Vec<PeerAuthentication>>,
+    waypoints: Arc<Vec<Waypoint>>,
+    http_routes: Arc<Vec<HttpRoute>>,
+    destination_rules: Arc<Vec<DestinationRule>>,
+    service_entries: Arc<Vec<ServiceEntry>>,
+    namespace_labels: Arc<BTreeMap<String, BTreeMap<String, String>>>,
+    rejected: Arc<Vec<Rejected>>,
+}
+
+fn in_namespace<'a, V>(
+    map: &'a BTreeMap<Name, V>,
+    ns: &'a str,
+) -> impl Iterator<Item = (&'a Name, &'a V)> + 'a {
+    map.range((
+        Bound::Included((ns.to_string(), String::new())),
+        Bound::Unbounded,
+    ))
+    .take_while(move |((n, _), _)| n == ns)
+}
+
+fn pod_key(ns: &str, name: &str) -> ObjectKey {
+    ObjectKey {
+        kind: "Pod".into(),
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
+fn service_key(ns: &str, name: &str) -> ObjectKey {
+    ObjectKey {
+        kind: "Service".into(),
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
+impl Objects {
+    pub fn new(trust_domain: &str) -> Self {
+        Objects {
+            trust_domain: trust_domain.to_string(),
+            lists_dirty: true,
+            namespaces_dirty: true,
+            rejected_dirty: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.namespaces.len() + self.pods.len() + self.services.len() + self.lists.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds or replaces one object. Nothing is derived until `publish`.
+    pub fn upsert(&mut self, t: Translated) {
+        let Translated {
+            key,
+            object,
+            rejected,
+        } = t;
+        self.remove_claims(&key);
+        self.set_rejected(&key, rejected);
+        match object {
+            Kind::Namespace(labels) => {
+                if self.namespaces.get(&key.name) != Some(&labels) {
+                    self.namespaces.insert(key.name.clone(), labels);
+                    self.namespace_changed(&key.name);
+                }
+            }
+            Kind::Pod(p) => {
+                let name = (key.namespace.clone(), key.name.clone());
+                self.claim(&key, p.ip);
+                let new_labels = p.labels.clone();
+                if let Some(old) = self.pods.insert(name.clone(), p) {
+                    self.mark_selecting(&key.namespace, &old.labels);
+                }
+                self.mark_selecting(&key.namespace, &new_labels);
+                self.dirty_pods.insert(name);
+            }
+            Kind::Service(s) => {
+                for vip in &s.vips {
+                    self.claim(&key, Some(*vip));
+                }
+                self.services
+                    .insert((key.namespace.clone(), key.name.clone()), s);
+                self.dirty_services
+                    .insert((key.namespace.clone(), key.name.clone()));
+            }
+            other => {
+                self.lists.insert(key, other);
+                self.lists_dirty = true;
+            }
+        }
+    }
+
+    /// Takes one object out, with everything derived from it.
+    pub fn remove(&mut self, key: &ObjectKey) {
+        self.remove_claims(key);
+        self.set_rejected(key, Vec::new());
+        let name = (key.namespace.clone(), key.name.clone());
+        match key.kind.as_str() {
+            "Namespace" => {
+                if self.namespaces.remove(&key.name).is_some() {
+                    self.namespace_changed(&key.name);
+                }
+            }
+            "Pod" => {
+                if let Some(old) = self.pods.remove(&name) {
+                    self.mark_selecting(&key.namespace, &old.labels);
+                    self.dirty_pods.insert(name);
+                }
+            }
+            "Service" => {
+                if self.services.remove(&name).is_some() {
+                    self.dirty_services.insert(name);
+                }
+            }
+            _ => {
+                if self.lists.remove(key).is_some() {
+                    self.lists_dirty = true;
+                }
+            }
+        }
+    }
+
+    /// The keys of every object held, for a source that must replace its
+    /// whole view (a relist) and remove what is no longer there.
+    pub fn keys(&self) -> Vec<ObjectKey> {
+        let ns = self.namespaces.keys().map(|n| ObjectKey {
+            kind: "Namespace".into(),
+            namespace: String::new(),
+            name: n.clone(),
+        });
+        let pods = self.pods.keys().map(|(ns, n)| pod_key(ns, n));
+        let svcs = self.services.keys().map(|(ns, n)| service_key(ns, n));
+        ns.chain(pods)
+            .chain(svcs)
+            .chain(self.lists.keys().cloned())
+            .collect()
+    }
+
+    fn set_rejected(&mut self, key: &ObjectKey, r: Vec<Rejected>) {
+        let changed = if r.is_empty() {
+            self.rejected.remove(key).is_some()
+        } else {
+            self.rejected.insert(key.clone(), r.clone()) != Some(r)
+        };
+        self.rejected_dirty |= changed;
+    }
+
+    /// Records `key` as a claimant of `ip`; whoever held it is re-derived.
+    fn claim(&mut self, key: &ObjectKey, ip: Option<IpAddr>) {
+        let Some(ip) = ip else { return };
+        let owners = self.ip_owners.entry(ip).or_default();
+        owners.insert(key.clone());
+        let owners: Vec<_> = owners.iter().cloned().collect();
+        self.mark_owners(&owners);
+    }
+
+    /// Drops every address claim `key` made; the other claimants are
+    /// re-derived (one of them may hold the address now).
+    fn remove_claims(&mut self, key: &ObjectKey) {
+        let ips: Vec<IpAddr> = match key.kind.as_str() {
+            "Pod" => self
+                .pods
+                .get(&(key.namespace.clone(), key.name.clone()))
+                .and_then(|p| p.ip)
+                .into_iter()
+                .collect(),
+            "Service" => self
+                .services
+                .get(&(key.namespace.clone(), key.name.clone()))
+                .map(|s| s.vips.clone())
+                .unwrap_or_default(),
+            _ => return,
+        };
+        for ip in ips {
+            let Some(owners) = self.ip_owners.get_mut(&ip) else {
+                continue;
+            };
+            owners.remove(key);
+            let rest: Vec<_> = owners.iter().cloned().collect();
+            if rest.is_empty() {
+                self.ip_owners.remove(&ip);
+            }
+            self.mark_owners(&rest);
+        }
+    }
+
+    fn mark_owners(&mut self, owners: &[ObjectKey]) {
+        for o in owners {
+            let name = (o.namespace.clone(), o.name.clone());
+            match o.kind.as_str() {
+                "Pod" => self.dirty_pods.insert(name),
+                _ => self.dirty_services.insert(name),
+            };
+        }
+    }
+
+    /// Whether `key` holds `ip`; if not, who does.
+    fn holder(&self, key: &ObjectKey, ip: IpAddr) -> Result<(), ObjectKey> {
+        match self.ip_owners.get(&ip).and_then(|o| o.first()) {
+            Some(first) if first != key => Err(first.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    fn namespace_changed(&mut self, ns: &str) {
+        self.namespaces_dirty = true;
+        let pods: Vec<_> = in_namespace(&self.pods, ns)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let svcs: Vec<_> = in_namespace(&self.services, ns)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.dirty_pods.extend(pods);
+        self.dirty_services.extend(svcs);
+    }
+
+    /// Marks the services of `ns` whose selector matches `labels`.
+    fn mark_selecting(&mut self, ns: &str, labels: &BTreeMap<String, String>) {
+        let hit: Vec<_> = in_namespace(&self.services, ns)
+            .filter(|(_, s)| s.selects(labels))
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.dirty_services.extend(hit);
+    }
+
+    /// Derives what changed since the last call and returns the new state;
+    /// everything else is shared with the previous one.
+    pub fn publish(&mut self) -> MeshState {
+        for name in std::mem::take(&mut self.dirty_pods) {
+            self.derive_pod(name);
+        }
+        for name in std::mem::take(&mut self.dirty_services) {
+            self.derive_service(name);
+        }
+        if self.lists_dirty {
+            self.rebuild_lists();
+            self.lists_dirty = false;
+        }
+        if self.namespaces_dirty {
+            self.published.namespace_labels = Arc::new(self.namespaces.clone());
+            self.namespaces_dirty = false;
+        }
+        if self.rejected_dirty {
+            self.published.rejected = Arc::new(self.rejected.values().flatten().cloned().collect());
+            self.rejected_dirty = false;
+        }
+        let l = self.published.clone();
+        let mut state = MeshState::from_indexes(self.ix.clone(), l.policies, l.policy_index);
+        state.peer_authentications = l.peer_authentications;
+        state.namespace_labels = l.namespace_labels;
+        state.service_entries = l.service_entries;
+        state.waypoints = l.waypoints;
+        state.http_routes = l.http_routes;
+        state.destination_rules = l.destination_rules;
+        state.waypoint_policies = l.waypoint_policies;
+        state.unaddressed = self.unaddressed.values().cloned().collect();
+        state.rejected = l.rejected;
+        state
+    }
+
+    fn derive_pod(&mut self, name: Name) {
+        if let Some(old) = self.pod_out.remove(&name) {
+            self.ix.remove_workload(&old);
+        }
+        self.unaddressed.remove(&name);
+        let key = pod_key(&name.0, &name.1);
+        let Some(ip) = self.pods.get(&name).map(|p| p.ip) else {
+            return;
+        };
+        if let Some(ip) = ip {
+            if let Err(holder) = self.holder(&key, ip) {
+                self.left_out(
+                    &key,
+                    "status.podIP",
+                    format!("{ip} is already used by {holder}"),
+                );
+                return;
+            }
+        }
+        self.clear_left_out(&key);
+        let p = &self.pods[&name];
+        let w = Arc::new(self.workload(&name, p));
+        let labels = p.labels.clone();
+        if p.ip.is_some() {
+            self.ix.insert_workload(w.clone());
+            self.pod_out.insert(name.clone(), w);
+        } else {
+            self.unaddressed.insert(name.clone(), w);
+        }
+        // Its services read it (an address or uid change, or it now holds
+        // an address it did not before).
+        self.mark_selecting(&name.0, &labels);
+    }
+
+    fn workload(&self, (namespace, name): &Name, p: &PodDecl) -> Workload {
+        let ns_labels = self.namespaces.get(namespace);
+        let in_mesh = match p.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+            Some("ambient") => true,
+            Some("none") => false,
+            _ => ns_labels
+                .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+                .is_some_and(|m| m == "ambient"),
+        };
+        let label = |keys: &[&str]| keys.iter().find_map(|k| p.labels.get(*k).cloned());
+        Workload {
+            uid: p
+                .uid
+                .clone()
+                .unwrap_or_else(|| format!("{namespace}/{name}")),
+            canonical_name: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| name.clone()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            authorization_policies: Vec::new(),
+            name: name.clone(),
+            namespace: namespace.clone(),
+            service_account: p.service_account.clone(),
+            trust_domain: self.trust_domain.clone(),
+            node: p.node.clone(),
+            ip: p.ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            labels: p.labels.clone(),
+            annotations: p.annotations.clone(),
+            waypoint: crate::standalone::waypoint_ref(&p.labels, ns_labels, namespace),
+            named_ports: p.named_ports.clone(),
+            protocol: if in_mesh {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::None
+            },
+        }
+    }
+
+    fn derive_service(&mut self, name: Name) {
+        if let Some(old) = self.svc_out.remove(&name) {
+            self.ix.remove_service(&old);
+        }
+        let key = service_key(&name.0, &name.1);
+        let Some(vips) = self.services.get(&name).map(|s| s.vips.clone()) else {
+            return;
+        };
+        for vip in vips {
+            if let Err(holder) = self.holder(&key, vip) {
+                let why = format!("{vip} is already used by {holder}");
+                self.left_out(&key, "spec.clusterIP", why);
+                return;
+            }
+        }
+        self.clear_left_out(&key);
+        let s = &self.services[&name];
+        let (namespace, svc_name) = &name;
+        let endpoints = if s.selector.is_some() {
+            in_namespace(&self.pods, namespace)
+                .filter(|(_, p)| s.selects(&p.labels))
+                .filter_map(|(k, _)| self.pod_out.get(k))
+                .map(|w| Endpoint {
+                    workload_uid: w.uid.clone(),
+                    ip: w.ip,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let svc = Arc::new(Service {
+            waypoint: crate::standalone::waypoint_ref(
+                &s.labels,
+                self.namespaces.get(namespace),
+                namespace,
+            ),
+            hostname: format!("{svc_name}.{namespace}.svc.{}", crate::CLUSTER_DOMAIN),
+            name: svc_name.clone(),
+            namespace: namespace.clone(),
+            vips: s.vips.clone(),
+            ports: s.ports.clone(),
+            endpoints,
+        });
+        self.ix.insert_service(svc.clone());
+        self.svc_out.insert(name, svc);
+    }
+
+    const LEFT_OUT: &'static str = "left out of the mesh config";
+
+    fn left_out(&mut self, key: &ObjectKey, field: &str, reason: String) {
+        let r = Rejected {
+            kind: key.kind.clone(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            field: field.into(),
+            reason,
+            effect: Self::LEFT_OUT.into(),
+        };
+        self.set_rejected(key, vec![r]);
+    }
+
+    fn clear_left_out(&mut self, key: &ObjectKey) {
+        let ours = self
+            .rejected
+            .get(key)
+            .is_some_and(|r| r.iter().all(|r| r.effect == Self::LEFT_OUT));
+        if ours {
+            self.set_rejected(key, Vec::new());
+        }
+    }
+
+    fn rebuild_lists(&mut self) {
+        let mut policies = Vec::new();
+        let mut waypoint_policies = Vec::new();
+        let mut peer_authentications = Vec::new();
+        let mut waypoints = Vec::new();
+        let mut http_routes = Vec::new();
+        let mut destination_rules = Vec::new();
+        let mut service_entries = Vec::new();
+        for k in self.lists.values() {
+            match k {
+                Kind::Policy(p) => policies.push(p.clone()),
+                Kind::WaypointPolicy(p) => waypoint_policies.push(p.clone()),
+                Kind::PeerAuthentication(p) => peer_authentications.push(p.clone()),
+                Kind::Gateway(w) => waypoints.extend(w.iter().cloned()),
+                Kind::Route(r) => http_routes.push(r.clone()),
+                Kind::DestinationRule(d) => destination_rules.push(d.clone()),
+                Kind::ServiceEntry(s) => service_entries.push(s.clone()),
+                Kind::Namespace(_) | Kind::Pod(_) | Kind::Service(_) => {}
+            }
+        }
+        let p = &mut self.published;
+        p.policy_index = Arc::new(PolicyIndex::new(&policies));
+        p.policies = Arc::new(policies);
+        p.waypoint_policies = Arc::new(waypoint_policies);
+        p.peer_authentications = Arc::new(peer_authentications);
+        p.waypoints = Arc::new(waypoints);
+        p.http_routes = Arc::new(http_routes);
+        p.destination_rules = Arc::new(destination_rules);
+        p.service_entries = Arc::new(service_entries);
+    }
+}
