@@ -289,7 +289,8 @@ mod tests {
         let none: &[String] = &[];
         let outside = |why: &str| Judged::Outside(why.to_string());
         let maybe = |why: &str| Judged::MaybeAmbient(why.to_string());
-        let cases: &[(Option<&Answer>, &[String], &str, &str, Judged)] = &[
+        type Case<'a> = (Option<&'a Answer>, &'a [String], &'a str, &'a str, Judged);
+        let cases: &[Case] = &[
             (
                 Some(&a),
                 none,
