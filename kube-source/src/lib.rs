@@ -1,29 +1,28 @@
 //! The Kubernetes API as a config source. Watches the kinds a component
-//! needs and renders them, object by object, into the same multi-document
-//! YAML the standalone file holds; that file is then read by the very
-//! translator (and file watcher) standalone mode uses, so a live cluster and a
-//! YAML file cannot drift apart in meaning. The rendered file is also what an
-//! operator inspects when asking "what does this component think the cluster
-//! says".
+//! needs and feeds each event, object by object, into the same incremental
+//! translator the standalone file feeds (`mesh::objects`), so a live cluster
+//! and a YAML file cannot drift apart in meaning, and a one-pod change costs
+//! one pod's translation. Nothing is written for another component to read:
+//! the state lives in the `MeshStore` this returns, and `/config_dump` shows
+//! it.
 //!
-//! One bad object does not freeze the rest: objects whose kind the translator
-//! checks strictly are validated alone first; an invalid one is left out,
-//! logged and counted once by name, and listed in `Dropped` for the config
-//! dump. Security objects are never left out: the translator makes what it
-//! cannot evaluate fail closed, and reports it itself.
+//! One bad object does not freeze the rest: an object the translator refuses
+//! is left out, logged and counted once by name, and listed in `Dropped` for
+//! the config dump. Security objects are never left out: the translator makes
+//! what it cannot evaluate fail closed, and reports it itself.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
+use mesh::objects::{ObjectKey, Objects};
+use mesh::MeshStore;
 use serde_json::Value;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -33,11 +32,28 @@ pub enum SourceError {
     Client(String),
     #[error("no complete view of the Kubernetes API after {0:?}")]
     NotSynced(Duration),
-    #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] mesh::FileError),
+}
+
+/// A component's mesh config: the standalone file when one is given (then
+/// watched for changes), else the Kubernetes API.
+pub async fn open(
+    file: Option<&std::path::Path>,
+    sel: Selection,
+    trust_domain: &str,
+    stop: watch::Receiver<bool>,
+) -> Result<Source, SourceError> {
+    let Some(path) = file else {
+        return start(sel, trust_domain.to_string(), stop).await;
+    };
+    let (src, state) = mesh::FileSource::open(path, trust_domain)?;
+    let store = MeshStore::new(state, &path.display().to_string());
+    tokio::spawn(src.watch(store.clone(), stop));
+    Ok(Source {
+        store,
+        dropped: Dropped::default(),
+    })
 }
 
 /// What to watch.
@@ -82,59 +98,81 @@ impl Selection {
     }
 }
 
-/// The objects the last render left out, and why.
+/// The objects the translator left out, and why.
 pub type Dropped = Arc<std::sync::Mutex<Vec<mesh::Rejected>>>;
 
-/// Connects (in-cluster credentials, or KUBECONFIG), starts `run` in the
-/// background and returns once the first complete render is on disk, so the
-/// caller can read `out` as its standalone config and watch it.
+/// A running Kubernetes source: the state it keeps current, and what it
+/// left out.
+pub struct Source {
+    pub store: Arc<MeshStore>,
+    pub dropped: Dropped,
+}
+
+/// What a watch task tells the translator.
+enum Change {
+    Apply(ApiResource, DynamicObject),
+    Delete(ApiResource, DynamicObject),
+    /// The kind is being listed again: what the list does not name is gone.
+    Relist(String),
+    Listed(String),
+    /// Every kind has listed once (or is not served).
+    Synced,
+}
+
+/// Connects (in-cluster credentials, or KUBECONFIG), starts watching and
+/// returns once every kind has listed once and the first state is in the
+/// store: a state with the namespaces but not yet the pods would release
+/// every captured pod.
 pub async fn start(
     sel: Selection,
-    out: PathBuf,
     trust_domain: String,
     stop: watch::Receiver<bool>,
-) -> Result<Dropped, SourceError> {
-    // A render from a previous run is stale: the view must come from now.
-    let _ = std::fs::remove_file(&out);
+) -> Result<Source, SourceError> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| SourceError::Client(e.to_string()))?;
-    let path = out.clone();
+    start_with(client, sel, trust_domain, stop).await
+}
+
+/// `start` with a client of the caller's.
+pub async fn start_with(
+    client: kube::Client,
+    sel: Selection,
+    trust_domain: String,
+    stop: watch::Receiver<bool>,
+) -> Result<Source, SourceError> {
+    let (tx, rx) = mpsc::channel();
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let dropped = Dropped::default();
     let report = dropped.clone();
-    let mut task = tokio::spawn(async move {
-        if let Err(e) = run(client, sel, path, trust_domain, report, stop).await {
+    // The translator owns the objects on a thread of its own: translating
+    // and deriving is CPU work, never done on the async workers.
+    std::thread::Builder::new()
+        .name("kube-source".into())
+        .spawn(move || translate_loop(rx, trust_domain, report, first_tx))
+        .expect("spawn the Kubernetes source thread");
+    tokio::spawn(async move {
+        if let Err(e) = watch_all(client, sel, tx, stop).await {
             tracing::error!(error = %e, "Kubernetes source stopped");
         }
     });
     let limit = Duration::from_secs(60);
-    let deadline = tokio::time::Instant::now() + limit;
-    while !out.exists() {
-        if tokio::time::Instant::now() > deadline {
-            task.abort();
-            return Err(SourceError::NotSynced(limit));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = &mut task => return Err(SourceError::NotSynced(limit)),
-        }
+    match tokio::time::timeout(limit, first_rx).await {
+        Ok(Ok(store)) => Ok(Source { store, dropped }),
+        _ => Err(SourceError::NotSynced(limit)),
     }
-    Ok(dropped)
 }
 
-/// Watches `sel` and keeps `out` holding the rendered config, rewriting it
-/// (atomically) on every change. Returns when `stop` fires.
-pub async fn run(
+/// One watch per kind, each event sent to the translator. Returns when
+/// `stop` fires (the translator ends when the last sender is gone).
+async fn watch_all(
     client: kube::Client,
     sel: Selection,
-    out: PathBuf,
-    trust_domain: String,
-    dropped: Dropped,
+    tx: mpsc::Sender<Change>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), SourceError> {
-    let changed = Arc::new(Notify::new());
-    let mut stores = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut pending = Vec::new();
     for g in &sel.kinds {
         let Some(ar) = (tokio::select! {
             r = discover(&client, g) => r,
@@ -147,58 +185,203 @@ pub async fn run(
         if let (Some(node), "Pod") = (&sel.pods_on_node, g.kind.as_str()) {
             cfg = cfg.fields(&format!("spec.nodeName={node}"));
         }
-        let writer = reflector::store::Writer::new(ar.clone());
-        stores.push((ar, writer.as_reader()));
-        let changed = changed.clone();
-        let kind = g.kind.clone();
+        let (listed_tx, listed_rx) = tokio::sync::oneshot::channel();
+        pending.push(listed_rx);
+        let tx = tx.clone();
         tasks.spawn(async move {
-            let mut events = watcher(api, cfg).default_backoff().reflect(writer).boxed();
+            let mut listed = Some(listed_tx);
+            let mut events = watcher(api, cfg).default_backoff().boxed();
             while let Some(ev) = events.next().await {
-                match ev {
-                    Ok(_) => changed.notify_one(),
+                let change = match ev {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                        Change::Apply(ar.clone(), o)
+                    }
+                    Ok(watcher::Event::Delete(o)) => Change::Delete(ar.clone(), o),
+                    Ok(watcher::Event::Init) => Change::Relist(ar.kind.clone()),
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(l) = listed.take() {
+                            let _ = l.send(());
+                        }
+                        Change::Listed(ar.kind.clone())
+                    }
                     // The watcher relists by itself; the last good objects stay.
-                    Err(e) => tracing::warn!(kind = %kind, error = %e, "watch error; retrying"),
+                    Err(e) => {
+                        tracing::warn!(kind = %ar.kind, error = %e, "watch error; retrying");
+                        continue;
+                    }
+                };
+                if tx.send(change).is_err() {
+                    return;
                 }
             }
         });
     }
-    // Render nothing until every kind has listed once: a file with the
-    // namespaces but not yet the pods would release every captured pod.
-    for (ar, store) in &stores {
+    for l in pending {
         tokio::select! {
-            r = store.wait_until_ready() => if r.is_err() {
-                tracing::error!(kind = %ar.kind, "watch ended before its first list");
+            r = l => if r.is_err() {
+                tracing::error!("a watch ended before its first list");
             },
             _ = stop.changed() => return Ok(()),
         }
     }
-    changed.notify_one();
-    let mut last = None;
-    loop {
-        tokio::select! {
-            _ = changed.notified() => {}
-            _ = stop.changed() => return Ok(()),
+    let _ = tx.send(Change::Synced);
+    drop(tx);
+    let _ = stop.wait_for(|s| *s).await;
+    tasks.shutdown().await;
+    Ok(())
+}
+
+/// Applies changes as they come and publishes after each burst: what is
+/// queued is drained first, so a relist of thousands of objects lands as a
+/// few states, and a single change as one.
+fn translate_loop(
+    rx: mpsc::Receiver<Change>,
+    trust_domain: String,
+    dropped: Dropped,
+    first: tokio::sync::oneshot::Sender<Arc<MeshStore>>,
+) {
+    let mut t = Translator {
+        objects: Objects::new(&trust_domain),
+        relisting: BTreeMap::new(),
+        left_out: BTreeMap::new(),
+        dropped,
+    };
+    let mut store: Option<Arc<MeshStore>> = None;
+    let mut first = Some(first);
+    let mut synced = false;
+    while let Ok(c) = rx.recv() {
+        let mut next = Some(c);
+        while let Some(c) = next.take() {
+            synced |= matches!(c, Change::Synced);
+            t.apply(c);
+            next = rx.try_recv().ok();
         }
-        // Let a burst of events (an initial list, a `kubectl apply -f dir`)
-        // land as one rewrite.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (text, left_out) = render(&stores, &trust_domain);
-        {
-            let mut d = dropped.lock().unwrap();
-            mesh::report_rejected(&d, &left_out);
-            *d = left_out;
-        }
-        if last.as_ref() == Some(&text) {
+        if !synced {
             continue;
         }
-        let tmp = out.with_extension("tmp");
-        let write = std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &out));
-        write.map_err(|source| SourceError::Write {
-            path: out.clone(),
-            source,
-        })?;
-        tracing::info!(path = %out.display(), bytes = text.len(), "cluster config rendered");
-        last = Some(text);
+        let state = t.objects.publish();
+        match &store {
+            Some(s) => s.replace(state),
+            None => {
+                tracing::info!(
+                    workloads = state.workloads.len(),
+                    services = state.services.len(),
+                    "cluster view complete"
+                );
+                let s = MeshStore::new(state, "kubernetes");
+                if let Some(f) = first.take() {
+                    let _ = f.send(s.clone());
+                }
+                store = Some(s);
+            }
+        }
+    }
+}
+
+struct Translator {
+    objects: Objects,
+    /// Per kind being relisted: the keys listed so far.
+    relisting: BTreeMap<String, HashSet<ObjectKey>>,
+    left_out: BTreeMap<ObjectKey, mesh::Rejected>,
+    dropped: Dropped,
+}
+
+impl Translator {
+    fn apply(&mut self, c: Change) {
+        match c {
+            Change::Apply(ar, o) => {
+                let key = key_of(&ar, &o);
+                if let Some(seen) = self.relisting.get_mut(&ar.kind) {
+                    seen.insert(key.clone());
+                }
+                self.upsert(key, &ar, &o);
+            }
+            Change::Delete(ar, o) => {
+                let key = key_of(&ar, &o);
+                self.objects.remove(&key);
+                self.set_left_out(&key, None);
+            }
+            Change::Relist(kind) => {
+                self.relisting.insert(kind, HashSet::new());
+            }
+            Change::Listed(kind) => {
+                let Some(seen) = self.relisting.remove(&kind) else {
+                    return;
+                };
+                let gone: Vec<_> = self
+                    .objects
+                    .keys()
+                    .into_iter()
+                    .chain(self.left_out.keys().cloned())
+                    .filter(|k| k.kind == kind && !seen.contains(k))
+                    .collect();
+                for k in gone {
+                    self.objects.remove(&k);
+                    self.set_left_out(&k, None);
+                }
+            }
+            Change::Synced => {}
+        }
+    }
+
+    fn upsert(&mut self, key: ObjectKey, ar: &ApiResource, o: &DynamicObject) {
+        // An object the mesh does not hold (a finished pod, a headless
+        // service) is as good as deleted.
+        let Some(v) = clean(ar, o) else {
+            self.objects.remove(&key);
+            self.set_left_out(&key, None);
+            return;
+        };
+        let value = serde_yaml::to_value(&v).expect("JSON values convert to YAML values");
+        match mesh::standalone::translate(value, &key.to_string()) {
+            Ok(Some(t)) if t.key == key => {
+                self.objects.upsert(t);
+                self.set_left_out(&key, None);
+            }
+            Ok(_) => unreachable!("an object with a kind and name translates under its key"),
+            Err(e) => {
+                self.objects.remove(&key);
+                self.set_left_out(
+                    &key,
+                    Some(mesh::Rejected {
+                        kind: key.kind.clone(),
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                        field: e.field,
+                        reason: e.message,
+                        effect: "left out of the mesh config".into(),
+                    }),
+                );
+            }
+        }
+    }
+
+    fn set_left_out(&mut self, key: &ObjectKey, r: Option<mesh::Rejected>) {
+        let changed = match r {
+            Some(r) => self.left_out.insert(key.clone(), r.clone()).as_ref() != Some(&r),
+            None => self.left_out.remove(key).is_some(),
+        };
+        if changed {
+            let now: Vec<_> = self.left_out.values().cloned().collect();
+            let mut d = self.dropped.lock().unwrap();
+            mesh::report_rejected(&d, &now);
+            *d = now;
+        }
+    }
+}
+
+fn key_of(ar: &ApiResource, o: &DynamicObject) -> ObjectKey {
+    ObjectKey {
+        kind: ar.kind.clone(),
+        namespace: if ar.kind == "Namespace" {
+            String::new()
+        } else {
+            o.metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into())
+        },
+        name: o.metadata.name.clone().unwrap_or_default(),
     }
 }
 
@@ -227,44 +410,6 @@ async fn discover(client: &kube::Client, g: &GroupVersionKind) -> Option<ApiReso
             }
         }
     }
-}
-
-/// The objects as standalone YAML documents, sorted for stable output, and
-/// those left out because the translator refuses them.
-fn render(
-    stores: &[(ApiResource, Store<DynamicObject>)],
-    trust_domain: &str,
-) -> (String, Vec<mesh::Rejected>) {
-    let mut left_out = Vec::new();
-    let mut docs: BTreeMap<(String, String, String), Value> = BTreeMap::new();
-    for (ar, store) in stores {
-        for obj in store.state() {
-            let Some(v) = clean(ar, &obj) else { continue };
-            let ns = obj.metadata.namespace.clone().unwrap_or_default();
-            let name = obj.metadata.name.clone().unwrap_or_default();
-            docs.insert((ar.kind.clone(), ns, name), v);
-        }
-    }
-    let mut text = String::new();
-    for ((kind, ns, name), v) in docs {
-        let yaml = serde_yaml::to_string(&v).expect("JSON values serialize");
-        if !matches!(kind.as_str(), "Namespace" | "Pod" | "Service") {
-            if let Err(e) = mesh::standalone::parse(&yaml, trust_domain) {
-                left_out.push(mesh::Rejected {
-                    kind,
-                    namespace: ns,
-                    name,
-                    field: e.field,
-                    reason: e.message,
-                    effect: "left out of the mesh config".into(),
-                });
-                continue;
-            }
-        }
-        text.push_str("---\n");
-        text.push_str(&yaml);
-    }
-    (text, left_out)
 }
 
 /// What the translator reads of an object: identity, labels, annotations,
@@ -306,7 +451,13 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
             return None;
         }
         // Unscheduled pods belong to no node yet.
-        obj.data.get("spec")?.get("nodeName")?;
+        let spec = obj.data.get("spec")?;
+        spec.get("nodeName")?;
+        // A host-network pod shares its node's address and is never
+        // captured: it is no workload of the mesh (as istiod decides).
+        if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+            return None;
+        }
         // A scheduled pod without an IP is still rendered (`status: {}`): its
         // CNI ADD, which gives it the IP, is where capture is decided.
         let ip = status

@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use identity::{BuiltinCa, CertificateAuthority, Identity, SecretManager};
-use mesh::MeshStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -43,9 +42,6 @@ struct Args {
     /// Gateways, routes, policies, Services and Pods instead of --config.
     #[arg(long)]
     from_kube: bool,
-    /// Where the Kubernetes view is rendered (standalone format) and watched.
-    #[arg(long, default_value = "/var/run/waypoint/cluster-mesh.yaml")]
-    kube_render: PathBuf,
     /// istiod's CA (host:port): the waypoint's certificate comes from it
     /// instead of the built-in CA.
     #[arg(long, env = "CA_ADDRESS")]
@@ -120,28 +116,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let (drain_tx, drain) = watch::channel(false);
     admin::drain_histograms(prom.clone(), drain.clone());
-    // What the Kubernetes source left out, for the config dump.
-    let mut dropped = kube_source::Dropped::default();
-    let config = match &args.config {
-        Some(c) => c.clone(),
-        None => {
-            if let Some(dir) = args.kube_render.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-            }
-            dropped = kube_source::start(
-                kube_source::Selection::waypoint(),
-                args.kube_render.clone(),
-                args.trust_domain.clone(),
-                drain.clone(),
-            )
-            .await?;
-            args.kube_render.clone()
-        }
-    };
-    let text = std::fs::read_to_string(&config)
-        .with_context(|| format!("read config {}", config.display()))?;
-    let state = mesh::standalone::parse(&text, &args.trust_domain)
-        .with_context(|| format!("config {}", config.display()))?;
+    let kube_source::Source { store, dropped } = kube_source::open(
+        args.config.as_deref(),
+        kube_source::Selection::waypoint(),
+        &args.trust_domain,
+        drain.clone(),
+    )
+    .await?;
+    let state = store.load();
     if !state
         .waypoints
         .iter()
@@ -149,7 +131,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         tracing::warn!(name = args.name, namespace = args.namespace, "no Gateway of class istio-waypoint by this name in the config (yet): policies targeting it will not match");
     }
-    let store = MeshStore::new(state, &config.display().to_string());
     let ca: Arc<dyn CertificateAuthority> = match &args.ca_address {
         Some(address) => Arc::new(
             xds::IstioCa::new(
@@ -194,12 +175,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         live: Default::default(),
     });
     wp.watch_live();
-    tokio::spawn(mesh::watch_file(
-        config.clone(),
-        args.trust_domain.clone(),
-        store.clone(),
-        drain.clone(),
-    ));
 
     let listener = TcpListener::bind(args.listen)
         .await

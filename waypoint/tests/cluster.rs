@@ -147,8 +147,6 @@ async fn manual_waypoint(tag: &str) -> Setup {
     m.kubeconfig = Some(c.kubeconfig.clone());
     m.waypoint_args = Some(vec![
         "--from-kube".into(),
-        "--kube-render".into(),
-        m.dir.join("waypoint-view.yaml").display().to_string(),
         "--ca-address".into(),
         format!("{}:15012", testbed::cluster::CONTROL_IP),
         "--ca-root-cert".into(),
