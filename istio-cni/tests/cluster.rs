@@ -164,5 +164,14 @@ async fn namespace_label_through_the_api_captures_and_releases() {
     })
     .await;
     let log = m.agent_log("node1");
-    assert!(log.contains("cluster config rendered"), "{log}");
+    assert!(log.contains("cluster view complete"), "{log}");
+    // The API goes straight into the agent's state: no rendered mesh file in
+    // its state dir, only its records and the plugin's small answer.
+    let mut files: Vec<String> = std::fs::read_dir(m.dir.join("node1/state"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["membership.json", "pods.json"], "{log}");
 }

@@ -110,47 +110,17 @@ fn standalone_store(
     Ok(store)
 }
 
-/// Namespaces and this node's pods, watched through the Kubernetes API.
+/// Namespaces and this node's pods, watched through the Kubernetes API and
+/// translated straight into the store.
 async fn kube_store(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<Arc<MeshStore>> {
-    let source = kube_shim::start(
+    let source = kube_source::start(
         kube_source::Selection::node_agent(&args.node),
         args.trust_domain.clone(),
         stop,
-        &args.state_dir,
     )
     .await
     .context("Kubernetes source")?;
     Ok(source.store)
-}
-
-/// Stands in for `kube_source::start` returning the store itself (being
-/// changed in kube-source): the same signature, over today's file render.
-/// Removed once that lands.
-mod kube_shim {
-    use std::path::Path;
-    use std::sync::Arc;
-
-    use tokio::sync::watch;
-
-    pub struct Source {
-        pub store: Arc<mesh::MeshStore>,
-        #[allow(dead_code)]
-        pub dropped: kube_source::Dropped,
-    }
-
-    pub async fn start(
-        sel: kube_source::Selection,
-        trust_domain: String,
-        stop: watch::Receiver<bool>,
-        state_dir: &Path,
-    ) -> anyhow::Result<Source> {
-        let path = state_dir.join("cluster-mesh.yaml");
-        std::fs::create_dir_all(state_dir)?;
-        let dropped =
-            kube_source::start(sel, path.clone(), trust_domain.clone(), stop.clone()).await?;
-        let store = super::standalone_store(&path, &trust_domain, stop)?;
-        Ok(Source { store, dropped })
-    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
