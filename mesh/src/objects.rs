@@ -225,12 +225,9 @@ impl Objects {
             }
             Kind::Pod(p) => {
                 let name = (key.namespace.clone(), key.name.clone());
+                // Deriving it marks the services it leaves and joins.
                 self.claim(&key, p.ip);
-                let new_labels = p.labels.clone();
-                if let Some(old) = self.pods.insert(name.clone(), p) {
-                    self.mark_selecting(&key.namespace, &old.labels);
-                }
-                self.mark_selecting(&key.namespace, &new_labels);
+                self.pods.insert(name.clone(), p);
                 self.dirty_pods.insert(name);
             }
             Kind::Service(s) => {
@@ -261,8 +258,7 @@ impl Objects {
                 }
             }
             "Pod" => {
-                if let Some(old) = self.pods.remove(&name) {
-                    self.mark_selecting(&key.namespace, &old.labels);
+                if self.pods.remove(&name).is_some() {
                     self.dirty_pods.insert(name);
                 }
             }
@@ -418,8 +414,10 @@ impl Objects {
     }
 
     fn derive_pod(&mut self, name: Name) {
+        // The services that listed it list it no more, or differently.
         if let Some(old) = self.pod_out.remove(&name) {
             self.ix.remove_workload(&old);
+            self.mark_selecting(&name.0, &old.labels);
         }
         self.unaddressed.remove(&name);
         let key = pod_key(&name.0, &name.1);
