@@ -1,12 +1,10 @@
 //! `istio-cni-agent`: the node agent (a DaemonSet with host networking).
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use istio_cni::{agent, api, install};
-use mesh::MeshStore;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -89,47 +87,27 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(args))
 }
 
-/// The standalone file, parsed now (a bad file is a startup error) and
-/// followed by the file watcher.
-fn standalone_store(
-    path: &Path,
-    trust_domain: &str,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<Arc<MeshStore>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("read mesh config {}", path.display()))?;
-    let state = mesh::standalone::parse(&text, trust_domain)
-        .with_context(|| format!("mesh config {}", path.display()))?;
-    let store = MeshStore::new(state, &path.display().to_string());
-    tokio::spawn(mesh::watch_file(
-        path.to_path_buf(),
-        trust_domain.to_string(),
-        store.clone(),
-        stop,
-    ));
-    Ok(store)
-}
-
-/// Namespaces and this node's pods, watched through the Kubernetes API and
-/// translated straight into the store.
-async fn kube_store(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<Arc<MeshStore>> {
-    let source = kube_source::start(
-        kube_source::Selection::node_agent(&args.node),
-        args.trust_domain.clone(),
-        stop,
-    )
-    .await
-    .context("Kubernetes source")?;
-    Ok(source.store)
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(!args.node.is_empty(), "--node (or NODE_NAME) is required");
     let (stop_tx, stop) = watch::channel(false);
-    let store = match &args.config {
-        Some(c) => standalone_store(c, &args.trust_domain, stop.clone())?,
-        None => kube_store(&args, stop.clone()).await?,
-    };
+    // The same opening the waypoint uses: the standalone file (parsed once,
+    // a bad file is a startup error, then watched) or, with --from-kube,
+    // namespaces and this node's pods watched through the API and complete
+    // before the first decision (a view without the pods would release every
+    // captured one).
+    let source = kube_source::open(
+        args.config.as_deref(),
+        kube_source::Selection::node_agent(&args.node),
+        &args.trust_domain,
+        stop.clone(),
+    )
+    .await
+    .context(if args.from_kube {
+        "mesh config from the Kubernetes API"
+    } else {
+        "mesh config file"
+    })?;
+    let store = source.store;
     let mut installer = None;
     if let Some(conf_dir) = args.cni_conf_dir.clone() {
         let plugin = match &args.plugin_binary {
