@@ -3,6 +3,7 @@
 
 pub mod authz;
 pub mod file;
+mod keyed;
 pub mod live;
 pub mod model;
 pub mod objects;

@@ -6,6 +6,7 @@ use identity::Identity;
 use serde::Serialize;
 
 use crate::authz::AuthorizationPolicy;
+pub use crate::keyed::Keyed;
 pub use crate::policy_index::PolicyIndex;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -25,10 +26,12 @@ pub struct Workload {
     pub trust_domain: String,
     pub node: String,
     pub ip: IpAddr,
-    pub labels: BTreeMap<String, String>,
+    /// Shared with the source's copy of the pod (a B-tree map costs half a
+    /// kilobyte even for one label).
+    pub labels: Labels,
     /// Pod annotations (capture options such as `ambient.istio.io/dns-capture`).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "no_labels")]
+    pub annotations: Labels,
     /// The waypoint its namespace or pod label asks for.
     pub waypoint: Option<crate::routes::WaypointRef>,
     /// Named container ports, for services whose targetPort is a name.
@@ -39,6 +42,12 @@ pub struct Workload {
     /// `<ns>/<name>` of the selector-scoped policies istiod says apply.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
+}
+
+pub type Labels = Arc<BTreeMap<String, String>>;
+
+fn no_labels(l: &Labels) -> bool {
+    l.is_empty()
 }
 
 impl Workload {
@@ -128,6 +137,11 @@ impl Indexes {
         &self.services
     }
 
+    /// The addressed workload `(namespace, name)`.
+    pub fn workload_named(&self, name: &(String, String)) -> Option<&Arc<Workload>> {
+        self.by_name.get(name)
+    }
+
     /// Adds `w` under its uid, address and name; a key another entry held
     /// now points at `w`.
     pub fn insert_workload(&mut self, w: Arc<Workload>) {
@@ -203,10 +217,13 @@ pub struct MeshState {
     pub namespace_labels: Arc<BTreeMap<String, BTreeMap<String, String>>>,
     pub service_entries: Arc<Vec<crate::ServiceEntry>>,
     pub waypoints: Arc<Vec<crate::routes::Waypoint>>,
-    pub http_routes: Arc<Vec<crate::routes::HttpRoute>>,
-    pub destination_rules: Arc<Vec<crate::routes::DestinationRule>>,
-    /// AuthorizationPolicies with targetRefs: enforced by waypoints.
-    pub waypoint_policies: Arc<Vec<crate::authz::TargetedPolicy>>,
+    /// By the hosts they route.
+    pub http_routes: Arc<Keyed<crate::routes::HttpRoute>>,
+    /// By host.
+    pub destination_rules: Arc<Keyed<crate::routes::DestinationRule>>,
+    /// AuthorizationPolicies with targetRefs: enforced by waypoints. By the
+    /// policy's namespace (a target is in the policy's own namespace).
+    pub waypoint_policies: Arc<Keyed<crate::authz::TargetedPolicy>>,
     /// Pods scheduled but not yet given an address (`status: {}`): the node
     /// agent decides their capture at CNI ADD, before the kubelet reports
     /// the IP. Their `ip` is unspecified; nothing routes to them.

@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use crate::authz::{AuthorizationPolicy, TargetedPolicy};
 use crate::model::{
-    Endpoint, Indexes, MeshState, PeerAuthentication, PolicyIndex, Service, ServicePort,
-    TunnelProtocol, Workload,
+    Endpoint, Indexes, Keyed, Labels, MeshState, PeerAuthentication, PolicyIndex, Service,
+    ServicePort, TunnelProtocol, Workload,
 };
 use crate::routes::{DestinationRule, HttpRoute, Waypoint};
 use crate::{Rejected, ServiceEntry, DATAPLANE_MODE_LABEL};
@@ -56,8 +56,8 @@ impl fmt::Display for ObjectKey {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodDecl {
     pub uid: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub annotations: BTreeMap<String, String>,
+    pub labels: Labels,
+    pub annotations: Labels,
     pub service_account: String,
     pub node: String,
     /// None while scheduled but not yet networked.
@@ -119,6 +119,37 @@ pub struct Translated {
 
 type Name = (String, String);
 
+/// A pod or service claiming an address; ordered as their keys are (pods
+/// before services, then by namespace and name).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Owner {
+    service: bool,
+    name: Name,
+}
+
+impl Owner {
+    fn of(key: &ObjectKey) -> Option<Owner> {
+        let service = match key.kind.as_str() {
+            "Pod" => false,
+            "Service" => true,
+            _ => return None,
+        };
+        Some(Owner {
+            service,
+            name: (key.namespace.clone(), key.name.clone()),
+        })
+    }
+
+    fn key(&self) -> ObjectKey {
+        let (ns, name) = &self.name;
+        if self.service {
+            service_key(ns, name)
+        } else {
+            pod_key(ns, name)
+        }
+    }
+}
+
 /// Every object a source holds, translated, and the state derived from
 /// them, kept up to date per change.
 #[derive(Default)]
@@ -131,11 +162,11 @@ pub struct Objects {
     lists: BTreeMap<ObjectKey, Kind>,
     /// Per object: what could not be evaluated, or why it was left out.
     rejected: BTreeMap<ObjectKey, Vec<Rejected>>,
-    /// Who claims each address; the first (smallest key) holds it.
-    ip_owners: BTreeMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// Who claims each address, sorted; the first (smallest key) holds it.
+    /// Almost every address has one claimant: a short vector, not a set.
+    ip_owners: HashMap<IpAddr, Vec<Owner>>,
 
     ix: Indexes,
-    pod_out: HashMap<Name, Arc<Workload>>,
     svc_out: HashMap<Name, Arc<Service>>,
     unaddressed: BTreeMap<Name, Arc<Workload>>,
     dirty_pods: BTreeSet<Name>,
@@ -151,11 +182,11 @@ pub struct Objects {
 struct Lists {
     policies: Arc<Vec<Arc<AuthorizationPolicy>>>,
     policy_index: Arc<PolicyIndex>,
-    waypoint_policies: Arc<Vec<TargetedPolicy>>,
+    waypoint_policies: Arc<Keyed<TargetedPolicy>>,
     peer_authentications: Arc<Vec<PeerAuthentication>>,
     waypoints: Arc<Vec<Waypoint>>,
-    http_routes: Arc<Vec<HttpRoute>>,
-    destination_rules: Arc<Vec<DestinationRule>>,
+    http_routes: Arc<Keyed<HttpRoute>>,
+    destination_rules: Arc<Keyed<DestinationRule>>,
     service_entries: Arc<Vec<ServiceEntry>>,
     namespace_labels: Arc<BTreeMap<String, BTreeMap<String, String>>>,
     rejected: Arc<Vec<Rejected>>,
@@ -302,36 +333,39 @@ impl Objects {
 
     /// Records `key` as a claimant of `ip`; whoever held it is re-derived.
     fn claim(&mut self, key: &ObjectKey, ip: Option<IpAddr>) {
-        let Some(ip) = ip else { return };
+        let (Some(ip), Some(me)) = (ip, Owner::of(key)) else {
+            return;
+        };
         let owners = self.ip_owners.entry(ip).or_default();
-        owners.insert(key.clone());
-        let owners: Vec<_> = owners.iter().cloned().collect();
+        if let Err(at) = owners.binary_search(&me) {
+            owners.insert(at, me);
+        }
+        let owners = owners.clone();
         self.mark_owners(&owners);
     }
 
     /// Drops every address claim `key` made; the other claimants are
     /// re-derived (one of them may hold the address now).
     fn remove_claims(&mut self, key: &ObjectKey) {
-        let ips: Vec<IpAddr> = match key.kind.as_str() {
-            "Pod" => self
-                .pods
-                .get(&(key.namespace.clone(), key.name.clone()))
+        let Some(me) = Owner::of(key) else { return };
+        let ips: Vec<IpAddr> = if me.service {
+            self.services
+                .get(&me.name)
+                .map(|s| s.vips.clone())
+                .unwrap_or_default()
+        } else {
+            self.pods
+                .get(&me.name)
                 .and_then(|p| p.ip)
                 .into_iter()
-                .collect(),
-            "Service" => self
-                .services
-                .get(&(key.namespace.clone(), key.name.clone()))
-                .map(|s| s.vips.clone())
-                .unwrap_or_default(),
-            _ => return,
+                .collect()
         };
         for ip in ips {
             let Some(owners) = self.ip_owners.get_mut(&ip) else {
                 continue;
             };
-            owners.remove(key);
-            let rest: Vec<_> = owners.iter().cloned().collect();
+            owners.retain(|o| *o != me);
+            let rest = owners.clone();
             if rest.is_empty() {
                 self.ip_owners.remove(&ip);
             }
@@ -339,20 +373,20 @@ impl Objects {
         }
     }
 
-    fn mark_owners(&mut self, owners: &[ObjectKey]) {
+    fn mark_owners(&mut self, owners: &[Owner]) {
         for o in owners {
-            let name = (o.namespace.clone(), o.name.clone());
-            match o.kind.as_str() {
-                "Pod" => self.dirty_pods.insert(name),
-                _ => self.dirty_services.insert(name),
-            };
+            if o.service {
+                self.dirty_services.insert(o.name.clone());
+            } else {
+                self.dirty_pods.insert(o.name.clone());
+            }
         }
     }
 
     /// Whether `key` holds `ip`; if not, who does.
     fn holder(&self, key: &ObjectKey, ip: IpAddr) -> Result<(), ObjectKey> {
         match self.ip_owners.get(&ip).and_then(|o| o.first()) {
-            Some(first) if first != key => Err(first.clone()),
+            Some(first) if Some(first) != Owner::of(key).as_ref() => Err(first.key()),
             _ => Ok(()),
         }
     }
@@ -415,7 +449,7 @@ impl Objects {
 
     fn derive_pod(&mut self, name: Name) {
         // The services that listed it list it no more, or differently.
-        if let Some(old) = self.pod_out.remove(&name) {
+        if let Some(old) = self.ix.workload_named(&name).cloned() {
             self.ix.remove_workload(&old);
             self.mark_selecting(&name.0, &old.labels);
         }
@@ -439,8 +473,7 @@ impl Objects {
         let w = Arc::new(self.workload(&name, p));
         let labels = p.labels.clone();
         if p.ip.is_some() {
-            self.ix.insert_workload(w.clone());
-            self.pod_out.insert(name.clone(), w);
+            self.ix.insert_workload(w);
         } else {
             self.unaddressed.insert(name.clone(), w);
         }
@@ -516,7 +549,7 @@ impl Objects {
         let endpoints = if s.selector.is_some() {
             in_namespace(&self.pods, namespace)
                 .filter(|(_, p)| s.selects(&p.labels))
-                .filter_map(|(k, _)| self.pod_out.get(k))
+                .filter_map(|(k, _)| self.ix.workload_named(k))
                 .map(|w| Endpoint {
                     workload_uid: w.uid.clone(),
                     ip: w.ip,
@@ -589,11 +622,13 @@ impl Objects {
         let p = &mut self.published;
         p.policy_index = Arc::new(PolicyIndex::new(&policies));
         p.policies = Arc::new(policies);
-        p.waypoint_policies = Arc::new(waypoint_policies);
+        p.waypoint_policies = Arc::new(Keyed::new(waypoint_policies, |t| {
+            vec![t.policy.namespace.clone()]
+        }));
         p.peer_authentications = Arc::new(peer_authentications);
         p.waypoints = Arc::new(waypoints);
-        p.http_routes = Arc::new(http_routes);
-        p.destination_rules = Arc::new(destination_rules);
+        p.http_routes = Arc::new(Keyed::new(http_routes, |r| r.hosts.clone()));
+        p.destination_rules = Arc::new(Keyed::new(destination_rules, |d| vec![d.host.clone()]));
         p.service_entries = Arc::new(service_entries);
     }
 }

@@ -379,8 +379,8 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
     }
     Ok(PodDecl {
         uid: o.metadata.uid,
-        labels: o.metadata.labels,
-        annotations: o.metadata.annotations,
+        labels: Arc::new(o.metadata.labels),
+        annotations: Arc::new(o.metadata.annotations),
         service_account: spec
             .service_account_name
             .unwrap_or_else(|| "default".into()),

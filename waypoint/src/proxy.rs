@@ -283,10 +283,17 @@ fn policies_for<'a>(
     state: &'a MeshState,
     svc: Option<&'a Service>,
 ) -> impl Iterator<Item = &'a authz::AuthorizationPolicy> {
+    // A policy targets objects of its own namespace (or, from the root
+    // namespace, every waypoint): only those namespaces' policies can apply.
+    let svc_ns = svc.map(|s| s.namespace.as_str());
+    let mut namespaces = vec![wp.namespace.as_str(), mesh::ROOT_NAMESPACE];
+    namespaces.extend(svc_ns);
+    namespaces.sort_unstable();
+    namespaces.dedup();
     let svc = svc.map(|s| (s.namespace.as_str(), s.name.as_str()));
-    state
-        .waypoint_policies
-        .iter()
+    namespaces
+        .into_iter()
+        .flat_map(|ns| state.waypoint_policies.get(ns))
         .filter(move |tp| tp.applies(&wp.namespace, &wp.name, svc))
         .map(|tp| &tp.policy)
 }
@@ -549,10 +556,7 @@ fn resolve(
     let bsvc = state
         .service_by_host(&backend.host)
         .ok_or_else(|| nc(format!("service {} does not exist", backend.host)))?;
-    let dr = state
-        .destination_rules
-        .iter()
-        .find(|d| d.host == backend.host);
+    let dr = state.destination_rules.get(&backend.host).next();
     let (labels, policy) = match (&backend.subset, dr) {
         (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
         (Some(name), dr) => {

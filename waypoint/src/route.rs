@@ -64,12 +64,7 @@ fn route_name(r: &HttpRoute) -> String {
 /// The rule for a request to service `host` on `port`; None when routes for
 /// the host exist but none matches (404, flag NR).
 pub fn choose<'a>(state: &'a MeshState, host: &str, port: u16, req: &Parts) -> Option<Chosen<'a>> {
-    let for_host = |api: RouteApi| {
-        state
-            .http_routes
-            .iter()
-            .filter(move |r| r.api == api && r.hosts.iter().any(|h| h == host))
-    };
+    let for_host = |api: RouteApi| state.http_routes.get(host).filter(move |r| r.api == api);
     if for_host(RouteApi::HttpRoute).next().is_some() {
         let mut best: Option<(&HttpRoute, &RouteRule, Option<&RouteMatch>)> = None;
         let mut best_key = None;

@@ -437,8 +437,8 @@ impl Resources {
             trust_domain: non_empty(&w.trust_domain, identity::DEFAULT_TRUST_DOMAIN),
             node: w.node.clone(),
             ip,
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
+            labels: Default::default(),
+            annotations: Default::default(),
             waypoint: self.waypoint_ref(&w.waypoint),
             named_ports,
             protocol: if w.tunnel_protocol == wl::TunnelProtocol::Hbone as i32 {
