@@ -47,11 +47,8 @@ pub async fn open(
     let Some(path) = file else {
         return start(sel, trust_domain.to_string(), stop).await;
     };
-    let (src, state) = mesh::FileSource::open(path, trust_domain)?;
-    let store = MeshStore::new(state, &path.display().to_string());
-    tokio::spawn(src.watch(store.clone(), stop));
     Ok(Source {
-        store,
+        store: mesh::open_file(path, trust_domain, stop)?,
         dropped: Dropped::default(),
     })
 }

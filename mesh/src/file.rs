@@ -210,19 +210,15 @@ pub(crate) fn check_set(docs: &[DocSummary]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Watches `path` into `store`, which was built from the file's current
-/// text (that text is translated once more here, to know its documents).
-pub async fn watch_file(
-    path: PathBuf,
-    trust_domain: String,
-    store: Arc<MeshStore>,
+/// A store holding the file's state, kept current by a watch that runs
+/// until `stop` (on the runtime this is called on).
+pub fn open_file(
+    path: &Path,
+    trust_domain: &str,
     stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut src = FileSource::new(&path, &trust_domain);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Err(e) = src.apply(&text) {
-            tracing::warn!(path = %path.display(), error = %e, "config file invalid at watch start; waiting for a good one");
-        }
-    }
-    src.watch(store, stop).await
+) -> Result<Arc<MeshStore>, FileError> {
+    let (src, state) = FileSource::open(path, trust_domain)?;
+    let store = MeshStore::new(state, &path.display().to_string());
+    tokio::spawn(src.watch(store.clone(), stop));
+    Ok(store)
 }

@@ -15,7 +15,7 @@ mod service_entry;
 pub mod standalone;
 mod store;
 
-pub use file::{watch_file, FileError, FileSource};
+pub use file::{open_file, FileError, FileSource};
 pub use model::{
     Endpoint, MeshState, MtlsMode, PeerAuthentication, Service, ServicePort, TargetPort,
     TunnelProtocol, Workload,

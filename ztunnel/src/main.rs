@@ -137,17 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (ads_tx, ads_status) = watch::channel(xds::AdsStatus::default());
     let store = match (&args.config, &args.xds_address) {
         (Some(path), _) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("read config {}", path.display()))?;
-            let state = mesh::standalone::parse(&text, &args.trust_domain)
-                .with_context(|| format!("config {}", path.display()))?;
-            let store = MeshStore::new(state, &path.display().to_string());
-            tokio::spawn(mesh::watch_file(
-                path.clone(),
-                args.trust_domain.clone(),
-                store.clone(),
-                drain.clone(),
-            ));
+            let store = mesh::open_file(path, &args.trust_domain, drain.clone())?;
             ads_tx.send_replace(xds::AdsStatus {
                 connected: true,
                 synced: true,
