@@ -1,9 +1,11 @@
 //! Bringing a pod to what the mesh state says it should be: rules in and
-//! ztunnel told, or rules out and ztunnel told.
+//! ztunnel told, or rules out and ztunnel told. What to do is planned
+//! (`super::plan`); this carries it out.
 
 use std::path::Path;
 
-use super::records::Enrolled;
+use super::plan::{plan, plan_pod, Action};
+use super::records::{Enrolled, Record};
 use super::{blocking, pod_name, Agent, Key};
 use crate::membership::{decide, Membership};
 use crate::{host, redirect};
@@ -34,96 +36,134 @@ impl Agent {
         self.persist();
     }
 
-    /// Brings one pod to what the mesh state says it should be.
+    /// Brings one pod to what the mesh state says, trusting nothing recorded
+    /// as installed (a sandbox's ADD, an agent starting, a pod taken in
+    /// after the agent was away): see `plan::plan_pod`'s repair.
     pub(super) async fn reconcile(&mut self, key: &Key) -> Result<Standing, String> {
-        let r = self.pods.get(key).expect("caller holds the key").clone();
-        let pod = pod_name(key);
-        let want = match decide(
+        let r = self.pods.get(key).expect("caller holds the key");
+        let decision = self.decide(r);
+        let action =
+            plan_pod(&self.cfg.node, key, r, decision, true).expect("a repair always acts");
+        self.apply(key, action).await
+    }
+
+    /// After a mesh change: every known pod re-decided (cheap, no I/O), and
+    /// only those whose decision or its inputs changed acted on.
+    pub(super) async fn follow(&mut self) {
+        let decisions: Vec<(Key, Membership)> = self
+            .pods
+            .iter()
+            .map(|(k, r)| (k.clone(), self.decide(r)))
+            .collect();
+        let actions = plan(&self.cfg.node, &self.pods, decisions);
+        tracing::info!(
+            pods = self.pods.len(),
+            acting_on = actions.len(),
+            "capture re-decided"
+        );
+        for (key, action) in actions {
+            if let Err(e) = self.apply(&key, action).await {
+                tracing::error!(pod = pod_name(&key), error = %e, "reconcile failed");
+            }
+        }
+    }
+
+    fn decide(&self, r: &Record) -> Membership {
+        decide(
             &self.state,
             &r.namespace,
             &r.name,
             &self.cfg.exclude_namespaces,
             self.cfg.dns_capture,
-        ) {
-            Membership::Ambient {
-                uid,
-                ip,
-                node,
-                service_account,
-                options,
-            } => {
-                if node != self.cfg.node {
-                    return Err(format!(
-                        "the mesh config places {pod} on node {node}, but it runs on {}",
-                        self.cfg.node
-                    ));
-                }
-                let ip = match r.ips.first() {
-                    Some(cni) if ip.is_unspecified() => *cni,
-                    _ => ip,
-                };
-                if ip.is_unspecified() {
-                    return Err(format!(
-                        "{pod} has no address yet (neither CNI nor the API reported one)"
-                    ));
-                }
-                if !r.ips.is_empty() && !r.ips.contains(&ip) {
-                    return Err(format!(
-                        "{pod} got {:?} from the CNI, but the mesh config declares podIP {ip}",
-                        r.ips
-                    ));
-                }
-                Enrolled {
-                    uid,
-                    ip,
-                    service_account,
-                    options,
-                }
-            }
-            Membership::Undeclared => {
-                self.unenrol(key).await;
-                return Err(format!(
-                    "{pod} is in an ambient namespace but not in the mesh config"
-                ));
-            }
-            Membership::Outside(why) => {
+        )
+    }
+
+    /// Carries out one planned action and records the outcome. A failed
+    /// enrolment records nothing, so the next change or ADD plans it again
+    /// (a transient iptables or ztunnel failure heals then).
+    async fn apply(&mut self, key: &Key, action: Action) -> Result<Standing, String> {
+        let r = self.pods.get(key).expect("caller holds the key").clone();
+        let result = match &action {
+            Action::Refuse(why) => Err(why.clone()),
+            Action::Release { why, refused } => {
                 if r.enrolled.is_some() {
-                    tracing::info!(pod, why, "pod leaves the mesh");
+                    tracing::info!(pod = pod_name(key), why, "pod leaves the mesh");
                     self.unenrol(key).await;
                 }
-                return Ok(Standing::Outside(why));
+                match refused {
+                    true => Err(why.clone()),
+                    false => Ok(Standing::Outside(why.clone())),
+                }
             }
+            Action::Enrol {
+                to,
+                rules,
+                address,
+                ztunnel,
+            } => self
+                .enrol(key, &r, to, *rules, *address, *ztunnel)
+                .await
+                .map(|()| Standing::Enrolled),
         };
-        let netns = r.netns.clone();
-        let options = want.options;
-        // Install is idempotent: run on every reconcile so a restarted agent
-        // repairs rules someone removed.
-        blocking(move || redirect::install(&netns, options))
-            .await
-            .map_err(|e| e.to_string())?;
-        if self.cfg.probe_snat {
-            let ip = want.ip;
+        if result.is_ok() || !matches!(action, Action::Enrol { .. }) {
+            action.settle(self.pods.get_mut(key).expect("held"));
+        }
+        result
+    }
+
+    /// Does what the flags say for `to`, in the fail-closed order: rules
+    /// before ztunnel hears of the pod.
+    async fn enrol(
+        &mut self,
+        key: &Key,
+        r: &Record,
+        to: &Enrolled,
+        rules: bool,
+        address: bool,
+        ztunnel: bool,
+    ) -> Result<(), String> {
+        let pod = pod_name(key);
+        let old = r.enrolled.as_ref();
+        let options = to.options;
+        if rules {
+            let netns = r.netns.clone();
+            blocking(move || redirect::install(&netns, options))
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(
+                pod,
+                dns = options.dns,
+                inbound = options.inbound,
+                "capture rules installed"
+            );
+        }
+        if address && self.cfg.probe_snat {
+            let ip = to.ip;
             if let Err(e) = blocking(move || host::add_pod(ip)).await {
                 tracing::warn!(pod, error = %e, "probe SNAT set not updated");
             }
+            // The old address may be another pod's by now: its probes must
+            // not be SNATed as if it were ambient.
+            if let Some(stale) = old.map(|o| o.ip).filter(|o| *o != ip) {
+                if let Err(e) = blocking(move || host::del_pod(stale)).await {
+                    tracing::warn!(pod, error = %e, "probe SNAT set not updated");
+                }
+            }
         }
-        let old = r.enrolled.clone();
-        if old.as_ref().map(|o| (&o.uid, &o.service_account))
-            != Some((&want.uid, &want.service_account))
-        {
-            if let Err(e) = self.tell_add(&r, &want).await {
+        if ztunnel {
+            if let Err(e) = self.tell_add(r, to).await {
                 if old.is_none() {
                     // ztunnel refused a new pod: leave nothing behind.
-                    self.remove_rules(&r.netns, want.ip).await;
+                    self.remove_rules(&r.netns, to.ip).await;
                 }
                 return Err(e);
             }
-            if let Some(o) = old.as_ref().filter(|o| o.uid != want.uid) {
+            if let Some(o) = old.filter(|o| o.uid != to.uid) {
                 self.tell_del(&o.uid).await;
             }
             tracing::info!(
                 pod,
-                uid = want.uid,
+                uid = to.uid,
                 dns = options.dns,
                 inbound = options.inbound,
                 "pod captured"
@@ -132,8 +172,7 @@ impl Agent {
                 a.set(&r.namespace, &r.name, true);
             }
         }
-        self.pods.get_mut(key).expect("held").enrolled = Some(want);
-        Ok(Standing::Enrolled)
+        Ok(())
     }
 
     pub(super) async fn unenrol(&mut self, key: &Key) {

@@ -4,8 +4,10 @@
 //! lockstep and needs no locks.
 //!
 //! Membership is decided from the live mesh state (`Config::store`): the
-//! agent follows `MeshStore::subscribe` and re-decides every pod it knows
-//! when the state changes. The plugin asks the agent about each pod
+//! agent follows `MeshStore::subscribe`, re-decides every pod it knows when
+//! the state changes and acts only on the pods whose decision or its inputs
+//! changed (`plan`): a change costs what it changes, not a rule rewrite per
+//! captured pod. The plugin asks the agent about each pod
 //! (`crate::api`); for when it cannot, the agent keeps a small membership
 //! answer on disk (`crate::fallback`), rewritten only when it changes.
 //!
@@ -14,6 +16,7 @@
 //! leaving in plaintext); they come out only when the pod leaves the mesh.
 
 mod capture;
+mod plan;
 mod records;
 mod serve;
 mod ztunnel;
@@ -178,10 +181,10 @@ async fn blocking<T: Send + 'static, E: Send + 'static>(
 }
 
 impl Agent {
-    /// Takes the store's current state; a new one re-decides every pod.
-    /// Cheap when nothing changed (a pointer comparison), so plugin calls
-    /// run it too: a change the event loop has not reached yet then decides
-    /// their pod as well.
+    /// Takes the store's current state; a new one re-decides every pod and
+    /// acts where that changed something. Cheap when nothing changed (a
+    /// pointer comparison), so plugin calls run it too: a change the event
+    /// loop has not reached yet then decides their pod as well.
     async fn refresh(&mut self) {
         let now = self.cfg.store.load();
         if Arc::ptr_eq(&now, &self.state) {
@@ -193,10 +196,12 @@ impl Agent {
             "mesh state changed; re-deciding capture"
         );
         self.publish_answer();
-        self.reconcile_all("reconcile failed").await;
+        self.follow().await;
         self.persist();
     }
 
+    /// Every pod, repairing (rules rewritten): at start only, so a
+    /// restarted agent repairs what was changed while it was away.
     async fn reconcile_all(&mut self, what: &str) {
         let keys: Vec<Key> = self.pods.keys().cloned().collect();
         for k in keys {

@@ -35,6 +35,11 @@ pub(super) struct Record {
     pub ips: Vec<IpAddr>,
     /// Rules installed and handed (or queued for the next snapshot) to ztunnel.
     pub enrolled: Option<Enrolled>,
+    /// Why the mesh's last decision for it could not be applied, so a
+    /// refusal is reported once, not at every mesh change. Not kept across
+    /// restarts: a new agent reports it again.
+    #[serde(skip)]
+    pub refused: Option<String>,
 }
 
 impl Record {
@@ -46,6 +51,7 @@ impl Record {
             netns,
             ips: req.ips,
             enrolled: None,
+            refused: None,
         }
     }
 }
