@@ -533,3 +533,68 @@ async fn with_the_agent_down_outside_pods_start_and_ambient_pods_wait() {
         served(&m, "node1").contains(&"c".to_string())
     });
 }
+
+/// A mesh change costs what it changes: another pod's labels, or another
+/// pod entering the mesh, leave an enrolled pod's rules and ztunnel's view
+/// of it alone; its own dns-capture annotation rewrites its rules only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_change_reinstalls_only_the_rules_it_changes() {
+    let mut m = cluster("inc", &["node1"]);
+    m.cni_pod("node1", "a", "app", "a", "10.244.1.10").unwrap();
+    m.cni_pod("node1", "c", "plain", "c", "10.244.1.20")
+        .unwrap();
+    // The log lines name the pod as a quoted field value.
+    let count = |what: &str, pod: &str| {
+        let quoted = format!("\"{pod}\"");
+        m.agent_log("node1")
+            .lines()
+            .filter(|l| l.contains(what) && l.contains(&quoted))
+            .count()
+    };
+    let installs = |pod: &str| count("capture rules installed", pod);
+    let told = |pod: &str| count("pod captured", pod);
+    let decided = || m.agent_log("node1").matches("capture re-decided").count();
+    // The agent handles one event at a time: once it has answered a CHECK,
+    // what it did for earlier changes is in its log.
+    let barrier = || m.cni("node1", "CHECK", "a", "app", "").unwrap();
+    assert_eq!((installs("app/a"), told("app/a")), (1, 1));
+
+    // Another pod's labels: re-decided, nothing done.
+    let before = decided();
+    m.write_config(&yaml(false).replace("labels: {app: c}", "labels: {app: c, tier: web}"));
+    eventually("agent re-decided", || decided() > before);
+    barrier();
+    assert_eq!(
+        (installs("app/a"), told("app/a")),
+        (1, 1),
+        "{}",
+        m.agent_log("node1")
+    );
+
+    // Another pod enters the mesh: it alone gets rules.
+    m.write_config(&yaml(true));
+    eventually("c captured after labelling", || told("plain/c") == 1);
+    barrier();
+    assert!(capture_traces(&m, "c").contains("REDIRECT --to-ports 15001"));
+    assert_eq!(served(&m, "node1"), ["a", "c"]);
+    assert_eq!((installs("app/a"), told("app/a")), (1, 1));
+    assert_eq!(installs("plain/c"), 1);
+
+    // a's own DNS capture is turned off: its rules are rewritten without the
+    // DNS redirect; ztunnel already knows it, and c is left alone.
+    assert!(capture_traces(&m, "a").contains("--to-ports 15053"));
+    m.write_config(&yaml(true).replace(
+        "namespace: app, labels: {app: a}}",
+        "namespace: app, labels: {app: a}, annotations: {ambient.istio.io/dns-capture: \"false\"}}",
+    ));
+    eventually("a's rules rewritten", || installs("app/a") == 2);
+    barrier();
+    let t = capture_traces(&m, "a");
+    assert!(
+        t.contains("REDIRECT --to-ports 15001") && !t.contains("--to-ports 15053"),
+        "{t}"
+    );
+    assert_eq!(told("app/a"), 1);
+    assert_eq!((installs("plain/c"), told("plain/c")), (1, 1));
+    assert_eq!(served(&m, "node1"), ["a", "c"]);
+}
