@@ -118,11 +118,7 @@ impl Ads {
                 // The node goes with the first request of the stream only.
                 node: (i == 0).then(|| self.proxy.node()),
                 type_url: t.to_string(),
-                initial_resource_versions: res
-                    .versions
-                    .get(*t)
-                    .map(|v| v.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                    .unwrap_or_default(),
+                initial_resource_versions: res.versions(t),
                 ..Default::default()
             };
             tx.send(req).await.expect("receiver held below");
@@ -189,12 +185,8 @@ impl Ads {
             };
             self.store.replace(state);
             if !self.status.borrow().synced {
-                tracing::info!(
-                    workloads = res.workloads.len(),
-                    services = res.services.len(),
-                    policies = res.policies.len(),
-                    "xDS initial sync complete"
-                );
+                let (workloads, services, policies) = res.counts();
+                tracing::info!(workloads, services, policies, "xDS initial sync complete");
             }
             self.status.send_modify(|s| s.synced = true);
         }

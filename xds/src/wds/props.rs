@@ -95,7 +95,8 @@ fn resource(i: usize, v: u8) -> (String, wl::address::Type) {
 fn upsert(r: &mut Resources, i: usize, v: u8) {
     let (name, a) = resource(i, v);
     let body = wl::Address { r#type: Some(a) }.encode_to_vec();
-    r.upsert(ADDRESS_TYPE, &name, "v", &body).unwrap();
+    r.upsert(ADDRESS_TYPE, &name, &format!("v{v}"), &body)
+        .unwrap();
 }
 
 #[derive(Clone, Debug)]
@@ -157,6 +158,10 @@ proptest! {
         }
         let fresh = whole.build();
         prop_assert_eq!(&incremental, &json(&fresh));
+        prop_assert_eq!(r.versions(ADDRESS_TYPE), whole.versions(ADDRESS_TYPE));
+        // What is kept besides the published state is what the survivors
+        // alone make: no entry outlives what made it.
+        prop_assert_eq!(r.index_sizes(), whole.index_sizes());
         // The address indexes (not part of the dump) agree too.
         for w in fresh.workloads.values() {
             let got = published.workload_by_ip(w.ip).map(|x| x.uid.clone());
@@ -175,6 +180,7 @@ proptest! {
         }
         let empty = r.build();
         prop_assert!(empty.workloads.is_empty() && empty.services.is_empty());
-        prop_assert_eq!(r.index_sizes(), [0; 9]);
+        prop_assert_eq!(r.index_sizes(), [0; 7]);
+        prop_assert!(r.versions(ADDRESS_TYPE).is_empty());
     }
 }

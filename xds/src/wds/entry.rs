@@ -1,0 +1,224 @@
+//! What `Resources` keeps of an address: its translation (the `Arc` the
+//! published state shares) and only the inputs that re-translating it reads
+//! when a related resource changes, not the decoded proto.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use mesh::routes::WaypointRef;
+use mesh::{Service, ServicePort, TargetPort, TunnelProtocol, Workload};
+
+use crate::pb::istio::workload as wl;
+
+/// (service port, target port) pairs.
+pub(super) type Ports = Box<[(u16, u16)]>;
+
+/// A workload as last received.
+#[derive(Debug)]
+pub(super) struct WorkloadEntry {
+    /// Its translation. Until the next `build` (`published` false) it lacks
+    /// what other resources give: the named ports filled in from services
+    /// and a waypoint named by VIP.
+    pub w: Arc<Workload>,
+    /// The services it lists (sorted by key, `<ns>/<hostname>`, the key
+    /// shared with the index), each with its own fixed target ports
+    /// (service port, target port; only those with a target).
+    pub services: Box<[(Arc<str>, Ports)]>,
+    /// The VIP its waypoint is named by (resolved through the services).
+    pub waypoint_vip: Option<IpAddr>,
+    pub healthy: bool,
+    pub published: bool,
+    pub version: Arc<str>,
+}
+
+/// A service as last received.
+#[derive(Debug)]
+pub(super) struct ServiceEntry {
+    /// Its translation; until the next `build`, without endpoints and a
+    /// waypoint named by VIP.
+    pub s: Arc<Service>,
+    /// `<ns>/<hostname>`, shared with the index.
+    pub key: Arc<str>,
+    /// Service ports with a fixed target (service port, target port): they
+    /// fill in the named ports of its healthy members.
+    pub targets: Box<[(u16, u16)]>,
+    pub waypoint_vip: Option<IpAddr>,
+    pub published: bool,
+    pub version: Arc<str>,
+}
+
+#[derive(Debug)]
+pub(super) enum Address {
+    Workload(WorkloadEntry),
+    Service(ServiceEntry),
+}
+
+impl Address {
+    pub fn version(&self) -> &str {
+        match self {
+            Address::Workload(w) => &w.version,
+            Address::Service(s) => &s.version,
+        }
+    }
+}
+
+/// How a resource names its waypoint: fixed (by hostname, or nothing we can
+/// read), or by an address that a service's VIP resolves.
+enum WaypointName {
+    Fixed(Option<WaypointRef>),
+    Vip(IpAddr),
+}
+
+fn waypoint_name(g: &Option<wl::GatewayAddress>) -> WaypointName {
+    match g.as_ref().and_then(|g| g.destination.as_ref()) {
+        Some(wl::gateway_address::Destination::Hostname(h)) => {
+            WaypointName::Fixed(Some(WaypointRef {
+                name: h.hostname.clone(),
+                namespace: h.namespace.clone(),
+            }))
+        }
+        Some(wl::gateway_address::Destination::Address(a)) => match ip_of(&a.address) {
+            Ok(ip) => WaypointName::Vip(ip),
+            Err(_) => WaypointName::Fixed(None),
+        },
+        None => WaypointName::Fixed(None),
+    }
+}
+
+fn port_pair(p: &wl::Port) -> Option<(u16, u16)> {
+    let sp = u16::try_from(p.service_port).ok()?;
+    let tp = u16::try_from(p.target_port).ok()?;
+    (tp != 0).then_some((sp, tp))
+}
+
+/// `w` as far as it translates alone; `ip` is its checked address and
+/// `key` interns a service key.
+pub(super) fn workload_entry(
+    w: wl::Workload,
+    ip: IpAddr,
+    version: Arc<str>,
+    mut key: impl FnMut(&str) -> Arc<str>,
+) -> WorkloadEntry {
+    let mut services: Vec<_> = w
+        .services
+        .iter()
+        .map(|(k, ports)| (key(k), ports.ports.iter().filter_map(port_pair).collect()))
+        .collect();
+    services.sort_by(|a, b| a.0.cmp(&b.0));
+    let (waypoint, waypoint_vip) = match waypoint_name(&w.waypoint) {
+        WaypointName::Fixed(r) => (r, None),
+        WaypointName::Vip(ip) => (None, Some(ip)),
+    };
+    let healthy = w.status == wl::WorkloadStatus::Healthy as i32;
+    let t = Workload {
+        service_account: non_empty(&w.service_account, "default"),
+        trust_domain: non_empty(&w.trust_domain, identity::DEFAULT_TRUST_DOMAIN),
+        canonical_name: non_empty(&w.canonical_name, &w.name),
+        canonical_revision: non_empty(&w.canonical_revision, "latest"),
+        uid: w.uid,
+        name: w.name,
+        namespace: w.namespace,
+        node: w.node,
+        ip,
+        labels: Default::default(),
+        annotations: Default::default(),
+        waypoint,
+        named_ports: BTreeMap::new(),
+        protocol: if w.tunnel_protocol == wl::TunnelProtocol::Hbone as i32 {
+            TunnelProtocol::Hbone
+        } else {
+            TunnelProtocol::None
+        },
+        authorization_policies: w.authorization_policies,
+    };
+    WorkloadEntry {
+        w: Arc::new(t),
+        services: services.into(),
+        waypoint_vip,
+        healthy,
+        published: false,
+        version,
+    }
+}
+
+/// `s` as far as it translates alone (its addresses are checked).
+pub(super) fn service_entry(s: wl::Service, key: Arc<str>, version: Arc<str>) -> ServiceEntry {
+    let (waypoint, waypoint_vip) = match waypoint_name(&s.waypoint) {
+        WaypointName::Fixed(r) => (r, None),
+        WaypointName::Vip(ip) => (None, Some(ip)),
+    };
+    let ports = s
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let port = u16::try_from(p.service_port).ok()?;
+            // The target port may differ per endpoint (named targetPort):
+            // each workload's own map wins.
+            Some(ServicePort {
+                name: None,
+                port,
+                target: TargetPort::Named(per_endpoint_port(&s.hostname, port)),
+            })
+        })
+        .collect();
+    let t = Service {
+        waypoint,
+        vips: s
+            .addresses
+            .iter()
+            .filter_map(|a| ip_of(&a.address).ok())
+            .collect(),
+        ports,
+        endpoints: Vec::new(),
+        name: s.name,
+        namespace: s.namespace,
+        hostname: s.hostname,
+    };
+    ServiceEntry {
+        s: Arc::new(t),
+        key,
+        targets: s.ports.iter().filter_map(port_pair).collect(),
+        waypoint_vip,
+        published: false,
+        version,
+    }
+}
+
+pub(super) fn service_key(s: &wl::Service) -> String {
+    format!("{}/{}", s.namespace, s.hostname)
+}
+
+/// The hostname of a service key.
+pub(super) fn host_of(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(_, h)| h)
+}
+
+/// The synthetic named port under which a workload records the target of a
+/// service port (WDS gives target ports per workload, not per service).
+pub(super) fn per_endpoint_port(host: &str, port: u16) -> String {
+    format!("wds:{host}:{port}")
+}
+
+fn non_empty(s: &str, default: &str) -> String {
+    if s.is_empty() { default } else { s }.to_string()
+}
+
+pub(crate) fn ip_of(b: &[u8]) -> Result<IpAddr, String> {
+    match b.len() {
+        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(b).unwrap())),
+        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).unwrap())),
+        n => Err(format!("address of {n} bytes")),
+    }
+}
+
+pub(super) fn workload_ip(w: &wl::Workload) -> Result<IpAddr, String> {
+    // Our pods are single-stack; the first address is the one traffic uses.
+    match w.addresses.first() {
+        Some(a) => ip_of(a).map_err(|r| format!("workload {}/{} {r}", w.namespace, w.name)),
+        None => Err(format!(
+            "workload {}/{} has no address",
+            w.namespace, w.name
+        )),
+    }
+}

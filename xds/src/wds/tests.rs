@@ -1,0 +1,333 @@
+//! The WDS source on small meshes: translation, refusals, policies that
+//! fail closed, waypoints by hostname and by VIP.
+
+use std::collections::HashMap;
+
+use mesh::authz::{self, Connection, Decision};
+use mesh::Workload;
+use prost::Message;
+
+use super::*;
+use crate::pb::istio::security as sec;
+use crate::pb::istio::workload as wl;
+
+fn workload(
+    name: &str,
+    ip: [u8; 4],
+    svc: Option<(&str, u32, u32)>,
+    policies: &[&str],
+) -> wl::Workload {
+    let mut services = HashMap::new();
+    if let Some((key, sp, tp)) = svc {
+        services.insert(
+            key.to_string(),
+            wl::PortList {
+                ports: vec![wl::Port {
+                    service_port: sp,
+                    target_port: tp,
+                    app_protocol: 0,
+                }],
+            },
+        );
+    }
+    wl::Workload {
+        uid: format!("Kubernetes//Pod/demo/{name}"),
+        name: name.into(),
+        namespace: "demo".into(),
+        addresses: vec![ip.to_vec()],
+        tunnel_protocol: wl::TunnelProtocol::Hbone as i32,
+        service_account: name.into(),
+        node: "node1".into(),
+        services: services.into_iter().collect(),
+        authorization_policies: policies.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn put(r: &mut Resources, name: &str, a: wl::address::Type) {
+    let body = wl::Address { r#type: Some(a) }.encode_to_vec();
+    r.upsert(ADDRESS_TYPE, name, "v1", &body).unwrap();
+}
+
+#[test]
+fn workloads_services_and_listed_policies() {
+    let mut r = Resources::default();
+    let key = "demo/echo.demo.svc.cluster.local";
+    put(
+        &mut r,
+        "a",
+        wl::address::Type::Workload(workload(
+            "echo",
+            [10, 244, 1, 2],
+            Some((key, 80, 8080)),
+            &["demo/only-client"],
+        )),
+    );
+    put(
+        &mut r,
+        "b",
+        wl::address::Type::Workload(workload("client", [10, 244, 1, 3], None, &[])),
+    );
+    put(
+        &mut r,
+        "svc",
+        wl::address::Type::Service(wl::Service {
+            name: "echo".into(),
+            namespace: "demo".into(),
+            hostname: "echo.demo.svc.cluster.local".into(),
+            addresses: vec![wl::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 10],
+            }],
+            ports: vec![wl::Port {
+                service_port: 80,
+                target_port: 0,
+                app_protocol: 0,
+            }],
+            waypoint: None,
+        }),
+    );
+    let allow = sec::Authorization {
+        name: "only-client".into(),
+        namespace: "demo".into(),
+        scope: sec::Scope::WorkloadSelector as i32,
+        action: sec::Action::Allow as i32,
+        groups: vec![sec::Group {
+            rules: vec![sec::Rules {
+                matches: vec![sec::Match {
+                    service_accounts: vec![sec::ServiceAccountMatch {
+                        namespace: "demo".into(),
+                        service_account: "client".into(),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    };
+    r.upsert(
+        AUTHORIZATION_TYPE,
+        "demo/only-client",
+        "v1",
+        &allow.encode_to_vec(),
+    )
+    .unwrap();
+
+    let st = r.build();
+    let svc = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+    let eps = st.endpoints_for(svc, 80);
+    assert_eq!(eps.len(), 1);
+    assert_eq!((eps[0].0.name.as_str(), eps[0].1), ("echo", 8080));
+    let echo = st.workload_by_ip("10.244.1.2".parse().unwrap()).unwrap();
+    let client = st.workload_by_ip("10.244.1.3".parse().unwrap()).unwrap();
+    fn conn<'a>(id: &'a identity::Identity, echo: &Workload) -> Connection<'a> {
+        Connection {
+            src_identity: Some(id),
+            src_ip: "10.244.1.3".parse().unwrap(),
+            dst_ip: echo.ip,
+            dst_port: 8080,
+            request: None,
+        }
+    }
+    let policies: Vec<_> = st.policies.iter().map(|p| p.as_ref()).collect();
+    assert_eq!(
+        authz::evaluate(
+            policies.iter().copied(),
+            echo,
+            &conn(&client.identity(), echo)
+        ),
+        Decision::Allow
+    );
+    let other = identity::Identity::new("cluster.local", "demo", "intruder");
+    assert!(matches!(
+        authz::evaluate(policies.iter().copied(), echo, &conn(&other, echo)),
+        Decision::Deny(_)
+    ));
+    // The index a connection uses finds the listed policy too.
+    assert!(matches!(
+        authz::evaluate_selected(st.policies_selecting(echo), &conn(&other, echo)),
+        Decision::Deny(_)
+    ));
+    assert_eq!(st.policies_selecting(client).count(), 0);
+    // The policy is listed on echo only: client has no ALLOW selecting it.
+    assert!(
+        authz::evaluate(policies.iter().copied(), client, &conn(&other, echo)) == Decision::Allow
+    );
+
+    r.remove(AUTHORIZATION_TYPE, "demo/only-client");
+    let st = r.build();
+    let policies: Vec<_> = st.policies.iter().map(|p| p.as_ref()).collect();
+    assert_eq!(
+        authz::evaluate(policies.iter().copied(), echo, &conn(&other, echo)),
+        Decision::Allow
+    );
+}
+
+#[test]
+fn bad_resources_are_refused_by_name_and_keep_the_old_version() {
+    let mut r = Resources::default();
+    put(
+        &mut r,
+        "a",
+        wl::address::Type::Workload(workload("echo", [10, 244, 1, 2], None, &[])),
+    );
+    let mut bad = workload("echo", [10, 244, 1, 2], None, &[]);
+    bad.addresses = vec![vec![1, 2, 3]];
+    let body = wl::Address {
+        r#type: Some(wl::address::Type::Workload(bad)),
+    }
+    .encode_to_vec();
+    let e = r
+        .upsert(ADDRESS_TYPE, "a", "v2", &body)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a: workload demo/echo address of 3 bytes"),
+        "{e}"
+    );
+    let e = r
+        .upsert(ADDRESS_TYPE, "junk", "v1", &[0xff, 0xff])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("junk: not a valid type.googleapis.com/istio.workload.Address"),
+        "{e}"
+    );
+    assert_eq!(r.versions(ADDRESS_TYPE)["a"], "v1");
+    assert!(r
+        .build()
+        .workload_by_ip("10.244.1.2".parse().unwrap())
+        .is_some());
+}
+
+/// Policies we cannot read fully are kept, fail closed, and reported.
+#[test]
+fn unreadable_policies_fail_closed() {
+    let echo = workload("echo", [10, 244, 1, 2], None, &[]);
+    let principal = |p: &str| sec::StringMatch {
+        match_type: Some(sec::string_match::MatchType::Exact(p.into())),
+    };
+    let deny_client = |name: &str| sec::Authorization {
+        name: name.into(),
+        namespace: "demo".into(),
+        scope: sec::Scope::Namespace as i32,
+        action: sec::Action::Deny as i32,
+        groups: vec![sec::Group {
+            rules: vec![sec::Rules {
+                matches: vec![sec::Match {
+                    principals: vec![principal("cluster.local/ns/demo/sa/client")],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    };
+    let decide = |body: &[u8], name: &str, src: &str| {
+        let mut r = Resources::default();
+        put(&mut r, "echo", wl::address::Type::Workload(echo.clone()));
+        r.upsert(AUTHORIZATION_TYPE, name, "v1", body).unwrap();
+        let st = r.build();
+        let w = st
+            .workload_by_ip("10.244.1.2".parse().unwrap())
+            .unwrap()
+            .clone();
+        let src = identity::Identity::new("cluster.local", "demo", src);
+        let c = Connection {
+            src_identity: Some(&src),
+            src_ip: "10.244.2.9".parse().unwrap(),
+            dst_ip: w.ip,
+            dst_port: 8080,
+            request: None,
+        };
+        let d = authz::evaluate(st.policies.iter().map(|p| p.as_ref()), &w, &c);
+        (d == Decision::Allow, st.rejected.to_vec())
+    };
+    // Sound: only the named client is denied, nothing reported.
+    let ok = deny_client("demo/p").encode_to_vec();
+    assert_eq!(decide(&ok, "demo/p", "client"), (false, vec![]));
+    assert!(decide(&ok, "demo/p", "other").0);
+
+    // Unknown scope: widens to the namespace; unknown action: a DENY.
+    let mut p = deny_client("p");
+    p.scope = 7;
+    p.action = 9;
+    let (allowed, rejected) = decide(&p.encode_to_vec(), "demo/p", "client");
+    assert!(!allowed);
+    let fields: Vec<_> = rejected.iter().map(|r| r.field.as_str()).collect();
+    assert_eq!(fields, ["scope", "action"]);
+    assert!(
+        decide(&p.encode_to_vec(), "demo/p", "other").0,
+        "the rest of the rule still decides"
+    );
+
+    // A match with no type: the DENY rule ignores it and denies more.
+    let mut p = deny_client("p");
+    p.groups[0].rules[0].matches[0].principals = vec![sec::StringMatch { match_type: None }];
+    let (allowed, rejected) = decide(&p.encode_to_vec(), "demo/p", "other");
+    assert!(!allowed, "{rejected:?}");
+    assert_eq!(
+        rejected[0].field,
+        "groups[0].rules[0].matches[0].principals"
+    );
+    // ...and the same field in an ALLOW matches nothing.
+    p.action = sec::Action::Allow as i32;
+    assert!(!decide(&p.encode_to_vec(), "demo/p", "client").0);
+
+    // Fields this build does not know (field 99, varint 1): DENY all.
+    let mut body = deny_client("p").encode_to_vec();
+    body.extend([0x98, 0x06, 0x01]);
+    let (allowed, rejected) = decide(&body, "demo/p", "other");
+    assert!(!allowed);
+    assert_eq!(
+        (rejected[0].kind.as_str(), rejected[0].name.as_str()),
+        ("Authorization", "p")
+    );
+    assert!(rejected[0].reason.contains("does not know"), "{rejected:?}");
+
+    // Undecodable: denies everything in the namespace the name gives.
+    let (allowed, rejected) = decide(&[0xff, 0xff], "demo/broken", "other");
+    assert!(!allowed);
+    assert_eq!(
+        (rejected[0].namespace.as_str(), rejected[0].name.as_str()),
+        ("demo", "broken")
+    );
+    let mut r = Resources::default();
+    assert!(r
+        .upsert(AUTHORIZATION_TYPE, "nonamespace", "v1", &[0xff, 0xff])
+        .is_err());
+}
+
+#[test]
+fn waypoint_by_hostname_and_by_vip() {
+    let mut r = Resources::default();
+    let mut w = workload("echo", [10, 244, 1, 2], None, &[]);
+    w.waypoint = Some(wl::GatewayAddress {
+        destination: Some(wl::gateway_address::Destination::Address(
+            wl::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 99],
+            },
+        )),
+        hbone_mtls_port: 15008,
+    });
+    put(&mut r, "a", wl::address::Type::Workload(w));
+    put(
+        &mut r,
+        "wp",
+        wl::address::Type::Service(wl::Service {
+            name: "waypoint".into(),
+            namespace: "demo".into(),
+            hostname: "waypoint.demo.svc.cluster.local".into(),
+            addresses: vec![wl::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 99],
+            }],
+            ports: vec![],
+            waypoint: None,
+        }),
+    );
+    let st = r.build();
+    let echo = st.workload_by_ip("10.244.1.2".parse().unwrap()).unwrap();
+    let wref = st.workload_waypoint(echo).expect("waypoint");
+    assert_eq!(wref.name, "waypoint.demo.svc.cluster.local");
+}
