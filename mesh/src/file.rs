@@ -83,40 +83,63 @@ impl FileSource {
 
     /// Applies the file's new text. On error nothing changes.
     pub fn apply(&mut self, text: &str) -> Result<MeshState, ConfigError> {
-        let mut docs = HashMap::new();
+        // Unchanged documents move their summaries over from the last apply
+        // (no copies: at 50k documents, cloning every key cost more than
+        // the one translation a change needs).
+        let mut old = std::mem::take(&mut self.docs);
+        // (text hash, summary, whether it was known before this apply)
+        let mut entries: Vec<(u64, Option<DocSummary>, bool)> = Vec::new();
         let mut changed = Vec::new();
-        let mut order = Vec::new();
+        let mut failed = None;
         for d in split(text) {
             let h = text_hash(d.text);
-            let summary = match self.docs.get(&h) {
-                Some(s) => s.clone(),
-                None => {
-                    let t = translate_doc(d.index, d.text)?;
-                    let s = t.as_ref().map(DocSummary::of);
-                    changed.extend(t);
-                    s
-                }
+            let (summary, known) = match old.remove(&h) {
+                Some(s) => (s, true),
+                None => match translate_doc(d.index, d.text) {
+                    Ok(t) => {
+                        let s = t.as_ref().map(DocSummary::of);
+                        changed.extend(t);
+                        (s, false)
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                },
             };
-            order.extend(summary.clone());
-            docs.insert(h, summary);
+            entries.push((h, summary, known));
         }
-        check_set(&order)?;
-        let keep: HashSet<&ObjectKey> = order.iter().map(|s| &s.key).collect();
-        let gone: Vec<ObjectKey> = self
-            .docs
+        let summaries: Vec<&DocSummary> =
+            entries.iter().filter_map(|(_, s, _)| s.as_ref()).collect();
+        if let Some(e) = failed
+            .map(Err)
+            .unwrap_or_else(|| check_set(&summaries))
+            .err()
+        {
+            // Put back what was moved: the last good documents stay known,
+            // and nothing of the refused text is taken for applied.
+            old.extend(entries.into_iter().filter(|e| e.2).map(|(h, s, _)| (h, s)));
+            self.docs = old;
+            return Err(e);
+        }
+        let keep: HashSet<&ObjectKey> = summaries.iter().map(|s| &s.key).collect();
+        // What the old text had and the new one has not, by key (a changed
+        // document keeps its key and is upserted below).
+        let gone: Vec<ObjectKey> = old
             .values()
             .flatten()
             .map(|s| &s.key)
             .filter(|k| !keep.contains(k))
             .cloned()
             .collect();
+        drop(keep);
         for k in &gone {
             self.objects.remove(k);
         }
         for t in changed {
             self.objects.upsert(t);
         }
-        self.docs = docs;
+        self.docs = entries.into_iter().map(|(h, s, _)| (h, s)).collect();
         Ok(self.objects.publish())
     }
 
@@ -190,7 +213,7 @@ impl FileSource {
 }
 
 /// No object twice, no address claimed twice.
-pub(crate) fn check_set(docs: &[DocSummary]) -> Result<(), ConfigError> {
+pub(crate) fn check_set(docs: &[&DocSummary]) -> Result<(), ConfigError> {
     let mut seen = HashSet::new();
     let mut ips: HashMap<IpAddr, &ObjectKey> = HashMap::new();
     for d in docs {

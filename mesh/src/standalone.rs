@@ -163,7 +163,7 @@ pub fn parse_values(
         all.extend(translate(v, &format!("document {}", i + 1))?);
     }
     let summaries: Vec<_> = all.iter().map(crate::file::DocSummary::of).collect();
-    crate::file::check_set(&summaries)?;
+    crate::file::check_set(&summaries.iter().collect::<Vec<_>>())?;
     let mut objects = Objects::new(trust_domain);
     for t in all {
         objects.upsert(t);

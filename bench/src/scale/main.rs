@@ -3,6 +3,8 @@
 //! AuthorizationPolicy per 10 pods (`gen`), fed three ways:
 //! - in process into the WDS source (`xds::wds::Resources`) and as a
 //!   standalone file (`inproc`);
+//! - as the standalone file and as Kubernetes watch events through the
+//!   incremental translator, one change at a time (`objects`);
 //! - over a real delta-ADS gRPC stream from the bench's own xDS server
 //!   (`ads_server`) into the real client (`xds::Ads` and a `MeshStore`) in
 //!   a separate process (`ads_client`), measured by `ads_bench`.
@@ -18,6 +20,7 @@ mod ads_client;
 mod ads_server;
 mod gen;
 mod inproc;
+mod objects;
 mod sys;
 
 use anyhow::Context;
@@ -47,6 +50,11 @@ fn main() -> anyhow::Result<()> {
         };
         return ads_client::run(address.clone(), root.into());
     }
+    if args.first().map(String::as_str) == Some("--objects-child") {
+        let usage = "usage: scale-bench --objects-child PODS file|kube";
+        let n = args.get(1).and_then(|n| n.parse().ok()).context(usage)?;
+        return objects::child(n, args.get(2).context(usage)?);
+    }
     let json = args.iter().any(|a| a == "--json");
     let only_ads = args.iter().any(|a| a == "--only-ads");
     let no_ads = args.iter().any(|a| a == "--no-ads");
@@ -62,6 +70,7 @@ fn main() -> anyhow::Result<()> {
     println!();
     if !only_ads {
         out.insert("in_process".into(), in_process(&sizes).into());
+        out.insert("objects".into(), objects::measure(&sizes)?.into());
     }
     if !no_ads {
         let rt = tokio::runtime::Builder::new_current_thread()
