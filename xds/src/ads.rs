@@ -147,14 +147,18 @@ impl Ads {
         &self,
         res: &mut Resources,
         seen: &mut [bool; 2],
-        resp: DeltaDiscoveryResponse,
+        mut resp: DeltaDiscoveryResponse,
     ) -> DeltaDiscoveryRequest {
         let mut errors = Vec::new();
         let Some(idx) = TYPES.iter().position(|t| *t == resp.type_url) else {
             errors.push(format!("unsupported resource type {}", resp.type_url));
             return nack(resp, errors);
         };
-        for r in &resp.resources {
+        // Each body is freed once applied: the translations that follow
+        // reuse its memory instead of growing the heap past a whole push.
+        let resources = std::mem::take(&mut resp.resources);
+        let updated = resources.len();
+        for r in resources {
             let Some(any) = &r.resource else {
                 errors.push(format!("{}: resource has no body", r.name));
                 continue;
@@ -190,7 +194,7 @@ impl Ads {
             }
             self.status.send_modify(|s| s.synced = true);
         }
-        tracing::debug!(type_url = %resp.type_url, updated = resp.resources.len(), removed = resp.removed_resources.len(), rejected = errors.len(), "xDS response");
+        tracing::debug!(type_url = %resp.type_url, updated, removed = resp.removed_resources.len(), rejected = errors.len(), "xDS response");
         if errors.is_empty() {
             DeltaDiscoveryRequest {
                 type_url: resp.type_url,

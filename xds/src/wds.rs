@@ -61,6 +61,8 @@ pub struct Resources {
     /// The last version string received: resources of one push usually
     /// carry the same one, and share it.
     last_version: Option<Arc<str>>,
+    /// The labels of every WDS workload (istiod sends none).
+    no_labels: mesh::model::Labels,
 }
 
 #[derive(Debug)]
@@ -93,7 +95,8 @@ impl Resources {
                         let ip = workload_ip(&w).map_err(|reason| invalid(name, reason))?;
                         let version = self.version(version);
                         let name = self.forget_address(name);
-                        let e = workload_entry(w, ip, version, |k| self.index.key(k));
+                        let e =
+                            workload_entry(w, ip, version, &self.no_labels, |k| self.index.key(k));
                         self.learn_workload(&name, &e);
                         self.addresses.insert(name, Address::Workload(e));
                     }
@@ -107,7 +110,7 @@ impl Resources {
                         let key = self.index.key(&service_key(&s));
                         let e = service_entry(s, key, version);
                         self.learn_service(&name, &e);
-                        self.addresses.insert(name, Address::Service(e));
+                        self.addresses.insert(name, Address::Service(Box::new(e)));
                     }
                     None => {
                         return Err(invalid(
@@ -245,7 +248,7 @@ impl Resources {
         for (key, _) in w.services.iter() {
             if w.healthy {
                 ix.with_key(key, |k| {
-                    k.members.insert(name.clone());
+                    k.members.insert(name);
                 });
             }
             ix.dirty_services_of(key);
@@ -259,7 +262,7 @@ impl Resources {
     fn learn_service(&mut self, name: &Arc<str>, s: &entry::ServiceEntry) {
         let ix = &mut self.index;
         ix.with_key(&s.key, |k| {
-            k.services.insert(name.clone());
+            k.services.insert(name);
         });
         ix.dirty_members_of(&s.key);
         for vip in &s.s.vips {
@@ -421,17 +424,19 @@ impl Resources {
 
     /// The healthy members of service key `key`, in resource name order.
     fn endpoints(&self, key: &str) -> Vec<Endpoint> {
-        let members = self.index.keys.get(key).into_iter();
-        members
-            .flat_map(|k| k.members.iter())
-            .filter_map(|n| match self.addresses.get(n) {
-                Some(Address::Workload(w)) => Some(Endpoint {
+        let Some(k) = self.index.keys.get(key) else {
+            return Vec::new();
+        };
+        let mut endpoints = Vec::with_capacity(k.members.len());
+        for n in k.members.iter() {
+            if let Some(Address::Workload(w)) = self.addresses.get(n) {
+                endpoints.push(Endpoint {
                     workload_uid: w.w.uid.clone(),
                     ip: w.w.ip,
-                }),
-                _ => None,
-            })
-            .collect()
+                });
+            }
+        }
+        endpoints
     }
 
     /// Index entries left (for the no-leak tests): all zero once every

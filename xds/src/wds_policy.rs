@@ -98,11 +98,14 @@ pub(crate) fn translate_policy(
             .map(|p| u16::try_from(*p).map_err(|_| format!("port {p}")))
             .collect()
     };
-    let mut rules = Vec::new();
+    // Sized up front: a policy lives as long as istiod keeps it, and a
+    // `Match` is large (a vector grown by push keeps room for four).
+    let mut rules = Vec::with_capacity(p.groups.len());
     for (gi, g) in p.groups.iter().enumerate() {
         let mut rule = authz::Rule::default();
+        rule.clauses.reserve_exact(g.rules.len());
         for (ri, r) in g.rules.iter().enumerate() {
-            let mut matches = Vec::new();
+            let mut matches = Vec::with_capacity(r.matches.len());
             for (mi, m) in r.matches.iter().enumerate() {
                 let base = format!("groups[{gi}].rules[{ri}].matches[{mi}]");
                 // Each field either evaluates or is left out and named.
@@ -116,10 +119,12 @@ pub(crate) fn translate_policy(
                     v: Result<Vec<T>, String>,
                     bad: &mut dyn FnMut(&str, String),
                 ) -> Vec<T> {
-                    v.unwrap_or_else(|why| {
+                    let mut v = v.unwrap_or_else(|why| {
                         bad(field, why);
                         Vec::new()
-                    })
+                    });
+                    v.shrink_to_fit();
+                    v
                 }
                 let mut principals = take("principals", strings(&m.principals), &mut bad);
                 principals.extend(accounts(&m.service_accounts));

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use mesh::model::Labels;
 use mesh::routes::WaypointRef;
 use mesh::{Service, ServicePort, TargetPort, TunnelProtocol, Workload};
 
@@ -51,7 +52,8 @@ pub(super) struct ServiceEntry {
 #[derive(Debug)]
 pub(super) enum Address {
     Workload(WorkloadEntry),
-    Service(ServiceEntry),
+    /// Boxed: services are few beside workloads, and larger.
+    Service(Box<ServiceEntry>),
 }
 
 impl Address {
@@ -98,6 +100,7 @@ pub(super) fn workload_entry(
     w: wl::Workload,
     ip: IpAddr,
     version: Arc<str>,
+    no_labels: &Labels,
     mut key: impl FnMut(&str) -> Arc<str>,
 ) -> WorkloadEntry {
     let mut services: Vec<_> = w
@@ -121,8 +124,9 @@ pub(super) fn workload_entry(
         namespace: w.namespace,
         node: w.node,
         ip,
-        labels: Default::default(),
-        annotations: Default::default(),
+        // WDS carries neither: one empty map shared by all.
+        labels: no_labels.clone(),
+        annotations: no_labels.clone(),
         waypoint,
         named_ports: BTreeMap::new(),
         protocol: if w.tunnel_protocol == wl::TunnelProtocol::Hbone as i32 {
@@ -130,7 +134,7 @@ pub(super) fn workload_entry(
         } else {
             TunnelProtocol::None
         },
-        authorization_policies: w.authorization_policies,
+        authorization_policies: exact(w.authorization_policies),
     };
     WorkloadEntry {
         w: Arc::new(t),
@@ -148,7 +152,7 @@ pub(super) fn service_entry(s: wl::Service, key: Arc<str>, version: Arc<str>) ->
         WaypointName::Fixed(r) => (r, None),
         WaypointName::Vip(ip) => (None, Some(ip)),
     };
-    let ports = s
+    let ports: Vec<_> = s
         .ports
         .iter()
         .filter_map(|p| {
@@ -164,12 +168,13 @@ pub(super) fn service_entry(s: wl::Service, key: Arc<str>, version: Arc<str>) ->
         .collect();
     let t = Service {
         waypoint,
-        vips: s
-            .addresses
-            .iter()
-            .filter_map(|a| ip_of(&a.address).ok())
-            .collect(),
-        ports,
+        vips: exact(
+            s.addresses
+                .iter()
+                .filter_map(|a| ip_of(&a.address).ok())
+                .collect(),
+        ),
+        ports: exact(ports),
         endpoints: Vec::new(),
         name: s.name,
         namespace: s.namespace,
@@ -183,6 +188,13 @@ pub(super) fn service_entry(s: wl::Service, key: Arc<str>, version: Arc<str>) ->
         published: false,
         version,
     }
+}
+
+/// `v` without spare capacity (decoding and collecting leave some; these
+/// vectors live as long as the resource).
+fn exact<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
 }
 
 pub(super) fn service_key(s: &wl::Service) -> String {

@@ -30,7 +30,7 @@ pub(super) struct Index {
     /// by address.
     pub vip_hosts: HashMap<IpAddr, Arc<str>>,
     /// Waypoint VIP -> resources (workloads and services) naming it.
-    pub by_waypoint_vip: HashMap<IpAddr, BTreeSet<Arc<str>>>,
+    pub by_waypoint_vip: HashMap<IpAddr, Names>,
     /// Resources to translate again at the next `build`.
     pub dirty: BTreeSet<Arc<str>>,
 }
@@ -39,9 +39,44 @@ pub(super) struct Index {
 pub(super) struct Key {
     /// Healthy workloads listing the key, by resource name (the endpoint
     /// order).
-    pub members: BTreeSet<Arc<str>>,
+    pub members: Names,
     /// Services with that key, by resource name.
-    pub services: BTreeSet<Arc<str>>,
+    pub services: Names,
+}
+
+/// A set of resource names as a sorted vector: most hold one to a few
+/// names, where a B-tree node would cost ~200 bytes; a change costs what
+/// re-translating the set's dependants costs anyway.
+#[derive(Default, Debug)]
+pub(super) struct Names(Vec<Arc<str>>);
+
+impl Names {
+    pub fn insert(&mut self, name: &Arc<str>) {
+        if let Err(i) = self.0.binary_search(name) {
+            self.0.insert(i, name.clone());
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        if let Ok(i) = self.0.binary_search_by(|n| (**n).cmp(name)) {
+            self.0.remove(i);
+            if self.0.len() * 2 < self.0.capacity() {
+                self.0.shrink_to_fit();
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter()
+    }
 }
 
 pub(super) type Policies = (
@@ -91,10 +126,7 @@ impl Index {
     }
 
     pub fn add_waypoint_user(&mut self, vip: IpAddr, name: &Arc<str>) {
-        self.by_waypoint_vip
-            .entry(vip)
-            .or_default()
-            .insert(name.clone());
+        self.by_waypoint_vip.entry(vip).or_default().insert(name);
     }
 
     pub fn remove_waypoint_user(&mut self, vip: &IpAddr, name: &str) {
