@@ -11,7 +11,6 @@
 //! the config dump. Security objects are never left out: the translator makes
 //! what it cannot evaluate fail closed, and reports it itself.
 
-use std::collections::{BTreeMap, HashSet};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -19,10 +18,12 @@ use futures_util::StreamExt;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::{watcher, WatchStreamExt};
-use mesh::objects::{ObjectKey, Objects};
 use mesh::MeshStore;
 use serde_json::Value;
 use tokio::sync::watch;
+
+mod translate;
+use translate::{translate_loop, Change};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -103,17 +104,6 @@ pub type Dropped = Arc<std::sync::Mutex<Vec<mesh::Rejected>>>;
 pub struct Source {
     pub store: Arc<MeshStore>,
     pub dropped: Dropped,
-}
-
-/// What a watch task tells the translator.
-enum Change {
-    Apply(ApiResource, DynamicObject),
-    Delete(ApiResource, DynamicObject),
-    /// The kind is being listed again: what the list does not name is gone.
-    Relist(String),
-    Listed(String),
-    /// Every kind has listed once (or is not served).
-    Synced,
 }
 
 /// Connects (in-cluster credentials, or KUBECONFIG), starts watching and
@@ -228,160 +218,6 @@ async fn watch_all(
     Ok(())
 }
 
-/// Applies changes as they come and publishes after each burst: what is
-/// queued is drained first, so a relist of thousands of objects lands as a
-/// few states, and a single change as one.
-fn translate_loop(
-    rx: mpsc::Receiver<Change>,
-    trust_domain: String,
-    dropped: Dropped,
-    first: tokio::sync::oneshot::Sender<Arc<MeshStore>>,
-) {
-    let mut t = Translator {
-        objects: Objects::new(&trust_domain),
-        relisting: BTreeMap::new(),
-        left_out: BTreeMap::new(),
-        dropped,
-    };
-    let mut store: Option<Arc<MeshStore>> = None;
-    let mut first = Some(first);
-    let mut synced = false;
-    while let Ok(c) = rx.recv() {
-        let mut next = Some(c);
-        while let Some(c) = next.take() {
-            synced |= matches!(c, Change::Synced);
-            t.apply(c);
-            next = rx.try_recv().ok();
-        }
-        if !synced {
-            continue;
-        }
-        let state = t.objects.publish();
-        match &store {
-            Some(s) => s.replace(state),
-            None => {
-                tracing::info!(
-                    workloads = state.workloads.len(),
-                    services = state.services.len(),
-                    "cluster view complete"
-                );
-                let s = MeshStore::new(state, "kubernetes");
-                if let Some(f) = first.take() {
-                    let _ = f.send(s.clone());
-                }
-                store = Some(s);
-            }
-        }
-    }
-}
-
-struct Translator {
-    objects: Objects,
-    /// Per kind being relisted: the keys listed so far.
-    relisting: BTreeMap<String, HashSet<ObjectKey>>,
-    left_out: BTreeMap<ObjectKey, mesh::Rejected>,
-    dropped: Dropped,
-}
-
-impl Translator {
-    fn apply(&mut self, c: Change) {
-        match c {
-            Change::Apply(ar, o) => {
-                let key = key_of(&ar, &o);
-                if let Some(seen) = self.relisting.get_mut(&ar.kind) {
-                    seen.insert(key.clone());
-                }
-                self.upsert(key, &ar, &o);
-            }
-            Change::Delete(ar, o) => {
-                let key = key_of(&ar, &o);
-                self.objects.remove(&key);
-                self.set_left_out(&key, None);
-            }
-            Change::Relist(kind) => {
-                self.relisting.insert(kind, HashSet::new());
-            }
-            Change::Listed(kind) => {
-                let Some(seen) = self.relisting.remove(&kind) else {
-                    return;
-                };
-                let gone: Vec<_> = self
-                    .objects
-                    .keys()
-                    .into_iter()
-                    .chain(self.left_out.keys().cloned())
-                    .filter(|k| k.kind == kind && !seen.contains(k))
-                    .collect();
-                for k in gone {
-                    self.objects.remove(&k);
-                    self.set_left_out(&k, None);
-                }
-            }
-            Change::Synced => {}
-        }
-    }
-
-    fn upsert(&mut self, key: ObjectKey, ar: &ApiResource, o: &DynamicObject) {
-        // An object the mesh does not hold (a finished pod, a headless
-        // service) is as good as deleted.
-        let Some(v) = clean(ar, o) else {
-            self.objects.remove(&key);
-            self.set_left_out(&key, None);
-            return;
-        };
-        let value = serde_yaml::to_value(&v).expect("JSON values convert to YAML values");
-        match mesh::standalone::translate(value, &key.to_string()) {
-            Ok(Some(t)) if t.key == key => {
-                self.objects.upsert(t);
-                self.set_left_out(&key, None);
-            }
-            Ok(_) => unreachable!("an object with a kind and name translates under its key"),
-            Err(e) => {
-                self.objects.remove(&key);
-                self.set_left_out(
-                    &key,
-                    Some(mesh::Rejected {
-                        kind: key.kind.clone(),
-                        namespace: key.namespace.clone(),
-                        name: key.name.clone(),
-                        field: e.field,
-                        reason: e.message,
-                        effect: "left out of the mesh config".into(),
-                    }),
-                );
-            }
-        }
-    }
-
-    fn set_left_out(&mut self, key: &ObjectKey, r: Option<mesh::Rejected>) {
-        let changed = match r {
-            Some(r) => self.left_out.insert(key.clone(), r.clone()).as_ref() != Some(&r),
-            None => self.left_out.remove(key).is_some(),
-        };
-        if changed {
-            let now: Vec<_> = self.left_out.values().cloned().collect();
-            let mut d = self.dropped.lock().unwrap();
-            mesh::report_rejected(&d, &now);
-            *d = now;
-        }
-    }
-}
-
-fn key_of(ar: &ApiResource, o: &DynamicObject) -> ObjectKey {
-    ObjectKey {
-        kind: ar.kind.clone(),
-        namespace: if ar.kind == "Namespace" {
-            String::new()
-        } else {
-            o.metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into())
-        },
-        name: o.metadata.name.clone().unwrap_or_default(),
-    }
-}
-
 /// The API resource for `g`, retrying until the API server answers. None
 /// only when the server says it does not serve the kind: a cluster without
 /// (say) the Gateway API CRDs simply has none of those objects. An
@@ -407,80 +243,6 @@ async fn discover(client: &kube::Client, g: &GroupVersionKind) -> Option<ApiReso
             }
         }
     }
-}
-
-/// What the translator reads of an object: identity, labels, annotations,
-/// spec, and for pods the address the kubelet reported. Finished pods are not
-/// part of the mesh.
-fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
-    let m = &obj.metadata;
-    let mut meta = serde_json::Map::new();
-    meta.insert("name".into(), m.name.clone()?.into());
-    if let Some(ns) = &m.namespace {
-        meta.insert("namespace".into(), ns.clone().into());
-    }
-    if let Some(uid) = &m.uid {
-        meta.insert("uid".into(), uid.clone().into());
-    }
-    for (k, v) in [("labels", &m.labels), ("annotations", &m.annotations)] {
-        if let Some(v) = v {
-            let v: BTreeMap<_, _> = v
-                .iter()
-                .filter(|(k, _)| !k.starts_with("kubectl.kubernetes.io/"))
-                .collect();
-            meta.insert(k.into(), serde_json::to_value(v).unwrap());
-        }
-    }
-    let mut out = serde_json::Map::new();
-    out.insert("apiVersion".into(), ar.api_version.clone().into());
-    out.insert("kind".into(), ar.kind.clone().into());
-    out.insert("metadata".into(), Value::Object(meta));
-    if let Some(spec) = obj.data.get("spec") {
-        out.insert("spec".into(), spec.clone());
-    }
-    if ar.kind == "Pod" {
-        let status = obj.data.get("status");
-        let phase = status
-            .and_then(|s| s.get("phase"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if matches!(phase, "Succeeded" | "Failed") {
-            return None;
-        }
-        // Unscheduled pods belong to no node yet.
-        let spec = obj.data.get("spec")?;
-        spec.get("nodeName")?;
-        // A host-network pod shares its node's address and is never
-        // captured: it is no workload of the mesh (as istiod decides).
-        if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
-            return None;
-        }
-        // A scheduled pod without an IP is still rendered (`status: {}`): its
-        // CNI ADD, which gives it the IP, is where capture is decided.
-        let ip = status
-            .and_then(|s| s.get("podIP"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let status = if ip.is_empty() {
-            serde_json::json!({})
-        } else {
-            serde_json::json!({ "podIP": ip })
-        };
-        out.insert("status".into(), status);
-    }
-    if ar.kind == "Service" {
-        // Headless and ExternalName services have no VIP for ztunnel to match.
-        let ip = obj
-            .data
-            .get("spec")?
-            .get("clusterIP")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if ip.is_empty() || ip == "None" {
-            return None;
-        }
-    }
-    Some(Value::Object(out))
 }
 
 /// Tells the cluster which pods the node agent captured, with the annotation
