@@ -4,6 +4,7 @@
 pub mod authz;
 pub mod file;
 mod keyed;
+pub mod labels;
 pub mod live;
 pub mod model;
 pub mod objects;

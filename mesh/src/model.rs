@@ -44,7 +44,7 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
 }
 
-pub type Labels = Arc<BTreeMap<String, String>>;
+pub type Labels = Arc<crate::labels::LabelMap>;
 
 fn no_labels(l: &Labels) -> bool {
     l.is_empty()

@@ -76,7 +76,7 @@ pub struct ServiceDecl {
 }
 
 impl ServiceDecl {
-    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+    fn selects(&self, labels: &crate::labels::LabelMap) -> bool {
         self.selector
             .as_ref()
             .is_some_and(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
@@ -404,7 +404,7 @@ impl Objects {
     }
 
     /// Marks the services of `ns` whose selector matches `labels`.
-    fn mark_selecting(&mut self, ns: &str, labels: &BTreeMap<String, String>) {
+    fn mark_selecting(&mut self, ns: &str, labels: &crate::labels::LabelMap) {
         let hit: Vec<_> = in_namespace(&self.services, ns)
             .filter(|(_, s)| s.selects(labels))
             .map(|(k, _)| k.clone())
@@ -518,7 +518,7 @@ impl Objects {
             ip: p.ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
             labels: p.labels.clone(),
             annotations: p.annotations.clone(),
-            waypoint: crate::standalone::waypoint_ref(&p.labels, ns_labels, namespace),
+            waypoint: crate::standalone::waypoint_ref(&*p.labels, ns_labels, namespace),
             named_ports: p.named_ports.clone(),
             protocol: if in_mesh {
                 TunnelProtocol::Hbone

@@ -342,13 +342,13 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
 /// `istio.io/use-waypoint` on the object, else on its namespace; `none` on
 /// the object opts out of a namespace's waypoint.
 pub(crate) fn waypoint_ref(
-    labels: &BTreeMap<String, String>,
+    labels: &impl crate::labels::Lookup,
     ns_labels: Option<&BTreeMap<String, String>>,
     namespace: &str,
 ) -> Option<WaypointRef> {
     let own = labels
-        .get(USE_WAYPOINT_LABEL)
-        .map(|n| (n, labels.get(USE_WAYPOINT_NS_LABEL)));
+        .label(USE_WAYPOINT_LABEL)
+        .map(|n| (n, labels.label(USE_WAYPOINT_NS_LABEL)));
     let (name, ns) = own.or_else(|| {
         let l = ns_labels?;
         Some((l.get(USE_WAYPOINT_LABEL)?, l.get(USE_WAYPOINT_NS_LABEL)))
@@ -379,8 +379,8 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
     }
     Ok(PodDecl {
         uid: o.metadata.uid,
-        labels: Arc::new(o.metadata.labels),
-        annotations: Arc::new(o.metadata.annotations),
+        labels: Arc::new(o.metadata.labels.into()),
+        annotations: Arc::new(o.metadata.annotations.into()),
         service_account: spec
             .service_account_name
             .unwrap_or_else(|| "default".into()),
