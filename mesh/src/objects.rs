@@ -25,6 +25,8 @@ use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::authz::{AuthorizationPolicy, TargetedPolicy};
 use crate::model::{
     Endpoint, Indexes, Keyed, Labels, MeshState, PeerAuthentication, PolicyIndex, Service,
@@ -70,7 +72,7 @@ pub struct PodDecl {
 pub struct ServiceDecl {
     pub labels: BTreeMap<String, String>,
     /// None or empty: no endpoints are derived (they are managed elsewhere).
-    pub selector: Option<BTreeMap<String, String>>,
+    pub selector: Option<crate::labels::LabelMap>,
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
 }
@@ -164,7 +166,7 @@ pub struct Objects {
     rejected: BTreeMap<ObjectKey, Vec<Rejected>>,
     /// Who claims each address, sorted; the first (smallest key) holds it.
     /// Almost every address has one claimant: a short vector, not a set.
-    ip_owners: HashMap<IpAddr, Vec<Owner>>,
+    ip_owners: HashMap<IpAddr, SmallVec<[Owner; 1]>>,
 
     ix: Indexes,
     svc_out: HashMap<Name, Arc<Service>>,

@@ -333,7 +333,7 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
     }
     Ok(ServiceDecl {
         labels: o.metadata.labels,
-        selector: spec.selector.filter(|s| !s.is_empty()),
+        selector: spec.selector.filter(|s| !s.is_empty()).map(Into::into),
         vips,
         ports,
     })
