@@ -169,7 +169,10 @@ impl Mesh {
             .spawn()
             .unwrap();
         self.nodes.get_mut(node).unwrap().cni_agent = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // In cluster mode the agent installs the plugin once its first
+        // complete view of the API is in; on a loaded 2-core machine that
+        // has taken over 10 s.
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let chained = std::fs::read_to_string(net.conf_dir.join("10-k8s.conflist"))
                 .is_ok_and(|c| c.contains("\"istio-cni\""));
