@@ -28,7 +28,9 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 mod claims;
+mod lists;
 use claims::Owner;
+use lists::{list_of, List};
 
 use crate::authz::{AuthorizationPolicy, TargetedPolicy};
 use crate::model::{
@@ -145,7 +147,8 @@ pub struct Objects {
     unaddressed: BTreeMap<Name, Arc<Workload>>,
     dirty_pods: BTreeSet<Name>,
     dirty_services: BTreeSet<Name>,
-    lists_dirty: bool,
+    /// The list kinds (`list_of`) changed since the last publish.
+    lists_dirty: BTreeSet<List>,
     namespaces_dirty: bool,
     rejected_dirty: bool,
     published: Lists,
@@ -197,7 +200,7 @@ impl Objects {
     pub fn new(trust_domain: &str) -> Self {
         Objects {
             trust_domain: trust_domain.to_string(),
-            lists_dirty: true,
+            lists_dirty: List::ALL.into_iter().collect(),
             namespaces_dirty: true,
             rejected_dirty: true,
             ..Default::default()
@@ -245,8 +248,10 @@ impl Objects {
                     .insert((key.namespace.clone(), key.name.clone()));
             }
             other => {
-                self.lists.insert(key, other);
-                self.lists_dirty = true;
+                self.lists_dirty.insert(list_of(&other));
+                if let Some(old) = self.lists.insert(key, other) {
+                    self.lists_dirty.insert(list_of(&old));
+                }
             }
         }
     }
@@ -273,8 +278,8 @@ impl Objects {
                 }
             }
             _ => {
-                if self.lists.remove(key).is_some() {
-                    self.lists_dirty = true;
+                if let Some(old) = self.lists.remove(key) {
+                    self.lists_dirty.insert(list_of(&old));
                 }
             }
         }
@@ -335,9 +340,8 @@ impl Objects {
         for name in std::mem::take(&mut self.dirty_services) {
             self.derive_service(name);
         }
-        if self.lists_dirty {
-            self.rebuild_lists();
-            self.lists_dirty = false;
+        for list in std::mem::take(&mut self.lists_dirty) {
+            self.rebuild(list);
         }
         if self.namespaces_dirty {
             self.published.namespace_labels = Arc::new(self.namespaces.clone());
@@ -511,38 +515,5 @@ impl Objects {
         if ours {
             self.set_rejected(key, Vec::new());
         }
-    }
-
-    fn rebuild_lists(&mut self) {
-        let mut policies = Vec::new();
-        let mut waypoint_policies = Vec::new();
-        let mut peer_authentications = Vec::new();
-        let mut waypoints = Vec::new();
-        let mut http_routes = Vec::new();
-        let mut destination_rules = Vec::new();
-        let mut service_entries = Vec::new();
-        for k in self.lists.values() {
-            match k {
-                Kind::Policy(p) => policies.push(p.clone()),
-                Kind::WaypointPolicy(p) => waypoint_policies.push(p.clone()),
-                Kind::PeerAuthentication(p) => peer_authentications.push(p.clone()),
-                Kind::Gateway(w) => waypoints.extend(w.iter().cloned()),
-                Kind::Route(r) => http_routes.push(r.clone()),
-                Kind::DestinationRule(d) => destination_rules.push(d.clone()),
-                Kind::ServiceEntry(s) => service_entries.push(s.clone()),
-                Kind::Namespace(_) | Kind::Pod(_) | Kind::Service(_) => {}
-            }
-        }
-        let p = &mut self.published;
-        p.policy_index = Arc::new(PolicyIndex::new(&policies));
-        p.policies = Arc::new(policies);
-        p.waypoint_policies = Arc::new(Keyed::new(waypoint_policies, |t| {
-            vec![t.policy.namespace.clone()]
-        }));
-        p.peer_authentications = Arc::new(peer_authentications);
-        p.waypoints = Arc::new(waypoints);
-        p.http_routes = Arc::new(Keyed::new(http_routes, |r| r.hosts.clone()));
-        p.destination_rules = Arc::new(Keyed::new(destination_rules, |d| vec![d.host.clone()]));
-        p.service_entries = Arc::new(service_entries);
     }
 }
