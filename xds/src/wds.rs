@@ -4,7 +4,7 @@
 //! one consistent `MeshState` (the data path never sees half a push),
 //! re-translating only what it changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -19,13 +19,12 @@ use crate::wds_policy::{translate_policy, undecodable_policy};
 
 mod entry;
 mod index;
+mod ports;
 
 pub(crate) use entry::ip_of;
-use entry::{
-    host_of, per_endpoint_port, service_entry, service_key, workload_entry, workload_ip, Address,
-    WorkloadEntry,
-};
+use entry::{service_entry, service_key, workload_entry, workload_ip, Address};
 use index::Index;
+use ports::same_targets;
 
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
@@ -198,52 +197,52 @@ impl Resources {
     /// Takes out every index entry the address `name` made, and marks what
     /// read it. Returns the name in its shared form.
     fn forget_address(&mut self, name: &str) -> Arc<str> {
-        let ix = &mut self.index;
-        ix.dirty.remove(name);
+        self.index.dirty.remove(name);
         let Some((name, old)) = self.addresses.remove_entry(name) else {
             return Arc::from(name);
         };
         match old {
             Address::Workload(w) => {
                 if w.published {
-                    ix.unpublish_workload(&w.w);
+                    self.index.unpublish_workload(&w.w);
                 }
                 for (key, _) in w.services.iter() {
-                    ix.with_key(key, |k| {
+                    self.index.with_key(key, |k| {
                         k.members.remove(&name);
                     });
-                    ix.dirty_services_of(key);
+                    self.index.dirty_services_of(key);
                 }
                 if let Some(vip) = w.waypoint_vip {
-                    ix.remove_waypoint_user(&vip, &name);
+                    self.index.remove_waypoint_user(&vip, &name);
                 }
             }
             Address::Service(s) => {
                 if s.published {
-                    ix.unpublish_service(&s.s);
+                    self.index.unpublish_service(&s.s);
                 }
                 // Its members' ports came from it; what named it by VIP
                 // resolves differently now.
-                ix.dirty_members_of(&s.key);
-                ix.with_key(&s.key, |k| {
+                self.index.dirty_members_of(&s.key);
+                self.index.with_key(&s.key, |k| {
                     k.services.remove(&name);
                 });
+                self.dirty_services_sharing(&s.key);
                 for vip in &s.s.vips {
-                    if ix.vip_hosts.get(vip) == Some(&name) {
-                        ix.vip_hosts.remove(vip);
+                    if self.index.vip_hosts.get(vip) == Some(&name) {
+                        self.index.vip_hosts.remove(vip);
                     }
-                    ix.dirty_waypoint_users(vip);
+                    self.index.dirty_waypoint_users(vip);
                 }
                 if let Some(vip) = s.waypoint_vip {
-                    ix.remove_waypoint_user(&vip, &name);
+                    self.index.remove_waypoint_user(&vip, &name);
                 }
             }
         }
-        ix.dirty.remove(&name);
+        self.index.dirty.remove(&name);
         name
     }
 
-    fn learn_workload(&mut self, name: &Arc<str>, w: &WorkloadEntry) {
+    fn learn_workload(&mut self, name: &Arc<str>, w: &entry::WorkloadEntry) {
         let ix = &mut self.index;
         for (key, _) in w.services.iter() {
             if w.healthy {
@@ -265,6 +264,8 @@ impl Resources {
             k.services.insert(name);
         });
         ix.dirty_members_of(&s.key);
+        self.dirty_services_sharing(&s.key);
+        let ix = &mut self.index;
         for vip in &s.s.vips {
             ix.vip_hosts.insert(*vip, name.clone());
             ix.dirty_waypoint_users(vip);
@@ -275,11 +276,47 @@ impl Resources {
         ix.dirty.insert(name.clone());
     }
 
+    /// Marks the services that share a member with service key `key`: a
+    /// change of its fixed targets changes where those members serve them
+    /// too when the hostnames match, and so whether their endpoints agree.
+    fn dirty_services_sharing(&mut self, key: &str) {
+        let Some(k) = self.index.keys.get(key) else {
+            return;
+        };
+        for m in k.members.iter() {
+            if let Some(Address::Workload(w)) = self.addresses.get(m) {
+                for (other, _) in w.services.iter() {
+                    if let Some(o) = self.index.keys.get(other) {
+                        self.index.dirty.extend(o.services.iter().cloned());
+                    }
+                }
+            }
+        }
+    }
+
     /// The mesh as istiod currently describes it: what changed since the
     /// last call is translated again; the rest is shared.
     pub fn build(&mut self) -> MeshState {
+        // Services first: whether a workload must carry a named port for a
+        // service port depends on the service's members agreeing on it.
+        let mut workloads = BTreeSet::new();
         for name in std::mem::take(&mut self.index.dirty) {
-            self.retranslate(&name);
+            match self.addresses.get(&name) {
+                Some(Address::Service(s)) => {
+                    let key = s.key.clone();
+                    if self.retranslate_service(&name) {
+                        let members = self.index.keys.get(&key).into_iter();
+                        workloads.extend(members.flat_map(|k| k.members.iter()).cloned());
+                    }
+                }
+                Some(Address::Workload(_)) => {
+                    workloads.insert(name);
+                }
+                None => {}
+            }
+        }
+        for name in workloads {
+            self.retranslate_workload(&name);
         }
         // istiod has already resolved `istio.io/use-waypoint` and the
         // Gateway's `waypoint-for`: the waypoints are those named.
@@ -322,36 +359,44 @@ impl Resources {
     /// say, and publishes it in place of the previous one. An entry not yet
     /// published is completed in place; a published one is copied (states
     /// already handed out keep theirs).
-    fn retranslate(&mut self, name: &str) {
-        match self.addresses.get(name) {
-            Some(Address::Workload(e)) => {
-                let named_ports = self.named_ports(e);
-                let waypoint = e.waypoint_vip.map(|vip| self.waypoint_at(vip));
-                let Some(Address::Workload(e)) = self.addresses.get_mut(name) else {
-                    unreachable!()
-                };
-                let old = e.published.then(|| e.w.clone());
-                let w = match &old {
-                    Some(old) => {
-                        e.w = Arc::new(mesh::Workload::clone(old));
-                        Arc::get_mut(&mut e.w).expect("just made")
-                    }
-                    None => Arc::make_mut(&mut e.w),
-                };
-                w.named_ports = named_ports;
-                if let Some(waypoint) = waypoint {
-                    w.waypoint = waypoint;
-                }
-                e.published = true;
-                // Keys the old entry shared with the new one now point at
-                // the new one and stay.
-                self.index.publish_workload(&e.w);
-                if let Some(old) = old {
-                    self.index.unpublish_workload(&old);
-                }
+    fn retranslate_workload(&mut self, name: &str) {
+        let Some(Address::Workload(e)) = self.addresses.get(name) else {
+            return;
+        };
+        let named_ports = self.named_ports(e);
+        let waypoint = e.waypoint_vip.map(|vip| self.waypoint_at(vip));
+        let Some(Address::Workload(e)) = self.addresses.get_mut(name) else {
+            unreachable!()
+        };
+        let old = e.published.then(|| e.w.clone());
+        let w = match &old {
+            Some(old) => {
+                e.w = Arc::new(mesh::Workload::clone(old));
+                Arc::get_mut(&mut e.w).expect("just made")
             }
+            None => Arc::make_mut(&mut e.w),
+        };
+        w.named_ports = named_ports;
+        if let Some(waypoint) = waypoint {
+            w.waypoint = waypoint;
+        }
+        e.published = true;
+        // Keys the old entry shared with the new one now point at the new
+        // one and stay.
+        self.index.publish_workload(&e.w);
+        if let Some(old) = old {
+            self.index.unpublish_workload(&old);
+        }
+    }
+
+    /// As `retranslate_workload`, for a service; true when its port targets
+    /// changed (its members' named ports follow them).
+    fn retranslate_service(&mut self, name: &str) -> bool {
+        match self.addresses.get(name) {
             Some(Address::Service(e)) => {
                 let endpoints = self.endpoints(&e.key);
+                let ports = self.service_ports(e);
+                let changed = !e.published || !same_targets(&e.s.ports, &ports);
                 let waypoint = e.waypoint_vip.map(|vip| self.waypoint_at(vip));
                 let Some(Address::Service(e)) = self.addresses.get_mut(name) else {
                     unreachable!()
@@ -361,6 +406,7 @@ impl Resources {
                     Some(old) => {
                         e.s = Arc::new(mesh::Service {
                             endpoints: Vec::new(),
+                            ports: Vec::new(),
                             ..mesh::Service::clone(old)
                         });
                         Arc::get_mut(&mut e.s).expect("just made")
@@ -368,6 +414,7 @@ impl Resources {
                     None => Arc::make_mut(&mut e.s),
                 };
                 s.endpoints = endpoints;
+                s.ports = ports;
                 if let Some(waypoint) = waypoint {
                     s.waypoint = waypoint;
                 }
@@ -376,8 +423,9 @@ impl Resources {
                 if let Some(old) = old {
                     self.index.unpublish_service(&old);
                 }
+                changed
             }
-            None => {}
+            _ => false,
         }
     }
 
@@ -391,35 +439,6 @@ impl Resources {
             name: s.s.hostname.clone(),
             namespace: s.s.namespace.clone(),
         })
-    }
-
-    /// A workload's own target ports, then (if healthy) the fixed targets of
-    /// the services it lists where its own entry did not give one.
-    fn named_ports(&self, w: &WorkloadEntry) -> BTreeMap<String, u16> {
-        let mut named_ports = BTreeMap::new();
-        for (key, ports) in w.services.iter() {
-            for &(sp, tp) in ports.iter() {
-                named_ports.insert(per_endpoint_port(host_of(key), sp), tp);
-            }
-        }
-        // A service port with a fixed target reaches its (healthy) members
-        // even where their own entry did not list it.
-        if w.healthy {
-            for (key, _) in w.services.iter() {
-                let names = self.index.keys.get(key).into_iter();
-                for n in names.flat_map(|k| k.services.iter()) {
-                    let Some(Address::Service(s)) = self.addresses.get(n) else {
-                        continue;
-                    };
-                    for &(sp, tp) in s.targets.iter() {
-                        named_ports
-                            .entry(per_endpoint_port(&s.s.hostname, sp))
-                            .or_insert(tp);
-                    }
-                }
-            }
-        }
-        named_ports
     }
 
     /// The healthy members of service key `key`, in resource name order.

@@ -7,9 +7,13 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
+use super::entry::{host_of, per_endpoint_port, WorkloadEntry};
 use super::*;
 
-const SERVICES: usize = 3;
+/// The last is `s0`'s hostname declared again in another namespace (as
+/// a ServiceEntry may): keys differ, the per-endpoint port names do not.
+const SERVICES: usize = 4;
+const DEMO_SERVICES: usize = 3;
 const WORKLOADS: usize = 6;
 
 /// Resource `i` (workloads first, then services) in variant `v`.
@@ -19,7 +23,7 @@ fn resource(i: usize, v: u8) -> (String, wl::address::Type) {
         let mut services = std::collections::HashMap::new();
         // Each variant lists a different service, with or without a target.
         services.insert(
-            svc((i + v as usize) % SERVICES),
+            svc((i + v as usize) % DEMO_SERVICES),
             wl::PortList {
                 ports: vec![wl::Port {
                     service_port: 80,
@@ -28,6 +32,19 @@ fn resource(i: usize, v: u8) -> (String, wl::address::Type) {
                 }],
             },
         );
+        // Those listing `s0` may list the other namespace's too.
+        if (i + v as usize).is_multiple_of(DEMO_SERVICES) && !(i + v as usize).is_multiple_of(2) {
+            services.insert(
+                "other/s0.demo.svc.cluster.local".into(),
+                wl::PortList {
+                    ports: vec![wl::Port {
+                        service_port: 80,
+                        target_port: if v == 0 { 7070 } else { 0 },
+                        app_protocol: 0,
+                    }],
+                },
+            );
+        }
         let waypoint = match (i + v as usize) % 3 {
             0 => None,
             1 => Some(wl::GatewayAddress {
@@ -44,7 +61,7 @@ fn resource(i: usize, v: u8) -> (String, wl::address::Type) {
                 destination: Some(wl::gateway_address::Destination::Address(
                     wl::NetworkAddress {
                         network: String::new(),
-                        address: vec![172, 16, 0, (i % SERVICES) as u8 + 1],
+                        address: vec![172, 16, 0, (i % DEMO_SERVICES) as u8 + 1],
                     },
                 )),
                 hbone_mtls_port: 15008,
@@ -69,10 +86,14 @@ fn resource(i: usize, v: u8) -> (String, wl::address::Type) {
         (format!("demo/w{i}"), wl::address::Type::Workload(w))
     } else {
         let j = i - WORKLOADS;
+        let (ns, host) = match j {
+            3 => ("other", "s0".to_string()),
+            _ => ("demo", format!("s{j}")),
+        };
         let s = wl::Service {
-            name: format!("s{j}"),
-            namespace: "demo".into(),
-            hostname: format!("s{j}.demo.svc.cluster.local"),
+            name: host.clone(),
+            namespace: ns.into(),
+            hostname: format!("{host}.demo.svc.cluster.local"),
             addresses: vec![wl::NetworkAddress {
                 network: String::new(),
                 // Variants 0 and 1 share the VIP; 2 and 3 move it.
@@ -80,13 +101,18 @@ fn resource(i: usize, v: u8) -> (String, wl::address::Type) {
             }],
             ports: vec![wl::Port {
                 service_port: 80,
-                target_port: if v.is_multiple_of(2) { 9090 } else { 0 },
+                target_port: match v {
+                    0 => 9090,
+                    2 if j == 3 => 6060,
+                    2 => 9090,
+                    _ => 0,
+                },
                 app_protocol: 0,
             }],
             ..Default::default()
         };
         (
-            format!("demo/s{j}.demo.svc.cluster.local"),
+            format!("{ns}/{}", s.hostname),
             wl::address::Type::Service(s),
         )
     }
@@ -114,12 +140,39 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Every target port a workload's entry and its services give, by
+/// per-endpoint name: its own entries, then (if healthy) the services'
+/// fixed targets where it gave none (what WDS means, computed directly).
+fn listed_ports(r: &Resources, w: &WorkloadEntry) -> BTreeMap<String, u16> {
+    let mut named = BTreeMap::new();
+    for (key, ports) in w.services.iter() {
+        for &(sp, tp) in ports.iter() {
+            named.insert(per_endpoint_port(host_of(key), sp), tp);
+        }
+    }
+    if w.healthy {
+        for (key, _) in w.services.iter() {
+            let names = r.index.keys.get(key).into_iter();
+            for n in names.flat_map(|k| k.services.iter()) {
+                if let Some(Address::Service(s)) = r.addresses.get(n) {
+                    for &(sp, tp) in s.targets.iter() {
+                        named
+                            .entry(per_endpoint_port(&s.s.hostname, sp))
+                            .or_insert(tp);
+                    }
+                }
+            }
+        }
+    }
+    named
+}
+
 fn json(s: &MeshState) -> serde_json::Value {
     serde_json::to_value(s).unwrap()
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(2048))]
 
     #[test]
     fn incremental_equals_whole_and_leaves_nothing_behind(
@@ -171,6 +224,35 @@ proptest! {
             for vip in &s.vips {
                 let got = published.service_by_vip(*vip).map(|x| x.hostname.clone());
                 prop_assert_eq!(got, Some(s.hostname.clone()));
+            }
+        }
+
+        // Where each endpoint serves each service port is what the per
+        // workload entries and the services' fixed targets say (numbers
+        // where the endpoints agree are only a shorter form of it).
+        for st in [&published, &fresh] {
+            for svc in st.services.values() {
+                for p in &svc.ports {
+                    let got: Vec<_> = st
+                        .endpoints_for(svc, p.port)
+                        .into_iter()
+                        .map(|(w, t)| (w.uid.clone(), t))
+                        .collect();
+                    let want: Vec<_> = svc
+                        .endpoints
+                        .iter()
+                        .filter_map(|e| {
+                            let w = whole.addresses.values().find_map(|a| match a {
+                                Address::Workload(w) if w.w.uid == e.workload_uid => Some(w),
+                                _ => None,
+                            })?;
+                            let ports = listed_ports(&whole, w);
+                            let t = ports.get(&per_endpoint_port(&svc.hostname, p.port))?;
+                            Some((e.workload_uid.clone(), *t))
+                        })
+                        .collect();
+                    prop_assert_eq!(got, want);
+                }
             }
         }
 
