@@ -63,7 +63,7 @@ impl Objects {
         } else {
             self.pods
                 .get(&me.name)
-                .and_then(|p| p.ip)
+                .and_then(|w| super::address(w))
                 .into_iter()
                 .collect()
         };

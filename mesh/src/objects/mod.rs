@@ -33,11 +33,12 @@ use claims::Owner;
 use lists::{list_of, List};
 
 use crate::authz::{AuthorizationPolicy, TargetedPolicy};
+use crate::labels::LabelMap;
 use crate::model::{
     Endpoint, Indexes, Keyed, Labels, MeshState, PeerAuthentication, PolicyIndex, Service,
     ServicePort, TunnelProtocol, Workload,
 };
-use crate::routes::{DestinationRule, HttpRoute, Waypoint};
+use crate::routes::{DestinationRule, HttpRoute, Waypoint, WaypointRef};
 use crate::{Rejected, ServiceEntry, DATAPLANE_MODE_LABEL};
 
 /// An object's identity in its source: kind, namespace (empty for a
@@ -132,7 +133,9 @@ type Name = (String, String);
 pub struct Objects {
     trust_domain: String,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    pods: BTreeMap<Name, PodDecl>,
+    /// Each pod as last derived: a pod is stored once, as the workload it
+    /// publishes, and re-derived from it when its namespace changes.
+    pods: BTreeMap<Name, Arc<Workload>>,
     services: BTreeMap<Name, ServiceDecl>,
     /// Everything published as a list, in key order.
     lists: BTreeMap<ObjectKey, Kind>,
@@ -167,6 +170,11 @@ struct Lists {
     service_entries: Arc<Vec<ServiceEntry>>,
     namespace_labels: Arc<BTreeMap<String, BTreeMap<String, String>>>,
     rejected: Arc<Vec<Rejected>>,
+}
+
+/// A pod's address, None while it has none.
+fn address(w: &Workload) -> Option<IpAddr> {
+    (!w.ip.is_unspecified()).then_some(w.ip)
 }
 
 fn in_namespace<'a, V>(
@@ -235,7 +243,8 @@ impl Objects {
                 let name = (key.namespace.clone(), key.name.clone());
                 // Deriving it marks the services it leaves and joins.
                 self.claim(&key, p.ip);
-                self.pods.insert(name.clone(), p);
+                let w = Arc::new(self.workload(&name, p));
+                self.pods.insert(name.clone(), w);
                 self.dirty_pods.insert(name);
             }
             Kind::Service(s) => {
@@ -373,10 +382,10 @@ impl Objects {
         }
         self.unaddressed.remove(&name);
         let key = pod_key(&name.0, &name.1);
-        let Some(ip) = self.pods.get(&name).map(|p| p.ip) else {
+        let Some(w) = self.pods.get(&name).cloned() else {
             return;
         };
-        if let Some(ip) = ip {
+        if let Some(ip) = address(&w) {
             if let Err(holder) = self.holder(&key, ip) {
                 self.left_out(
                     &key,
@@ -387,34 +396,60 @@ impl Objects {
             }
         }
         self.clear_left_out(&key);
-        let p = &self.pods[&name];
-        let w = Arc::new(self.workload(&name, p));
-        let labels = p.labels.clone();
-        if p.ip.is_some() {
-            self.ix.insert_workload(w);
+        // What its namespace decides may have changed since it was stored.
+        let (protocol, waypoint) = self.enrolment(&name.0, &w.labels);
+        let w = if w.protocol == protocol && w.waypoint == waypoint {
+            w
         } else {
-            self.unaddressed.insert(name.clone(), w);
+            let w = Arc::new(Workload {
+                protocol,
+                waypoint,
+                ..(*w).clone()
+            });
+            self.pods.insert(name.clone(), w.clone());
+            w
+        };
+        if address(&w).is_some() {
+            self.ix.insert_workload(w.clone());
+        } else {
+            self.unaddressed.insert(name.clone(), w.clone());
         }
         // Its services read it (an address or uid change, or it now holds
         // an address it did not before).
-        self.mark_selecting(&name.0, &labels);
+        self.mark_selecting(&name.0, &w.labels);
     }
 
-    fn workload(&self, (namespace, name): &Name, p: &PodDecl) -> Workload {
+    /// What the pod's own labels and its namespace's say: in the mesh or
+    /// not, and through which waypoint.
+    fn enrolment(
+        &self,
+        namespace: &str,
+        labels: &LabelMap,
+    ) -> (TunnelProtocol, Option<WaypointRef>) {
         let ns_labels = self.namespaces.get(namespace);
-        let in_mesh = match p.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+        let in_mesh = match labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
             Some("ambient") => true,
             Some("none") => false,
             _ => ns_labels
                 .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
                 .is_some_and(|m| m == "ambient"),
         };
+        let protocol = if in_mesh {
+            TunnelProtocol::Hbone
+        } else {
+            TunnelProtocol::None
+        };
+        (
+            protocol,
+            crate::standalone::waypoint_ref(labels, ns_labels, namespace),
+        )
+    }
+
+    fn workload(&self, (namespace, name): &Name, p: PodDecl) -> Workload {
+        let (protocol, waypoint) = self.enrolment(namespace, &p.labels);
         let label = |keys: &[&str]| keys.iter().find_map(|k| p.labels.get(*k).cloned());
         Workload {
-            uid: p
-                .uid
-                .clone()
-                .unwrap_or_else(|| format!("{namespace}/{name}")),
+            uid: p.uid.unwrap_or_else(|| format!("{namespace}/{name}")),
             canonical_name: label(&[
                 "service.istio.io/canonical-name",
                 "app.kubernetes.io/name",
@@ -430,19 +465,16 @@ impl Objects {
             authorization_policies: Vec::new(),
             name: name.clone(),
             namespace: namespace.clone(),
-            service_account: p.service_account.clone(),
+            service_account: p.service_account,
             trust_domain: self.trust_domain.clone(),
-            node: p.node.clone(),
+            node: p.node,
+            // Unaddressed pods carry the unspecified address (`address`).
             ip: p.ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-            labels: p.labels.clone(),
-            annotations: p.annotations.clone(),
-            waypoint: crate::standalone::waypoint_ref(&*p.labels, ns_labels, namespace),
-            named_ports: p.named_ports.clone(),
-            protocol: if in_mesh {
-                TunnelProtocol::Hbone
-            } else {
-                TunnelProtocol::None
-            },
+            labels: p.labels,
+            annotations: p.annotations,
+            waypoint,
+            named_ports: p.named_ports,
+            protocol,
         }
     }
 
