@@ -211,7 +211,9 @@ pub struct MeshState {
     #[serde(serialize_with = "service_values")]
     pub services: Services,
     pub policies: Arc<Vec<Arc<AuthorizationPolicy>>>,
-    pub peer_authentications: Arc<Vec<PeerAuthentication>>,
+    /// By namespace (each applies in its own namespace, or mesh-wide from
+    /// the root namespace).
+    pub peer_authentications: Arc<Keyed<PeerAuthentication>>,
     /// Labels of the namespaces the source declared (enrolment is decided
     /// from them and the pod's own label).
     pub namespace_labels: Arc<BTreeMap<String, BTreeMap<String, String>>>,
@@ -261,7 +263,9 @@ impl MeshState {
         let policies: Vec<_> = policies.into_iter().map(Arc::new).collect();
         let index = Arc::new(PolicyIndex::new(&policies));
         MeshState {
-            peer_authentications: Arc::new(peer_authentications),
+            peer_authentications: Arc::new(Keyed::new(peer_authentications, |pa| {
+                vec![pa.namespace.clone()]
+            })),
             ..Self::from_indexes(ix, Arc::new(policies), index)
         }
     }
@@ -417,20 +421,18 @@ impl MeshState {
     /// nothing set means PERMISSIVE, as in Istio.
     pub fn mtls_mode(&self, w: &Workload, port: u16) -> MtlsMode {
         let selects = |pa: &&PeerAuthentication| {
-            pa.namespace == w.namespace
-                && pa
-                    .selector
-                    .as_ref()
-                    .is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            pa.selector
+                .as_ref()
+                .is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
         };
+        let pas = &self.peer_authentications;
         let mut chain: Vec<MtlsMode> = Vec::new();
-        if let Some(pa) = self.peer_authentications.iter().find(selects) {
+        if let Some(pa) = pas.get(&w.namespace).find(selects) {
             chain.push(pa.port_level.get(&port).copied().unwrap_or(pa.mode));
         }
         let ns_wide = |ns: &str| {
-            self.peer_authentications
-                .iter()
-                .find(|pa| pa.namespace == ns && pa.selector.is_none())
+            pas.get(ns)
+                .find(|pa| pa.selector.is_none())
                 .map(|pa| pa.mode)
         };
         chain.extend(ns_wide(&w.namespace));

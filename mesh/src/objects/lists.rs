@@ -78,7 +78,8 @@ impl Objects {
                     Kind::PeerAuthentication(p) => Some(p.clone()),
                     _ => None,
                 });
-                p.peer_authentications = Arc::new(list.collect());
+                p.peer_authentications =
+                    Arc::new(Keyed::new(list.collect(), |pa| vec![pa.namespace.clone()]));
             }
             List::Waypoints => {
                 let list = self.lists.values().filter_map(|k| match k {

@@ -163,7 +163,7 @@ struct Lists {
     policies: Arc<Vec<Arc<AuthorizationPolicy>>>,
     policy_index: Arc<PolicyIndex>,
     waypoint_policies: Arc<Keyed<TargetedPolicy>>,
-    peer_authentications: Arc<Vec<PeerAuthentication>>,
+    peer_authentications: Arc<Keyed<PeerAuthentication>>,
     waypoints: Arc<Vec<Waypoint>>,
     http_routes: Arc<Keyed<HttpRoute>>,
     destination_rules: Arc<Keyed<DestinationRule>>,
