@@ -32,13 +32,21 @@ pub enum FileError {
 pub(crate) struct DocSummary {
     key: ObjectKey,
     addresses: Vec<(&'static str, IpAddr)>,
+    /// A pod's own `metadata.uid`, when it sets one (a pod without one is
+    /// known by `<namespace>/<name>`).
+    uid: Option<Box<str>>,
 }
 
 impl DocSummary {
     pub(crate) fn of(t: &Translated) -> Self {
+        let uid = match &t.object {
+            crate::objects::Kind::Pod(p) => p.uid.as_deref().map(Box::from),
+            _ => None,
+        };
         DocSummary {
             key: t.key.clone(),
             addresses: t.object.addresses(),
+            uid,
         }
     }
 }
@@ -212,10 +220,17 @@ impl FileSource {
     }
 }
 
-/// No object twice, no address claimed twice.
+/// No object twice, no address or pod uid claimed twice (a workload is
+/// indexed by its uid: two with one would shadow each other).
 pub(crate) fn check_set(docs: &[&DocSummary]) -> Result<(), ConfigError> {
     let mut seen = HashSet::new();
     let mut ips: HashMap<IpAddr, &ObjectKey> = HashMap::new();
+    let mut uids: HashMap<&str, &ObjectKey> = HashMap::new();
+    let explicit: HashSet<&ObjectKey> = docs
+        .iter()
+        .filter(|d| d.uid.is_some())
+        .map(|d| &d.key)
+        .collect();
     for d in docs {
         if !seen.insert(&d.key) {
             return Err(err(&d.key.to_string(), "metadata.name", "defined twice"));
@@ -226,6 +241,32 @@ pub(crate) fn check_set(docs: &[&DocSummary]) -> Result<(), ConfigError> {
                     &d.key.to_string(),
                     *field,
                     format!("{ip} is already used by {other}"),
+                ));
+            }
+        }
+        if let Some(uid) = &d.uid {
+            if let Some(other) = uids.insert(uid, &d.key) {
+                return Err(err(
+                    &d.key.to_string(),
+                    "metadata.uid",
+                    format!("{uid} is already used by {other}"),
+                ));
+            }
+        }
+    }
+    // A uid of the form another pod without one is known by.
+    for (uid, key) in &uids {
+        if let Some((ns, name)) = uid.split_once('/') {
+            let other = ObjectKey {
+                kind: "Pod".into(),
+                namespace: ns.into(),
+                name: name.into(),
+            };
+            if other != **key && seen.contains(&other) && !explicit.contains(&other) {
+                return Err(err(
+                    &key.to_string(),
+                    "metadata.uid",
+                    format!("{uid} is already used by {other}"),
                 ));
             }
         }

@@ -125,7 +125,11 @@ pub struct Indexes {
     by_name: imbl::HashMap<(String, String), Arc<Workload>>,
     services: Services,
     by_vip: ByVip,
+    /// A hostname declared in several namespaces (ServiceEntries) resolves
+    /// to the one with the smallest key, whatever order they came in;
+    /// `host_count` says when another is left to take over on removal.
     by_host: imbl::HashMap<String, Arc<Service>>,
+    host_count: imbl::HashMap<String, u32>,
 }
 
 impl Indexes {
@@ -172,8 +176,16 @@ impl Indexes {
         for vip in &s.vips {
             self.by_vip.insert(*vip, s.clone());
         }
-        self.by_host.insert(s.hostname.clone(), s.clone());
-        self.services.insert(service_key(&s), s);
+        *self.host_count.entry(s.hostname.clone()).or_default() += 1;
+        let key = service_key(&s);
+        let keep = self
+            .by_host
+            .get(&s.hostname)
+            .is_some_and(|h| service_key(h) < key);
+        if !keep {
+            self.by_host.insert(s.hostname.clone(), s.clone());
+        }
+        self.services.insert(key, s);
     }
 
     pub fn remove_service(&mut self, s: &Arc<Service>) {
@@ -183,12 +195,34 @@ impl Indexes {
                 self.by_vip.remove(vip);
             }
         }
-        if mine(self.by_host.get(&s.hostname)) {
-            self.by_host.remove(&s.hostname);
-        }
         let key = service_key(s);
         if mine(self.services.get(&key)) {
             self.services.remove(&key);
+        }
+        let left = match self.host_count.get_mut(&s.hostname) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            self.host_count.remove(&s.hostname);
+        }
+        if mine(self.by_host.get(&s.hostname)) {
+            self.by_host.remove(&s.hostname);
+            // Another namespace declares it too: the next smallest key
+            // resolves it now (rare: scanning is fine).
+            if left > 0 {
+                let next = self
+                    .services
+                    .values()
+                    .filter(|x| x.hostname == s.hostname && !Arc::ptr_eq(x, s))
+                    .min_by_key(|x| service_key(x));
+                if let Some(next) = next {
+                    self.by_host.insert(s.hostname.clone(), next.clone());
+                }
+            }
         }
     }
 }

@@ -70,7 +70,29 @@ fn each_edit_equals_a_whole_parse_and_a_refused_edit_leaves_nothing() {
         "{}",
         clash.message
     );
-    // And after both refusals the last good text still applies as it was.
+    // Two pods with one uid, or a uid another pod is known by by default.
+    let with_uid = |name: &str, ip: u8, uid: &str| {
+        pod(name, ip, "x").replace("labels:", &format!("uid: \"{uid}\", labels:"))
+    };
+    let dup = src
+        .apply(&file(&[
+            NS,
+            &with_uid("q", 7, "u1"),
+            &with_uid("r", 8, "u1"),
+        ]))
+        .unwrap_err();
+    assert_eq!(
+        (dup.object.as_str(), dup.field.as_str()),
+        ("Pod a/r", "metadata.uid")
+    );
+    let shadow = src
+        .apply(&file(&[NS, &pod("q", 7, "x"), &with_uid("r", 8, "a/q")]))
+        .unwrap_err();
+    assert_eq!(
+        (shadow.object.as_str(), shadow.field.as_str()),
+        ("Pod a/r", "metadata.uid")
+    );
+    // And after every refusal the last good text still applies as it was.
     assert_eq!(dump(&src.apply(&v3).unwrap()), whole(&v3));
 }
 

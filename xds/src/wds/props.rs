@@ -225,6 +225,18 @@ proptest! {
                 let got = published.service_by_vip(*vip).map(|x| x.hostname.clone());
                 prop_assert_eq!(got, Some(s.hostname.clone()));
             }
+            // A hostname two namespaces declare resolves to the same one
+            // (the smallest key), however the declarations came and went.
+            let key = |x: &mesh::Service| format!("{}/{}", x.namespace, x.hostname);
+            let got = published.service_by_host(&s.hostname).map(|x| key(x));
+            prop_assert_eq!(got, fresh.service_by_host(&s.hostname).map(|x| key(x)));
+            let smallest = fresh
+                .services
+                .values()
+                .filter(|x| x.hostname == s.hostname)
+                .map(|x| key(x))
+                .min();
+            prop_assert_eq!(fresh.service_by_host(&s.hostname).map(|x| key(x)), smallest);
         }
 
         // Where each endpoint serves each service port is what the per
