@@ -59,6 +59,12 @@ pub struct FileSource {
     docs: HashMap<u64, Option<DocSummary>>,
 }
 
+fn bytes_hash(b: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
 fn text_hash(text: &str) -> u64 {
     // Fixed keys: the same text hashes alike across changes.
     let mut h = DefaultHasher::new();
@@ -151,51 +157,54 @@ impl FileSource {
         Ok(self.objects.publish())
     }
 
-    /// Polls the file and applies each good change to `store`. A bad change
-    /// is logged and recorded; the last good state stays in force. Polling
-    /// (rather than inotify) survives editors and ConfigMap mounts that
-    /// replace the file.
-    pub async fn watch(self, store: Arc<MeshStore>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let path = self.path.clone();
-        let mut last = std::fs::read(&path).ok();
-        let mut me = Some(self);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = stop.changed() => return,
-            }
-            let now = match tokio::fs::read(&path).await {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    // A vanished file keeps the last good state serving.
-                    if last.is_some() {
-                        tracing::warn!(path = %path.display(), error = %e, "config file unreadable; keeping last good config");
-                        store.reject(format!("{}: {e}", path.display()));
+    /// Polls the file and applies each good change to `store`, on a thread
+    /// of its own until `stop` says true (or its sender is gone). A bad
+    /// change is logged and recorded; the last good state stays in force.
+    /// Polling (rather than inotify) survives editors and ConfigMap mounts
+    /// that replace the file. One thread, not the blocking pool: parsing and
+    /// deriving stay off the async workers, and their allocations stay in
+    /// one allocator arena (applies spread over pool threads grew a
+    /// 10k-pod waypoint's RSS by a third over 20 edits).
+    pub fn watch(
+        mut self,
+        store: Arc<MeshStore>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> std::thread::JoinHandle<()> {
+        let stopped = move || *stop.borrow() || stop.has_changed().is_err();
+        std::thread::Builder::new()
+            .name("config-file".into())
+            .spawn(move || {
+                let path = self.path.clone();
+                // The text in force, by hash: no second copy of the file.
+                let mut last = std::fs::read(&path).ok().map(|b| bytes_hash(&b));
+                loop {
+                    for _ in 0..10 {
+                        if stopped() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
                     }
-                    last = None;
-                    continue;
+                    let bytes = match std::fs::read(&path) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            // A vanished file keeps the last good state serving.
+                            if last.is_some() {
+                                tracing::warn!(path = %path.display(), error = %e, "config file unreadable; keeping last good config");
+                                store.reject(format!("{}: {e}", path.display()));
+                            }
+                            last = None;
+                            continue;
+                        }
+                    };
+                    let h = bytes_hash(&bytes);
+                    if last == Some(h) {
+                        continue;
+                    }
+                    last = Some(h);
+                    self.apply_to(&bytes, &store);
                 }
-            };
-            if now == last {
-                continue;
-            }
-            last = now;
-            let bytes = last.clone().unwrap_or_default();
-            let mut src = me.take().expect("source is returned by each apply");
-            let st = store.clone();
-            // Parsing and deriving is CPU work: off the async workers.
-            let task = tokio::task::spawn_blocking(move || {
-                src.apply_to(&bytes, &st);
-                src
-            });
-            match task.await {
-                Ok(src) => me = Some(src),
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "config apply panicked; the file is no longer watched");
-                    return;
-                }
-            }
-        }
+            })
+            .expect("spawn the config file thread")
     }
 
     fn apply_to(&mut self, bytes: &[u8], store: &MeshStore) {
@@ -275,7 +284,7 @@ pub(crate) fn check_set(docs: &[&DocSummary]) -> Result<(), ConfigError> {
 }
 
 /// A store holding the file's state, kept current by a watch that runs
-/// until `stop` (on the runtime this is called on).
+/// until `stop`.
 pub fn open_file(
     path: &Path,
     trust_domain: &str,
@@ -283,6 +292,6 @@ pub fn open_file(
 ) -> Result<Arc<MeshStore>, FileError> {
     let (src, state) = FileSource::open(path, trust_domain)?;
     let store = MeshStore::new(state, &path.display().to_string());
-    tokio::spawn(src.watch(store.clone(), stop));
+    src.watch(store.clone(), stop);
     Ok(store)
 }

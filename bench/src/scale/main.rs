@@ -10,7 +10,9 @@
 //!   a separate process (`ads_client`), measured by `ads_bench`.
 //!
 //! Prints tables, and JSON with `--json`. `--only-ads` skips the in-process
-//! rows, `--no-ads` the delta-ADS ones. Build with `--features jemalloc` or
+//! rows, `--no-ads` the delta-ADS ones; `--components` adds the waypoint's
+//! and the node agent's own binaries holding the file (`components`; build
+//! them first: `cargo build --release -p waypoint -p istio-cni`). Build with `--features jemalloc` or
 //! `--features mimalloc` to measure another allocator.
 //!
 //!     cargo run --release -p bench --bin scale-bench -- 1000 10000 50000
@@ -18,6 +20,7 @@
 mod ads_bench;
 mod ads_client;
 mod ads_server;
+mod components;
 mod gen;
 mod inproc;
 mod objects;
@@ -58,6 +61,7 @@ fn main() -> anyhow::Result<()> {
     let json = args.iter().any(|a| a == "--json");
     let only_ads = args.iter().any(|a| a == "--only-ads");
     let no_ads = args.iter().any(|a| a == "--no-ads");
+    let components = args.iter().any(|a| a == "--components");
     let sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() {
         vec![1_000, 10_000]
@@ -77,6 +81,9 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?;
         out.insert("delta_ads".into(), rt.block_on(delta_ads(&sizes))?.into());
+    }
+    if components {
+        out.insert("components".into(), components::measure(&sizes)?.into());
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
