@@ -447,7 +447,7 @@ impl Objects {
 
     fn workload(&self, (namespace, name): &Name, p: PodDecl) -> Workload {
         let (protocol, waypoint) = self.enrolment(namespace, &p.labels);
-        let label = |keys: &[&str]| keys.iter().find_map(|k| p.labels.get(*k).cloned());
+        let label = |keys: &[&str]| keys.iter().find_map(|k| p.labels.get(k).cloned());
         Workload {
             uid: p.uid.unwrap_or_else(|| format!("{namespace}/{name}")),
             canonical_name: label(&[
