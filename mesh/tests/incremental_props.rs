@@ -11,6 +11,8 @@ use mesh::MeshState;
 use proptest::prelude::*;
 
 const NS: [&str; 3] = ["a", "b", "c"];
+/// Policies may also be mesh-wide, from the root namespace.
+const POLICY_NS: [&str; 4] = ["a", "b", "c", "istio-system"];
 
 fn translate(yaml: &str) -> Translated {
     let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
@@ -66,9 +68,15 @@ fn policy(k: usize, ns: usize, app: usize, bad: bool) -> String {
     } else {
         ""
     };
+    // Every third policy has no selector: namespace-wide, or mesh-wide.
+    let selector = if k % 3 == 2 {
+        String::new()
+    } else {
+        format!("selector: {{matchLabels: {{app: x{app}}}}}, ")
+    };
     format!(
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ap{k}, namespace: {}}}\nspec: {{selector: {{matchLabels: {{app: x{app}}}}}, rules: [{{from: [{{source: {{namespaces: [a]{extra}}}}}]}}]}}\n",
-        NS[ns]
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ap{k}, namespace: {}}}\nspec: {{{selector}rules: [{{from: [{{source: {{namespaces: [a]{extra}}}}}]}}]}}\n",
+        POLICY_NS[ns]
     )
 }
 
@@ -92,7 +100,7 @@ fn object() -> impl Strategy<Value = String> {
             .prop_map(|(i, ns, app, ip, mode)| pod(i, ns, app, ip, mode)),
         (0..5usize, 0..3usize, 0..3usize, 0..4u8)
             .prop_map(|(j, ns, app, vip)| service(j, ns, app, vip)),
-        (0..4usize, 0..3usize, 0..3usize, any::<bool>())
+        (0..6usize, 0..4usize, 0..3usize, any::<bool>())
             .prop_map(|(k, ns, app, bad)| policy(k, ns, app, bad)),
         (0..3usize).prop_map(gateway),
     ]
@@ -129,7 +137,17 @@ fn view(s: &MeshState) -> serde_json::Value {
             );
         }
     }
-    serde_json::json!({ "state": s, "ips": ips, "names": names })
+    // What the policy index gives each workload (not part of the dump).
+    let mut selecting = serde_json::Map::new();
+    for w in s.workloads.values() {
+        let mut p: Vec<String> = s
+            .policies_selecting(w)
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
+        p.sort();
+        selecting.insert(w.uid.clone(), p.into());
+    }
+    serde_json::json!({ "state": s, "ips": ips, "names": names, "selecting": selecting })
 }
 
 /// The last version of each object, in the order they were first seen.

@@ -1,6 +1,7 @@
 //! The lists a state publishes (policies, routes, waypoints, ...): each is
 //! rebuilt from its objects only when one of them changed.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::{Kind, Objects};
@@ -61,7 +62,31 @@ impl Objects {
                         _ => None,
                     })
                     .collect();
-                p.policy_index = Arc::new(PolicyIndex::new(&policies));
+                p.policy_index = Arc::new(
+                    match self.policy_namespaces_dirty.replace(BTreeSet::new()) {
+                        None => PolicyIndex::new(&policies),
+                        Some(dirty) => {
+                            let mut ix = (*p.policy_index).clone();
+                            for ns in dirty {
+                                let in_ns: Vec<_> = policies
+                                    .iter()
+                                    .filter(|x| x.namespace == ns)
+                                    .cloned()
+                                    .collect();
+                                // Mesh-wide policies live in the root namespace.
+                                let global = (ns == crate::ROOT_NAMESPACE).then(|| {
+                                    policies
+                                        .iter()
+                                        .filter(|x| matches!(x.scope, crate::authz::Scope::Global))
+                                        .cloned()
+                                        .collect()
+                                });
+                                ix = ix.with_namespace(&ns, &in_ns, global);
+                            }
+                            ix
+                        }
+                    },
+                );
                 p.policies = Arc::new(policies);
             }
             List::WaypointPolicies => {

@@ -152,6 +152,9 @@ pub struct Objects {
     dirty_services: BTreeSet<Name>,
     /// The list kinds (`list_of`) changed since the last publish.
     lists_dirty: BTreeSet<List>,
+    /// Namespaces whose ztunnel-enforced policies changed: only their part
+    /// of the policy index is rebuilt (None: all of it, at the first build).
+    policy_namespaces_dirty: Option<BTreeSet<String>>,
     namespaces_dirty: bool,
     rejected_dirty: bool,
     published: Lists,
@@ -257,9 +260,9 @@ impl Objects {
                     .insert((key.namespace.clone(), key.name.clone()));
             }
             other => {
-                self.lists_dirty.insert(list_of(&other));
-                if let Some(old) = self.lists.insert(key, other) {
-                    self.lists_dirty.insert(list_of(&old));
+                self.list_changed(&key, &other);
+                if let Some(old) = self.lists.insert(key.clone(), other) {
+                    self.list_changed(&key, &old);
                 }
             }
         }
@@ -288,7 +291,7 @@ impl Objects {
             }
             _ => {
                 if let Some(old) = self.lists.remove(key) {
-                    self.lists_dirty.insert(list_of(&old));
+                    self.list_changed(key, &old);
                 }
             }
         }
@@ -308,6 +311,16 @@ impl Objects {
             .chain(svcs)
             .chain(self.lists.keys().cloned())
             .collect()
+    }
+
+    fn list_changed(&mut self, key: &ObjectKey, k: &Kind) {
+        let list = list_of(k);
+        if list == List::Policies {
+            if let Some(d) = &mut self.policy_namespaces_dirty {
+                d.insert(key.namespace.clone());
+            }
+        }
+        self.lists_dirty.insert(list);
     }
 
     fn set_rejected(&mut self, key: &ObjectKey, r: Vec<Rejected>) {
