@@ -29,7 +29,7 @@ pub enum FileError {
 
 /// What a document translated to, as far as checking the whole set needs.
 #[derive(Clone)]
-pub(crate) struct DocSummary {
+struct DocSummary {
     key: ObjectKey,
     addresses: Vec<(&'static str, IpAddr)>,
     /// A pod's own `metadata.uid`, when it sets one (a pod without one is
@@ -38,7 +38,7 @@ pub(crate) struct DocSummary {
 }
 
 impl DocSummary {
-    pub(crate) fn of(t: &Translated) -> Self {
+    fn of(t: &Translated) -> Self {
         let uid = match &t.object {
             crate::objects::Kind::Pod(p) => p.uid.as_deref().map(Box::from),
             _ => None,
@@ -231,7 +231,7 @@ impl FileSource {
 
 /// No object twice, no address or pod uid claimed twice (a workload is
 /// indexed by its uid: two with one would shadow each other).
-pub(crate) fn check_set(docs: &[&DocSummary]) -> Result<(), ConfigError> {
+fn check_set(docs: &[&DocSummary]) -> Result<(), ConfigError> {
     let mut seen = HashSet::new();
     let mut ips: HashMap<IpAddr, &ObjectKey> = HashMap::new();
     let mut uids: HashMap<&str, &ObjectKey> = HashMap::new();

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::model::*;
-use crate::objects::{Kind, ObjectKey, Objects, PodDecl, ServiceDecl, Translated};
+use crate::objects::{Kind, ObjectKey, PodDecl, ServiceDecl, Translated};
 use crate::routes::{WaypointRef, USE_WAYPOINT_LABEL, USE_WAYPOINT_NS_LABEL};
 use crate::security::{self, ParsedPolicy};
 
@@ -151,24 +151,6 @@ pub(crate) fn typed<T: DeserializeOwned>(
 /// file with any error is refused whole, naming the object and field.
 pub fn parse(text: &str, trust_domain: &str) -> Result<MeshState, ConfigError> {
     crate::file::FileSource::new(std::path::Path::new(""), trust_domain).apply(text)
-}
-
-/// Over already-decoded objects (tests and tools that build values).
-pub fn parse_values(
-    docs: impl IntoIterator<Item = serde_yaml::Value>,
-    trust_domain: &str,
-) -> Result<MeshState, ConfigError> {
-    let mut all = Vec::new();
-    for (i, v) in docs.into_iter().enumerate() {
-        all.extend(translate(v, &format!("document {}", i + 1))?);
-    }
-    let summaries: Vec<_> = all.iter().map(crate::file::DocSummary::of).collect();
-    crate::file::check_set(&summaries.iter().collect::<Vec<_>>())?;
-    let mut objects = Objects::new(trust_domain);
-    for t in all {
-        objects.upsert(t);
-    }
-    Ok(objects.publish())
 }
 
 /// One YAML document of the file, as text: unchanged text need not be

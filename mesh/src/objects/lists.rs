@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::{Kind, Objects};
+use crate::authz::{AuthorizationPolicy, Scope};
 use crate::model::{Keyed, PolicyIndex};
 
 /// The published lists, each rebuilt only when one of its objects changed.
@@ -48,93 +49,97 @@ pub(super) fn list_of(k: &Kind) -> List {
 }
 
 impl Objects {
+    /// The objects of `lists` that `pick` takes, in key order.
+    fn collect<T>(&self, pick: impl Fn(&Kind) -> Option<&T>) -> Vec<T>
+    where
+        T: Clone,
+    {
+        self.lists
+            .values()
+            .filter_map(|k| pick(k).cloned())
+            .collect()
+    }
+
     /// Rebuilds one published list from its objects (a route change does
     /// not rebuild the policy index).
     pub(super) fn rebuild(&mut self, list: List) {
-        let p = &mut self.published;
         match list {
             List::Policies => {
-                let policies: Vec<_> = self
-                    .lists
-                    .values()
-                    .filter_map(|k| match k {
-                        Kind::Policy(p) => Some(p.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                p.policy_index = Arc::new(
-                    match self.policy_namespaces_dirty.replace(BTreeSet::new()) {
-                        None => PolicyIndex::new(&policies),
-                        Some(dirty) => {
-                            let mut ix = (*p.policy_index).clone();
-                            for ns in dirty {
-                                let in_ns: Vec<_> = policies
-                                    .iter()
-                                    .filter(|x| x.namespace == ns)
-                                    .cloned()
-                                    .collect();
-                                // Mesh-wide policies live in the root namespace.
-                                let global = (ns == crate::ROOT_NAMESPACE).then(|| {
-                                    policies
-                                        .iter()
-                                        .filter(|x| matches!(x.scope, crate::authz::Scope::Global))
-                                        .cloned()
-                                        .collect()
-                                });
-                                ix = ix.with_namespace(&ns, &in_ns, global);
-                            }
-                            ix
-                        }
-                    },
-                );
+                let policies = self.collect(|k| match k {
+                    Kind::Policy(p) => Some(p),
+                    _ => None,
+                });
+                let dirty = self.policy_namespaces_dirty.replace(BTreeSet::new());
+                let p = &mut self.published;
+                p.policy_index = Arc::new(policy_index(&p.policy_index, &policies, dirty));
                 p.policies = Arc::new(policies);
             }
             List::WaypointPolicies => {
-                let list = self.lists.values().filter_map(|k| match k {
-                    Kind::WaypointPolicy(p) => Some(p.clone()),
+                let list = self.collect(|k| match k {
+                    Kind::WaypointPolicy(p) => Some(p),
                     _ => None,
                 });
-                p.waypoint_policies = Arc::new(Keyed::new(list.collect(), |t| {
-                    vec![t.policy.namespace.clone()]
-                }));
+                self.published.waypoint_policies =
+                    Arc::new(Keyed::new(list, |t| vec![t.policy.namespace.clone()]));
             }
             List::PeerAuthentications => {
-                let list = self.lists.values().filter_map(|k| match k {
-                    Kind::PeerAuthentication(p) => Some(p.clone()),
+                let list = self.collect(|k| match k {
+                    Kind::PeerAuthentication(p) => Some(p),
                     _ => None,
                 });
-                p.peer_authentications =
-                    Arc::new(Keyed::new(list.collect(), |pa| vec![pa.namespace.clone()]));
+                self.published.peer_authentications =
+                    Arc::new(Keyed::new(list, |pa| vec![pa.namespace.clone()]));
             }
             List::Waypoints => {
-                let list = self.lists.values().filter_map(|k| match k {
-                    Kind::Gateway(w) => w.clone(),
+                let list = self.collect(|k| match k {
+                    Kind::Gateway(w) => w.as_ref(),
                     _ => None,
                 });
-                p.waypoints = Arc::new(list.collect());
+                self.published.waypoints = Arc::new(list);
             }
             List::Routes => {
-                let list = self.lists.values().filter_map(|k| match k {
-                    Kind::Route(r) => Some(r.clone()),
+                let list = self.collect(|k| match k {
+                    Kind::Route(r) => Some(r),
                     _ => None,
                 });
-                p.http_routes = Arc::new(Keyed::new(list.collect(), |r| r.hosts.clone()));
+                self.published.http_routes = Arc::new(Keyed::new(list, |r| r.hosts.clone()));
             }
             List::DestinationRules => {
-                let list = self.lists.values().filter_map(|k| match k {
-                    Kind::DestinationRule(d) => Some(d.clone()),
+                let list = self.collect(|k| match k {
+                    Kind::DestinationRule(d) => Some(d),
                     _ => None,
                 });
-                p.destination_rules =
-                    Arc::new(Keyed::new(list.collect(), |d| vec![d.host.clone()]));
+                self.published.destination_rules =
+                    Arc::new(Keyed::new(list, |d| vec![d.host.clone()]));
             }
             List::ServiceEntries => {
-                let list = self.lists.values().filter_map(|k| match k {
-                    Kind::ServiceEntry(s) => Some(s.clone()),
+                let list = self.collect(|k| match k {
+                    Kind::ServiceEntry(s) => Some(s),
                     _ => None,
                 });
-                p.service_entries = Arc::new(list.collect());
+                self.published.service_entries = Arc::new(list);
             }
         }
     }
+}
+
+/// The policy index for `policies`: built whole the first time (`dirty`
+/// None), else `old` with only the changed namespaces' parts rebuilt.
+fn policy_index(
+    old: &PolicyIndex,
+    policies: &[Arc<AuthorizationPolicy>],
+    dirty: Option<BTreeSet<String>>,
+) -> PolicyIndex {
+    let Some(dirty) = dirty else {
+        return PolicyIndex::new(policies);
+    };
+    let of = |keep: &dyn Fn(&AuthorizationPolicy) -> bool| -> Vec<_> {
+        policies.iter().filter(|p| keep(p)).cloned().collect()
+    };
+    dirty.into_iter().fold(old.clone(), |ix, ns| {
+        // Mesh-wide policies live in the root namespace.
+        let global =
+            (ns == crate::ROOT_NAMESPACE).then(|| of(&|p| matches!(p.scope, Scope::Global)));
+        ix.with_namespace(&ns, &of(&|p| p.namespace == ns), global)
+    })
 }
