@@ -20,7 +20,10 @@ fn delta_ads_path_runs_end_to_end_on_a_small_mesh() {
     );
     let json = &stdout[stdout.find("\n{").expect("JSON after the tables") + 1..];
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
-    assert!(v.get("in_process").is_none(), "--only-ads ran the in-process rows");
+    assert!(
+        v.get("in_process").is_none(),
+        "--only-ads ran the in-process rows"
+    );
     let rows = v["delta_ads"].as_array().unwrap();
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
@@ -31,7 +34,11 @@ fn delta_ads_path_runs_end_to_end_on_a_small_mesh() {
         assert_eq!(c["cpu_ms"].as_array().map(Vec::len), Some(10), "{kind}");
         assert_eq!(c["wall_ms"].as_array().map(Vec::len), Some(10), "{kind}");
     }
-    for k in ["rss_connected_empty_mb", "rss_after_load_mb", "rss_after_churn_mb"] {
+    for k in [
+        "rss_connected_empty_mb",
+        "rss_after_load_mb",
+        "rss_after_churn_mb",
+    ] {
         assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {}", r[k]);
     }
 }

@@ -14,16 +14,16 @@
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use kube::api::{Api, DynamicObject};
-use kube::core::{ApiResource, GroupVersionKind};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::api::Api;
+use kube::core::GroupVersionKind;
 use mesh::MeshStore;
 use serde_json::Value;
 use tokio::sync::watch;
 
 mod translate;
-use translate::{translate_loop, Change};
+mod watch_all;
+use translate::{translate_loop, Scope};
+use watch_all::watch_all;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -58,8 +58,21 @@ pub async fn open(
 #[derive(Clone, Debug)]
 pub struct Selection {
     pub kinds: Vec<GroupVersionKind>,
+    /// Which pods, when `kinds` has Pod.
+    pub pods: PodScope,
+}
+
+/// The pods a component looks at.
+#[derive(Clone, Debug)]
+pub enum PodScope {
+    All,
     /// Only pods scheduled on this node (the node agent's view).
-    pub pods_on_node: Option<String>,
+    OnNode(String),
+    /// A waypoint's view: the pods of the namespaces whose traffic it may
+    /// serve (`mesh::scope::waypoint_namespaces`, followed as bindings
+    /// change), plus pods anywhere that bind themselves to a waypoint by
+    /// label. At cluster size that is a few namespaces, not every pod.
+    ServedBy(mesh::routes::WaypointRef),
 }
 
 fn gvk(group: &str, version: &str, kind: &str) -> GroupVersionKind {
@@ -71,12 +84,15 @@ impl Selection {
     pub fn node_agent(node: &str) -> Selection {
         Selection {
             kinds: vec![gvk("", "v1", "Namespace"), gvk("", "v1", "Pod")],
-            pods_on_node: Some(node.to_string()),
+            pods: PodScope::OnNode(node.to_string()),
         }
     }
 
-    /// The waypoint routes and authorizes with the whole L7 picture.
-    pub fn waypoint() -> Selection {
+    /// The waypoint `name` in `namespace` routes and authorizes with the
+    /// L7 picture of the cluster (services, routes, policies are all
+    /// watched: they decide what is bound to it) and the pods of what it
+    /// serves.
+    pub fn waypoint(name: &str, namespace: &str) -> Selection {
         Selection {
             kinds: vec![
                 gvk("", "v1", "Namespace"),
@@ -91,7 +107,10 @@ impl Selection {
                 gvk("security.istio.io", "v1", "AuthorizationPolicy"),
                 gvk("security.istio.io", "v1", "PeerAuthentication"),
             ],
-            pods_on_node: None,
+            pods: PodScope::ServedBy(mesh::routes::WaypointRef {
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+            }),
         }
     }
 }
@@ -134,12 +153,20 @@ pub async fn start_with(
     let report = dropped.clone();
     // The translator owns the objects on a thread of its own: translating
     // and deriving is CPU work, never done on the async workers.
+    // A waypoint's pod namespaces follow what the translator sees bound.
+    let (scope, scope_rx) = match &sel.pods {
+        PodScope::ServedBy(me) => {
+            let (tx, rx) = watch::channel(Default::default());
+            (Some(Scope { me: me.clone(), tx }), Some(rx))
+        }
+        _ => (None, None),
+    };
     std::thread::Builder::new()
         .name("kube-source".into())
-        .spawn(move || translate_loop(rx, trust_domain, report, first_tx))
+        .spawn(move || translate_loop(rx, trust_domain, report, first_tx, scope))
         .expect("spawn the Kubernetes source thread");
     tokio::spawn(async move {
-        if let Err(e) = watch_all(client, sel, tx, stop).await {
+        if let Err(e) = watch_all(client, sel, tx, scope_rx, stop).await {
             tracing::error!(error = %e, "Kubernetes source stopped");
         }
     });
@@ -147,101 +174,6 @@ pub async fn start_with(
     match tokio::time::timeout(limit, first_rx).await {
         Ok(Ok(store)) => Ok(Source { store, dropped }),
         _ => Err(SourceError::NotSynced(limit)),
-    }
-}
-
-/// One watch per kind, each event sent to the translator. Returns when
-/// `stop` fires (the translator ends when the last sender is gone).
-async fn watch_all(
-    client: kube::Client,
-    sel: Selection,
-    tx: mpsc::Sender<Change>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), SourceError> {
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut pending = Vec::new();
-    for g in &sel.kinds {
-        let Some(ar) = (tokio::select! {
-            r = discover(&client, g) => r,
-            _ = stop.changed() => return Ok(()),
-        }) else {
-            continue;
-        };
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-        let mut cfg = watcher::Config::default();
-        if let (Some(node), "Pod") = (&sel.pods_on_node, g.kind.as_str()) {
-            cfg = cfg.fields(&format!("spec.nodeName={node}"));
-        }
-        let (listed_tx, listed_rx) = tokio::sync::oneshot::channel();
-        pending.push(listed_rx);
-        let tx = tx.clone();
-        tasks.spawn(async move {
-            let mut listed = Some(listed_tx);
-            let mut events = watcher(api, cfg).default_backoff().boxed();
-            while let Some(ev) = events.next().await {
-                let change = match ev {
-                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        Change::Apply(ar.clone(), o)
-                    }
-                    Ok(watcher::Event::Delete(o)) => Change::Delete(ar.clone(), o),
-                    Ok(watcher::Event::Init) => Change::Relist(ar.kind.clone()),
-                    Ok(watcher::Event::InitDone) => {
-                        if let Some(l) = listed.take() {
-                            let _ = l.send(());
-                        }
-                        Change::Listed(ar.kind.clone())
-                    }
-                    // The watcher relists by itself; the last good objects stay.
-                    Err(e) => {
-                        tracing::warn!(kind = %ar.kind, error = %e, "watch error; retrying");
-                        continue;
-                    }
-                };
-                if tx.send(change).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    for l in pending {
-        tokio::select! {
-            r = l => if r.is_err() {
-                tracing::error!("a watch ended before its first list");
-            },
-            _ = stop.changed() => return Ok(()),
-        }
-    }
-    let _ = tx.send(Change::Synced);
-    drop(tx);
-    let _ = stop.wait_for(|s| *s).await;
-    tasks.shutdown().await;
-    Ok(())
-}
-
-/// The API resource for `g`, retrying until the API server answers. None
-/// only when the server says it does not serve the kind: a cluster without
-/// (say) the Gateway API CRDs simply has none of those objects. An
-/// unreachable server is not an empty one: treating it so would release
-/// every captured pod.
-async fn discover(client: &kube::Client, g: &GroupVersionKind) -> Option<ApiResource> {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match kube::discovery::pinned_kind(client, g).await {
-            Ok((ar, _)) => return Some(ar),
-            Err(kube::Error::Discovery(e)) => {
-                tracing::warn!(kind = %g.kind, group = %g.group, error = %e, "kind not served by the API server; not watched");
-                return None;
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                tracing::warn!(kind = %g.kind, group = %g.group, "group not served by the API server; not watched");
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!(kind = %g.kind, error = %e, retry_ms = backoff.as_millis() as u64, "API discovery failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
     }
 }
 

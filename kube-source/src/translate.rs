@@ -2,7 +2,7 @@
 //! incremental translator updated, a state published after each burst.
 //! Runs on a thread of its own (translation is CPU work).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{mpsc, Arc};
 
 use kube::api::DynamicObject;
@@ -13,15 +13,34 @@ use serde_json::Value;
 
 use crate::Dropped;
 
+/// Which watch an event came from: a relist is complete for its watch only,
+/// and a pod two watches see stays while either still holds it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Watch {
+    /// Every object of a kind (for pods: all, or one node's).
+    Kind(String),
+    /// One namespace's pods (a waypoint's view).
+    PodsIn(String),
+    /// Pods anywhere that carry a waypoint label of their own.
+    BoundPods,
+}
+
 /// What a watch task tells the translator.
 pub(crate) enum Change {
-    Apply(ApiResource, DynamicObject),
-    Delete(ApiResource, DynamicObject),
-    /// The kind is being listed again: what the list does not name is gone.
-    Relist(String),
-    Listed(String),
-    /// Every kind has listed once (or is not served).
+    Apply(Watch, ApiResource, DynamicObject),
+    Delete(Watch, ApiResource, DynamicObject),
+    /// The watch is listing again: what the list does not name is gone.
+    Relist(Watch),
+    Listed(Watch),
+    /// Every watch has listed once (or its kind is not served).
     Synced,
+}
+
+/// A waypoint's pod scope: the translator decides the namespaces from what
+/// it sees bound, and the watches follow `tx`.
+pub(crate) struct Scope {
+    pub me: mesh::routes::WaypointRef,
+    pub tx: tokio::sync::watch::Sender<BTreeSet<String>>,
 }
 
 /// Applies changes as they come and publishes after each burst: what is
@@ -32,6 +51,7 @@ pub(crate) fn translate_loop(
     trust_domain: String,
     dropped: Dropped,
     first: tokio::sync::oneshot::Sender<Arc<MeshStore>>,
+    scope: Option<Scope>,
 ) {
     let mut t = Translator::new(&trust_domain, dropped);
     let mut store: Option<Arc<MeshStore>> = None;
@@ -47,7 +67,21 @@ pub(crate) fn translate_loop(
         if !synced {
             continue;
         }
-        let state = t.objects.publish();
+        let mut state = t.objects.publish();
+        if let Some(sc) = &scope {
+            let want = mesh::scope::waypoint_namespaces(&state, &sc.me);
+            if t.pod_namespaces.as_ref() != Some(&want) {
+                if t.set_pod_namespaces(want.clone()) {
+                    state = t.objects.publish();
+                }
+                sc.tx.send_replace(want);
+            }
+            // The first view waits for the pods of what it serves: without
+            // them every bound service would have no endpoints.
+            if store.is_none() && !t.unlisted.is_empty() {
+                continue;
+            }
+        }
         match &store {
             Some(s) => s.replace(state),
             None => {
@@ -68,10 +102,17 @@ pub(crate) fn translate_loop(
 
 struct Translator {
     objects: Objects,
-    /// Per kind being relisted: the keys listed so far.
-    relisting: BTreeMap<String, HashSet<ObjectKey>>,
+    /// Per watch being relisted: the keys listed so far.
+    relisting: BTreeMap<Watch, HashSet<ObjectKey>>,
     left_out: BTreeMap<ObjectKey, mesh::Rejected>,
     dropped: Dropped,
+    /// The pods the `BoundPods` watch holds (a namespace watch may hold
+    /// them too).
+    bound_pods: HashSet<ObjectKey>,
+    /// A waypoint's pod namespaces; None when pods are not scoped so.
+    pod_namespaces: Option<BTreeSet<String>>,
+    /// Namespaces of `pod_namespaces` whose pods have not listed yet.
+    unlisted: BTreeSet<String>,
 }
 
 impl Translator {
@@ -81,44 +122,112 @@ impl Translator {
             relisting: BTreeMap::new(),
             left_out: BTreeMap::new(),
             dropped,
+            bound_pods: HashSet::new(),
+            pod_namespaces: None,
+            unlisted: BTreeSet::new(),
         }
     }
 
     fn apply(&mut self, c: Change) {
         match c {
-            Change::Apply(ar, o) => {
+            Change::Apply(w, ar, o) if self.current(&w) => {
                 let key = key_of(&ar, &o);
-                if let Some(seen) = self.relisting.get_mut(&ar.kind) {
+                if let Some(seen) = self.relisting.get_mut(&w) {
                     seen.insert(key.clone());
+                }
+                if w == Watch::BoundPods {
+                    self.bound_pods.insert(key.clone());
                 }
                 self.upsert(key, &ar, &o);
             }
-            Change::Delete(ar, o) => {
-                let key = key_of(&ar, &o);
-                self.objects.remove(&key);
-                self.set_left_out(&key, None);
+            Change::Delete(w, ar, o) if self.current(&w) => self.release(&w, &key_of(&ar, &o)),
+            Change::Relist(w) if self.current(&w) => {
+                self.relisting.insert(w, HashSet::new());
             }
-            Change::Relist(kind) => {
-                self.relisting.insert(kind, HashSet::new());
-            }
-            Change::Listed(kind) => {
-                let Some(seen) = self.relisting.remove(&kind) else {
+            Change::Listed(w) if self.current(&w) => {
+                if let Watch::PodsIn(ns) = &w {
+                    self.unlisted.remove(ns);
+                }
+                let Some(seen) = self.relisting.remove(&w) else {
                     return;
                 };
                 let gone: Vec<_> = self
-                    .objects
-                    .keys()
+                    .keys_of(&w)
                     .into_iter()
-                    .chain(self.left_out.keys().cloned())
-                    .filter(|k| k.kind == kind && !seen.contains(k))
+                    .filter(|k| !seen.contains(k))
                     .collect();
                 for k in gone {
-                    self.objects.remove(&k);
-                    self.set_left_out(&k, None);
+                    self.release(&w, &k);
                 }
             }
+            // Events of a namespace watch stopped since they were queued.
+            Change::Apply(..) | Change::Delete(..) | Change::Relist(_) | Change::Listed(_) => {}
             Change::Synced => {}
         }
+    }
+
+    /// Whether `w` is still a watch of ours: a namespace left out of a
+    /// waypoint's scope may still have events queued.
+    fn current(&self, w: &Watch) -> bool {
+        match w {
+            Watch::PodsIn(ns) => self.pod_namespaces.as_ref().is_some_and(|s| s.contains(ns)),
+            _ => true,
+        }
+    }
+
+    /// The keys `w` holds now.
+    fn keys_of(&self, w: &Watch) -> Vec<ObjectKey> {
+        if *w == Watch::BoundPods {
+            return self.bound_pods.iter().cloned().collect();
+        }
+        self.objects
+            .keys()
+            .into_iter()
+            .chain(self.left_out.keys().cloned())
+            .filter(|k| match w {
+                Watch::Kind(kind) => k.kind == *kind,
+                Watch::PodsIn(ns) => k.kind == "Pod" && k.namespace == *ns,
+                Watch::BoundPods => unreachable!(),
+            })
+            .collect()
+    }
+
+    /// `w` no longer holds `key`: it is gone unless the other watch that
+    /// may see it still does.
+    fn release(&mut self, w: &Watch, key: &ObjectKey) {
+        let held_elsewhere = match w {
+            Watch::Kind(_) => false,
+            Watch::PodsIn(_) => self.bound_pods.contains(key),
+            Watch::BoundPods => {
+                self.bound_pods.remove(key);
+                self.current(&Watch::PodsIn(key.namespace.clone()))
+            }
+        };
+        if !held_elsewhere {
+            self.objects.remove(key);
+            self.set_left_out(key, None);
+        }
+    }
+
+    /// Sets a waypoint's pod namespaces; the pods of a namespace that left
+    /// are released at once. True when some were.
+    fn set_pod_namespaces(&mut self, want: BTreeSet<String>) -> bool {
+        let old = self
+            .pod_namespaces
+            .replace(want.clone())
+            .unwrap_or_default();
+        let mut released = false;
+        for ns in old.difference(&want) {
+            let w = Watch::PodsIn(ns.clone());
+            self.relisting.remove(&w);
+            self.unlisted.remove(ns);
+            for k in self.keys_of(&w) {
+                released = true;
+                self.release(&w, &k);
+            }
+        }
+        self.unlisted.extend(want.difference(&old).cloned());
+        released
     }
 
     fn upsert(&mut self, key: ObjectKey, ar: &ApiResource, o: &DynamicObject) {
@@ -286,7 +395,7 @@ mod tests {
             "Namespace" => ar("", "v1", "Namespace"),
             _ => ar("", "v1", "Service"),
         };
-        t.apply(Change::Apply(r, o));
+        t.apply(Change::Apply(Watch::Kind(r.kind.clone()), r, o));
     }
 
     #[test]
@@ -318,15 +427,16 @@ mod tests {
         assert_eq!(t.objects.publish().workloads.len(), 3);
 
         // A relist that no longer names p2 (or the once-bad pod) removes them.
-        t.apply(Change::Relist("Pod".into()));
+        t.apply(Change::Relist(Watch::Kind("Pod".into())));
         apply(&mut t, pod("p1", "10.0.0.1", Value::Null));
-        t.apply(Change::Listed("Pod".into()));
+        t.apply(Change::Listed(Watch::Kind("Pod".into())));
         let s = t.objects.publish();
         let names: Vec<_> = s.workloads.values().map(|w| w.name.clone()).collect();
         assert_eq!(names, ["p1"]);
 
         // A delete, and a finished pod, are both gone.
         t.apply(Change::Delete(
+            Watch::Kind("Pod".into()),
             ar("", "v1", "Pod"),
             pod("p1", "10.0.0.1", Value::Null),
         ));
@@ -335,5 +445,94 @@ mod tests {
         apply(&mut t, done);
         assert!(t.objects.publish().workloads.is_empty());
         assert!(dropped.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_waypoints_pod_watches() {
+        let mut t = Translator::new("cluster.local", Dropped::default());
+        let pods = ar("", "v1", "Pod");
+        let in_ns = |name: &str, ns: &str, ip: &str| {
+            let mut p = pod(name, ip, Value::Null);
+            p.metadata.namespace = Some(ns.into());
+            p
+        };
+        let names = |t: &mut Translator| {
+            let s = t.objects.publish();
+            let mut n: Vec<_> = s.workloads.values().map(|w| w.name.clone()).collect();
+            n.sort();
+            n
+        };
+        let a = Watch::PodsIn("a".into());
+        assert!(!t.set_pod_namespaces(BTreeSet::from(["a".to_string()])));
+        assert_eq!(t.unlisted, BTreeSet::from(["a".to_string()]));
+        t.apply(Change::Relist(a.clone()));
+        t.apply(Change::Apply(
+            a.clone(),
+            pods.clone(),
+            in_ns("p1", "a", "10.0.0.1"),
+        ));
+        t.apply(Change::Apply(
+            a.clone(),
+            pods.clone(),
+            in_ns("both", "a", "10.0.0.2"),
+        ));
+        t.apply(Change::Listed(a.clone()));
+        assert!(t.unlisted.is_empty(), "the namespace has listed");
+        // The label watch sees a pod of a namespace not in scope, and one
+        // the namespace watch holds too.
+        let b = Watch::BoundPods;
+        t.apply(Change::Apply(
+            b.clone(),
+            pods.clone(),
+            in_ns("x", "far", "10.0.0.3"),
+        ));
+        t.apply(Change::Apply(
+            b.clone(),
+            pods.clone(),
+            in_ns("both", "a", "10.0.0.2"),
+        ));
+        assert_eq!(names(&mut t), ["both", "p1", "x"]);
+
+        // Its label removed, a pod the namespace watch holds stays.
+        t.apply(Change::Delete(
+            b.clone(),
+            pods.clone(),
+            in_ns("both", "a", "10.0.0.2"),
+        ));
+        assert_eq!(names(&mut t), ["both", "p1", "x"]);
+        t.apply(Change::Apply(
+            b.clone(),
+            pods.clone(),
+            in_ns("both", "a", "10.0.0.2"),
+        ));
+
+        // The namespace leaves the scope: its pods go at once, but for the
+        // one the label watch holds; its queued events are ignored.
+        assert!(t.set_pod_namespaces(BTreeSet::new()));
+        assert_eq!(names(&mut t), ["both", "x"]);
+        t.apply(Change::Apply(
+            a.clone(),
+            pods.clone(),
+            in_ns("late", "a", "10.0.0.4"),
+        ));
+        assert_eq!(names(&mut t), ["both", "x"]);
+
+        // A relist of the label watch that no longer names x removes it;
+        // "both" is out of every namespace watch now, so it goes with its label.
+        t.apply(Change::Relist(b.clone()));
+        t.apply(Change::Apply(
+            b.clone(),
+            pods.clone(),
+            in_ns("both", "a", "10.0.0.2"),
+        ));
+        t.apply(Change::Listed(b.clone()));
+        assert_eq!(names(&mut t), ["both"]);
+        t.apply(Change::Delete(
+            b.clone(),
+            pods.clone(),
+            in_ns("both", "a", "10.0.0.2"),
+        ));
+        assert!(names(&mut t).is_empty());
+        assert!(t.bound_pods.is_empty());
     }
 }

@@ -11,6 +11,7 @@ pub mod objects;
 mod policy_index;
 mod rejected;
 pub mod routes;
+pub mod scope;
 mod security;
 mod service_entry;
 pub mod standalone;

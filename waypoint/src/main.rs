@@ -118,7 +118,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     admin::drain_histograms(prom.clone(), drain.clone());
     let kube_source::Source { store, dropped } = kube_source::open(
         args.config.as_deref(),
-        kube_source::Selection::waypoint(),
+        kube_source::Selection::waypoint(&args.name, &args.namespace),
         &args.trust_domain,
         drain.clone(),
     )
@@ -276,6 +276,9 @@ fn config_dump(wp: &proxy::Waypoint, dropped: &[mesh::Rejected]) -> String {
     serde_json::to_string_pretty(&serde_json::json!({
         "waypoint": {"name": wp.name, "namespace": wp.namespace, "identity": wp.identity.to_string()},
         "config": wp.store.status(),
+        // The pods it holds: those of what it serves (a Kubernetes source
+        // watches no others).
+        "workloads": state.workloads.values().map(|w| format!("{}/{}", w.namespace, w.name)).collect::<Vec<_>>(),
         "routes": state.http_routes,
         "destination_rules": state.destination_rules,
         "policies": state.waypoint_policies,

@@ -227,6 +227,98 @@ async fn manual_waypoint_applies_api_routes_and_policy() {
         named("routes", "echo-split") && named("policies", "only-get-public"),
         "{dump}"
     );
+
+    watches_only_the_pods_it_serves(&m, &c).await;
+}
+
+fn held(m: &Mesh) -> Vec<String> {
+    let dump = m.pod_config_dump("waypoint");
+    serde_json::from_value(dump["workloads"].clone()).unwrap_or_else(|e| panic!("{e}: {dump}"))
+}
+
+/// The waypoint knows the pods of what it serves: a pod of an unrelated
+/// namespace is not held until that namespace is bound to it, and leaves
+/// when the binding does; a pod bound by its own label is held wherever it
+/// is.
+async fn watches_only_the_pods_it_serves(m: &Mesh, c: &Cluster) {
+    let none = BTreeMap::new();
+    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n")
+        .await;
+    c.pod(
+        "other",
+        "stranger",
+        "default",
+        "node2",
+        Some("10.244.2.50"),
+        &none,
+    )
+    .await;
+    // A pod created after it, in a namespace it serves: once this one is
+    // held, a cluster-wide pod watch would have delivered the stranger.
+    c.pod(
+        "app",
+        "later",
+        "default",
+        "node2",
+        Some("10.244.2.51"),
+        &none,
+    )
+    .await;
+    eventually(
+        "the waypoint holds a new pod of its namespace",
+        Duration::from_secs(20),
+        || held(m).contains(&"app/later".to_string()),
+    )
+    .await;
+    assert!(
+        !held(m).contains(&"other/stranger".to_string()),
+        "{:?}",
+        held(m)
+    );
+
+    let bind: BTreeMap<String, String> = [
+        ("istio.io/use-waypoint", "waypoint"),
+        ("istio.io/use-waypoint-namespace", "app"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.into(), v.into()))
+    .collect();
+    c.pod(
+        "other",
+        "self-bound",
+        "default",
+        "node2",
+        Some("10.244.2.52"),
+        &bind,
+    )
+    .await;
+    eventually(
+        "a pod bound by its own label is held",
+        Duration::from_secs(20),
+        || held(m).contains(&"other/self-bound".to_string()),
+    )
+    .await;
+
+    let labelled = "apiVersion: v1\nkind: Namespace\nmetadata: {name: other, labels: {istio.io/use-waypoint: waypoint, istio.io/use-waypoint-namespace: app}}\n";
+    c.apply(labelled).await;
+    eventually(
+        "a namespace bound to it has its pods held",
+        Duration::from_secs(20),
+        || held(m).contains(&"other/stranger".to_string()),
+    )
+    .await;
+    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n")
+        .await;
+    eventually(
+        "unbound, the namespace's pods leave",
+        Duration::from_secs(20),
+        || {
+            let h = held(m);
+            !h.contains(&"other/stranger".to_string())
+                && h.contains(&"other/self-bound".to_string())
+        },
+    )
+    .await;
 }
 
 // Policies istiod accepts but we cannot evaluate (external authorization,
