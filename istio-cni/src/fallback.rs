@@ -62,7 +62,7 @@ impl Answer {
             .workloads
             .values()
             .chain(state.unaddressed.iter())
-            .filter(|w| w.node == node || w.node.is_empty())
+            .filter(|w| &*w.node == node || w.node.is_empty())
             .filter_map(|w| {
                 let mode = match w.labels.get(DATAPLANE_MODE_LABEL)?.as_str() {
                     "ambient" => PodMode::Ambient,

@@ -72,8 +72,8 @@ pub fn decide(
     Membership::Ambient {
         uid: w.uid.clone(),
         ip: w.ip,
-        node: w.node.clone(),
-        service_account: w.service_account.clone(),
+        node: w.node.to_string(),
+        service_account: w.service_account.to_string(),
         options: Options {
             dns: flag(DNS_CAPTURE).unwrap_or(dns_default),
             inbound: !flag(BYPASS_INBOUND).unwrap_or(false),

@@ -255,9 +255,10 @@ impl AuthorizationPolicy {
     pub fn selects(&self, w: &Workload) -> bool {
         match &self.scope {
             Scope::Global => true,
-            Scope::Namespace => self.namespace == w.namespace,
+            Scope::Namespace => *self.namespace == *w.namespace,
             Scope::WorkloadSelector(sel) => {
-                self.namespace == w.namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                *self.namespace == *w.namespace
+                    && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))
             }
             Scope::Listed => w
                 .authorization_policies

@@ -3,6 +3,7 @@
 
 pub mod authz;
 pub mod file;
+pub mod intern;
 mod keyed;
 pub mod labels;
 pub mod live;

@@ -6,6 +6,7 @@ use identity::Identity;
 use serde::Serialize;
 
 use crate::authz::AuthorizationPolicy;
+use crate::intern::Str;
 pub use crate::keyed::Keyed;
 pub use crate::policy_index::PolicyIndex;
 
@@ -21,10 +22,11 @@ pub enum TunnelProtocol {
 pub struct Workload {
     pub uid: String,
     pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub trust_domain: String,
-    pub node: String,
+    // Shared with every workload that has the same value (`intern`).
+    pub namespace: Str,
+    pub service_account: Str,
+    pub trust_domain: Str,
+    pub node: Str,
     pub ip: IpAddr,
     /// Shared with the source's copy of the pod (a B-tree map costs half a
     /// kilobyte even for one label).
@@ -37,14 +39,57 @@ pub struct Workload {
     /// Named container ports, for services whose targetPort is a name.
     pub named_ports: BTreeMap<String, u16>,
     pub protocol: TunnelProtocol,
-    pub canonical_name: String,
-    pub canonical_revision: String,
+    pub canonical_name: Str,
+    pub canonical_revision: Str,
     /// `<ns>/<name>` of the selector-scoped policies istiod says apply.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
 }
 
 pub type Labels = Arc<crate::labels::LabelMap>;
+
+/// Workloads by (namespace, name), keyed by a hash of the pair so the index
+/// keeps no copy of the names; a bucket holds the rare pairs that hash
+/// alike. The hasher's keys are cloned with the map, so every snapshot
+/// hashes alike.
+#[derive(Clone, Default, Debug)]
+struct NameIndex {
+    map: imbl::HashMap<u64, smallvec::SmallVec<[Arc<Workload>; 1]>>,
+    hasher: std::hash::RandomState,
+}
+
+impl NameIndex {
+    fn hash(&self, namespace: &str, name: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((namespace, name))
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.map
+            .get(&self.hash(namespace, name))?
+            .iter()
+            .find(|w| &*w.namespace == namespace && w.name == name)
+    }
+
+    /// `w` now holds its name (replacing whoever held it).
+    fn insert(&mut self, w: Arc<Workload>) {
+        let h = self.hash(&w.namespace, &w.name);
+        let bucket = self.map.entry(h).or_default();
+        bucket.retain(|x| !(x.namespace == w.namespace && x.name == w.name));
+        bucket.push(w);
+    }
+
+    /// Takes `w` out, unless another entry has since taken its name.
+    fn remove(&mut self, w: &Arc<Workload>) {
+        let h = self.hash(&w.namespace, &w.name);
+        if let Some(bucket) = self.map.get_mut(&h) {
+            bucket.retain(|x| !Arc::ptr_eq(x, w));
+            if bucket.is_empty() {
+                self.map.remove(&h);
+            }
+        }
+    }
+}
 
 fn no_labels(l: &Labels) -> bool {
     l.is_empty()
@@ -122,7 +167,7 @@ pub type Services = imbl::OrdMap<String, Arc<Service>>;
 pub struct Indexes {
     workloads: Workloads,
     by_ip: ByIp,
-    by_name: imbl::HashMap<(String, String), Arc<Workload>>,
+    by_name: NameIndex,
     services: Services,
     by_vip: ByVip,
     /// A hostname declared in several namespaces (ServiceEntries) resolves
@@ -141,17 +186,16 @@ impl Indexes {
         &self.services
     }
 
-    /// The addressed workload `(namespace, name)`.
-    pub fn workload_named(&self, name: &(String, String)) -> Option<&Arc<Workload>> {
-        self.by_name.get(name)
+    /// The addressed workload `namespace/name`.
+    pub fn workload_named(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.by_name.get(namespace, name)
     }
 
     /// Adds `w` under its uid, address and name; a key another entry held
     /// now points at `w`.
     pub fn insert_workload(&mut self, w: Arc<Workload>) {
         self.by_ip.insert(w.ip, w.clone());
-        self.by_name
-            .insert((w.namespace.clone(), w.name.clone()), w.clone());
+        self.by_name.insert(w.clone());
         self.workloads.insert(w.uid.clone(), w);
     }
 
@@ -166,10 +210,7 @@ impl Indexes {
         if mine(self.by_ip.get(&w.ip)) {
             self.by_ip.remove(&w.ip);
         }
-        let name = (w.namespace.clone(), w.name.clone());
-        if mine(self.by_name.get(&name)) {
-            self.by_name.remove(&name);
-        }
+        self.by_name.remove(w);
     }
 
     pub fn insert_service(&mut self, s: Arc<Service>) {
@@ -271,7 +312,7 @@ pub struct MeshState {
     #[serde(skip)]
     by_ip: ByIp,
     #[serde(skip)]
-    by_name: imbl::HashMap<(String, String), Arc<Workload>>,
+    by_name: NameIndex,
     #[serde(skip)]
     by_vip: ByVip,
     #[serde(skip)]
@@ -339,7 +380,7 @@ impl MeshState {
     }
 
     pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.by_name.get(&(namespace.to_string(), name.to_string()))
+        self.by_name.get(namespace, name)
     }
 
     /// Like `workload_by_name`, also finding pods not yet addressed.
@@ -347,7 +388,7 @@ impl MeshState {
         self.workload_by_name(namespace, name).or_else(|| {
             self.unaddressed
                 .iter()
-                .find(|w| w.namespace == namespace && w.name == name)
+                .find(|w| &*w.namespace == namespace && w.name == name)
         })
     }
 
@@ -398,7 +439,7 @@ impl MeshState {
         let r = w.waypoint.as_ref()?;
         let (wp, _) = self.waypoint(r)?;
         (matches!(wp.for_traffic, WaypointFor::Workload | WaypointFor::All)
-            && wp.admits(&w.namespace, self.namespace_labels.get(&w.namespace)))
+            && wp.admits(&w.namespace, self.namespace_labels.get(&*w.namespace)))
         .then_some(r)
     }
 

@@ -110,7 +110,7 @@ impl PolicyIndex {
         &'a self,
         w: &'a Workload,
     ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
-        let own = self.namespaces.get(&w.namespace);
+        let own = self.namespaces.get(&*w.namespace);
         let wide = own.into_iter().flat_map(|ix| ix.wide.iter());
         let labelled = w.labels.iter().flat_map(move |(k, v)| {
             own.and_then(|ix| ix.label.get(k))

@@ -22,7 +22,7 @@ fn example_translates_to_model() {
         client.identity().to_string(),
         "spiffe://cluster.local/ns/demo/sa/client"
     );
-    assert_eq!(client.node, "node1");
+    assert_eq!(&*client.node, "node1");
     assert_eq!(client.protocol, TunnelProtocol::Hbone);
     let svc = m.service_by_vip(ip("10.96.0.10")).unwrap();
     assert_eq!(svc.hostname, "echo.demo.svc.cluster.local");

@@ -75,19 +75,19 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
         ("source_principal", r.src_identity.to_string()),
         (
             "source_app",
-            w(r.src_workload, |w| w.canonical_name.clone()),
+            w(r.src_workload, |w| w.canonical_name.to_string()),
         ),
         (
             "source_version",
-            w(r.src_workload, |w| w.canonical_revision.clone()),
+            w(r.src_workload, |w| w.canonical_revision.to_string()),
         ),
         (
             "source_canonical_service",
-            w(r.src_workload, |w| w.canonical_name.clone()),
+            w(r.src_workload, |w| w.canonical_name.to_string()),
         ),
         (
             "source_canonical_revision",
-            w(r.src_workload, |w| w.canonical_revision.clone()),
+            w(r.src_workload, |w| w.canonical_revision.to_string()),
         ),
         ("source_cluster", "Kubernetes".to_string()),
         ("destination_service", svc_host),
@@ -99,7 +99,7 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
         ),
         (
             "destination_workload_namespace",
-            w(r.dst_workload, |w| w.namespace.clone()),
+            w(r.dst_workload, |w| w.namespace.to_string()),
         ),
         (
             "destination_principal",
@@ -107,19 +107,19 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
         ),
         (
             "destination_app",
-            w(r.dst_workload, |w| w.canonical_name.clone()),
+            w(r.dst_workload, |w| w.canonical_name.to_string()),
         ),
         (
             "destination_version",
-            w(r.dst_workload, |w| w.canonical_revision.clone()),
+            w(r.dst_workload, |w| w.canonical_revision.to_string()),
         ),
         (
             "destination_canonical_service",
-            w(r.dst_workload, |w| w.canonical_name.clone()),
+            w(r.dst_workload, |w| w.canonical_name.to_string()),
         ),
         (
             "destination_canonical_revision",
-            w(r.dst_workload, |w| w.canonical_revision.clone()),
+            w(r.dst_workload, |w| w.canonical_revision.to_string()),
         ),
         ("destination_cluster", "Kubernetes".to_string()),
         ("request_protocol", r.protocol.to_string()),

@@ -62,6 +62,8 @@ pub struct Resources {
     last_version: Option<Arc<str>>,
     /// The labels of every WDS workload (istiod sends none).
     no_labels: mesh::model::Labels,
+    /// The strings workloads share (namespace, service account, node...).
+    strings: mesh::intern::Interner,
 }
 
 #[derive(Debug)]
@@ -94,8 +96,14 @@ impl Resources {
                         let ip = workload_ip(&w).map_err(|reason| invalid(name, reason))?;
                         let version = self.version(version);
                         let name = self.forget_address(name);
-                        let e =
-                            workload_entry(w, ip, version, &self.no_labels, |k| self.index.key(k));
+                        let e = workload_entry(
+                            w,
+                            ip,
+                            version,
+                            &self.no_labels,
+                            &mut self.strings,
+                            |k| self.index.key(k),
+                        );
                         self.learn_workload(&name, &e);
                         self.addresses.insert(name, Address::Workload(e));
                     }

@@ -77,7 +77,7 @@ impl ConnMetrics {
             l(
                 "source_workload_namespace",
                 unknown(
-                    sw.map(|w| w.namespace.as_str())
+                    sw.map(|w| &*w.namespace)
                         .or(c.src_identity.map(|i| i.namespace.as_str())),
                 ),
             ),
@@ -85,18 +85,18 @@ impl ConnMetrics {
                 "source_principal",
                 unknown(c.src_identity.map(|i| i.to_string()).as_deref()),
             ),
-            l("source_app", unknown(sw.map(|w| w.canonical_name.as_str()))),
+            l("source_app", unknown(sw.map(|w| &*w.canonical_name))),
             l(
                 "source_version",
-                unknown(sw.map(|w| w.canonical_revision.as_str())),
+                unknown(sw.map(|w| &*w.canonical_revision)),
             ),
             l(
                 "source_canonical_service",
-                unknown(sw.map(|w| w.canonical_name.as_str())),
+                unknown(sw.map(|w| &*w.canonical_name)),
             ),
             l(
                 "source_canonical_revision",
-                unknown(sw.map(|w| w.canonical_revision.as_str())),
+                unknown(sw.map(|w| &*w.canonical_revision)),
             ),
             l("source_cluster", "Kubernetes".into()),
             l(
@@ -114,27 +114,24 @@ impl ConnMetrics {
             l("destination_workload", unknown(dw.map(|w| w.name.as_str()))),
             l(
                 "destination_workload_namespace",
-                unknown(dw.map(|w| w.namespace.as_str())),
+                unknown(dw.map(|w| &*w.namespace)),
             ),
             l(
                 "destination_principal",
                 unknown(dw.map(|w| w.identity().to_string()).as_deref()),
             ),
-            l(
-                "destination_app",
-                unknown(dw.map(|w| w.canonical_name.as_str())),
-            ),
+            l("destination_app", unknown(dw.map(|w| &*w.canonical_name))),
             l(
                 "destination_version",
-                unknown(dw.map(|w| w.canonical_revision.as_str())),
+                unknown(dw.map(|w| &*w.canonical_revision)),
             ),
             l(
                 "destination_canonical_service",
-                unknown(dw.map(|w| w.canonical_name.as_str())),
+                unknown(dw.map(|w| &*w.canonical_name)),
             ),
             l(
                 "destination_canonical_revision",
-                unknown(dw.map(|w| w.canonical_revision.as_str())),
+                unknown(dw.map(|w| &*w.canonical_revision)),
             ),
             l("destination_cluster", "Kubernetes".into()),
             l("request_protocol", "tcp".into()),

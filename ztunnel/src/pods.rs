@@ -73,10 +73,10 @@ impl Pods {
                 uid,
                 "pod is not in the mesh config: its traffic is refused until it is"
             ),
-            Some(w) if w.service_account != sa => {
+            Some(w) if *w.service_account != *sa => {
                 tracing::error!(uid, agent = sa, config = %w.service_account, "service account differs between node agent and config")
             }
-            Some(w) if w.node != self.px.node => {
+            Some(w) if *w.node != *self.px.node => {
                 tracing::warn!(uid, config_node = %w.node, node = %self.px.node, "pod handed to this ztunnel runs on another node per the config")
             }
             Some(_) => {}

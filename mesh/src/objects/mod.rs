@@ -132,6 +132,8 @@ type Name = (String, String);
 #[derive(Default)]
 pub struct Objects {
     trust_domain: String,
+    /// The strings workloads share (namespace, service account, node...).
+    strings: crate::intern::Interner,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Each pod as last derived: a pod is stored once, as the workload it
     /// publishes, and re-derived from it when its namespace changes.
@@ -389,7 +391,7 @@ impl Objects {
 
     fn derive_pod(&mut self, name: Name) {
         // The services that listed it list it no more, or differently.
-        if let Some(old) = self.ix.workload_named(&name).cloned() {
+        if let Some(old) = self.ix.workload_named(&name.0, &name.1).cloned() {
             self.ix.remove_workload(&old);
             self.mark_selecting(&name.0, &old.labels);
         }
@@ -458,29 +460,32 @@ impl Objects {
         )
     }
 
-    fn workload(&self, (namespace, name): &Name, p: PodDecl) -> Workload {
+    fn workload(&mut self, (namespace, name): &Name, p: PodDecl) -> Workload {
         let (protocol, waypoint) = self.enrolment(namespace, &p.labels);
-        let label = |keys: &[&str]| keys.iter().find_map(|k| p.labels.get(k).cloned());
+        let label = |keys: &[&str]| keys.iter().find_map(|k| p.labels.get(k));
+        let canonical_name = label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or(name);
+        let canonical_revision = label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .map_or("latest", String::as_str);
+        let s = &mut self.strings;
         Workload {
             uid: p.uid.unwrap_or_else(|| format!("{namespace}/{name}")),
-            canonical_name: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| name.clone()),
-            canonical_revision: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| "latest".into()),
+            canonical_name: s.get(canonical_name),
+            canonical_revision: s.get(canonical_revision),
             authorization_policies: Vec::new(),
             name: name.clone(),
-            namespace: namespace.clone(),
-            service_account: p.service_account,
-            trust_domain: self.trust_domain.clone(),
-            node: p.node,
+            namespace: s.get(namespace),
+            service_account: s.get(&p.service_account),
+            trust_domain: s.get(&self.trust_domain),
+            node: s.get(&p.node),
             // Unaddressed pods carry the unspecified address (`address`).
             ip: p.ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
             labels: p.labels,
@@ -512,7 +517,7 @@ impl Objects {
         let endpoints = if s.selector.is_some() {
             in_namespace(&self.pods, namespace)
                 .filter(|(_, p)| s.selects(&p.labels))
-                .filter_map(|(k, _)| self.ix.workload_named(k))
+                .filter_map(|((ns, name), _)| self.ix.workload_named(ns, name))
                 .map(|w| Endpoint {
                     workload_uid: w.uid.clone(),
                     ip: w.ip,

@@ -21,7 +21,7 @@ fn arg(name: &str, default: &str) -> String {
 /// backends serve HTTP, the client sends requests through it.
 fn waypoint_demo(m: &Mesh, state: &mesh::MeshState, wp: &mesh::routes::Waypoint, bin: &str) {
     let Some(pod) = state.workloads.values().find(|w| {
-        w.namespace == wp.namespace
+        *w.namespace == *wp.namespace
             && w.labels.get("gateway.networking.k8s.io/gateway-name") == Some(&wp.name)
     }) else {
         return println!(
@@ -110,8 +110,11 @@ async fn main() {
     println!("== building the mesh from {}", config.display());
     let mut m = Mesh::new("demo", &ztunnel);
     m.write_config(&yaml);
-    let nodes: std::collections::BTreeSet<String> =
-        state.workloads.values().map(|w| w.node.clone()).collect();
+    let nodes: std::collections::BTreeSet<String> = state
+        .workloads
+        .values()
+        .map(|w| w.node.to_string())
+        .collect();
     let ca = m.dir.join("ca");
     for (i, n) in nodes.iter().enumerate() {
         // Node i owns 10.244.i.0/24 (host-local IPAM of its bridge CNI).

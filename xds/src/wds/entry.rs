@@ -101,6 +101,7 @@ pub(super) fn workload_entry(
     ip: IpAddr,
     version: Arc<str>,
     no_labels: &Labels,
+    strings: &mut mesh::intern::Interner,
     mut key: impl FnMut(&str) -> Arc<str>,
 ) -> WorkloadEntry {
     let mut services: Vec<_> = w
@@ -115,14 +116,14 @@ pub(super) fn workload_entry(
     };
     let healthy = w.status == wl::WorkloadStatus::Healthy as i32;
     let t = Workload {
-        service_account: non_empty(&w.service_account, "default"),
-        trust_domain: non_empty(&w.trust_domain, identity::DEFAULT_TRUST_DOMAIN),
-        canonical_name: non_empty(&w.canonical_name, &w.name),
-        canonical_revision: non_empty(&w.canonical_revision, "latest"),
+        service_account: strings.get(non_empty(&w.service_account, "default")),
+        trust_domain: strings.get(non_empty(&w.trust_domain, identity::DEFAULT_TRUST_DOMAIN)),
+        canonical_name: strings.get(non_empty(&w.canonical_name, &w.name)),
+        canonical_revision: strings.get(non_empty(&w.canonical_revision, "latest")),
+        namespace: strings.get(&w.namespace),
+        node: strings.get(&w.node),
         uid: w.uid,
         name: w.name,
-        namespace: w.namespace,
-        node: w.node,
         ip,
         // WDS carries neither: one empty map shared by all.
         labels: no_labels.clone(),
@@ -212,8 +213,12 @@ pub(super) fn per_endpoint_port(host: &str, port: u16) -> String {
     format!("wds:{host}:{port}")
 }
 
-fn non_empty(s: &str, default: &str) -> String {
-    if s.is_empty() { default } else { s }.to_string()
+fn non_empty<'a>(s: &'a str, default: &'a str) -> &'a str {
+    if s.is_empty() {
+        default
+    } else {
+        s
+    }
 }
 
 pub(crate) fn ip_of(b: &[u8]) -> Result<IpAddr, String> {
