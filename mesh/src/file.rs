@@ -210,8 +210,9 @@ impl FileSource {
     fn apply_to(&mut self, bytes: &[u8], store: &MeshStore) {
         let path = self.path.display().to_string();
         let text = String::from_utf8_lossy(bytes);
-        match self.apply(&text) {
-            Ok(state) => {
+        match self.apply_into(&text, store) {
+            Ok(()) => {
+                let state = store.load();
                 tracing::info!(
                     path,
                     workloads = state.workloads.len(),
@@ -219,7 +220,6 @@ impl FileSource {
                     policies = state.policies.len(),
                     "config applied"
                 );
-                store.replace(state);
             }
             Err(e) => {
                 tracing::error!(path, error = %e, "config rejected; keeping last good config");
@@ -227,7 +227,30 @@ impl FileSource {
             }
         }
     }
+
+    /// `apply`, then the new state into `store`. An apply holds the whole
+    /// text and a new document map for a moment (megabytes at cluster
+    /// size) between long-lived entries; the allocator keeps those pages
+    /// unless asked, and RSS grew ~20% over a few hundred edits at 10k pods.
+    /// Once the replaced state is freed, the free pages go back to the OS.
+    pub fn apply_into(&mut self, text: &str, store: &MeshStore) -> Result<(), ConfigError> {
+        store.replace(self.apply(text)?);
+        release_free_memory();
+        Ok(())
+    }
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only returns free pages to the kernel; it takes
+    // the allocator's own locks and touches no memory in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
 
 /// No object twice, no address or pod uid claimed twice (a workload is
 /// indexed by its uid: two with one would shadow each other).
