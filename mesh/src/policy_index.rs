@@ -7,7 +7,7 @@
 //! namespace's part (`with_namespace`) and shares the rest, so its cost is
 //! the policies of that namespace, not of the mesh.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::authz::{AuthorizationPolicy, Scope};
@@ -102,6 +102,28 @@ impl PolicyIndex {
             global: global.map(Arc::new).unwrap_or_else(|| self.global.clone()),
             namespaces,
         }
+    }
+
+    /// The index for `policies`: built whole when `dirty` is None, else this
+    /// one with only the changed namespaces' parts rebuilt (a policy change
+    /// costs its namespace, not the mesh).
+    pub fn updated(
+        &self,
+        policies: &[Arc<AuthorizationPolicy>],
+        dirty: Option<BTreeSet<String>>,
+    ) -> PolicyIndex {
+        let Some(dirty) = dirty else {
+            return PolicyIndex::new(policies);
+        };
+        let of = |keep: &dyn Fn(&AuthorizationPolicy) -> bool| -> Vec<_> {
+            policies.iter().filter(|p| keep(p)).cloned().collect()
+        };
+        dirty.into_iter().fold(self.clone(), |ix, ns| {
+            // Mesh-wide policies live in the root namespace.
+            let global =
+                (ns == crate::ROOT_NAMESPACE).then(|| of(&|p| matches!(p.scope, Scope::Global)));
+            ix.with_namespace(&ns, &of(&|p| p.namespace == ns), global)
+        })
     }
 
     /// Every policy that may select `w`, each once (callers still check

@@ -139,7 +139,8 @@ impl Resources {
                     },
                 };
                 let version = self.version(version);
-                self.policies.insert(
+                self.policy_changed(&policy.namespace);
+                let old = self.policies.insert(
                     name.to_string(),
                     PolicyEntry {
                         policy: Arc::new(policy),
@@ -147,7 +148,9 @@ impl Resources {
                         version,
                     },
                 );
-                self.index.policies = None;
+                if let Some(old) = old {
+                    self.policy_changed(&old.policy.namespace);
+                }
             }
             other => return Err(ResourceError::UnknownType(other.to_string())),
         }
@@ -157,8 +160,17 @@ impl Resources {
     pub fn remove(&mut self, type_url: &str, name: &str) {
         if type_url == ADDRESS_TYPE {
             self.forget_address(name);
-        } else if self.policies.remove(name).is_some() {
-            self.index.policies = None;
+        } else if let Some(old) = self.policies.remove(name) {
+            self.policy_changed(&old.policy.namespace);
+        }
+    }
+
+    /// The policy list is rebuilt at the next publish, and the index's
+    /// part for namespace `ns`.
+    fn policy_changed(&mut self, ns: &str) {
+        self.index.policies = None;
+        if !self.index.policy_namespaces.contains(ns) {
+            self.index.policy_namespaces.insert(ns.to_string());
         }
     }
 
@@ -349,7 +361,12 @@ impl Resources {
             .policies
             .get_or_insert_with(|| {
                 let list: Vec<_> = self.policies.values().map(|p| p.policy.clone()).collect();
-                let index = Arc::new(mesh::model::PolicyIndex::new(&list));
+                let dirty = std::mem::take(&mut ix.policy_namespaces);
+                let index = Arc::new(match &ix.policy_index {
+                    Some(last) => last.updated(&list, Some(dirty)),
+                    None => mesh::model::PolicyIndex::new(&list),
+                });
+                ix.policy_index = Some(index.clone());
                 let rejected = self
                     .policies
                     .values()

@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::{Kind, Objects};
-use crate::authz::{AuthorizationPolicy, Scope};
-use crate::model::{Keyed, PolicyIndex};
+use crate::model::Keyed;
 
 /// The published lists, each rebuilt only when one of its objects changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -71,7 +70,7 @@ impl Objects {
                 });
                 let dirty = self.policy_namespaces_dirty.replace(BTreeSet::new());
                 let p = &mut self.published;
-                p.policy_index = Arc::new(policy_index(&p.policy_index, &policies, dirty));
+                p.policy_index = Arc::new(p.policy_index.updated(&policies, dirty));
                 p.policies = Arc::new(policies);
             }
             List::WaypointPolicies => {
@@ -121,25 +120,4 @@ impl Objects {
             }
         }
     }
-}
-
-/// The policy index for `policies`: built whole the first time (`dirty`
-/// None), else `old` with only the changed namespaces' parts rebuilt.
-fn policy_index(
-    old: &PolicyIndex,
-    policies: &[Arc<AuthorizationPolicy>],
-    dirty: Option<BTreeSet<String>>,
-) -> PolicyIndex {
-    let Some(dirty) = dirty else {
-        return PolicyIndex::new(policies);
-    };
-    let of = |keep: &dyn Fn(&AuthorizationPolicy) -> bool| -> Vec<_> {
-        policies.iter().filter(|p| keep(p)).cloned().collect()
-    };
-    dirty.into_iter().fold(old.clone(), |ix, ns| {
-        // Mesh-wide policies live in the root namespace.
-        let global =
-            (ns == crate::ROOT_NAMESPACE).then(|| of(&|p| matches!(p.scope, Scope::Global)));
-        ix.with_namespace(&ns, &of(&|p| p.namespace == ns), global)
-    })
 }

@@ -19,6 +19,10 @@ pub(super) struct Index {
     /// The published policy list, its index and what could not be read of
     /// it; None after a policy change.
     pub policies: Option<Policies>,
+    /// The last policy index built, and the namespaces whose policies
+    /// changed since: a policy change rebuilds its namespace's part only.
+    pub policy_index: Option<Arc<mesh::model::PolicyIndex>>,
+    pub policy_namespaces: std::collections::BTreeSet<String>,
     /// Waypoints named by some workload or service, with how many name
     /// each; the published list is rebuilt only when the set changes.
     pub waypoint_refs: BTreeMap<(String, String), usize>,
