@@ -1,0 +1,397 @@
+//! Sending a planned request: endpoint choice per attempt, retries (while
+//! the body can be replayed), per-try and overall timeouts, the mirror, and
+//! HTTP/1.1 upgrades turned into byte tunnels.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use mesh::routes::{RetryOn, RetryPolicy};
+use mesh::Workload;
+
+use crate::error::ProxyError;
+use crate::lb::{HashInput, Outcome};
+use crate::plan::{Forward, Target};
+use crate::proxy::Waypoint;
+use crate::replay::{NotReplayable, Replay};
+use crate::telemetry::flag;
+use crate::upstream::Body;
+
+pub type ReqBody = Replay<Incoming>;
+
+/// What the client gets, and what the telemetry says about it.
+pub struct Sent {
+    pub resp: Response<Body>,
+    pub flags: &'static str,
+    pub upstream: Option<SocketAddr>,
+    pub dst_workload: Option<Arc<Workload>>,
+    pub attempts: u32,
+    /// A retry was wanted but the body could not be sent again.
+    pub not_retried: Option<NotReplayable>,
+}
+
+impl Sent {
+    pub fn local(e: &ProxyError, grpc: bool) -> Self {
+        Sent::answer(e.response(grpc), e.flag())
+    }
+
+    /// Answered here, without an upstream.
+    pub fn answer(resp: Response<Body>, flags: &'static str) -> Self {
+        Sent {
+            resp,
+            flags,
+            upstream: None,
+            dst_workload: None,
+            attempts: 0,
+            not_retried: None,
+        }
+    }
+}
+
+/// The request as the client sent it (after the plan's rewrites), and how
+/// it is to be sent.
+pub struct Outgoing<'a> {
+    pub parts: &'a http::request::Parts,
+    pub body: &'a Arc<ReqBody>,
+    pub grpc: bool,
+    /// The client's side of an HTTP/1.1 upgrade, when it asked for one.
+    pub upgrade: Option<OnUpgrade>,
+    pub peer: SocketAddr,
+}
+
+fn status_retryable(p: &RetryPolicy, code: u16) -> bool {
+    p.retry_on.iter().any(|on| match on {
+        RetryOn::FiveXx => code >= 500,
+        RetryOn::GatewayError => matches!(code, 502..=504),
+        RetryOn::RetriableStatusCodes => p.codes.contains(&code),
+        _ => false,
+    })
+}
+
+/// Istio's default when a route says nothing: two retries on connection
+/// failures and 503.
+fn default_retries() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 2,
+        per_try_timeout: None,
+        retry_on: vec![
+            RetryOn::ConnectFailure,
+            RetryOn::RefusedStream,
+            RetryOn::RetriableStatusCodes,
+        ],
+        codes: vec![503],
+        backoff: Duration::from_millis(25),
+    }
+}
+
+/// Hop-by-hop headers stay on this hop; an upgrade keeps its own two, and
+/// an HTTP/2 upstream gets `te: trailers` (gRPC needs it).
+fn forwarded(k: &http::HeaderName, v: &http::HeaderValue, h2: bool, upgrade: bool) -> bool {
+    match k.as_str() {
+        "keep-alive" | "proxy-connection" | "transfer-encoding" => false,
+        "connection" | "upgrade" => upgrade,
+        "te" => h2 && v.as_bytes().eq_ignore_ascii_case(b"trailers"),
+        "host" => !h2,
+        _ => true,
+    }
+}
+
+fn build(parts: &http::request::Parts, h2: bool, upgrade: bool, body: Body) -> Request<Body> {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get("host").and_then(|h| h.to_str().ok()))
+        .unwrap_or_default();
+    // HTTP/2 wants the authority in the URI; HTTP/1.1 the origin form and Host.
+    let uri = if h2 {
+        format!("http://{authority}{pq}")
+    } else {
+        pq.to_string()
+    };
+    let mut b = Request::builder()
+        .method(parts.method.clone())
+        .uri(uri)
+        .version(if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        });
+    if !h2 && !parts.headers.contains_key("host") {
+        b = b.header("host", authority);
+    }
+    for (k, v) in &parts.headers {
+        if forwarded(k, v, h2, upgrade) {
+            b = b.header(k, v);
+        }
+    }
+    b.body(body).expect("request from valid parts")
+}
+
+pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) -> Sent {
+    if let Some(m) = &fwd.mirror {
+        mirror(wp, m, out.parts, out.body);
+    }
+    let rule = &fwd.rule;
+    let target = &fwd.target;
+    let backend = wp
+        .backends
+        .get(&fwd.host, fwd.subset.as_deref(), &target.policy);
+    let Some(_permit) = backend.admit() else {
+        return Sent::local(&ProxyError::Overflow, out.grpc);
+    };
+    let retries = rule.retries.clone().unwrap_or_else(default_retries);
+    let headers = &out.parts.headers;
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let cookie = |n: &str| {
+        headers
+            .get_all("cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|c| c.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == n).then(|| v.to_string())
+            })
+    };
+    let hash = HashInput {
+        header: &header,
+        cookie: &cookie,
+        source_ip: out.peer.ip(),
+    };
+    let upgrade = out.upgrade.is_some();
+    // An upgrade needs HTTP/1.1 upstream whatever the port says.
+    let h2 = target.h2 && !upgrade;
+    let attempts_max = 1 + retries.attempts;
+    let mut tunnel_up = None;
+    let attempt_all = async {
+        let mut last: Option<Sent> = None;
+        for attempt in 1..=attempts_max {
+            let body = match out.body.attempt() {
+                Ok(b) => b,
+                Err(why) => {
+                    let mut l = last.expect("the first attempt always has the body");
+                    l.not_retried = Some(why);
+                    return l;
+                }
+            };
+            let (ep, port, _lease) = backend.pick(&target.eps, &target.policy, &hash);
+            let req = build(out.parts, h2, upgrade, body.boxed());
+            let upstream = Some(SocketAddr::new(ep.ip, port));
+            let send = async {
+                if upgrade {
+                    let (mut resp, guard) = wp.upstreams.send_upgrade(&ep, port, req).await?;
+                    let on = hyper::upgrade::on(&mut resp);
+                    tunnel_up = Some((on, guard));
+                    Ok(resp)
+                } else {
+                    wp.upstreams.send(&ep, port, req, h2).await
+                }
+            };
+            let result = match retries.per_try_timeout {
+                Some(t) => tokio::time::timeout(t, send)
+                    .await
+                    .unwrap_or(Err(ProxyError::PerTryTimeout)),
+                None => send.await,
+            };
+            let outcome = match &result {
+                Ok(r) if r.status().as_u16() >= 500 => Outcome::Status(r.status().as_u16()),
+                Ok(_) => Outcome::Success,
+                Err(_) => Outcome::Failure,
+            };
+            backend.record(
+                ep.ip,
+                outcome,
+                target.policy.outlier.as_ref(),
+                target.eps.len(),
+            );
+            let again = attempt < attempts_max
+                && match &result {
+                    Ok(r) => status_retryable(&retries, r.status().as_u16()),
+                    Err(e) => retries.retry_on.iter().any(|on| e.retryable_by(on)),
+                };
+            let sent = match result {
+                Ok(resp) => Sent {
+                    resp: resp.map(|b| b.map_err(Into::into).boxed()),
+                    flags: flag::NONE,
+                    upstream,
+                    dst_workload: Some(ep.clone()),
+                    attempts: attempt,
+                    not_retried: None,
+                },
+                Err(e) => {
+                    tracing::debug!(endpoint = %SocketAddr::new(ep.ip, port), error = %e, attempt, "upstream attempt failed");
+                    Sent {
+                        upstream,
+                        dst_workload: Some(ep.clone()),
+                        attempts: attempt,
+                        ..Sent::local(&e, out.grpc)
+                    }
+                }
+            };
+            if !again {
+                return sent;
+            }
+            if let Err(why) = out.body.replayable() {
+                tracing::info!(
+                    attempt,
+                    reason = why.reason(),
+                    "request not retried: its body cannot be sent again"
+                );
+                return Sent {
+                    not_retried: Some(why),
+                    ..sent
+                };
+            }
+            last = Some(sent);
+            tokio::time::sleep(retries.backoff * attempt).await;
+        }
+        last.expect("at least one attempt")
+    };
+    // The route's timeout, or the client's gRPC deadline if sooner, bounds
+    // the wait for the response head; an upgraded tunnel is not bound.
+    let deadline = match (
+        rule.timeout,
+        out.grpc.then(|| crate::grpc::timeout(headers)).flatten(),
+    ) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let sent = match deadline {
+        Some(t) => tokio::time::timeout(t, attempt_all)
+            .await
+            .unwrap_or_else(|_| Sent::local(&ProxyError::Timeout, out.grpc)),
+        None => attempt_all.await,
+    };
+    if let (Some(client), Some((up, guard))) = (out.upgrade.take(), tunnel_up) {
+        if sent.resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            tokio::spawn(tunnel(client, up, guard, out.peer));
+        }
+    }
+    sent
+}
+
+/// Bytes both ways between the upgraded client and upstream connections
+/// until either side closes.
+async fn tunnel(client: OnUpgrade, up: OnUpgrade, guard: hbone::StreamGuard, peer: SocketAddr) {
+    let (c, u) = tokio::join!(client, up);
+    match (c, u) {
+        (Ok(c), Ok(u)) => {
+            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                Ok((sent, received)) => {
+                    tracing::debug!(%peer, sent, received, "upgraded connection closed")
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "upgraded connection broke"),
+            }
+        }
+        (c, u) => tracing::info!(%peer, client = c.is_ok(), upstream = u.is_ok(), "upgrade failed"),
+    }
+    drop(guard);
+}
+
+/// Sends a copy of the request to the mirror backend and forgets it: its
+/// answer, or failure, never reaches the client. The copy waits for the
+/// body to have been read by the main request and goes only if it fit in
+/// the replay buffer. The authority gets `-shadow`, as Envoy marks
+/// mirrored requests.
+fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, body: &Arc<ReqBody>) {
+    let (ep, port) = target.eps[rand::random_range(0..target.eps.len())].clone();
+    let host = parts
+        .headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .or(parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let shadow = format!("{}-shadow", host.split(':').next().unwrap_or(host));
+    let mut head = parts.clone_head();
+    // The shadow authority must win over the one in an HTTP/2 URI.
+    if let Some(pq) = parts
+        .uri
+        .path_and_query()
+        .and_then(|p| p.as_str().parse().ok())
+    {
+        head.uri = pq;
+    }
+    head.headers.remove("host");
+    if let Ok(v) = shadow.parse() {
+        head.headers.insert("host", v);
+    }
+    let h2 = target.h2;
+    let wp = wp.clone();
+    let whole = Replay::whole(Arc::downgrade(body));
+    tokio::spawn(async move {
+        let Some(w) = whole.await else {
+            return tracing::debug!(
+                "mirror skipped: the request body did not fit the replay buffer"
+            );
+        };
+        let mut frames: Vec<Result<Frame<Bytes>, crate::upstream::BoxError>> =
+            w.data.into_iter().map(|d| Ok(Frame::data(d))).collect();
+        frames.extend(w.trailers.map(|t| Ok(Frame::trailers(t))));
+        let body = if frames.is_empty() {
+            Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
+        } else {
+            StreamBody::new(futures_util::stream::iter(frames)).boxed()
+        };
+        let req = build(&head.into_parts(), h2, false, body);
+        match wp.upstreams.send(&ep, port, req, h2).await {
+            Ok(resp) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %SocketAddr::new(ep.ip, port), error = %e, "mirrored request failed")
+            }
+        }
+    });
+}
+
+/// A request head that can be sent again (Parts is not Clone: extensions).
+trait CloneHead {
+    fn clone_head(&self) -> Head;
+}
+
+pub struct Head {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn into_parts(self) -> http::request::Parts {
+        let (mut p, ()) = Request::new(()).into_parts();
+        p.method = self.method;
+        p.uri = self.uri;
+        p.version = self.version;
+        p.headers = self.headers;
+        p
+    }
+}
+
+impl CloneHead for http::request::Parts {
+    fn clone_head(&self) -> Head {
+        Head {
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            version: self.version,
+            headers: self.headers.clone(),
+        }
+    }
+}
