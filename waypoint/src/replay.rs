@@ -214,6 +214,7 @@ where
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
+                let mut settle = false;
                 if let Some(d) = frame.data_ref() {
                     s.total += d.len() as u64;
                     if !s.overflow {
@@ -226,13 +227,22 @@ where
                             s.overflow = true;
                             s.kept = Vec::new();
                             s.kept_len = 0;
-                            drop(s);
-                            replay.settled.send_replace(true);
+                            settle = true;
                         }
                     }
                 } else if let Some(t) = frame.trailers_ref() {
                     s.trailers = Some(t.clone());
                     this.trailers_sent = true;
+                }
+                // A body of known length ends with its last frame: a sender
+                // that sees is_end_stream polls no further, so no None comes.
+                if !s.ended && s.src.is_end_stream() {
+                    s.ended = true;
+                    settle = true;
+                }
+                drop(s);
+                if settle {
+                    replay.settled.send_replace(true);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -260,6 +270,7 @@ where
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
+    use std::time::Duration;
 
     type Src = StreamBody<
         futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>,
@@ -313,6 +324,21 @@ mod tests {
         assert_eq!(r.attempt().err(), Some(NotReplayable::TooLarge));
         assert_eq!(r.bytes_read(), 10);
         assert!(Replay::whole(Arc::downgrade(&r)).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_is_whole_after_its_last_frame() {
+        // Senders stop polling once is_end_stream says so: the mirror must
+        // not wait for a None that never comes.
+        let r = Replay::new(http_body_util::Full::new(Bytes::from_static(b"abc")), 8);
+        let mut a = r.attempt().unwrap();
+        assert_eq!(
+            a.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+        assert!(a.is_end_stream());
+        let w = tokio::time::timeout(Duration::from_secs(1), Replay::whole(Arc::downgrade(&r)));
+        assert_eq!(w.await.unwrap().unwrap().data.concat(), b"abc");
     }
 
     #[tokio::test]

@@ -395,3 +395,38 @@ impl CloneHead for http::request::Parts {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_by_upstream_protocol() {
+        // (header, value, h2 upstream, upgrade, forwarded)
+        let table = [
+            ("te", "trailers", true, false, true),
+            ("te", "trailers", false, false, false),
+            ("te", "gzip", true, false, false),
+            ("connection", "keep-alive", false, false, false),
+            ("connection", "Upgrade", false, true, true),
+            ("upgrade", "websocket", false, true, true),
+            ("upgrade", "h2c", false, false, false),
+            ("transfer-encoding", "chunked", false, false, false),
+            ("keep-alive", "5", false, false, false),
+            ("host", "echo", false, false, true),
+            ("host", "echo", true, false, false),
+            ("content-type", "application/grpc", true, false, true),
+        ];
+        for (k, v, h2, up, want) in table {
+            let (k, v) = (
+                http::HeaderName::from_static(k),
+                http::HeaderValue::from_static(v),
+            );
+            assert_eq!(
+                forwarded(&k, &v, h2, up),
+                want,
+                "{k}: {v:?} h2={h2} upgrade={up}"
+            );
+        }
+    }
+}

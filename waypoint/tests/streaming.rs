@@ -49,6 +49,11 @@ spec: {clusterIP: 10.96.0.42, selector: {app: backend}, ports: [{name: grpc, por
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: shadow, namespace: app}
+spec: {clusterIP: 10.96.0.43, selector: {app: backend}, ports: [{name: http, port: 80, targetPort: 8081}]}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: waypoint, namespace: app, labels: {istio.io/use-waypoint: none}}
 spec: {clusterIP: 10.96.0.30, selector: {gateway.networking.k8s.io/gateway-name: waypoint}, ports: [{name: mesh, port: 15008}]}
 ---
@@ -220,9 +225,10 @@ async fn large_upload_streams_through_with_bounded_waypoint_memory() {
 
 /// A retry resends a body that fit the replay buffer (the backend checks
 /// it whole); a body larger than the buffer is sent once, not retried, and
-/// the access log says why.
+/// the access log says why. Mirroring likewise: the copy of a body that
+/// fit arrives whole, a larger body is not mirrored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_bodies_are_replayed_on_retry_large_ones_are_sent_once() {
+async fn small_bodies_are_replayed_and_mirrored_large_ones_are_sent_once() {
     let vs = "---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -233,11 +239,16 @@ spec:
   - match: [{uri: {prefix: /flaky}}]
     retries: {attempts: 2, retryOn: 5xx}
     route: [{destination: {host: upload}}]
+  - match: [{uri: {prefix: /mirrored}}]
+    route: [{destination: {host: upload}}]
+    mirror: {host: shadow}
+    mirrorPercentage: {value: 100}
   - route: [{destination: {host: upload}}]
 ";
     let (m, _) = mesh("wsr", vs, &["--request-replay-buffer", "65536"]).await;
     let mut peers = Peers::default();
     peers.start(&m, "backend", "upload_server.py", &["8080"], 8080);
+    peers.start(&m, "backend", "upload_server.py", &["8081"], 8081);
     let (small, small_sum) = random_file(&m, "small", 40_000);
     let (big, big_sum) = random_file(&m, "big", 1 << 20);
     // The backend answers 503 to the first try after reading it all; the
@@ -265,6 +276,28 @@ spec:
     assert_eq!(b[0]["attempts"], 1, "{}", b[0]);
     assert_eq!(b[0]["not_retried"], "body_over_replay_buffer", "{}", b[0]);
     assert_eq!(b[0]["response_code"], 503);
+
+    assert_eq!(
+        upload(&m, &small, "http://10.96.0.40/mirrored/small"),
+        format!("40000 {small_sum}\n 200")
+    );
+    assert_eq!(
+        upload(&m, &big, "http://10.96.0.40/mirrored/big"),
+        format!("{} {big_sum}\n 200", 1 << 20)
+    );
+    let shadow = || run_in(&m, "backend", "curl -s http://127.0.0.1:8081/seen");
+    eventually(
+        "the mirror gets the small body whole",
+        Duration::from_secs(5),
+        || shadow().contains(&format!("/mirrored/small 40000 {small_sum}")),
+    )
+    .await;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !shadow().contains("/mirrored/big"),
+        "a body over the replay buffer was mirrored: {}",
+        shadow()
+    );
     drop(peers);
 }
 

@@ -3,7 +3,8 @@
 Every request's body is read in 64 KiB pieces (never whole) and answered
 with its length and SHA-256: "<len> <hex>\n". A path under /flaky/ answers
 503 the first time per path, after reading the body, so a retry has to send
-the body again. Usage: upload_server.py PORT
+the body again. GET /seen lists every request answered: "<path> <len> <hex>"
+per line. Usage: upload_server.py PORT
 """
 import hashlib
 import sys
@@ -11,6 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 seen = set()
+answered = []
 lock = threading.Lock()
 
 
@@ -50,6 +52,14 @@ class Handler(BaseHTTPRequestHandler):
         return n, h.hexdigest()
 
     def answer(self):
+        if self.path == "/seen":
+            with lock:
+                text = "".join(f"{p} {n} {d}\n" for p, n, d in answered).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+            return
         n, digest = self.body()
         code = 200
         if self.path.startswith("/flaky/"):
@@ -57,6 +67,8 @@ class Handler(BaseHTTPRequestHandler):
                 if self.path not in seen:
                     seen.add(self.path)
                     code = 503
+        with lock:
+            answered.append((self.path, n, digest))
         text = f"{n} {digest}\n".encode()
         self.send_response(code)
         self.send_header("content-type", "text/plain")
