@@ -181,6 +181,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain: drain.clone(),
         header_timeout: args.request_header_timeout,
         live: Default::default(),
+        upgraded: Default::default(),
         replay_buffer: args.request_replay_buffer,
     });
     wp.watch_live();

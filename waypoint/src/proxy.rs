@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use identity::{Identity, SecretManager};
-use mesh::authz::{self, Connection, Decision};
+use mesh::authz::{self, Connection, Decision, HttpRequest};
 use mesh::live::LiveConns;
 use mesh::routes::WaypointRef;
 use mesh::{MeshState, MeshStore, Service, Workload};
@@ -46,6 +46,9 @@ pub struct Waypoint {
     pub header_timeout: Duration,
     /// L4 streams passed through, re-judged on every config change.
     pub live: Arc<LiveConns<L4Stream>>,
+    /// Upgraded HTTP/1.1 connections (WebSocket...), tunnelled bytes after
+    /// their first request: re-judged like L4 streams, by that request.
+    pub upgraded: Arc<LiveConns<UpgradedStream>>,
     /// A request body up to this many bytes is kept so that a retry or a
     /// mirror can send it again; a larger one streams once.
     pub replay_buffer: usize,
@@ -57,6 +60,18 @@ pub struct L4Stream {
     src: Arc<Identity>,
     peer: SocketAddr,
     target: SocketAddr,
+}
+
+/// What an upgraded connection was admitted on: its opening request, as
+/// the L7 policy saw it (before any rewrite).
+pub struct UpgradedStream {
+    src: Arc<Identity>,
+    peer: SocketAddr,
+    target: SocketAddr,
+    method: http::Method,
+    path: String,
+    host: String,
+    headers: HeaderMap,
 }
 
 impl Waypoint {
@@ -93,7 +108,34 @@ impl Waypoint {
         }
     }
 
-    /// Re-judges live L4 streams whenever the mesh config changes.
+    /// The opening request of an upgraded connection judged again: bound
+    /// here and allowed by the L7 policies, as a new request would be.
+    fn admit_upgraded(&self, state: &MeshState, u: &UpgradedStream) -> Result<(), String> {
+        binding::check(state, &self.me(), u.target).map_err(|e| e.to_string())?;
+        let svc = state.service_by_vip(u.target.ip());
+        let conn = Connection {
+            src_identity: Some(&u.src),
+            src_ip: u.peer.ip(),
+            dst_ip: u.target.ip(),
+            dst_port: u.target.port(),
+            request: Some(HttpRequest {
+                method: u.method.as_str(),
+                path: &u.path,
+                host: &u.host,
+                headers: &u.headers,
+            }),
+        };
+        match authz::evaluate_selected(
+            plan::policies_for(self.gateway(), state, svc.map(|s| &**s)),
+            &conn,
+        ) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(why) => Err(why),
+        }
+    }
+
+    /// Re-judges live L4 streams and upgraded connections whenever the mesh
+    /// config changes.
     pub fn watch_live(self: &Arc<Self>) {
         let wp = self.clone();
         self.live.clone().watch(
@@ -101,6 +143,13 @@ impl Waypoint {
             "waypoint",
             self.drain.clone(),
             move |state, s: &L4Stream| wp.admit_l4(state, s),
+        );
+        let wp = self.clone();
+        self.upgraded.clone().watch(
+            self.store.clone(),
+            "waypoint",
+            self.drain.clone(),
+            move |state, u: &UpgradedStream| wp.admit_upgraded(state, u),
         );
     }
 }
@@ -310,9 +359,15 @@ fn traceparent(h: &HeaderMap) -> String {
 }
 
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and others).
+/// `h2c` is not one: tunnelled, the HTTP/2 requests after it would pass
+/// unseen by routes and policy, so it stays on this hop (dropped) and the
+/// request is served as HTTP/1.1.
 fn is_upgrade(parts: &http::request::Parts) -> bool {
+    let Some(up) = parts.headers.get("upgrade").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
     parts.version == http::Version::HTTP_11
-        && parts.headers.contains_key("upgrade")
+        && !up.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c"))
         && parts
             .headers
             .get_all("connection")
@@ -376,6 +431,19 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
     } else {
         None
     };
+    // Registered before the decision (as L4 streams are): a change after
+    // `state` was loaded is re-checked against this connection too.
+    let live = upgrade.as_ref().map(|_| {
+        wp.upgraded.admit(UpgradedStream {
+            src: s.src.clone(),
+            peer: s.peer,
+            target: s.target,
+            method: parts.method.clone(),
+            path: parts.uri.path().to_string(),
+            host: authority.clone(),
+            headers: parts.headers.clone(),
+        })
+    });
     let body = Replay::new(body, wp.replay_buffer);
     let caller = plan::Caller {
         src: &s.src,
@@ -402,7 +470,7 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
                 parts: &parts,
                 body: &body,
                 grpc,
-                upgrade,
+                upgrade: upgrade.zip(live),
                 peer: s.peer,
             };
             let mut sent = send::send(wp, &fwd, out).await;
@@ -460,4 +528,39 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
     };
     let (rparts, rbody) = resp.into_parts();
     Response::from_parts(rparts, Counted::new(rbody, done).boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_requests_are_upgrades() {
+        let up = |version, headers: &[(&str, &str)]| {
+            let mut b = Request::get("/").version(version);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            is_upgrade(&b.body(()).unwrap().into_parts().0)
+        };
+        let v11 = http::Version::HTTP_11;
+        let ws = [("connection", "Upgrade"), ("upgrade", "websocket")];
+        assert!(up(v11, &ws));
+        assert!(up(
+            v11,
+            &[("connection", "keep-alive, upgrade"), ("upgrade", "foo/2")]
+        ));
+        // No Connection: upgrade, or HTTP/1.0 or HTTP/2: not an upgrade.
+        assert!(!up(v11, &[("upgrade", "websocket")]));
+        assert!(!up(http::Version::HTTP_10, &ws));
+        assert!(!up(http::Version::HTTP_2, &ws));
+        // h2c would hide the requests after it from policy: served as 1.1.
+        assert!(!up(
+            v11,
+            &[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", "h2c")
+            ]
+        ));
+    }
 }

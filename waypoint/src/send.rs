@@ -12,13 +12,14 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use mesh::live::Admitted;
 use mesh::routes::{RetryOn, RetryPolicy};
 use mesh::Workload;
 
 use crate::error::ProxyError;
 use crate::lb::{HashInput, Outcome};
 use crate::plan::{Forward, Target};
-use crate::proxy::Waypoint;
+use crate::proxy::{UpgradedStream, Waypoint};
 use crate::replay::{NotReplayable, Replay};
 use crate::telemetry::flag;
 use crate::upstream::Body;
@@ -60,8 +61,9 @@ pub struct Outgoing<'a> {
     pub parts: &'a http::request::Parts,
     pub body: &'a Arc<ReqBody>,
     pub grpc: bool,
-    /// The client's side of an HTTP/1.1 upgrade, when it asked for one.
-    pub upgrade: Option<OnUpgrade>,
+    /// The client's side of an HTTP/1.1 upgrade, when it asked for one, and
+    /// its registration for re-judging on policy changes.
+    pub upgrade: Option<(OnUpgrade, Admitted<UpgradedStream>)>,
     pub peer: SocketAddr,
 }
 
@@ -279,26 +281,38 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
             .unwrap_or_else(|_| Sent::local(&ProxyError::Timeout, out.grpc)),
         None => attempt_all.await,
     };
-    if let (Some(client), Some((up, guard))) = (out.upgrade.take(), tunnel_up) {
+    if let (Some((client, live)), Some((up, guard))) = (out.upgrade.take(), tunnel_up) {
         if sent.resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            tokio::spawn(tunnel(client, up, guard, out.peer));
+            tokio::spawn(tunnel(client, up, guard, live, out.peer));
         }
     }
     sent
 }
 
 /// Bytes both ways between the upgraded client and upstream connections
-/// until either side closes.
-async fn tunnel(client: OnUpgrade, up: OnUpgrade, guard: hbone::StreamGuard, peer: SocketAddr) {
+/// until either side closes, or a policy change refuses the request that
+/// opened it.
+async fn tunnel(
+    client: OnUpgrade,
+    up: OnUpgrade,
+    guard: hbone::StreamGuard,
+    mut live: Admitted<UpgradedStream>,
+    peer: SocketAddr,
+) {
     let (c, u) = tokio::join!(client, up);
     match (c, u) {
         (Ok(c), Ok(u)) => {
             let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-            match tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                Ok((sent, received)) => {
-                    tracing::debug!(%peer, sent, received, "upgraded connection closed")
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut c, &mut u) => match r {
+                    Ok((sent, received)) => {
+                        tracing::debug!(%peer, sent, received, "upgraded connection closed")
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "upgraded connection broke"),
+                },
+                Ok(why) = &mut live.revoked => {
+                    tracing::info!(%peer, reason = why, "upgraded connection closed by a policy change");
                 }
-                Err(e) => tracing::debug!(%peer, error = %e, "upgraded connection broke"),
             }
         }
         (c, u) => tracing::info!(%peer, client = c.is_ok(), upstream = u.is_ok(), "upgrade failed"),

@@ -304,6 +304,8 @@ spec:
 /// A WebSocket (Python `websockets` both ends) through the waypoint: the
 /// upgrade is routed and authorized (a DENY on its path is a 403), then
 /// messages echo both ways, across a pause longer than the route timeout.
+/// A DENY added later closes a live tunnel it now refuses; one it does not
+/// refuse lives on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_are_authorized_then_tunnelled() {
     let cfg = "---
@@ -335,6 +337,34 @@ spec:
         py(&m, "ws_client.py", "ws://10.96.0.41/admin/chat 1"),
         "status 403"
     );
+
+    // Two live tunnels; then a policy that denies one of their paths.
+    let hold = |path: &'static str| {
+        let (ns, log) = (m.pod_ns("client"), m.dir.join("clients.log"));
+        std::thread::spawn(move || {
+            sh_out(&format!(
+                "ip netns exec {ns} timeout 60 python3 {PEERS}/ws_client.py ws://10.96.0.41{path} 1 0 6 2>>{}",
+                log.display()
+            ))
+            .1
+        })
+    };
+    let (doomed, spared) = (hold("/live/doomed"), hold("/live/spared"));
+    std::thread::sleep(Duration::from_millis(1500));
+    m.write_config(&format!(
+        "{BASE}{cfg}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-doomed, namespace: app}}
+spec:
+  targetRefs: [{{kind: Service, group: \"\", name: ws}}]
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: [\"/live/doomed\"]}}}}]}}]
+"
+    ));
+    assert_eq!(doomed.join().unwrap().trim_end(), "echoed 1\nclosed");
+    assert_eq!(spared.join().unwrap().trim_end(), "echoed 1\nheld");
+
     let log = access_log(&m);
     assert!(
         log.iter()
