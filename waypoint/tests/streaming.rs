@@ -182,10 +182,11 @@ fn upload(m: &Mesh, file: &std::path::Path, url: &str) -> String {
     )
 }
 
-/// 256 MiB through the waypoint arrive whole (checksummed), and the
-/// waypoint's peak RSS grows by at most 16 MiB: the body was never held.
+/// 256 MiB through the waypoint arrive whole (checksummed), up and then
+/// down, and each time the waypoint's peak RSS grows by at most 16 MiB: the
+/// body was never held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_upload_streams_through_with_bounded_waypoint_memory() {
+async fn large_bodies_stream_both_ways_with_bounded_waypoint_memory() {
     const LEN: usize = 256 << 20;
     let (m, wp) = mesh("wsu", "", &[]).await;
     let mut peers = Peers::default();
@@ -216,10 +217,37 @@ async fn large_upload_streams_through_with_bounded_waypoint_memory() {
         "waypoint peak RSS grew {} kB for a 256 MiB body",
         after - before
     );
+
+    // And back: the same file as a response body.
+    let before = after;
+    let got = run_in(
+        &m,
+        "client",
+        &format!(
+            "sh -c 'curl -s -m 300 http://10.96.0.40/file{} | sha256sum'",
+            big.display()
+        ),
+    );
+    let after = status_kib(wp, "VmHWM:");
+    eprintln!(
+        "256 MiB download: waypoint VmHWM {before} kB -> {after} kB (+{} kB)",
+        after - before
+    );
+    assert_eq!(got.split_whitespace().next(), Some(sum.as_str()));
+    assert!(
+        after - before <= 16 * 1024,
+        "waypoint peak RSS grew {} kB for a 256 MiB response",
+        after - before
+    );
     let log = access_log(&m);
     let line = log.iter().find(|l| l["path"] == "/upload").unwrap();
     assert_eq!(line["bytes_received"], LEN as u64, "{line}");
     assert_eq!(line["response_code"], 200);
+    let line = log
+        .iter()
+        .find(|l| l["path"].as_str().is_some_and(|p| p.starts_with("/file/")))
+        .unwrap();
+    assert_eq!(line["bytes_sent"], LEN as u64, "{line}");
     drop(peers);
 }
 

@@ -4,9 +4,11 @@ Every request's body is read in 64 KiB pieces (never whole) and answered
 with its length and SHA-256: "<len> <hex>\n". A path under /flaky/ answers
 503 the first time per path, after reading the body, so a retry has to send
 the body again. GET /seen lists every request answered: "<path> <len> <hex>"
-per line. Usage: upload_server.py PORT
+per line; GET /file/<absolute path> streams that file back.
+Usage: upload_server.py PORT
 """
 import hashlib
+import os
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,6 +61,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("content-length", str(len(text)))
             self.end_headers()
             self.wfile.write(text)
+            return
+        if self.path.startswith("/file/"):
+            name = self.path[len("/file"):]
+            with open(name, "rb") as f:
+                self.send_response(200)
+                self.send_header("content-length", str(os.path.getsize(name)))
+                self.end_headers()
+                while piece := f.read(65536):
+                    self.wfile.write(piece)
             return
         n, digest = self.body()
         code = 200
