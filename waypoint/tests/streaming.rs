@@ -367,18 +367,25 @@ spec:
     );
 
     // Two live tunnels; then a policy that denies one of their paths.
-    let hold = |path: &'static str| {
-        let (ns, log) = (m.pod_ns("client"), m.dir.join("clients.log"));
+    let hold = |name: &'static str| {
+        let (ns, dir) = (m.pod_ns("client"), m.dir.clone());
         std::thread::spawn(move || {
-            sh_out(&format!(
-                "ip netns exec {ns} timeout 60 python3 {PEERS}/ws_client.py ws://10.96.0.41{path} 1 0 6 2>>{}",
-                log.display()
-            ))
-            .1
+            sh(&format!(
+                "ip netns exec {ns} timeout 60 python3 {PEERS}/ws_client.py ws://10.96.0.41/live/{name} 1 0 6 >{} 2>>{}",
+                dir.join(name).display(),
+                dir.join("clients.log").display()
+            ));
+            std::fs::read_to_string(dir.join(name)).unwrap()
         })
     };
-    let (doomed, spared) = (hold("/live/doomed"), hold("/live/spared"));
-    std::thread::sleep(Duration::from_millis(1500));
+    let (doomed, spared) = (hold("doomed"), hold("spared"));
+    let connected = |name: &str| {
+        std::fs::read_to_string(m.dir.join(name)).is_ok_and(|s| s.starts_with("echoed 1"))
+    };
+    eventually("both tunnels are up", Duration::from_secs(20), || {
+        connected("doomed") && connected("spared")
+    })
+    .await;
     m.write_config(&format!(
         "{BASE}{cfg}---
 apiVersion: security.istio.io/v1
