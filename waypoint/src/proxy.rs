@@ -25,7 +25,7 @@ use crate::error::local;
 use crate::lb::Backends;
 use crate::plan::{self, Action};
 use crate::replay::Replay;
-use crate::send::{self, Outgoing, Sent};
+use crate::send::{self, Outgoing, Sent, UpgradeKind, Upgrading};
 use crate::telemetry::{self, flag};
 use crate::upstream::{Body, Upstreams};
 
@@ -203,6 +203,8 @@ pub async fn stream(wp: Arc<Waypoint>, src: Arc<Identity>, peer: SocketAddr, inb
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout);
+        // RFC 8441: HTTP/2 clients may open WebSockets (extended CONNECT).
+        server.http2().enable_connect_protocol();
         let _ = server
             .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .await;
@@ -358,6 +360,15 @@ fn traceparent(h: &HeaderMap) -> String {
     }
 }
 
+/// Whether the request asks to become a byte stream, and how.
+fn upgrade_kind(parts: &http::request::Parts) -> Option<UpgradeKind> {
+    if parts.version == http::Version::HTTP_2 && parts.method == http::Method::CONNECT {
+        let p = parts.extensions.get::<hyper::ext::Protocol>()?;
+        return Some(UpgradeKind::Connect(p.as_str().to_string()));
+    }
+    is_upgrade(parts).then_some(UpgradeKind::Http1)
+}
+
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and others).
 /// `h2c` is not one: tunnelled, the HTTP/2 requests after it would pass
 /// unseen by routes and policy, so it stays on this hop (dropped) and the
@@ -426,11 +437,8 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
     }
     let service = state.service_by_vip(s.target.ip()).cloned();
     let src_workload = state.workload_by_ip(s.peer.ip()).cloned();
-    let upgrade = if is_upgrade(&parts) {
-        parts.extensions.remove::<OnUpgrade>()
-    } else {
-        None
-    };
+    let upgrade =
+        upgrade_kind(&parts).and_then(|k| Some((k, parts.extensions.remove::<OnUpgrade>()?)));
     // Registered before the decision (as L4 streams are): a change after
     // `state` was loaded is re-checked against this connection too.
     let live = upgrade.as_ref().map(|_| {
@@ -470,7 +478,11 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
                 parts: &parts,
                 body: &body,
                 grpc,
-                upgrade: upgrade.zip(live),
+                upgrade: upgrade.zip(live).map(|((kind, client), live)| Upgrading {
+                    kind,
+                    client,
+                    live,
+                }),
                 peer: s.peer,
             };
             let mut sent = send::send(wp, &fwd, out).await;
@@ -554,6 +566,19 @@ mod tests {
         assert!(!up(v11, &[("upgrade", "websocket")]));
         assert!(!up(http::Version::HTTP_10, &ws));
         assert!(!up(http::Version::HTTP_2, &ws));
+        // RFC 8441: an HTTP/2 CONNECT naming a protocol; a plain one is not.
+        let connect = |proto: Option<&'static str>| {
+            let mut b = Request::connect("http://h/chat").version(http::Version::HTTP_2);
+            if let Some(p) = proto {
+                b = b.extension(hyper::ext::Protocol::from_static(p));
+            }
+            upgrade_kind(&b.body(()).unwrap().into_parts().0)
+        };
+        assert_eq!(
+            connect(Some("websocket")),
+            Some(UpgradeKind::Connect("websocket".into()))
+        );
+        assert_eq!(connect(None), None);
         // h2c would hide the requests after it from policy: served as 1.1.
         assert!(!up(
             v11,

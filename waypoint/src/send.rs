@@ -61,10 +61,26 @@ pub struct Outgoing<'a> {
     pub parts: &'a http::request::Parts,
     pub body: &'a Arc<ReqBody>,
     pub grpc: bool,
-    /// The client's side of an HTTP/1.1 upgrade, when it asked for one, and
-    /// its registration for re-judging on policy changes.
-    pub upgrade: Option<(OnUpgrade, Admitted<UpgradedStream>)>,
+    /// The client's side of an upgrade, when it asked for one.
+    pub upgrade: Option<Upgrading>,
     pub peer: SocketAddr,
+}
+
+/// How the client asked to leave HTTP for a byte stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpgradeKind {
+    /// HTTP/1.1 `Upgrade:` (WebSocket and others), passed on as it is.
+    Http1,
+    /// HTTP/2 extended CONNECT (RFC 8441) naming this protocol: sent on as
+    /// an HTTP/1.1 upgrade, its 101 answered to the client as a 200.
+    Connect(String),
+}
+
+pub struct Upgrading {
+    pub kind: UpgradeKind,
+    pub client: OnUpgrade,
+    /// Registered for re-judging on policy changes.
+    pub live: Admitted<UpgradedStream>,
 }
 
 fn status_retryable(p: &RetryPolicy, code: u16) -> bool {
@@ -104,7 +120,13 @@ fn forwarded(k: &http::HeaderName, v: &http::HeaderValue, h2: bool, upgrade: boo
     }
 }
 
-fn build(parts: &http::request::Parts, h2: bool, upgrade: bool, body: Body) -> Request<Body> {
+fn build(
+    parts: &http::request::Parts,
+    h2: bool,
+    kind: Option<&UpgradeKind>,
+    body: Body,
+) -> Request<Body> {
+    let upgrade = kind == Some(&UpgradeKind::Http1);
     let pq = parts
         .uri
         .path_and_query()
@@ -122,20 +144,35 @@ fn build(parts: &http::request::Parts, h2: bool, upgrade: bool, body: Body) -> R
     } else {
         pq.to_string()
     };
-    let mut b = Request::builder()
-        .method(parts.method.clone())
-        .uri(uri)
-        .version(if h2 {
-            http::Version::HTTP_2
-        } else {
-            http::Version::HTTP_11
-        });
+    let method = match kind {
+        Some(UpgradeKind::Connect(_)) => http::Method::GET,
+        _ => parts.method.clone(),
+    };
+    let mut b = Request::builder().method(method).uri(uri).version(if h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    });
     if !h2 && !parts.headers.contains_key("host") {
         b = b.header("host", authority);
     }
     for (k, v) in &parts.headers {
         if forwarded(k, v, h2, upgrade) {
             b = b.header(k, v);
+        }
+    }
+    if let Some(UpgradeKind::Connect(proto)) = kind {
+        b = b
+            .header("connection", "upgrade")
+            .header("upgrade", proto.as_str());
+        // RFC 8441 drops the key (the stream itself is proof enough); the
+        // HTTP/1.1 server still wants one.
+        if proto.eq_ignore_ascii_case("websocket")
+            && !parts.headers.contains_key("sec-websocket-key")
+        {
+            use base64::Engine;
+            let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+            b = b.header("sec-websocket-key", key);
         }
     }
     b.body(body).expect("request from valid parts")
@@ -177,7 +214,8 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
         cookie: &cookie,
         source_ip: out.peer.ip(),
     };
-    let upgrade = out.upgrade.is_some();
+    let kind = out.upgrade.as_ref().map(|u| u.kind.clone());
+    let upgrade = kind.is_some();
     // An upgrade needs HTTP/1.1 upstream whatever the port says.
     let h2 = target.h2 && !upgrade;
     let attempts_max = 1 + retries.attempts;
@@ -194,7 +232,14 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                 }
             };
             let (ep, port, _lease) = backend.pick(&target.eps, &target.policy, &hash);
-            let req = build(out.parts, h2, upgrade, body.boxed());
+            // An extended CONNECT's body is the tunnel, not the request's.
+            let body = match &kind {
+                Some(UpgradeKind::Connect(_)) => {
+                    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+                }
+                _ => body.boxed(),
+            };
+            let req = build(out.parts, h2, kind.as_ref(), body);
             let upstream = Some(SocketAddr::new(ep.ip, port));
             let send = async {
                 if upgrade {
@@ -275,15 +320,24 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let sent = match deadline {
+    let mut sent = match deadline {
         Some(t) => tokio::time::timeout(t, attempt_all)
             .await
             .unwrap_or_else(|_| Sent::local(&ProxyError::Timeout, out.grpc)),
         None => attempt_all.await,
     };
-    if let (Some((client, live)), Some((up, guard))) = (out.upgrade.take(), tunnel_up) {
+    if let (Some(u), Some((up, guard))) = (out.upgrade.take(), tunnel_up) {
         if sent.resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            tokio::spawn(tunnel(client, up, guard, live, out.peer));
+            if let UpgradeKind::Connect(_) = u.kind {
+                // The HTTP/2 client gets its stream as a 200; the HTTP/1.1
+                // handshake headers were for this hop.
+                *sent.resp.status_mut() = StatusCode::OK;
+                let h = sent.resp.headers_mut();
+                for name in ["connection", "upgrade", "sec-websocket-accept"] {
+                    h.remove(name);
+                }
+            }
+            tokio::spawn(tunnel(u.client, up, guard, u.live, out.peer));
         }
     }
     sent
@@ -364,7 +418,7 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
         } else {
             StreamBody::new(futures_util::stream::iter(frames)).boxed()
         };
-        let req = build(&head.into_parts(), h2, false, body);
+        let req = build(&head.into_parts(), h2, None, body);
         match wp.upstreams.send(&ep, port, req, h2).await {
             Ok(resp) => {
                 let _ = resp.into_body().collect().await;

@@ -366,6 +366,11 @@ spec:
         "status 403"
     );
 
+    // The same over HTTP/2 (RFC 8441 extended CONNECT), which the waypoint
+    // sends on as an HTTP/1.1 upgrade.
+    assert_eq!(h2_websocket(&m, "/h2chat", 200).await, Ok(200));
+    assert_eq!(h2_websocket(&m, "/admin/h2chat", 1).await, Err(403));
+
     // Two live tunnels; then a policy that denies one of their paths.
     let hold = |name: &'static str| {
         let (ns, dir) = (m.pod_ns("client"), m.dir.clone());
@@ -409,7 +414,62 @@ spec:
     assert!(log
         .iter()
         .any(|l| l["path"] == "/admin/chat" && l["response_code"] == 403));
+    assert!(log.iter().any(|l| l["path"] == "/h2chat"
+        && l["method"] == "CONNECT"
+        && l["response_code"] == 200
+        && l["upstream_host"] == "10.244.2.11:8090"));
     drop(peers);
+}
+
+/// An RFC 8441 WebSocket from the client pod: hyper's HTTP/2 client opens
+/// it, tungstenite speaks WebSocket over it; `n` messages echoed one by one.
+/// The count echoed, or the status that refused the CONNECT.
+async fn h2_websocket(m: &Mesh, path: &str, n: usize) -> Result<usize, u16> {
+    use futures_util::{SinkExt, StreamExt};
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::tungstenite::{protocol::Role, Message};
+
+    let tcp = m.connect("client", "10.96.0.41:80").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // One plain request first: the server's SETTINGS (which allow extended
+    // CONNECT) have arrived once it is answered.
+    let warm = http::Request::get("http://10.96.0.41/")
+        .body(Empty::new())
+        .unwrap();
+    send.send_request(warm).await.unwrap();
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://10.96.0.41{path}"))
+        .header("sec-websocket-version", "13")
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .body(Empty::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    if resp.status() != 200 {
+        return Err(resp.status().as_u16());
+    }
+    let io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Client, None).await;
+    for i in 0..n {
+        let msg = format!("h2-{i}-").repeat(1 + i * 37 % 500);
+        ws.send(Message::text(msg.clone())).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("echo within 10 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.into_text().unwrap().as_str(), msg, "message {i}");
+    }
+    Ok(n)
 }
 
 /// gRPC (grpcio both ends) through the waypoint over HTTP/2: a bidi stream
