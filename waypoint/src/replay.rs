@@ -1,10 +1,12 @@
 //! A request body that streams to the upstream as it arrives and keeps a
 //! copy of its first bytes, so that a retry (or a mirror) can resend it.
 //!
-//! The client's body is read once, by the attempt in flight; every frame it
-//! reads is kept while the total stays within the replay buffer. A later
-//! attempt first replays what was kept, then goes on reading the client's
-//! body where the previous attempt stopped. Once the body outgrows the
+//! The client's body is read once, by the attempt in flight; the bytes of
+//! every frame it reads are copied into the replay buffer while the total
+//! fits. (Copied, not referenced: a reference to a small frame would pin the
+//! whole read buffer it was cut from, and many tiny frames would multiply
+//! the memory held.) A later attempt first replays what was kept, then goes
+//! on reading the client's body where the previous attempt stopped. Once the body outgrows the
 //! buffer the copy is dropped and no new attempt can start: the request is
 //! sent once. Memory per request is therefore the buffer at most, plus the
 //! frame in transit, whatever the body's size.
@@ -13,7 +15,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
@@ -41,8 +43,7 @@ impl NotReplayable {
 
 struct Shared<B> {
     src: B,
-    kept: Vec<Bytes>,
-    kept_len: usize,
+    kept: BytesMut,
     trailers: Option<HeaderMap>,
     /// Bytes read from the client so far.
     total: u64,
@@ -73,8 +74,7 @@ where
             shared: Mutex::new(Shared {
                 ended: src.is_end_stream(),
                 src,
-                kept: Vec::new(),
-                kept_len: 0,
+                kept: BytesMut::new(),
                 trailers: None,
                 total: 0,
                 overflow: false,
@@ -92,6 +92,7 @@ where
     /// while everything read so far is still kept.
     pub fn attempt(self: &Arc<Self>) -> Result<Attempt<B>, NotReplayable> {
         let mut s = self.shared.lock().unwrap();
+        let mut again = None;
         if s.started {
             if s.broken {
                 return Err(NotReplayable::Broken);
@@ -100,12 +101,14 @@ where
                 return Err(NotReplayable::TooLarge);
             }
             s.generation += 1;
+            // One copy per retry, of at most the buffer: retries are rare.
+            again = (!s.kept.is_empty()).then(|| Bytes::copy_from_slice(&s.kept));
         }
         s.started = true;
         Ok(Attempt {
             replay: self.clone(),
             generation: s.generation,
-            pos: 0,
+            again,
             trailers_sent: false,
             fresh: true,
         })
@@ -138,7 +141,7 @@ where
             let r = this.upgrade()?;
             let s = r.shared.lock().unwrap();
             (s.ended && !s.overflow && !s.broken).then(|| Whole {
-                data: s.kept.clone(),
+                data: Bytes::copy_from_slice(&s.kept),
                 trailers: s.trailers.clone(),
             })
         }
@@ -147,7 +150,7 @@ where
 
 /// A fully kept request body.
 pub struct Whole {
-    pub data: Vec<Bytes>,
+    pub data: Bytes,
     pub trailers: Option<HeaderMap>,
 }
 
@@ -155,8 +158,8 @@ pub struct Whole {
 pub struct Attempt<B> {
     replay: Arc<Replay<B>>,
     generation: u32,
-    /// Next kept frame to replay.
-    pos: usize,
+    /// What earlier attempts read, sent before reading on.
+    again: Option<Bytes>,
     trailers_sent: bool,
     fresh: bool,
 }
@@ -186,9 +189,7 @@ where
             // early): it must not steal frames from the current one.
             return Poll::Ready(Some(Err(Box::new(Superseded))));
         }
-        if !s.overflow && this.pos < s.kept.len() {
-            let d = s.kept[this.pos].clone();
-            this.pos += 1;
+        if let Some(d) = this.again.take() {
             return Poll::Ready(Some(Ok(Frame::data(d))));
         }
         if s.ended {
@@ -218,15 +219,11 @@ where
                 if let Some(d) = frame.data_ref() {
                     s.total += d.len() as u64;
                     if !s.overflow {
-                        if s.kept_len + d.len() <= replay.limit {
-                            s.kept_len += d.len();
-                            // A reference to the same buffer, not a copy.
-                            s.kept.push(d.clone());
-                            this.pos = s.kept.len();
+                        if s.kept.len() + d.len() <= replay.limit {
+                            s.kept.extend_from_slice(d);
                         } else {
                             s.overflow = true;
-                            s.kept = Vec::new();
-                            s.kept_len = 0;
+                            s.kept = BytesMut::new();
                             settle = true;
                         }
                     }
@@ -251,7 +248,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         let s = self.replay.shared.lock().unwrap();
-        let replayed = s.overflow || self.pos >= s.kept.len();
+        let replayed = self.again.is_none();
         let trailers_done = s.trailers.is_none() || self.trailers_sent;
         replayed && trailers_done && (s.ended || s.src.is_end_stream())
     }
@@ -302,7 +299,7 @@ mod tests {
         assert_eq!(read(r.attempt().unwrap()).await, (b"abcd".to_vec(), true));
         assert_eq!(r.bytes_read(), 4);
         let w = Replay::whole(Arc::downgrade(&r)).await.unwrap();
-        assert_eq!(w.data.concat(), b"abcd");
+        assert_eq!(w.data, "abcd");
     }
 
     #[tokio::test]
@@ -315,6 +312,17 @@ mod tests {
         // The first attempt may not read on once superseded.
         assert!(first.frame().await.unwrap().is_err());
         assert_eq!(read(second).await, (b"abcdef".to_vec(), false));
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_are_kept_as_one_copy() {
+        const ONE: &[&[u8]] = &[b"x".as_slice(); 1000];
+        let r = Replay::new(src(ONE, false), 4096);
+        assert_eq!(read(r.attempt().unwrap()).await.0, vec![b'x'; 1000]);
+        let mut again = r.attempt().unwrap();
+        let f = again.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap().len(), 1000, "replayed as one frame");
+        assert!(again.frame().await.is_none());
     }
 
     #[tokio::test]
@@ -338,7 +346,7 @@ mod tests {
         );
         assert!(a.is_end_stream());
         let w = tokio::time::timeout(Duration::from_secs(1), Replay::whole(Arc::downgrade(&r)));
-        assert_eq!(w.await.unwrap().unwrap().data.concat(), b"abc");
+        assert_eq!(w.await.unwrap().unwrap().data, "abc");
     }
 
     #[tokio::test]

@@ -410,8 +410,10 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
                 "mirror skipped: the request body did not fit the replay buffer"
             );
         };
-        let mut frames: Vec<Result<Frame<Bytes>, crate::upstream::BoxError>> =
-            w.data.into_iter().map(|d| Ok(Frame::data(d))).collect();
+        let mut frames: Vec<Result<Frame<Bytes>, crate::upstream::BoxError>> = (!w.data.is_empty())
+            .then(|| Ok(Frame::data(w.data)))
+            .into_iter()
+            .collect();
         frames.extend(w.trailers.map(|t| Ok(Frame::trailers(t))));
         let body = if frames.is_empty() {
             Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
