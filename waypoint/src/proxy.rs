@@ -501,6 +501,7 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         dst_workload,
         attempts,
         not_retried,
+        tunnel,
     } = sent;
     if let Ok(v) = HeaderValue::try_from(request_id.as_str()) {
         resp.headers_mut().insert("x-request-id", v);
@@ -511,7 +512,7 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
     // Metrics and the access log once the response body has gone out.
     let src = s.src.clone();
     let (svc, dst_w, src_w) = (service.clone(), dst_workload.clone(), src_workload.clone());
-    let done = move |sent: u64, trailer_grpc: Option<u32>| {
+    let done = move |request_bytes: u64, sent: u64, trailer_grpc: Option<u32>| {
         telemetry::record(&telemetry::Record {
             src_identity: &src,
             src_workload: src_w.as_deref(),
@@ -524,7 +525,7 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
             code,
             flags: flags.to_string(),
             duration: start.elapsed(),
-            request_bytes: body.bytes_read(),
+            request_bytes,
             response_bytes: sent,
             upstream,
             request_id: &request_id,
@@ -538,8 +539,18 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
             not_retried: not_retried.map(|n| n.reason()),
         })
     };
+    // An upgraded connection is logged when it closes, with its bytes and
+    // its whole duration, as Envoy logs one.
+    if let Some(tunnel) = tunnel {
+        tokio::spawn(async move {
+            let (up, down) = tunnel.await.unwrap_or_default();
+            done(up, down, None);
+        });
+        return resp;
+    }
     let (rparts, rbody) = resp.into_parts();
-    Response::from_parts(rparts, Counted::new(rbody, done).boxed())
+    let counted = Counted::new(rbody, move |sent, grpc| done(body.bytes_read(), sent, grpc));
+    Response::from_parts(rparts, counted.boxed())
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! HTTP/1.1 upgrades turned into byte tunnels.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +17,8 @@ use hyper_util::rt::TokioIo;
 use mesh::live::Admitted;
 use mesh::routes::{RetryOn, RetryPolicy};
 use mesh::Workload;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 
 use crate::error::ProxyError;
 use crate::lb::{HashInput, Outcome};
@@ -35,6 +39,9 @@ pub struct Sent {
     pub attempts: u32,
     /// A retry was wanted but the body could not be sent again.
     pub not_retried: Option<NotReplayable>,
+    /// For an upgraded connection: its bytes (client to upstream, back),
+    /// known when the tunnel closes; the telemetry waits for them.
+    pub tunnel: Option<oneshot::Receiver<(u64, u64)>>,
 }
 
 impl Sent {
@@ -51,6 +58,7 @@ impl Sent {
             dst_workload: None,
             attempts: 0,
             not_retried: None,
+            tunnel: None,
         }
     }
 }
@@ -281,6 +289,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                     dst_workload: Some(ep.clone()),
                     attempts: attempt,
                     not_retried: None,
+                    tunnel: None,
                 },
                 Err(e) => {
                     tracing::debug!(endpoint = %SocketAddr::new(ep.ip, port), error = %e, attempt, "upstream attempt failed");
@@ -337,7 +346,12 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                     h.remove(name);
                 }
             }
-            tokio::spawn(tunnel(u.client, up, guard, u.live, out.peer));
+            let (tx, rx) = oneshot::channel();
+            sent.tunnel = Some(rx);
+            tokio::spawn(async move {
+                let bytes = tunnel(u.client, up, guard, u.live, out.peer).await;
+                let _ = tx.send(bytes);
+            });
         }
     }
     sent
@@ -345,18 +359,20 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
 
 /// Bytes both ways between the upgraded client and upstream connections
 /// until either side closes, or a policy change refuses the request that
-/// opened it.
+/// opened it. Returns the bytes read from each side.
 async fn tunnel(
     client: OnUpgrade,
     up: OnUpgrade,
     guard: hbone::StreamGuard,
     mut live: Admitted<UpgradedStream>,
     peer: SocketAddr,
-) {
+) -> (u64, u64) {
     let (c, u) = tokio::join!(client, up);
+    let mut bytes = (0, 0);
     match (c, u) {
         (Ok(c), Ok(u)) => {
-            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            let mut c = ReadCount::new(TokioIo::new(c));
+            let mut u = ReadCount::new(TokioIo::new(u));
             tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut c, &mut u) => match r {
                     Ok((sent, received)) => {
@@ -368,10 +384,54 @@ async fn tunnel(
                     tracing::info!(%peer, reason = why, "upgraded connection closed by a policy change");
                 }
             }
+            bytes = (c.read, u.read);
         }
         (c, u) => tracing::info!(%peer, client = c.is_ok(), upstream = u.is_ok(), "upgrade failed"),
     }
     drop(guard);
+    bytes
+}
+
+/// Counts the bytes read through it (whatever ends the copy, the counts
+/// stay).
+struct ReadCount<T> {
+    inner: T,
+    read: u64,
+}
+
+impl<T> ReadCount<T> {
+    fn new(inner: T) -> Self {
+        ReadCount { inner, read: 0 }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadCount<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadCount<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Sends a copy of the request to the mirror backend and forgets it: its

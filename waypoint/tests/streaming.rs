@@ -406,11 +406,19 @@ spec:
     assert_eq!(spared.join().unwrap().trim_end(), "echoed 1\nheld");
 
     let log = access_log(&m);
-    assert!(
-        log.iter()
-            .any(|l| l["path"] == "/chat" && l["response_code"] == 101),
-        "{log:?}"
+    // Logged when the tunnel closed: its whole life (past the 2 s pause)
+    // and its bytes both ways (some kB: websockets compresses the
+    // repetitive messages).
+    let chat = log
+        .iter()
+        .find(|l| l["path"] == "/chat" && l["response_code"] == 101)
+        .unwrap_or_else(|| panic!("{log:?}"));
+    assert!(chat["duration_ms"].as_u64().unwrap() >= 2000, "{chat}");
+    let (up, down) = (
+        chat["bytes_received"].as_u64().unwrap(),
+        chat["bytes_sent"].as_u64().unwrap(),
     );
+    assert!(up > 4096 && down > 4096, "{chat}");
     assert!(log
         .iter()
         .any(|l| l["path"] == "/admin/chat" && l["response_code"] == 403));
