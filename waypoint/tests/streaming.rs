@@ -54,6 +54,11 @@ spec: {clusterIP: 10.96.0.43, selector: {app: backend}, ports: [{name: http, por
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: h2echo, namespace: app}
+spec: {clusterIP: 10.96.0.44, selector: {app: backend}, ports: [{name: http2, port: 80, targetPort: 8082}]}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: waypoint, namespace: app, labels: {istio.io/use-waypoint: none}}
 spec: {clusterIP: 10.96.0.30, selector: {gateway.networking.k8s.io/gateway-name: waypoint}, ports: [{name: mesh, port: 15008}]}
 ---
@@ -531,4 +536,80 @@ async fn grpc_bidi_streams_message_by_message_and_status_is_reported() {
         && l["response_flags"] == "UT"
         && l["grpc_status"] == 14));
     drop(peers);
+}
+
+/// An HTTP/2 server (hyper) in `pod` on `port` that answers each request
+/// with its body and, as trailers, the request's trailers renamed `echo-*`.
+fn trailer_echo_server(m: &Mesh, pod: &str, port: u16) {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = in_ns(&m.pod_ns(pod), move || {
+        std::net::TcpListener::bind(("0.0.0.0", port)).unwrap()
+    });
+    l.set_nonblocking(true).unwrap();
+    tokio::spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        while let Ok((s, _)) = l.accept().await {
+            let svc = hyper::service::service_fn(
+                |req: http::Request<hyper::body::Incoming>| async move {
+                    let got = req.into_body().collect().await?;
+                    let mut echo = http::HeaderMap::new();
+                    for (k, v) in got.trailers().into_iter().flatten() {
+                        let name = http::HeaderName::try_from(format!("echo-{k}")).unwrap();
+                        echo.insert(name, v.clone());
+                    }
+                    let frames: Vec<Result<_, hyper::Error>> =
+                        vec![Ok(Frame::data(got.to_bytes())), Ok(Frame::trailers(echo))];
+                    Ok::<_, hyper::Error>(http::Response::new(StreamBody::new(
+                        futures_util::stream::iter(frames),
+                    )))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+}
+
+/// HTTP/2 trailers pass through the waypoint both ways: the client's reach
+/// the backend (hyper both ends), the backend's reach the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_trailers_pass_both_ways() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (m, _) = mesh("wst", "", &[]).await;
+    trailer_echo_server(&m, "backend", 8082);
+    let tcp = m.connect("client", "10.96.0.44:80").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "abc123".parse().unwrap());
+    let frames: Vec<Result<_, std::io::Error>> = vec![
+        Ok(Frame::data(bytes::Bytes::from_static(b"payload"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let req = http::Request::post("http://10.96.0.44/t")
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp.into_body().collect().await.unwrap();
+    let t = got.trailers().cloned().expect("response trailers");
+    assert_eq!(
+        t.get("echo-x-checksum").map(|v| v.to_str().unwrap()),
+        Some("abc123")
+    );
+    assert_eq!(got.to_bytes(), "payload");
+    assert!(access_log(&m)
+        .iter()
+        .any(|l| l["path"] == "/t" && l["upstream_host"] == "10.244.2.11:8082"));
 }
