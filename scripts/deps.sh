@@ -24,3 +24,5 @@ if ! command -v kustomize >/dev/null 2>&1 && [ ! -x "$HOME/go/bin/kustomize" ]; 
   GOFLAGS=-mod=mod go install sigs.k8s.io/kustomize/kustomize/v5@v5.4.3
 fi
 command -v kubernetes-validate >/dev/null 2>&1 || pip install -q kubernetes-validate
+# The waypoint's streaming tests: real WebSocket and gRPC peers.
+python3 -c 'import websockets, grpc' 2>/dev/null || pip install -q websockets grpcio

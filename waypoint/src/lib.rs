@@ -3,8 +3,13 @@
 
 pub mod binding;
 pub mod body;
+pub mod error;
+pub mod grpc;
 pub mod lb;
+pub mod plan;
 pub mod proxy;
+pub mod replay;
 pub mod route;
+pub mod send;
 pub mod telemetry;
 pub mod upstream;

@@ -80,6 +80,14 @@ struct Args {
     /// idle keep-alive connection closes after it (slow-loris bound).
     #[arg(long, default_value = "30s", value_parser = mesh::routes::parse_duration)]
     request_header_timeout: Duration,
+    /// Request bodies stream through; the first this many bytes of each are
+    /// also kept so that a retry or a mirror can send the body again. A body
+    /// that outgrows it is sent once, never retried nor mirrored (the access
+    /// log's `not_retried` says so). A bound per request, as Envoy's
+    /// per-request buffer limit: memory stays this times the concurrent
+    /// requests at most, whatever the bodies' sizes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    request_replay_buffer: usize,
     #[arg(long, default_value_t = 2)]
     worker_threads: usize,
     #[arg(long)]
@@ -173,6 +181,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain: drain.clone(),
         header_timeout: args.request_header_timeout,
         live: Default::default(),
+        upgraded: Default::default(),
+        replay_buffer: args.request_replay_buffer,
     });
     wp.watch_live();
 

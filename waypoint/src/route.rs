@@ -128,20 +128,3 @@ pub fn choose<'a>(state: &'a MeshState, host: &str, port: u16, req: &Parts) -> O
         matched_prefix: None,
     })
 }
-
-/// Weighted random choice; None when every weight is zero or there are none.
-pub fn pick_backend(backends: &[Backend]) -> Option<&Backend> {
-    let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut x = rand::random_range(0..total);
-    backends.iter().find(|b| {
-        if x < b.weight as u64 {
-            true
-        } else {
-            x -= b.weight as u64;
-            false
-        }
-    })
-}

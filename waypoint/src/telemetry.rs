@@ -49,6 +49,10 @@ pub struct Record<'a> {
     pub request_id: &'a str,
     pub route: Option<&'a str>,
     pub attempts: u32,
+    /// The response's gRPC status (gRPC requests only).
+    pub grpc_status: Option<u32>,
+    /// Why a retry the policy asked for was not made.
+    pub not_retried: Option<&'static str>,
 }
 
 pub const DURATION_BUCKETS_MS: &[f64] = &[
@@ -124,7 +128,10 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
         ("destination_cluster", "Kubernetes".to_string()),
         ("request_protocol", r.protocol.to_string()),
         ("response_code", r.code.to_string()),
-        ("grpc_response_status", String::new()),
+        (
+            "grpc_response_status",
+            r.grpc_status.map(|c| c.to_string()).unwrap_or_default(),
+        ),
         ("response_flags", r.flags.clone()),
         ("connection_security_policy", "mutual_tls".to_string()),
     ]
@@ -132,8 +139,21 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
 
 /// The metric handles of one label set: registering is costly (25 labels,
 /// four metrics), recording through a held handle is not.
+/// The parts of a label set that vary: source principal and workload,
+/// service, destination workload, protocol, code, flags, gRPC status.
+type Key = (
+    String,
+    String,
+    String,
+    String,
+    &'static str,
+    u16,
+    String,
+    Option<u32>,
+);
+
 struct Handles {
-    key: (String, String, String, String, &'static str, u16, String),
+    key: Key,
     requests: metrics::Counter,
     duration: metrics::Histogram,
     request_bytes: metrics::Histogram,
@@ -158,11 +178,12 @@ fn handles(r: &Record) -> std::sync::Arc<Handles> {
         r.protocol,
         r.code,
         r.flags.as_str(),
+        r.grpc_status,
     );
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     let hash = h.finish();
-    let same = |k: &(String, String, String, String, &'static str, u16, String)| {
+    let same = |k: &Key| {
         (
             k.0.as_str(),
             k.1.as_str(),
@@ -171,6 +192,7 @@ fn handles(r: &Record) -> std::sync::Arc<Handles> {
             k.4,
             k.5,
             k.6.as_str(),
+            k.7,
         ) == key
     };
     if let Some(found) = HANDLES
@@ -191,6 +213,7 @@ fn handles(r: &Record) -> std::sync::Arc<Handles> {
             key.4,
             key.5,
             key.6.to_string(),
+            key.7,
         ),
         requests: metrics::counter!("istio_requests_total", &l),
         duration: metrics::histogram!("istio_request_duration_milliseconds", &l),
@@ -236,6 +259,8 @@ pub fn record(r: &Record) {
         "source_principal": r.src_identity.to_string(),
         "route": r.route,
         "attempts": r.attempts,
+        "grpc_status": r.grpc_status,
+        "not_retried": r.not_retried,
     });
     let mut log = ACCESS_LOG.lock().unwrap();
     // Whole lines only, so lines from concurrent requests never interleave.

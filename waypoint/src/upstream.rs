@@ -15,17 +15,12 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use identity::{Identity, SecretManager};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Bodies both ways: a client's streaming request body may fail with its
+/// own error, so the error is boxed rather than hyper's.
+pub type Body = BoxBody<Bytes, BoxError>;
 
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// No tunnel: ztunnel refused (policy), unreachable, TLS.
-    #[error("connect: {0}")]
-    Connect(String),
-    /// The connection broke before a response.
-    #[error("reset: {0}")]
-    Reset(String),
-}
+use crate::error::ProxyError;
 
 enum Sender {
     H1(http1::SendRequest<Body>),
@@ -98,17 +93,16 @@ impl Upstreams {
         self.idle.lock().unwrap().entry(key).or_default().push(s);
     }
 
-    async fn connect(
+    async fn tunnel(
         &self,
         ep: &mesh::Workload,
         dst: SocketAddr,
-        h2: bool,
-    ) -> Result<Sender, UpstreamError> {
+    ) -> Result<(TokioIo<hbone::StreamIo>, hbone::StreamGuard), ProxyError> {
         let cert = self
             .certs
             .fetch(&self.identity)
             .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            .map_err(|e| ProxyError::Connect(e.to_string()))?;
         let hbone_addr = SocketAddr::new(ep.ip, hbone::HBONE_PORT);
         let key = hbone::PoolKey {
             source: "waypoint".into(),
@@ -126,12 +120,21 @@ impl Upstreams {
                 http::HeaderMap::new(),
             )
             .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        let io = TokioIo::new(hbone::StreamIo::new(send, recv));
+            .map_err(|e| ProxyError::Connect(e.to_string()))?;
+        Ok((TokioIo::new(hbone::StreamIo::new(send, recv)), guard))
+    }
+
+    async fn connect(
+        &self,
+        ep: &mesh::Workload,
+        dst: SocketAddr,
+        h2: bool,
+    ) -> Result<Sender, ProxyError> {
+        let (io, guard) = self.tunnel(ep, dst).await?;
         if h2 {
             let (s, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await
-                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                .map_err(|e| ProxyError::Connect(e.to_string()))?;
             tokio::spawn(async move {
                 let _ = conn.await;
                 drop(guard);
@@ -147,7 +150,7 @@ impl Upstreams {
         } else {
             let (s, conn) = http1::handshake(io)
                 .await
-                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                .map_err(|e| ProxyError::Connect(e.to_string()))?;
             tokio::spawn(async move {
                 let _ = conn.await;
                 drop(guard);
@@ -164,7 +167,7 @@ impl Upstreams {
         port: u16,
         req: Request<Body>,
         h2: bool,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, ProxyError> {
         let dst = SocketAddr::new(ep.ip, port);
         let key = (dst, h2);
         let mut sender = match self.checkout(key) {
@@ -175,18 +178,43 @@ impl Upstreams {
             Sender::H1(s) => {
                 s.ready()
                     .await
-                    .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+                    .map_err(|e| ProxyError::Reset(e.to_string()))?;
                 s.send_request(req).await
             }
             Sender::H2(s) => {
                 s.ready()
                     .await
-                    .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+                    .map_err(|e| ProxyError::Reset(e.to_string()))?;
                 s.send_request(req).await
             }
         }
-        .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+        .map_err(|e| ProxyError::Reset(e.to_string()))?;
         self.checkin(key, sender);
         Ok(resp)
+    }
+
+    /// Sends an HTTP/1.1 upgrade request on a connection of its own (it
+    /// becomes the tunnel, so it is never pooled). The guard keeps the
+    /// HBONE stream counted for as long as the caller holds it.
+    pub async fn send_upgrade(
+        &self,
+        ep: &mesh::Workload,
+        port: u16,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, hbone::StreamGuard), ProxyError> {
+        let dst = SocketAddr::new(ep.ip, port);
+        let (io, guard) = self.tunnel(ep, dst).await?;
+        let (mut s, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| ProxyError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            // Ends when the upgrade hands the connection over.
+            let _ = conn.with_upgrades().await;
+        });
+        let resp = s
+            .send_request(req)
+            .await
+            .map_err(|e| ProxyError::Reset(e.to_string()))?;
+        Ok((resp, guard))
     }
 }

@@ -1,0 +1,368 @@
+//! What to do with a request, decided from its head and the mesh config
+//! alone: L7 policy, the route, a redirect, faults, the backend and its
+//! endpoints, the mirror. No I/O and no clock; the dice are passed in, so
+//! tests drive it with tables.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use identity::Identity;
+use mesh::authz::{self, Connection, Decision, HttpRequest};
+use mesh::routes::{Abort, Backend, HeaderOps, Rewrite, RouteRule, TrafficPolicy};
+use mesh::{MeshState, Service, Workload};
+
+use crate::error::{local, ProxyError};
+use crate::upstream::Body;
+
+/// Random choices, injectable: percentages in [0, 100) and indexes.
+pub trait Dice {
+    fn percent(&mut self) -> f64;
+    fn below(&mut self, n: u64) -> u64;
+}
+
+pub struct Random;
+
+impl Dice for Random {
+    fn percent(&mut self) -> f64 {
+        rand::random::<f64>() * 100.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        rand::random_range(0..n)
+    }
+}
+
+/// Who asks and where to, fixed for the CONNECT stream.
+pub struct Caller<'a> {
+    pub src: &'a Identity,
+    pub peer: SocketAddr,
+    pub target: SocketAddr,
+    /// The waypoint's Gateway, for the policies attached to it.
+    pub waypoint: (&'a str, &'a str),
+}
+
+/// A route backend made concrete: its endpoints (subset applied), traffic
+/// policy and upstream protocol.
+pub struct Target {
+    pub eps: Vec<(Arc<Workload>, u16)>,
+    pub policy: TrafficPolicy,
+    pub h2: bool,
+}
+
+pub struct Forward<'a> {
+    pub rule: Cow<'a, RouteRule>,
+    /// The backend's host and subset (load-balancer and outlier state key).
+    pub host: String,
+    pub subset: Option<String>,
+    pub target: Target,
+    /// Where a copy goes, when the mirror's dice said so.
+    pub mirror: Option<Target>,
+}
+
+pub enum Action<'a> {
+    /// Answered here: a redirect, an injected abort.
+    Respond(Response<Body>, &'static str),
+    Forward(Box<Forward<'a>>),
+}
+
+pub struct Plan<'a> {
+    /// `kind ns/name` of the route taken, for the log.
+    pub route: Option<String>,
+    /// An injected delay, served before the action.
+    pub delay: Option<Duration>,
+    pub action: Result<Action<'a>, ProxyError>,
+}
+
+impl Plan<'_> {
+    fn fail(route: Option<String>, e: ProxyError) -> Self {
+        Plan {
+            route,
+            delay: None,
+            action: Err(e),
+        }
+    }
+}
+
+/// Policies attached to this waypoint (Gateway or GatewayClass) or to the
+/// destination service.
+pub fn policies_for<'a>(
+    waypoint: (&'a str, &'a str),
+    state: &'a MeshState,
+    svc: Option<&'a Service>,
+) -> impl Iterator<Item = &'a authz::AuthorizationPolicy> {
+    let (wp_ns, wp_name) = waypoint;
+    // A policy targets objects of its own namespace (or, from the root
+    // namespace, every waypoint): only those namespaces' policies can apply.
+    let svc_ns = svc.map(|s| s.namespace.as_str());
+    let mut namespaces = vec![wp_ns, mesh::ROOT_NAMESPACE];
+    namespaces.extend(svc_ns);
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    let svc = svc.map(|s| (s.namespace.as_str(), s.name.as_str()));
+    namespaces
+        .into_iter()
+        .flat_map(|ns| state.waypoint_policies.get(ns))
+        .filter(move |tp| tp.applies(wp_ns, wp_name, svc))
+        .map(|tp| &tp.policy)
+}
+
+/// Plans one request. `parts` gets the route's rewrites and request header
+/// operations.
+pub fn plan<'a>(
+    c: &Caller,
+    state: &'a MeshState,
+    service: Option<&'a Service>,
+    parts: &mut http::request::Parts,
+    authority: &str,
+    dice: &mut dyn Dice,
+) -> Plan<'a> {
+    let conn = Connection {
+        src_identity: Some(c.src),
+        src_ip: c.peer.ip(),
+        dst_ip: c.target.ip(),
+        dst_port: c.target.port(),
+        request: Some(HttpRequest {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            host: authority,
+            headers: &parts.headers,
+        }),
+    };
+    if let Decision::Deny(why) =
+        authz::evaluate_selected(policies_for(c.waypoint, state, service), &conn)
+    {
+        tracing::info!(source = %c.src, path = parts.uri.path(), why, "request denied by L7 policy");
+        return Plan::fail(None, ProxyError::Denied(why));
+    }
+    // Pod-addressed traffic has no service routes: straight to that pod.
+    let Some(svc) = service else {
+        let Some(w) = state.workload_by_ip(c.target.ip()).cloned() else {
+            return Plan::fail(None, ProxyError::NoDestination);
+        };
+        let target = Target {
+            eps: vec![(w, c.target.port())],
+            policy: TrafficPolicy::default(),
+            h2: parts.version == http::Version::HTTP_2,
+        };
+        return Plan {
+            route: None,
+            delay: None,
+            action: Ok(Action::Forward(Box::new(Forward {
+                rule: Cow::Owned(RouteRule::default()),
+                host: "pod".into(),
+                subset: None,
+                target,
+                mirror: None,
+            }))),
+        };
+    };
+    let Some(chosen) = crate::route::choose(state, &svc.hostname, c.target.port(), parts) else {
+        return Plan::fail(None, ProxyError::NoRoute);
+    };
+    let route = chosen.route.clone();
+    let rule = chosen.rule;
+    if let Some(rd) = &rule.redirect {
+        let path = rd
+            .path
+            .clone()
+            .unwrap_or_else(|| parts.uri.path().to_string());
+        let host = rd
+            .authority
+            .clone()
+            .unwrap_or_else(|| authority.to_string());
+        let mut r = local(
+            StatusCode::from_u16(rd.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+            "",
+        );
+        if let Ok(v) = HeaderValue::try_from(format!("http://{host}{path}")) {
+            r.headers_mut().insert("location", v);
+        }
+        return Plan {
+            route,
+            delay: None,
+            action: Ok(Action::Respond(r, crate::telemetry::flag::NONE)),
+        };
+    }
+    let mut delay = None;
+    if let Some(f) = &rule.fault {
+        if let Some((d, pct)) = f.delay {
+            if dice.percent() < pct {
+                delay = Some(d);
+            }
+        }
+        if let Some((a, pct)) = &f.abort {
+            if dice.percent() < *pct {
+                let resp = match a {
+                    Abort::Http(code) => local(
+                        StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                        "fault filter abort",
+                    ),
+                    Abort::Grpc(code) => crate::grpc::trailers_only(*code, "fault filter abort"),
+                };
+                return Plan {
+                    route,
+                    delay,
+                    action: Ok(Action::Respond(resp, crate::telemetry::flag::ABORT)),
+                };
+            }
+        }
+    }
+    let Some(backend) = pick_backend(&rule.backends, dice) else {
+        tracing::error!(route = ?route, "route has no backend with weight > 0");
+        return Plan::fail(route, ProxyError::NoBackend);
+    };
+    let target = match resolve(state, backend, &svc.hostname, c.target.port()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(route = ?route, backend = backend.host, subset = ?backend.subset, error = %e, "route reference does not resolve");
+            return Plan {
+                route,
+                delay,
+                action: Err(e),
+            };
+        }
+    };
+    apply_headers(&mut parts.headers, &rule.request_headers);
+    if let Some(rw) = &rule.rewrite {
+        let p = parts.uri.path();
+        let new_path = match rw {
+            Rewrite::Full(f) => f.clone(),
+            Rewrite::Prefix(to) => match &chosen.matched_prefix {
+                Some(pre) if p.starts_with(pre.as_str()) => format!("{to}{}", &p[pre.len()..]),
+                _ => to.clone(),
+            },
+        };
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        if let Ok(u) = pq.parse() {
+            parts.uri = u;
+        }
+    }
+    let mirror = rule.mirror.as_ref().and_then(|(mb, pct)| {
+        if dice.percent() >= *pct {
+            return None;
+        }
+        resolve(state, mb, &svc.hostname, c.target.port())
+            .inspect_err(
+                |e| tracing::warn!(mirror = mb.host, error = %e, "mirror target does not resolve"),
+            )
+            .ok()
+    });
+    let (host, subset) = (backend.host.clone(), backend.subset.clone());
+    Plan {
+        route,
+        delay,
+        action: Ok(Action::Forward(Box::new(Forward {
+            rule,
+            host,
+            subset,
+            target,
+            mirror,
+        }))),
+    }
+}
+
+/// Weighted choice; None when every weight is zero or there are none.
+fn pick_backend<'b>(backends: &'b [Backend], dice: &mut dyn Dice) -> Option<&'b Backend> {
+    let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = dice.below(total);
+    backends.iter().find(|b| {
+        if x < b.weight as u64 {
+            true
+        } else {
+            x -= b.weight as u64;
+            false
+        }
+    })
+}
+
+pub fn resolve(
+    state: &MeshState,
+    backend: &Backend,
+    dst_host: &str,
+    dst_port: u16,
+) -> Result<Target, ProxyError> {
+    let nc = ProxyError::Unresolved;
+    let bsvc = state
+        .service_by_host(&backend.host)
+        .ok_or_else(|| nc(format!("service {} does not exist", backend.host)))?;
+    let dr = state.destination_rules.get(&backend.host).next();
+    let (labels, policy) = match (&backend.subset, dr) {
+        (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
+        (Some(name), dr) => {
+            let d = dr.ok_or_else(|| {
+                nc(format!(
+                    "subset {name}: no DestinationRule for {}",
+                    backend.host
+                ))
+            })?;
+            let sub = d.subsets.iter().find(|x| &x.name == name).ok_or_else(|| {
+                nc(format!(
+                    "subset {name} is not defined by DestinationRule {}/{}",
+                    d.namespace, d.name
+                ))
+            })?;
+            (
+                Some(&sub.labels),
+                sub.policy.clone().unwrap_or_else(|| d.policy.clone()),
+            )
+        }
+    };
+    let port = backend
+        .port
+        .or_else(|| (bsvc.hostname == dst_host).then_some(dst_port))
+        .or_else(|| bsvc.ports.first().map(|p| p.port))
+        .unwrap_or(dst_port);
+    let eps: Vec<_> = state
+        .endpoints_for(bsvc, port)
+        .into_iter()
+        .filter(|(w, _)| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .collect();
+    if eps.is_empty() {
+        return Err(ProxyError::NoHealthy(format!(
+            "{} has no endpoint for port {port}",
+            backend.host
+        )));
+    }
+    // The backend port's declared protocol decides HTTP/2 upstream, as in Istio.
+    let h2 = bsvc
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+        .and_then(|p| p.name.as_deref())
+        .is_some_and(|n| n.starts_with("grpc") || n.starts_with("http2") || n.starts_with("h2c"));
+    Ok(Target { eps, policy, h2 })
+}
+
+pub fn apply_headers(h: &mut HeaderMap, ops: &HeaderOps) {
+    for name in &ops.remove {
+        h.remove(name.as_str());
+    }
+    for (k, v) in &ops.set {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            h.insert(k, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            h.append(k, v);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

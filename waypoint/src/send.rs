@@ -1,0 +1,562 @@
+//! Sending a planned request: endpoint choice per attempt, retries (while
+//! the body can be replayed), per-try and overall timeouts, the mirror, and
+//! HTTP/1.1 upgrades turned into byte tunnels.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use mesh::live::Admitted;
+use mesh::routes::{RetryOn, RetryPolicy};
+use mesh::Workload;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
+
+use crate::error::ProxyError;
+use crate::lb::{HashInput, Outcome};
+use crate::plan::{Forward, Target};
+use crate::proxy::{UpgradedStream, Waypoint};
+use crate::replay::{NotReplayable, Replay};
+use crate::telemetry::flag;
+use crate::upstream::Body;
+
+pub type ReqBody = Replay<Incoming>;
+
+/// What the client gets, and what the telemetry says about it.
+pub struct Sent {
+    pub resp: Response<Body>,
+    pub flags: &'static str,
+    pub upstream: Option<SocketAddr>,
+    pub dst_workload: Option<Arc<Workload>>,
+    pub attempts: u32,
+    /// A retry was wanted but the body could not be sent again.
+    pub not_retried: Option<NotReplayable>,
+    /// For an upgraded connection: its bytes (client to upstream, back),
+    /// known when the tunnel closes; the telemetry waits for them.
+    pub tunnel: Option<oneshot::Receiver<(u64, u64)>>,
+}
+
+impl Sent {
+    pub fn local(e: &ProxyError, grpc: bool) -> Self {
+        Sent::answer(e.response(grpc), e.flag())
+    }
+
+    /// Answered here, without an upstream.
+    pub fn answer(resp: Response<Body>, flags: &'static str) -> Self {
+        Sent {
+            resp,
+            flags,
+            upstream: None,
+            dst_workload: None,
+            attempts: 0,
+            not_retried: None,
+            tunnel: None,
+        }
+    }
+}
+
+/// The request as the client sent it (after the plan's rewrites), and how
+/// it is to be sent.
+pub struct Outgoing<'a> {
+    pub parts: &'a http::request::Parts,
+    pub body: &'a Arc<ReqBody>,
+    pub grpc: bool,
+    /// The client's side of an upgrade, when it asked for one.
+    pub upgrade: Option<Upgrading>,
+    pub peer: SocketAddr,
+}
+
+/// How the client asked to leave HTTP for a byte stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpgradeKind {
+    /// HTTP/1.1 `Upgrade:` (WebSocket and others), passed on as it is.
+    Http1,
+    /// HTTP/2 extended CONNECT (RFC 8441) naming this protocol: sent on as
+    /// an HTTP/1.1 upgrade, its 101 answered to the client as a 200.
+    Connect(String),
+}
+
+pub struct Upgrading {
+    pub kind: UpgradeKind,
+    pub client: OnUpgrade,
+    /// Registered for re-judging on policy changes.
+    pub live: Admitted<UpgradedStream>,
+}
+
+fn status_retryable(p: &RetryPolicy, code: u16) -> bool {
+    p.retry_on.iter().any(|on| match on {
+        RetryOn::FiveXx => code >= 500,
+        RetryOn::GatewayError => matches!(code, 502..=504),
+        RetryOn::RetriableStatusCodes => p.codes.contains(&code),
+        _ => false,
+    })
+}
+
+/// Istio's default when a route says nothing: two retries on connection
+/// failures and 503.
+fn default_retries() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 2,
+        per_try_timeout: None,
+        retry_on: vec![
+            RetryOn::ConnectFailure,
+            RetryOn::RefusedStream,
+            RetryOn::RetriableStatusCodes,
+        ],
+        codes: vec![503],
+        backoff: Duration::from_millis(25),
+    }
+}
+
+/// Hop-by-hop headers stay on this hop; an upgrade keeps its own two, and
+/// an HTTP/2 upstream gets `te: trailers` (gRPC needs it).
+fn forwarded(k: &http::HeaderName, v: &http::HeaderValue, h2: bool, upgrade: bool) -> bool {
+    match k.as_str() {
+        "keep-alive" | "proxy-connection" | "transfer-encoding" => false,
+        "connection" | "upgrade" => upgrade,
+        "te" => h2 && v.as_bytes().eq_ignore_ascii_case(b"trailers"),
+        "host" => !h2,
+        _ => true,
+    }
+}
+
+fn build(
+    parts: &http::request::Parts,
+    h2: bool,
+    kind: Option<&UpgradeKind>,
+    body: Body,
+) -> Request<Body> {
+    let upgrade = kind == Some(&UpgradeKind::Http1);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get("host").and_then(|h| h.to_str().ok()))
+        .unwrap_or_default();
+    // HTTP/2 wants the authority in the URI; HTTP/1.1 the origin form and Host.
+    let uri = if h2 {
+        format!("http://{authority}{pq}")
+    } else {
+        pq.to_string()
+    };
+    let method = match kind {
+        Some(UpgradeKind::Connect(_)) => http::Method::GET,
+        _ => parts.method.clone(),
+    };
+    let mut b = Request::builder().method(method).uri(uri).version(if h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    });
+    if !h2 && !parts.headers.contains_key("host") {
+        b = b.header("host", authority);
+    }
+    for (k, v) in &parts.headers {
+        if forwarded(k, v, h2, upgrade) {
+            b = b.header(k, v);
+        }
+    }
+    if let Some(UpgradeKind::Connect(proto)) = kind {
+        b = b
+            .header("connection", "upgrade")
+            .header("upgrade", proto.as_str());
+        // RFC 8441 drops the key (the stream itself is proof enough); the
+        // HTTP/1.1 server still wants one.
+        if proto.eq_ignore_ascii_case("websocket")
+            && !parts.headers.contains_key("sec-websocket-key")
+        {
+            use base64::Engine;
+            let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+            b = b.header("sec-websocket-key", key);
+        }
+    }
+    b.body(body).expect("request from valid parts")
+}
+
+pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) -> Sent {
+    if let Some(m) = &fwd.mirror {
+        mirror(wp, m, out.parts, out.body);
+    }
+    let rule = &fwd.rule;
+    let target = &fwd.target;
+    let backend = wp
+        .backends
+        .get(&fwd.host, fwd.subset.as_deref(), &target.policy);
+    let Some(_permit) = backend.admit() else {
+        return Sent::local(&ProxyError::Overflow, out.grpc);
+    };
+    let retries = rule.retries.clone().unwrap_or_else(default_retries);
+    let headers = &out.parts.headers;
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let cookie = |n: &str| {
+        headers
+            .get_all("cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|c| c.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == n).then(|| v.to_string())
+            })
+    };
+    let hash = HashInput {
+        header: &header,
+        cookie: &cookie,
+        source_ip: out.peer.ip(),
+    };
+    let kind = out.upgrade.as_ref().map(|u| u.kind.clone());
+    let upgrade = kind.is_some();
+    // An upgrade needs HTTP/1.1 upstream whatever the port says.
+    let h2 = target.h2 && !upgrade;
+    let attempts_max = 1 + retries.attempts;
+    let mut tunnel_up = None;
+    let attempt_all = async {
+        let mut last: Option<Sent> = None;
+        for attempt in 1..=attempts_max {
+            let body = match out.body.attempt() {
+                Ok(b) => b,
+                Err(why) => {
+                    let mut l = last.expect("the first attempt always has the body");
+                    l.not_retried = Some(why);
+                    return l;
+                }
+            };
+            let (ep, port, _lease) = backend.pick(&target.eps, &target.policy, &hash);
+            // An extended CONNECT's body is the tunnel, not the request's.
+            let body = match &kind {
+                Some(UpgradeKind::Connect(_)) => {
+                    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+                }
+                _ => body.boxed(),
+            };
+            let req = build(out.parts, h2, kind.as_ref(), body);
+            let upstream = Some(SocketAddr::new(ep.ip, port));
+            let send = async {
+                if upgrade {
+                    let (mut resp, guard) = wp.upstreams.send_upgrade(&ep, port, req).await?;
+                    let on = hyper::upgrade::on(&mut resp);
+                    tunnel_up = Some((on, guard));
+                    Ok(resp)
+                } else {
+                    wp.upstreams.send(&ep, port, req, h2).await
+                }
+            };
+            let result = match retries.per_try_timeout {
+                Some(t) => tokio::time::timeout(t, send)
+                    .await
+                    .unwrap_or(Err(ProxyError::PerTryTimeout)),
+                None => send.await,
+            };
+            let outcome = match &result {
+                Ok(r) if r.status().as_u16() >= 500 => Outcome::Status(r.status().as_u16()),
+                Ok(_) => Outcome::Success,
+                Err(_) => Outcome::Failure,
+            };
+            backend.record(
+                ep.ip,
+                outcome,
+                target.policy.outlier.as_ref(),
+                target.eps.len(),
+            );
+            let again = attempt < attempts_max
+                && match &result {
+                    Ok(r) => status_retryable(&retries, r.status().as_u16()),
+                    Err(e) => retries.retry_on.iter().any(|on| e.retryable_by(on)),
+                };
+            let sent = match result {
+                Ok(resp) => Sent {
+                    resp: resp.map(|b| b.map_err(Into::into).boxed()),
+                    flags: flag::NONE,
+                    upstream,
+                    dst_workload: Some(ep.clone()),
+                    attempts: attempt,
+                    not_retried: None,
+                    tunnel: None,
+                },
+                Err(e) => {
+                    tracing::debug!(endpoint = %SocketAddr::new(ep.ip, port), error = %e, attempt, "upstream attempt failed");
+                    Sent {
+                        upstream,
+                        dst_workload: Some(ep.clone()),
+                        attempts: attempt,
+                        ..Sent::local(&e, out.grpc)
+                    }
+                }
+            };
+            if !again {
+                return sent;
+            }
+            if let Err(why) = out.body.replayable() {
+                tracing::info!(
+                    attempt,
+                    reason = why.reason(),
+                    "request not retried: its body cannot be sent again"
+                );
+                return Sent {
+                    not_retried: Some(why),
+                    ..sent
+                };
+            }
+            last = Some(sent);
+            tokio::time::sleep(retries.backoff * attempt).await;
+        }
+        last.expect("at least one attempt")
+    };
+    // The route's timeout, or the client's gRPC deadline if sooner, bounds
+    // the wait for the response head; an upgraded tunnel is not bound.
+    let deadline = match (
+        rule.timeout,
+        out.grpc.then(|| crate::grpc::timeout(headers)).flatten(),
+    ) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut sent = match deadline {
+        Some(t) => tokio::time::timeout(t, attempt_all)
+            .await
+            .unwrap_or_else(|_| Sent::local(&ProxyError::Timeout, out.grpc)),
+        None => attempt_all.await,
+    };
+    if let (Some(u), Some((up, guard))) = (out.upgrade.take(), tunnel_up) {
+        if sent.resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let UpgradeKind::Connect(_) = u.kind {
+                // The HTTP/2 client gets its stream as a 200; the HTTP/1.1
+                // handshake headers were for this hop.
+                *sent.resp.status_mut() = StatusCode::OK;
+                let h = sent.resp.headers_mut();
+                for name in ["connection", "upgrade", "sec-websocket-accept"] {
+                    h.remove(name);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            sent.tunnel = Some(rx);
+            tokio::spawn(async move {
+                let bytes = tunnel(u.client, up, guard, u.live, out.peer).await;
+                let _ = tx.send(bytes);
+            });
+        }
+    }
+    sent
+}
+
+/// Bytes both ways between the upgraded client and upstream connections
+/// until either side closes, or a policy change refuses the request that
+/// opened it. Returns the bytes read from each side.
+async fn tunnel(
+    client: OnUpgrade,
+    up: OnUpgrade,
+    guard: hbone::StreamGuard,
+    mut live: Admitted<UpgradedStream>,
+    peer: SocketAddr,
+) -> (u64, u64) {
+    let (c, u) = tokio::join!(client, up);
+    let mut bytes = (0, 0);
+    match (c, u) {
+        (Ok(c), Ok(u)) => {
+            let mut c = ReadCount::new(TokioIo::new(c));
+            let mut u = ReadCount::new(TokioIo::new(u));
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut c, &mut u) => match r {
+                    Ok((sent, received)) => {
+                        tracing::debug!(%peer, sent, received, "upgraded connection closed")
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "upgraded connection broke"),
+                },
+                Ok(why) = &mut live.revoked => {
+                    tracing::info!(%peer, reason = why, "upgraded connection closed by a policy change");
+                }
+            }
+            bytes = (c.read, u.read);
+        }
+        (c, u) => tracing::info!(%peer, client = c.is_ok(), upstream = u.is_ok(), "upgrade failed"),
+    }
+    drop(guard);
+    bytes
+}
+
+/// Counts the bytes read through it (whatever ends the copy, the counts
+/// stay).
+struct ReadCount<T> {
+    inner: T,
+    read: u64,
+}
+
+impl<T> ReadCount<T> {
+    fn new(inner: T) -> Self {
+        ReadCount { inner, read: 0 }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadCount<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadCount<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Sends a copy of the request to the mirror backend and forgets it: its
+/// answer, or failure, never reaches the client. The copy waits for the
+/// body to have been read by the main request and goes only if it fit in
+/// the replay buffer. The authority gets `-shadow`, as Envoy marks
+/// mirrored requests.
+fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, body: &Arc<ReqBody>) {
+    let (ep, port) = target.eps[rand::random_range(0..target.eps.len())].clone();
+    let host = parts
+        .headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .or(parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let shadow = format!("{}-shadow", host.split(':').next().unwrap_or(host));
+    let mut head = parts.clone_head();
+    // The shadow authority must win over the one in an HTTP/2 URI.
+    if let Some(pq) = parts
+        .uri
+        .path_and_query()
+        .and_then(|p| p.as_str().parse().ok())
+    {
+        head.uri = pq;
+    }
+    head.headers.remove("host");
+    if let Ok(v) = shadow.parse() {
+        head.headers.insert("host", v);
+    }
+    let h2 = target.h2;
+    let wp = wp.clone();
+    let whole = Replay::whole(Arc::downgrade(body));
+    tokio::spawn(async move {
+        let Some(w) = whole.await else {
+            return tracing::debug!(
+                "mirror skipped: the request body did not fit the replay buffer"
+            );
+        };
+        let mut frames: Vec<Result<Frame<Bytes>, crate::upstream::BoxError>> = (!w.data.is_empty())
+            .then(|| Ok(Frame::data(w.data)))
+            .into_iter()
+            .collect();
+        frames.extend(w.trailers.map(|t| Ok(Frame::trailers(t))));
+        let body = if frames.is_empty() {
+            Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
+        } else {
+            StreamBody::new(futures_util::stream::iter(frames)).boxed()
+        };
+        let req = build(&head.into_parts(), h2, None, body);
+        match wp.upstreams.send(&ep, port, req, h2).await {
+            Ok(resp) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %SocketAddr::new(ep.ip, port), error = %e, "mirrored request failed")
+            }
+        }
+    });
+}
+
+/// A request head that can be sent again (Parts is not Clone: extensions).
+trait CloneHead {
+    fn clone_head(&self) -> Head;
+}
+
+pub struct Head {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn into_parts(self) -> http::request::Parts {
+        let (mut p, ()) = Request::new(()).into_parts();
+        p.method = self.method;
+        p.uri = self.uri;
+        p.version = self.version;
+        p.headers = self.headers;
+        p
+    }
+}
+
+impl CloneHead for http::request::Parts {
+    fn clone_head(&self) -> Head {
+        Head {
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            version: self.version,
+            headers: self.headers.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_by_upstream_protocol() {
+        // (header, value, h2 upstream, upgrade, forwarded)
+        let table = [
+            ("te", "trailers", true, false, true),
+            ("te", "trailers", false, false, false),
+            ("te", "gzip", true, false, false),
+            ("connection", "keep-alive", false, false, false),
+            ("connection", "Upgrade", false, true, true),
+            ("upgrade", "websocket", false, true, true),
+            ("upgrade", "h2c", false, false, false),
+            ("transfer-encoding", "chunked", false, false, false),
+            ("keep-alive", "5", false, false, false),
+            ("host", "echo", false, false, true),
+            ("host", "echo", true, false, false),
+            ("content-type", "application/grpc", true, false, true),
+        ];
+        for (k, v, h2, up, want) in table {
+            let (k, v) = (
+                http::HeaderName::from_static(k),
+                http::HeaderValue::from_static(v),
+            );
+            assert_eq!(
+                forwarded(&k, &v, h2, up),
+                want,
+                "{k}: {v:?} h2={h2} upgrade={up}"
+            );
+        }
+    }
+}
