@@ -159,17 +159,21 @@ struct Stream {
     src: Arc<Identity>,
     peer: SocketAddr,
     target: SocketAddr,
+    /// For telemetry: from the state, else the CONNECT's baggage.
+    src_workload: Option<Arc<Workload>>,
 }
 
 pub async fn stream(wp: Arc<Waypoint>, src: Arc<Identity>, peer: SocketAddr, inb: hbone::Inbound) {
     let target = inb.authority;
-    {
+    let src_workload = {
         let state = wp.store.load();
+        let src_workload = crate::peer::source(&state, peer.ip(), &src, &inb.headers);
         if let Err(e) = binding::check(&state, &wp.me(), target) {
-            refuse_unbound(&state, &src, peer, target, &e);
+            refuse_unbound(&src, src_workload.as_deref(), peer, target, &e);
             return inb.refuse(StatusCode::FORBIDDEN);
         }
-    }
+        src_workload
+    };
     let (send, recv) = match inb.accept() {
         Ok(s) => s,
         Err(e) => return tracing::debug!(error = %e, "stream gone before accept"),
@@ -191,7 +195,12 @@ pub async fn stream(wp: Arc<Waypoint>, src: Arc<Identity>, peer: SocketAddr, inb
             Ok(Err(_)) => return,
             Err(_) => false,
         };
-    let s = Arc::new(Stream { src, peer, target });
+    let s = Arc::new(Stream {
+        src,
+        peer,
+        target,
+        src_workload,
+    });
     if http {
         let header_timeout = wp.header_timeout;
         let svc = hyper::service::service_fn(move |req| {
@@ -231,8 +240,8 @@ pub fn is_http(first: &[u8]) -> bool {
 /// A CONNECT to a destination not bound here: logged with who asked, and
 /// counted and access-logged as a 403 with the "no route" flag.
 fn refuse_unbound(
-    state: &MeshState,
     src: &Identity,
+    src_workload: Option<&Workload>,
     peer: SocketAddr,
     target: SocketAddr,
     e: &binding::Unbound,
@@ -241,7 +250,7 @@ fn refuse_unbound(
     let authority = target.to_string();
     telemetry::record(&telemetry::Record {
         src_identity: src,
-        src_workload: state.workload_by_ip(peer.ip()).map(|w| &**w),
+        src_workload,
         service: None,
         dst_workload: None,
         protocol: "tcp",
@@ -429,14 +438,14 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
     // A binding can end while an HTTP/2 connection lives: each request is
     // checked again, like its policy.
     if let Err(e) = binding::check(&state, &wp.me(), s.target) {
-        refuse_unbound(&state, &s.src, s.peer, s.target, &e);
+        refuse_unbound(&s.src, s.src_workload.as_deref(), s.peer, s.target, &e);
         return local(
             StatusCode::FORBIDDEN,
             "destination not bound to this waypoint\n",
         );
     }
     let service = state.service_by_vip(s.target.ip()).cloned();
-    let src_workload = state.workload_by_ip(s.peer.ip()).cloned();
+    let src_workload = s.src_workload.clone();
     let upgrade =
         upgrade_kind(&parts).and_then(|k| Some((k, parts.extensions.remove::<OnUpgrade>()?)));
     // Registered before the decision (as L4 streams are): a change after
