@@ -235,22 +235,11 @@ impl FileSource {
     /// Once the replaced state is freed, the free pages go back to the OS.
     pub fn apply_into(&mut self, text: &str, store: &MeshStore) -> Result<(), ConfigError> {
         store.replace(self.apply(text)?);
-        release_free_memory();
+        crate::memory::release_free();
         Ok(())
     }
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
-    // SAFETY: malloc_trim only returns free pages to the kernel; it takes
-    // the allocator's own locks and touches no memory in use.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
 
 /// No object twice, no address or pod uid claimed twice (a workload is
 /// indexed by its uid: two with one would shadow each other).
