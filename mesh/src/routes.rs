@@ -114,6 +114,10 @@ pub enum RetryOn {
     ConnectFailure,
     RefusedStream,
     RetriableStatusCodes,
+    /// A response whose headers carry this `grpc-status` (a trailers-only
+    /// gRPC answer): Istio's `cancelled` (1), `deadline-exceeded` (4),
+    /// `resource-exhausted` (8), `internal` (13), `unavailable` (14).
+    Grpc(u32),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -1190,9 +1194,12 @@ fn retry_on(object: &str, field: &str, s: &str) -> Result<(Vec<RetryOn>, Vec<u16
             "connect-failure" => on.push(RetryOn::ConnectFailure),
             "refused-stream" => on.push(RetryOn::RefusedStream),
             "retriable-status-codes" => on.push(RetryOn::RetriableStatusCodes),
-            // gRPC conditions map onto the HTTP status the server sent.
-            "unavailable" | "cancelled" | "deadline-exceeded" | "resource-exhausted"
-            | "internal" => {}
+            // Envoy's gRPC conditions: the status of a trailers-only answer.
+            "cancelled" => on.push(RetryOn::Grpc(1)),
+            "deadline-exceeded" => on.push(RetryOn::Grpc(4)),
+            "resource-exhausted" => on.push(RetryOn::Grpc(8)),
+            "internal" => on.push(RetryOn::Grpc(13)),
+            "unavailable" => on.push(RetryOn::Grpc(14)),
             code => match code.parse::<u16>() {
                 Ok(c) if (100..600).contains(&c) => {
                     codes.push(c);

@@ -253,3 +253,34 @@ spec:
         ("GRPCRoute app/g", "spec.rules[0].matches[0].method")
     );
 }
+
+#[test]
+fn retry_on_maps_grpc_conditions_to_their_status() {
+    // (retryOn, conditions, codes): gRPC names become the grpc-status
+    // Envoy retries on; HTTP names and numbers are kept beside them.
+    let table: &[(&str, &[RetryOn], &[u16])] = &[
+        ("unavailable", &[RetryOn::Grpc(14)], &[]),
+        ("cancelled", &[RetryOn::Grpc(1)], &[]),
+        ("deadline-exceeded", &[RetryOn::Grpc(4)], &[]),
+        ("resource-exhausted", &[RetryOn::Grpc(8)], &[]),
+        ("internal", &[RetryOn::Grpc(13)], &[]),
+        (
+            "unavailable, 5xx,503",
+            &[
+                RetryOn::Grpc(14),
+                RetryOn::FiveXx,
+                RetryOn::RetriableStatusCodes,
+            ],
+            &[503],
+        ),
+    ];
+    for (on, want, codes) in table {
+        let m = with(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v, namespace: app}}\nspec: {{hosts: [a], http: [{{retries: {{attempts: 1, retryOn: \"{on}\"}}, route: [{{destination: {{host: a}}}}]}}]}}"
+        ))
+        .unwrap();
+        let rt = m.http_routes[0].rules[0].retries.clone().unwrap();
+        assert_eq!(rt.retry_on, *want, "{on}");
+        assert_eq!(rt.codes, *codes, "{on}");
+    }
+}

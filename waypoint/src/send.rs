@@ -91,11 +91,17 @@ pub struct Upgrading {
     pub live: Admitted<UpgradedStream>,
 }
 
-fn status_retryable(p: &RetryPolicy, code: u16) -> bool {
+/// Whether a response the upstream sent is covered by the policy. A gRPC
+/// condition looks only at the response headers, as Envoy's does: a
+/// trailers-only answer carries its status there, while a status in the
+/// trailers comes after the body has reached the client, too late to retry.
+fn response_retryable(p: &RetryPolicy, code: u16, headers: &HeaderMap) -> bool {
+    let grpc = crate::grpc::status(headers);
     p.retry_on.iter().any(|on| match on {
         RetryOn::FiveXx => code >= 500,
         RetryOn::GatewayError => matches!(code, 502..=504),
         RetryOn::RetriableStatusCodes => p.codes.contains(&code),
+        RetryOn::Grpc(want) => grpc == Some(*want),
         _ => false,
     })
 }
@@ -278,7 +284,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
             );
             let again = attempt < attempts_max
                 && match &result {
-                    Ok(r) => status_retryable(&retries, r.status().as_u16()),
+                    Ok(r) => response_retryable(&retries, r.status().as_u16(), r.headers()),
                     Err(e) => retries.retry_on.iter().any(|on| e.retryable_by(on)),
                 };
             let sent = match result {
@@ -529,6 +535,46 @@ impl CloneHead for http::request::Parts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_retried_by_status_and_grpc_status() {
+        let policy = |on: Vec<RetryOn>, codes: Vec<u16>| RetryPolicy {
+            attempts: 1,
+            per_try_timeout: None,
+            retry_on: on,
+            codes,
+            backoff: Duration::ZERO,
+        };
+        let unavailable = policy(vec![RetryOn::Grpc(14)], vec![]);
+        let both = policy(
+            vec![RetryOn::Grpc(4), RetryOn::RetriableStatusCodes],
+            vec![503],
+        );
+        // (policy, HTTP status, grpc-status header, retried)
+        let table = [
+            (&unavailable, 200, Some("14"), true),
+            (&unavailable, 200, Some(" 14 "), true),
+            (&unavailable, 200, Some("4"), false),
+            (&unavailable, 200, Some("0"), false),
+            (&unavailable, 200, None, false),
+            (&unavailable, 503, None, false),
+            (&both, 200, Some("4"), true),
+            (&both, 503, None, true),
+            (&both, 200, Some("14"), false),
+        ];
+        for (p, code, grpc, want) in table {
+            let mut h = HeaderMap::new();
+            if let Some(g) = grpc {
+                h.insert("grpc-status", g.parse().unwrap());
+            }
+            assert_eq!(
+                response_retryable(p, code, &h),
+                want,
+                "{:?} {code} {grpc:?}",
+                p.retry_on
+            );
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_by_upstream_protocol() {
