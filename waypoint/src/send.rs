@@ -369,7 +369,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
 async fn tunnel(
     client: OnUpgrade,
     up: OnUpgrade,
-    guard: hbone::StreamGuard,
+    guard: Option<hbone::StreamGuard>,
     mut live: Admitted<UpgradedStream>,
     peer: SocketAddr,
 ) -> (u64, u64) {

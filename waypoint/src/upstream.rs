@@ -1,7 +1,8 @@
-//! HTTP to an endpoint: each connection is an HBONE CONNECT stream to the
-//! endpoint's ztunnel (15008), carrying HTTP/1.1 (kept alive and reused) or
-//! HTTP/2 (one multiplexed connection per endpoint). The HBONE layer pools
-//! and multiplexes the TLS connections underneath.
+//! HTTP to an endpoint: to a mesh endpoint each connection is an HBONE
+//! CONNECT stream to its ztunnel (15008), carrying HTTP/1.1 (kept alive and
+//! reused) or HTTP/2 (one multiplexed connection per endpoint); the HBONE
+//! layer pools and multiplexes the TLS connections underneath. An endpoint
+//! outside the mesh (a ServiceEntry's) gets plain TCP.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +22,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 use crate::error::ProxyError;
+
+/// A connection to an endpoint, whichever way it was made.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+pub type Conn = Box<dyn Io>;
 
 enum Sender {
     H1(http1::SendRequest<Body>),
@@ -93,11 +99,20 @@ impl Upstreams {
         self.idle.lock().unwrap().entry(key).or_default().push(s);
     }
 
+    /// A byte stream to `dst`: an HBONE stream for a mesh endpoint (the
+    /// guard counts it), plain TCP for one outside the mesh.
     async fn tunnel(
         &self,
         ep: &mesh::Workload,
         dst: SocketAddr,
-    ) -> Result<(TokioIo<hbone::StreamIo>, hbone::StreamGuard), ProxyError> {
+    ) -> Result<(TokioIo<Conn>, Option<hbone::StreamGuard>), ProxyError> {
+        if ep.protocol == mesh::TunnelProtocol::None {
+            let tcp = tokio::net::TcpStream::connect(dst)
+                .await
+                .map_err(|e| ProxyError::Connect(format!("{dst}: {e}")))?;
+            let _ = tcp.set_nodelay(true);
+            return Ok((TokioIo::new(Box::new(tcp)), None));
+        }
         let cert = self
             .certs
             .fetch(&self.identity)
@@ -121,7 +136,8 @@ impl Upstreams {
             )
             .await
             .map_err(|e| ProxyError::Connect(e.to_string()))?;
-        Ok((TokioIo::new(hbone::StreamIo::new(send, recv)), guard))
+        let io: Conn = Box::new(hbone::StreamIo::new(send, recv));
+        Ok((TokioIo::new(io), Some(guard)))
     }
 
     async fn connect(
@@ -201,7 +217,7 @@ impl Upstreams {
         ep: &mesh::Workload,
         port: u16,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, hbone::StreamGuard), ProxyError> {
+    ) -> Result<(Response<Incoming>, Option<hbone::StreamGuard>), ProxyError> {
         let dst = SocketAddr::new(ep.ip, port);
         let (io, guard) = self.tunnel(ep, dst).await?;
         let (mut s, conn) = http1::handshake(io)
