@@ -17,6 +17,7 @@ mod security;
 mod service_entry;
 pub mod standalone;
 mod store;
+pub mod upstream_tls;
 
 pub use file::{open_file, FileError, FileSource};
 pub use model::{

@@ -228,6 +228,8 @@ pub struct TrafficPolicy {
     pub lb: LoadBalancer,
     pub pool: PoolLimits,
     pub outlier: Option<OutlierDetection>,
+    /// TLS to originate to endpoints outside the mesh.
+    pub tls: Option<crate::upstream_tls::UpstreamTls>,
 }
 
 impl Default for TrafficPolicy {
@@ -236,6 +238,7 @@ impl Default for TrafficPolicy {
             lb: LoadBalancer::RoundRobin,
             pool: PoolLimits::default(),
             outlier: None,
+            tls: None,
         }
     }
 }
@@ -1448,7 +1451,7 @@ struct DrPolicy {
     #[serde(default)]
     outlier_detection: Option<DrOutlier>,
     #[serde(default)]
-    tls: Option<serde_yaml::Value>,
+    tls: Option<crate::upstream_tls::TlsSpec>,
 }
 
 #[derive(Deserialize)]
@@ -1522,11 +1525,8 @@ struct DrOutlier {
 
 fn dr_policy(object: &str, base: &str, p: DrPolicy) -> Result<TrafficPolicy, ConfigError> {
     let mut t = TrafficPolicy::default();
-    if p.tls.is_some() {
-        tracing::info!(
-            object,
-            "trafficPolicy.tls is ignored: mesh traffic is always HBONE mTLS"
-        );
+    if let Some(tls) = p.tls {
+        t.tls = crate::upstream_tls::parse(object, &format!("{base}.tls"), tls)?;
     }
     if let Some(lb) = p.load_balancer {
         t.lb = match (lb.simple.as_deref(), lb.consistent_hash) {

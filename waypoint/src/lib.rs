@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod grpc;
 pub mod lb;
+pub mod origin_tls;
 pub mod peer;
 pub mod plan;
 pub mod proxy;

@@ -46,6 +46,8 @@ pub struct Caller<'a> {
 /// A route backend made concrete: its endpoints (subset applied), traffic
 /// policy and upstream protocol.
 pub struct Target {
+    /// The backend's host (the server name originated TLS falls back to).
+    pub host: String,
     pub eps: Vec<(Arc<Workload>, u16)>,
     pub policy: TrafficPolicy,
     pub h2: bool,
@@ -142,6 +144,7 @@ pub fn plan<'a>(
             return Plan::fail(None, ProxyError::NoDestination);
         };
         let target = Target {
+            host: String::new(),
             eps: vec![(w, c.target.port())],
             policy: TrafficPolicy::default(),
             h2: parts.version == http::Version::HTTP_2,
@@ -338,7 +341,12 @@ pub fn resolve(
         .find(|p| p.port == port)
         .and_then(|p| p.name.as_deref())
         .is_some_and(|n| n.starts_with("grpc") || n.starts_with("http2") || n.starts_with("h2c"));
-    Ok(Target { eps, policy, h2 })
+    Ok(Target {
+        host: backend.host.clone(),
+        eps,
+        policy,
+        h2,
+    })
 }
 
 pub fn apply_headers(h: &mut HeaderMap, ops: &HeaderOps) {

@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::error::ProxyError;
 use crate::lb::{HashInput, Outcome};
+use crate::origin_tls::Origination;
 use crate::plan::{Forward, Target};
 use crate::proxy::{UpgradedStream, Waypoint};
 use crate::replay::{NotReplayable, Replay};
@@ -233,6 +234,10 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
     // An upgrade needs HTTP/1.1 upstream whatever the port says.
     let h2 = target.h2 && !upgrade;
     let attempts_max = 1 + retries.attempts;
+    let origin = target.policy.tls.as_ref().map(|tls| Origination {
+        tls,
+        host: &target.host,
+    });
     let mut tunnel_up = None;
     let attempt_all = async {
         let mut last: Option<Sent> = None;
@@ -257,12 +262,15 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
             let upstream = Some(SocketAddr::new(ep.ip, port));
             let send = async {
                 if upgrade {
-                    let (mut resp, guard) = wp.upstreams.send_upgrade(&ep, port, req).await?;
+                    let (mut resp, guard) = wp
+                        .upstreams
+                        .send_upgrade(&ep, port, req, origin.as_ref())
+                        .await?;
                     let on = hyper::upgrade::on(&mut resp);
                     tunnel_up = Some((on, guard));
                     Ok(resp)
                 } else {
-                    wp.upstreams.send(&ep, port, req, h2).await
+                    wp.upstreams.send(&ep, port, req, h2, origin.as_ref()).await
                 }
             };
             let result = match retries.per_try_timeout {
@@ -468,6 +476,8 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
         head.headers.insert("host", v);
     }
     let h2 = target.h2;
+    let tls = target.policy.tls.clone();
+    let tls_host = target.host.clone();
     let wp = wp.clone();
     let whole = Replay::whole(Arc::downgrade(body));
     tokio::spawn(async move {
@@ -487,7 +497,11 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
             StreamBody::new(futures_util::stream::iter(frames)).boxed()
         };
         let req = build(&head.into_parts(), h2, None, body);
-        match wp.upstreams.send(&ep, port, req, h2).await {
+        let origin = tls.as_ref().map(|tls| Origination {
+            tls,
+            host: &tls_host,
+        });
+        match wp.upstreams.send(&ep, port, req, h2, origin.as_ref()).await {
             Ok(resp) => {
                 let _ = resp.into_body().collect().await;
             }

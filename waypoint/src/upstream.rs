@@ -22,6 +22,24 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 use crate::error::ProxyError;
+use crate::origin_tls::Origination;
+
+/// Pooled connections are per endpoint, protocol and, for originated TLS,
+/// the settings and server name (a connection made under other settings is
+/// not reused).
+type Key = (
+    SocketAddr,
+    bool,
+    Option<(mesh::upstream_tls::UpstreamTls, String)>,
+);
+
+fn key(dst: SocketAddr, h2: bool, tls: Option<&Origination>) -> Key {
+    (
+        dst,
+        h2,
+        tls.map(|o| (o.tls.clone(), o.server_name().to_string())),
+    )
+}
 
 /// A connection to an endpoint, whichever way it was made.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
@@ -38,7 +56,7 @@ pub struct Upstreams {
     certs: Arc<SecretManager>,
     identity: Identity,
     /// Idle HTTP/1.1 connections and the HTTP/2 connection, per endpoint.
-    idle: Mutex<HashMap<(SocketAddr, bool), Vec<Sender>>>,
+    idle: Mutex<HashMap<Key, Vec<Sender>>>,
 }
 
 impl Upstreams {
@@ -72,9 +90,9 @@ impl Upstreams {
             .await
     }
 
-    fn checkout(&self, key: (SocketAddr, bool)) -> Option<Sender> {
+    fn checkout(&self, key: &Key) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap();
-        let list = idle.get_mut(&key)?;
+        let list = idle.get_mut(key)?;
         // Closed connections go; busy HTTP/1.1 ones (a response body still
         // streaming) stay for later; the first ready one is taken.
         list.retain(|s| match s {
@@ -92,7 +110,7 @@ impl Upstreams {
         }
     }
 
-    fn checkin(&self, key: (SocketAddr, bool), s: Sender) {
+    fn checkin(&self, key: Key, s: Sender) {
         if let Sender::H2(_) = s {
             return; // the pooled clone is already there
         }
@@ -100,18 +118,29 @@ impl Upstreams {
     }
 
     /// A byte stream to `dst`: an HBONE stream for a mesh endpoint (the
-    /// guard counts it), plain TCP for one outside the mesh.
+    /// guard counts it), plain TCP for one outside the mesh, or TLS over it
+    /// when `tls` says so (`h2` picks the ALPN).
     async fn tunnel(
         &self,
         ep: &mesh::Workload,
         dst: SocketAddr,
+        tls: Option<&Origination<'_>>,
+        h2: bool,
     ) -> Result<(TokioIo<Conn>, Option<hbone::StreamGuard>), ProxyError> {
         if ep.protocol == mesh::TunnelProtocol::None {
             let tcp = tokio::net::TcpStream::connect(dst)
                 .await
                 .map_err(|e| ProxyError::Connect(format!("{dst}: {e}")))?;
             let _ = tcp.set_nodelay(true);
-            return Ok((TokioIo::new(Box::new(tcp)), None));
+            let io: Conn = match tls {
+                Some(o) => Box::new(
+                    crate::origin_tls::connect(o, h2, tcp)
+                        .await
+                        .map_err(|e| ProxyError::Connect(e.to_string()))?,
+                ),
+                None => Box::new(tcp),
+            };
+            return Ok((TokioIo::new(io), None));
         }
         let cert = self
             .certs
@@ -145,8 +174,9 @@ impl Upstreams {
         ep: &mesh::Workload,
         dst: SocketAddr,
         h2: bool,
+        tls: Option<&Origination<'_>>,
     ) -> Result<Sender, ProxyError> {
-        let (io, guard) = self.tunnel(ep, dst).await?;
+        let (io, guard) = self.tunnel(ep, dst, tls, h2).await?;
         if h2 {
             let (s, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await
@@ -159,7 +189,7 @@ impl Upstreams {
             self.idle
                 .lock()
                 .unwrap()
-                .entry((dst, true))
+                .entry(key(dst, true, tls))
                 .or_default()
                 .push(Sender::H2(s2));
             Ok(Sender::H2(s))
@@ -176,19 +206,23 @@ impl Upstreams {
     }
 
     /// Sends `req` to `ep` (port `port`) and returns the response head; the
-    /// connection goes back to the idle set for the next request.
+    /// connection goes back to the idle set for the next request. `tls`
+    /// applies to an endpoint outside the mesh only: mesh endpoints are
+    /// always reached over HBONE mTLS.
     pub async fn send(
         &self,
         ep: &mesh::Workload,
         port: u16,
         req: Request<Body>,
         h2: bool,
+        tls: Option<&Origination<'_>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let dst = SocketAddr::new(ep.ip, port);
-        let key = (dst, h2);
-        let mut sender = match self.checkout(key) {
+        let tls = tls.filter(|_| ep.protocol == mesh::TunnelProtocol::None);
+        let key = key(dst, h2, tls);
+        let mut sender = match self.checkout(&key) {
             Some(s) => s,
-            None => self.connect(ep, dst, h2).await?,
+            None => self.connect(ep, dst, h2, tls).await?,
         };
         let resp = match &mut sender {
             Sender::H1(s) => {
@@ -217,9 +251,11 @@ impl Upstreams {
         ep: &mesh::Workload,
         port: u16,
         req: Request<Body>,
+        tls: Option<&Origination<'_>>,
     ) -> Result<(Response<Incoming>, Option<hbone::StreamGuard>), ProxyError> {
         let dst = SocketAddr::new(ep.ip, port);
-        let (io, guard) = self.tunnel(ep, dst).await?;
+        let tls = tls.filter(|_| ep.protocol == mesh::TunnelProtocol::None);
+        let (io, guard) = self.tunnel(ep, dst, tls, false).await?;
         let (mut s, conn) = http1::handshake(io)
             .await
             .map_err(|e| ProxyError::Connect(e.to_string()))?;

@@ -118,7 +118,8 @@ impl Peers {
     }
 }
 
-async fn mesh(tag: &str, extra: &str) -> Mesh {
+/// `extra` gives more config once the test's directory exists.
+async fn mesh(tag: &str, extra: impl FnOnce(&Mesh) -> String) -> Mesh {
     let mut m = Mesh::new(tag, &workspace_bin("ztunnel"));
     m.pod("client", "app", "client", "10.244.1.10", "node1", true);
     m.pod("waypoint", "app", "waypoint", "10.244.2.20", "node2", false);
@@ -126,6 +127,7 @@ async fn mesh(tag: &str, extra: &str) -> Mesh {
     m.pod("origin", "ext", "none", "10.244.3.5", "node2", false);
     // Any address off the pod: the capture rules send DNS to ztunnel.
     m.resolv_conf("client", "nameserver 10.96.0.53\n");
+    let extra = extra(&m);
     m.write_config(&format!("{BASE}{extra}"));
     let ca = m.dir.join("ca");
     m.start_node("node1", &ca).await;
@@ -161,7 +163,7 @@ fn access_log(m: &Mesh) -> Vec<serde_json::Value> {
 /// its endpoint at L4.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_entry_served_by_the_waypoint_and_at_l4_without_it() {
-    let m = mesh("egs", "").await;
+    let m = mesh("egs", |_| String::new()).await;
     let mut peers = Peers::default();
     peers.start(&m, "origin", "origin.py", &["8080"], 8080);
     m.echo_server("origin", 9000);
@@ -198,5 +200,90 @@ async fn static_entry_served_by_the_waypoint_and_at_l4_without_it() {
     // No waypoint: ztunnel connects the VIP's port to the endpoint's.
     let s = m.connect("client", "240.240.0.2:7000").unwrap();
     echo_roundtrip(s, &pattern(64 << 10, 7));
+    drop(peers);
+}
+
+/// A CA of its own (not the mesh's) in `dir`, and a server certificate for
+/// `host` it signed. Returns (CA certificate, server chain, server key).
+fn outside_ca(dir: &std::path::Path, host: &str) -> (String, String, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    identity::BuiltinCa::load_or_create(dir, "outside.example").unwrap();
+    let (cert, key) = issue_raw_cert(
+        dir,
+        vec![rcgen::SanType::DnsName(host.try_into().unwrap())],
+        (2024, 1, 1),
+        (2099, 1, 1),
+        dir,
+        "server",
+    );
+    let s = |p: &std::path::Path| p.display().to_string();
+    (s(&dir.join("root-cert.pem")), s(&cert), s(&key))
+}
+
+/// An entry on port 80 whose endpoint listens with TLS on 8443, and its
+/// DestinationRule: SIMPLE TLS with `sni` and the CA file `ca`.
+fn tls_entry(name: &str, vip: &str, sni: &str, ca: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: app}}
+spec:
+  hosts: [{name}.example.com]
+  addresses: [{vip}]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]
+  endpoints: [{{address: 10.244.3.5}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: app}}
+spec:
+  host: {name}.example.com
+  trafficPolicy: {{tls: {{mode: SIMPLE, sni: {sni}, caCertificates: {ca}}}}}
+"
+    )
+}
+
+/// Plain HTTP from the client to an entry's host leaves the waypoint as
+/// TLS it originates per the DestinationRule: the server (TLS only) sees
+/// the rule's SNI and answers; the same server behind a rule with another
+/// CA, or with an SNI its certificate does not name, is refused by the
+/// waypoint (503, connection failure) before any request is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_originated_per_destination_rule() {
+    let mut server = None;
+    let m = mesh("egt", |m| {
+        let (ca, cert, key) = outside_ca(&m.dir.join("outside-ca"), "secure.example.com");
+        let (other_ca, _, _) = outside_ca(&m.dir.join("other-ca"), "secure.example.com");
+        server = Some((cert, key));
+        [
+            tls_entry("secure", "240.240.0.3", "secure.example.com", &ca),
+            tls_entry("wrongca", "240.240.0.4", "secure.example.com", &other_ca),
+            tls_entry("wrongsni", "240.240.0.5", "other.example.com", &ca),
+        ]
+        .concat()
+    })
+    .await;
+    let (cert, key) = server.unwrap();
+    let mut peers = Peers::default();
+    peers.start(&m, "origin", "origin.py", &["8443", &cert, &key], 8443);
+
+    assert_eq!(
+        curl(&m, "http://secure.example.com/hello"),
+        "GET /hello host=secure.example.com sni=secure.example.com\n 200"
+    );
+    for host in ["wrongca", "wrongsni"] {
+        let out = curl(&m, &format!("http://{host}.example.com/hello"));
+        assert!(out.ends_with(" 503"), "{host}: {out}");
+    }
+    // The server is fine: only the verification failed.
+    assert!(curl(&m, "http://secure.example.com/again").ends_with(" 200"));
+    let log = access_log(&m);
+    assert!(
+        log.iter()
+            .any(|l| l["authority"] == "wrongca.example.com" && l["response_flags"] == "UF"),
+        "{log:?}"
+    );
     drop(peers);
 }
