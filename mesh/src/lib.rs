@@ -25,7 +25,7 @@ pub use model::{
     TunnelProtocol, Workload,
 };
 pub use rejected::{report_new as report_rejected, Rejected};
-pub use service_entry::{Resolution, ServiceEntry};
+pub use service_entry::{DnsEndpoint, Resolution, ServiceEntry};
 pub use standalone::ConfigError;
 pub use store::MeshStore;
 

@@ -37,6 +37,14 @@ pub struct EntryPort {
     pub target_port: Option<u16>,
 }
 
+/// A DNS endpoint: a name the proxy resolves itself, and the ports it
+/// listens on by entry port name, where they differ.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DnsEndpoint {
+    pub host: String,
+    pub ports: BTreeMap<String, u16>,
+}
+
 /// A STATIC endpoint: its address, labels (for subsets) and the ports it
 /// listens on by entry port name, where they differ.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -62,6 +70,35 @@ pub struct ServiceEntry {
     pub endpoints: Vec<IpAddr>,
     /// The STATIC endpoints in full.
     pub static_endpoints: Vec<EntryEndpoint>,
+    /// DNS resolution: the names to resolve (none given: the hosts).
+    pub dns_endpoints: Vec<DnsEndpoint>,
+}
+
+impl ServiceEntry {
+    /// Where DNS resolution sends traffic for `host` on entry port `port`:
+    /// (name to resolve, port), in declaration order. Empty unless the
+    /// entry's resolution is DNS.
+    pub fn dns_targets(&self, host: &str, port: u16) -> Vec<(String, u16)> {
+        if !matches!(self.resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
+            return Vec::new();
+        }
+        let Some(p) = self.ports.iter().find(|p| p.number == port) else {
+            return Vec::new();
+        };
+        let default = p.target_port.unwrap_or(p.number);
+        if self.dns_endpoints.is_empty() {
+            return vec![(host.to_string(), default)];
+        }
+        self.dns_endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.host.clone(),
+                    e.ports.get(&p.name).copied().unwrap_or(default),
+                )
+            })
+            .collect()
+    }
 }
 
 impl ServiceEntry {
@@ -191,6 +228,7 @@ pub(crate) fn parse(object: &str, value: serde_yaml::Value) -> Result<ServiceEnt
     }
     let mut endpoints = Vec::new();
     let mut static_endpoints = Vec::new();
+    let mut dns_endpoints = Vec::new();
     for (i, e) in spec.endpoints.iter().enumerate() {
         match e.address.parse() {
             Ok(a) => {
@@ -220,7 +258,20 @@ pub(crate) fn parse(object: &str, value: serde_yaml::Value) -> Result<ServiceEnt
                     format!("{:?} is not an IP address (resolution STATIC)", e.address),
                 ))
             }
-            Err(_) => {}
+            Err(_) => {
+                let h = e.address.trim_end_matches('.').to_ascii_lowercase();
+                if h.is_empty() || h.split('.').any(|l| l.is_empty() || l.len() > 63) {
+                    return Err(err(
+                        object,
+                        format!("spec.endpoints[{i}].address"),
+                        format!("{:?} is neither an IP address nor a DNS name", e.address),
+                    ));
+                }
+                dns_endpoints.push(DnsEndpoint {
+                    host: h,
+                    ports: e.ports.clone(),
+                });
+            }
         }
     }
     Ok(ServiceEntry {
@@ -234,5 +285,6 @@ pub(crate) fn parse(object: &str, value: serde_yaml::Value) -> Result<ServiceEnt
         resolution,
         endpoints,
         static_endpoints,
+        dns_endpoints,
     })
 }

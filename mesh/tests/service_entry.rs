@@ -156,3 +156,49 @@ fn entry_errors_name_their_field() {
         assert!(e.to_string().contains(what), "{spec}: {e}");
     }
 }
+
+#[test]
+fn dns_entries_name_what_the_proxy_resolves() {
+    let m = with("apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: named, namespace: plain}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.0.5]
+  resolution: DNS
+  ports: [{number: 443, name: https, protocol: TLS, targetPort: 8443}, {number: 80, name: http}]
+  endpoints: [{address: a.origin.example.}, {address: B.origin.example, ports: {https: 9443}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bare, namespace: plain}
+spec: {hosts: [bare.example.com], addresses: [240.0.0.6], resolution: DNS, ports: [{number: 80, name: http}]}
+")
+    .unwrap();
+    let se = |n: &str| m.service_entries.iter().find(|s| s.name == n).unwrap();
+    let t = |v: &[(&str, u16)]| {
+        v.iter()
+            .map(|(h, p)| (h.to_string(), *p))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        se("named").dns_targets("api.example.com", 443),
+        t(&[("a.origin.example", 8443), ("b.origin.example", 9443)])
+    );
+    assert_eq!(
+        se("named").dns_targets("api.example.com", 80),
+        t(&[("a.origin.example", 80), ("b.origin.example", 80)])
+    );
+    assert!(se("named").dns_targets("api.example.com", 81).is_empty());
+    // No endpoints: the host itself.
+    assert_eq!(
+        se("bare").dns_targets("bare.example.com", 80),
+        t(&[("bare.example.com", 80)])
+    );
+    // Not a DNS entry: nothing to resolve.
+    assert!(with("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s, namespace: plain}\nspec: {hosts: [s.example.com], addresses: [240.0.0.7], resolution: STATIC, ports: [{number: 80, name: http}]}")
+        .unwrap()
+        .service_entries[0]
+        .dns_targets("s.example.com", 80)
+        .is_empty());
+}

@@ -3,6 +3,7 @@
 
 pub mod binding;
 pub mod body;
+pub mod dns;
 pub mod error;
 pub mod grpc;
 pub mod lb;

@@ -49,6 +49,9 @@ pub struct Target {
     /// The backend's host (the server name originated TLS falls back to).
     pub host: String,
     pub eps: Vec<(Arc<Workload>, u16)>,
+    /// A DNS ServiceEntry: (name, port) to resolve when sending, instead
+    /// of `eps` (resolving is I/O, not planning).
+    pub dns: Vec<(String, u16)>,
     pub policy: TrafficPolicy,
     pub h2: bool,
 }
@@ -146,6 +149,7 @@ pub fn plan<'a>(
         let target = Target {
             host: String::new(),
             eps: vec![(w, c.target.port())],
+            dns: Vec::new(),
             policy: TrafficPolicy::default(),
             h2: parts.version == http::Version::HTTP_2,
         };
@@ -328,7 +332,17 @@ pub fn resolve(
         .into_iter()
         .filter(|(w, _)| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
         .collect();
-    if eps.is_empty() {
+    // A DNS entry's endpoints are names; no subset can select them.
+    let dns = match (labels, eps.is_empty()) {
+        (None, true) => state
+            .service_entries
+            .iter()
+            .find(|se| se.namespace == bsvc.namespace && se.name == bsvc.name)
+            .map(|se| se.dns_targets(&bsvc.hostname, port))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    if eps.is_empty() && dns.is_empty() {
         return Err(ProxyError::NoHealthy(format!(
             "{} has no endpoint for port {port}",
             backend.host
@@ -344,6 +358,7 @@ pub fn resolve(
     Ok(Target {
         host: backend.host.clone(),
         eps,
+        dns,
         policy,
         h2,
     })

@@ -233,6 +233,22 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
     let upgrade = kind.is_some();
     // An upgrade needs HTTP/1.1 upstream whatever the port says.
     let h2 = target.h2 && !upgrade;
+    // A DNS entry's endpoints are what its names resolve to now.
+    let resolved;
+    let eps = if target.dns.is_empty() {
+        &target.eps
+    } else {
+        match crate::dns::resolve(&target.dns).await {
+            Ok(r) => {
+                resolved = r;
+                &resolved
+            }
+            Err(e) => {
+                tracing::info!(host = fwd.host, error = %e, "destination did not resolve");
+                return Sent::local(&e, out.grpc);
+            }
+        }
+    };
     let attempts_max = 1 + retries.attempts;
     let origin = target.policy.tls.as_ref().map(|tls| Origination {
         tls,
@@ -250,7 +266,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                     return l;
                 }
             };
-            let (ep, port, _lease) = backend.pick(&target.eps, &target.policy, &hash);
+            let (ep, port, _lease) = backend.pick(eps, &target.policy, &hash);
             // An extended CONNECT's body is the tunnel, not the request's.
             let body = match &kind {
                 Some(UpgradeKind::Connect(_)) => {
@@ -284,12 +300,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                 Ok(_) => Outcome::Success,
                 Err(_) => Outcome::Failure,
             };
-            backend.record(
-                ep.ip,
-                outcome,
-                target.policy.outlier.as_ref(),
-                target.eps.len(),
-            );
+            backend.record(ep.ip, outcome, target.policy.outlier.as_ref(), eps.len());
             let again = attempt < attempts_max
                 && match &result {
                     Ok(r) => response_retryable(&retries, r.status().as_u16(), r.headers()),
@@ -454,6 +465,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadCount<T> {
 /// the replay buffer. The authority gets `-shadow`, as Envoy marks
 /// mirrored requests.
 fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, body: &Arc<ReqBody>) {
+    if target.eps.is_empty() {
+        // A DNS entry's names are resolved for the main request only.
+        return tracing::debug!(
+            host = target.host,
+            "mirror skipped: its endpoints are DNS names"
+        );
+    }
     let (ep, port) = target.eps[rand::random_range(0..target.eps.len())].clone();
     let host = parts
         .headers

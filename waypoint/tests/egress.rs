@@ -125,6 +125,15 @@ async fn mesh(tag: &str, extra: impl FnOnce(&Mesh) -> String) -> Mesh {
     m.pod("waypoint", "app", "waypoint", "10.244.2.20", "node2", false);
     // Outside the mesh: on the network, in no config.
     m.pod("origin", "ext", "none", "10.244.3.5", "node2", false);
+    m.pod("resolver", "ext", "none", "10.244.3.53", "node2", false);
+    // The test DNS server's `outside.test` (192.0.2.1) is the origin too.
+    sh(&format!(
+        "ip -n {} addr add 192.0.2.1/32 dev eth0 && ip -n {} route add 192.0.2.1/32 via 10.244.3.5",
+        m.pod_ns("origin"),
+        m.pod_ns("waypoint")
+    ));
+    // The waypoint resolves DNS entries through its own resolv.conf.
+    m.resolv_conf("waypoint", "nameserver 10.244.3.53\n");
     // Any address off the pod: the capture rules send DNS to ztunnel.
     m.resolv_conf("client", "nameserver 10.96.0.53\n");
     let extra = extra(&m);
@@ -283,6 +292,64 @@ async fn tls_is_originated_per_destination_rule() {
     assert!(
         log.iter()
             .any(|l| l["authority"] == "wrongca.example.com" && l["response_flags"] == "UF"),
+        "{log:?}"
+    );
+    drop(peers);
+}
+
+/// An entry with `resolution: DNS` is reached at what the waypoint itself
+/// resolves its host to (the test resolver, outside the mesh); a host that
+/// does not resolve is 503 flagged DF, said in the access log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_entry_resolved_by_the_waypoint() {
+    let entry = |name: &str, host: &str, vip: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: app}}
+spec:
+  hosts: [{host}]
+  addresses: [{vip}]
+  resolution: DNS
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+"
+        )
+    };
+    let m = mesh("egd", |_| {
+        entry("outside", "outside.test", "240.240.0.6")
+            + &entry("missing", "missing.test", "240.240.0.7")
+    })
+    .await;
+    let counts = m.dns_server("resolver");
+    let mut peers = Peers::default();
+    peers.start(&m, "origin", "origin.py", &["8080"], 8080);
+
+    assert_eq!(
+        curl(&m, "http://outside.test/x"),
+        "GET /x host=outside.test sni=-\n 200"
+    );
+    // The answer is cached for its TTL (1234 s): asked once for two requests.
+    let asked = counts.udp.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(curl(&m, "http://outside.test/y").ends_with(" 200"));
+    assert_eq!(
+        counts.udp.load(std::sync::atomic::Ordering::Relaxed),
+        asked,
+        "a cached answer was asked for again"
+    );
+    assert_eq!(
+        curl(&m, "http://missing.test/x"),
+        "upstream name did not resolve\n 503"
+    );
+    let log = access_log(&m);
+    assert!(
+        log.iter()
+            .any(|l| l["authority"] == "outside.test" && l["upstream_host"] == "192.0.2.1:8080"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l["authority"] == "missing.test" && l["response_flags"] == "DF"),
         "{log:?}"
     );
     drop(peers);
