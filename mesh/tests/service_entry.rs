@@ -202,3 +202,48 @@ spec: {hosts: [bare.example.com], addresses: [240.0.0.6], resolution: DNS, ports
         .dns_targets("s.example.com", 80)
         .is_empty());
 }
+
+/// Objects arriving one at a time (the Kubernetes source): a Service that
+/// takes an entry's address later pushes the entry out, reported, and the
+/// entry comes back when the Service goes; a namespace label arriving later
+/// binds the entry to the waypoint.
+#[test]
+fn entries_follow_claims_and_namespace_labels_incrementally() {
+    use mesh::objects::{Objects, Translated};
+    let t = |yaml: &str| -> Translated {
+        let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+        standalone::translate(v, "test").unwrap().unwrap()
+    };
+    let mut o = Objects::new("cluster.local");
+    o.upsert(t("apiVersion: v1\nkind: Namespace\nmetadata: {name: ns}"));
+    o.upsert(t("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e, namespace: ns}\nspec: {hosts: [e.example.com], addresses: [240.0.0.1], resolution: STATIC, ports: [{number: 80, name: http}], endpoints: [{address: 192.0.2.1}]}"));
+    let m = o.publish();
+    let svc = m.service_by_vip(ip("240.0.0.1")).unwrap();
+    assert_eq!(svc.hostname, "e.example.com");
+    assert_eq!(m.service_waypoint(svc), None);
+    assert_eq!(m.endpoints_for(svc, 80).len(), 1);
+
+    let taker = t("apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {clusterIP: 240.0.0.1, ports: [{port: 80}]}");
+    let key = taker.key.clone();
+    o.upsert(taker);
+    let m = o.publish();
+    assert_eq!(
+        m.service_by_vip(ip("240.0.0.1")).unwrap().hostname,
+        "s.ns.svc.cluster.local"
+    );
+    assert!(m.service_by_host("e.example.com").is_none());
+    assert!(m
+        .rejected
+        .iter()
+        .any(|r| r.kind == "ServiceEntry" && r.field == "spec.addresses"));
+    // No endpoint workload of the entry is left behind.
+    assert!(!m.workloads.keys().any(|k| k.contains("ServiceEntry")));
+
+    o.remove(&key);
+    o.upsert(t("apiVersion: v1\nkind: Namespace\nmetadata: {name: ns, labels: {istio.io/use-waypoint: wp}}"));
+    let m = o.publish();
+    let svc = m.service_by_vip(ip("240.0.0.1")).unwrap();
+    assert_eq!(svc.hostname, "e.example.com");
+    assert_eq!(m.service_waypoint(svc).unwrap().name, "wp");
+    assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+}
