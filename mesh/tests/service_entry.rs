@@ -247,3 +247,34 @@ fn entries_follow_claims_and_namespace_labels_incrementally() {
     assert_eq!(m.service_waypoint(svc).unwrap().name, "wp");
     assert!(m.rejected.is_empty(), "{:?}", m.rejected);
 }
+
+#[test]
+fn a_policy_naming_a_service_entry_applies_to_that_entry_only() {
+    use mesh::authz::Destination;
+    let m = with(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: egress}
+spec:
+  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: api}]
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+",
+    )
+    .unwrap();
+    assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+    let tp = m.waypoint_policies.iter().next().unwrap();
+    let dst = |namespace, name, entry| {
+        Some(Destination {
+            namespace,
+            name,
+            entry,
+        })
+    };
+    assert!(tp.applies("egress", "wp", dst("egress", "api", true)));
+    // A Service of that name, another entry, another namespace: not named.
+    assert!(!tp.applies("egress", "wp", dst("egress", "api", false)));
+    assert!(!tp.applies("egress", "wp", dst("egress", "db", true)));
+    assert!(!tp.applies("egress", "wp", dst("plain", "api", true)));
+    assert!(!tp.applies("egress", "wp", None));
+}

@@ -105,7 +105,13 @@ pub fn policies_for<'a>(
     namespaces.extend(svc_ns);
     namespaces.sort_unstable();
     namespaces.dedup();
-    let svc = svc.map(|s| (s.namespace.as_str(), s.name.as_str()));
+    let svc = svc.map(|s| authz::Destination {
+        namespace: &s.namespace,
+        name: &s.name,
+        entry: state.service_entries.iter().any(|se| {
+            se.namespace == s.namespace && se.name == s.name && se.hosts.contains(&s.hostname)
+        }),
+    });
     namespaces
         .into_iter()
         .flat_map(|ns| state.waypoint_policies.get(ns))

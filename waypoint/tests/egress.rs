@@ -78,6 +78,14 @@ spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
   action: DENY
   rules: [{to: [{operation: {paths: [/secret*]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: origin-only, namespace: app}
+spec:
+  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: origin}]
+  action: DENY
+  rules: [{to: [{operation: {paths: [/entry-denied]}}]}]
 ";
 
 /// Python peers, killed (by their own pid) when the test ends, pass or fail.
@@ -189,6 +197,11 @@ async fn static_entry_served_by_the_waypoint_and_at_l4_without_it() {
         curl(&m, "http://origin.example.com/secret/key"),
         "RBAC: access denied 403"
     );
+    // A policy naming the entry applies to it, and to nothing else.
+    assert_eq!(
+        curl(&m, "http://origin.example.com/entry-denied"),
+        "RBAC: access denied 403"
+    );
     let log = access_log(&m);
     assert!(
         log.iter()
@@ -288,6 +301,8 @@ async fn tls_is_originated_per_destination_rule() {
     }
     // The server is fine: only the verification failed.
     assert!(curl(&m, "http://secure.example.com/again").ends_with(" 200"));
+    // The policy that names another entry does not apply here.
+    assert!(curl(&m, "http://secure.example.com/entry-denied").ends_with(" 200"));
     let log = access_log(&m);
     assert!(
         log.iter()
