@@ -242,9 +242,9 @@ fn outside_ca(dir: &std::path::Path, host: &str) -> (String, String, String) {
     (s(&dir.join("root-cert.pem")), s(&cert), s(&key))
 }
 
-/// An entry on port 80 whose endpoint listens with TLS on 8443, and its
-/// DestinationRule: SIMPLE TLS with `sni` and the CA file `ca`.
-fn tls_entry(name: &str, vip: &str, sni: &str, ca: &str) -> String {
+/// An entry on port 80 whose endpoint listens with TLS on `port`, and its
+/// DestinationRule: TLS with `sni` and the CA file `ca`, and `more`.
+fn tls_entry(name: &str, vip: &str, port: u16, sni: &str, ca: &str, more: &str) -> String {
     format!(
         "---
 apiVersion: networking.istio.io/v1
@@ -254,7 +254,7 @@ spec:
   hosts: [{name}.example.com]
   addresses: [{vip}]
   resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}]
   endpoints: [{{address: 10.244.3.5}}]
 ---
 apiVersion: networking.istio.io/v1
@@ -262,7 +262,7 @@ kind: DestinationRule
 metadata: {{name: {name}, namespace: app}}
 spec:
   host: {name}.example.com
-  trafficPolicy: {{tls: {{mode: SIMPLE, sni: {sni}, caCertificates: {ca}}}}}
+  trafficPolicy: {{tls: {{sni: {sni}, caCertificates: {ca}, {more}}}}}
 "
     )
 }
@@ -271,31 +271,74 @@ spec:
 /// TLS it originates per the DestinationRule: the server (TLS only) sees
 /// the rule's SNI and answers; the same server behind a rule with another
 /// CA, or with an SNI its certificate does not name, is refused by the
-/// waypoint (503, connection failure) before any request is sent.
+/// waypoint (503, connection failure) before any request is sent. MUTUAL
+/// presents the client certificate to a server that requires one (SIMPLE
+/// there fails), and a capture at the server shows no request in clear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_is_originated_per_destination_rule() {
     let mut server = None;
     let m = mesh("egt", |m| {
-        let (ca, cert, key) = outside_ca(&m.dir.join("outside-ca"), "secure.example.com");
+        let dir = m.dir.join("outside-ca");
+        let (ca, cert, key) = outside_ca(&dir, "secure.example.com");
         let (other_ca, _, _) = outside_ca(&m.dir.join("other-ca"), "secure.example.com");
-        server = Some((cert, key));
+        // A client certificate from the server's CA, for MUTUAL.
+        let (ccert, ckey) = issue_raw_cert(
+            &dir,
+            vec![rcgen::SanType::DnsName(
+                "client.example".try_into().unwrap(),
+            )],
+            (2024, 1, 1),
+            (2099, 1, 1),
+            &dir,
+            "client",
+        );
+        let mutual = format!(
+            "mode: MUTUAL, clientCertificate: {}, privateKey: {}",
+            ccert.display(),
+            ckey.display()
+        );
+        server = Some((cert, key, ca.clone()));
+        let sni = "secure.example.com";
         [
-            tls_entry("secure", "240.240.0.3", "secure.example.com", &ca),
-            tls_entry("wrongca", "240.240.0.4", "secure.example.com", &other_ca),
-            tls_entry("wrongsni", "240.240.0.5", "other.example.com", &ca),
+            tls_entry("secure", "240.240.0.3", 8443, sni, &ca, "mode: SIMPLE"),
+            tls_entry(
+                "wrongca",
+                "240.240.0.4",
+                8443,
+                sni,
+                &other_ca,
+                "mode: SIMPLE",
+            ),
+            tls_entry(
+                "wrongsni",
+                "240.240.0.5",
+                8443,
+                "other.example.com",
+                &ca,
+                "mode: SIMPLE",
+            ),
+            tls_entry("mutual", "240.240.0.8", 8444, sni, &ca, &mutual),
+            tls_entry("nocert", "240.240.0.9", 8444, sni, &ca, "mode: SIMPLE"),
         ]
         .concat()
     })
     .await;
-    let (cert, key) = server.unwrap();
+    let (cert, key, ca) = server.unwrap();
     let mut peers = Peers::default();
     peers.start(&m, "origin", "origin.py", &["8443", &cert, &key], 8443);
+    peers.start(&m, "origin", "origin.py", &["8444", &cert, &key, &ca], 8444);
+    let cap = Capture::start(&m.pod_ns("origin"), "eth0", m.dir.join("origin.pcap"));
 
     assert_eq!(
         curl(&m, "http://secure.example.com/hello"),
         "GET /hello host=secure.example.com sni=secure.example.com\n 200"
     );
-    for host in ["wrongca", "wrongsni"] {
+    // MUTUAL presents the client certificate; SIMPLE to that server fails.
+    assert_eq!(
+        curl(&m, "http://mutual.example.com/m"),
+        "GET /m host=mutual.example.com sni=secure.example.com\n 200"
+    );
+    for host in ["wrongca", "wrongsni", "nocert"] {
         let out = curl(&m, &format!("http://{host}.example.com/hello"));
         assert!(out.ends_with(" 503"), "{host}: {out}");
     }
@@ -303,6 +346,16 @@ async fn tls_is_originated_per_destination_rule() {
     assert!(curl(&m, "http://secure.example.com/again").ends_with(" 200"));
     // The policy that names another entry does not apply here.
     assert!(curl(&m, "http://secure.example.com/entry-denied").ends_with(" 200"));
+    // The server saw TLS only: no request line crossed its wire in clear.
+    let pcap = cap.stop();
+    assert!(contains(&pcap, b"secure.example.com"), "the SNI, in clear");
+    for plain in [&b"GET /hello"[..], b"GET /m ", b"host=secure"] {
+        assert!(
+            !contains(&pcap, plain),
+            "{:?} in clear",
+            String::from_utf8_lossy(plain)
+        );
+    }
     let log = access_log(&m);
     assert!(
         log.iter()

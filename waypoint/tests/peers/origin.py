@@ -2,8 +2,9 @@
 
 Answers every request with "<method> <path> host=<Host header>
 sni=<server name the TLS client sent, or ->" and status 200.
-Usage: origin.py PORT [CERT KEY]: with a certificate and key it speaks TLS
-only (a plaintext request fails the handshake).
+Usage: origin.py PORT [CERT KEY [CLIENT_CA]]: with a certificate and key it
+speaks TLS only (a plaintext request fails the handshake); with CLIENT_CA
+too, only to clients presenting a certificate that CA signed.
 """
 import ssl
 import sys
@@ -48,6 +49,9 @@ def main():
     if len(sys.argv) > 3:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+        if len(sys.argv) > 4:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(sys.argv[4])
         srv.ctx = ctx
     srv.serve_forever()
 
