@@ -4,6 +4,8 @@
 //! endpoints; and an entry without a waypoint routed by ztunnel at L4.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use testbed::*;
@@ -136,9 +138,10 @@ async fn mesh(tag: &str, extra: impl FnOnce(&Mesh) -> String) -> Mesh {
     m.pod("resolver", "ext", "none", "10.244.3.53", "node2", false);
     // The test DNS server's `outside.test` (192.0.2.1) is the origin too.
     sh(&format!(
-        "ip -n {} addr add 192.0.2.1/32 dev eth0 && ip -n {} route add 192.0.2.1/32 via 10.244.3.5",
-        m.pod_ns("origin"),
-        m.pod_ns("waypoint")
+        "ip -n {o} addr add 192.0.2.1/32 dev eth0 && ip -n {o} addr add 192.0.2.2/32 dev eth0 && \
+         ip -n {w} route add 192.0.2.0/30 via 10.244.3.5",
+        o = m.pod_ns("origin"),
+        w = m.pod_ns("waypoint")
     ));
     // The waypoint resolves DNS entries through its own resolv.conf.
     m.resolv_conf("waypoint", "nameserver 10.244.3.53\n");
@@ -420,5 +423,88 @@ spec:
             .any(|l| l["authority"] == "missing.test" && l["response_flags"] == "DF"),
         "{log:?}"
     );
+    drop(peers);
+}
+
+/// A DNS server in `pod` answering `moving.test A` with the address `at`
+/// holds, TTL 1 s (anything else: NXDOMAIN). Counts the queries.
+fn moving_dns(m: &Mesh, pod: &str, at: Arc<AtomicU32>) -> Arc<AtomicU32> {
+    use testbed::hickory_proto::op::{Message, ResponseCode};
+    use testbed::hickory_proto::rr::{RData, Record, RecordType};
+    let udp = in_ns(&m.pod_ns(pod), || {
+        std::net::UdpSocket::bind("0.0.0.0:53").unwrap()
+    });
+    let asked = Arc::new(AtomicU32::new(0));
+    let n = asked.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((len, peer)) = udp.recv_from(&mut buf) {
+            let Ok(req) = Message::from_vec(&buf[..len]) else {
+                continue;
+            };
+            let mut r = Message::response(req.metadata.id, req.metadata.op_code);
+            r.metadata.recursion_available = true;
+            r.add_queries(req.queries.iter().cloned());
+            match req.queries.first() {
+                Some(q) if q.name().to_ascii().eq_ignore_ascii_case("moving.test.") => {
+                    n.fetch_add(1, Ordering::Relaxed);
+                    if q.query_type() == RecordType::A {
+                        let ip = std::net::Ipv4Addr::from(at.load(Ordering::Relaxed));
+                        r.add_answer(Record::from_rdata(q.name().clone(), 1, RData::A(ip.into())));
+                    }
+                }
+                _ => r.metadata.response_code = ResponseCode::NXDomain,
+            }
+            let _ = udp.send_to(&r.to_vec().unwrap(), peer);
+        }
+    });
+    asked
+}
+
+/// A changed record is followed once its TTL has run out: requests go to
+/// the old address while it is cached, to the new one after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_entry_follows_a_changed_record_after_its_ttl() {
+    let m = mesh("egm", |_| {
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: moving, namespace: app}
+spec:
+  hosts: [moving.test]
+  addresses: [240.240.0.10]
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+"
+        .to_string()
+    })
+    .await;
+    let at = Arc::new(AtomicU32::new(u32::from(std::net::Ipv4Addr::new(
+        192, 0, 2, 1,
+    ))));
+    let asked = moving_dns(&m, "resolver", at.clone());
+    let mut peers = Peers::default();
+    peers.start(&m, "origin", "origin.py", &["8080"], 8080);
+    let upstreams = |m: &Mesh| -> Vec<String> {
+        access_log(m)
+            .iter()
+            .filter(|l| l["authority"] == "moving.test")
+            .map(|l| l["upstream_host"].as_str().unwrap_or("-").to_string())
+            .collect()
+    };
+    assert!(curl(&m, "http://moving.test/a").ends_with(" 200"));
+    at.store(
+        u32::from(std::net::Ipv4Addr::new(192, 0, 2, 2)),
+        Ordering::Relaxed,
+    );
+    // Within the TTL: still the cached address.
+    assert!(curl(&m, "http://moving.test/b").ends_with(" 200"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(curl(&m, "http://moving.test/c").ends_with(" 200"));
+    assert_eq!(
+        upstreams(&m),
+        ["192.0.2.1:8080", "192.0.2.1:8080", "192.0.2.2:8080"]
+    );
+    assert!(asked.load(Ordering::Relaxed) >= 2);
     drop(peers);
 }
