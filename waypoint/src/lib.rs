@@ -15,4 +15,5 @@ pub mod replay;
 pub mod route;
 pub mod send;
 pub mod telemetry;
+pub mod tunnel;
 pub mod upstream;
