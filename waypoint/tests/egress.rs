@@ -322,6 +322,14 @@ async fn tls_is_originated_per_destination_rule() {
             ),
             tls_entry("mutual", "240.240.0.8", 8444, sni, &ca, &mutual),
             tls_entry("nocert", "240.240.0.9", 8444, sni, &ca, "mode: SIMPLE"),
+            tls_entry(
+                "skip",
+                "240.240.0.11",
+                8443,
+                sni,
+                &other_ca,
+                "mode: SIMPLE, insecureSkipVerify: true",
+            ),
         ]
         .concat()
     })
@@ -340,6 +348,11 @@ async fn tls_is_originated_per_destination_rule() {
     assert_eq!(
         curl(&m, "http://mutual.example.com/m"),
         "GET /m host=mutual.example.com sni=secure.example.com\n 200"
+    );
+    // insecureSkipVerify: true takes the certificate the wrong CA refused.
+    assert_eq!(
+        curl(&m, "http://skip.example.com/s"),
+        "GET /s host=skip.example.com sni=secure.example.com\n 200"
     );
     for host in ["wrongca", "wrongsni", "nocert"] {
         let out = curl(&m, &format!("http://{host}.example.com/hello"));
