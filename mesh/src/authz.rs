@@ -42,8 +42,9 @@ pub struct AuthorizationPolicy {
 /// What a waypoint policy is attached to (in the policy's namespace).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TargetRef {
-    /// `Gateway` (all traffic through that waypoint), `Service`, or
-    /// `GatewayClass` (from the root namespace: every waypoint of the class).
+    /// `Gateway` (all traffic through that waypoint), `Service`,
+    /// `ServiceEntry`, or `GatewayClass` (from the root namespace: every
+    /// waypoint of the class).
     /// Any other kind could not be read and covers every waypoint in the
     /// policy's namespace, so what it says fails closed.
     pub kind: String,
@@ -56,19 +57,32 @@ pub struct TargetedPolicy {
     pub policy: AuthorizationPolicy,
 }
 
+/// Where a request through a waypoint goes, as a policy can name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Destination<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// Declared by a ServiceEntry, not a Service (a policy names the kind).
+    pub entry: bool,
+}
+
 impl TargetedPolicy {
     /// Whether the policy applies to traffic through waypoint
-    /// `wp_namespace/wp_name` to `service` (namespace, name), if any.
+    /// `wp_namespace/wp_name` to `service`, if any.
     pub fn applies(
         &self,
         wp_namespace: &str,
         wp_name: &str,
-        service: Option<(&str, &str)>,
+        service: Option<Destination<'_>>,
     ) -> bool {
         let ns = self.policy.namespace.as_str();
+        let named = |t: &TargetRef, entry: bool| {
+            service.is_some_and(|d| d.entry == entry && d.namespace == ns && d.name == t.name)
+        };
         self.targets.iter().any(|t| match t.kind.as_str() {
             "Gateway" => ns == wp_namespace && t.name == wp_name,
-            "Service" => service == Some((ns, t.name.as_str())),
+            "Service" => named(t, false),
+            "ServiceEntry" => named(t, true),
             "GatewayClass" => {
                 ns == crate::ROOT_NAMESPACE && t.name == crate::routes::WAYPOINT_CLASS
             }

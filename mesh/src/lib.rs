@@ -18,6 +18,7 @@ mod security;
 mod service_entry;
 pub mod standalone;
 mod store;
+pub mod upstream_tls;
 
 pub use file::{open_file, FileError, FileSource};
 pub use model::{
@@ -25,7 +26,7 @@ pub use model::{
     TunnelProtocol, Workload,
 };
 pub use rejected::{report_new as report_rejected, Rejected};
-pub use service_entry::{Resolution, ServiceEntry};
+pub use service_entry::{DnsEndpoint, Resolution, ServiceEntry};
 pub use standalone::ConfigError;
 pub use store::MeshStore;
 

@@ -199,6 +199,12 @@ impl Indexes {
         self.workloads.insert(w.uid.clone(), w);
     }
 
+    /// Adds `w` under its uid only: a ServiceEntry endpoint, reached through
+    /// its service, whose address is not the mesh's to capture or name.
+    pub fn insert_external_workload(&mut self, w: Arc<Workload>) {
+        self.workloads.insert(w.uid.clone(), w);
+    }
+
     /// Takes out the entries `w` made, unless another entry has since taken
     /// the same key (an update publishes the new entry before removing the
     /// old one).

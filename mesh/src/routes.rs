@@ -114,6 +114,10 @@ pub enum RetryOn {
     ConnectFailure,
     RefusedStream,
     RetriableStatusCodes,
+    /// A response whose headers carry this `grpc-status` (a trailers-only
+    /// gRPC answer): Istio's `cancelled` (1), `deadline-exceeded` (4),
+    /// `resource-exhausted` (8), `internal` (13), `unavailable` (14).
+    Grpc(u32),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -224,6 +228,8 @@ pub struct TrafficPolicy {
     pub lb: LoadBalancer,
     pub pool: PoolLimits,
     pub outlier: Option<OutlierDetection>,
+    /// TLS to originate to endpoints outside the mesh.
+    pub tls: Option<crate::upstream_tls::UpstreamTls>,
 }
 
 impl Default for TrafficPolicy {
@@ -232,6 +238,7 @@ impl Default for TrafficPolicy {
             lb: LoadBalancer::RoundRobin,
             pool: PoolLimits::default(),
             outlier: None,
+            tls: None,
         }
     }
 }
@@ -1190,9 +1197,12 @@ fn retry_on(object: &str, field: &str, s: &str) -> Result<(Vec<RetryOn>, Vec<u16
             "connect-failure" => on.push(RetryOn::ConnectFailure),
             "refused-stream" => on.push(RetryOn::RefusedStream),
             "retriable-status-codes" => on.push(RetryOn::RetriableStatusCodes),
-            // gRPC conditions map onto the HTTP status the server sent.
-            "unavailable" | "cancelled" | "deadline-exceeded" | "resource-exhausted"
-            | "internal" => {}
+            // Envoy's gRPC conditions: the status of a trailers-only answer.
+            "cancelled" => on.push(RetryOn::Grpc(1)),
+            "deadline-exceeded" => on.push(RetryOn::Grpc(4)),
+            "resource-exhausted" => on.push(RetryOn::Grpc(8)),
+            "internal" => on.push(RetryOn::Grpc(13)),
+            "unavailable" => on.push(RetryOn::Grpc(14)),
             code => match code.parse::<u16>() {
                 Ok(c) if (100..600).contains(&c) => {
                     codes.push(c);
@@ -1441,7 +1451,7 @@ struct DrPolicy {
     #[serde(default)]
     outlier_detection: Option<DrOutlier>,
     #[serde(default)]
-    tls: Option<serde_yaml::Value>,
+    tls: Option<crate::upstream_tls::TlsSpec>,
 }
 
 #[derive(Deserialize)]
@@ -1515,11 +1525,8 @@ struct DrOutlier {
 
 fn dr_policy(object: &str, base: &str, p: DrPolicy) -> Result<TrafficPolicy, ConfigError> {
     let mut t = TrafficPolicy::default();
-    if p.tls.is_some() {
-        tracing::info!(
-            object,
-            "trafficPolicy.tls is ignored: mesh traffic is always HBONE mTLS"
-        );
+    if let Some(tls) = p.tls {
+        t.tls = crate::upstream_tls::parse(object, &format!("{base}.tls"), tls)?;
     }
     if let Some(lb) = p.load_balancer {
         t.lb = match (lb.simple.as_deref(), lb.consistent_hash) {

@@ -366,10 +366,10 @@ fn targets(refs: &[Value], single: Option<&Value>, report: &mut Report) -> Vec<T
             "spec.targetRef".to_string()
         };
         match kind.as_str() {
-            "Gateway" | "Service" | "GatewayClass" if !name.is_empty() => {}
+            "Gateway" | "Service" | "ServiceEntry" | "GatewayClass" if !name.is_empty() => {}
             _ => report.add(
                 path,
-                format!("target kind {kind:?} name {name:?}: want a Gateway, Service or GatewayClass by name"),
+                format!("target kind {kind:?} name {name:?}: want a Gateway, Service, ServiceEntry or GatewayClass by name"),
                 "applied to every waypoint in the policy's namespace",
             ),
         }

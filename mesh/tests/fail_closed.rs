@@ -251,7 +251,7 @@ fn waypoint_policies_fail_closed() {
             waypoint_policy("ALLOW", "  rules: [{when: [{key: \"request.auth.claims[groups]\", values: [admin]}]}]"),
             "spec.rules[0].when[0].key", None, "/public"),
         ("a target kind we do not know covers every waypoint in the namespace",
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec:\n  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: ext}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]".to_string(),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec:\n  targetRefs: [{kind: WorkloadEntry, group: networking.istio.io, name: ext}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]".to_string(),
             "spec.targetRefs[0]", Some("/public"), "/admin"),
     ];
     for (what, doc, field, allowed, denied) in &cases {

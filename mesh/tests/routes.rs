@@ -253,3 +253,118 @@ spec:
         ("GRPCRoute app/g", "spec.rules[0].matches[0].method")
     );
 }
+
+#[test]
+fn retry_on_maps_grpc_conditions_to_their_status() {
+    // (retryOn, conditions, codes): gRPC names become the grpc-status
+    // Envoy retries on; HTTP names and numbers are kept beside them.
+    let table: &[(&str, &[RetryOn], &[u16])] = &[
+        ("unavailable", &[RetryOn::Grpc(14)], &[]),
+        ("cancelled", &[RetryOn::Grpc(1)], &[]),
+        ("deadline-exceeded", &[RetryOn::Grpc(4)], &[]),
+        ("resource-exhausted", &[RetryOn::Grpc(8)], &[]),
+        ("internal", &[RetryOn::Grpc(13)], &[]),
+        (
+            "unavailable, 5xx,503",
+            &[
+                RetryOn::Grpc(14),
+                RetryOn::FiveXx,
+                RetryOn::RetriableStatusCodes,
+            ],
+            &[503],
+        ),
+    ];
+    for (on, want, codes) in table {
+        let m = with(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v, namespace: app}}\nspec: {{hosts: [a], http: [{{retries: {{attempts: 1, retryOn: \"{on}\"}}, route: [{{destination: {{host: a}}}}]}}]}}"
+        ))
+        .unwrap();
+        let rt = m.http_routes[0].rules[0].retries.clone().unwrap();
+        assert_eq!(rt.retry_on, *want, "{on}");
+        assert_eq!(rt.codes, *codes, "{on}");
+    }
+}
+
+#[test]
+fn destination_rule_tls_origination_or_a_named_refusal() {
+    use mesh::upstream_tls::UpstreamTls;
+    let dr = |tls: &str| {
+        with(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: app}}\nspec: {{host: api.example.com, trafficPolicy: {{tls: {tls}}}}}"
+        ))
+    };
+    let tls = |t: &str| dr(t).unwrap().destination_rules[0].policy.tls.clone();
+    assert_eq!(tls("{mode: ISTIO_MUTUAL}"), None);
+    assert_eq!(tls("{mode: DISABLE}"), None);
+    assert_eq!(
+        tls("{mode: SIMPLE, sni: api.example.com, caCertificates: /etc/ca.pem}"),
+        Some(UpstreamTls {
+            sni: Some("api.example.com".into()),
+            ca_certificates: Some("/etc/ca.pem".into()),
+            client_cert: None,
+            insecure_skip_verify: false,
+        })
+    );
+    assert_eq!(
+        tls("{mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem, insecureSkipVerify: true}"),
+        Some(UpstreamTls {
+            sni: None,
+            ca_certificates: None,
+            client_cert: Some(("/c.pem".into(), "/k.pem".into())),
+            insecure_skip_verify: true,
+        })
+    );
+    assert!(
+        !tls("{mode: SIMPLE, insecureSkipVerify: false}")
+            .unwrap()
+            .insecure_skip_verify
+    );
+    for (t, field, what) in [
+        ("{mode: SOMETIMES}", "mode", "unknown mode"),
+        (
+            "{mode: SIMPLE, credentialName: secret}",
+            "credentialName",
+            "not supported",
+        ),
+        (
+            "{mode: SIMPLE, subjectAltNames: [a]}",
+            "subjectAltNames",
+            "not supported",
+        ),
+        ("{mode: SIMPLE, caCrl: /crl.pem}", "caCrl", "not supported"),
+        (
+            "{mode: MUTUAL, privateKey: /k.pem}",
+            "clientCertificate",
+            "required",
+        ),
+        (
+            "{mode: MUTUAL, clientCertificate: /c.pem}",
+            "privateKey",
+            "required",
+        ),
+        (
+            "{mode: SIMPLE, privateKey: /k.pem}",
+            "privateKey",
+            "only used by mode MUTUAL",
+        ),
+        (
+            "{mode: SIMPLE, sni: \"bad name\"}",
+            "sni",
+            "not a server name",
+        ),
+        (
+            "{mode: SIMPLE, maxProtocolVersion: TLSV1_3}",
+            "",
+            "unknown field",
+        ),
+    ] {
+        let e = dr(t).unwrap_err();
+        assert!(
+            e.field
+                .starts_with(&format!("spec.trafficPolicy.tls.{field}"))
+                || (field.is_empty() && e.field.starts_with("spec.trafficPolicy.tls")),
+            "{t}: {e}"
+        );
+        assert!(e.to_string().contains(what), "{t}: {e}");
+    }
+}

@@ -26,6 +26,9 @@ pub enum ProxyError {
     Unresolved(String),
     #[error("no healthy upstream: {0}")]
     NoHealthy(String),
+    /// A DNS ServiceEntry's name did not resolve to an address.
+    #[error("dns resolution failed: {0}")]
+    Dns(String),
     #[error("connection pool overflow")]
     Overflow,
     /// No tunnel: ztunnel refused (policy), unreachable, TLS.
@@ -48,8 +51,8 @@ impl ProxyError {
             NoRoute => StatusCode::NOT_FOUND,
             NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
-            NoDestination | Unresolved(_) | NoHealthy(_) | Overflow | Connect(_) | Reset(_)
-            | PerTryTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            NoDestination | Unresolved(_) | NoHealthy(_) | Dns(_) | Overflow | Connect(_)
+            | Reset(_) | PerTryTimeout => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -60,6 +63,7 @@ impl ProxyError {
             NoRoute => flag::NO_ROUTE,
             NoDestination | NoBackend | Unresolved(_) => flag::NO_CLUSTER,
             NoHealthy(_) => flag::NO_HEALTHY,
+            Dns(_) => flag::DNS_FAILURE,
             Overflow => flag::OVERFLOW,
             Connect(_) => flag::CONNECT_FAILURE,
             Reset(_) | PerTryTimeout => flag::RESET,
@@ -78,6 +82,7 @@ impl ProxyError {
             NoBackend => "route has no backend\n",
             Unresolved(_) => "route backend does not resolve\n",
             NoHealthy(_) => "no healthy upstream",
+            Dns(_) => "upstream name did not resolve\n",
             Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow",
             Connect(_) => "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
             Reset(_) | PerTryTimeout => "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
@@ -142,6 +147,7 @@ mod tests {
             (Unresolved("x".into()), 503, "NC", &[]),
             (NoHealthy("x".into()), 503, "UH", &[]),
             (Overflow, 503, "UO", &[]),
+            (Dns("x".into()), 503, "DF", &[]),
             (
                 Connect("x".into()),
                 503,

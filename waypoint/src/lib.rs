@@ -3,9 +3,11 @@
 
 pub mod binding;
 pub mod body;
+pub mod dns;
 pub mod error;
 pub mod grpc;
 pub mod lb;
+pub mod origin_tls;
 pub mod peer;
 pub mod plan;
 pub mod proxy;
@@ -13,4 +15,5 @@ pub mod replay;
 pub mod route;
 pub mod send;
 pub mod telemetry;
+pub mod tunnel;
 pub mod upstream;

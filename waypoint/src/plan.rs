@@ -46,7 +46,12 @@ pub struct Caller<'a> {
 /// A route backend made concrete: its endpoints (subset applied), traffic
 /// policy and upstream protocol.
 pub struct Target {
+    /// The backend's host (the server name originated TLS falls back to).
+    pub host: String,
     pub eps: Vec<(Arc<Workload>, u16)>,
+    /// A DNS ServiceEntry: (name, port) to resolve when sending, instead
+    /// of `eps` (resolving is I/O, not planning).
+    pub dns: Vec<(String, u16)>,
     pub policy: TrafficPolicy,
     pub h2: bool,
 }
@@ -100,7 +105,13 @@ pub fn policies_for<'a>(
     namespaces.extend(svc_ns);
     namespaces.sort_unstable();
     namespaces.dedup();
-    let svc = svc.map(|s| (s.namespace.as_str(), s.name.as_str()));
+    let svc = svc.map(|s| authz::Destination {
+        namespace: &s.namespace,
+        name: &s.name,
+        entry: state.service_entries.iter().any(|se| {
+            se.namespace == s.namespace && se.name == s.name && se.hosts.contains(&s.hostname)
+        }),
+    });
     namespaces
         .into_iter()
         .flat_map(|ns| state.waypoint_policies.get(ns))
@@ -142,7 +153,9 @@ pub fn plan<'a>(
             return Plan::fail(None, ProxyError::NoDestination);
         };
         let target = Target {
+            host: String::new(),
             eps: vec![(w, c.target.port())],
+            dns: Vec::new(),
             policy: TrafficPolicy::default(),
             h2: parts.version == http::Version::HTTP_2,
         };
@@ -325,7 +338,17 @@ pub fn resolve(
         .into_iter()
         .filter(|(w, _)| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
         .collect();
-    if eps.is_empty() {
+    // A DNS entry's endpoints are names; no subset can select them.
+    let dns = match (labels, eps.is_empty()) {
+        (None, true) => state
+            .service_entries
+            .iter()
+            .find(|se| se.namespace == bsvc.namespace && se.name == bsvc.name)
+            .map(|se| se.dns_targets(&bsvc.hostname, port))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    if eps.is_empty() && dns.is_empty() {
         return Err(ProxyError::NoHealthy(format!(
             "{} has no endpoint for port {port}",
             backend.host
@@ -338,7 +361,13 @@ pub fn resolve(
         .find(|p| p.port == port)
         .and_then(|p| p.name.as_deref())
         .is_some_and(|n| n.starts_with("grpc") || n.starts_with("http2") || n.starts_with("h2c"));
-    Ok(Target { eps, policy, h2 })
+    Ok(Target {
+        host: backend.host.clone(),
+        eps,
+        dns,
+        policy,
+        h2,
+    })
 }
 
 pub fn apply_headers(h: &mut HeaderMap, ops: &HeaderOps) {

@@ -293,6 +293,22 @@ async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
     }
     let (ep, port) = eps[rand::random_range(0..eps.len())].clone();
     drop(state);
+    let dst = SocketAddr::new(ep.ip, port);
+    // An endpoint outside the mesh (a ServiceEntry's) is plain TCP.
+    if ep.protocol == mesh::TunnelProtocol::None {
+        match tokio::net::TcpStream::connect(dst).await {
+            Ok(mut up) => {
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut io, &mut up) => {}
+                    Ok(why) = &mut live.revoked => {
+                        tracing::info!(source = %s.src, target = %s.target, reason = why, "live L4 stream closed by a policy change");
+                    }
+                }
+            }
+            Err(e) => tracing::info!(%dst, error = %e, "L4 upstream failed"),
+        }
+        return;
+    }
     let Ok(cert) = wp.certs.fetch(&wp.identity).await else {
         return;
     };
@@ -303,7 +319,6 @@ async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
         dst: hbone_addr,
     };
     let dial = move || async move { tokio::net::TcpStream::connect(hbone_addr).await };
-    let dst = SocketAddr::new(ep.ip, port);
     match wp
         .upstreams
         .pool_connect(key, cert.client.clone(), dial, dst)

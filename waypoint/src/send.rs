@@ -1,11 +1,9 @@
-//! Sending a planned request: endpoint choice per attempt, retries (while
-//! the body can be replayed), per-try and overall timeouts, the mirror, and
-//! HTTP/1.1 upgrades turned into byte tunnels.
+//! Sending a planned request: endpoint choice per attempt (a DNS entry's
+//! names resolved first), retries (while the body can be replayed), per-try
+//! and overall timeouts, the mirror, and upgrades handed to `tunnel`.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,15 +11,14 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use mesh::live::Admitted;
 use mesh::routes::{RetryOn, RetryPolicy};
 use mesh::Workload;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 use crate::error::ProxyError;
 use crate::lb::{HashInput, Outcome};
+use crate::origin_tls::Origination;
 use crate::plan::{Forward, Target};
 use crate::proxy::{UpgradedStream, Waypoint};
 use crate::replay::{NotReplayable, Replay};
@@ -91,11 +88,17 @@ pub struct Upgrading {
     pub live: Admitted<UpgradedStream>,
 }
 
-fn status_retryable(p: &RetryPolicy, code: u16) -> bool {
+/// Whether a response the upstream sent is covered by the policy. A gRPC
+/// condition looks only at the response headers, as Envoy's does: a
+/// trailers-only answer carries its status there, while a status in the
+/// trailers comes after the body has reached the client, too late to retry.
+fn response_retryable(p: &RetryPolicy, code: u16, headers: &HeaderMap) -> bool {
+    let grpc = crate::grpc::status(headers);
     p.retry_on.iter().any(|on| match on {
         RetryOn::FiveXx => code >= 500,
         RetryOn::GatewayError => matches!(code, 502..=504),
         RetryOn::RetriableStatusCodes => p.codes.contains(&code),
+        RetryOn::Grpc(want) => grpc == Some(*want),
         _ => false,
     })
 }
@@ -226,7 +229,27 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
     let upgrade = kind.is_some();
     // An upgrade needs HTTP/1.1 upstream whatever the port says.
     let h2 = target.h2 && !upgrade;
+    // A DNS entry's endpoints are what its names resolve to now.
+    let resolved;
+    let eps = if target.dns.is_empty() {
+        &target.eps
+    } else {
+        match crate::dns::resolve(&target.dns).await {
+            Ok(r) => {
+                resolved = r;
+                &resolved
+            }
+            Err(e) => {
+                tracing::info!(host = fwd.host, error = %e, "destination did not resolve");
+                return Sent::local(&e, out.grpc);
+            }
+        }
+    };
     let attempts_max = 1 + retries.attempts;
+    let origin = target.policy.tls.as_ref().map(|tls| Origination {
+        tls,
+        host: &target.host,
+    });
     let mut tunnel_up = None;
     let attempt_all = async {
         let mut last: Option<Sent> = None;
@@ -239,7 +262,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                     return l;
                 }
             };
-            let (ep, port, _lease) = backend.pick(&target.eps, &target.policy, &hash);
+            let (ep, port, _lease) = backend.pick(eps, &target.policy, &hash);
             // An extended CONNECT's body is the tunnel, not the request's.
             let body = match &kind {
                 Some(UpgradeKind::Connect(_)) => {
@@ -251,12 +274,15 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
             let upstream = Some(SocketAddr::new(ep.ip, port));
             let send = async {
                 if upgrade {
-                    let (mut resp, guard) = wp.upstreams.send_upgrade(&ep, port, req).await?;
+                    let (mut resp, guard) = wp
+                        .upstreams
+                        .send_upgrade(&ep, port, req, origin.as_ref())
+                        .await?;
                     let on = hyper::upgrade::on(&mut resp);
                     tunnel_up = Some((on, guard));
                     Ok(resp)
                 } else {
-                    wp.upstreams.send(&ep, port, req, h2).await
+                    wp.upstreams.send(&ep, port, req, h2, origin.as_ref()).await
                 }
             };
             let result = match retries.per_try_timeout {
@@ -270,15 +296,10 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                 Ok(_) => Outcome::Success,
                 Err(_) => Outcome::Failure,
             };
-            backend.record(
-                ep.ip,
-                outcome,
-                target.policy.outlier.as_ref(),
-                target.eps.len(),
-            );
+            backend.record(ep.ip, outcome, target.policy.outlier.as_ref(), eps.len());
             let again = attempt < attempts_max
                 && match &result {
-                    Ok(r) => status_retryable(&retries, r.status().as_u16()),
+                    Ok(r) => response_retryable(&retries, r.status().as_u16(), r.headers()),
                     Err(e) => retries.retry_on.iter().any(|on| e.retryable_by(on)),
                 };
             let sent = match result {
@@ -349,89 +370,12 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
             let (tx, rx) = oneshot::channel();
             sent.tunnel = Some(rx);
             tokio::spawn(async move {
-                let bytes = tunnel(u.client, up, guard, u.live, out.peer).await;
+                let bytes = crate::tunnel::tunnel(u.client, up, guard, u.live, out.peer).await;
                 let _ = tx.send(bytes);
             });
         }
     }
     sent
-}
-
-/// Bytes both ways between the upgraded client and upstream connections
-/// until either side closes, or a policy change refuses the request that
-/// opened it. Returns the bytes read from each side.
-async fn tunnel(
-    client: OnUpgrade,
-    up: OnUpgrade,
-    guard: hbone::StreamGuard,
-    mut live: Admitted<UpgradedStream>,
-    peer: SocketAddr,
-) -> (u64, u64) {
-    let (c, u) = tokio::join!(client, up);
-    let mut bytes = (0, 0);
-    match (c, u) {
-        (Ok(c), Ok(u)) => {
-            let mut c = ReadCount::new(TokioIo::new(c));
-            let mut u = ReadCount::new(TokioIo::new(u));
-            tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut c, &mut u) => match r {
-                    Ok((sent, received)) => {
-                        tracing::debug!(%peer, sent, received, "upgraded connection closed")
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "upgraded connection broke"),
-                },
-                Ok(why) = &mut live.revoked => {
-                    tracing::info!(%peer, reason = why, "upgraded connection closed by a policy change");
-                }
-            }
-            bytes = (c.read, u.read);
-        }
-        (c, u) => tracing::info!(%peer, client = c.is_ok(), upstream = u.is_ok(), "upgrade failed"),
-    }
-    drop(guard);
-    bytes
-}
-
-/// Counts the bytes read through it (whatever ends the copy, the counts
-/// stay).
-struct ReadCount<T> {
-    inner: T,
-    read: u64,
-}
-
-impl<T> ReadCount<T> {
-    fn new(inner: T) -> Self {
-        ReadCount { inner, read: 0 }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for ReadCount<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for ReadCount<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// Sends a copy of the request to the mirror backend and forgets it: its
@@ -440,6 +384,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadCount<T> {
 /// the replay buffer. The authority gets `-shadow`, as Envoy marks
 /// mirrored requests.
 fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, body: &Arc<ReqBody>) {
+    if target.eps.is_empty() {
+        // A DNS entry's names are resolved for the main request only.
+        return tracing::debug!(
+            host = target.host,
+            "mirror skipped: its endpoints are DNS names"
+        );
+    }
     let (ep, port) = target.eps[rand::random_range(0..target.eps.len())].clone();
     let host = parts
         .headers
@@ -462,6 +413,8 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
         head.headers.insert("host", v);
     }
     let h2 = target.h2;
+    let tls = target.policy.tls.clone();
+    let tls_host = target.host.clone();
     let wp = wp.clone();
     let whole = Replay::whole(Arc::downgrade(body));
     tokio::spawn(async move {
@@ -481,7 +434,11 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
             StreamBody::new(futures_util::stream::iter(frames)).boxed()
         };
         let req = build(&head.into_parts(), h2, None, body);
-        match wp.upstreams.send(&ep, port, req, h2).await {
+        let origin = tls.as_ref().map(|tls| Origination {
+            tls,
+            host: &tls_host,
+        });
+        match wp.upstreams.send(&ep, port, req, h2, origin.as_ref()).await {
             Ok(resp) => {
                 let _ = resp.into_body().collect().await;
             }
@@ -529,6 +486,46 @@ impl CloneHead for http::request::Parts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_retried_by_status_and_grpc_status() {
+        let policy = |on: Vec<RetryOn>, codes: Vec<u16>| RetryPolicy {
+            attempts: 1,
+            per_try_timeout: None,
+            retry_on: on,
+            codes,
+            backoff: Duration::ZERO,
+        };
+        let unavailable = policy(vec![RetryOn::Grpc(14)], vec![]);
+        let both = policy(
+            vec![RetryOn::Grpc(4), RetryOn::RetriableStatusCodes],
+            vec![503],
+        );
+        // (policy, HTTP status, grpc-status header, retried)
+        let table = [
+            (&unavailable, 200, Some("14"), true),
+            (&unavailable, 200, Some(" 14 "), true),
+            (&unavailable, 200, Some("4"), false),
+            (&unavailable, 200, Some("0"), false),
+            (&unavailable, 200, None, false),
+            (&unavailable, 503, None, false),
+            (&both, 200, Some("4"), true),
+            (&both, 503, None, true),
+            (&both, 200, Some("14"), false),
+        ];
+        for (p, code, grpc, want) in table {
+            let mut h = HeaderMap::new();
+            if let Some(g) = grpc {
+                h.insert("grpc-status", g.parse().unwrap());
+            }
+            assert_eq!(
+                response_retryable(p, code, &h),
+                want,
+                "{:?} {code} {grpc:?}",
+                p.retry_on
+            );
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_by_upstream_protocol() {

@@ -23,6 +23,8 @@ pub mod flag {
     /// Upstream connection failure / reset.
     pub const CONNECT_FAILURE: &str = "UF";
     pub const RESET: &str = "UR";
+    /// The destination's name did not resolve (DNS ServiceEntry).
+    pub const DNS_FAILURE: &str = "DF";
     /// Fault injection: delay, abort.
     pub const DELAY: &str = "DI";
     pub const ABORT: &str = "FI";

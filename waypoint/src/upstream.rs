@@ -1,7 +1,8 @@
-//! HTTP to an endpoint: each connection is an HBONE CONNECT stream to the
-//! endpoint's ztunnel (15008), carrying HTTP/1.1 (kept alive and reused) or
-//! HTTP/2 (one multiplexed connection per endpoint). The HBONE layer pools
-//! and multiplexes the TLS connections underneath.
+//! HTTP to an endpoint: to a mesh endpoint each connection is an HBONE
+//! CONNECT stream to its ztunnel (15008), carrying HTTP/1.1 (kept alive and
+//! reused) or HTTP/2 (one multiplexed connection per endpoint); the HBONE
+//! layer pools and multiplexes the TLS connections underneath. An endpoint
+//! outside the mesh (a ServiceEntry's) gets plain TCP.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +22,29 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 use crate::error::ProxyError;
+use crate::origin_tls::Origination;
+
+/// Pooled connections are per endpoint, protocol and, for originated TLS,
+/// the settings and server name (a connection made under other settings is
+/// not reused).
+type Key = (
+    SocketAddr,
+    bool,
+    Option<(mesh::upstream_tls::UpstreamTls, String)>,
+);
+
+fn key(dst: SocketAddr, h2: bool, tls: Option<&Origination>) -> Key {
+    (
+        dst,
+        h2,
+        tls.map(|o| (o.tls.clone(), o.server_name().to_string())),
+    )
+}
+
+/// A connection to an endpoint, whichever way it was made.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+pub type Conn = Box<dyn Io>;
 
 enum Sender {
     H1(http1::SendRequest<Body>),
@@ -32,7 +56,7 @@ pub struct Upstreams {
     certs: Arc<SecretManager>,
     identity: Identity,
     /// Idle HTTP/1.1 connections and the HTTP/2 connection, per endpoint.
-    idle: Mutex<HashMap<(SocketAddr, bool), Vec<Sender>>>,
+    idle: Mutex<HashMap<Key, Vec<Sender>>>,
 }
 
 impl Upstreams {
@@ -66,9 +90,9 @@ impl Upstreams {
             .await
     }
 
-    fn checkout(&self, key: (SocketAddr, bool)) -> Option<Sender> {
+    fn checkout(&self, key: &Key) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap();
-        let list = idle.get_mut(&key)?;
+        let list = idle.get_mut(key)?;
         // Closed connections go; busy HTTP/1.1 ones (a response body still
         // streaming) stay for later; the first ready one is taken.
         list.retain(|s| match s {
@@ -86,18 +110,38 @@ impl Upstreams {
         }
     }
 
-    fn checkin(&self, key: (SocketAddr, bool), s: Sender) {
+    fn checkin(&self, key: Key, s: Sender) {
         if let Sender::H2(_) = s {
             return; // the pooled clone is already there
         }
         self.idle.lock().unwrap().entry(key).or_default().push(s);
     }
 
+    /// A byte stream to `dst`: an HBONE stream for a mesh endpoint (the
+    /// guard counts it), plain TCP for one outside the mesh, or TLS over it
+    /// when `tls` says so (`h2` picks the ALPN).
     async fn tunnel(
         &self,
         ep: &mesh::Workload,
         dst: SocketAddr,
-    ) -> Result<(TokioIo<hbone::StreamIo>, hbone::StreamGuard), ProxyError> {
+        tls: Option<&Origination<'_>>,
+        h2: bool,
+    ) -> Result<(TokioIo<Conn>, Option<hbone::StreamGuard>), ProxyError> {
+        if ep.protocol == mesh::TunnelProtocol::None {
+            let tcp = tokio::net::TcpStream::connect(dst)
+                .await
+                .map_err(|e| ProxyError::Connect(format!("{dst}: {e}")))?;
+            let _ = tcp.set_nodelay(true);
+            let io: Conn = match tls {
+                Some(o) => Box::new(
+                    crate::origin_tls::connect(o, h2, tcp)
+                        .await
+                        .map_err(|e| ProxyError::Connect(e.to_string()))?,
+                ),
+                None => Box::new(tcp),
+            };
+            return Ok((TokioIo::new(io), None));
+        }
         let cert = self
             .certs
             .fetch(&self.identity)
@@ -121,7 +165,8 @@ impl Upstreams {
             )
             .await
             .map_err(|e| ProxyError::Connect(e.to_string()))?;
-        Ok((TokioIo::new(hbone::StreamIo::new(send, recv)), guard))
+        let io: Conn = Box::new(hbone::StreamIo::new(send, recv));
+        Ok((TokioIo::new(io), Some(guard)))
     }
 
     async fn connect(
@@ -129,8 +174,9 @@ impl Upstreams {
         ep: &mesh::Workload,
         dst: SocketAddr,
         h2: bool,
+        tls: Option<&Origination<'_>>,
     ) -> Result<Sender, ProxyError> {
-        let (io, guard) = self.tunnel(ep, dst).await?;
+        let (io, guard) = self.tunnel(ep, dst, tls, h2).await?;
         if h2 {
             let (s, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await
@@ -143,7 +189,7 @@ impl Upstreams {
             self.idle
                 .lock()
                 .unwrap()
-                .entry((dst, true))
+                .entry(key(dst, true, tls))
                 .or_default()
                 .push(Sender::H2(s2));
             Ok(Sender::H2(s))
@@ -160,19 +206,23 @@ impl Upstreams {
     }
 
     /// Sends `req` to `ep` (port `port`) and returns the response head; the
-    /// connection goes back to the idle set for the next request.
+    /// connection goes back to the idle set for the next request. `tls`
+    /// applies to an endpoint outside the mesh only: mesh endpoints are
+    /// always reached over HBONE mTLS.
     pub async fn send(
         &self,
         ep: &mesh::Workload,
         port: u16,
         req: Request<Body>,
         h2: bool,
+        tls: Option<&Origination<'_>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let dst = SocketAddr::new(ep.ip, port);
-        let key = (dst, h2);
-        let mut sender = match self.checkout(key) {
+        let tls = tls.filter(|_| ep.protocol == mesh::TunnelProtocol::None);
+        let key = key(dst, h2, tls);
+        let mut sender = match self.checkout(&key) {
             Some(s) => s,
-            None => self.connect(ep, dst, h2).await?,
+            None => self.connect(ep, dst, h2, tls).await?,
         };
         let resp = match &mut sender {
             Sender::H1(s) => {
@@ -201,9 +251,11 @@ impl Upstreams {
         ep: &mesh::Workload,
         port: u16,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, hbone::StreamGuard), ProxyError> {
+        tls: Option<&Origination<'_>>,
+    ) -> Result<(Response<Incoming>, Option<hbone::StreamGuard>), ProxyError> {
         let dst = SocketAddr::new(ep.ip, port);
-        let (io, guard) = self.tunnel(ep, dst).await?;
+        let tls = tls.filter(|_| ep.protocol == mesh::TunnelProtocol::None);
+        let (io, guard) = self.tunnel(ep, dst, tls, false).await?;
         let (mut s, conn) = http1::handshake(io)
             .await
             .map_err(|e| ProxyError::Connect(e.to_string()))?;

@@ -538,6 +538,45 @@ async fn grpc_bidi_streams_message_by_message_and_status_is_reported() {
     drop(peers);
 }
 
+/// A route's `retryOn: unavailable` retries a gRPC call answered
+/// trailers-only with UNAVAILABLE (HTTP 200): the client sees the second
+/// try's answer. A call to the same method on a service whose route does
+/// not retry gRPC statuses gets the UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_is_retried_per_retry_on() {
+    let vs = "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: grpc, namespace: app}
+spec:
+  hosts: [grpc]
+  http: [{retries: {attempts: 2, retryOn: \"unavailable\"}, route: [{destination: {host: grpc}}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc2, namespace: app}
+spec: {clusterIP: 10.96.0.45, selector: {app: backend}, ports: [{name: grpc, port: 9091, targetPort: 9090}]}
+";
+    let (m, _) = mesh("wsr", vs, &[]).await;
+    let mut peers = Peers::default();
+    peers.start(&m, "backend", "grpc_echo.py", &["server", "9090"], 9090);
+    // The server fails every odd call: the 1st (retried: 2nd answers ok),
+    // then the 3rd, through a service without the retry.
+    assert_eq!(py(&m, "grpc_echo.py", "flaky 10.96.0.42:9090"), "flaky ok");
+    assert_eq!(
+        py(&m, "grpc_echo.py", "flaky 10.96.0.45:9091"),
+        "flaky UNAVAILABLE"
+    );
+    let log = access_log(&m);
+    assert!(
+        log.iter().any(|l| l["path"] == "/echo.Echo/Flaky"
+            && l["attempts"] == 2
+            && l["grpc_status"] == 0),
+        "{log:?}"
+    );
+    drop(peers);
+}
+
 /// An HTTP/2 server (hyper) in `pod` on `port` that answers each request
 /// with its body and, as trailers, the request's trailers renamed `echo-*`.
 fn trailer_echo_server(m: &Mesh, pod: &str, port: u16) {

@@ -27,7 +27,7 @@ impl Owner {
         })
     }
 
-    fn key(&self) -> ObjectKey {
+    pub(super) fn key(&self) -> ObjectKey {
         let (ns, name) = &self.name;
         if self.service {
             service_key(ns, name)
@@ -43,6 +43,7 @@ impl Objects {
         let (Some(ip), Some(me)) = (ip, Owner::of(key)) else {
             return;
         };
+        self.entry_address_changed(ip);
         let owners = self.ip_owners.entry(ip).or_default();
         if let Err(at) = owners.binary_search(&me) {
             owners.insert(at, me);
@@ -68,6 +69,7 @@ impl Objects {
                 .collect()
         };
         for ip in ips {
+            self.entry_address_changed(ip);
             let Some(owners) = self.ip_owners.get_mut(&ip) else {
                 continue;
             };
@@ -77,6 +79,19 @@ impl Objects {
                 self.ip_owners.remove(&ip);
             }
             self.mark_owners(&rest);
+        }
+    }
+
+    /// A pod or Service claims, or gives up, an address: an entry on it may
+    /// lose or regain its VIP.
+    fn entry_address_changed(&mut self, ip: IpAddr) {
+        if self
+            .published
+            .service_entries
+            .iter()
+            .any(|se| se.addresses.contains(&ip))
+        {
+            self.lists_dirty.insert(super::List::ServiceEntries);
         }
     }
 

@@ -116,6 +116,7 @@ impl Objects {
                     Kind::ServiceEntry(s) => Some(s),
                     _ => None,
                 });
+                self.derive_service_entries(&list);
                 self.published.service_entries = Arc::new(list);
             }
         }

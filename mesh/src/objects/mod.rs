@@ -28,6 +28,7 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 mod claims;
+mod entries;
 mod lists;
 use claims::Owner;
 use lists::{list_of, List};
@@ -112,6 +113,7 @@ impl Kind {
         match self {
             Kind::Pod(p) => p.ip.map(|ip| ("status.podIP", ip)).into_iter().collect(),
             Kind::Service(s) => s.vips.iter().map(|v| ("spec.clusterIP", *v)).collect(),
+            Kind::ServiceEntry(s) => s.addresses.iter().map(|a| ("spec.addresses", *a)).collect(),
             _ => Vec::new(),
         }
     }
@@ -160,6 +162,8 @@ pub struct Objects {
     namespaces_dirty: bool,
     rejected_dirty: bool,
     published: Lists,
+    /// What the ServiceEntries put in `ix`.
+    entries_out: entries::Published,
 }
 
 /// What `publish` rebuilds only when its inputs changed.
@@ -344,6 +348,15 @@ impl Objects {
             .collect();
         self.dirty_pods.extend(pods);
         self.dirty_services.extend(svcs);
+        // Its label may bind its entries to a waypoint.
+        if self
+            .published
+            .service_entries
+            .iter()
+            .any(|se| se.namespace == ns)
+        {
+            self.lists_dirty.insert(List::ServiceEntries);
+        }
     }
 
     /// Marks the services of `ns` whose selector matches `labels`.

@@ -3,11 +3,14 @@
 server PORT: /echo.Echo/Chat is bidi: each message is answered at once
 with "echo:" + it, and the call ends with trailing metadata x-trailer: yes;
 /echo.Echo/Fail is unary and fails with NOT_FOUND; /echo.Echo/Slow answers
-after 3 s.
+after 3 s; /echo.Echo/Flaky is unary and fails with UNAVAILABLE on every
+odd-numbered call (1st, 3rd, ...), answering "ok" on the others.
 client ADDR N: Chat sends message i only after reply i-1 arrived (a proxy
 that buffered the request stream would stall it), checks the trailer, then
 calls Fail. Prints "chat N trailer=yes", then "fail <CODE>".
+flaky ADDR: one call to Flaky; prints "flaky ok" or "flaky <CODE>".
 """
+import threading
 import queue
 import sys
 import time
@@ -31,12 +34,24 @@ def serve(port):
         time.sleep(3)
         return b"slow"
 
+    calls = [0]
+    lock = threading.Lock()
+
+    def flaky(request, context):
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n % 2 == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+        return b"ok"
+
     handler = grpc.method_handlers_generic_handler(
         "echo.Echo",
         {
             "Chat": grpc.stream_stream_rpc_method_handler(chat),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Slow": grpc.unary_unary_rpc_method_handler(slow),
+            "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTS)
@@ -77,8 +92,19 @@ def client(addr, n):
         print(f"fail {e.code().name}")
 
 
+def flaky_client(addr):
+    ch = grpc.insecure_channel(addr, options=OPTS)
+    try:
+        reply = ch.unary_unary("/echo.Echo/Flaky")(b"x", timeout=10)
+        print(f"flaky {reply.decode()}")
+    except grpc.RpcError as e:
+        print(f"flaky {e.code().name}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(int(sys.argv[2]))
+    elif sys.argv[1] == "flaky":
+        flaky_client(sys.argv[2])
     else:
         client(sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,162 @@
+//! ServiceEntries with addresses, published as services: the VIP is what
+//! ztunnel captures and what a waypoint is asked to CONNECT to, so an entry
+//! needs a service behind its VIP for ztunnel to route it (to the waypoint
+//! its `istio.io/use-waypoint` label or namespace names, or to its
+//! endpoints) and for that waypoint to admit, route and name it.
+//!
+//! STATIC endpoints become workloads outside the mesh (plain TCP), indexed
+//! by uid only: an endpoint address is not a pod address, so traffic sent
+//! to it directly is none of the mesh's business, and it can never shadow a
+//! pod. An entry without addresses is left to DNS alone, as before.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{ObjectKey, Objects};
+use crate::model::{Endpoint, Service, ServicePort, TargetPort, TunnelProtocol, Workload};
+use crate::service_entry::{EntryPort, Resolution};
+use crate::ServiceEntry;
+
+/// What one entry put in the indexes, to take out on the next rebuild.
+#[derive(Default)]
+pub(super) struct Published {
+    services: Vec<Arc<Service>>,
+    workloads: Vec<Arc<Workload>>,
+}
+
+fn entry_key(se: &ServiceEntry) -> ObjectKey {
+    ObjectKey {
+        kind: "ServiceEntry".into(),
+        namespace: se.namespace.clone(),
+        name: se.name.clone(),
+    }
+}
+
+/// The port name the waypoint reads the upstream protocol from (as for a
+/// Service port's name): the declared protocol wins over the name.
+fn port_name(p: &EntryPort) -> String {
+    match p.protocol.as_str() {
+        "http2" | "grpc" if !p.name.starts_with(p.protocol.as_str()) => {
+            format!("{}-{}", p.protocol, p.name)
+        }
+        _ => p.name.clone(),
+    }
+}
+
+impl Objects {
+    /// Replaces what the entries published before with what they publish
+    /// now (entries are few: all of them are re-derived on any change).
+    pub(super) fn derive_service_entries(&mut self, entries: &[ServiceEntry]) {
+        for s in std::mem::take(&mut self.entries_out.services) {
+            self.ix.remove_service(&s);
+        }
+        for w in std::mem::take(&mut self.entries_out.workloads) {
+            self.ix.remove_workload(&w);
+        }
+        // A VIP goes to the first entry (in key order) that claims it, and
+        // never to an entry when a pod or Service claims it.
+        let mut taken: BTreeMap<std::net::IpAddr, ObjectKey> = BTreeMap::new();
+        for se in entries.iter().filter(|se| !se.addresses.is_empty()) {
+            let key = entry_key(se);
+            let clash = se.addresses.iter().find_map(|a| {
+                let holder = self
+                    .ip_owners
+                    .get(a)
+                    .and_then(|o| o.first())
+                    .map(|o| o.key())
+                    .or_else(|| taken.get(a).cloned());
+                holder.map(|h| (*a, h))
+            });
+            if let Some((a, holder)) = clash {
+                self.left_out(
+                    &key,
+                    "spec.addresses",
+                    format!("{a} is already used by {holder}"),
+                );
+                continue;
+            }
+            self.clear_left_out(&key);
+            for a in &se.addresses {
+                taken.insert(*a, key.clone());
+            }
+            self.publish_entry(se);
+        }
+    }
+
+    fn publish_entry(&mut self, se: &ServiceEntry) {
+        let ports: Vec<ServicePort> = se
+            .ports
+            .iter()
+            .map(|p| ServicePort {
+                name: Some(port_name(p)),
+                port: p.number,
+                // Each endpoint says where it listens for this port name.
+                target: TargetPort::Named(p.name.clone()),
+            })
+            .collect();
+        let mut workloads = Vec::new();
+        if se.resolution == Resolution::Static {
+            for e in &se.static_endpoints {
+                let named_ports = se
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let at = e.ports.get(&p.name).copied();
+                        (p.name.clone(), at.or(p.target_port).unwrap_or(p.number))
+                    })
+                    .collect();
+                let s = &mut self.strings;
+                workloads.push(Arc::new(Workload {
+                    uid: format!("{}/ServiceEntry/{}/{}", se.namespace, se.name, e.address),
+                    name: se.name.clone(),
+                    namespace: s.get(&se.namespace),
+                    service_account: s.get("default"),
+                    trust_domain: s.get(&self.trust_domain),
+                    node: s.get(""),
+                    ip: e.address,
+                    labels: Arc::new(e.labels.clone().into()),
+                    annotations: Default::default(),
+                    waypoint: None,
+                    named_ports,
+                    // Outside ambient whatever `location` says: nothing
+                    // tells us the endpoint speaks HBONE.
+                    protocol: TunnelProtocol::None,
+                    canonical_name: s.get(&se.name),
+                    canonical_revision: s.get("latest"),
+                    authorization_policies: Vec::new(),
+                }));
+            }
+        }
+        let endpoints: Vec<Endpoint> = workloads
+            .iter()
+            .map(|w| Endpoint {
+                workload_uid: w.uid.clone(),
+                ip: w.ip,
+            })
+            .collect();
+        let waypoint = crate::standalone::waypoint_ref(
+            &se.labels,
+            self.namespaces.get(&se.namespace),
+            &se.namespace,
+        );
+        // One service per host, all on the entry's addresses; inserted last
+        // first, so that the first host holds the VIPs.
+        for host in se.hosts.iter().rev() {
+            let svc = Arc::new(Service {
+                waypoint: waypoint.clone(),
+                name: se.name.clone(),
+                namespace: se.namespace.clone(),
+                hostname: host.clone(),
+                vips: se.addresses.clone(),
+                ports: ports.clone(),
+                endpoints: endpoints.clone(),
+            });
+            self.ix.insert_service(svc.clone());
+            self.entries_out.services.push(svc);
+        }
+        for w in workloads {
+            self.ix.insert_external_workload(w.clone());
+            self.entries_out.workloads.push(w);
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! TLS the waypoint originates to an endpoint outside the mesh, per the
+//! DestinationRule's `trafficPolicy.tls`: rustls, the roots from
+//! `caCertificates` (else the system bundle), the server name from `sni`
+//! (else the destination's host) verified against the certificate, a
+//! client certificate for MUTUAL. Files are read (off the runtime's
+//! threads) for each new connection, so rotated files apply to the next one.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use mesh::upstream_tls::UpstreamTls;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::TcpStream;
+
+/// Where roots come from when the rule names none (Debian's bundle).
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OriginTlsError {
+    #[error("{path}: {why}")]
+    File { path: String, why: String },
+    #[error("server name {0:?}")]
+    Name(String),
+    #[error("tls config: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("tls handshake with {server}: {why}")]
+    Handshake { server: String, why: std::io::Error },
+}
+
+/// TLS as the rule says, for a connection to `host` (the fallback SNI).
+pub struct Origination<'a> {
+    pub tls: &'a UpstreamTls,
+    pub host: &'a str,
+}
+
+impl Origination<'_> {
+    pub fn server_name(&self) -> &str {
+        self.tls.sni.as_deref().unwrap_or(self.host)
+    }
+}
+
+async fn read(path: &Path) -> Result<Vec<u8>, OriginTlsError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|e| OriginTlsError::File {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })
+}
+
+fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, OriginTlsError> {
+    let bad = |why: String| OriginTlsError::File {
+        path: path.display().to_string(),
+        why,
+    };
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+async fn config(o: &Origination<'_>, h2: bool) -> Result<ClientConfig, OriginTlsError> {
+    let t = o.tls;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?;
+    let builder = if t.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+    } else {
+        let path = t
+            .ca_certificates
+            .as_deref()
+            .unwrap_or(Path::new(SYSTEM_BUNDLE));
+        let mut roots = RootCertStore::empty();
+        let (added, _ignored) = roots.add_parsable_certificates(certs(path, &read(path).await?)?);
+        if added == 0 {
+            return Err(OriginTlsError::File {
+                path: path.display().to_string(),
+                why: "no usable CA certificate".into(),
+            });
+        }
+        builder.with_root_certificates(roots)
+    };
+    let mut cfg = match &t.client_cert {
+        Some((cert, key)) => {
+            let chain = certs(cert, &read(cert).await?)?;
+            let pem = read(key).await?;
+            let key_der: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &pem[..])
+                .ok()
+                .flatten()
+                .ok_or_else(|| OriginTlsError::File {
+                    path: key.display().to_string(),
+                    why: "no PEM private key".into(),
+                })?;
+            builder.with_client_auth_cert(chain, key_der)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    Ok(cfg)
+}
+
+/// The TLS handshake over `tcp`.
+pub async fn connect(
+    o: &Origination<'_>,
+    h2: bool,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, OriginTlsError> {
+    let name = o.server_name().to_string();
+    let server =
+        ServerName::try_from(name.clone()).map_err(|_| OriginTlsError::Name(name.clone()))?;
+    let cfg = config(o, h2).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(server, tcp)
+        .await
+        .map_err(|why| OriginTlsError::Handshake { server: name, why })
+}
+
+/// `insecureSkipVerify: true`: any certificate is taken, signatures still
+/// have to be well formed.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
