@@ -240,7 +240,6 @@ impl FileSource {
     }
 }
 
-
 /// No object twice, no address or pod uid claimed twice (a workload is
 /// indexed by its uid: two with one would shadow each other).
 fn check_set(docs: &[&DocSummary]) -> Result<(), ConfigError> {

@@ -64,6 +64,14 @@ impl<K: Send + 'static> LiveConns<K> {
         self.len() == 0
     }
 
+    /// Visits every live connection (for the admin dump); `f` is brief, it
+    /// runs under the lock admissions take.
+    pub fn for_each(&self, mut f: impl FnMut(&K)) {
+        for (k, _) in self.conns.lock().unwrap().values() {
+            f(k);
+        }
+    }
+
     /// Runs `check` over every live connection; those it refuses are removed
     /// and told why. Returns how many were revoked. The check is pure and
     /// brief: the lock is never held across an await.

@@ -1,6 +1,7 @@
 //! ztunnel: the per-node L4 proxy of the ambient mesh.
 
 mod dns;
+mod dump;
 mod metrics;
 mod netns;
 mod pods;
@@ -196,14 +197,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(pods.clone().run_zds(args.zds_socket.clone(), drain.clone()));
 
     let dump = {
-        let (store, certs, pods, px, node) = (
-            store.clone(),
-            certs.clone(),
-            pods.clone(),
-            px.clone(),
-            args.node.clone(),
-        );
-        move || config_dump(&node, &store, &certs, &pods, &px)
+        let sources = dump::Sources {
+            node: args.node.clone(),
+            cluster_id: args.cluster_id.clone(),
+            store: store.clone(),
+            certs: certs.clone(),
+            pods: pods.clone(),
+            px: px.clone(),
+        };
+        move || dump::config_dump(&sources)
     };
     let process = metrics_process::Collector::default();
     process.describe();
@@ -278,51 +280,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("drained");
     }
     Ok(())
-}
-
-fn config_dump(
-    node: &str,
-    store: &MeshStore,
-    certs: &SecretManager,
-    pods: &pods::Pods,
-    px: &proxy::Proxy,
-) -> String {
-    let secs = |t: SystemTime| {
-        t.duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default()
-    };
-    let certificates: Vec<_> = certs
-        .snapshot()
-        .into_iter()
-        .map(|c| match c {
-            Ok(c) => serde_json::json!({
-                "identity": c.identity.to_string(),
-                "state": "valid",
-                "serial": c.serial,
-                "not_before": secs(c.not_before),
-                "expiration": secs(c.not_after),
-                "expires_in_s": c.not_after.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0),
-                // Public: which CA the mesh trusts (the built-in one or istiod's).
-                "root": c.chain_pem.last(),
-            }),
-            Err((id, why)) => serde_json::json!({"identity": id.to_string(), "state": why}),
-        })
-        .collect();
-    let pool: Vec<_> = px
-        .pool
-        .stats()
-        .into_iter()
-        .map(|(k, conns, streams)| serde_json::json!({"source": k.source, "destination": k.dst.to_string(), "identity": k.dst_identity.to_string(), "connections": conns, "streams": streams}))
-        .collect();
-    serde_json::to_string_pretty(&serde_json::json!({
-        "node": node,
-        "config": store.status(),
-        "mesh": &*store.load(),
-        "pods": pods.list(),
-        "certificates": certificates,
-        "hbone_pool": pool,
-        "live_connections": px.tasks.len(),
-    }))
-    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }

@@ -15,7 +15,7 @@ fn serial(m: &Mesh, node: &str, id: &str) -> String {
         .iter()
         .find(|c| c["identity"] == id)
         .cloned();
-    c.and_then(|c| c["serial"].as_str().map(String::from))
+    c.and_then(|c| c["certChain"][0]["serialNumber"].as_str().map(String::from))
         .unwrap_or_default()
 }
 

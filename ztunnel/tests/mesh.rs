@@ -72,7 +72,8 @@ async fn pod_to_pod_across_nodes_through_hbone() {
         .unwrap()
         .iter()
         .any(
-            |c| c["identity"] == "spiffe://cluster.local/ns/app/sa/client" && c["state"] == "valid"
+            |c| c["identity"] == "spiffe://cluster.local/ns/app/sa/client"
+                && c["state"] == "Available"
         ));
 }
 
