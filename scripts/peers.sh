@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real control-plane peers the cluster tests run against (kube-apiserver,
-# etcd, istiod) from their Go modules, pinned by testbed/peers/*/go.mod. Builds are
+# etcd, istiod) and istioctl from their Go modules, pinned by testbed/peers/*/go.mod. Builds are
 # cached in $MESH_PEERS_DIR keyed by the go.sum they came from, so a second run is free.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -19,6 +19,11 @@ build() { # module-dir stamp-name packages...
 
 build "$root/testbed/peers/kube" kube k8s.io/kubernetes/cmd/kube-apiserver ./etcd
 build "$root/testbed/peers/istio" istio istio.io/istio/pilot/cmd/pilot-discovery
+# istioctl reads our ztunnel's /config_dump (ztunnel/tests/istioctl.rs). Its own
+# stamp: the istio stamp already matches caches built before istioctl was added.
+# Same module and Go build cache as istiod, so only istioctl's own packages
+# compile on top of it.
+build "$root/testbed/peers/istio" istioctl istio.io/istio/istioctl/cmd/istioctl
 # The CRDs istiod watches ship inside the modules it was built from.
 mkdir -p "$out/crds"
 istio_dir="$(cd "$root/testbed/peers/istio" && go list -m -f '{{.Dir}}' istio.io/istio)"
