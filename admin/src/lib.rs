@@ -1,6 +1,10 @@
 //! The three small HTTP endpoints every proxy serves: admin (localhost
 //! 15000), metrics (15020), readiness (15021).
 
+mod logging;
+
+pub use logging::{LevelError, Levels};
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,14 +20,15 @@ use tokio::sync::watch;
 
 pub type Reply = (StatusCode, &'static str, String);
 
-/// Serves `route` on `addr` until `drain` flips; each request gets the path.
+/// Serves `route` on `addr` until `drain` flips; each request gets its
+/// method and URI.
 pub async fn serve<F>(
     addr: SocketAddr,
     route: F,
     drain: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>>
 where
-    F: Fn(&str) -> Reply + Send + Sync + 'static,
+    F: Fn(&http::Method, &http::Uri) -> Reply + Send + Sync + 'static,
 {
     let listener = TcpListener::bind(addr).await?;
     let route = Arc::new(route);
@@ -37,7 +42,7 @@ where
             let route = route.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
-                    let (status, ctype, body) = route(req.uri().path());
+                    let (status, ctype, body) = route(req.method(), req.uri());
                     let resp = Response::builder()
                         .status(status)
                         .header("content-type", ctype)
@@ -62,7 +67,8 @@ pub struct Addrs {
 
 /// Starts the standard endpoints of a proxy: `/config_dump` (admin, JSON from
 /// `dump`), `/metrics` and `/stats/prometheus` (text from `scrape`), and
-/// `/healthz/ready` (503 with the reason `not_ready` gives, else 200).
+/// `/healthz/ready` (503 with the reason `not_ready` gives, else 200), and
+/// `/logging` (admin: the log level, changed at run time).
 /// Admin and metrics stop with `drain`; readiness keeps answering 503 through
 /// the drain, until the process exits.
 pub async fn endpoints(
@@ -77,12 +83,13 @@ pub async fn endpoints(
     };
     serve(
         addrs.admin,
-        move |path| match path {
+        move |method, uri| match uri.path() {
             "/config_dump" => (StatusCode::OK, "application/json", dump()),
+            "/logging" => logging::handle(method, uri.query()),
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "try /config_dump\n".into(),
+                "try /config_dump or /logging\n".into(),
             ),
         },
         drain.clone(),
@@ -91,7 +98,7 @@ pub async fn endpoints(
     .map_err(named("admin", addrs.admin))?;
     serve(
         addrs.metrics,
-        move |path| match path {
+        move |_, uri| match uri.path() {
             "/metrics" | "/stats/prometheus" => {
                 (StatusCode::OK, "text/plain; version=0.0.4", scrape())
             }
@@ -101,7 +108,7 @@ pub async fn endpoints(
     )
     .await
     .map_err(named("metrics", addrs.metrics))?;
-    let ready = move |path: &str| match path {
+    let ready = move |_: &http::Method, uri: &http::Uri| match uri.path() {
         "/healthz/ready" => match (*drain.borrow(), not_ready()) {
             (true, _) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -131,16 +138,33 @@ pub async fn endpoints(
 }
 
 /// Structured logs on stderr (stdout stays free for access logs), text or
-/// JSON lines, filtered by RUST_LOG (default info).
+/// JSON lines, filtered by RUST_LOG (default info); `/logging` on the admin
+/// port changes the filter at run time.
 pub fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let initial = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| tracing_subscriber::EnvFilter::try_new(f).is_ok())
+        .unwrap_or_else(|| "info".into());
     let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&initial))
         .with_writer(std::io::stderr);
+    // The two builders' handles have different types: each is wrapped in
+    // the same closure.
     if json {
-        fmt.json().init();
+        let fmt = fmt.json().with_filter_reloading();
+        let handle = fmt.reload_handle();
+        logging::install(
+            &initial,
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+        );
+        fmt.init();
     } else {
+        let fmt = fmt.with_filter_reloading();
+        let handle = fmt.reload_handle();
+        logging::install(
+            &initial,
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+        );
         fmt.init();
     }
 }

@@ -530,6 +530,16 @@ async fn waypoint_for_all_captures_pod_traffic_and_forbids_bypass() {
                 && l.contains("destination_workload=\"echo-v1\"")),
         "{metrics}"
     );
+    // The waypoint serves the shared admin's /logging too.
+    assert_eq!(
+        m.pod_http("waypoint", 15000, "/logging"),
+        "current log level is info\n"
+    );
+    let (_, out) = sh_out(&format!(
+        "ip netns exec {} curl -s -X POST 'http://127.0.0.1:15000/logging?level=hyper:debug'",
+        m.pod_ns("waypoint")
+    ));
+    assert_eq!(out, "current log level is info,hyper=debug\n");
 }
 
 /// Labels Prometheus adds at scrape time (kubernetes_sd relabeling, see
