@@ -284,10 +284,12 @@ async fn main() {
         .as_array()
         .unwrap()
     {
+        // The leaf is the first of the chain (upstream ztunnel's shape).
         println!(
-            "   {} expires in {}s",
+            "   {} {}, expires {}",
             c["identity"].as_str().unwrap_or("?"),
-            c["expires_in_s"]
+            c["state"].as_str().unwrap_or("?"),
+            c["certChain"][0]["expirationTime"].as_str().unwrap_or("?")
         );
     }
     println!("\n== cleaning up");
