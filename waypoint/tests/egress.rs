@@ -3,15 +3,16 @@
 //! waypoint applying routes and L7 policy before reaching the entry's
 //! endpoints; and an entry without a waypoint routed by ztunnel at L4.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use testbed::*;
 
+mod common;
+use common::{access_log, Peers};
+
 const WP: &str = env!("CARGO_BIN_EXE_waypoint");
-const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers");
 
 const BASE: &str = "apiVersion: v1
 kind: Namespace
@@ -90,44 +91,6 @@ spec:
   rules: [{to: [{operation: {paths: [/entry-denied]}}]}]
 ";
 
-/// Python peers, killed (by their own pid) when the test ends, pass or fail.
-#[derive(Default)]
-struct Peers(Vec<Child>);
-
-impl Drop for Peers {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Peers {
-    /// Starts `script args` in `pod` and waits for it to listen on `port`.
-    fn start(&mut self, m: &Mesh, pod: &str, script: &str, args: &[&str], port: u16) {
-        let log = std::fs::File::create(m.dir.join(format!("{script}-{port}.log"))).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &m.pod_ns(pod), "python3", "-u"])
-            .arg(format!("{PEERS}/{script}"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("python3 (run scripts/deps.sh)");
-        self.0.push(child);
-        for _ in 0..100 {
-            if in_ns(&m.pod_ns(pod), move || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            }) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("{script} did not listen on {port}");
-    }
-}
-
 /// `extra` gives more config once the test's directory exists.
 async fn mesh(tag: &str, extra: impl FnOnce(&Mesh) -> String) -> Mesh {
     let mut m = Mesh::new(tag, &workspace_bin("ztunnel"));
@@ -162,16 +125,6 @@ fn curl(m: &Mesh, url: &str) -> String {
         m.pod_ns("client")
     );
     sh_out(&cmd).1.trim().to_string()
-}
-
-fn access_log(m: &Mesh) -> Vec<serde_json::Value> {
-    // The waypoint flushes its access log every 100 ms.
-    std::thread::sleep(Duration::from_millis(300));
-    std::fs::read_to_string(m.dir.join("waypoint-access.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// A STATIC ServiceEntry bound to the waypoint by its namespace: the client

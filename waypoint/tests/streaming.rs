@@ -2,10 +2,12 @@
 //! namespaces, real ztunnels, our waypoint in its own pod, real peers
 //! (curl, Python `websockets` and `grpcio`, installed by scripts/deps.sh).
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use testbed::*;
+
+mod common;
+use common::{access_log, Peers};
 
 const WP: &str = env!("CARGO_BIN_EXE_waypoint");
 const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers");
@@ -70,48 +72,6 @@ spec:
   listeners: [{name: mesh, port: 15008, protocol: HBONE}]
 ";
 
-/// Python peers, killed (by their own pid) when the test ends, pass or fail.
-#[derive(Default)]
-struct Peers(Vec<Child>);
-
-impl Drop for Peers {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Peers {
-    /// Starts `script args` in `pod` and waits for it to listen on `port`.
-    fn start(&mut self, m: &Mesh, pod: &str, script: &str, args: &[&str], port: u16) {
-        let log = std::fs::File::create(m.dir.join(format!("{script}.log"))).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &m.pod_ns(pod), "python3", "-u"])
-            .arg(format!("{PEERS}/{script}"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("python3 (run scripts/deps.sh)");
-        self.0.push(child);
-        for _ in 0..100 {
-            let ns = m.pod_ns(pod);
-            if in_ns(&ns, move || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            }) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "{script} did not listen on {port}: {}",
-            std::fs::read_to_string(m.dir.join(format!("{script}.log"))).unwrap_or_default()
-        );
-    }
-}
-
 async fn mesh(tag: &str, extra: &str, wp_args: &[&str]) -> (Mesh, u32) {
     let mut m = Mesh::new(tag, &workspace_bin("ztunnel"));
     m.pod("client", "app", "client", "10.244.1.10", "node1", true);
@@ -142,16 +102,6 @@ fn py(m: &Mesh, script: &str, args: &str) -> String {
             m.dir.join("clients.log").display()
         ),
     )
-}
-
-fn access_log(m: &Mesh) -> Vec<serde_json::Value> {
-    // The waypoint flushes its access log every 100 ms.
-    std::thread::sleep(Duration::from_millis(300));
-    std::fs::read_to_string(m.dir.join("waypoint-access.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {

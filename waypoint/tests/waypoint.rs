@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use testbed::*;
 
+mod common;
+use common::access_log;
+
 const WP: &str = env!("CARGO_BIN_EXE_waypoint");
 
 const BASE: &str = "apiVersion: v1
@@ -158,19 +161,6 @@ fn bodies(m: &Mesh, url: &str, n: usize, extra: &str) -> BTreeMap<String, usize>
         *c.entry(l.to_string()).or_default() += 1;
     }
     c
-}
-
-fn access_log(m: &Mesh) -> Vec<serde_json::Value> {
-    // The waypoint flushes its access log every 100 ms.
-    std::thread::sleep(Duration::from_millis(300));
-    std::fs::read_to_string(m.dir.join("waypoint-access.log"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("access log line is not JSON: {l}: {e}"))
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
