@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real control-plane peers the cluster tests run against (kube-apiserver,
-# etcd, istiod) and istioctl from their Go modules, pinned by testbed/peers/*/go.mod. Builds are
+# etcd, istiod), istioctl and helm from their Go modules, pinned by testbed/peers/*/go.mod. Builds are
 # cached in $MESH_PEERS_DIR keyed by the go.sum they came from, so a second run is free.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,6 +24,9 @@ build "$root/testbed/peers/istio" istio istio.io/istio/pilot/cmd/pilot-discovery
 # Same module and Go build cache as istiod, so only istioctl's own packages
 # compile on top of it.
 build "$root/testbed/peers/istio" istioctl istio.io/istio/istioctl/cmd/istioctl
+# helm renders Istio's own ztunnel and cni charts with our images; the version
+# is the one istio's module requires, so the charts meet the helm they ship with.
+build "$root/testbed/peers/istio" helm helm.sh/helm/v4/cmd/helm
 # The CRDs istiod watches ship inside the modules it was built from.
 mkdir -p "$out/crds"
 istio_dir="$(cd "$root/testbed/peers/istio" && go list -m -f '{{.Dir}}' istio.io/istio)"

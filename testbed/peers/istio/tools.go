@@ -1,11 +1,12 @@
 //go:build tools
 
-// Pins istiod (pilot-discovery) and istioctl into this module; scripts/peers.sh
+// Pins istiod (pilot-discovery), istioctl and helm into this module; scripts/peers.sh
 // builds them with `go build istio.io/istio/pilot/cmd/pilot-discovery` and
-// `go build istio.io/istio/istioctl/cmd/istioctl` from here.
+// `go build istio.io/istio/istioctl/cmd/istioctl` (and helm.sh/helm/v4/cmd/helm) from here.
 package tools
 
 import (
+	_ "helm.sh/helm/v4/cmd/helm"
 	_ "istio.io/istio/istioctl/cmd/istioctl"
 	_ "istio.io/istio/pilot/cmd/pilot-discovery"
 )
