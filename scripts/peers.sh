@@ -35,4 +35,8 @@ cat "$istio_dir/manifests/charts/base/files/crd-all.gen.yaml" > "$out/crds/istio
 for f in "$gw_dir"/config/crd/standard/gateway.networking.k8s.io_*.yaml; do
   echo "---"; cat "$f"
 done > "$out/crds/gateway-api.yaml"
-ls "$out/bin" "$out/crds"
+# Istio's own Grafana dashboards: the dashboard test checks that every series
+# and label they query is one our proxies export.
+mkdir -p "$out/dashboards"
+cp "$istio_dir"/manifests/addons/dashboards/*.json "$out/dashboards/"
+ls "$out/bin" "$out/crds" "$out/dashboards"

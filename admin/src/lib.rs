@@ -2,6 +2,9 @@
 //! 15000), metrics (15020), readiness (15021).
 
 mod logging;
+mod process;
+
+pub use process::ProcessMetrics;
 
 pub use logging::{LevelError, Levels};
 

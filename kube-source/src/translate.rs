@@ -304,6 +304,19 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
     if let Some(uid) = &m.uid {
         meta.insert("uid".into(), uid.clone().into());
     }
+    // A pod's controller names its workload in telemetry (`mesh::owner`);
+    // the other owner references are not read.
+    if let Some(owner) = m
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))
+    {
+        meta.insert(
+            "ownerReferences".into(),
+            serde_json::json!([{ "kind": owner.kind, "name": owner.name, "controller": true }]),
+        );
+    }
     for (k, v) in [("labels", &m.labels), ("annotations", &m.annotations)] {
         if let Some(v) = v {
             let v: BTreeMap<_, _> = v

@@ -10,6 +10,7 @@ pub mod live;
 pub mod memory;
 pub mod model;
 pub mod objects;
+pub mod owner;
 mod policy_index;
 mod rejected;
 pub mod routes;

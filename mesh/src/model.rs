@@ -22,6 +22,13 @@ pub enum TunnelProtocol {
 pub struct Workload {
     pub uid: String,
     pub name: String,
+    /// What owns the pod across rollouts (a Deployment, CronJob...), the
+    /// name telemetry reports: `owner::workload_name`, or WDS's.
+    pub workload_name: Str,
+    pub workload_kind: crate::owner::WorkloadKind,
+    /// Set only when the source says (WDS); None is this proxy's cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<Str>,
     // Shared with every workload that has the same value (`intern`).
     pub namespace: Str,
     pub service_account: Str,

@@ -51,13 +51,24 @@ pub(crate) fn err(
 
 /// Name and namespace are read before the kind is known (the object's key).
 #[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
 struct Meta {
     #[serde(default)]
     uid: Option<String>,
     #[serde(default)]
+    owner_references: Vec<OwnerReference>,
+    #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct OwnerReference {
+    kind: String,
+    name: String,
+    #[serde(default)]
+    controller: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -359,8 +370,18 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
     if spec.node_name.is_empty() {
         return Err(err(object, "spec.nodeName", "empty"));
     }
+    let owner = o
+        .metadata
+        .owner_references
+        .into_iter()
+        .find(|r| r.controller == Some(true))
+        .map(|r| crate::owner::Owner {
+            kind: r.kind,
+            name: r.name,
+        });
     Ok(PodDecl {
         uid: o.metadata.uid,
+        owner,
         labels: Arc::new(o.metadata.labels.into()),
         annotations: Arc::new(o.metadata.annotations.into()),
         service_account: spec

@@ -66,6 +66,9 @@ fn endpoint(name: &str, ip: IpAddr) -> Arc<Workload> {
     Arc::new(Workload {
         uid: format!("dns/{name}/{ip}"),
         name: name.to_string(),
+        workload_name: s(name),
+        workload_kind: Default::default(),
+        cluster_id: None,
         namespace: s(""),
         service_account: s(""),
         trust_domain: s(""),

@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    mesh::owner::set_local_cluster(&args.cluster_id);
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(
@@ -197,8 +198,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let wp = wp.clone();
         move || config_dump(&wp, &dropped.lock().unwrap())
     };
-    let process = metrics_process::Collector::default();
-    process.describe();
+    let process = admin::ProcessMetrics::new();
     let scrape = move || {
         process.collect();
         prom.render()

@@ -1,8 +1,8 @@
 //! Who the client is, for telemetry. The waypoint holds the pods of what it
 //! serves, not of every client, so a client from another namespace is
 //! usually not in its state. Its ztunnel names it in the CONNECT's W3C
-//! `baggage` (namespace, workload or pod name, canonical service and
-//! revision), as upstream ztunnel and ours both send. Metrics and the access
+//! `baggage` (cluster, namespace, workload and pod name, canonical service
+//! and revision), as upstream ztunnel and ours both send. Metrics and the access
 //! log use that then; the namespace and service account always come from
 //! the client's certificate, never from baggage. Policy never reads this.
 
@@ -27,7 +27,9 @@ pub fn source(
     }
     let baggage = connect.get("baggage")?.to_str().ok()?;
     let mut name = None;
+    let mut kind = mesh::owner::WorkloadKind::Pod;
     let mut pod = None;
+    let mut cluster = None;
     let (mut service, mut version) = (None, None);
     for item in baggage.split(',') {
         // Members may carry `;properties` after the value.
@@ -40,19 +42,29 @@ pub fn source(
         }
         match k {
             "k8s.pod.name" => pod = Some(v),
+            "k8s.cluster.name" => cluster = Some(v),
             "service.name" => service = Some(v),
             "service.version" => version = Some(v),
             k if k.starts_with("k8s.") && k.ends_with(".name") && !NOT_WORKLOADS.contains(&k) => {
-                name = Some(v)
+                name = Some(v);
+                kind = mesh::owner::WorkloadKind::from_baggage_key(k);
             }
             _ => {}
         }
     }
-    let name = name.or(pod)?;
+    let workload = name.or(pod)?;
     let s = |v: &str| -> Str { Arc::from(v) };
     Some(Arc::new(Workload {
-        uid: String::new(),
-        name: name.to_string(),
+        // Distinct per described workload: telemetry caches label sets by uid.
+        uid: format!(
+            "baggage/{}/{}/{workload}",
+            cluster.unwrap_or(""),
+            id.namespace
+        ),
+        name: pod.unwrap_or(workload).to_string(),
+        workload_name: s(workload),
+        workload_kind: kind,
+        cluster_id: cluster.map(s),
         namespace: s(&id.namespace),
         service_account: s(&id.service_account),
         trust_domain: s(&id.trust_domain),
@@ -63,7 +75,7 @@ pub fn source(
         waypoint: None,
         named_ports: Default::default(),
         protocol: TunnelProtocol::Hbone,
-        canonical_name: s(service.unwrap_or(name)),
+        canonical_name: s(service.unwrap_or(workload)),
         canonical_revision: s(version.unwrap_or("latest")),
         authorization_policies: Vec::new(),
     }))
@@ -100,24 +112,31 @@ mod tests {
         let got = |addr: &str, baggage: &str| {
             source(&state, ip(addr), &id, &connect(baggage)).map(|w| {
                 format!(
-                    "{}/{} sa={} app={} v={}",
-                    w.namespace, w.name, w.service_account, w.canonical_name, w.canonical_revision
+                    "{}/{} pod={} {:?} cluster={} sa={} app={} v={}",
+                    w.namespace,
+                    w.workload_name,
+                    w.name,
+                    w.workload_kind,
+                    mesh::owner::cluster_of(&w),
+                    w.service_account,
+                    w.canonical_name,
+                    w.canonical_revision
                 )
             })
         };
         let cases = [
             // The state wins over baggage.
-            ("10.0.0.1", "k8s.deployment.name=other", Some("a/known sa=default app=known v=latest")),
+            ("10.0.0.1", "k8s.deployment.name=other", Some("a/known pod=known Pod cluster=Kubernetes sa=default app=known v=latest")),
             // Upstream ztunnel's shape: the workload's kind in the key; the
             // namespace is the certificate's, not the baggage's.
             (
                 "10.0.0.9",
-                "k8s.cluster.name=Kubernetes,k8s.namespace.name=spoofed,k8s.deployment.name=client,service.name=client-app,service.version=v2",
-                Some("far/client sa=client-sa app=client-app v=v2"),
+                "k8s.cluster.name=east,k8s.namespace.name=spoofed,k8s.deployment.name=client,service.name=client-app,service.version=v2",
+                Some("far/client pod=client Deployment cluster=east sa=client-sa app=client-app v=v2"),
             ),
             // Ours: the pod's name.
-            ("10.0.0.9", "k8s.namespace.name=far,k8s.pod.name=client-0", Some("far/client-0 sa=client-sa app=client-0 v=latest")),
-            ("10.0.0.9", "k8s.statefulset.name=db ; p=1, k8s.pod.name=db-0", Some("far/db sa=client-sa app=db v=latest")),
+            ("10.0.0.9", "k8s.namespace.name=far,k8s.pod.name=client-0", Some("far/client-0 pod=client-0 Pod cluster=Kubernetes sa=client-sa app=client-0 v=latest")),
+            ("10.0.0.9", "k8s.statefulset.name=db ; p=1, k8s.pod.name=db-0", Some("far/db pod=db-0 Pod cluster=Kubernetes sa=client-sa app=db v=latest")),
             // Nothing naming a workload: unknown, as before.
             ("10.0.0.9", "k8s.cluster.name=Kubernetes,k8s.namespace.name=far", None),
             ("10.0.0.9", "garbage", None),

@@ -73,7 +73,10 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
     let w = |w: Option<&Workload>, f: fn(&Workload) -> String| w.map(f).unwrap_or_else(unknown);
     [
         ("reporter", "waypoint".to_string()),
-        ("source_workload", w(r.src_workload, |w| w.name.clone())),
+        (
+            "source_workload",
+            w(r.src_workload, |w| w.workload_name.to_string()),
+        ),
         (
             "source_workload_namespace",
             r.src_identity.namespace.clone(),
@@ -95,13 +98,16 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
             "source_canonical_revision",
             w(r.src_workload, |w| w.canonical_revision.to_string()),
         ),
-        ("source_cluster", "Kubernetes".to_string()),
+        (
+            "source_cluster",
+            w(r.src_workload, |w| mesh::owner::cluster_of(w).to_string()),
+        ),
         ("destination_service", svc_host),
         ("destination_service_name", svc_name),
         ("destination_service_namespace", svc_ns),
         (
             "destination_workload",
-            w(r.dst_workload, |w| w.name.clone()),
+            w(r.dst_workload, |w| w.workload_name.to_string()),
         ),
         (
             "destination_workload_namespace",
@@ -127,7 +133,10 @@ fn labels(r: &Record) -> [(&'static str, String); 25] {
             "destination_canonical_revision",
             w(r.dst_workload, |w| w.canonical_revision.to_string()),
         ),
-        ("destination_cluster", "Kubernetes".to_string()),
+        (
+            "destination_cluster",
+            w(r.dst_workload, |w| mesh::owner::cluster_of(w).to_string()),
+        ),
         ("request_protocol", r.protocol.to_string()),
         ("response_code", r.code.to_string()),
         (

@@ -79,18 +79,47 @@ pub struct Ads {
     pub status: watch::Sender<AdsStatus>,
 }
 
+/// Registers the xDS series at zero, so they exist before the first
+/// message or failure (a rate over a series that appears only at the first
+/// failure misses that failure) and in standalone mode, where no stream
+/// runs and zero is the truth.
+pub fn register_metrics() {
+    for reason in ["ConnectionError", "Error", "Reconnect"] {
+        metrics::counter!("istio_xds_connection_terminations_total", "reason" => reason)
+            .increment(0);
+    }
+    for url in TYPES {
+        metrics::counter!("istio_xds_message_total", "url" => url).increment(0);
+    }
+}
+
+/// Why a stream ended, with upstream ztunnel's `reason` values: istiod
+/// never answered (`ConnectionError`), failed the stream (`Error`), or
+/// closed it cleanly, as it does to rebalance (`Reconnect`).
+fn termination(opened: bool, r: &Result<(), XdsError>) -> &'static str {
+    match (opened, r) {
+        (false, _) => "ConnectionError",
+        (true, Err(_)) => "Error",
+        (true, Ok(())) => "Reconnect",
+    }
+}
+
 impl Ads {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut res = Resources::default();
         let mut seen: [bool; 2] = [false; 2];
         let mut backoff = Duration::from_millis(200);
+        register_metrics();
         loop {
             let started = Instant::now();
+            let mut opened = false;
             let r = tokio::select! {
-                r = self.session(&mut res, &mut seen) => r,
+                r = self.session(&mut res, &mut seen, &mut opened) => r,
                 _ = stop.changed() => return,
             };
             self.status.send_modify(|s| s.connected = false);
+            metrics::counter!("istio_xds_connection_terminations_total", "reason" => termination(opened, &r))
+                .increment(1);
             let err = match r {
                 Ok(()) => "stream closed by istiod".to_string(),
                 Err(e) => e.to_string(),
@@ -110,7 +139,14 @@ impl Ads {
         }
     }
 
-    async fn session(&self, res: &mut Resources, seen: &mut [bool; 2]) -> Result<(), XdsError> {
+    /// One stream; `opened` tells the caller whether it got as far as
+    /// istiod answering, for the termination reason.
+    async fn session(
+        &self,
+        res: &mut Resources,
+        seen: &mut [bool; 2],
+        opened: &mut bool,
+    ) -> Result<(), XdsError> {
         let channel = self.cp.channel()?;
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(8);
         for (i, t) in TYPES.iter().enumerate() {
@@ -131,6 +167,7 @@ impl Ads {
             .await
             .map_err(XdsError::Rpc)?
             .into_inner();
+        *opened = true;
         tracing::info!(address = %self.cp.address, "xDS stream open");
         self.status.send_modify(|s| s.connected = true);
         while let Some(resp) = stream.message().await.map_err(XdsError::Rpc)? {
@@ -151,9 +188,11 @@ impl Ads {
     ) -> DeltaDiscoveryRequest {
         let mut errors = Vec::new();
         let Some(idx) = TYPES.iter().position(|t| *t == resp.type_url) else {
+            metrics::counter!("istio_xds_message_total", "url" => "unsupported").increment(1);
             errors.push(format!("unsupported resource type {}", resp.type_url));
             return nack(resp, errors);
         };
+        metrics::counter!("istio_xds_message_total", "url" => TYPES[idx]).increment(1);
         // Each body is freed once applied: the translations that follow
         // reuse its memory instead of growing the heap past a whole push.
         let resources = std::mem::take(&mut resp.resources);

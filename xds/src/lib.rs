@@ -9,7 +9,7 @@ pub mod pb;
 pub mod wds;
 mod wds_policy;
 
-pub use ads::{Ads, AdsStatus, ProxyInfo};
+pub use ads::{register_metrics, Ads, AdsStatus, ProxyInfo};
 pub use ca::IstioCa;
 pub use channel::ControlPlane;
 

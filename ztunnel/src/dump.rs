@@ -51,8 +51,8 @@ struct WorkloadOut<'a> {
     name: &'a str,
     namespace: &'a str,
     service_account: &'a str,
-    workload_name: String,
-    workload_type: &'static str,
+    workload_name: &'a str,
+    workload_type: mesh::owner::WorkloadKind,
     canonical_name: &'a str,
     canonical_revision: &'a str,
     cluster_id: &'a str,
@@ -156,20 +156,7 @@ fn waypoint_address(state: &MeshState, wp: &mesh::routes::WaypointRef) -> Gatewa
     }
 }
 
-/// Istio's workload name: a Deployment's pods carry `pod-template-hash`
-/// and are named `<deployment>-<hash>-<suffix>`; any other pod is its own
-/// workload.
-fn workload_name(w: &Workload) -> (String, &'static str) {
-    if let Some(hash) = w.labels.get("pod-template-hash") {
-        if let Some(at) = w.name.rfind(&format!("-{hash}-")) {
-            return (w.name[..at].to_string(), "deployment");
-        }
-    }
-    (w.name.clone(), "pod")
-}
-
 fn workload<'a>(state: &MeshState, w: &'a Workload, cluster_id: &'a str) -> WorkloadOut<'a> {
-    let (workload_name, workload_type) = workload_name(w);
     WorkloadOut {
         uid: &w.uid,
         workload_ips: if w.ip.is_unspecified() {
@@ -185,11 +172,11 @@ fn workload<'a>(state: &MeshState, w: &'a Workload, cluster_id: &'a str) -> Work
         name: &w.name,
         namespace: &w.namespace,
         service_account: &w.service_account,
-        workload_name,
-        workload_type,
+        workload_name: &w.workload_name,
+        workload_type: w.workload_kind,
         canonical_name: &w.canonical_name,
         canonical_revision: &w.canonical_revision,
-        cluster_id,
+        cluster_id: w.cluster_id.as_deref().unwrap_or(cluster_id),
         trust_domain: &w.trust_domain,
         node: &w.node,
         status: "Healthy",

@@ -113,6 +113,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    mesh::owner::set_local_cluster(&args.cluster_id);
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Prefix("istio_dns_".into()),
@@ -123,6 +124,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("install metrics recorder")?;
     ::metrics::gauge!("istio_build", "component" => "ztunnel", "tag" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
+    xds::register_metrics();
 
     let (drain_tx, drain) = watch::channel(false);
     admin::drain_histograms(prom.clone(), drain.clone());
@@ -207,8 +209,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         move || dump::config_dump(&sources)
     };
-    let process = metrics_process::Collector::default();
-    process.describe();
+    let process = admin::ProcessMetrics::new();
     let scrape = {
         let (certs, zds, ads) = (
             certs.clone(),

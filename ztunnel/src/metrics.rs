@@ -73,7 +73,7 @@ impl ConnMetrics {
                 }
                 .into(),
             ),
-            l("source_workload", unknown(sw.map(|w| w.name.as_str()))),
+            l("source_workload", unknown(sw.map(|w| &*w.workload_name))),
             l(
                 "source_workload_namespace",
                 unknown(
@@ -98,7 +98,7 @@ impl ConnMetrics {
                 "source_canonical_revision",
                 unknown(sw.map(|w| &*w.canonical_revision)),
             ),
-            l("source_cluster", "Kubernetes".into()),
+            l("source_cluster", unknown(sw.map(mesh::owner::cluster_of))),
             l(
                 "destination_service",
                 unknown(ds.map(|s| s.hostname.as_str())),
@@ -111,7 +111,10 @@ impl ConnMetrics {
                 "destination_service_name",
                 unknown(ds.map(|s| s.name.as_str())),
             ),
-            l("destination_workload", unknown(dw.map(|w| w.name.as_str()))),
+            l(
+                "destination_workload",
+                unknown(dw.map(|w| &*w.workload_name)),
+            ),
             l(
                 "destination_workload_namespace",
                 unknown(dw.map(|w| &*w.namespace)),
@@ -133,7 +136,10 @@ impl ConnMetrics {
                 "destination_canonical_revision",
                 unknown(dw.map(|w| &*w.canonical_revision)),
             ),
-            l("destination_cluster", "Kubernetes".into()),
+            l(
+                "destination_cluster",
+                unknown(dw.map(mesh::owner::cluster_of)),
+            ),
             l("request_protocol", "tcp".into()),
             l(
                 "connection_security_policy",

@@ -36,6 +36,9 @@ pub struct PodView {
 
 impl Pods {
     pub fn new(px: Arc<Proxy>) -> Arc<Self> {
+        // Present from the start, so dashboards plot zero rather than nothing.
+        metrics::gauge!("workload_manager_active_proxy_count").set(0.0);
+        metrics::gauge!("workload_manager_pending_proxy_count").set(0.0);
         Arc::new(Pods {
             px,
             pods: Mutex::new(HashMap::new()),
@@ -43,7 +46,18 @@ impl Pods {
         })
     }
 
+    /// Counts the add as pending while its listeners start (upstream's
+    /// `workload_manager_pending_proxy_count`; ours start at once, so it
+    /// shows a stuck start, not a queue).
     fn add(&self, uid: &str, info: WorkloadInfo, fd: OwnedFd) -> Result<(), String> {
+        let pending = metrics::gauge!("workload_manager_pending_proxy_count");
+        pending.increment(1.0);
+        let r = self.start(uid, info, fd);
+        pending.decrement(1.0);
+        r
+    }
+
+    fn start(&self, uid: &str, info: WorkloadInfo, fd: OwnedFd) -> Result<(), String> {
         let netns = PodNetns::new(fd).map_err(|e| format!("netns fd: {e}"))?;
         if let Some(s) = self.pods.lock().unwrap().get(uid) {
             if s.pod.netns.id == netns.id {
@@ -91,16 +105,22 @@ impl Pods {
             return Err(format!("listen in pod {uid} netns: {e}"));
         }
         tracing::info!(uid, pod = %format!("{}/{}", pod.namespace, pod.name), identity = %pod.identity, "pod enrolled: listening in its netns");
-        self.pods
-            .lock()
-            .unwrap()
-            .insert(uid.to_string(), Served { pod, stop });
+        let mut pods = self.pods.lock().unwrap();
+        pods.insert(uid.to_string(), Served { pod, stop });
+        metrics::counter!("workload_manager_proxies_started_total").increment(1);
+        active(&pods);
         Ok(())
     }
 
     fn del(&self, uid: &str) {
-        let removed = self.pods.lock().unwrap().remove(uid);
+        let removed = {
+            let mut pods = self.pods.lock().unwrap();
+            let removed = pods.remove(uid);
+            active(&pods);
+            removed
+        };
         if let Some(s) = removed {
+            metrics::counter!("workload_manager_proxies_stopped_total").increment(1);
             let _ = s.stop.send(true);
             self.px.certs.release(&s.pod.identity);
             tracing::info!(uid, "pod removed: listeners closed");
@@ -218,8 +238,15 @@ impl Pods {
     }
 
     pub fn stop_all(&self) {
-        for (_, s) in self.pods.lock().unwrap().drain() {
+        let mut pods = self.pods.lock().unwrap();
+        for (_, s) in pods.drain() {
             let _ = s.stop.send(true);
         }
+        active(&pods);
     }
+}
+
+/// Pods whose in-pod listeners run, as Istio's ztunnel dashboard reads it.
+fn active(pods: &HashMap<String, Served>) {
+    metrics::gauge!("workload_manager_active_proxy_count").set(pods.len() as f64);
 }

@@ -57,10 +57,27 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
         ("intruder", "10.244.1.12"),
         ("server", "10.244.1.11"),
     ] {
-        let labels = BTreeMap::from([("app".to_string(), name.to_string())]);
+        let mut labels = BTreeMap::from([("app".to_string(), name.to_string())]);
+        if name == "server" {
+            labels.insert("pod-template-hash".into(), "5d9c7b".into());
+        }
         c.pod("demo", name, name, "node1", Some(ip), &labels).await;
         c.mark_captured("demo", name).await;
     }
+    // The server is a Deployment's pod: telemetry must name the workload
+    // istiod derives from its ReplicaSet (`web`), not the pod.
+    c.merge(
+        "v1",
+        "Pod",
+        "demo",
+        "server",
+        // istiod reads the owner only of pods with a generated name.
+        serde_json::json!({"metadata": {"generateName": "web-5d9c7b-", "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d9c7b",
+            "uid": "00000000-0000-0000-0000-00000000feed", "controller": true,
+        }]}}),
+    )
+    .await;
     c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  selector: {app: server}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n").await;
     let vip = c.cluster_ip("demo", "server").await;
     let target = format!("{vip}:80");
@@ -88,6 +105,16 @@ async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
                 && l.contains("connection_security_policy=\"mutual_tls\"")
                 && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")),
         "mTLS connection not reported:\n{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("destination_workload=\"web\"")
+                && l.contains("source_workload=\"client\"")
+                && l.contains("destination_cluster=\"Kubernetes\"")),
+        "the server's connections are not reported under its Deployment:\n{metrics}"
     );
     // Every workload certificate came from istiod's CA (the root we plugged in).
     let root = std::fs::read_to_string(&c.root_cert).unwrap();

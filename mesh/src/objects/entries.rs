@@ -109,6 +109,9 @@ impl Objects {
                 workloads.push(Arc::new(Workload {
                     uid: format!("{}/ServiceEntry/{}/{}", se.namespace, se.name, e.address),
                     name: se.name.clone(),
+                    workload_name: s.get(&se.name),
+                    workload_kind: Default::default(),
+                    cluster_id: None,
                     namespace: s.get(&se.namespace),
                     service_account: s.get("default"),
                     trust_domain: s.get(&self.trust_domain),

@@ -65,6 +65,8 @@ impl fmt::Display for ObjectKey {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodDecl {
     pub uid: Option<String>,
+    /// `metadata.ownerReferences` with `controller: true`.
+    pub owner: Option<crate::owner::Owner>,
     pub labels: Labels,
     pub annotations: Labels,
     pub service_account: String,
@@ -488,9 +490,14 @@ impl Objects {
             "version",
         ])
         .map_or("latest", String::as_str);
+        let (workload_name, workload_kind) =
+            crate::owner::workload_name(name, &*p.labels, p.owner.as_ref());
         let s = &mut self.strings;
         Workload {
             uid: p.uid.unwrap_or_else(|| format!("{namespace}/{name}")),
+            workload_name: s.get(&workload_name),
+            workload_kind,
+            cluster_id: None,
             canonical_name: s.get(canonical_name),
             canonical_revision: s.get(canonical_revision),
             authorization_policies: Vec::new(),

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod dashboards;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use mesh::model::Labels;
+use mesh::owner::WorkloadKind;
 use mesh::routes::WaypointRef;
 use mesh::{Service, ServicePort, TargetPort, TunnelProtocol, Workload};
 
@@ -122,6 +123,15 @@ pub(super) fn workload_entry(
         canonical_revision: strings.get(non_empty(&w.canonical_revision, "latest")),
         namespace: strings.get(&w.namespace),
         node: strings.get(&w.node),
+        workload_name: strings.get(non_empty(&w.workload_name, &w.name)),
+        workload_kind: match wl::WorkloadType::try_from(w.workload_type) {
+            Ok(wl::WorkloadType::Deployment) => WorkloadKind::Deployment,
+            Ok(wl::WorkloadType::Cronjob) => WorkloadKind::CronJob,
+            Ok(wl::WorkloadType::Job) => WorkloadKind::Job,
+            // Pod, or a kind newer than this proto: the name still stands.
+            _ => WorkloadKind::Pod,
+        },
+        cluster_id: (!w.cluster_id.is_empty()).then(|| strings.get(&w.cluster_id)),
         uid: w.uid,
         name: w.name,
         ip,

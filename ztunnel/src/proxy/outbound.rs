@@ -182,16 +182,33 @@ fn request_headers(pod: &Pod, src_w: Option<&Workload>) -> HeaderMap {
     let span: u64 = rand::random::<u64>() | 1;
     let tp = format!("00-{trace:032x}-{span:016x}-01");
     h.insert("traceparent", tp.parse().expect("hex is a valid header"));
-    let mut baggage = format!(
-        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={}",
-        pod.namespace, pod.name
-    );
-    if let Some(w) = src_w {
-        baggage.push_str(&format!(
-            ",service.name={},service.version={}",
-            w.canonical_name, w.canonical_revision
-        ));
-    }
+    // Upstream's shape: the workload under its kind's key, so a peer that
+    // does not hold our pod still reports the workload, not the pod. A
+    // workload of kind Pod already fills `k8s.pod.name`.
+    let baggage = match src_w {
+        Some(w) => {
+            let key = w.workload_kind.baggage_key();
+            let pod_name = if key == "k8s.pod.name" {
+                String::new()
+            } else {
+                format!(",k8s.pod.name={}", pod.name)
+            };
+            format!(
+                "k8s.cluster.name={},k8s.namespace.name={},{key}={}{pod_name},service.name={},service.version={}",
+                mesh::owner::cluster_of(w),
+                pod.namespace,
+                w.workload_name,
+                w.canonical_name,
+                w.canonical_revision
+            )
+        }
+        None => format!(
+            "k8s.cluster.name={},k8s.namespace.name={},k8s.pod.name={}",
+            mesh::owner::local_cluster(),
+            pod.namespace,
+            pod.name
+        ),
+    };
     if let Ok(v) = baggage.parse() {
         h.insert("baggage", v);
     }
