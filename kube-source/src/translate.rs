@@ -461,6 +461,33 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_controller_names_its_workload() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let mut t = Translator::new("cluster.local", Dropped::default());
+        apply(&mut t, ns());
+        let mut p = pod("web-5d9c7b-x2x", "10.0.0.1", Value::Null);
+        p.metadata.labels = Some([("pod-template-hash".to_string(), "5d9c7b".to_string())].into());
+        let owner = |kind: &str, name: &str, controller| OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: "u".into(),
+            controller,
+            ..Default::default()
+        };
+        // Only the controller counts, wherever it is in the list.
+        p.metadata.owner_references = Some(vec![
+            owner("ConfigMap", "other", None),
+            owner("ReplicaSet", "frontend-5d9c7b", Some(true)),
+        ]);
+        apply(&mut t, p);
+        let s = t.objects.publish();
+        let w = s.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(&*w.workload_name, "frontend");
+        assert_eq!(w.workload_kind, mesh::owner::WorkloadKind::Deployment);
+    }
+
+    #[test]
     fn a_waypoints_pod_watches() {
         let mut t = Translator::new("cluster.local", Dropped::default());
         let pods = ar("", "v1", "Pod");

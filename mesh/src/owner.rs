@@ -142,6 +142,31 @@ mod tests {
     use std::collections::BTreeMap;
 
     #[test]
+    fn the_file_and_kubernetes_pods_carry_their_controller() {
+        let state = crate::standalone::parse(
+            "apiVersion: v1
+kind: Pod
+metadata:
+  name: backup-28391040-k2
+  namespace: a
+  ownerReferences:
+  - {apiVersion: batch/v1, kind: Job, name: backup-28391040, uid: u1, controller: true}
+  - {apiVersion: v1, kind: ConfigMap, name: not-the-controller, uid: u2}
+spec: {nodeName: n1}
+status: {podIP: 10.0.0.1}
+",
+            "cluster.local",
+        )
+        .unwrap();
+        let w = state.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(
+            (&*w.workload_name, w.workload_kind, w.name.as_str()),
+            ("backup", WorkloadKind::CronJob, "backup-28391040-k2")
+        );
+        assert_eq!(cluster_of(w), "Kubernetes");
+    }
+
+    #[test]
     fn names_the_owner_as_istio_does() {
         use WorkloadKind::*;
         let owner = |kind: &str, name: &str| {
