@@ -27,7 +27,13 @@ pub struct Workload {
     pub service_account: Str,
     pub trust_domain: Str,
     pub node: Str,
+    /// Unspecified for a hostname workload.
     pub ip: IpAddr,
+    /// A name the proxy resolves itself instead of an address (an endpoint
+    /// of a DNS ServiceEntry): reached through its service only, never
+    /// indexed by address or name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<Str>,
     /// Shared with the source's copy of the pod (a B-tree map costs half a
     /// kilobyte even for one label).
     pub labels: Labels,
@@ -194,8 +200,11 @@ impl Indexes {
     /// Adds `w` under its uid, address and name; a key another entry held
     /// now points at `w`.
     pub fn insert_workload(&mut self, w: Arc<Workload>) {
-        self.by_ip.insert(w.ip, w.clone());
-        self.by_name.insert(w.clone());
+        // A hostname workload has no address of its own to be found by.
+        if w.hostname.is_none() {
+            self.by_ip.insert(w.ip, w.clone());
+            self.by_name.insert(w.clone());
+        }
         self.workloads.insert(w.uid.clone(), w);
     }
 
@@ -405,7 +414,9 @@ impl MeshState {
         if let Some(s) = self.service_by_host(host) {
             // Headless: the endpoints themselves, as Kubernetes DNS does.
             return Some(if s.vips.is_empty() {
-                s.endpoints.iter().map(|e| e.ip).collect()
+                // Hostname endpoints have no address to answer with.
+                let ips = s.endpoints.iter().map(|e| e.ip);
+                ips.filter(|ip| !ip.is_unspecified()).collect()
             } else {
                 s.vips.clone()
             });

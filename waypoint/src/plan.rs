@@ -333,21 +333,17 @@ pub fn resolve(
         .or_else(|| (bsvc.hostname == dst_host).then_some(dst_port))
         .or_else(|| bsvc.ports.first().map(|p| p.port))
         .unwrap_or(dst_port);
-    let eps: Vec<_> = state
+    // A DNS entry's endpoints are hostname workloads (they carry no
+    // labels: no subset selects them), resolved when sending.
+    let (dns, eps): (Vec<_>, Vec<_>) = state
         .endpoints_for(bsvc, port)
         .into_iter()
         .filter(|(w, _)| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .partition(|(w, _)| w.hostname.is_some());
+    let dns: Vec<_> = dns
+        .into_iter()
+        .filter_map(|(w, p)| Some((w.hostname.as_deref()?.to_string(), p)))
         .collect();
-    // A DNS entry's endpoints are names; no subset can select them.
-    let dns = match (labels, eps.is_empty()) {
-        (None, true) => state
-            .service_entries
-            .iter()
-            .find(|se| se.namespace == bsvc.namespace && se.name == bsvc.name)
-            .map(|se| se.dns_targets(&bsvc.hostname, port))
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
     if eps.is_empty() && dns.is_empty() {
         return Err(ProxyError::NoHealthy(format!(
             "{} has no endpoint for port {port}",

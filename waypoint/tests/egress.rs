@@ -108,6 +108,15 @@ async fn mesh(tag: &str, extra: impl FnOnce(&Mesh) -> String) -> Mesh {
     ));
     // The waypoint resolves DNS entries through its own resolv.conf.
     m.resolv_conf("waypoint", "nameserver 10.244.3.53\n");
+    // So does ztunnel (entries without a waypoint): node1's netns is on the
+    // network, as a ztunnel pod is, made here before its ztunnel starts.
+    m.pod("node1", "ext", "none", "10.244.4.1", "node1", false);
+    m.resolv_conf("node1", "nameserver 10.244.3.53\n");
+    // The client reaches the test resolver's answers (the origin's aliases).
+    sh(&format!(
+        "ip -n {} route add 192.0.2.0/30 via 10.244.3.5",
+        m.pod_ns("client")
+    ));
     // Any address off the pod: the capture rules send DNS to ztunnel.
     m.resolv_conf("client", "nameserver 10.96.0.53\n");
     let extra = extra(&m);
@@ -473,4 +482,65 @@ spec:
     );
     assert!(asked.load(Ordering::Relaxed) >= 2);
     drop(peers);
+}
+
+/// A DNS ServiceEntry that no waypoint serves: ztunnel routes its VIP at
+/// L4 to what ztunnel itself resolves the host to (its own resolver, the
+/// answer kept for its TTL: two connections, one query); the telemetry
+/// names the entry's host. A host that does not resolve resets the
+/// connection, flagged DF with the reason in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_entry_without_a_waypoint_is_resolved_by_ztunnel() {
+    let entry = |name: &str, host: &str, vip: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: app, labels: {{istio.io/use-waypoint: none}}}}
+spec:
+  hosts: [{host}]
+  addresses: [{vip}]
+  resolution: DNS
+  ports: [{{number: 7000, name: tcp, protocol: TCP, targetPort: 9000}}]
+"
+        )
+    };
+    let m = mesh("egz", |_| {
+        entry("l4dns", "outside.test", "240.240.0.12")
+            + &entry("l4missing", "missing.test", "240.240.0.13")
+    })
+    .await;
+    let counts = m.dns_server("resolver");
+    m.echo_server("origin", 9000);
+
+    let s = m.connect("client", "240.240.0.12:7000").unwrap();
+    echo_roundtrip(s, &pattern(64 << 10, 3));
+    let asked = counts.udp.load(Ordering::Relaxed);
+    assert!(asked >= 1, "ztunnel never asked the resolver");
+    let s = m.connect("client", "240.240.0.12:7000").unwrap();
+    echo_roundtrip(s, &pattern(1 << 10, 4));
+    assert_eq!(
+        counts.udp.load(Ordering::Relaxed),
+        asked,
+        "a cached answer was asked for again"
+    );
+
+    let mut s = m.connect("client", "240.240.0.13:7000").unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(10)));
+    let metrics = m.metrics("node1");
+    let closed = |host: &str, flag: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_closed_total{")
+                && l.contains(&format!("destination_service=\"{host}\""))
+                && l.contains(&format!("response_flags=\"{flag}\""))
+        })
+    };
+    assert!(closed("outside.test", "-"), "{metrics}");
+    assert!(closed("missing.test", "DF"), "{metrics}");
+    let log = m.log("node1");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("endpoint missing.test did not resolve")),
+        "{log}"
+    );
 }

@@ -501,6 +501,7 @@ impl Objects {
             node: s.get(&p.node),
             // Unaddressed pods carry the unspecified address (`address`).
             ip: p.ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            hostname: None,
             labels: p.labels,
             annotations: p.annotations,
             waypoint,
