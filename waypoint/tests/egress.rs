@@ -544,3 +544,75 @@ spec:
         "{log}"
     );
 }
+
+/// Gateway API for ServiceEntries: an HTTPRoute whose parent is an entry
+/// binds to it at its waypoint (a path no rule matches is 404 NR there, not
+/// passed to the entry's endpoints), and `Hostname` backends send to
+/// entries by host: one to a DNS entry the waypoint resolves, one back to
+/// the parent's own host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httproute_attached_to_an_entry_sends_to_hostname_backends() {
+    let m = mesh("egh", |_| {
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: gwapi, namespace: app}
+spec:
+  hosts: [gwapi.example.com]
+  addresses: [240.240.0.16]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  endpoints: [{address: 10.244.3.5}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: outside, namespace: app}
+spec:
+  hosts: [outside.test]
+  addresses: [240.240.0.17]
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: gwapi, namespace: app}
+spec:
+  parentRefs: [{kind: ServiceEntry, group: networking.istio.io, name: gwapi}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /dns}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /resolved}}}]
+    backendRefs: [{kind: Hostname, group: networking.istio.io, name: outside.test, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /static}}]
+    backendRefs: [{kind: Hostname, group: networking.istio.io, name: gwapi.example.com, port: 80}]
+"
+        .to_string()
+    })
+    .await;
+    let _counts = m.dns_server("resolver");
+    let mut peers = Peers::default();
+    peers.start(&m, "origin", "origin.py", &["8080"], 8080);
+
+    assert_eq!(
+        curl(&m, "http://gwapi.example.com/dns/x"),
+        "GET /resolved/x host=gwapi.example.com sni=-\n 200"
+    );
+    assert_eq!(
+        curl(&m, "http://gwapi.example.com/static/y"),
+        "GET /static/y host=gwapi.example.com sni=-\n 200"
+    );
+    assert_eq!(
+        curl(&m, "http://gwapi.example.com/elsewhere"),
+        "no route matched\n 404"
+    );
+    let log = access_log(&m);
+    let took = |upstream: &str| {
+        log.iter().any(|l| {
+            l["authority"] == "gwapi.example.com"
+                && l["upstream_host"] == upstream
+                && l["route"].as_str().is_some_and(|r| r.contains("app/gwapi"))
+        })
+    };
+    assert!(took("192.0.2.1:8080"), "{log:?}");
+    assert!(took("10.244.3.5:8080"), "{log:?}");
+    drop(peers);
+}

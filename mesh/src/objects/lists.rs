@@ -101,7 +101,20 @@ impl Objects {
                     Kind::Route(r) => Some(r),
                     _ => None,
                 });
-                self.published.http_routes = Arc::new(Keyed::new(list, |r| r.hosts.clone()));
+                // A route attached to a ServiceEntry is for its hosts now.
+                let entries = self.collect(|k| match k {
+                    Kind::ServiceEntry(s) => Some(s),
+                    _ => None,
+                });
+                let keys = |r: &crate::routes::HttpRoute| {
+                    let mut hosts = r.hosts.clone();
+                    for (ns, name) in &r.entry_parents {
+                        let se = entries.iter().find(|s| &s.namespace == ns && &s.name == name);
+                        hosts.extend(se.into_iter().flat_map(|s| s.hosts.iter().cloned()));
+                    }
+                    hosts
+                };
+                self.published.http_routes = Arc::new(Keyed::new(list, keys));
             }
             List::DestinationRules => {
                 let list = self.collect(|k| match k {
@@ -118,6 +131,8 @@ impl Objects {
                 });
                 self.derive_service_entries(&list);
                 self.published.service_entries = Arc::new(list);
+                // Routes attached to entries follow their hosts.
+                self.rebuild(List::Routes);
             }
         }
     }
