@@ -303,6 +303,7 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             ca_certificates: Some("/etc/ca.pem".into()),
             client_cert: None,
             insecure_skip_verify: false,
+            subject_alt_names: Vec::new(),
         })
     );
     assert_eq!(
@@ -312,7 +313,14 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             ca_certificates: None,
             client_cert: Some(("/c.pem".into(), "/k.pem".into())),
             insecure_skip_verify: true,
+            subject_alt_names: Vec::new(),
         })
+    );
+    assert_eq!(
+        tls("{mode: SIMPLE, subjectAltNames: [A.example.com., 192.0.2.1]}")
+            .unwrap()
+            .subject_alt_names,
+        ["a.example.com", "192.0.2.1"]
     );
     assert!(
         !tls("{mode: SIMPLE, insecureSkipVerify: false}")
@@ -327,9 +335,9 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             "not supported",
         ),
         (
-            "{mode: SIMPLE, subjectAltNames: [a]}",
-            "subjectAltNames",
-            "not supported",
+            "{mode: SIMPLE, subjectAltNames: [a.example, \"spiffe://td/ns/a/sa/b\"]}",
+            "subjectAltNames[1]",
+            "only DNS names and IP addresses",
         ),
         ("{mode: SIMPLE, caCrl: /crl.pem}", "caCrl", "not supported"),
         (

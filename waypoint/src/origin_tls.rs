@@ -1,8 +1,9 @@
 //! TLS the waypoint originates to an endpoint outside the mesh, per the
 //! DestinationRule's `trafficPolicy.tls`: rustls, the roots from
 //! `caCertificates` (else the system bundle), the server name from `sni`
-//! (else the destination's host) verified against the certificate, a
-//! client certificate for MUTUAL. Files are read (off the runtime's
+//! (else the destination's host) verified against the certificate (or, when
+//! the rule lists `subjectAltNames`, any one of those), a client
+//! certificate for MUTUAL. Files are read (off the runtime's
 //! threads) for each new connection, so rotated files apply to the next one.
 
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use mesh::upstream_tls::UpstreamTls;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
@@ -25,6 +27,8 @@ pub enum OriginTlsError {
     Name(String),
     #[error("tls config: {0}")]
     Config(#[from] rustls::Error),
+    #[error("certificate verifier: {0}")]
+    Verifier(String),
     #[error("tls handshake with {server}: {why}")]
     Handshake { server: String, why: std::io::Error },
 }
@@ -86,7 +90,21 @@ async fn config(o: &Origination<'_>, h2: bool) -> Result<ClientConfig, OriginTls
                 why: "no usable CA certificate".into(),
             });
         }
-        builder.with_root_certificates(roots)
+        if t.subject_alt_names.is_empty() {
+            builder.with_root_certificates(roots)
+        } else {
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| OriginTlsError::Verifier(e.to_string()))?;
+            let names = t
+                .subject_alt_names
+                .iter()
+                .map(|n| ServerName::try_from(n.clone()).map_err(|_| OriginTlsError::Name(n.clone())))
+                .collect::<Result<_, _>>()?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyOfNames { inner, names }))
+        }
     };
     let mut cfg = match &t.client_cert {
         Some((cert, key)) => {
@@ -125,6 +143,60 @@ pub async fn connect(
         .connect(server, tcp)
         .await
         .map_err(|why| OriginTlsError::Handshake { server: name, why })
+}
+
+/// `subjectAltNames`: the chain is verified as for any server, and the
+/// certificate must name one of the listed names, whatever server name was
+/// sent (Envoy's `match_typed_subject_alt_names`).
+#[derive(Debug)]
+struct AnyOfNames {
+    inner: Arc<WebPkiServerVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for AnyOfNames {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut last = rustls::Error::General("no subjectAltNames to match".into());
+        for name in &self.names {
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// `insecureSkipVerify: true`: any certificate is taken, signatures still

@@ -292,6 +292,25 @@ async fn tls_is_originated_per_destination_rule() {
                 &other_ca,
                 "mode: SIMPLE, insecureSkipVerify: true",
             ),
+            // subjectAltNames replace the server name in the check: the
+            // name sent is not the certificate's, a listed one is; a list
+            // without the certificate's name refuses it.
+            tls_entry(
+                "sanok",
+                "240.240.0.14",
+                8443,
+                "other.example.com",
+                &ca,
+                "mode: SIMPLE, subjectAltNames: [nothere.example.com, secure.example.com]",
+            ),
+            tls_entry(
+                "sanbad",
+                "240.240.0.15",
+                8443,
+                sni,
+                &ca,
+                "mode: SIMPLE, subjectAltNames: [nothere.example.com]",
+            ),
         ]
         .concat()
     })
@@ -316,7 +335,11 @@ async fn tls_is_originated_per_destination_rule() {
         curl(&m, "http://skip.example.com/s"),
         "GET /s host=skip.example.com sni=secure.example.com\n 200"
     );
-    for host in ["wrongca", "wrongsni", "nocert"] {
+    assert_eq!(
+        curl(&m, "http://sanok.example.com/n"),
+        "GET /n host=sanok.example.com sni=other.example.com\n 200"
+    );
+    for host in ["wrongca", "wrongsni", "nocert", "sanbad"] {
         let out = curl(&m, &format!("http://{host}.example.com/hello"));
         assert!(out.ends_with(" 503"), "{host}: {out}");
     }
