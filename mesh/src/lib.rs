@@ -12,6 +12,7 @@ pub mod model;
 pub mod objects;
 mod policy_index;
 mod rejected;
+pub mod secret;
 pub mod resolve;
 pub mod routes;
 pub mod scope;

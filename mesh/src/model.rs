@@ -313,6 +313,10 @@ pub struct MeshState {
     pub http_routes: Arc<Keyed<crate::routes::HttpRoute>>,
     /// By host.
     pub destination_rules: Arc<Keyed<crate::routes::DestinationRule>>,
+    /// TLS Secrets by (namespace, name), for `credentialName`; never in a
+    /// dump.
+    #[serde(skip)]
+    pub secrets: Arc<BTreeMap<(String, String), crate::secret::TlsSecret>>,
     /// AuthorizationPolicies with targetRefs: enforced by waypoints. By the
     /// policy's namespace (a target is in the policy's own namespace).
     pub waypoint_policies: Arc<Keyed<crate::authz::TargetedPolicy>>,

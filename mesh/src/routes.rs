@@ -1572,10 +1572,15 @@ struct DrOutlier {
     max_ejection_percent: Option<u32>,
 }
 
-fn dr_policy(object: &str, base: &str, p: DrPolicy) -> Result<TrafficPolicy, ConfigError> {
+fn dr_policy(
+    object: &str,
+    namespace: &str,
+    base: &str,
+    p: DrPolicy,
+) -> Result<TrafficPolicy, ConfigError> {
     let mut t = TrafficPolicy::default();
     if let Some(tls) = p.tls {
-        t.tls = crate::upstream_tls::parse(object, &format!("{base}.tls"), tls)?;
+        t.tls = crate::upstream_tls::parse(object, namespace, &format!("{base}.tls"), tls)?;
     }
     if let Some(lb) = p.load_balancer {
         t.lb = match (lb.simple.as_deref(), lb.consistent_hash) {
@@ -1647,6 +1652,7 @@ pub(crate) fn destination_rule(
     let _ = spec.export_to;
     let policy = dr_policy(
         object,
+        &ns,
         "spec.trafficPolicy",
         spec.traffic_policy.unwrap_or_default(),
     )?;
@@ -1654,7 +1660,7 @@ pub(crate) fn destination_rule(
     for (i, s) in spec.subsets.into_iter().enumerate() {
         let p = s
             .traffic_policy
-            .map(|p| dr_policy(object, &format!("spec.subsets[{i}].trafficPolicy"), p))
+            .map(|p| dr_policy(object, &ns, &format!("spec.subsets[{i}].trafficPolicy"), p))
             .transpose()?;
         subsets.push(Subset {
             name: s.name,

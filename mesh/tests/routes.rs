@@ -303,6 +303,8 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             ca_certificates: Some("/etc/ca.pem".into()),
             client_cert: None,
             insecure_skip_verify: false,
+            credential: None,
+            mutual: false,
             subject_alt_names: Vec::new(),
         })
     );
@@ -313,6 +315,8 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             ca_certificates: None,
             client_cert: Some(("/c.pem".into(), "/k.pem".into())),
             insecure_skip_verify: true,
+            credential: None,
+            mutual: true,
             subject_alt_names: Vec::new(),
         })
     );
@@ -322,6 +326,10 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             .subject_alt_names,
         ["a.example.com", "192.0.2.1"]
     );
+    // credentialName: the Secret of that name in the rule's namespace.
+    let t = tls("{mode: MUTUAL, credentialName: api-cert}").unwrap();
+    assert_eq!(t.credential, Some(("app".into(), "api-cert".into())));
+    assert!(t.mutual && t.client_cert.is_none());
     assert!(
         !tls("{mode: SIMPLE, insecureSkipVerify: false}")
             .unwrap()
@@ -330,10 +338,11 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
     for (t, field, what) in [
         ("{mode: SOMETIMES}", "mode", "unknown mode"),
         (
-            "{mode: SIMPLE, credentialName: secret}",
+            "{mode: SIMPLE, credentialName: secret, caCertificates: /ca.pem}",
             "credentialName",
-            "not supported",
+            "either credentialName or",
         ),
+        ("{mode: MUTUAL, credentialName: \"\"}", "credentialName", "empty"),
         (
             "{mode: SIMPLE, subjectAltNames: [a.example, \"spiffe://td/ns/a/sa/b\"]}",
             "subjectAltNames[1]",
@@ -460,5 +469,34 @@ spec: {hosts: [api.example.com, api2.example.com], addresses: [240.0.0.1], resol
         let e = with(&format!("{ENTRY}---\n{}", route(parent, backend))).unwrap_err();
         assert_eq!(e.field, field, "{parent} {backend}: {e}");
         assert!(e.to_string().contains(what), "{parent} {backend}: {e}");
+    }
+}
+
+/// TLS Secrets in the standalone file: their PEM parts for credentialName,
+/// nothing of them in a dump, and what is not a TLS Secret refused by field.
+#[test]
+fn tls_secrets_are_kept_out_of_the_dump() {
+    let secret = |body: &str| {
+        with(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: api-cert, namespace: app}}\n{body}"
+        ))
+    };
+    // "PEM-CERT" and "PEM-KEY", base64.
+    let m = secret("type: kubernetes.io/tls\ndata: {tls.crt: UEVNLUNFUlQ=, tls.key: UEVNLUtFWQ==}\nstringData: {ca.crt: PEM-CA}").unwrap();
+    let s = &m.secrets[&("app".to_string(), "api-cert".to_string())];
+    assert_eq!(s.cert_chain.as_deref(), Some(&b"PEM-CERT"[..]));
+    assert_eq!(s.key.as_deref(), Some(&b"PEM-KEY"[..]));
+    assert_eq!(s.ca.as_deref(), Some(&b"PEM-CA"[..]));
+    let dump = serde_json::to_string(&m).unwrap();
+    assert!(!dump.contains("UEVNLUtFWQ") && !dump.contains("PEM-KEY"), "{dump}");
+    assert!(!format!("{s:?}").contains("PEM-KEY"));
+    for (body, field, what) in [
+        ("type: kubernetes.io/dockerconfigjson", "type", "only kubernetes.io/tls"),
+        ("data: {password: eA==}", "data.password", "unknown key"),
+        ("data: {tls.crt: \"!!\"}", "data.tls.crt", "not base64"),
+    ] {
+        let e = secret(body).unwrap_err();
+        assert_eq!(e.field, field, "{body}: {e}");
+        assert!(e.to_string().contains(what), "{body}: {e}");
     }
 }

@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use mesh::secret::TlsSecret;
 use mesh::upstream_tls::UpstreamTls;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -37,6 +38,8 @@ pub enum OriginTlsError {
 pub struct Origination<'a> {
     pub tls: &'a UpstreamTls,
     pub host: &'a str,
+    /// The `credentialName` Secret, when the rule names one.
+    pub secret: Option<&'a TlsSecret>,
 }
 
 impl Origination<'_> {
@@ -68,6 +71,14 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Origin
     Ok(certs)
 }
 
+/// How errors name a part of the rule's Secret (in place of a file path).
+fn secret_part(o: &Origination<'_>, part: &str) -> std::path::PathBuf {
+    match &o.tls.credential {
+        Some((ns, name)) => format!("Secret {ns}/{name} {part}").into(),
+        None => part.into(),
+    }
+}
+
 async fn config(o: &Origination<'_>, h2: bool) -> Result<ClientConfig, OriginTlsError> {
     let t = o.tls;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -78,12 +89,17 @@ async fn config(o: &Origination<'_>, h2: bool) -> Result<ClientConfig, OriginTls
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
     } else {
-        let path = t
-            .ca_certificates
-            .as_deref()
-            .unwrap_or(Path::new(SYSTEM_BUNDLE));
+        // The Secret's ca.crt, else the rule's file, else the system's.
+        let (path, pem) = match o.secret.and_then(|s| s.ca.clone()) {
+            Some(ca) => (secret_part(o, "ca.crt"), ca.to_vec()),
+            None => {
+                let path = t.ca_certificates.as_deref().unwrap_or(Path::new(SYSTEM_BUNDLE));
+                (path.to_path_buf(), read(path).await?)
+            }
+        };
+        let path = path.as_path();
         let mut roots = RootCertStore::empty();
-        let (added, _ignored) = roots.add_parsable_certificates(certs(path, &read(path).await?)?);
+        let (added, _ignored) = roots.add_parsable_certificates(certs(path, &pem)?);
         if added == 0 {
             return Err(OriginTlsError::File {
                 path: path.display().to_string(),
@@ -106,10 +122,29 @@ async fn config(o: &Origination<'_>, h2: bool) -> Result<ClientConfig, OriginTls
                 .with_custom_certificate_verifier(Arc::new(AnyOfNames { inner, names }))
         }
     };
-    let mut cfg = match &t.client_cert {
-        Some((cert, key)) => {
-            let chain = certs(cert, &read(cert).await?)?;
-            let pem = read(key).await?;
+    let client = match (&t.client_cert, o.secret) {
+        (Some((cert, key)), _) => Some((
+            certs(cert, &read(cert).await?)?,
+            key.to_path_buf(),
+            read(key).await?,
+        )),
+        (None, Some(s)) if t.mutual => {
+            let missing = |part: &str| OriginTlsError::File {
+                path: secret_part(o, part).display().to_string(),
+                why: "missing: MUTUAL needs it".into(),
+            };
+            let chain = s.cert_chain.as_deref().ok_or_else(|| missing("tls.crt"))?;
+            let key = s.key.as_deref().ok_or_else(|| missing("tls.key"))?;
+            Some((
+                certs(&secret_part(o, "tls.crt"), chain)?,
+                secret_part(o, "tls.key"),
+                key.to_vec(),
+            ))
+        }
+        (None, _) => None,
+    };
+    let mut cfg = match client {
+        Some((chain, key, pem)) => {
             let key_der: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &pem[..])
                 .ok()
                 .flatten()

@@ -249,6 +249,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
     let origin = target.policy.tls.as_ref().map(|tls| Origination {
         tls,
         host: &target.host,
+        secret: target.secret.as_ref(),
     });
     let mut tunnel_up = None;
     let attempt_all = async {
@@ -414,6 +415,7 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
     }
     let h2 = target.h2;
     let tls = target.policy.tls.clone();
+    let secret = target.secret.clone();
     let tls_host = target.host.clone();
     let wp = wp.clone();
     let whole = Replay::whole(Arc::downgrade(body));
@@ -437,6 +439,7 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
         let origin = tls.as_ref().map(|tls| Origination {
             tls,
             host: &tls_host,
+            secret: secret.as_ref(),
         });
         match wp.upstreams.send(&ep, port, req, h2, origin.as_ref()).await {
             Ok(resp) => {

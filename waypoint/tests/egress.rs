@@ -208,8 +208,14 @@ fn outside_ca(dir: &std::path::Path, host: &str) -> (String, String, String) {
 }
 
 /// An entry on port 80 whose endpoint listens with TLS on `port`, and its
-/// DestinationRule: TLS with `sni` and the CA file `ca`, and `more`.
+/// DestinationRule: TLS with `sni` and the CA file `ca` (none: empty), and
+/// `more`.
 fn tls_entry(name: &str, vip: &str, port: u16, sni: &str, ca: &str, more: &str) -> String {
+    let ca = if ca.is_empty() {
+        String::new()
+    } else {
+        format!("caCertificates: {ca}, ")
+    };
     format!(
         "---
 apiVersion: networking.istio.io/v1
@@ -227,7 +233,7 @@ kind: DestinationRule
 metadata: {{name: {name}, namespace: app}}
 spec:
   host: {name}.example.com
-  trafficPolicy: {{tls: {{sni: {sni}, caCertificates: {ca}, {more}}}}}
+  trafficPolicy: {{tls: {{sni: {sni}, {ca}{more}}}}}
 "
     )
 }
@@ -261,6 +267,17 @@ async fn tls_is_originated_per_destination_rule() {
             "mode: MUTUAL, clientCertificate: {}, privateKey: {}",
             ccert.display(),
             ckey.display()
+        );
+        // The same client certificate and CA as a Secret, for
+        // credentialName (PEM as JSON strings: valid YAML scalars).
+        let pem = |p: &std::path::Path| {
+            serde_json::to_string(&std::fs::read_to_string(p).unwrap()).unwrap()
+        };
+        let secret = format!(
+            "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: cred, namespace: app}}\ntype: kubernetes.io/tls\nstringData: {{tls.crt: {}, tls.key: {}, ca.crt: {}}}\n",
+            pem(&ccert),
+            pem(&ckey),
+            pem(std::path::Path::new(&ca))
         );
         server = Some((cert, key, ca.clone()));
         let sni = "secure.example.com";
@@ -311,6 +328,25 @@ async fn tls_is_originated_per_destination_rule() {
                 &ca,
                 "mode: SIMPLE, subjectAltNames: [nothere.example.com]",
             ),
+            // MUTUAL from a Secret; a Secret that does not exist fails
+            // closed.
+            tls_entry(
+                "credmutual",
+                "240.240.0.18",
+                8444,
+                sni,
+                "",
+                "mode: MUTUAL, credentialName: cred",
+            ),
+            tls_entry(
+                "credmissing",
+                "240.240.0.19",
+                8444,
+                sni,
+                "",
+                "mode: MUTUAL, credentialName: nothere",
+            ),
+            secret,
         ]
         .concat()
     })
@@ -339,7 +375,11 @@ async fn tls_is_originated_per_destination_rule() {
         curl(&m, "http://sanok.example.com/n"),
         "GET /n host=sanok.example.com sni=other.example.com\n 200"
     );
-    for host in ["wrongca", "wrongsni", "nocert", "sanbad"] {
+    assert_eq!(
+        curl(&m, "http://credmutual.example.com/c"),
+        "GET /c host=credmutual.example.com sni=secure.example.com\n 200"
+    );
+    for host in ["wrongca", "wrongsni", "nocert", "sanbad", "credmissing"] {
         let out = curl(&m, &format!("http://{host}.example.com/hello"));
         assert!(out.ends_with(" 503"), "{host}: {out}");
     }
@@ -361,6 +401,11 @@ async fn tls_is_originated_per_destination_rule() {
     assert!(
         log.iter()
             .any(|l| l["authority"] == "wrongca.example.com" && l["response_flags"] == "UF"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l["authority"] == "credmissing.example.com" && l["response_flags"] == "NC"),
         "{log:?}"
     );
     drop(peers);

@@ -17,10 +17,11 @@ pub(super) enum List {
     Routes,
     DestinationRules,
     ServiceEntries,
+    Secrets,
 }
 
 impl List {
-    pub(super) const ALL: [List; 7] = [
+    pub(super) const ALL: [List; 8] = [
         List::Policies,
         List::WaypointPolicies,
         List::PeerAuthentications,
@@ -28,6 +29,7 @@ impl List {
         List::Routes,
         List::DestinationRules,
         List::ServiceEntries,
+        List::Secrets,
     ];
 }
 
@@ -40,6 +42,7 @@ pub(super) fn list_of(k: &Kind) -> List {
         Kind::Gateway(_) => List::Waypoints,
         Kind::Route(_) => List::Routes,
         Kind::DestinationRule(_) => List::DestinationRules,
+        Kind::Secret(_) => List::Secrets,
         // Namespaces, pods and services are not kept in `lists`.
         Kind::ServiceEntry(_) | Kind::Namespace(_) | Kind::Pod(_) | Kind::Service(_) => {
             List::ServiceEntries
@@ -123,6 +126,13 @@ impl Objects {
                 });
                 self.published.destination_rules =
                     Arc::new(Keyed::new(list, |d| vec![d.host.clone()]));
+            }
+            List::Secrets => {
+                let list = self.lists.iter().filter_map(|(k, o)| match o {
+                    Kind::Secret(s) => Some(((k.namespace.clone(), k.name.clone()), s.clone())),
+                    _ => None,
+                });
+                self.published.secrets = Arc::new(list.collect());
             }
             List::ServiceEntries => {
                 let list = self.collect(|k| match k {
