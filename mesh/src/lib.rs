@@ -13,6 +13,8 @@ pub mod objects;
 pub mod owner;
 mod policy_index;
 mod rejected;
+pub mod secret;
+pub mod resolve;
 pub mod routes;
 pub mod scope;
 mod security;

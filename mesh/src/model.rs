@@ -34,7 +34,13 @@ pub struct Workload {
     pub service_account: Str,
     pub trust_domain: Str,
     pub node: Str,
+    /// Unspecified for a hostname workload.
     pub ip: IpAddr,
+    /// A name the proxy resolves itself instead of an address (an endpoint
+    /// of a DNS ServiceEntry): reached through its service only, never
+    /// indexed by address or name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<Str>,
     /// Shared with the source's copy of the pod (a B-tree map costs half a
     /// kilobyte even for one label).
     pub labels: Labels,
@@ -201,8 +207,11 @@ impl Indexes {
     /// Adds `w` under its uid, address and name; a key another entry held
     /// now points at `w`.
     pub fn insert_workload(&mut self, w: Arc<Workload>) {
-        self.by_ip.insert(w.ip, w.clone());
-        self.by_name.insert(w.clone());
+        // A hostname workload has no address of its own to be found by.
+        if w.hostname.is_none() {
+            self.by_ip.insert(w.ip, w.clone());
+            self.by_name.insert(w.clone());
+        }
         self.workloads.insert(w.uid.clone(), w);
     }
 
@@ -311,6 +320,10 @@ pub struct MeshState {
     pub http_routes: Arc<Keyed<crate::routes::HttpRoute>>,
     /// By host.
     pub destination_rules: Arc<Keyed<crate::routes::DestinationRule>>,
+    /// TLS Secrets by (namespace, name), for `credentialName`; never in a
+    /// dump.
+    #[serde(skip)]
+    pub secrets: Arc<BTreeMap<(String, String), crate::secret::TlsSecret>>,
     /// AuthorizationPolicies with targetRefs: enforced by waypoints. By the
     /// policy's namespace (a target is in the policy's own namespace).
     pub waypoint_policies: Arc<Keyed<crate::authz::TargetedPolicy>>,
@@ -412,7 +425,9 @@ impl MeshState {
         if let Some(s) = self.service_by_host(host) {
             // Headless: the endpoints themselves, as Kubernetes DNS does.
             return Some(if s.vips.is_empty() {
-                s.endpoints.iter().map(|e| e.ip).collect()
+                // Hostname endpoints have no address to answer with.
+                let ips = s.endpoints.iter().map(|e| e.ip);
+                ips.filter(|ip| !ip.is_unspecified()).collect()
             } else {
                 s.vips.clone()
             });

@@ -193,6 +193,10 @@ pub struct HttpRoute {
     pub api: RouteApi,
     /// Service hostnames this routing is for.
     pub hosts: Vec<String>,
+    /// ServiceEntries (namespace, name) it is attached to: it is for their
+    /// hosts as well, whatever those are when the state is published.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub entry_parents: Vec<(String, String)>,
     pub rules: Vec<RouteRule>,
 }
 
@@ -699,31 +703,86 @@ fn header_ops(m: HrHeaderMod) -> HeaderOps {
     }
 }
 
+/// The group of Istio's networking kinds (ServiceEntry, and the `Hostname`
+/// backend that names a ServiceEntry host).
+const ISTIO_NETWORKING: &str = "networking.istio.io";
+
+/// The host a backendRef names: a Service's cluster hostname, or (kind
+/// `Hostname`) a ServiceEntry host as written.
+fn backend_host(object: &str, field: &str, b: &HrBackend, ns: &str) -> Result<String, ConfigError> {
+    match (b.kind.as_deref().unwrap_or("Service"), b.group.as_deref()) {
+        ("Service", None | Some("") | Some("core")) => Ok(format!(
+            "{}.{}.svc.{CLUSTER_DOMAIN}",
+            b.name,
+            b.namespace.as_deref().unwrap_or(ns)
+        )),
+        ("Hostname", Some(ISTIO_NETWORKING)) => {
+            if b.namespace.is_some() {
+                return Err(err(
+                    object,
+                    format!("{field}.namespace"),
+                    "a Hostname backend names a host, which has no namespace",
+                ));
+            }
+            let h = b.name.trim_end_matches('.').to_ascii_lowercase();
+            if h.is_empty() || h.split('.').any(|l| l.is_empty() || l.len() > 63) {
+                return Err(err(
+                    object,
+                    format!("{field}.name"),
+                    format!("{:?} is not a DNS name", b.name),
+                ));
+            }
+            Ok(h)
+        }
+        (kind, group) => Err(err(
+            object,
+            field,
+            format!(
+                "backend kind {kind} (group {:?}): only Service backends and Hostname \
+                 (group {ISTIO_NETWORKING}) backends are supported",
+                group.unwrap_or("")
+            ),
+        )),
+    }
+}
+
 pub(crate) fn http_route(object: &str, value: serde_yaml::Value) -> Result<HttpRoute, ConfigError> {
     let o: Object<HttpRouteSpec> = typed(object, value)?;
     let ns = o.ns();
     let spec = o.spec.ok_or_else(|| err(object, "spec", "missing"))?;
     let mut hosts = Vec::new();
+    let mut entry_parents = Vec::new();
     for (i, p) in spec.parent_refs.iter().enumerate() {
         let kind = p.kind.as_deref().unwrap_or("Gateway");
-        if kind != "Service" || !matches!(p.group.as_deref(), None | Some("") | Some("core")) {
-            return Err(err(
-                object,
-                format!("spec.parentRefs[{i}]"),
-                format!("parent kind {kind}: waypoint routes attach to a Service (GAMMA)"),
-            ));
+        let parent_ns = p.namespace.as_deref().unwrap_or(&ns);
+        match (kind, p.group.as_deref()) {
+            ("Service", None | Some("") | Some("core")) => hosts.push(format!(
+                "{}.{parent_ns}.svc.{CLUSTER_DOMAIN}",
+                p.name
+            )),
+            // Bound to the entry at its waypoint, as Istio does: the route
+            // is for the entry's hosts.
+            ("ServiceEntry", Some(ISTIO_NETWORKING)) => {
+                entry_parents.push((parent_ns.to_string(), p.name.clone()))
+            }
+            _ => {
+                return Err(err(
+                    object,
+                    format!("spec.parentRefs[{i}]"),
+                    format!(
+                        "parent kind {kind} (group {:?}): waypoint routes attach to a Service \
+                         (GAMMA) or a ServiceEntry (group {ISTIO_NETWORKING})",
+                        p.group.as_deref().unwrap_or("")
+                    ),
+                ))
+            }
         }
-        hosts.push(format!(
-            "{}.{}.svc.{CLUSTER_DOMAIN}",
-            p.name,
-            p.namespace.as_deref().unwrap_or(&ns)
-        ));
     }
-    if hosts.is_empty() {
+    if hosts.is_empty() && entry_parents.is_empty() {
         return Err(err(
             object,
             "spec.parentRefs",
-            "empty: name the Service this route is for",
+            "empty: name the Service or ServiceEntry this route is for",
         ));
     }
     if !spec.hostnames.is_empty() {
@@ -849,21 +908,9 @@ pub(crate) fn http_route(object: &str, value: serde_yaml::Value) -> Result<HttpR
             }
         }
         for (bi, b) in r.backend_refs.into_iter().enumerate() {
-            if b.kind.as_deref().unwrap_or("Service") != "Service"
-                || !matches!(b.group.as_deref(), None | Some("") | Some("core"))
-            {
-                return Err(err(
-                    object,
-                    format!("{base}.backendRefs[{bi}]"),
-                    "only Service backends are supported",
-                ));
-            }
+            let field = format!("{base}.backendRefs[{bi}]");
             rule.backends.push(Backend {
-                host: format!(
-                    "{}.{}.svc.{CLUSTER_DOMAIN}",
-                    b.name,
-                    b.namespace.as_deref().unwrap_or(&ns)
-                ),
+                host: backend_host(object, &field, &b, &ns)?,
                 port: b.port,
                 subset: None,
                 weight: b.weight.unwrap_or(1),
@@ -906,6 +953,7 @@ pub(crate) fn http_route(object: &str, value: serde_yaml::Value) -> Result<HttpR
         namespace: ns,
         api: RouteApi::HttpRoute,
         hosts,
+        entry_parents,
         rules,
     })
 }
@@ -1413,6 +1461,7 @@ pub(crate) fn virtual_service(
         namespace: ns,
         api: RouteApi::VirtualService,
         hosts,
+        entry_parents: Vec::new(),
         rules,
     })
 }
@@ -1523,10 +1572,15 @@ struct DrOutlier {
     max_ejection_percent: Option<u32>,
 }
 
-fn dr_policy(object: &str, base: &str, p: DrPolicy) -> Result<TrafficPolicy, ConfigError> {
+fn dr_policy(
+    object: &str,
+    namespace: &str,
+    base: &str,
+    p: DrPolicy,
+) -> Result<TrafficPolicy, ConfigError> {
     let mut t = TrafficPolicy::default();
     if let Some(tls) = p.tls {
-        t.tls = crate::upstream_tls::parse(object, &format!("{base}.tls"), tls)?;
+        t.tls = crate::upstream_tls::parse(object, namespace, &format!("{base}.tls"), tls)?;
     }
     if let Some(lb) = p.load_balancer {
         t.lb = match (lb.simple.as_deref(), lb.consistent_hash) {
@@ -1598,6 +1652,7 @@ pub(crate) fn destination_rule(
     let _ = spec.export_to;
     let policy = dr_policy(
         object,
+        &ns,
         "spec.trafficPolicy",
         spec.traffic_policy.unwrap_or_default(),
     )?;
@@ -1605,7 +1660,7 @@ pub(crate) fn destination_rule(
     for (i, s) in spec.subsets.into_iter().enumerate() {
         let p = s
             .traffic_policy
-            .map(|p| dr_policy(object, &format!("spec.subsets[{i}].trafficPolicy"), p))
+            .map(|p| dr_policy(object, &ns, &format!("spec.subsets[{i}].trafficPolicy"), p))
             .transpose()?;
         subsets.push(Subset {
             name: s.name,

@@ -75,33 +75,6 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
-    /// Where DNS resolution sends traffic for `host` on entry port `port`:
-    /// (name to resolve, port), in declaration order. Empty unless the
-    /// entry's resolution is DNS.
-    pub fn dns_targets(&self, host: &str, port: u16) -> Vec<(String, u16)> {
-        if !matches!(self.resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
-            return Vec::new();
-        }
-        let Some(p) = self.ports.iter().find(|p| p.number == port) else {
-            return Vec::new();
-        };
-        let default = p.target_port.unwrap_or(p.number);
-        if self.dns_endpoints.is_empty() {
-            return vec![(host.to_string(), default)];
-        }
-        self.dns_endpoints
-            .iter()
-            .map(|e| {
-                (
-                    e.host.clone(),
-                    e.ports.get(&p.name).copied().unwrap_or(default),
-                )
-            })
-            .collect()
-    }
-}
-
-impl ServiceEntry {
     /// What a DNS query for one of the hosts is answered with in the mesh:
     /// the declared addresses, else (STATIC) the endpoints. Empty means the
     /// name is left to the upstream resolvers.

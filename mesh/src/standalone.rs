@@ -274,8 +274,9 @@ pub fn translate(
         ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "ServiceEntry") => {
             Kind::ServiceEntry(crate::service_entry::parse(&object, value)?)
         }
+        ("v1", "Secret") => Kind::Secret(crate::secret::parse(&object, value)?),
         (api, kind) => {
-            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
+            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service/Secret, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
         }
     };
     Ok(Some(Translated {

@@ -303,6 +303,9 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             ca_certificates: Some("/etc/ca.pem".into()),
             client_cert: None,
             insecure_skip_verify: false,
+            credential: None,
+            mutual: false,
+            subject_alt_names: Vec::new(),
         })
     );
     assert_eq!(
@@ -312,8 +315,21 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             ca_certificates: None,
             client_cert: Some(("/c.pem".into(), "/k.pem".into())),
             insecure_skip_verify: true,
+            credential: None,
+            mutual: true,
+            subject_alt_names: Vec::new(),
         })
     );
+    assert_eq!(
+        tls("{mode: SIMPLE, subjectAltNames: [A.example.com., 192.0.2.1]}")
+            .unwrap()
+            .subject_alt_names,
+        ["a.example.com", "192.0.2.1"]
+    );
+    // credentialName: the Secret of that name in the rule's namespace.
+    let t = tls("{mode: MUTUAL, credentialName: api-cert}").unwrap();
+    assert_eq!(t.credential, Some(("app".into(), "api-cert".into())));
+    assert!(t.mutual && t.client_cert.is_none());
     assert!(
         !tls("{mode: SIMPLE, insecureSkipVerify: false}")
             .unwrap()
@@ -322,14 +338,15 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
     for (t, field, what) in [
         ("{mode: SOMETIMES}", "mode", "unknown mode"),
         (
-            "{mode: SIMPLE, credentialName: secret}",
+            "{mode: SIMPLE, credentialName: secret, caCertificates: /ca.pem}",
             "credentialName",
-            "not supported",
+            "either credentialName or",
         ),
+        ("{mode: MUTUAL, credentialName: \"\"}", "credentialName", "empty"),
         (
-            "{mode: SIMPLE, subjectAltNames: [a]}",
-            "subjectAltNames",
-            "not supported",
+            "{mode: SIMPLE, subjectAltNames: [a.example, \"spiffe://td/ns/a/sa/b\"]}",
+            "subjectAltNames[1]",
+            "only DNS names and IP addresses",
         ),
         ("{mode: SIMPLE, caCrl: /crl.pem}", "caCrl", "not supported"),
         (
@@ -366,5 +383,120 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             "{t}: {e}"
         );
         assert!(e.to_string().contains(what), "{t}: {e}");
+    }
+}
+
+/// Gateway API for ServiceEntries, as Istio reads it: a route whose parent
+/// is a ServiceEntry is for that entry's hosts (all of them, following the
+/// entry as it changes); a `Hostname` backend names an entry's host.
+#[test]
+fn httproutes_bind_to_service_entries_and_name_their_hosts() {
+    const ENTRY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: app}
+spec: {hosts: [api.example.com, api2.example.com], addresses: [240.0.0.1], resolution: DNS, ports: [{number: 80, name: http, protocol: HTTP}]}
+";
+    let route = |parent: &str, backend: &str| {
+        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: app}}\nspec:\n  parentRefs: [{parent}]\n  rules: [{{backendRefs: [{backend}]}}]\n")
+    };
+    let se_parent = "{kind: ServiceEntry, group: networking.istio.io, name: api}";
+    let hostname = "{kind: Hostname, group: networking.istio.io, name: API.example.com., port: 80}";
+    // (parent, backend, the hosts the route is found under, its backend host)
+    let table: [(&str, &str, &[&str], &str); 4] = [
+        (se_parent, hostname, &["api.example.com", "api2.example.com"], "api.example.com"),
+        (
+            se_parent,
+            "{name: a, port: 80}",
+            &["api.example.com", "api2.example.com"],
+            "a.app.svc.cluster.local",
+        ),
+        ("{kind: Service, name: a}", hostname, &["a.app.svc.cluster.local"], "api.example.com"),
+        // A ServiceEntry in another namespace, named with its namespace.
+        (
+            "{kind: ServiceEntry, group: networking.istio.io, name: api, namespace: other}",
+            hostname,
+            &[],
+            "api.example.com",
+        ),
+    ];
+    for (parent, backend, hosts, to) in table {
+        let m = with(&format!("{ENTRY}---\n{}", route(parent, backend))).unwrap();
+        for h in ["api.example.com", "api2.example.com", "a.app.svc.cluster.local"] {
+            let found: Vec<_> = m.http_routes.get(h).collect();
+            assert_eq!(found.len(), usize::from(hosts.contains(&h)), "{parent} under {h}");
+            if let Some(r) = found.first() {
+                assert_eq!(r.rules[0].backends[0].host, to, "{backend}");
+            }
+        }
+    }
+    // The route follows the entry: without it, it is for no host (and not
+    // an error: the entry may come later).
+    let m = with(&route(se_parent, hostname)).unwrap();
+    assert!(m.http_routes.get("api.example.com").next().is_none());
+
+    for (parent, backend, field, what) in [
+        (
+            "{kind: ServiceEntry, name: api}",
+            hostname,
+            "spec.parentRefs[0]",
+            "ServiceEntry (group \"\")",
+        ),
+        (
+            se_parent,
+            "{kind: Hostname, name: api.example.com}",
+            "spec.rules[0].backendRefs[0]",
+            "backend kind Hostname",
+        ),
+        (
+            se_parent,
+            "{kind: Hostname, group: networking.istio.io, name: api.example.com, namespace: app}",
+            "spec.rules[0].backendRefs[0].namespace",
+            "no namespace",
+        ),
+        (
+            se_parent,
+            "{kind: Hostname, group: networking.istio.io, name: \"a..b\"}",
+            "spec.rules[0].backendRefs[0].name",
+            "not a DNS name",
+        ),
+        (
+            se_parent,
+            "{kind: ServiceImport, group: multicluster.x-k8s.io, name: a}",
+            "spec.rules[0].backendRefs[0]",
+            "ServiceImport",
+        ),
+    ] {
+        let e = with(&format!("{ENTRY}---\n{}", route(parent, backend))).unwrap_err();
+        assert_eq!(e.field, field, "{parent} {backend}: {e}");
+        assert!(e.to_string().contains(what), "{parent} {backend}: {e}");
+    }
+}
+
+/// TLS Secrets in the standalone file: their PEM parts for credentialName,
+/// nothing of them in a dump, and what is not a TLS Secret refused by field.
+#[test]
+fn tls_secrets_are_kept_out_of_the_dump() {
+    let secret = |body: &str| {
+        with(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: api-cert, namespace: app}}\n{body}"
+        ))
+    };
+    // "PEM-CERT" and "PEM-KEY", base64.
+    let m = secret("type: kubernetes.io/tls\ndata: {tls.crt: UEVNLUNFUlQ=, tls.key: UEVNLUtFWQ==}\nstringData: {ca.crt: PEM-CA}").unwrap();
+    let s = &m.secrets[&("app".to_string(), "api-cert".to_string())];
+    assert_eq!(s.cert_chain.as_deref(), Some(&b"PEM-CERT"[..]));
+    assert_eq!(s.key.as_deref(), Some(&b"PEM-KEY"[..]));
+    assert_eq!(s.ca.as_deref(), Some(&b"PEM-CA"[..]));
+    let dump = serde_json::to_string(&m).unwrap();
+    assert!(!dump.contains("UEVNLUtFWQ") && !dump.contains("PEM-KEY"), "{dump}");
+    assert!(!format!("{s:?}").contains("PEM-KEY"));
+    for (body, field, what) in [
+        ("type: kubernetes.io/dockerconfigjson", "type", "only kubernetes.io/tls"),
+        ("data: {password: eA==}", "data.password", "unknown key"),
+        ("data: {tls.crt: \"!!\"}", "data.tls.crt", "not base64"),
+    ] {
+        let e = secret(body).unwrap_err();
+        assert_eq!(e.field, field, "{body}: {e}");
+        assert!(e.to_string().contains(what), "{body}: {e}");
     }
 }

@@ -113,11 +113,14 @@ spec: {hosts: [own.example.com], addresses: [240.0.0.3], resolution: DNS, ports:
             .collect::<Vec<_>>(),
         [(ip("192.0.2.3"), 5432)]
     );
-    // Its own label wins over its namespace's; DNS entries have no
-    // endpoints of ours.
+    // Its own label wins over its namespace's; a DNS entry's endpoint is
+    // its host, for the proxy to resolve (no address of ours).
     let own = m.service_by_vip(ip("240.0.0.3")).unwrap();
     assert_eq!(m.service_waypoint(own), None);
-    assert!(own.endpoints.is_empty());
+    let eps = m.endpoints_for(own, 443);
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].0.hostname.as_deref(), Some("own.example.com"));
+    assert_eq!(eps[0].1, 443);
     assert_eq!(
         m.addresses_of_host("own.example.com"),
         Some(vec![ip("240.0.0.3")])
@@ -172,35 +175,47 @@ spec:
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: bare, namespace: plain}
-spec: {hosts: [bare.example.com], addresses: [240.0.0.6], resolution: DNS, ports: [{number: 80, name: http}]}
+spec: {hosts: [bare.example.com, bare2.example.com], addresses: [240.0.0.6], resolution: DNS, ports: [{number: 80, name: http}]}
 ")
     .unwrap();
-    let se = |n: &str| m.service_entries.iter().find(|s| s.name == n).unwrap();
-    let t = |v: &[(&str, u16)]| {
+    // What the proxy connects to: (name to resolve, port).
+    let t = |m: &mesh::MeshState, host: &str, port: u16| -> Vec<(String, u16)> {
+        let svc = m.service_by_host(host).unwrap();
+        let mut v: Vec<_> = m
+            .endpoints_for(svc, port)
+            .into_iter()
+            .map(|(w, p)| {
+                assert!(w.ip.is_unspecified() && w.protocol == TunnelProtocol::None);
+                (w.hostname.as_deref().unwrap().to_string(), p)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let o = |v: &[(&str, u16)]| {
         v.iter()
             .map(|(h, p)| (h.to_string(), *p))
             .collect::<Vec<_>>()
     };
     assert_eq!(
-        se("named").dns_targets("api.example.com", 443),
-        t(&[("a.origin.example", 8443), ("b.origin.example", 9443)])
+        t(&m, "api.example.com", 443),
+        o(&[("a.origin.example", 8443), ("b.origin.example", 9443)])
     );
     assert_eq!(
-        se("named").dns_targets("api.example.com", 80),
-        t(&[("a.origin.example", 80), ("b.origin.example", 80)])
+        t(&m, "api.example.com", 80),
+        o(&[("a.origin.example", 80), ("b.origin.example", 80)])
     );
-    assert!(se("named").dns_targets("api.example.com", 81).is_empty());
-    // No endpoints: the host itself.
-    assert_eq!(
-        se("bare").dns_targets("bare.example.com", 80),
-        t(&[("bare.example.com", 80)])
-    );
+    assert!(t(&m, "api.example.com", 81).is_empty());
+    // No endpoints: each host is its own name.
+    assert_eq!(t(&m, "bare.example.com", 80), o(&[("bare.example.com", 80)]));
+    assert_eq!(t(&m, "bare2.example.com", 80), o(&[("bare2.example.com", 80)]));
+    // Hostname workloads are found by uid only, never by an address.
+    assert!(m.workload_by_ip(ip("0.0.0.0")).is_none());
+    assert!(m.addresses_of_host("api.example.com").unwrap() == vec![ip("240.0.0.5")]);
     // Not a DNS entry: nothing to resolve.
-    assert!(with("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s, namespace: plain}\nspec: {hosts: [s.example.com], addresses: [240.0.0.7], resolution: STATIC, ports: [{number: 80, name: http}]}")
-        .unwrap()
-        .service_entries[0]
-        .dns_targets("s.example.com", 80)
-        .is_empty());
+    let s = with("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s, namespace: plain}\nspec: {hosts: [s.example.com], addresses: [240.0.0.7], resolution: STATIC, ports: [{number: 80, name: http}]}")
+        .unwrap();
+    assert!(!s.workloads.values().any(|w| w.hostname.is_some()));
 }
 
 /// Objects arriving one at a time (the Kubernetes source): a Service that

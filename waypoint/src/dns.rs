@@ -1,62 +1,27 @@
-//! Names the waypoint resolves itself: the endpoints of a ServiceEntry with
-//! `resolution: DNS`. One resolver for the process, configured from the
-//! waypoint's own resolv.conf; its cache keeps each answer for its TTL, so
-//! a changed record is followed once the old one expires.
+//! Names the waypoint resolves itself: hostname workloads, the endpoints of
+//! a ServiceEntry with `resolution: DNS`, through the resolver the mesh's
+//! proxies share (`mesh::resolve`: the waypoint's own resolv.conf, answers
+//! kept for their TTL).
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use hickory_resolver::TokioResolver;
 use mesh::{TunnelProtocol, Workload};
-use tokio::sync::OnceCell;
 
 use crate::error::ProxyError;
-
-static RESOLVER: OnceCell<Result<TokioResolver, String>> = OnceCell::const_new();
-
-async fn resolver() -> Result<&'static TokioResolver, ProxyError> {
-    let r = RESOLVER
-        .get_or_init(|| async {
-            // Reading the system configuration is file I/O: off the
-            // runtime's threads.
-            tokio::task::spawn_blocking(|| {
-                let mut b = TokioResolver::builder_tokio().map_err(|e| e.to_string())?;
-                // AAAA only when there is no A: an endpoint is reached over
-                // whichever family it has, and a name's A is its answer.
-                b.options_mut().ip_strategy =
-                    hickory_resolver::config::LookupIpStrategy::Ipv4thenIpv6;
-                b.build().map_err(|e| e.to_string())
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()))
-        })
-        .await;
-    r.as_ref()
-        .map_err(|e| ProxyError::Dns(format!("no resolver: {e}")))
-}
 
 /// The addresses of `targets` (name, port), as endpoints outside the mesh,
 /// in the order the names were given. Names that do not resolve are
 /// skipped; none resolving is the error.
 pub async fn resolve(targets: &[(String, u16)]) -> Result<Vec<(Arc<Workload>, u16)>, ProxyError> {
-    let r = resolver().await?;
-    let mut eps = Vec::new();
-    let mut last = String::new();
-    for (name, port) in targets {
-        // Fully qualified: the search list is for the mesh's short names.
-        let fqdn = format!("{}.", name.trim_end_matches('.'));
-        match r.lookup_ip(fqdn.as_str()).await {
-            Ok(ips) => eps.extend(ips.iter().map(|ip| (endpoint(name, ip), *port))),
-            Err(e) => {
-                tracing::info!(name, error = %e, "DNS endpoint did not resolve");
-                last = format!("{name}: {e}");
-            }
-        }
-    }
-    if eps.is_empty() {
-        return Err(ProxyError::Dns(last));
-    }
-    Ok(eps)
+    let names: Vec<(&str, u16)> = targets.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+    let found = mesh::resolve::resolve_all(&names)
+        .await
+        .map_err(|e| ProxyError::Dns(e.to_string()))?;
+    Ok(found
+        .into_iter()
+        .map(|(i, at)| (endpoint(names[i].0, at.ip()), at.port()))
+        .collect())
 }
 
 /// Outside the mesh and in no namespace: the telemetry names the entry's
@@ -74,6 +39,7 @@ fn endpoint(name: &str, ip: IpAddr) -> Arc<Workload> {
         trust_domain: s(""),
         node: s(""),
         ip,
+        hostname: None,
         labels: Default::default(),
         annotations: Default::default(),
         waypoint: None,

@@ -1,15 +1,18 @@
 //! TLS the waypoint originates to an endpoint outside the mesh, per the
 //! DestinationRule's `trafficPolicy.tls`: rustls, the roots from
 //! `caCertificates` (else the system bundle), the server name from `sni`
-//! (else the destination's host) verified against the certificate, a
-//! client certificate for MUTUAL. Files are read (off the runtime's
+//! (else the destination's host) verified against the certificate (or, when
+//! the rule lists `subjectAltNames`, any one of those), a client
+//! certificate for MUTUAL. Files are read (off the runtime's
 //! threads) for each new connection, so rotated files apply to the next one.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use mesh::secret::TlsSecret;
 use mesh::upstream_tls::UpstreamTls;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
@@ -25,6 +28,8 @@ pub enum OriginTlsError {
     Name(String),
     #[error("tls config: {0}")]
     Config(#[from] rustls::Error),
+    #[error("certificate verifier: {0}")]
+    Verifier(String),
     #[error("tls handshake with {server}: {why}")]
     Handshake { server: String, why: std::io::Error },
 }
@@ -33,6 +38,8 @@ pub enum OriginTlsError {
 pub struct Origination<'a> {
     pub tls: &'a UpstreamTls,
     pub host: &'a str,
+    /// The `credentialName` Secret, when the rule names one.
+    pub secret: Option<&'a TlsSecret>,
 }
 
 impl Origination<'_> {
@@ -64,6 +71,14 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Origin
     Ok(certs)
 }
 
+/// How errors name a part of the rule's Secret (in place of a file path).
+fn secret_part(o: &Origination<'_>, part: &str) -> std::path::PathBuf {
+    match &o.tls.credential {
+        Some((ns, name)) => format!("Secret {ns}/{name} {part}").into(),
+        None => part.into(),
+    }
+}
+
 async fn config(o: &Origination<'_>, h2: bool) -> Result<ClientConfig, OriginTlsError> {
     let t = o.tls;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -74,24 +89,62 @@ async fn config(o: &Origination<'_>, h2: bool) -> Result<ClientConfig, OriginTls
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
     } else {
-        let path = t
-            .ca_certificates
-            .as_deref()
-            .unwrap_or(Path::new(SYSTEM_BUNDLE));
+        // The Secret's ca.crt, else the rule's file, else the system's.
+        let (path, pem) = match o.secret.and_then(|s| s.ca.clone()) {
+            Some(ca) => (secret_part(o, "ca.crt"), ca.to_vec()),
+            None => {
+                let path = t.ca_certificates.as_deref().unwrap_or(Path::new(SYSTEM_BUNDLE));
+                (path.to_path_buf(), read(path).await?)
+            }
+        };
+        let path = path.as_path();
         let mut roots = RootCertStore::empty();
-        let (added, _ignored) = roots.add_parsable_certificates(certs(path, &read(path).await?)?);
+        let (added, _ignored) = roots.add_parsable_certificates(certs(path, &pem)?);
         if added == 0 {
             return Err(OriginTlsError::File {
                 path: path.display().to_string(),
                 why: "no usable CA certificate".into(),
             });
         }
-        builder.with_root_certificates(roots)
+        if t.subject_alt_names.is_empty() {
+            builder.with_root_certificates(roots)
+        } else {
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| OriginTlsError::Verifier(e.to_string()))?;
+            let names = t
+                .subject_alt_names
+                .iter()
+                .map(|n| ServerName::try_from(n.clone()).map_err(|_| OriginTlsError::Name(n.clone())))
+                .collect::<Result<_, _>>()?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyOfNames { inner, names }))
+        }
     };
-    let mut cfg = match &t.client_cert {
-        Some((cert, key)) => {
-            let chain = certs(cert, &read(cert).await?)?;
-            let pem = read(key).await?;
+    let client = match (&t.client_cert, o.secret) {
+        (Some((cert, key)), _) => Some((
+            certs(cert, &read(cert).await?)?,
+            key.to_path_buf(),
+            read(key).await?,
+        )),
+        (None, Some(s)) if t.mutual => {
+            let missing = |part: &str| OriginTlsError::File {
+                path: secret_part(o, part).display().to_string(),
+                why: "missing: MUTUAL needs it".into(),
+            };
+            let chain = s.cert_chain.as_deref().ok_or_else(|| missing("tls.crt"))?;
+            let key = s.key.as_deref().ok_or_else(|| missing("tls.key"))?;
+            Some((
+                certs(&secret_part(o, "tls.crt"), chain)?,
+                secret_part(o, "tls.key"),
+                key.to_vec(),
+            ))
+        }
+        (None, _) => None,
+    };
+    let mut cfg = match client {
+        Some((chain, key, pem)) => {
             let key_der: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &pem[..])
                 .ok()
                 .flatten()
@@ -125,6 +178,60 @@ pub async fn connect(
         .connect(server, tcp)
         .await
         .map_err(|why| OriginTlsError::Handshake { server: name, why })
+}
+
+/// `subjectAltNames`: the chain is verified as for any server, and the
+/// certificate must name one of the listed names, whatever server name was
+/// sent (Envoy's `match_typed_subject_alt_names`).
+#[derive(Debug)]
+struct AnyOfNames {
+    inner: Arc<WebPkiServerVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for AnyOfNames {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut last = rustls::Error::General("no subjectAltNames to match".into());
+        for name in &self.names {
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// `insecureSkipVerify: true`: any certificate is taken, signatures still

@@ -70,6 +70,7 @@ pub fn source(
         trust_domain: s(&id.trust_domain),
         node: s(""),
         ip,
+        hostname: None,
         labels: Default::default(),
         annotations: Default::default(),
         waypoint: None,

@@ -3,6 +3,7 @@
 //! endpoints, the mirror. No I/O and no clock; the dice are passed in, so
 //! tests drive it with tables.
 
+use mesh::secret::TlsSecret;
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +54,9 @@ pub struct Target {
     /// of `eps` (resolving is I/O, not planning).
     pub dns: Vec<(String, u16)>,
     pub policy: TrafficPolicy,
+    /// The Secret the policy's TLS names (`credentialName`), as it is in
+    /// this state.
+    pub secret: Option<TlsSecret>,
     pub h2: bool,
 }
 
@@ -157,6 +161,7 @@ pub fn plan<'a>(
             eps: vec![(w, c.target.port())],
             dns: Vec::new(),
             policy: TrafficPolicy::default(),
+            secret: None,
             h2: parts.version == http::Version::HTTP_2,
         };
         return Plan {
@@ -333,21 +338,17 @@ pub fn resolve(
         .or_else(|| (bsvc.hostname == dst_host).then_some(dst_port))
         .or_else(|| bsvc.ports.first().map(|p| p.port))
         .unwrap_or(dst_port);
-    let eps: Vec<_> = state
+    // A DNS entry's endpoints are hostname workloads (they carry no
+    // labels: no subset selects them), resolved when sending.
+    let (dns, eps): (Vec<_>, Vec<_>) = state
         .endpoints_for(bsvc, port)
         .into_iter()
         .filter(|(w, _)| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .partition(|(w, _)| w.hostname.is_some());
+    let dns: Vec<_> = dns
+        .into_iter()
+        .filter_map(|(w, p)| Some((w.hostname.as_deref()?.to_string(), p)))
         .collect();
-    // A DNS entry's endpoints are names; no subset can select them.
-    let dns = match (labels, eps.is_empty()) {
-        (None, true) => state
-            .service_entries
-            .iter()
-            .find(|se| se.namespace == bsvc.namespace && se.name == bsvc.name)
-            .map(|se| se.dns_targets(&bsvc.hostname, port))
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
     if eps.is_empty() && dns.is_empty() {
         return Err(ProxyError::NoHealthy(format!(
             "{} has no endpoint for port {port}",
@@ -361,11 +362,25 @@ pub fn resolve(
         .find(|p| p.port == port)
         .and_then(|p| p.name.as_deref())
         .is_some_and(|n| n.starts_with("grpc") || n.starts_with("http2") || n.starts_with("h2c"));
+    // A Secret that is not there fails the request, never sends it with
+    // other credentials (or none).
+    let secret = match policy.tls.as_ref().and_then(|t| t.credential.as_ref()) {
+        Some((ns, name)) => Some(state.secrets.get(&(ns.clone(), name.clone())).cloned().ok_or_else(
+            || {
+                ProxyError::Unresolved(format!(
+                    "credentialName {ns}/{name}: no such Secret (Secrets are read from the \
+                     standalone file only)"
+                ))
+            },
+        )?),
+        None => None,
+    };
     Ok(Target {
         host: backend.host.clone(),
         eps,
         dns,
         policy,
+        secret,
         h2,
     })
 }

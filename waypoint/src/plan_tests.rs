@@ -75,6 +75,21 @@ spec:
     mirrorPercentage: {value: 50}
   - match: [{uri: {exact: /only}}]
     route: [{destination: {host: echo}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: app}
+spec:
+  hosts: [ext.example.com]
+  addresses: [240.0.0.1]
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  endpoints: [{address: a.origin.test}, {address: b.origin.test, ports: {http: 9090}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bare, namespace: app}
+spec: {hosts: [bare.example.com], addresses: [240.0.0.2], resolution: DNS, ports: [{number: 80, name: http}]}
 ";
 
 /// Fixed dice: every percentage roll and index draw is the given value.
@@ -102,7 +117,10 @@ enum Got {
     Fail(ProxyError),
 }
 
-fn run(target: &str, path: &str, dice: (f64, u64)) -> (Got, Option<Duration>) {
+/// The plan's kind and delay, and the names a forward resolves when sending.
+type Run = (Got, Option<Duration>, Vec<(String, u16)>);
+
+fn run(target: &str, path: &str, dice: (f64, u64)) -> Run {
     let state = mesh::standalone::parse(MESH, "cluster.local").unwrap();
     let src = Identity::new("cluster.local", "app", "client");
     let target: SocketAddr = target.parse().unwrap();
@@ -122,18 +140,22 @@ fn run(target: &str, path: &str, dice: (f64, u64)) -> (Got, Option<Duration>) {
         "echo",
         &mut Fixed(dice.0, dice.1),
     );
+    let mut dns = Vec::new();
     let got = match p.action {
         Ok(Action::Respond(r, f)) => Got::Respond(r.status().as_u16(), f),
         Ok(Action::Forward(f)) => Got::Forward {
             host: f.host.clone(),
             h2: f.target.h2,
-            eps: f.target.eps.len(),
+            eps: {
+                dns.clone_from(&f.target.dns);
+                f.target.eps.len()
+            },
             path: parts.uri.to_string(),
             mirror: f.mirror.is_some(),
         },
         Err(e) => Got::Fail(e),
     };
-    (got, p.delay)
+    (got, p.delay, dns)
 }
 
 fn fwd(host: &str, h2: bool, eps: usize, path: &str, mirror: bool) -> Got {
@@ -269,7 +291,7 @@ fn plans_by_table() {
         ),
     ];
     for (target, path, dice, want, delay) in table {
-        let (mut got, d) = run(target, path, dice);
+        let (mut got, d, _) = run(target, path, dice);
         // The reasons are for logs; the table compares the kind.
         if let Got::Fail(
             ProxyError::Denied(w) | ProxyError::Unresolved(w) | ProxyError::NoHealthy(w),
@@ -280,5 +302,29 @@ fn plans_by_table() {
         }
         assert_eq!(got, want, "{target}{path} with {dice:?}");
         assert_eq!(d, delay, "{target}{path} with {dice:?}");
+    }
+}
+
+/// A DNS ServiceEntry's endpoints are names (its endpoints', on the port
+/// each declares, or without endpoints its host), left for the sending step
+/// to resolve: the plan holds no address for them.
+#[test]
+fn dns_entries_forward_to_names_resolved_when_sending() {
+    let names = |v: &[(&str, u16)]| -> Vec<(String, u16)> {
+        v.iter().map(|(n, p)| (n.to_string(), *p)).collect()
+    };
+    for (target, host, want) in [
+        (
+            "240.0.0.1:80",
+            "ext.example.com",
+            names(&[("a.origin.test", 8080), ("b.origin.test", 9090)]),
+        ),
+        ("240.0.0.2:80", "bare.example.com", names(&[("bare.example.com", 80)])),
+    ] {
+        let (got, _, dns) = run(target, "/x", (99.0, 0));
+        assert_eq!(got, fwd(host, false, 0, "/x", false), "{target}");
+        let mut dns = dns;
+        dns.sort();
+        assert_eq!(dns, want, "{target}");
     }
 }

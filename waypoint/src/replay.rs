@@ -61,6 +61,9 @@ pub struct Replay<B> {
     hint: SizeHint,
     /// True once the body's fate is known (ended, outgrown or broken).
     settled: watch::Sender<bool>,
+    /// True once the client has sent all of it (or it broke): where the
+    /// route timeout starts counting, as Envoy's does.
+    read: watch::Sender<bool>,
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Replay<B>
@@ -70,6 +73,7 @@ where
     pub fn new(src: B, limit: usize) -> Arc<Self> {
         let hint = src.size_hint();
         let settled = watch::Sender::new(src.is_end_stream());
+        let read = watch::Sender::new(src.is_end_stream());
         Arc::new(Replay {
             shared: Mutex::new(Shared {
                 ended: src.is_end_stream(),
@@ -85,7 +89,14 @@ where
             limit,
             hint,
             settled,
+            read,
         })
+    }
+
+    /// Resolves once the client's body has been read to its end (or broke).
+    pub async fn read_to_end(&self) {
+        let mut rx = self.read.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     /// The body for the next attempt: the first always; a later one only
@@ -206,12 +217,14 @@ where
                 s.ended = true;
                 drop(s);
                 replay.settled.send_replace(true);
+                replay.read.send_replace(true);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
                 s.broken = true;
                 drop(s);
                 replay.settled.send_replace(true);
+                replay.read.send_replace(true);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -233,13 +246,18 @@ where
                 }
                 // A body of known length ends with its last frame: a sender
                 // that sees is_end_stream polls no further, so no None comes.
+                let mut all_read = false;
                 if !s.ended && s.src.is_end_stream() {
                     s.ended = true;
                     settle = true;
+                    all_read = true;
                 }
                 drop(s);
                 if settle {
                     replay.settled.send_replace(true);
+                }
+                if all_read {
+                    replay.read.send_replace(true);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -290,6 +308,31 @@ mod tests {
         let c = a.collect().await.unwrap();
         let t = c.trailers().is_some();
         (c.to_bytes().to_vec(), t)
+    }
+
+    /// The route timeout's start: not before the last frame was read, and
+    /// at once for a body that had none to read.
+    #[tokio::test]
+    async fn read_to_end_waits_for_the_last_frame() {
+        let r = Replay::new(src(&[b"ab", b"cd"], false), 1);
+        let done = || {
+            let r = r.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(50), r.read_to_end())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(!done().await, "ended before anything was read");
+        let mut a = r.attempt().unwrap();
+        a.frame().await.unwrap().unwrap();
+        assert!(!done().await, "ended after the first frame");
+        while a.frame().await.is_some() {}
+        assert!(done().await, "not ended after the last frame");
+        let empty = Replay::new(http_body_util::Empty::<Bytes>::new(), 1);
+        tokio::time::timeout(Duration::from_millis(50), empty.read_to_end())
+            .await
+            .expect("an empty body is read at once");
     }
 
     #[tokio::test]

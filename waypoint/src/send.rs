@@ -249,6 +249,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
     let origin = target.policy.tls.as_ref().map(|tls| Origination {
         tls,
         host: &target.host,
+        secret: target.secret.as_ref(),
     });
     let mut tunnel_up = None;
     let attempt_all = async {
@@ -341,20 +342,37 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
         }
         last.expect("at least one attempt")
     };
-    // The route's timeout, or the client's gRPC deadline if sooner, bounds
-    // the wait for the response head; an upgraded tunnel is not bound.
-    let deadline = match (
-        rule.timeout,
-        out.grpc.then(|| crate::grpc::timeout(headers)).flatten(),
-    ) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let mut sent = match deadline {
-        Some(t) => tokio::time::timeout(t, attempt_all)
-            .await
-            .unwrap_or_else(|_| Sent::local(&ProxyError::Timeout, out.grpc)),
-        None => attempt_all.await,
+    // The route's timeout bounds the wait for the response head counted
+    // from the end of the request body, as Envoy counts it (a long upload
+    // is not a slow server); the client's gRPC deadline counts from the
+    // request's start, as the client set it. An upgraded tunnel is bound by
+    // neither once it is up.
+    let grpc_deadline = out.grpc.then(|| crate::grpc::timeout(headers)).flatten();
+    let mut sent = match (rule.timeout, grpc_deadline) {
+        (None, None) => attempt_all.await,
+        (route, grpc) => {
+            let body = out.body.clone();
+            let after_body = async move {
+                match route {
+                    Some(t) => {
+                        body.read_to_end().await;
+                        tokio::time::sleep(t).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let client_deadline = async move {
+                match grpc {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                s = attempt_all => s,
+                () = after_body => Sent::local(&ProxyError::Timeout, out.grpc),
+                () = client_deadline => Sent::local(&ProxyError::Timeout, out.grpc),
+            }
+        }
     };
     if let (Some(u), Some((up, guard))) = (out.upgrade.take(), tunnel_up) {
         if sent.resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -414,6 +432,7 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
     }
     let h2 = target.h2;
     let tls = target.policy.tls.clone();
+    let secret = target.secret.clone();
     let tls_host = target.host.clone();
     let wp = wp.clone();
     let whole = Replay::whole(Arc::downgrade(body));
@@ -437,6 +456,7 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
         let origin = tls.as_ref().map(|tls| Origination {
             tls,
             host: &tls_host,
+            secret: secret.as_ref(),
         });
         match wp.upstreams.send(&ep, port, req, h2, origin.as_ref()).await {
             Ok(resp) => {

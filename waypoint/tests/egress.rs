@@ -108,6 +108,15 @@ async fn mesh(tag: &str, extra: impl FnOnce(&Mesh) -> String) -> Mesh {
     ));
     // The waypoint resolves DNS entries through its own resolv.conf.
     m.resolv_conf("waypoint", "nameserver 10.244.3.53\n");
+    // So does ztunnel (entries without a waypoint): node1's netns is on the
+    // network, as a ztunnel pod is, made here before its ztunnel starts.
+    m.pod("node1", "ext", "none", "10.244.4.1", "node1", false);
+    m.resolv_conf("node1", "nameserver 10.244.3.53\n");
+    // The client reaches the test resolver's answers (the origin's aliases).
+    sh(&format!(
+        "ip -n {} route add 192.0.2.0/30 via 10.244.3.5",
+        m.pod_ns("client")
+    ));
     // Any address off the pod: the capture rules send DNS to ztunnel.
     m.resolv_conf("client", "nameserver 10.96.0.53\n");
     let extra = extra(&m);
@@ -199,8 +208,14 @@ fn outside_ca(dir: &std::path::Path, host: &str) -> (String, String, String) {
 }
 
 /// An entry on port 80 whose endpoint listens with TLS on `port`, and its
-/// DestinationRule: TLS with `sni` and the CA file `ca`, and `more`.
+/// DestinationRule: TLS with `sni` and the CA file `ca` (none: empty), and
+/// `more`.
 fn tls_entry(name: &str, vip: &str, port: u16, sni: &str, ca: &str, more: &str) -> String {
+    let ca = if ca.is_empty() {
+        String::new()
+    } else {
+        format!("caCertificates: {ca}, ")
+    };
     format!(
         "---
 apiVersion: networking.istio.io/v1
@@ -218,7 +233,7 @@ kind: DestinationRule
 metadata: {{name: {name}, namespace: app}}
 spec:
   host: {name}.example.com
-  trafficPolicy: {{tls: {{sni: {sni}, caCertificates: {ca}, {more}}}}}
+  trafficPolicy: {{tls: {{sni: {sni}, {ca}{more}}}}}
 "
     )
 }
@@ -253,6 +268,17 @@ async fn tls_is_originated_per_destination_rule() {
             ccert.display(),
             ckey.display()
         );
+        // The same client certificate and CA as a Secret, for
+        // credentialName (PEM as JSON strings: valid YAML scalars).
+        let pem = |p: &std::path::Path| {
+            serde_json::to_string(&std::fs::read_to_string(p).unwrap()).unwrap()
+        };
+        let secret = format!(
+            "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: cred, namespace: app}}\ntype: kubernetes.io/tls\nstringData: {{tls.crt: {}, tls.key: {}, ca.crt: {}}}\n",
+            pem(&ccert),
+            pem(&ckey),
+            pem(std::path::Path::new(&ca))
+        );
         server = Some((cert, key, ca.clone()));
         let sni = "secure.example.com";
         [
@@ -283,6 +309,44 @@ async fn tls_is_originated_per_destination_rule() {
                 &other_ca,
                 "mode: SIMPLE, insecureSkipVerify: true",
             ),
+            // subjectAltNames replace the server name in the check: the
+            // name sent is not the certificate's, a listed one is; a list
+            // without the certificate's name refuses it.
+            tls_entry(
+                "sanok",
+                "240.240.0.14",
+                8443,
+                "other.example.com",
+                &ca,
+                "mode: SIMPLE, subjectAltNames: [nothere.example.com, secure.example.com]",
+            ),
+            tls_entry(
+                "sanbad",
+                "240.240.0.15",
+                8443,
+                sni,
+                &ca,
+                "mode: SIMPLE, subjectAltNames: [nothere.example.com]",
+            ),
+            // MUTUAL from a Secret; a Secret that does not exist fails
+            // closed.
+            tls_entry(
+                "credmutual",
+                "240.240.0.18",
+                8444,
+                sni,
+                "",
+                "mode: MUTUAL, credentialName: cred",
+            ),
+            tls_entry(
+                "credmissing",
+                "240.240.0.19",
+                8444,
+                sni,
+                "",
+                "mode: MUTUAL, credentialName: nothere",
+            ),
+            secret,
         ]
         .concat()
     })
@@ -307,7 +371,15 @@ async fn tls_is_originated_per_destination_rule() {
         curl(&m, "http://skip.example.com/s"),
         "GET /s host=skip.example.com sni=secure.example.com\n 200"
     );
-    for host in ["wrongca", "wrongsni", "nocert"] {
+    assert_eq!(
+        curl(&m, "http://sanok.example.com/n"),
+        "GET /n host=sanok.example.com sni=other.example.com\n 200"
+    );
+    assert_eq!(
+        curl(&m, "http://credmutual.example.com/c"),
+        "GET /c host=credmutual.example.com sni=secure.example.com\n 200"
+    );
+    for host in ["wrongca", "wrongsni", "nocert", "sanbad", "credmissing"] {
         let out = curl(&m, &format!("http://{host}.example.com/hello"));
         assert!(out.ends_with(" 503"), "{host}: {out}");
     }
@@ -329,6 +401,11 @@ async fn tls_is_originated_per_destination_rule() {
     assert!(
         log.iter()
             .any(|l| l["authority"] == "wrongca.example.com" && l["response_flags"] == "UF"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l["authority"] == "credmissing.example.com" && l["response_flags"] == "NC"),
         "{log:?}"
     );
     drop(peers);
@@ -472,5 +549,138 @@ spec:
         ["192.0.2.1:8080", "192.0.2.1:8080", "192.0.2.2:8080"]
     );
     assert!(asked.load(Ordering::Relaxed) >= 2);
+    drop(peers);
+}
+
+/// A DNS ServiceEntry that no waypoint serves: ztunnel routes its VIP at
+/// L4 to what ztunnel itself resolves the host to (its own resolver, the
+/// answer kept for its TTL: two connections, one query); the telemetry
+/// names the entry's host. A host that does not resolve resets the
+/// connection, flagged DF with the reason in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_entry_without_a_waypoint_is_resolved_by_ztunnel() {
+    let entry = |name: &str, host: &str, vip: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: app, labels: {{istio.io/use-waypoint: none}}}}
+spec:
+  hosts: [{host}]
+  addresses: [{vip}]
+  resolution: DNS
+  ports: [{{number: 7000, name: tcp, protocol: TCP, targetPort: 9000}}]
+"
+        )
+    };
+    let m = mesh("egz", |_| {
+        entry("l4dns", "outside.test", "240.240.0.12")
+            + &entry("l4missing", "missing.test", "240.240.0.13")
+    })
+    .await;
+    let counts = m.dns_server("resolver");
+    m.echo_server("origin", 9000);
+
+    let s = m.connect("client", "240.240.0.12:7000").unwrap();
+    echo_roundtrip(s, &pattern(64 << 10, 3));
+    let asked = counts.udp.load(Ordering::Relaxed);
+    assert!(asked >= 1, "ztunnel never asked the resolver");
+    let s = m.connect("client", "240.240.0.12:7000").unwrap();
+    echo_roundtrip(s, &pattern(1 << 10, 4));
+    assert_eq!(
+        counts.udp.load(Ordering::Relaxed),
+        asked,
+        "a cached answer was asked for again"
+    );
+
+    let mut s = m.connect("client", "240.240.0.13:7000").unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(10)));
+    let metrics = m.metrics("node1");
+    let closed = |host: &str, flag: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_closed_total{")
+                && l.contains(&format!("destination_service=\"{host}\""))
+                && l.contains(&format!("response_flags=\"{flag}\""))
+        })
+    };
+    assert!(closed("outside.test", "-"), "{metrics}");
+    assert!(closed("missing.test", "DF"), "{metrics}");
+    let log = m.log("node1");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("endpoint missing.test did not resolve")),
+        "{log}"
+    );
+}
+
+/// Gateway API for ServiceEntries: an HTTPRoute whose parent is an entry
+/// binds to it at its waypoint (a path no rule matches is 404 NR there, not
+/// passed to the entry's endpoints), and `Hostname` backends send to
+/// entries by host: one to a DNS entry the waypoint resolves, one back to
+/// the parent's own host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httproute_attached_to_an_entry_sends_to_hostname_backends() {
+    let m = mesh("egh", |_| {
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: gwapi, namespace: app}
+spec:
+  hosts: [gwapi.example.com]
+  addresses: [240.240.0.16]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  endpoints: [{address: 10.244.3.5}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: outside, namespace: app}
+spec:
+  hosts: [outside.test]
+  addresses: [240.240.0.17]
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: gwapi, namespace: app}
+spec:
+  parentRefs: [{kind: ServiceEntry, group: networking.istio.io, name: gwapi}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /dns}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /resolved}}}]
+    backendRefs: [{kind: Hostname, group: networking.istio.io, name: outside.test, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /static}}]
+    backendRefs: [{kind: Hostname, group: networking.istio.io, name: gwapi.example.com, port: 80}]
+"
+        .to_string()
+    })
+    .await;
+    let _counts = m.dns_server("resolver");
+    let mut peers = Peers::default();
+    peers.start(&m, "origin", "origin.py", &["8080"], 8080);
+
+    assert_eq!(
+        curl(&m, "http://gwapi.example.com/dns/x"),
+        "GET /resolved/x host=gwapi.example.com sni=-\n 200"
+    );
+    assert_eq!(
+        curl(&m, "http://gwapi.example.com/static/y"),
+        "GET /static/y host=gwapi.example.com sni=-\n 200"
+    );
+    assert_eq!(
+        curl(&m, "http://gwapi.example.com/elsewhere"),
+        "no route matched\n 404"
+    );
+    let log = access_log(&m);
+    let took = |upstream: &str| {
+        log.iter().any(|l| {
+            l["authority"] == "gwapi.example.com"
+                && l["upstream_host"] == upstream
+                && l["route"].as_str().is_some_and(|r| r.contains("app/gwapi"))
+        })
+    };
+    assert!(took("192.0.2.1:8080"), "{log:?}");
+    assert!(took("10.244.3.5:8080"), "{log:?}");
     drop(peers);
 }

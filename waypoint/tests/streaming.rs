@@ -226,6 +226,9 @@ spec:
     route: [{destination: {host: upload}}]
     mirror: {host: shadow}
     mirrorPercentage: {value: 100}
+  - match: [{uri: {prefix: /slow}}]
+    timeout: 1s
+    route: [{destination: {host: upload}}]
   - route: [{destination: {host: upload}}]
 ";
     let (m, _) = mesh("wsr", vs, &["--request-replay-buffer", "65536"]).await;
@@ -268,6 +271,20 @@ spec:
         upload(&m, &big, "http://10.96.0.40/mirrored/big"),
         format!("{} {big_sum}\n 200", 1 << 20)
     );
+    // The route timeout counts from the end of the request body, as
+    // Envoy's: an upload that takes 3 s under a 1 s timeout is answered.
+    let (slow, slow_sum) = random_file(&m, "slow", 300_000);
+    let started = std::time::Instant::now();
+    let out = run_in(
+        &m,
+        "client",
+        &format!(
+            "curl -s -m 30 --limit-rate 100k -w ' %{{http_code}}' -T {} -X POST http://10.96.0.40/slow/up",
+            slow.display()
+        ),
+    );
+    assert_eq!(out, format!("300000 {slow_sum}\n 200"));
+    assert!(started.elapsed() > Duration::from_secs(2), "the upload was not slow");
     let shadow = || run_in(&m, "backend", "curl -s http://127.0.0.1:8081/seen");
     eventually(
         "the mirror gets the small body whole",

@@ -93,12 +93,12 @@ impl Resources {
                 let addr = wl::Address::decode(body).map_err(decode_err)?;
                 match addr.r#type {
                     Some(wl::address::Type::Workload(w)) => {
-                        let ip = workload_ip(&w).map_err(|reason| invalid(name, reason))?;
+                        let at = workload_ip(&w).map_err(|reason| invalid(name, reason))?;
                         let version = self.version(version);
                         let name = self.forget_address(name);
                         let e = workload_entry(
                             w,
-                            ip,
+                            at,
                             version,
                             &self.no_labels,
                             &mut self.strings,

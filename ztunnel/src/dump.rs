@@ -61,7 +61,7 @@ struct WorkloadOut<'a> {
     /// A workload in our store is one traffic is sent to: we hold no
     /// readiness apart from that (the sources leave out what is not ready).
     status: &'static str,
-    hostname: &'static str,
+    hostname: &'a str,
     capacity: u32,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     authorization_policies: &'a [String],
@@ -180,7 +180,7 @@ fn workload<'a>(state: &MeshState, w: &'a Workload, cluster_id: &'a str) -> Work
         trust_domain: &w.trust_domain,
         node: &w.node,
         status: "Healthy",
-        hostname: "",
+        hostname: w.hostname.as_deref().unwrap_or(""),
         capacity: 1,
         authorization_policies: &w.authorization_policies,
     }

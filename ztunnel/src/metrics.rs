@@ -21,6 +21,8 @@ pub enum Flag {
     None,
     Deny,
     ConnectFailure,
+    /// The destination's name did not resolve (a DNS ServiceEntry).
+    DnsFailure,
 }
 
 impl Flag {
@@ -29,6 +31,7 @@ impl Flag {
             Flag::None => "-",
             Flag::Deny => "DENY",
             Flag::ConnectFailure => "CONNECT",
+            Flag::DnsFailure => "DF",
         }
     }
 }

@@ -7,9 +7,13 @@
 //! STATIC endpoints become workloads outside the mesh (plain TCP), indexed
 //! by uid only: an endpoint address is not a pod address, so traffic sent
 //! to it directly is none of the mesh's business, and it can never shadow a
-//! pod. An entry without addresses is left to DNS alone, as before.
+//! pod. DNS endpoints (or, without endpoints, each host itself) become
+//! hostname workloads, which the proxy resolves when it connects, as the
+//! ones istiod sends over WDS. An entry without addresses is left to DNS
+//! alone, as before.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{ObjectKey, Objects};
@@ -94,49 +98,52 @@ impl Objects {
                 target: TargetPort::Named(p.name.clone()),
             })
             .collect();
-        let mut workloads = Vec::new();
-        if se.resolution == Resolution::Static {
-            for e in &se.static_endpoints {
-                let named_ports = se
-                    .ports
-                    .iter()
-                    .map(|p| {
-                        let at = e.ports.get(&p.name).copied();
-                        (p.name.clone(), at.or(p.target_port).unwrap_or(p.number))
-                    })
-                    .collect();
-                let s = &mut self.strings;
-                workloads.push(Arc::new(Workload {
-                    uid: format!("{}/ServiceEntry/{}/{}", se.namespace, se.name, e.address),
-                    name: se.name.clone(),
-                    workload_name: s.get(&se.name),
-                    workload_kind: Default::default(),
-                    cluster_id: None,
-                    namespace: s.get(&se.namespace),
-                    service_account: s.get("default"),
-                    trust_domain: s.get(&self.trust_domain),
-                    node: s.get(""),
-                    ip: e.address,
-                    labels: Arc::new(e.labels.clone().into()),
-                    annotations: Default::default(),
-                    waypoint: None,
-                    named_ports,
-                    // Outside ambient whatever `location` says: nothing
-                    // tells us the endpoint speaks HBONE.
-                    protocol: TunnelProtocol::None,
-                    canonical_name: s.get(&se.name),
-                    canonical_revision: s.get("latest"),
-                    authorization_policies: Vec::new(),
-                }));
+        // Where an endpoint listens for each port name: its own port, else
+        // the entry port's target, else the entry port.
+        let named_ports = |own: &BTreeMap<String, u16>| -> BTreeMap<String, u16> {
+            se.ports
+                .iter()
+                .map(|p| {
+                    let at = own.get(&p.name).copied();
+                    (p.name.clone(), at.or(p.target_port).unwrap_or(p.number))
+                })
+                .collect()
+        };
+        let no_ip = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+        // The endpoints shared by every host, or (DNS without endpoints)
+        // each host's own name.
+        let mut shared = Vec::new();
+        let mut own_name = false;
+        match se.resolution {
+            Resolution::Static => {
+                for e in &se.static_endpoints {
+                    let w = self.external_workload(
+                        se,
+                        e.address.to_string(),
+                        (e.address, None),
+                        Arc::new(e.labels.clone().into()),
+                        named_ports(&e.ports),
+                    );
+                    shared.push(w);
+                }
             }
+            Resolution::Dns | Resolution::DnsRoundRobin if se.dns_endpoints.is_empty() => {
+                own_name = true;
+            }
+            Resolution::Dns | Resolution::DnsRoundRobin => {
+                for e in &se.dns_endpoints {
+                    let w = self.external_workload(
+                        se,
+                        e.host.clone(),
+                        (no_ip, Some(&e.host)),
+                        Default::default(),
+                        named_ports(&e.ports),
+                    );
+                    shared.push(w);
+                }
+            }
+            Resolution::None => {}
         }
-        let endpoints: Vec<Endpoint> = workloads
-            .iter()
-            .map(|w| Endpoint {
-                workload_uid: w.uid.clone(),
-                ip: w.ip,
-            })
-            .collect();
         let waypoint = crate::standalone::waypoint_ref(
             &se.labels,
             self.namespaces.get(&se.namespace),
@@ -144,7 +151,28 @@ impl Objects {
         );
         // One service per host, all on the entry's addresses; inserted last
         // first, so that the first host holds the VIPs.
+        let mut workloads = shared.clone();
         for host in se.hosts.iter().rev() {
+            let mine = if own_name {
+                let w = self.external_workload(
+                    se,
+                    host.clone(),
+                    (no_ip, Some(host)),
+                    Default::default(),
+                    named_ports(&BTreeMap::new()),
+                );
+                workloads.push(w.clone());
+                vec![w]
+            } else {
+                shared.clone()
+            };
+            let endpoints = mine
+                .iter()
+                .map(|w| Endpoint {
+                    workload_uid: w.uid.clone(),
+                    ip: w.ip,
+                })
+                .collect();
             let svc = Arc::new(Service {
                 waypoint: waypoint.clone(),
                 name: se.name.clone(),
@@ -152,7 +180,7 @@ impl Objects {
                 hostname: host.clone(),
                 vips: se.addresses.clone(),
                 ports: ports.clone(),
-                endpoints: endpoints.clone(),
+                endpoints,
             });
             self.ix.insert_service(svc.clone());
             self.entries_out.services.push(svc);
@@ -161,5 +189,41 @@ impl Objects {
             self.ix.insert_external_workload(w.clone());
             self.entries_out.workloads.push(w);
         }
+    }
+
+    /// An endpoint of `se` outside the mesh (plain TCP), at an address or a
+    /// name (`at`) the proxy resolves; `id` tells it from its siblings.
+    fn external_workload(
+        &mut self,
+        se: &ServiceEntry,
+        id: String,
+        at: (IpAddr, Option<&String>),
+        labels: crate::model::Labels,
+        named_ports: BTreeMap<String, u16>,
+    ) -> Arc<Workload> {
+        let s = &mut self.strings;
+        Arc::new(Workload {
+            uid: format!("{}/ServiceEntry/{}/{id}", se.namespace, se.name),
+            name: se.name.clone(),
+            workload_name: s.get(&se.name),
+            workload_kind: Default::default(),
+            cluster_id: None,
+            namespace: s.get(&se.namespace),
+            service_account: s.get("default"),
+            trust_domain: s.get(&self.trust_domain),
+            node: s.get(""),
+            ip: at.0,
+            hostname: at.1.map(|h| s.get(h)),
+            labels,
+            annotations: Default::default(),
+            waypoint: None,
+            named_ports,
+            // Outside ambient whatever `location` says: nothing tells us
+            // the endpoint speaks HBONE.
+            protocol: TunnelProtocol::None,
+            canonical_name: s.get(&se.name),
+            canonical_revision: s.get("latest"),
+            authorization_policies: Vec::new(),
+        })
     }
 }

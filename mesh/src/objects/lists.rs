@@ -17,10 +17,11 @@ pub(super) enum List {
     Routes,
     DestinationRules,
     ServiceEntries,
+    Secrets,
 }
 
 impl List {
-    pub(super) const ALL: [List; 7] = [
+    pub(super) const ALL: [List; 8] = [
         List::Policies,
         List::WaypointPolicies,
         List::PeerAuthentications,
@@ -28,6 +29,7 @@ impl List {
         List::Routes,
         List::DestinationRules,
         List::ServiceEntries,
+        List::Secrets,
     ];
 }
 
@@ -40,6 +42,7 @@ pub(super) fn list_of(k: &Kind) -> List {
         Kind::Gateway(_) => List::Waypoints,
         Kind::Route(_) => List::Routes,
         Kind::DestinationRule(_) => List::DestinationRules,
+        Kind::Secret(_) => List::Secrets,
         // Namespaces, pods and services are not kept in `lists`.
         Kind::ServiceEntry(_) | Kind::Namespace(_) | Kind::Pod(_) | Kind::Service(_) => {
             List::ServiceEntries
@@ -101,7 +104,20 @@ impl Objects {
                     Kind::Route(r) => Some(r),
                     _ => None,
                 });
-                self.published.http_routes = Arc::new(Keyed::new(list, |r| r.hosts.clone()));
+                // A route attached to a ServiceEntry is for its hosts now.
+                let entries = self.collect(|k| match k {
+                    Kind::ServiceEntry(s) => Some(s),
+                    _ => None,
+                });
+                let keys = |r: &crate::routes::HttpRoute| {
+                    let mut hosts = r.hosts.clone();
+                    for (ns, name) in &r.entry_parents {
+                        let se = entries.iter().find(|s| &s.namespace == ns && &s.name == name);
+                        hosts.extend(se.into_iter().flat_map(|s| s.hosts.iter().cloned()));
+                    }
+                    hosts
+                };
+                self.published.http_routes = Arc::new(Keyed::new(list, keys));
             }
             List::DestinationRules => {
                 let list = self.collect(|k| match k {
@@ -111,6 +127,13 @@ impl Objects {
                 self.published.destination_rules =
                     Arc::new(Keyed::new(list, |d| vec![d.host.clone()]));
             }
+            List::Secrets => {
+                let list = self.lists.iter().filter_map(|(k, o)| match o {
+                    Kind::Secret(s) => Some(((k.namespace.clone(), k.name.clone()), s.clone())),
+                    _ => None,
+                });
+                self.published.secrets = Arc::new(list.collect());
+            }
             List::ServiceEntries => {
                 let list = self.collect(|k| match k {
                     Kind::ServiceEntry(s) => Some(s),
@@ -118,6 +141,8 @@ impl Objects {
                 });
                 self.derive_service_entries(&list);
                 self.published.service_entries = Arc::new(list);
+                // Routes attached to entries follow their hosts.
+                self.rebuild(List::Routes);
             }
         }
     }

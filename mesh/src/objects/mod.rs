@@ -107,6 +107,8 @@ pub enum Kind {
     Route(HttpRoute),
     DestinationRule(DestinationRule),
     ServiceEntry(ServiceEntry),
+    /// For DestinationRule `credentialName` (the standalone file only).
+    Secret(crate::secret::TlsSecret),
 }
 
 impl Kind {
@@ -178,6 +180,7 @@ struct Lists {
     waypoints: Arc<Vec<Waypoint>>,
     http_routes: Arc<Keyed<HttpRoute>>,
     destination_rules: Arc<Keyed<DestinationRule>>,
+    secrets: Arc<BTreeMap<(String, String), crate::secret::TlsSecret>>,
     service_entries: Arc<Vec<ServiceEntry>>,
     namespace_labels: Arc<BTreeMap<String, BTreeMap<String, String>>>,
     rejected: Arc<Vec<Rejected>>,
@@ -398,6 +401,7 @@ impl Objects {
         state.waypoints = l.waypoints;
         state.http_routes = l.http_routes;
         state.destination_rules = l.destination_rules;
+        state.secrets = l.secrets;
         state.waypoint_policies = l.waypoint_policies;
         state.unaddressed = self.unaddressed.values().cloned().collect();
         state.rejected = l.rejected;
@@ -508,6 +512,7 @@ impl Objects {
             node: s.get(&p.node),
             // Unaddressed pods carry the unspecified address (`address`).
             ip: p.ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            hostname: None,
             labels: p.labels,
             annotations: p.annotations,
             waypoint,

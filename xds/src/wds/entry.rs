@@ -95,11 +95,11 @@ fn port_pair(p: &wl::Port) -> Option<(u16, u16)> {
     (tp != 0).then_some((sp, tp))
 }
 
-/// `w` as far as it translates alone; `ip` is its checked address and
-/// `key` interns a service key.
+/// `w` as far as it translates alone; `at` is its checked address, or the
+/// unspecified one and its hostname; `key` interns a service key.
 pub(super) fn workload_entry(
     w: wl::Workload,
-    ip: IpAddr,
+    at: (IpAddr, Option<String>),
     version: Arc<str>,
     no_labels: &Labels,
     strings: &mut mesh::intern::Interner,
@@ -134,7 +134,8 @@ pub(super) fn workload_entry(
         cluster_id: (!w.cluster_id.is_empty()).then(|| strings.get(&w.cluster_id)),
         uid: w.uid,
         name: w.name,
-        ip,
+        ip: at.0,
+        hostname: at.1.map(|h| strings.get(&h)),
         // WDS carries neither: one empty map shared by all.
         labels: no_labels.clone(),
         annotations: no_labels.clone(),
@@ -239,13 +240,28 @@ pub(crate) fn ip_of(b: &[u8]) -> Result<IpAddr, String> {
     }
 }
 
-pub(super) fn workload_ip(w: &wl::Workload) -> Result<IpAddr, String> {
+/// Where traffic for `w` goes: its address, or (no address) the hostname
+/// istiod gives a DNS ServiceEntry's endpoints, which the proxy resolves
+/// when it connects; the address is then the unspecified one.
+pub(super) fn workload_ip(w: &wl::Workload) -> Result<(IpAddr, Option<String>), String> {
     // Our pods are single-stack; the first address is the one traffic uses.
     match w.addresses.first() {
-        Some(a) => ip_of(a).map_err(|r| format!("workload {}/{} {r}", w.namespace, w.name)),
-        None => Err(format!(
-            "workload {}/{} has no address",
+        Some(a) => ip_of(a)
+            .map(|ip| (ip, None))
+            .map_err(|r| format!("workload {}/{} {r}", w.namespace, w.name)),
+        None if w.hostname.is_empty() => Err(format!(
+            "workload {}/{} has neither an address nor a hostname",
             w.namespace, w.name
         )),
+        None => {
+            let h = w.hostname.trim_end_matches('.').to_ascii_lowercase();
+            if h.split('.').any(|l| l.is_empty() || l.len() > 63) {
+                return Err(format!(
+                    "workload {}/{} hostname {:?} is not a DNS name",
+                    w.namespace, w.name, w.hostname
+                ));
+            }
+            Ok((IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), Some(h)))
+        }
     }
 }

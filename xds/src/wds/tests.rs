@@ -331,3 +331,83 @@ fn waypoint_by_hostname_and_by_vip() {
     let wref = st.workload_waypoint(echo).expect("waypoint");
     assert_eq!(wref.name, "waypoint.demo.svc.cluster.local");
 }
+
+/// What istiod sends for a DNS ServiceEntry: its service (VIP, ports) and
+/// workloads that carry a hostname instead of an address. They are kept
+/// (indexed by uid only: never found by an address or a name) and are the
+/// service's endpoints, with their target ports; removing them leaves no
+/// index entry. A workload with neither is still refused, by name.
+#[test]
+fn hostname_workloads_are_endpoints_found_by_uid_only() {
+    let mut r = Resources::default();
+    let key = "egress/api.example.com";
+    let hostname_workload = |host: &str| {
+        let mut w = workload("api", [0, 0, 0, 0], Some((key, 443, 8443)), &[]);
+        w.uid = format!("Kubernetes/networking.istio.io/ServiceEntry/egress/api/{host}");
+        w.namespace = "egress".into();
+        w.addresses.clear();
+        w.hostname = host.into();
+        w.tunnel_protocol = wl::TunnelProtocol::None as i32;
+        w.status = wl::WorkloadStatus::Healthy as i32;
+        w
+    };
+    put(&mut r, "h1", wl::address::Type::Workload(hostname_workload("A.origin.example.")));
+    put(&mut r, "h2", wl::address::Type::Workload(hostname_workload("b.origin.example")));
+    put(
+        &mut r,
+        "svc",
+        wl::address::Type::Service(wl::Service {
+            name: "api".into(),
+            namespace: "egress".into(),
+            hostname: "api.example.com".into(),
+            addresses: vec![wl::NetworkAddress {
+                network: String::new(),
+                address: vec![240, 240, 0, 1],
+            }],
+            ports: vec![wl::Port {
+                service_port: 443,
+                target_port: 8443,
+                app_protocol: 0,
+            }],
+            waypoint: None,
+        }),
+    );
+    let st = r.build();
+    let svc = st.service_by_vip("240.240.0.1".parse().unwrap()).unwrap();
+    let mut eps: Vec<_> = st
+        .endpoints_for(svc, 443)
+        .into_iter()
+        .map(|(w, p)| (w.hostname.as_deref().map(str::to_string), w.ip, p))
+        .collect();
+    eps.sort();
+    let none: IpAddr = "0.0.0.0".parse().unwrap();
+    assert_eq!(
+        eps,
+        [
+            (Some("a.origin.example".to_string()), none, 8443),
+            (Some("b.origin.example".to_string()), none, 8443),
+        ]
+    );
+    assert!(st.workload_by_ip(none).is_none());
+    assert!(st.workload_by_name("egress", "api").is_none());
+    assert_eq!(st.workloads.len(), 2);
+
+    // Neither an address nor a hostname; a hostname that is no DNS name.
+    for (host, what) in [("", "neither an address nor a hostname"), ("a..b", "is not a DNS name")] {
+        let mut bad = hostname_workload("x");
+        bad.hostname = host.into();
+        let body = wl::Address {
+            r#type: Some(wl::address::Type::Workload(bad)),
+        }
+        .encode_to_vec();
+        let e = r.upsert(ADDRESS_TYPE, "h1", "v2", &body).unwrap_err().to_string();
+        assert!(e.starts_with("h1: workload egress/api") && e.contains(what), "{e}");
+    }
+    assert_eq!(r.versions(ADDRESS_TYPE)["h1"], "v1");
+
+    for n in ["h1", "h2", "svc"] {
+        r.remove(ADDRESS_TYPE, n);
+    }
+    r.build();
+    assert_eq!(r.index_sizes(), [0; 7]);
+}

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::HeaderMap;
 use mesh::{Service, TunnelProtocol, Workload};
@@ -95,12 +96,39 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
     drop(state);
 
     let (dst, dst_w) = match &target {
+        // A DNS ServiceEntry's endpoint: connect to what its name resolves
+        // to now (the resolver keeps answers for their TTL).
+        Target::Workload(w, port) if w.hostname.is_some() => {
+            let host = w.hostname.as_deref().unwrap_or_default();
+            match resolve(host, *port).await {
+                Ok(at) => (at, Some(w.clone())),
+                Err(e) => {
+                    let m = ConnMetrics::open(ConnInfo {
+                        reporter: Reporter::Source,
+                        src: peer,
+                        dst: orig,
+                        src_workload: src_w.as_deref(),
+                        src_identity: Some(&pod.identity),
+                        dst_workload: Some(w),
+                        dst_service: service.as_deref(),
+                        mtls: false,
+                    });
+                    // A reset, not an accepted connection that just ends:
+                    // the client sees at once that there is no upstream.
+                    let _ = socket2::SockRef::from(&down).set_linger(Some(Duration::ZERO));
+                    let why = format!("endpoint {host} did not resolve: {e}");
+                    return m.close(Flag::DnsFailure, (0, 0), Some(&why));
+                }
+            }
+        }
         Target::Workload(w, port) => (SocketAddr::new(w.ip, *port), Some(w.clone())),
         Target::Passthrough(a) => (*a, None),
     };
+    // A hostname endpoint is outside the mesh: plain TCP to what it
+    // resolved to (its own address is unspecified).
     let hbone = dst_w
         .as_ref()
-        .is_some_and(|w| w.protocol == TunnelProtocol::Hbone);
+        .is_some_and(|w| w.protocol == TunnelProtocol::Hbone && w.hostname.is_none());
     let m = ConnMetrics::open(ConnInfo {
         reporter: Reporter::Source,
         src: peer,
@@ -166,6 +194,12 @@ async fn via_hbone(
         Ok(t) => m.close(Flag::None, (t.sent, t.received), None),
         Err(e) => m.close(Flag::None, (0, 0), Some(&e)),
     }
+}
+
+/// One address of `host`, at random among its answers, with `port`.
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, mesh::resolve::ResolveError> {
+    let found = mesh::resolve::resolve_all(&[(host, port)]).await?;
+    Ok(found[rand::random_range(0..found.len())].1)
 }
 
 async fn direct(pod: &Pod, down: TcpStream, dst: SocketAddr, m: ConnMetrics) {
