@@ -1,0 +1,252 @@
+//! Istio's own ztunnel chart runs our ztunnel: `helm template` (built by
+//! scripts/peers.sh) renders `manifests/charts/ztunnel` of the pinned istio
+//! module with our image, and this test starts our binary exactly as the
+//! kubelet would start that container: the image's entrypoint (our binary)
+//! with the rendered args, only the rendered environment (downward-API
+//! fields resolved for the ztunnel pod made in the API), and each volume
+//! mount bind-mounted at its path in a private mount namespace (a temp dir
+//! per volume: the root certificate, a token issued by the API server, the
+//! ZDS socket dir, /tmp). It must become ready on the rendered readiness
+//! probe and carry HBONE between pods, with an AuthorizationPolicy applied
+//! through the API enforced, against the real kube-apiserver and istiod.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use testbed::cluster::CONTROL_IP;
+use testbed::helm::{self, Mount, PodFacts, Projection, VolumeSource};
+use testbed::*;
+
+const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
+const IMAGE: &str = "ghcr.io/mesh/ztunnel:dev";
+const NODE_IP: &str = "10.244.250.1";
+
+/// The absolute path of a host tool (the container gets no PATH of ours).
+fn tool(name: &str) -> String {
+    let (ok, out) = sh_out(&format!("command -v {name}"));
+    assert!(ok, "{name} not found");
+    out.trim().to_string()
+}
+
+/// Host directories made as mount points; removed again when the test ends.
+struct MountPoints(Vec<PathBuf>);
+
+impl MountPoints {
+    fn make(&mut self, target: &Path) {
+        // The first missing ancestor is what we made; remove that one.
+        let mut first_missing = None;
+        for a in target.ancestors() {
+            if a.exists() {
+                break;
+            }
+            first_missing = Some(a.to_path_buf());
+        }
+        std::fs::create_dir_all(target).unwrap();
+        self.0.extend(first_missing);
+    }
+}
+
+impl Drop for MountPoints {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Fills a temp dir with what the kubelet would put in volume `m`.
+fn volume_dir(m: &Mount, dir: &Path, root_cert: &Path, token: &Path, zds_dir: &Path) -> PathBuf {
+    match &m.source {
+        VolumeSource::ConfigMap { name } if name == "istio-ca-root-cert" => {
+            let d = dir.join(&m.name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::copy(root_cert, d.join("root-cert.pem")).unwrap();
+            d
+        }
+        VolumeSource::Projected(sources) => {
+            let d = dir.join(&m.name);
+            std::fs::create_dir_all(&d).unwrap();
+            for s in sources {
+                match s {
+                    Projection::ServiceAccountToken { path, audience, .. } => {
+                        assert_eq!(audience.as_deref(), Some("istio-ca"), "{m:?}");
+                        std::fs::copy(token, d.join(path)).unwrap();
+                    }
+                    other => panic!("volume {}: projection {other:?} not mapped", m.name),
+                }
+            }
+            d
+        }
+        VolumeSource::HostPath { path } if path == "/var/run/ztunnel" => zds_dir.to_path_buf(),
+        VolumeSource::EmptyDir => {
+            let d = dir.join(&m.name);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        }
+        other => panic!(
+            "the chart mounts {other:?} at {}: not mapped by this test",
+            m.mount_path
+        ),
+    }
+}
+
+fn allow_only(sa: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: server-allow, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {{principals: [cluster.local/ns/demo/sa/{sa}]}}
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_ztunnel_chart_runs_our_binary() {
+    let (Some(chart), Some(_)) = (helm::istio_chart("ztunnel"), helm::helm_bin()) else {
+        return;
+    };
+    let xds = format!("{CONTROL_IP}:15012");
+    let render = helm::template(
+        &chart,
+        "ztunnel",
+        "istio-system",
+        &[
+            ("image", IMAGE),
+            // istiod is not behind a cluster DNS name here.
+            ("caAddress", &xds),
+            ("xdsAddress", &xds),
+            ("logAsJson", "true"),
+            (
+                "meshConfig.defaultConfig.proxyMetadata.ISTIO_META_DNS_CAPTURE",
+                "true",
+            ),
+        ],
+    )
+    .expect("helm template");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let facts = PodFacts {
+        name: "ztunnel-node1".into(),
+        namespace: "istio-system".into(),
+        node: "node1".into(),
+        ip: NODE_IP.into(),
+        host_ip: NODE_IP.into(),
+        service_account: "ztunnel".into(),
+        // No limit set: the downward API gives the node's CPUs; the 200m
+        // request rounds up to 1 with divisor 1.
+        resources: BTreeMap::from([
+            ("limits.cpu".into(), cpus.to_string()),
+            ("requests.cpu".into(), "1".into()),
+        ]),
+    };
+    let c = render
+        .daemonset_container("ztunnel", "istio-proxy", &facts)
+        .expect("the chart's ztunnel container");
+    assert_eq!(c.image, IMAGE);
+    assert!(c.command.is_empty(), "the image's entrypoint runs: {c:?}");
+    let probe = c.readiness.clone().expect("a readiness probe");
+
+    let mut m = Mesh::new("chart", ZT);
+    m.pod("client", "demo", "client", "10.244.1.10", "node1", true);
+    m.pod("intruder", "demo", "intruder", "10.244.1.12", "node1", true);
+    m.pod("server", "demo", "server", "10.244.1.11", "node1", true);
+    let cl = Cluster::start(&m).await;
+    cl.start_istiod().await;
+    cl.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n").await;
+    for (name, ip) in [
+        ("client", "10.244.1.10"),
+        ("intruder", "10.244.1.12"),
+        ("server", "10.244.1.11"),
+    ] {
+        let labels = BTreeMap::from([("app".to_string(), name.to_string())]);
+        cl.pod("demo", name, name, "node1", Some(ip), &labels).await;
+        cl.mark_captured("demo", name).await;
+    }
+    cl.apply("apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  selector: {app: server}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n").await;
+    let target = format!("{}:80", cl.cluster_ip("demo", "server").await);
+
+    // The ztunnel pod in the API and its projected token; the arguments
+    // attach_node returns are our flags, which this test does not use.
+    let flags = cl.attach_node(&mut m, "node1", NODE_IP).await;
+    let token = PathBuf::from(&flags[flags.iter().position(|a| a == "--token-path").unwrap() + 1]);
+
+    // Volumes as the kubelet lays them out, bind-mounted where the chart
+    // mounts them, in a mount namespace of ztunnel's own.
+    let vols = m.dir.join("volumes");
+    let zds_dir = vols.join("zds");
+    std::fs::create_dir_all(&zds_dir).unwrap();
+    let mut points = MountPoints(vec![]);
+    let mut script = String::new();
+    for mount in &c.mounts {
+        let src = volume_dir(mount, &vols, &cl.root_cert, &token, &zds_dir);
+        points.make(Path::new(&mount.mount_path));
+        let ro = if mount.read_only { " -o ro" } else { "" };
+        script += &format!(
+            "{} --bind{ro} '{}' '{}' && ",
+            tool("mount"),
+            src.display(),
+            mount.mount_path
+        );
+    }
+    let ns = format!("{}-node1", m.prefix);
+    script += &format!("exec {} netns exec {ns} \"$0\" \"$@\"", tool("ip"));
+    let mut cmd = Command::new(tool("unshare"));
+    cmd.args(["--mount", "--propagation", "private", "--"])
+        .arg(tool("sh"))
+        .args(["-c", &script])
+        .arg(ZT)
+        .args(&c.args)
+        .env_clear()
+        .envs(c.env.iter().map(|(k, v)| (k, v)));
+    let sock = zds_dir.join("ztunnel.sock");
+    m.start_node_with("node1", sock, cmd).await;
+
+    // Ready on the rendered probe, once istiod's first sync is in.
+    eventually(
+        "ready on the chart's readiness probe",
+        Duration::from_secs(30),
+        || m.http("node1", probe.port, &probe.path).map(|r| r.0) == Some(200),
+    )
+    .await;
+    m.whoami_server("server", 8080);
+    eventually(
+        "client reaches the service over HBONE",
+        Duration::from_secs(30),
+        || m.whoami("client", &target).ok().as_deref() == Some("server 10.244.1.10"),
+    )
+    .await;
+    assert_eq!(m.whoami("intruder", &target).unwrap(), "server 10.244.1.12");
+    let metrics = m.metrics("node1");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")),
+        "mTLS connection not reported:\n{metrics}"
+    );
+
+    cl.apply(&allow_only("client")).await;
+    eventually(
+        "ALLOW policy applied through the API shuts the intruder out",
+        Duration::from_secs(20),
+        || m.whoami("intruder", &target).is_err(),
+    )
+    .await;
+    assert_eq!(m.whoami("client", &target).unwrap(), "server 10.244.1.10");
+
+    // LOG_FORMAT=json from the chart: every line of the log is JSON.
+    let log = m.log("node1");
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}\n{log}"));
+    }
+    drop(m);
+    drop(points);
+}
