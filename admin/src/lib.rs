@@ -154,11 +154,16 @@ pub fn init_logging(json: bool) {
 pub fn init_logging_with(json: bool, initial: &str) {
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(initial))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only for a terminal: in a file or `kubectl logs` the escape
+        // codes would sit between every field name and its value.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // The two builders' handles have different types: each is wrapped in
     // the same closure.
     if json {
-        let fmt = fmt.json().with_filter_reloading();
+        // Fields at the top level, beside level and message, as upstream
+        // ztunnel writes them: log pipelines index `src.addr` directly.
+        let fmt = fmt.json().flatten_event(true).with_filter_reloading();
         let handle = fmt.reload_handle();
         logging::install(
             initial,

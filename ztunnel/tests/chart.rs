@@ -241,12 +241,65 @@ async fn istio_ztunnel_chart_runs_our_binary() {
     .await;
     assert_eq!(m.whoami("client", &target).unwrap(), "server 10.244.1.10");
 
-    // LOG_FORMAT=json from the chart: every line of the log is JSON.
+    // LOG_FORMAT=json from the chart: every line of the log is JSON, and
+    // the access log's fields are keys of their own, named as upstream's.
     let log = m.log("node1");
-    for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        serde_json::from_str::<serde_json::Value>(line)
-            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}\n{log}"));
-    }
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}\n{log}"))
+        })
+        .collect();
+    let access = |direction: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                l["target"] == "access"
+                    && l["message"] == "connection complete"
+                    && l["direction"] == direction
+                    && l["src.workload"] == "client"
+            })
+            .unwrap_or_else(|| panic!("no {direction} access line from the client:\n{log}"))
+    };
+    let out = access("outbound");
+    assert_eq!(out["src.namespace"], "demo", "{out}");
+    assert_eq!(
+        out["src.identity"], "spiffe://cluster.local/ns/demo/sa/client",
+        "{out}"
+    );
+    assert!(
+        out["src.addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.244.1.10:"),
+        "{out}"
+    );
+    assert_eq!(out["dst.addr"], "10.244.1.11:15008", "{out}");
+    assert_eq!(out["dst.hbone_addr"], "10.244.1.11:8080", "{out}");
+    assert_eq!(out["dst.service"], "server.demo.svc.cluster.local", "{out}");
+    assert_eq!(out["dst.workload"], "server", "{out}");
+    assert_eq!(out["dst.namespace"], "demo", "{out}");
+    assert_eq!(
+        out["dst.identity"], "spiffe://cluster.local/ns/demo/sa/server",
+        "{out}"
+    );
+    assert!(out["bytes_recv"].as_u64().unwrap() > 0, "{out}");
+    assert!(out["bytes_sent"].is_u64(), "{out}");
+    assert!(out["duration"].as_str().unwrap().ends_with("ms"), "{out}");
+    let inb = access("inbound");
+    assert_eq!(inb["dst.hbone_addr"], "10.244.1.11:8080", "{inb}");
+    assert_eq!(
+        inb["src.identity"], "spiffe://cluster.local/ns/demo/sa/client",
+        "{inb}"
+    );
+    assert_eq!(inb["dst.workload"], "server", "{inb}");
+    // Structured, not formatted into the message.
+    assert!(lines.iter().all(|l| !l["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("src.addr")));
     drop(m);
     drop(points);
 }
