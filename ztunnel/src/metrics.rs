@@ -240,51 +240,38 @@ impl ConnMetrics {
         let duration = format!("{}ms", self.start.elapsed().as_millis());
         let a = &self.log;
         let opt = |v: &Option<String>| v.clone().map(tracing::field::display);
-        // Two calls with the same fields: tracing takes the level statically.
-        match error {
-            // event! rather than info!: info! with a target cannot parse
-            // dotted field names (tracing 0.1.44).
-            None => tracing::event!(
-                target: "access",
-                tracing::Level::INFO,
-                src.addr = %a.src_addr,
-                src.workload = opt(&a.src_workload),
-                src.namespace = opt(&a.src_namespace),
-                src.identity = opt(&a.src_identity),
-                dst.addr = %a.dst_addr,
-                dst.hbone_addr = a.dst_hbone_addr.map(tracing::field::display),
-                dst.service = opt(&a.dst_service),
-                dst.workload = opt(&a.dst_workload),
-                dst.namespace = opt(&a.dst_namespace),
-                dst.identity = opt(&a.dst_identity),
-                direction = a.direction,
-                bytes_sent = bytes.0,
-                bytes_recv = bytes.1,
-                duration = %duration,
-                flag = flag.as_str(),
-                "connection complete"
-            ),
-            Some(e) => tracing::event!(
-                target: "access",
-                tracing::Level::WARN,
-                src.addr = %a.src_addr,
-                src.workload = opt(&a.src_workload),
-                src.namespace = opt(&a.src_namespace),
-                src.identity = opt(&a.src_identity),
-                dst.addr = %a.dst_addr,
-                dst.hbone_addr = a.dst_hbone_addr.map(tracing::field::display),
-                dst.service = opt(&a.dst_service),
-                dst.workload = opt(&a.dst_workload),
-                dst.namespace = opt(&a.dst_namespace),
-                dst.identity = opt(&a.dst_identity),
-                direction = a.direction,
-                bytes_sent = bytes.0,
-                bytes_recv = bytes.1,
-                duration = %duration,
-                flag = flag.as_str(),
-                error = %e,
-                "connection failed"
-            ),
+        let err = error.map(tracing::field::display);
+        // tracing fixes an event's level at its call site: one site per
+        // level, the fields written once. event! rather than info!: info!
+        // with a target cannot parse dotted field names (tracing 0.1.44).
+        macro_rules! access {
+            ($level:expr, $msg:literal) => {
+                tracing::event!(
+                    target: "access",
+                    $level,
+                    src.addr = %a.src_addr,
+                    src.workload = opt(&a.src_workload),
+                    src.namespace = opt(&a.src_namespace),
+                    src.identity = opt(&a.src_identity),
+                    dst.addr = %a.dst_addr,
+                    dst.hbone_addr = a.dst_hbone_addr.map(tracing::field::display),
+                    dst.service = opt(&a.dst_service),
+                    dst.workload = opt(&a.dst_workload),
+                    dst.namespace = opt(&a.dst_namespace),
+                    dst.identity = opt(&a.dst_identity),
+                    direction = a.direction,
+                    bytes_sent = bytes.0,
+                    bytes_recv = bytes.1,
+                    duration = %duration,
+                    flag = flag.as_str(),
+                    error = err,
+                    $msg
+                )
+            };
+        }
+        match err {
+            None => access!(tracing::Level::INFO, "connection complete"),
+            Some(_) => access!(tracing::Level::WARN, "connection failed"),
         }
     }
 }

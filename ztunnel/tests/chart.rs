@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use testbed::cluster::CONTROL_IP;
+use testbed::cluster::{allow_only, CONTROL_IP};
 use testbed::helm::{self, Mount, PodFacts, Projection, VolumeSource};
 use testbed::*;
 
@@ -92,21 +92,6 @@ fn volume_dir(m: &Mount, dir: &Path, root_cert: &Path, token: &Path, zds_dir: &P
     }
 }
 
-fn allow_only(sa: &str) -> String {
-    format!(
-        "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: server-allow, namespace: demo}}
-spec:
-  selector: {{matchLabels: {{app: server}}}}
-  action: ALLOW
-  rules:
-  - from:
-    - source: {{principals: [cluster.local/ns/demo/sa/{sa}]}}
-"
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_ztunnel_chart_runs_our_binary() {
     let (Some(chart), Some(_)) = (helm::istio_chart("ztunnel"), helm::helm_bin()) else {
@@ -153,23 +138,12 @@ async fn istio_ztunnel_chart_runs_our_binary() {
     let probe = c.readiness.clone().expect("a readiness probe");
 
     let mut m = Mesh::new("chart", ZT);
-    m.pod("client", "demo", "client", "10.244.1.10", "node1", true);
-    m.pod("intruder", "demo", "intruder", "10.244.1.12", "node1", true);
-    m.pod("server", "demo", "server", "10.244.1.11", "node1", true);
+    for (name, ip) in cluster::DEMO_PODS {
+        m.pod(name, "demo", name, ip, "node1", true);
+    }
     let cl = Cluster::start(&m).await;
     cl.start_istiod().await;
-    cl.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n").await;
-    for (name, ip) in [
-        ("client", "10.244.1.10"),
-        ("intruder", "10.244.1.12"),
-        ("server", "10.244.1.11"),
-    ] {
-        let labels = BTreeMap::from([("app".to_string(), name.to_string())]);
-        cl.pod("demo", name, name, "node1", Some(ip), &labels).await;
-        cl.mark_captured("demo", name).await;
-    }
-    cl.apply("apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  selector: {app: server}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n").await;
-    let target = format!("{}:80", cl.cluster_ip("demo", "server").await);
+    let target = cl.demo_app().await;
 
     // The ztunnel pod in the API and its projected token; the arguments
     // attach_node returns are our flags, which this test does not use.
@@ -214,23 +188,7 @@ async fn istio_ztunnel_chart_runs_our_binary() {
         || m.http("node1", probe.port, &probe.path).map(|r| r.0) == Some(200),
     )
     .await;
-    m.whoami_server("server", 8080);
-    eventually(
-        "client reaches the service over HBONE",
-        Duration::from_secs(30),
-        || m.whoami("client", &target).ok().as_deref() == Some("server 10.244.1.10"),
-    )
-    .await;
-    assert_eq!(m.whoami("intruder", &target).unwrap(), "server 10.244.1.12");
-    let metrics = m.metrics("node1");
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")),
-        "mTLS connection not reported:\n{metrics}"
-    );
+    cluster::demo_serves_over_hbone(&m, &target).await;
 
     cl.apply(&allow_only("client")).await;
     eventually(

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use testbed::cluster::allow_only;
 use testbed::*;
 
 const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
@@ -27,68 +28,23 @@ fn plain(log: &str) -> String {
     out
 }
 
-fn allow_only(sa: &str) -> String {
-    format!(
-        "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: server-allow, namespace: demo}}
-spec:
-  selector: {{matchLabels: {{app: server}}}}
-  action: ALLOW
-  rules:
-  - from:
-    - source: {{principals: [cluster.local/ns/demo/sa/{sa}]}}
-"
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
     let mut m = Mesh::new("clu", ZT);
-    m.pod("client", "demo", "client", "10.244.1.10", "node1", true);
-    m.pod("intruder", "demo", "intruder", "10.244.1.12", "node1", true);
-    m.pod("server", "demo", "server", "10.244.1.11", "node1", true);
+    for (name, ip) in cluster::DEMO_PODS {
+        m.pod(name, "demo", name, ip, "node1", true);
+    }
     let c = Cluster::start(&m).await;
     c.start_istiod().await;
-
-    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n").await;
-    for (name, ip) in [
-        ("client", "10.244.1.10"),
-        ("intruder", "10.244.1.12"),
-        ("server", "10.244.1.11"),
-    ] {
-        let labels = BTreeMap::from([("app".to_string(), name.to_string())]);
-        c.pod("demo", name, name, "node1", Some(ip), &labels).await;
-        c.mark_captured("demo", name).await;
-    }
-    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  selector: {app: server}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n").await;
-    let vip = c.cluster_ip("demo", "server").await;
-    let target = format!("{vip}:80");
+    let target = c.demo_app().await;
 
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
     // Short-lived certificates, so the last phase can outlive them.
     m.extra_args = vec!["--cert-ttl".into(), "20s".into()];
     m.start_node("node1", &m.dir.clone()).await;
-    m.whoami_server("server", 8080);
-
     // Service VIP -> the pod istiod says backs it, over HBONE, with the
     // client's own address kept.
-    eventually(
-        "client reaches the service through istiod's config",
-        Duration::from_secs(30),
-        || m.whoami("client", &target).ok().as_deref() == Some("server 10.244.1.10"),
-    )
-    .await;
-    assert_eq!(m.whoami("intruder", &target).unwrap(), "server 10.244.1.12");
-    let metrics = m.metrics("node1");
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")),
-        "mTLS connection not reported:\n{metrics}"
-    );
+    cluster::demo_serves_over_hbone(&m, &target).await;
     // Every workload certificate came from istiod's CA (the root we plugged in).
     let root = std::fs::read_to_string(&c.root_cert).unwrap();
     let dump = m.config_dump("node1");
