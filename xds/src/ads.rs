@@ -267,6 +267,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn node_carries_network_and_metadata_but_not_over_our_identity() {
+        let mut a = ads();
+        a.proxy.network = "net-a".into();
+        a.proxy.metadata = [("DNS_CAPTURE", "true"), ("NAME", "spoofed")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let fields = a.proxy.node().metadata.unwrap().fields;
+        let get = |k: &str| match &fields[k].kind {
+            Some(Kind::StringValue(v)) => v.clone(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(get("NETWORK"), "net-a");
+        assert_eq!(get("DNS_CAPTURE"), "true");
+        assert_eq!(get("NAME"), "ztunnel-x");
+        assert!(!ads()
+            .proxy
+            .node()
+            .metadata
+            .unwrap()
+            .fields
+            .contains_key("NETWORK"));
+    }
+
     fn resource(name: &str, type_url: &str, body: Vec<u8>) -> Resource {
         Resource {
             version: "1".into(),
