@@ -1,6 +1,7 @@
 //! The three small HTTP endpoints every proxy serves: admin (localhost
 //! 15000), metrics (15020), readiness (15021).
 
+pub mod flags;
 mod logging;
 mod process;
 
@@ -148,16 +149,27 @@ pub fn init_logging(json: bool) {
         .ok()
         .filter(|f| tracing_subscriber::EnvFilter::try_new(f).is_ok())
         .unwrap_or_else(|| "info".into());
+    init_logging_with(json, &initial)
+}
+
+/// As `init_logging`, with the filter given (`flags::ProcessFlags` has
+/// validated it).
+pub fn init_logging_with(json: bool, initial: &str) {
     let fmt = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&initial))
-        .with_writer(std::io::stderr);
+        .with_env_filter(tracing_subscriber::EnvFilter::new(initial))
+        .with_writer(std::io::stderr)
+        // Colour only for a terminal: in a file or `kubectl logs` the escape
+        // codes would sit between every field name and its value.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // The two builders' handles have different types: each is wrapped in
     // the same closure.
     if json {
-        let fmt = fmt.json().with_filter_reloading();
+        // Fields at the top level, beside level and message, as upstream
+        // ztunnel writes them: log pipelines index `src.addr` directly.
+        let fmt = fmt.json().flatten_event(true).with_filter_reloading();
         let handle = fmt.reload_handle();
         logging::install(
-            &initial,
+            initial,
             Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
         );
         fmt.init();
@@ -165,7 +177,7 @@ pub fn init_logging(json: bool) {
         let fmt = fmt.with_filter_reloading();
         let handle = fmt.reload_handle();
         logging::install(
-            &initial,
+            initial,
             Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
         );
         fmt.init();

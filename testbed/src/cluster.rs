@@ -26,6 +26,9 @@ use serde_json::json;
 
 use crate::{sh, sh_out, Mesh};
 
+mod demo;
+pub use demo::{allow_only, demo_serves_over_hbone, DEMO_PODS};
+
 /// Where the API server and istiod listen (the host's leg on the bridge).
 pub const CONTROL_IP: &str = "10.244.254.1";
 const ADMIN_TOKEN: &str = "mesh-test-admin-token";
@@ -69,7 +72,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn peers_dir() -> PathBuf {
+pub(crate) fn peers_dir() -> PathBuf {
     PathBuf::from(
         std::env::var("MESH_PEERS_DIR").unwrap_or_else(|_| "/var/cache/mesh-peers".into()),
     )

@@ -19,6 +19,7 @@ use nix::sched::{setns, CloneFlags};
 pub mod cluster;
 mod cni;
 mod dns;
+pub mod helm;
 mod http;
 pub use cluster::{eventually, Cluster};
 pub use cni::{CniFailure, CniNet};
@@ -249,6 +250,39 @@ impl Mesh {
         let sock = self.dir.join(format!("{node}.sock"));
         let server = zds::ZdsServer::bind(&sock).unwrap();
         let (ns, child, log) = self.spawn_ztunnel(node, &sock, ca_dir);
+        self.enrol_node(node, ns, child, log, sock, server).await;
+        self.wait_ready(node);
+    }
+
+    /// As `start_node`, but ztunnel is the process `cmd` starts (the test
+    /// built it: arguments, environment, mounts), which must enter the
+    /// node's netns (made here if missing) and connect to the ZDS socket
+    /// `sock`, served here. Its stderr goes to the node's log. Readiness is
+    /// the caller's to check (the probe it takes from its source).
+    pub async fn start_node_with(&mut self, node: &str, sock: PathBuf, mut cmd: Command) {
+        let ns = format!("{}-{}", self.prefix, node);
+        if !Path::new(&format!("/run/netns/{ns}")).exists() {
+            sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+        }
+        let server = zds::ZdsServer::bind(&sock).unwrap();
+        let log = self.dir.join(format!("{node}.log"));
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start ztunnel for {node}: {e}"));
+        self.enrol_node(node, ns, child, log, sock, server).await;
+    }
+
+    async fn enrol_node(
+        &mut self,
+        node: &str,
+        ns: String,
+        child: Child,
+        log: PathBuf,
+        sock: PathBuf,
+        server: zds::ZdsServer,
+    ) {
         let conn = tokio::time::timeout(Duration::from_secs(10), server.accept())
             .await
             .unwrap_or_else(|_| {
@@ -289,7 +323,6 @@ impl Mesh {
         }
         n.agent.as_ref().unwrap().snapshot_sent().await.unwrap();
         self.nodes.insert(node.into(), n);
-        self.wait_ready(node);
     }
 
     pub fn agent(&self, node: &str) -> &zds::ZdsConn {

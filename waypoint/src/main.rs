@@ -68,14 +68,6 @@ struct Args {
     cert_ttl: Duration,
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    admin_addr: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15020")]
-    metrics_addr: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15021")]
-    readiness_addr: SocketAddr,
-    #[arg(long, default_value = "30s", value_parser = mesh::routes::parse_duration)]
-    drain_timeout: Duration,
     /// A client must send a request's whole header block within this, and an
     /// idle keep-alive connection closes after it (slow-loris bound).
     #[arg(long, default_value = "30s", value_parser = mesh::routes::parse_duration)]
@@ -90,14 +82,14 @@ struct Args {
     request_replay_buffer: usize,
     #[arg(long, default_value_t = 2)]
     worker_threads: usize,
-    #[arg(long)]
-    log_json: bool,
+    #[command(flatten)]
+    process: admin::flags::ProcessFlags,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Logs on stderr; stdout carries the access log.
-    admin::init_logging(args.log_json);
+    args.process.init_logging();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
         .enable_all()
@@ -203,12 +195,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         process.collect();
         prom.render()
     };
-    let addrs = admin::Addrs {
-        admin: args.admin_addr,
-        metrics: args.metrics_addr,
-        readiness: args.readiness_addr,
-    };
-    admin::endpoints(addrs, dump, scrape, || None, drain.clone()).await?;
+    admin::endpoints(args.process.addrs(), dump, scrape, || None, drain.clone()).await?;
     tracing::info!(name = args.name, namespace = args.namespace, identity = %id, listen = %args.listen, "waypoint started");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -219,7 +206,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(live = tasks.len(), "draining");
     drain_tx.send_replace(true);
     tasks.close();
-    if tokio::time::timeout(args.drain_timeout, tasks.wait())
+    if tokio::time::timeout(args.process.drain_timeout(), tasks.wait())
         .await
         .is_err()
     {

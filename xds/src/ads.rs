@@ -35,6 +35,10 @@ pub struct ProxyInfo {
     pub node_name: String,
     pub service_account: String,
     pub cluster_id: String,
+    /// The node's network (empty: the default one).
+    pub network: String,
+    /// Proxy metadata (the `ISTIO_META_*` variables, prefix stripped).
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl ProxyInfo {
@@ -42,7 +46,16 @@ impl ProxyInfo {
         let s = |v: &str| Value {
             kind: Some(Kind::StringValue(v.to_string())),
         };
-        let fields = BTreeMap::from([
+        // Our own keys are set last: metadata cannot override who we are.
+        let mut fields: BTreeMap<String, Value> = self
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), s(v)))
+            .collect();
+        if !self.network.is_empty() {
+            fields.insert("NETWORK".into(), s(&self.network));
+        }
+        fields.extend([
             ("NAMESPACE".to_string(), s(&self.pod_namespace)),
             ("NODE_NAME".to_string(), s(&self.node_name)),
             ("CLUSTER_ID".to_string(), s(&self.cluster_id)),
@@ -285,10 +298,37 @@ mod tests {
                 node_name: "n1".into(),
                 service_account: "ztunnel".into(),
                 cluster_id: "Kubernetes".into(),
+                network: String::new(),
+                metadata: Default::default(),
             },
             store: MeshStore::new(mesh::MeshState::default(), "test"),
             status: watch::channel(AdsStatus::default()).0,
         }
+    }
+
+    #[test]
+    fn node_carries_network_and_metadata_but_not_over_our_identity() {
+        let mut a = ads();
+        a.proxy.network = "net-a".into();
+        a.proxy.metadata = [("DNS_CAPTURE", "true"), ("NAME", "spoofed")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let fields = a.proxy.node().metadata.unwrap().fields;
+        let get = |k: &str| match &fields[k].kind {
+            Some(Kind::StringValue(v)) => v.clone(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(get("NETWORK"), "net-a");
+        assert_eq!(get("DNS_CAPTURE"), "true");
+        assert_eq!(get("NAME"), "ztunnel-x");
+        assert!(!ads()
+            .proxy
+            .node()
+            .metadata
+            .unwrap()
+            .fields
+            .contains_key("NETWORK"));
     }
 
     fn resource(name: &str, type_url: &str, body: Vec<u8>) -> Resource {

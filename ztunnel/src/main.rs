@@ -2,118 +2,36 @@
 
 mod dns;
 mod dump;
+mod flags;
 mod metrics;
 mod netns;
 mod pods;
 mod proxy;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::Parser;
+use flags::Args;
 use identity::{BuiltinCa, CertificateAuthority, SecretManager};
 use mesh::MeshStore;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "ztunnel",
-    about = "Per-node L4 proxy of the ambient mesh (HBONE, mTLS, L4 policy)"
-)]
-struct Args {
-    /// The node whose pods this ztunnel serves.
-    #[arg(long, env = "NODE_NAME")]
-    node: String,
-    /// Standalone mesh config (multi-document Kubernetes-style YAML); watched.
-    #[arg(
-        long,
-        required_unless_present = "xds_address",
-        conflicts_with = "xds_address"
-    )]
-    config: Option<PathBuf>,
-    /// istiod's secure xDS address (host:port): the mesh comes from istiod's
-    /// WDS instead of --config, and certificates from istiod's CA.
-    #[arg(long, env = "XDS_ADDRESS")]
-    xds_address: Option<String>,
-    /// The name istiod's certificate carries.
-    #[arg(long, default_value = "istiod.istio-system.svc")]
-    xds_server_name: String,
-    /// PEM root that istiod's serving certificate chains to.
-    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
-    xds_root_cert: PathBuf,
-    /// Istio CA address; defaults to --xds-address. Setting it (or
-    /// --xds-address) replaces the built-in CA.
-    #[arg(long, env = "CA_ADDRESS")]
-    ca_address: Option<String>,
-    /// Projected service-account token (audience istio-ca) sent to istiod.
-    #[arg(long, default_value = "/var/run/secrets/tokens/istio-token")]
-    token_path: PathBuf,
-    /// This ztunnel's own pod, as istiod identifies its xDS clients.
-    #[arg(long, env = "INSTANCE_IP")]
-    pod_ip: Option<std::net::IpAddr>,
-    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
-    pod_name: String,
-    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
-    pod_namespace: String,
-    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "ztunnel")]
-    service_account: String,
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    cluster_id: String,
-    #[arg(long, default_value = identity::DEFAULT_TRUST_DOMAIN)]
-    trust_domain: String,
-    /// Built-in CA state: the root is created here on first start.
-    #[arg(long, default_value = "/var/lib/ztunnel/ca")]
-    ca_dir: PathBuf,
-    /// Use this root certificate (PEM) instead of --ca-dir; needs --ca-key.
-    #[arg(long, requires = "ca_key")]
-    ca_cert: Option<PathBuf>,
-    #[arg(long, requires = "ca_cert")]
-    ca_key: Option<PathBuf>,
-    /// Workload certificate lifetime (e.g. 24h, 30m, 10s); renewed at half life.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    cert_ttl: Duration,
-    /// The node agent's ZDS socket (ztunnel connects to it).
-    #[arg(long, default_value = zds::DEFAULT_SOCKET)]
-    zds_socket: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    admin_addr: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15020")]
-    metrics_addr: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15021")]
-    readiness_addr: SocketAddr,
-    /// How long SIGTERM waits for live connections before exiting.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    drain_timeout: Duration,
-    /// Data-path threads (the runtime's workers).
-    #[arg(long, default_value_t = 2)]
-    worker_threads: usize,
-    /// Log as JSON lines instead of text.
-    #[arg(long)]
-    log_json: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    mesh::routes::parse_duration(s)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    admin::init_logging(args.log_json);
+    args.process.init_logging();
     // Before any other thread exists: the netns every thread returns to.
     netns::init_host_netns().context("open own network namespace")?;
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.worker_threads.max(1))
+        .worker_threads(args.worker_threads())
         .enable_all()
         .build()?
         .block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    mesh::owner::set_local_cluster(&args.cluster_id);
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Prefix("istio_dns_".into()),
@@ -126,6 +44,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .set(1.0);
     xds::register_metrics();
 
+    let cluster_id = args.cluster_id();
+    mesh::owner::set_local_cluster(&cluster_id);
+    let drain_timeout = args.process.drain_timeout();
+    tracing::info!(
+        cluster_id,
+        network = args.network,
+        worker_threads = args.worker_threads(),
+        cpu_limit = args.cpu_limit,
+        resource_cpu_limit = args.resource_cpu_limit,
+        resource_cpu_request = args.resource_cpu_request,
+        dns_proxy = args.dns_proxy(),
+        drain_timeout_s = drain_timeout.as_secs_f64(),
+        "configuration"
+    );
     let (drain_tx, drain) = watch::channel(false);
     admin::drain_histograms(prom.clone(), drain.clone());
     let control_plane = |address: &str| xds::ControlPlane {
@@ -133,7 +65,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         server_name: args.xds_server_name.clone(),
         root_cert: args.xds_root_cert.clone(),
         token: Some(args.token_path.clone()),
-        cluster_id: args.cluster_id.clone(),
+        cluster_id: cluster_id.clone(),
     };
     // Cluster mode starts empty and fails closed until istiod's first full
     // sync; standalone starts from the file or not at all.
@@ -160,7 +92,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     pod_namespace: args.pod_namespace.clone(),
                     node_name: args.node.clone(),
                     service_account: args.service_account.clone(),
-                    cluster_id: args.cluster_id.clone(),
+                    cluster_id: cluster_id.clone(),
+                    network: args.network.clone(),
+                    metadata: flags::proxy_metadata(std::env::vars()),
                 },
                 store: store.clone(),
                 status: ads_tx,
@@ -192,6 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tasks: TaskTracker::new(),
         drain: drain.clone(),
         live: Default::default(),
+        dns_proxy: args.dns_proxy(),
     });
     proxy::watch_live(&px);
     let pods = pods::Pods::new(px.clone());
@@ -201,7 +136,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dump = {
         let sources = dump::Sources {
             node: args.node.clone(),
-            cluster_id: args.cluster_id.clone(),
+            cluster_id: cluster_id.clone(),
             store: store.clone(),
             certs: certs.clone(),
             pods: pods.clone(),
@@ -247,12 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             (!*zds.borrow()).then_some("waiting for the node agent (ZDS)")
         }
     };
-    let addrs = admin::Addrs {
-        admin: args.admin_addr,
-        metrics: args.metrics_addr,
-        readiness: args.readiness_addr,
-    };
-    admin::endpoints(addrs, dump, scrape, not_ready, drain.clone()).await?;
+    admin::endpoints(args.process.addrs(), dump, scrape, not_ready, drain.clone()).await?;
     tracing::info!(node = %args.node, zds = %args.zds_socket.display(), "ztunnel started");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -263,13 +193,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let live = px.tasks.len();
     tracing::info!(
         live_connections = live,
-        deadline_s = args.drain_timeout.as_secs(),
+        deadline_s = drain_timeout.as_secs(),
         "draining: no new connections"
     );
     drain_tx.send_replace(true);
     pods.stop_all();
     px.tasks.close();
-    if tokio::time::timeout(args.drain_timeout, px.tasks.wait())
+    if tokio::time::timeout(drain_timeout, px.tasks.wait())
         .await
         .is_err()
     {

@@ -53,7 +53,62 @@ pub struct ConnMetrics {
     sent: Counter,
     received: Counter,
     start: Instant,
-    log: String,
+    log: AccessLog,
+}
+
+/// The access log's fields, with upstream ztunnel's names, each its own
+/// structured field (a JSON key with LOG_FORMAT=json) rather than text in
+/// the message. Fields that are not known are left out, as upstream does.
+struct AccessLog {
+    src_addr: SocketAddr,
+    src_workload: Option<String>,
+    src_namespace: Option<String>,
+    src_identity: Option<String>,
+    /// Where the connection went: for HBONE the peer's port 15008.
+    dst_addr: SocketAddr,
+    /// The tunnel's target (the CONNECT authority), for HBONE only.
+    dst_hbone_addr: Option<SocketAddr>,
+    dst_service: Option<String>,
+    dst_workload: Option<String>,
+    dst_namespace: Option<String>,
+    dst_identity: Option<String>,
+    direction: &'static str,
+}
+
+fn known(v: Option<&str>) -> Option<String> {
+    v.filter(|s| !s.is_empty()).map(str::to_string)
+}
+
+impl AccessLog {
+    fn new(c: &ConnInfo) -> AccessLog {
+        let (sw, dw, ds) = (c.src_workload, c.dst_workload, c.dst_service);
+        AccessLog {
+            src_addr: c.src,
+            src_workload: known(sw.map(|w| w.name.as_str())),
+            src_namespace: known(
+                sw.map(|w| &*w.namespace)
+                    .or(c.src_identity.map(|i| i.namespace.as_str())),
+            ),
+            src_identity: c.src_identity.map(|i| i.to_string()),
+            dst_addr: if c.mtls {
+                SocketAddr::new(c.dst.ip(), hbone::HBONE_PORT)
+            } else {
+                c.dst
+            },
+            dst_hbone_addr: c.mtls.then_some(c.dst),
+            dst_service: known(ds.map(|s| s.hostname.as_str())),
+            dst_workload: known(dw.map(|w| w.name.as_str())),
+            dst_namespace: known(
+                dw.map(|w| &*w.namespace)
+                    .or(ds.map(|s| s.namespace.as_str())),
+            ),
+            dst_identity: dw.map(|w| w.identity().to_string()),
+            direction: match c.reporter {
+                Reporter::Source => "outbound",
+                Reporter::Destination => "inbound",
+            },
+        }
+    }
 }
 
 fn unknown(v: Option<&str>) -> String {
@@ -155,16 +210,7 @@ impl ConnMetrics {
             v
         };
         metrics::counter!("istio_tcp_connections_opened_total", with_flag(Flag::None)).increment(1);
-        let log = format!(
-            "src.addr={} src.workload={} src.identity={} dst.addr={} dst.service={} dst.workload={} direction={}",
-            c.src,
-            unknown(sw.map(|w| w.name.as_str())),
-            unknown(c.src_identity.map(|i| i.to_string()).as_deref()),
-            c.dst,
-            unknown(ds.map(|s| s.hostname.as_str())),
-            unknown(dw.map(|w| w.name.as_str())),
-            if c.reporter == Reporter::Source { "outbound" } else { "inbound" },
-        );
+        let log = AccessLog::new(&c);
         ConnMetrics {
             sent: metrics::counter!("istio_tcp_sent_bytes_total", with_flag(Flag::None)),
             received: metrics::counter!("istio_tcp_received_bytes_total", with_flag(Flag::None)),
@@ -185,19 +231,56 @@ impl ConnMetrics {
         }
     }
 
-    /// `bytes` is (request, response).
+    /// Where an HBONE connection actually went (a waypoint rather than
+    /// the destination workload), once it is chosen.
+    pub fn tunnel_to(&mut self, addr: SocketAddr) {
+        if self.log.dst_hbone_addr.is_some() {
+            self.log.dst_addr = addr;
+        }
+    }
+
+    /// `bytes` is (request, response): logged as `bytes_sent` (source to
+    /// destination) and `bytes_recv` (back).
     pub fn close(self, flag: Flag, bytes: (u64, u64), error: Option<&dyn std::fmt::Display>) {
         let mut labels = self.labels;
         labels.push(Label::new("response_flags", flag.as_str()));
         metrics::counter!("istio_tcp_connections_closed_total", labels).increment(1);
-        let duration_ms = self.start.elapsed().as_millis() as u64;
-        match error {
-            None => {
-                tracing::info!(target: "access", flag = flag.as_str(), request_bytes = bytes.0, response_bytes = bytes.1, duration_ms, "{} connection complete", self.log)
-            }
-            Some(e) => {
-                tracing::warn!(target: "access", flag = flag.as_str(), request_bytes = bytes.0, response_bytes = bytes.1, duration_ms, error = %e, "{} connection failed", self.log)
-            }
+        // As upstream writes it: a unit, milliseconds.
+        let duration = format!("{}ms", self.start.elapsed().as_millis());
+        let a = &self.log;
+        let opt = |v: &Option<String>| v.clone().map(tracing::field::display);
+        let err = error.map(tracing::field::display);
+        // tracing fixes an event's level at its call site: one site per
+        // level, the fields written once. event! rather than info!: info!
+        // with a target cannot parse dotted field names (tracing 0.1.44).
+        macro_rules! access {
+            ($level:expr, $msg:literal) => {
+                tracing::event!(
+                    target: "access",
+                    $level,
+                    src.addr = %a.src_addr,
+                    src.workload = opt(&a.src_workload),
+                    src.namespace = opt(&a.src_namespace),
+                    src.identity = opt(&a.src_identity),
+                    dst.addr = %a.dst_addr,
+                    dst.hbone_addr = a.dst_hbone_addr.map(tracing::field::display),
+                    dst.service = opt(&a.dst_service),
+                    dst.workload = opt(&a.dst_workload),
+                    dst.namespace = opt(&a.dst_namespace),
+                    dst.identity = opt(&a.dst_identity),
+                    direction = a.direction,
+                    bytes_sent = bytes.0,
+                    bytes_recv = bytes.1,
+                    duration = %duration,
+                    flag = flag.as_str(),
+                    error = err,
+                    $msg
+                )
+            };
+        }
+        match err {
+            None => access!(tracing::Level::INFO, "connection complete"),
+            Some(_) => access!(tracing::Level::WARN, "connection failed"),
         }
     }
 }

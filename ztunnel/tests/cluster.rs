@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use testbed::cluster::allow_only;
 use testbed::*;
 
 const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
@@ -27,95 +28,23 @@ fn plain(log: &str) -> String {
     out
 }
 
-fn allow_only(sa: &str) -> String {
-    format!(
-        "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: server-allow, namespace: demo}}
-spec:
-  selector: {{matchLabels: {{app: server}}}}
-  action: ALLOW
-  rules:
-  - from:
-    - source: {{principals: [cluster.local/ns/demo/sa/{sa}]}}
-"
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istiod_feeds_ztunnel_policy_changes_and_outage() {
     let mut m = Mesh::new("clu", ZT);
-    m.pod("client", "demo", "client", "10.244.1.10", "node1", true);
-    m.pod("intruder", "demo", "intruder", "10.244.1.12", "node1", true);
-    m.pod("server", "demo", "server", "10.244.1.11", "node1", true);
+    for (name, ip) in cluster::DEMO_PODS {
+        m.pod(name, "demo", name, ip, "node1", true);
+    }
     let c = Cluster::start(&m).await;
     c.start_istiod().await;
-
-    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n").await;
-    for (name, ip) in [
-        ("client", "10.244.1.10"),
-        ("intruder", "10.244.1.12"),
-        ("server", "10.244.1.11"),
-    ] {
-        let mut labels = BTreeMap::from([("app".to_string(), name.to_string())]);
-        if name == "server" {
-            labels.insert("pod-template-hash".into(), "5d9c7b".into());
-        }
-        c.pod("demo", name, name, "node1", Some(ip), &labels).await;
-        c.mark_captured("demo", name).await;
-    }
-    // The server is a Deployment's pod: telemetry must name the workload
-    // istiod derives from its ReplicaSet (`web`), not the pod.
-    c.merge(
-        "v1",
-        "Pod",
-        "demo",
-        "server",
-        // istiod reads the owner only of pods with a generated name.
-        serde_json::json!({"metadata": {"generateName": "web-5d9c7b-", "ownerReferences": [{
-            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d9c7b",
-            "uid": "00000000-0000-0000-0000-00000000feed", "controller": true,
-        }]}}),
-    )
-    .await;
-    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  selector: {app: server}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n").await;
-    let vip = c.cluster_ip("demo", "server").await;
-    let target = format!("{vip}:80");
+    let target = c.demo_app().await;
 
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
     // Short-lived certificates, so the last phase can outlive them.
     m.extra_args = vec!["--cert-ttl".into(), "20s".into()];
     m.start_node("node1", &m.dir.clone()).await;
-    m.whoami_server("server", 8080);
-
     // Service VIP -> the pod istiod says backs it, over HBONE, with the
     // client's own address kept.
-    eventually(
-        "client reaches the service through istiod's config",
-        Duration::from_secs(30),
-        || m.whoami("client", &target).ok().as_deref() == Some("server 10.244.1.10"),
-    )
-    .await;
-    assert_eq!(m.whoami("intruder", &target).unwrap(), "server 10.244.1.12");
-    let metrics = m.metrics("node1");
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")),
-        "mTLS connection not reported:\n{metrics}"
-    );
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
-                && l.contains("reporter=\"destination\"")
-                && l.contains("destination_workload=\"web\"")
-                && l.contains("source_workload=\"client\"")
-                && l.contains("destination_cluster=\"Kubernetes\"")),
-        "the server's connections are not reported under its Deployment:\n{metrics}"
-    );
+    cluster::demo_serves_over_hbone(&m, &target).await;
     // Every workload certificate came from istiod's CA (the root we plugged in).
     let root = std::fs::read_to_string(&c.root_cert).unwrap();
     let dump = m.config_dump("node1");
@@ -434,82 +363,4 @@ spec:
         .and_then(|l| l.split_whitespace().last()?.parse().ok())
         .unwrap_or_else(|| panic!("revocation not counted:\n{metrics}"));
     assert!(revoked >= 1, "{metrics}");
-}
-
-/// A DNS ServiceEntry applied through the Kubernetes API, bound to no
-/// waypoint: istiod sends its endpoint as a workload carrying a hostname
-/// instead of an address, ztunnel takes it (no NACK) and routes the entry's
-/// VIP at L4 to what it resolves the host to itself (a test resolver beside
-/// the node), shown in its dump.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn istiod_dns_service_entry_is_resolved_and_routed_by_ztunnel() {
-    let mut m = Mesh::new("cdn", ZT);
-    m.pod("client", "demo", "client", "10.244.1.10", "node1", true);
-    // Outside the mesh and the cluster: the origin (also the test
-    // resolver's `outside.test`, 192.0.2.1) and the resolver.
-    m.pod("origin", "ext", "none", "10.244.3.5", "node1", false);
-    m.pod("resolver", "ext", "none", "10.244.3.53", "node1", false);
-    sh(&format!(
-        "ip -n {o} addr add 192.0.2.1/32 dev eth0 && ip -n {c} route add 192.0.2.0/30 via 10.244.3.5",
-        o = m.pod_ns("origin"),
-        c = m.pod_ns("client")
-    ));
-    let c = Cluster::start(&m).await;
-    c.start_istiod().await;
-    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n").await;
-    let labels = BTreeMap::from([("app".to_string(), "client".to_string())]);
-    c.pod("demo", "client", "client", "node1", Some("10.244.1.10"), &labels)
-        .await;
-    c.mark_captured("demo", "client").await;
-    c.apply(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: outside, namespace: demo}
-spec:
-  hosts: [outside.test]
-  addresses: [240.240.0.12]
-  location: MESH_EXTERNAL
-  resolution: DNS
-  ports: [{number: 7000, name: tcp, protocol: TCP, targetPort: 9000}]
-",
-    )
-    .await;
-    c.attach_node(&mut m, "node1", "10.244.250.1").await;
-    // ztunnel's own resolver (`ip netns exec` shows it this file).
-    m.resolv_conf("node1", "nameserver 10.244.3.53\n");
-    let counts = m.dns_server("resolver");
-    m.echo_server("origin", 9000);
-    let dir = m.dir.clone();
-    m.start_node("node1", &dir).await;
-
-    eventually(
-        "the client reaches the DNS entry's endpoint through ztunnel",
-        Duration::from_secs(40),
-        || {
-            m.connect("client", "240.240.0.12:7000").is_ok_and(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                exchange(&mut s, b"probe").is_ok()
-            })
-        },
-    )
-    .await;
-    assert!(counts.udp.load(std::sync::atomic::Ordering::Relaxed) >= 1);
-    let dump = m.config_dump("node1");
-    let workloads = dump["workloads"].as_array().unwrap();
-    assert!(
-        workloads
-            .iter()
-            .any(|w| w["hostname"] == "outside.test" && w["workloadIps"] == serde_json::json!([])),
-        "{workloads:?}"
-    );
-    let log = plain(&m.log("node1"));
-    assert!(!log.contains("xDS NACK"), "{log}");
-    assert!(
-        m.metrics("node1").lines().any(|l| l
-            .starts_with("istio_tcp_connections_closed_total")
-            && l.contains("destination_service=\"outside.test\"")
-            && l.contains("response_flags=\"-\"")),
-        "{}",
-        m.metrics("node1")
-    );
 }

@@ -58,6 +58,18 @@ async fn logging_shows_and_changes_levels_at_run_time() {
     assert_eq!(shown(&m, "node1"), "current log level is info\n");
     traffic(&m);
     assert_eq!(debug_lines(&m, "node1"), 0, "{}", m.log("node1"));
+    // The access log in text: upstream's field names as key=value pairs.
+    eventually("text access log line", Duration::from_secs(5), || {
+        plain(&m.log("node1")).lines().any(|l| {
+            l.contains("connection complete")
+                && l.contains("src.workload=client")
+                && l.contains("dst.addr=10.244.2.11:15008")
+                && l.contains("dst.hbone_addr=10.244.2.11:8080")
+                && l.contains("direction=\"outbound\"")
+                && l.contains("bytes_sent=4")
+        })
+    })
+    .await;
 
     // One target, istioctl's `target:level` form: h2 speaks at debug on
     // every HBONE stream, the rest stays at info.

@@ -40,6 +40,8 @@ pub fn run(address: String, root_cert: PathBuf) -> anyhow::Result<()> {
             node_name: "node-0".into(),
             service_account: "ztunnel".into(),
             cluster_id: "Kubernetes".into(),
+            network: String::new(),
+            metadata: Default::default(),
         },
         store: store.clone(),
         status: watch::channel(xds::AdsStatus::default()).0,

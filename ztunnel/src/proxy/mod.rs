@@ -31,6 +31,8 @@ pub struct Proxy {
     pub drain: watch::Receiver<bool>,
     /// Admitted inbound connections, re-judged on every config change.
     pub live: Arc<mesh::live::LiveConns<inbound::Inbound>>,
+    /// Whether each pod gets the DNS proxy (ISTIO_META_DNS_CAPTURE).
+    pub dns_proxy: bool,
 }
 
 pub use inbound::watch_live;
@@ -68,6 +70,9 @@ pub fn start_pod(
     spawn_accept(px, &pod, outbound, stop.clone(), outbound::handle);
     spawn_accept(px, &pod, plaintext, stop.clone(), inbound::plaintext);
     spawn_accept(px, &pod, hbone, stop.clone(), inbound::hbone);
+    if !px.dns_proxy {
+        return Ok(());
+    }
     crate::dns::start(px, pod, stop)
 }
 

@@ -152,13 +152,14 @@ async fn via_hbone(
     dst: SocketAddr,
     w: &Workload,
     src_w: Option<&Workload>,
-    m: ConnMetrics,
+    mut m: ConnMetrics,
 ) {
+    let hbone_addr = SocketAddr::new(w.ip, hbone::HBONE_PORT);
+    m.tunnel_to(hbone_addr);
     let cert = match px.certs.fetch(&pod.identity).await {
         Ok(c) => c,
         Err(e) => return m.close(Flag::ConnectFailure, (0, 0), Some(&e)),
     };
-    let hbone_addr = SocketAddr::new(w.ip, hbone::HBONE_PORT);
     let key = hbone::PoolKey {
         source: pod.uid.clone(),
         dst_identity: w.identity(),
