@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::status::{InstallFailure, Status};
+
 pub const PLUGIN_TYPE: &str = "istio-cni";
 
 #[derive(Debug, thiserror::Error)]
@@ -90,10 +92,43 @@ fn is_ours(p: &Value) -> bool {
     p.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE)
 }
 
+/// Which network config the plugin is chained into.
+#[derive(Debug, Clone)]
+pub struct ConfTarget {
+    pub dir: PathBuf,
+    /// The file by name (Istio's `CNI_CONF_NAME`); None: the one the
+    /// runtime uses, the first by name.
+    pub name: Option<String>,
+}
+
 /// Chains `entry` last in the primary config (a plain `.conf` becomes a
 /// `.conflist`). Returns the file and whether anything changed.
 pub fn insert(conf_dir: &Path, entry: &Value) -> Result<(PathBuf, bool), InstallError> {
-    let path = primary_conf(conf_dir)?;
+    insert_into(
+        &ConfTarget {
+            dir: conf_dir.to_path_buf(),
+            name: None,
+        },
+        entry,
+    )
+}
+
+/// `insert` into the file `target` names (which must exist: it is the
+/// primary CNI's to write), or the primary one.
+pub fn insert_into(target: &ConfTarget, entry: &Value) -> Result<(PathBuf, bool), InstallError> {
+    let path = match &target.name {
+        Some(name) => {
+            let p = target.dir.join(name);
+            if !p.exists() {
+                return Err(ierr(
+                    &p,
+                    "CNI_CONF_NAME names no config yet (the primary CNI writes it first)",
+                ));
+            }
+            p
+        }
+        None => primary_conf(&target.dir)?,
+    };
     let (mut conf, mode) = read_conf(&path)?;
     let (target, wrapped) = if conf.get("plugins").is_some() {
         (path.clone(), false)
@@ -166,28 +201,35 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> Result<Vec<PathBuf>, Instal
 pub async fn keep_installed(
     plugin: PathBuf,
     bin_dir: PathBuf,
-    conf_dir: PathBuf,
+    conf: ConfTarget,
     entry: Value,
+    status: std::sync::Arc<Status>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut last_error = String::new();
     loop {
-        let result = install_binary(&plugin, &bin_dir).and_then(|copied| {
-            let (path, chained) = insert(&conf_dir, &entry)?;
-            Ok((copied, path, chained))
-        });
+        let result = install_binary(&plugin, &bin_dir)
+            .map_err(|e| (InstallFailure::CopyBinary, e))
+            .and_then(|copied| {
+                let (path, chained) =
+                    insert_into(&conf, &entry).map_err(|e| (InstallFailure::Config, e))?;
+                Ok((copied, path, chained))
+            });
         match result {
             Ok((copied, path, chained)) => {
                 if copied || chained {
                     tracing::info!(conf = %path.display(), binary_copied = copied, chained, "istio-cni plugin installed");
                 }
+                status.installed(copied || chained);
                 last_error.clear();
             }
-            Err(e) if e.to_string() != last_error => {
-                tracing::warn!(error = %e, "cannot install the CNI plugin yet; retrying");
-                last_error = e.to_string();
+            Err((why, e)) => {
+                status.install_failed(why);
+                if e.to_string() != last_error {
+                    tracing::warn!(error = %e, "cannot install the CNI plugin yet; retrying");
+                    last_error = e.to_string();
+                }
             }
-            Err(_) => {}
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -21,3 +21,7 @@ pub mod membership;
 pub mod plugin;
 #[cfg(feature = "agent")]
 pub mod redirect;
+#[cfg(feature = "agent")]
+pub mod settings;
+#[cfg(feature = "agent")]
+pub mod status;

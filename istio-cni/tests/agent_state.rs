@@ -76,7 +76,11 @@ async fn start(dir: &Path, store: Arc<MeshStore>) -> Node {
         dns_capture: true,
         exclude_namespaces: vec!["kube-system".into()],
         probe_snat: false,
+        host_netns: None,
+        host_root: "/".into(),
+        proc_root: "/proc".into(),
         annotator: None,
+        status: Default::default(),
     };
     let task = tokio::spawn(agent::run(cfg, rx));
     let deadline = Instant::now() + Duration::from_secs(10);

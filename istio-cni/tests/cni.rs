@@ -626,6 +626,23 @@ async fn static_plugin_chains_in_a_cni_1_1_0_conflist() {
         serde_json::json!(["1.0.0", "1.1.0"])
     );
     assert_eq!(conflist["plugins"][1]["type"], "istio-cni");
+    // Ready (plugin and config installed, ZDS up) on Istio's probe port;
+    // metrics under Istio's names on 15014.
+    let node_ns = format!("{}-node1", m.prefix);
+    let (_, ready) = sh_out(&format!(
+        "ip netns exec {node_ns} curl -s -w ' %{{http_code}}' http://127.0.0.1:8000/readyz"
+    ));
+    assert_eq!(ready.trim(), "ready\n 200", "{ready}");
+    let (_, metrics) = sh_out(&format!(
+        "ip netns exec {node_ns} curl -s http://127.0.0.1:15014/metrics"
+    ));
+    for want in [
+        "istio_cni_install_ready 1",
+        "ztunnel_connected 1",
+        "istio_cni_installs_total{result=\"SUCCESS\"} 1",
+    ] {
+        assert!(metrics.contains(want), "{want} missing: {metrics}");
+    }
 
     let result = m.cni_pod("node1", "a", "app", "a", "10.244.1.10").unwrap();
     assert_eq!(result["cniVersion"], "1.1.0", "{result}");
