@@ -19,6 +19,7 @@ use nix::sched::{setns, CloneFlags};
 pub mod cluster;
 mod cni;
 mod dns;
+pub mod helm;
 mod http;
 pub use cluster::{eventually, Cluster};
 pub use cni::{reference_plugins_1_1, static_plugin, CniFailure, CniNet};
