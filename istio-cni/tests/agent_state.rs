@@ -78,7 +78,10 @@ async fn start(dir: &Path, store: Arc<MeshStore>) -> Node {
         probe_snat: false,
         host_netns: None,
         host_root: "/".into(),
-        proc_root: "/proc".into(),
+        // Empty: these tests have no netns to find, and must not look into
+        // the machine's.
+        proc_root: dir.join("proc"),
+        netns_dir: dir.join("netns"),
         annotator: None,
         status: Default::default(),
     };

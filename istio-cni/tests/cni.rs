@@ -682,3 +682,57 @@ async fn static_plugin_chains_in_a_cni_1_1_0_conflist() {
     assert_eq!(e.code(), Some(1), "{e:?}");
     assert!(e.msg().contains("\"1.2.0\""), "{e:?}");
 }
+
+/// A pod that was running before its node had an agent (no ADD ever
+/// reached us, its conflist did not chain istio-cni yet) is found by its
+/// netns when the agent starts and captured, its process left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_running_before_the_agent_is_captured_when_it_starts() {
+    let mut m = Mesh::new("pre", &workspace_bin("ztunnel"));
+    m.write_config(&yaml(false));
+    let ca = m.dir.join("ca");
+    m.cni_node("node1", 1);
+    m.cni_node("node2", 2);
+    m.start_cni_agent("node2", AGENT, &static_plugin(), &[]);
+    m.start_ztunnel("node2", &ca);
+    m.cni_pod("node2", "b", "app", "b", "10.244.2.10").unwrap();
+    // node1 without an agent: the bridge alone networks a.
+    m.cni_pod("node1", "a", "app", "a", "10.244.1.10").unwrap();
+    assert_eq!(capture_traces(&m, "a"), "");
+    // The pod's own process (Mesh's drop kills what runs in its netns).
+    let mut app = std::process::Command::new("ip")
+        .args(["netns", "exec", &m.pod_ns("a"), "sleep", "600"])
+        .spawn()
+        .unwrap();
+    let a_ns = m.pod_ns("a");
+    let pids = || sh_out(&format!("ip netns pids {a_ns}")).1;
+    eventually("a's process runs", || !pids().trim().is_empty());
+    let before = pids();
+    // The node's /proc as the agent reads it: this node's processes only
+    // (the machine's holds other tests' pods with the same addresses).
+    let proc_dir = m.dir.join("node1/proc").join(app.id().to_string());
+    std::fs::create_dir_all(proc_dir.join("ns")).unwrap();
+    std::os::unix::fs::symlink(
+        format!("/proc/{}/ns/net", app.id()),
+        proc_dir.join("ns/net"),
+    )
+    .unwrap();
+
+    m.start_cni_agent("node1", AGENT, &static_plugin(), &[]);
+    m.start_ztunnel("node1", &ca);
+    assert!(
+        m.agent_log("node1")
+            .contains("pod running before the agent; taking it in"),
+        "{}",
+        m.agent_log("node1")
+    );
+    let traces = capture_traces(&m, "a");
+    assert!(traces.contains("REDIRECT --to-ports 15001"), "{traces}");
+    eventually("ztunnel serves a", || served(&m, "node1") == ["a"]);
+    m.whoami_server("b", 9090);
+    assert_eq!(m.whoami("a", "10.244.2.10:9090").unwrap(), "b 10.244.1.10");
+    assert_eq!(pids(), before, "a's process was restarted");
+    assert!(app.try_wait().unwrap().is_none(), "a's process exited");
+    let _ = app.kill();
+    let _ = app.wait();
+}

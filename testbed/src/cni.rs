@@ -186,6 +186,16 @@ impl Mesh {
             .unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns, agent_bin, "--node", node]);
+        // The machine's /proc and /run/netns hold every test's pods (with
+        // the same addresses): each node looks for running pods only in
+        // dirs of its own, empty unless a test puts a pod there.
+        for (flag, sub) in [("--proc-root", "proc"), ("--netns-dir", "netns")] {
+            if !extra.contains(&flag) {
+                let d = self.dir.join(node).join(sub);
+                std::fs::create_dir_all(&d).unwrap();
+                cmd.arg(flag).arg(d);
+            }
+        }
         match &self.kubeconfig {
             Some(k) => cmd.arg("--from-kube").env("KUBECONFIG", k),
             None => cmd.arg("--config").arg(&self.config),

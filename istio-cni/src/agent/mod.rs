@@ -15,6 +15,7 @@
 //! stay in while ztunnel or the agent is away (traffic fails rather than
 //! leaving in plaintext); they come out only when the pod leaves the mesh.
 
+mod adopt;
 mod capture;
 mod plan;
 mod records;
@@ -55,8 +56,10 @@ pub struct Config {
     /// Where the node's filesystem is mounted ("/" when it is ours): the
     /// netns paths the plugin sends are the node's, opened under it.
     pub host_root: PathBuf,
-    /// The node's /proc, where pods running before the agent are found.
+    /// The node's /proc and the runtime's netns dir (as mounted here),
+    /// where pods running before the agent are found.
     pub proc_root: PathBuf,
+    pub netns_dir: PathBuf,
     /// In a cluster: annotate captured pods so istiod advertises them as
     /// reachable over HBONE.
     pub annotator: Option<kube_source::PodAnnotator>,
@@ -135,6 +138,9 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     // and pods the plugin started while no agent answered are taken in.
     agent.prune().await;
     agent.take_pending();
+    // Ambient pods running without a record (the agent is new on this
+    // node) are found by their netns and captured without a restart.
+    agent.adopt_running().await;
     agent.reconcile_all("reconcile on start failed").await;
     agent.persist();
     tracing::info!(

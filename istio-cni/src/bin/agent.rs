@@ -80,6 +80,9 @@ struct Args {
     /// The node's /proc [default <host-root>/proc].
     #[arg(long)]
     proc_root: Option<PathBuf>,
+    /// The runtime's pod netns dir [default <host-root>/var/run/netns].
+    #[arg(long)]
+    netns_dir: Option<PathBuf>,
     /// Readiness (`GET /readyz`), as Istio's chart probes it.
     #[arg(long, default_value_t = 8000)]
     readiness_port: u16,
@@ -115,6 +118,7 @@ struct Resolved {
     cni_bin_dir: PathBuf,
     host_root: PathBuf,
     proc_root: PathBuf,
+    netns_dir: PathBuf,
     host_netns: Option<PathBuf>,
     metrics_port: u16,
 }
@@ -174,6 +178,10 @@ fn resolve(args: &Args, env: &ChartEnv, chart: bool) -> Resolved {
         host_netns: env
             .switch_to_host_netns
             .then(|| host::host_netns(&proc_root)),
+        netns_dir: args
+            .netns_dir
+            .clone()
+            .unwrap_or_else(|| under(&host_root, "/var/run/netns")),
         host_root,
         proc_root,
         metrics_port: args.metrics_port.or(env.monitoring_port).unwrap_or(15014),
@@ -302,6 +310,7 @@ async fn run(args: Args, cfg: Resolved) -> anyhow::Result<()> {
         host_netns: cfg.host_netns,
         host_root: cfg.host_root,
         proc_root: cfg.proc_root,
+        netns_dir: cfg.netns_dir,
         annotator: if from_kube {
             Some(kube_source::PodAnnotator::new().await?)
         } else {
@@ -364,6 +373,7 @@ mod tests {
             assert_eq!(r.cni_conf_dir, Some("/host/etc/cni/net.d".into()));
             assert_eq!(r.cni_bin_dir, PathBuf::from("/host/opt/cni/bin"));
             assert_eq!(r.proc_root, PathBuf::from("/host/proc"));
+            assert_eq!(r.netns_dir, PathBuf::from("/host/var/run/netns"));
             assert_eq!(r.host_netns, Some("/host/proc/1/ns/net".into()));
             assert_eq!(r.plugin_socket, PathBuf::from(api::DEFAULT_SOCKET));
             assert_eq!(r.metrics_port, 15014);
