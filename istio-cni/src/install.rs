@@ -37,6 +37,29 @@ fn write_atomic(to: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> 
     fs::rename(&tmp, to).map_err(|e| ierr(to, e))
 }
 
+/// Whether the ELF executable at `path` needs a dynamic loader (has a
+/// PT_INTERP program header): such a plugin fails every ADD on a node whose
+/// libc is older than the build machine's.
+pub fn is_dynamic(path: &Path) -> Result<bool, InstallError> {
+    const PT_INTERP: u32 = 3;
+    let bytes = fs::read(path).map_err(|e| ierr(path, e))?;
+    let not_elf = || ierr(path, "not a 64-bit little-endian ELF executable");
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
+        return Err(not_elf());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().expect("8 bytes")) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    for i in 0..count {
+        let at = phoff + i * size;
+        let kind = bytes.get(at..at + 4).ok_or_else(not_elf)?;
+        if u32::from_le_bytes(kind.try_into().expect("4 bytes")) == PT_INTERP {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Copies the plugin into `bin_dir` unless an identical copy is there.
 pub fn install_binary(src: &Path, bin_dir: &Path) -> Result<bool, InstallError> {
     let bytes = fs::read(src).map_err(|e| ierr(src, e))?;

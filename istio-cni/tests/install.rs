@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use istio_cni::install::{
-    insert, insert_into, install_binary, primary_conf, uninstall, ConfTarget,
+    insert, insert_into, install_binary, is_dynamic, primary_conf, uninstall, ConfTarget,
 };
 use serde_json::{json, Value};
 
@@ -185,4 +185,16 @@ fn a_named_config_is_chained_instead_of_the_first() {
         "{e}"
     );
     assert!(!d.join("20-missing.conflist").exists());
+}
+
+/// The plugin the agent installs is checked for a dynamic loader: the musl
+/// build has none, a glibc build (this test itself) has one.
+#[test]
+fn static_and_dynamic_plugins_are_told_apart() {
+    assert!(!is_dynamic(std::path::Path::new(&testbed::static_plugin())).unwrap());
+    assert!(is_dynamic(&std::env::current_exe().unwrap()).unwrap());
+    let d = tmp("elf");
+    std::fs::write(d.join("script"), "#!/bin/sh\n").unwrap();
+    let e = is_dynamic(&d.join("script")).unwrap_err();
+    assert!(e.to_string().contains("not a 64-bit"), "{e}");
 }

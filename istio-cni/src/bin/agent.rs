@@ -280,6 +280,10 @@ async fn run(args: Args, cfg: Resolved) -> anyhow::Result<()> {
             "plugin binary {} not found (--plugin-binary)",
             plugin.display()
         );
+        // Installed anyway (it works where the libc matches), but said.
+        if install::is_dynamic(&plugin)? {
+            tracing::warn!(plugin = %plugin.display(), "the CNI plugin is dynamically linked: on a node with another libc every pod ADD fails; install the static (musl) build");
+        }
         let entry = serde_json::json!({
             "type": install::PLUGIN_TYPE,
             "agent_socket": cfg.plugin_socket,
