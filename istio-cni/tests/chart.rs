@@ -206,6 +206,24 @@ async fn istios_cni_chart_runs_our_agent_ready_and_installed() {
         "{log}"
     );
 
+    // A pod of the ambient namespace, ADDed through the node's conflist, is
+    // captured by the chart-run agent. This test's runtime names netns
+    // /run/netns/<name> (a node's names them under /var/run/netns, which the
+    // chart mounts); the agent opens them under its host root, so /run is
+    // mapped there too.
+    std::os::unix::fs::symlink("/run", host.join("run")).unwrap();
+    cluster
+        .pod("app", "a", "a", "node1", None, &BTreeMap::new())
+        .await;
+    m.cni_pod("node1", "a", "app", "a", "10.244.1.10")
+        .expect("ADD through the chained plugin");
+    let (_, rules) = sh_out(&format!("ip netns exec {} iptables-save", m.pod_ns("a")));
+    assert!(rules.contains("REDIRECT --to-ports 15001"), "{rules}");
+    let (_, set) = sh_out(&format!(
+        "ip netns exec {node_ns} ipset list istio-inpod-probes-v4"
+    ));
+    assert!(set.contains("10.244.1.10"), "{set}");
+
     let _ = agent.kill();
     let _ = agent.wait();
 }
