@@ -151,13 +151,14 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
 
     let zds = ZdsServer::bind(&cfg.zds_socket)
         .with_context(|| format!("ZDS socket {}", cfg.zds_socket.display()))?;
-    cfg.status.zds_serving(true);
     if let Some(d) = cfg.plugin_socket.parent() {
         std::fs::create_dir_all(d)?;
     }
     let _ = std::fs::remove_file(&cfg.plugin_socket);
     let plugin = UnixListener::bind(&cfg.plugin_socket)
         .with_context(|| format!("plugin socket {}", cfg.plugin_socket.display()))?;
+    // Ready from here: ztunnel can connect and the plugin be answered.
+    cfg.status.zds_serving(true);
     let (tx, mut rx) = mpsc::channel(64);
     // The accept loops and the ticker hold nothing to drain: aborted on stop.
     let mut tasks = tokio::task::JoinSet::new();
