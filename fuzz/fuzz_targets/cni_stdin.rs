@@ -24,6 +24,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(conf) = istio_cni::cni::parse_conf(stdin) {
         if let Some(prev) = conf.prev_result.as_ref() {
             let _ = istio_cni::cni::prev_ips(prev);
+            // The answer in the config's version: converting never panics.
+            let _ = istio_cni::cni::result_for(prev, &conf.cni_version);
         }
     }
 });

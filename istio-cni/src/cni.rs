@@ -1,5 +1,6 @@
-//! The CNI 1.0.0 plugin protocol: what the runtime hands us (environment and
-//! network config on stdin) and what we answer (a result or an error object).
+//! The CNI plugin protocol, versions 0.3.0 to 1.1.0: what the runtime hands
+//! us (environment and network config on stdin) and what we answer (a result
+//! in the version the config asked for, or an error object).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,8 +8,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Versions whose result format we pass through untouched.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+/// Versions we answer in. Older ones (0.1.0, 0.2.0) have another result
+/// shape (`ip4`/`ip6`) that no runtime we chain into still sends.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// Error codes of the CNI spec (§ "Error"); 100+ are ours.
 pub mod code {
@@ -42,6 +44,15 @@ impl CniError {
             msg: msg.into(),
             details: details.into(),
         }
+    }
+
+    /// The same error, in the version the config asked for (the runtime
+    /// decodes it in that version).
+    pub fn in_version(mut self, version: &str) -> Self {
+        if SUPPORTED_VERSIONS.contains(&version) {
+            self.cni_version = version.to_string();
+        }
+        self
     }
 }
 
@@ -89,6 +100,10 @@ pub enum Command {
     Del,
     Check,
     Version,
+    /// 1.1.0: is the plugin ready to take ADDs.
+    Status,
+    /// 1.1.0: release what is held for attachments that no longer exist.
+    Gc,
 }
 
 /// The runtime's environment variables, checked.
@@ -116,10 +131,12 @@ impl Env {
             Some("DEL") => Command::Del,
             Some("CHECK") => Command::Check,
             Some("VERSION") => Command::Version,
+            Some("STATUS") => Command::Status,
+            Some("GC") => Command::Gc,
             Some(other) => {
                 return Err(CniError::new(
                     code::INVALID_ENV,
-                    "CNI_COMMAND is not one of ADD, DEL, CHECK, VERSION",
+                    "CNI_COMMAND is not one of ADD, DEL, CHECK, VERSION, STATUS, GC",
                     other.to_string(),
                 ))
             }
@@ -133,7 +150,8 @@ impl Env {
             ifname: nonempty("CNI_IFNAME").unwrap_or_default(),
             args: BTreeMap::new(),
         };
-        if command == Command::Version {
+        // These concern the plugin (or the network), not one container.
+        if matches!(command, Command::Version | Command::Status | Command::Gc) {
             return Ok(env);
         }
         if env.container_id.is_empty() {
@@ -200,7 +218,66 @@ pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
 
 /// The VERSION answer.
 pub fn version_result() -> String {
-    serde_json::json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string()
+    let latest = SUPPORTED_VERSIONS.last().expect("not empty");
+    serde_json::json!({"cniVersion": latest, "supportedVersions": SUPPORTED_VERSIONS}).to_string()
+}
+
+/// Whether `v` is 1.0.0 or later, where `ips[]` lost its `version` field.
+fn is_v1(v: &str) -> bool {
+    !v.starts_with("0.")
+}
+
+/// The earlier plugins' result, as a result of `version`: a chained plugin
+/// answers in the config's version, whatever version the result it was
+/// handed is in. Between 0.3.0 and 1.1.0 the result differs only in
+/// `ips[].version` ("4"/"6" before 1.0.0, absent from 1.0.0 on).
+pub fn result_for(prev: &Value, version: &str) -> Result<Value, CniError> {
+    let mut out = prev.clone();
+    let obj = out.as_object_mut().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "prevResult is not a JSON object",
+            prev.to_string(),
+        )
+    })?;
+    if let Some(v) = obj.get("cniVersion").and_then(Value::as_str) {
+        if !SUPPORTED_VERSIONS.contains(&v) {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!("prevResult has unsupported cniVersion {v:?}"),
+                format!(
+                    "istio-cni converts results of {}",
+                    SUPPORTED_VERSIONS.join(", ")
+                ),
+            ));
+        }
+    }
+    obj.insert("cniVersion".into(), Value::String(version.into()));
+    for ip in obj
+        .get_mut("ips")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object_mut)
+    {
+        if is_v1(version) {
+            ip.remove("version");
+        } else if !ip.contains_key("version") {
+            let family = match ip.get("address").and_then(Value::as_str) {
+                Some(a) if a.contains(':') => "6",
+                Some(_) => "4",
+                None => {
+                    return Err(CniError::new(
+                        code::INVALID_CONFIG,
+                        "prevResult ips[] entry has no address",
+                        Value::Object(ip.clone()).to_string(),
+                    ))
+                }
+            };
+            ip.insert("version".into(), Value::String(family.into()));
+        }
+    }
+    Ok(out)
 }
 
 /// IPs the earlier plugins assigned, from `prevResult.ips[].address`.
@@ -250,6 +327,12 @@ mod tests {
         add[2].1 = "";
         assert_eq!(env(&add).unwrap_err().msg, "CNI_NETNS is not set");
         assert!(env(&[("CNI_COMMAND", "VERSION")]).is_ok());
+        // 1.1.0's verbs name no container.
+        assert_eq!(
+            env(&[("CNI_COMMAND", "STATUS")]).unwrap().command,
+            Command::Status
+        );
+        assert_eq!(env(&[("CNI_COMMAND", "GC")]).unwrap().command, Command::Gc);
         assert_eq!(env(&[]).unwrap_err().code, code::INVALID_ENV);
         let mut bad = full;
         bad[4].1 = "K8S_POD_NAME";
@@ -276,5 +359,57 @@ mod tests {
         );
         let prev = serde_json::json!({"ips":[{"address":"10.0.0.5/24"},{"address":"fd00::5/64"}]});
         assert_eq!(prev_ips(&prev).len(), 2);
+    }
+
+    #[test]
+    fn every_supported_version_is_accepted_and_others_are_named() {
+        for v in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
+            let c = parse_conf(format!(r#"{{"cniVersion":"{v}","type":"istio-cni"}}"#).as_bytes())
+                .unwrap();
+            assert_eq!(c.cni_version, v);
+        }
+        for v in ["0.1.0", "0.2.0", "1.2.0", ""] {
+            let e = parse_conf(format!(r#"{{"cniVersion":"{v}","type":"istio-cni"}}"#).as_bytes())
+                .unwrap_err();
+            assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+            assert!(e.msg.contains(&format!("{v:?}")), "{e}");
+        }
+        let v: Value = serde_json::from_str(&version_result()).unwrap();
+        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["supportedVersions"].as_array().unwrap().len(), 5);
+        let e = CniError::new(7, "m", "d").in_version("0.4.0");
+        assert_eq!(e.cni_version, "0.4.0");
+        assert_eq!(
+            CniError::new(7, "m", "d").in_version("9.9").cni_version,
+            "1.0.0"
+        );
+    }
+
+    #[test]
+    fn results_take_the_shape_of_the_version_asked() {
+        let v1 = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0"}],
+            "ips": [{"address": "10.0.0.5/24", "interface": 0}, {"address": "fd00::5/64"}],
+            "routes": [{"dst": "0.0.0.0/0"}],
+        });
+        let old = result_for(&v1, "0.3.1").unwrap();
+        assert_eq!(old["cniVersion"], "0.3.1");
+        assert_eq!(old["ips"][0]["version"], "4");
+        assert_eq!(old["ips"][1]["version"], "6");
+        assert_eq!(old["ips"][0]["interface"], 0);
+        assert_eq!(old["routes"], v1["routes"]);
+        // And back: 1.x has no ips[].version.
+        let new = result_for(&old, "1.1.0").unwrap();
+        assert_eq!(new["cniVersion"], "1.1.0");
+        assert!(new["ips"][0].get("version").is_none(), "{new}");
+        assert_eq!(new["ips"], v1["ips"]);
+        let e = result_for(
+            &serde_json::json!({"cniVersion": "0.2.0", "ip4": {}}),
+            "1.0.0",
+        )
+        .unwrap_err();
+        assert!(e.msg.contains("0.2.0"), "{e}");
+        assert!(result_for(&serde_json::json!([]), "1.0.0").is_err());
     }
 }

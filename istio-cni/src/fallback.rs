@@ -16,10 +16,10 @@
 //! reached it (and so captures them if they are ambient by then).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use mesh::{MeshState, DATAPLANE_MODE_LABEL};
+#[cfg(feature = "agent")]
+use mesh::MeshState;
 use serde::{Deserialize, Serialize};
 
 use crate::api::Request;
@@ -27,7 +27,11 @@ use crate::api::Request;
 pub const FILE: &str = "membership.json";
 pub const PENDING_DIR: &str = "pending";
 /// A pending entry is one request line; anything larger is not ours.
+#[cfg(feature = "agent")]
 const MAX_PENDING_BYTES: u64 = 64 * 1024;
+/// `mesh::DATAPLANE_MODE_LABEL`, spelled here because the static plugin is
+/// built without the mesh crate (a test holds the two equal).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Answer {
@@ -51,6 +55,7 @@ impl Answer {
     /// What the agent answers from `state` on `node`. Only the pod label
     /// values `membership::decide` acts on are kept; any other value defers
     /// to the namespace there too.
+    #[cfg(feature = "agent")]
     pub fn of(state: &MeshState, node: &str, excluded: &[String]) -> Answer {
         let ambient_namespaces = state
             .namespace_labels
@@ -187,9 +192,11 @@ pub fn leave_pending(state_dir: &Path, req: &Request) -> Result<PathBuf, Fallbac
     Ok(path)
 }
 
+#[cfg(feature = "agent")]
 /// The agent's side: every pending request, oldest first, each removed once
 /// read. A file that is not a request is removed and reported.
 pub fn take_pending(state_dir: &Path) -> Vec<Request> {
+    use std::io::Read;
     let dir = state_dir.join(PENDING_DIR);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
@@ -227,7 +234,7 @@ pub fn take_pending(state_dir: &Path) -> Vec<Request> {
     out
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "agent"))]
 mod tests {
     use super::*;
     use crate::membership::{decide, Membership};
@@ -256,6 +263,11 @@ mod tests {
             y += &pod(ns, name, node, mode);
         }
         mesh::standalone::parse(&y, "cluster.local").unwrap()
+    }
+
+    #[test]
+    fn the_label_is_the_mesh_crates() {
+        assert_eq!(DATAPLANE_MODE_LABEL, mesh::DATAPLANE_MODE_LABEL);
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::status::{InstallFailure, Status};
+
 pub const PLUGIN_TYPE: &str = "istio-cni";
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,29 @@ fn write_atomic(to: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> 
     fs::write(&tmp, bytes).map_err(|e| ierr(&tmp, e))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(|e| ierr(&tmp, e))?;
     fs::rename(&tmp, to).map_err(|e| ierr(to, e))
+}
+
+/// Whether the ELF executable at `path` needs a dynamic loader (has a
+/// PT_INTERP program header): such a plugin fails every ADD on a node whose
+/// libc is older than the build machine's.
+pub fn is_dynamic(path: &Path) -> Result<bool, InstallError> {
+    const PT_INTERP: u32 = 3;
+    let bytes = fs::read(path).map_err(|e| ierr(path, e))?;
+    let not_elf = || ierr(path, "not a 64-bit little-endian ELF executable");
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
+        return Err(not_elf());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().expect("8 bytes")) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    for i in 0..count {
+        let at = phoff + i * size;
+        let kind = bytes.get(at..at + 4).ok_or_else(not_elf)?;
+        if u32::from_le_bytes(kind.try_into().expect("4 bytes")) == PT_INTERP {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Copies the plugin into `bin_dir` unless an identical copy is there.
@@ -90,10 +115,43 @@ fn is_ours(p: &Value) -> bool {
     p.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE)
 }
 
+/// Which network config the plugin is chained into.
+#[derive(Debug, Clone)]
+pub struct ConfTarget {
+    pub dir: PathBuf,
+    /// The file by name (Istio's `CNI_CONF_NAME`); None: the one the
+    /// runtime uses, the first by name.
+    pub name: Option<String>,
+}
+
 /// Chains `entry` last in the primary config (a plain `.conf` becomes a
 /// `.conflist`). Returns the file and whether anything changed.
 pub fn insert(conf_dir: &Path, entry: &Value) -> Result<(PathBuf, bool), InstallError> {
-    let path = primary_conf(conf_dir)?;
+    insert_into(
+        &ConfTarget {
+            dir: conf_dir.to_path_buf(),
+            name: None,
+        },
+        entry,
+    )
+}
+
+/// `insert` into the file `target` names (which must exist: it is the
+/// primary CNI's to write), or the primary one.
+pub fn insert_into(target: &ConfTarget, entry: &Value) -> Result<(PathBuf, bool), InstallError> {
+    let path = match &target.name {
+        Some(name) => {
+            let p = target.dir.join(name);
+            if !p.exists() {
+                return Err(ierr(
+                    &p,
+                    "CNI_CONF_NAME names no config yet (the primary CNI writes it first)",
+                ));
+            }
+            p
+        }
+        None => primary_conf(&target.dir)?,
+    };
     let (mut conf, mode) = read_conf(&path)?;
     let (target, wrapped) = if conf.get("plugins").is_some() {
         (path.clone(), false)
@@ -166,28 +224,35 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> Result<Vec<PathBuf>, Instal
 pub async fn keep_installed(
     plugin: PathBuf,
     bin_dir: PathBuf,
-    conf_dir: PathBuf,
+    conf: ConfTarget,
     entry: Value,
+    status: std::sync::Arc<Status>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut last_error = String::new();
     loop {
-        let result = install_binary(&plugin, &bin_dir).and_then(|copied| {
-            let (path, chained) = insert(&conf_dir, &entry)?;
-            Ok((copied, path, chained))
-        });
+        let result = install_binary(&plugin, &bin_dir)
+            .map_err(|e| (InstallFailure::CopyBinary, e))
+            .and_then(|copied| {
+                let (path, chained) =
+                    insert_into(&conf, &entry).map_err(|e| (InstallFailure::Config, e))?;
+                Ok((copied, path, chained))
+            });
         match result {
             Ok((copied, path, chained)) => {
                 if copied || chained {
                     tracing::info!(conf = %path.display(), binary_copied = copied, chained, "istio-cni plugin installed");
                 }
+                status.installed(copied || chained);
                 last_error.clear();
             }
-            Err(e) if e.to_string() != last_error => {
-                tracing::warn!(error = %e, "cannot install the CNI plugin yet; retrying");
-                last_error = e.to_string();
+            Err((why, e)) => {
+                status.install_failed(why);
+                if e.to_string() != last_error {
+                    tracing::warn!(error = %e, "cannot install the CNI plugin yet; retrying");
+                    last_error = e.to_string();
+                }
             }
-            Err(_) => {}
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -15,6 +15,25 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
         return Ok(Some(cni::version_result()));
     }
     let conf = cni::parse_conf(stdin)?;
+    let version = conf.cni_version.clone();
+    run_conf(env, conf).map_err(|e| e.in_version(&version))
+}
+
+fn run_conf(env: &Env, conf: NetConf) -> Result<Option<String>, CniError> {
+    // The answer to ADD: what the earlier plugins gave, in our config's version.
+    let result = |prev: &serde_json::Value| -> Result<Option<String>, CniError> {
+        Ok(Some(cni::result_for(prev, &conf.cni_version)?.to_string()))
+    };
+    match env.command {
+        // Ready whenever we run: a pod the agent cannot take yet fails its
+        // own ADD with "try again later", other pods start; saying "not
+        // ready" here would stop every pod on the node.
+        Command::Status => return Ok(None),
+        // Nothing of ours outlives a netns: the agent forgets vanished
+        // ones on its own.
+        Command::Gc => return Ok(None),
+        _ => {}
+    }
     let prev = || {
         conf.prev_result.as_ref().ok_or_else(|| {
             CniError::new(
@@ -27,7 +46,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
     let Some((namespace, name)) = env.pod() else {
         // Not a Kubernetes pod (no K8S_POD_* args): nothing of ours.
         return match env.command {
-            Command::Add => Ok(Some(prev()?.to_string())),
+            Command::Add => result(prev()?),
             _ => Ok(None),
         };
     };
@@ -46,7 +65,9 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
     let pod = format!("{namespace}/{name}");
     match env.command {
         Command::Add => {
-            let prev = prev()?;
+            // Converted before anything is done, so a result we could not
+            // give fails the ADD with the pod untouched.
+            let out = result(prev()?)?;
             let netns = env.netns.as_deref().expect("checked for ADD");
             if !netns.exists() {
                 return Err(CniError::new(
@@ -68,7 +89,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
                 }
                 Err(e) => without_agent(&conf, &namespace, &name, e, Some(&add))?,
             }
-            Ok(Some(prev.to_string()))
+            Ok(out)
         }
         Command::Check => {
             prev()?;
@@ -95,7 +116,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
             }
             Ok(None)
         }
-        Command::Version => unreachable!("answered above"),
+        Command::Version | Command::Status | Command::Gc => unreachable!("answered above"),
     }
 }
 

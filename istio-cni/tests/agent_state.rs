@@ -76,7 +76,14 @@ async fn start(dir: &Path, store: Arc<MeshStore>) -> Node {
         dns_capture: true,
         exclude_namespaces: vec!["kube-system".into()],
         probe_snat: false,
+        host_netns: None,
+        host_root: "/".into(),
+        // Empty: these tests have no netns to find, and must not look into
+        // the machine's.
+        proc_root: dir.join("proc"),
+        netns_dir: dir.join("netns"),
         annotator: None,
+        status: Default::default(),
     };
     let task = tokio::spawn(agent::run(cfg, rx));
     let deadline = Instant::now() + Duration::from_secs(10);

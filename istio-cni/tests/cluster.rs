@@ -9,7 +9,6 @@ use std::time::Duration;
 use testbed::*;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_istio-cni-agent");
-const PLUGIN: &str = env!("CARGO_BIN_EXE_istio-cni");
 
 /// ztunnel's own view (standalone): it needs the pods' identities, while
 /// capture is decided by the agent from the API alone.
@@ -78,7 +77,7 @@ async fn namespace_label_through_the_api_captures_and_releases() {
     c.pod("app", "a", "a", "node1", None, &none).await;
     c.pod("plain", "c", "c", "node1", None, &none).await;
 
-    m.start_cni_agent("node1", AGENT, PLUGIN, &[]);
+    m.start_cni_agent("node1", AGENT, &static_plugin(), &[]);
     let ca = m.dir.join("ca");
     m.start_ztunnel("node1", &ca);
 

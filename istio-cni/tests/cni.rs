@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use testbed::*;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_istio-cni-agent");
-const PLUGIN: &str = env!("CARGO_BIN_EXE_istio-cni");
 
 /// Namespace `app` is ambient (a on node1, b on node2); `plain` is not
 /// unless `plain_ambient` (c and d on node1).
@@ -36,12 +35,18 @@ fn yaml(plain_ambient: bool) -> String {
 /// Two CNI nodes, each with the real agent (installed into its conflist)
 /// and a ztunnel.
 fn cluster(tag: &str, nodes: &[&str]) -> Mesh {
+    cluster_version(tag, nodes, "1.0.0")
+}
+
+/// `cluster` whose nodes' conflists speak CNI `version`. The agents install
+/// the static plugin, as on a real node.
+fn cluster_version(tag: &str, nodes: &[&str], version: &str) -> Mesh {
     let mut m = Mesh::new(tag, &workspace_bin("ztunnel"));
     m.write_config(&yaml(false));
     let ca = m.dir.join("ca");
     for (i, n) in nodes.iter().enumerate() {
-        m.cni_node(n, i as u8 + 1);
-        m.start_cni_agent(n, AGENT, PLUGIN, &[]);
+        m.cni_node_version(n, i as u8 + 1, version);
+        m.start_cni_agent(n, AGENT, &static_plugin(), &[]);
         m.start_ztunnel(n, &ca);
     }
     m
@@ -280,7 +285,7 @@ async fn restarts_of_ztunnel_and_agent_keep_pods_captured() {
     // its state, and ztunnel keeps serving through the reconnect.
     m.kill_cni_agent("node1");
     assert_eq!(m.whoami("a", "10.244.2.10:9090").unwrap(), "b 10.244.1.10");
-    m.start_cni_agent("node1", AGENT, PLUGIN, &[]);
+    m.start_cni_agent("node1", AGENT, &static_plugin(), &[]);
     eventually("ztunnel reconnected to the new agent", || {
         m.agent_log("node1")
             .matches("ztunnel connected; snapshot sent")
@@ -520,7 +525,7 @@ async fn with_the_agent_down_outside_pods_start_and_ambient_pods_wait() {
     assert_eq!(capture_traces(&m, "c"), "");
 
     // The agent is back: it took c in, so labelling c's namespace captures it.
-    m.start_cni_agent("node1", AGENT, PLUGIN, &[]);
+    m.start_cni_agent("node1", AGENT, &static_plugin(), &[]);
     eventually("agent took in c", || {
         m.agent_log("node1")
             .contains("pod started while the agent was away")
@@ -597,4 +602,137 @@ async fn a_mesh_change_reinstalls_only_the_rules_it_changes() {
     assert_eq!(told("app/a"), 1);
     assert_eq!((installs("plain/c"), told("plain/c")), (1, 1));
     assert_eq!(served(&m, "node1"), ["a", "c"]);
+}
+
+/// A node whose conflist speaks CNI 1.1.0 (with reference plugins that do):
+/// the agent installs the static plugin, which chains, answers in 1.1.0 and
+/// captures; the plugin alone converts results to an older version asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_plugin_chains_in_a_cni_1_1_0_conflist() {
+    let mut m = cluster_version("v11", &["node1", "node2"], "1.1.0");
+    let installed = m.cni_net("node1").bin_dir.join("istio-cni");
+    let (_, ldd) = sh_out(&format!("ldd {} 2>&1", installed.display()));
+    assert!(
+        ldd.contains("not a dynamic executable") || ldd.contains("statically linked"),
+        "installed plugin is dynamically linked: {ldd}"
+    );
+    let conflist: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(m.cni_net("node1").conf_dir.join("10-k8s.conflist")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(conflist["cniVersion"], "1.1.0");
+    assert_eq!(
+        conflist["cniVersions"],
+        serde_json::json!(["1.0.0", "1.1.0"])
+    );
+    assert_eq!(conflist["plugins"][1]["type"], "istio-cni");
+    // Ready (plugin and config installed, ZDS up) on Istio's probe port;
+    // metrics under Istio's names on 15014.
+    let node_ns = format!("{}-node1", m.prefix);
+    let (_, ready) = sh_out(&format!(
+        "ip netns exec {node_ns} curl -s -w ' %{{http_code}}' http://127.0.0.1:8000/readyz"
+    ));
+    assert_eq!(ready.trim(), "ready\n 200", "{ready}");
+    let (_, metrics) = sh_out(&format!(
+        "ip netns exec {node_ns} curl -s http://127.0.0.1:15014/metrics"
+    ));
+    for want in [
+        "istio_cni_install_ready 1",
+        "ztunnel_connected 1",
+        "istio_cni_installs_total{result=\"SUCCESS\"} 1",
+    ] {
+        assert!(metrics.contains(want), "{want} missing: {metrics}");
+    }
+
+    let result = m.cni_pod("node1", "a", "app", "a", "10.244.1.10").unwrap();
+    assert_eq!(result["cniVersion"], "1.1.0", "{result}");
+    assert_eq!(result["ips"][0]["address"], "10.244.1.10/24", "{result}");
+    assert!(result["ips"][0].get("version").is_none(), "{result}");
+    m.cni_pod("node2", "b", "app", "b", "10.244.2.10").unwrap();
+    assert!(capture_traces(&m, "a").contains("REDIRECT --to-ports 15001"));
+    eventually("ztunnel serves a", || served(&m, "node1") == ["a"]);
+    m.whoami_server("b", 9090);
+    assert_eq!(m.whoami("a", "10.244.2.10:9090").unwrap(), "b 10.244.1.10");
+    // 1.1.0's verbs: ready, and nothing to collect.
+    for verb in ["STATUS", "GC"] {
+        let conf = r#"{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"istio-cni"}"#;
+        let out = plugin(&m, verb, "", "app/a", conf).unwrap();
+        assert_eq!(out.trim(), "", "{verb}");
+    }
+    m.cni("node1", "DEL", "a", "app", "").unwrap();
+    assert_eq!(capture_traces(&m, "a"), "");
+
+    // Asked in 0.3.1 with a 1.0.0-shaped prevResult: answered in 0.3.1 (an
+    // excluded namespace's pod, so the answer needs no agent).
+    sh(&format!("ip netns add {}-old", m.prefix));
+    let conf = r#"{"cniVersion":"0.3.1","name":"k8s","type":"istio-cni","prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.244.1.30/24"}]}}"#;
+    let netns = format!("/run/netns/{}-old", m.prefix);
+    let out: serde_json::Value =
+        serde_json::from_str(&plugin(&m, "ADD", &netns, "kube-system/old", conf).unwrap()).unwrap();
+    assert_eq!(out["cniVersion"], "0.3.1", "{out}");
+    assert_eq!(out["ips"][0]["version"], "4", "{out}");
+    let e = plugin(
+        &m,
+        "ADD",
+        &netns,
+        "kube-system/old",
+        &conf.replace("0.3.1", "1.2.0"),
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), Some(1), "{e:?}");
+    assert!(e.msg().contains("\"1.2.0\""), "{e:?}");
+}
+
+/// A pod that was running before its node had an agent (no ADD ever
+/// reached us, its conflist did not chain istio-cni yet) is found by its
+/// netns when the agent starts and captured, its process left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_running_before_the_agent_is_captured_when_it_starts() {
+    let mut m = Mesh::new("pre", &workspace_bin("ztunnel"));
+    m.write_config(&yaml(false));
+    let ca = m.dir.join("ca");
+    m.cni_node("node1", 1);
+    m.cni_node("node2", 2);
+    m.start_cni_agent("node2", AGENT, &static_plugin(), &[]);
+    m.start_ztunnel("node2", &ca);
+    m.cni_pod("node2", "b", "app", "b", "10.244.2.10").unwrap();
+    // node1 without an agent: the bridge alone networks a.
+    m.cni_pod("node1", "a", "app", "a", "10.244.1.10").unwrap();
+    assert_eq!(capture_traces(&m, "a"), "");
+    // The pod's own process (Mesh's drop kills what runs in its netns).
+    let mut app = std::process::Command::new("ip")
+        .args(["netns", "exec", &m.pod_ns("a"), "sleep", "600"])
+        .spawn()
+        .unwrap();
+    let a_ns = m.pod_ns("a");
+    let pids = || sh_out(&format!("ip netns pids {a_ns}")).1;
+    eventually("a's process runs", || !pids().trim().is_empty());
+    let before = pids();
+    // The node's /proc as the agent reads it: this node's processes only
+    // (the machine's holds other tests' pods with the same addresses).
+    let proc_dir = m.dir.join("node1/proc").join(app.id().to_string());
+    std::fs::create_dir_all(proc_dir.join("ns")).unwrap();
+    std::os::unix::fs::symlink(
+        format!("/proc/{}/ns/net", app.id()),
+        proc_dir.join("ns/net"),
+    )
+    .unwrap();
+
+    m.start_cni_agent("node1", AGENT, &static_plugin(), &[]);
+    m.start_ztunnel("node1", &ca);
+    assert!(
+        m.agent_log("node1")
+            .contains("pod running before the agent; taking it in"),
+        "{}",
+        m.agent_log("node1")
+    );
+    let traces = capture_traces(&m, "a");
+    assert!(traces.contains("REDIRECT --to-ports 15001"), "{traces}");
+    eventually("ztunnel serves a", || served(&m, "node1") == ["a"]);
+    m.whoami_server("b", 9090);
+    assert_eq!(m.whoami("a", "10.244.2.10:9090").unwrap(), "b 10.244.1.10");
+    assert_eq!(pids(), before, "a's process was restarted");
+    assert!(app.try_wait().unwrap().is_none(), "a's process exited");
+    let _ = app.kill();
+    let _ = app.wait();
 }

@@ -4,7 +4,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use istio_cni::install::{insert, install_binary, primary_conf, uninstall};
+use istio_cni::install::{
+    insert, insert_into, install_binary, is_dynamic, primary_conf, uninstall, ConfTarget,
+};
 use serde_json::{json, Value};
 
 /// A scratch dir, removed when the test ends.
@@ -156,4 +158,43 @@ fn binary_copy_is_atomic_and_skipped_when_identical() {
         1,
         "no temporary files left"
     );
+}
+
+/// Istio's `CNI_CONF_NAME`: that file, not the first by name; one that does
+/// not exist yet is an error naming the variable, and nothing is written.
+#[test]
+fn a_named_config_is_chained_instead_of_the_first() {
+    let d = tmp("named");
+    std::fs::write(d.join("05-first.conflist"), CALICO).unwrap();
+    std::fs::write(d.join("10-named.conflist"), CALICO).unwrap();
+    let target = |name: &str| ConfTarget {
+        dir: d.to_path_buf(),
+        name: Some(name.into()),
+    };
+    let (p, changed) = insert_into(&target("10-named.conflist"), &entry()).unwrap();
+    assert_eq!((p, changed), (d.join("10-named.conflist"), true));
+    let named = std::fs::read_to_string(d.join("10-named.conflist")).unwrap();
+    assert!(named.contains("\"istio-cni\""), "{named}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("05-first.conflist")).unwrap(),
+        CALICO
+    );
+    let e = insert_into(&target("20-missing.conflist"), &entry()).unwrap_err();
+    assert!(
+        e.to_string().contains("CNI_CONF_NAME") && e.to_string().contains("20-missing"),
+        "{e}"
+    );
+    assert!(!d.join("20-missing.conflist").exists());
+}
+
+/// The plugin the agent installs is checked for a dynamic loader: the musl
+/// build has none, a glibc build (this test itself) has one.
+#[test]
+fn static_and_dynamic_plugins_are_told_apart() {
+    assert!(!is_dynamic(std::path::Path::new(&testbed::static_plugin())).unwrap());
+    assert!(is_dynamic(&std::env::current_exe().unwrap()).unwrap());
+    let d = tmp("elf");
+    std::fs::write(d.join("script"), "#!/bin/sh\n").unwrap();
+    let e = is_dynamic(&d.join("script")).unwrap_err();
+    assert!(e.to_string().contains("not a 64-bit"), "{e}");
 }

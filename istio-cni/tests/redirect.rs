@@ -1,9 +1,12 @@
 //! The in-pod rules on a real network namespace (root): install is
-//! idempotent, removal leaves the namespace exactly as it was.
+//! idempotent, removal leaves the namespace exactly as it was. And the
+//! node's probe SNAT rule, written with the iptables backend the node's
+//! existing rules use.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+use istio_cni::host::{Backend, Host};
 use istio_cni::redirect::{install, remove, Options};
 
 struct Netns(String);
@@ -110,4 +113,41 @@ fn missing_netns_is_an_error_for_install_and_nothing_for_remove() {
     let err = install(&gone, Options::default()).unwrap_err();
     assert!(err.to_string().contains("cni-never-existed"), "{err}");
     remove(&gone).unwrap();
+}
+
+fn snat_rules(save: &str) -> usize {
+    save.lines()
+        .filter(|l| l.contains("istio-inpod-probes-v4") && l.contains("SNAT"))
+        .count()
+}
+
+#[test]
+fn a_node_with_only_legacy_rules_gets_legacy_rules() {
+    let ns = Netns::new("legacy");
+    // What a legacy kube-proxy leaves: rules in the legacy tables only.
+    ns.sh("iptables-legacy -w -t nat -N KUBE-SERVICES && iptables-legacy -w -t nat -A PREROUTING -j KUBE-SERVICES");
+    assert!(!ns.sh("iptables-nft-save").contains("-A "));
+    let host = Host::detect(Some(ns.path())).unwrap();
+    assert_eq!(host.backend(), Backend::Legacy);
+    host.install().unwrap();
+    host.install().unwrap();
+    assert_eq!(snat_rules(&ns.sh("iptables-legacy-save -t nat")), 1);
+    assert_eq!(snat_rules(&ns.sh("iptables-nft-save")), 0);
+    host.add_pod("10.244.1.10".parse().unwrap()).unwrap();
+    assert_eq!(host.members().unwrap(), ["10.244.1.10"]);
+}
+
+#[test]
+fn a_node_without_rules_gets_nft_rules() {
+    let ns = Netns::new("nft");
+    let host = Host::detect(Some(ns.path())).unwrap();
+    assert_eq!(host.backend(), Backend::Nft);
+    host.install().unwrap();
+    assert_eq!(snat_rules(&ns.sh("iptables-nft-save -t nat")), 1);
+    assert_eq!(snat_rules(&ns.sh("iptables-legacy-save")), 0);
+    // Its own rules (an agent restarted) keep it on nft.
+    assert_eq!(
+        Host::detect(Some(ns.path())).unwrap().backend(),
+        Backend::Nft
+    );
 }

@@ -11,8 +11,39 @@ use serde_json::{json, Value};
 
 use crate::{sh, Mesh, Node, Pod};
 
-/// Where the reference plugins live on Debian.
+/// Where the reference plugins live on Debian (they speak CNI up to 1.0.0).
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// The reference plugins scripts/peers.sh builds from their Go module, which
+/// speak CNI 1.1.0 as well.
+pub fn reference_plugins_1_1() -> PathBuf {
+    let dir = crate::cluster::peers_dir().join("cni-plugins");
+    assert!(
+        dir.join("bridge").exists(),
+        "{} missing: build the CNI reference plugins first with scripts/peers.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// The static (musl) plugin, built beside this test's own profile by
+/// scripts/test.sh; the one the agent must install on nodes.
+pub fn static_plugin() -> String {
+    let exe = std::env::current_exe().unwrap();
+    // <target>/<profile>/deps/<test>
+    let profile = exe.parent().and_then(Path::parent).unwrap();
+    let target = profile.parent().unwrap();
+    let bin = target
+        .join("x86_64-unknown-linux-musl")
+        .join(profile.file_name().unwrap())
+        .join("istio-cni");
+    assert!(
+        bin.exists(),
+        "{} not built: cargo build -p istio-cni --no-default-features --bin istio-cni --target x86_64-unknown-linux-musl (scripts/test.sh does)",
+        bin.display()
+    );
+    bin.display().to_string()
+}
 
 /// A node's CNI directories.
 pub struct CniNet {
@@ -53,6 +84,12 @@ impl Mesh {
     /// to the other nodes' pod subnets 10.244.<n>.0/24, with a bin dir of the
     /// reference plugins and a primary conflist (bridge + host-local).
     pub fn cni_node(&mut self, node: &str, index: u8) {
+        self.cni_node_version(node, index, "1.0.0");
+    }
+
+    /// `cni_node` whose conflist speaks `version`: 1.1.0 lists its
+    /// `cniVersions` too and runs the reference plugins that speak it.
+    pub fn cni_node_version(&mut self, node: &str, index: u8, version: &str) {
         let ns = format!("{}-{}", self.prefix, node);
         let host_if = format!(
             "w{}{}",
@@ -74,8 +111,12 @@ impl Mesh {
         let net = self.cni_net(node);
         std::fs::create_dir_all(&net.conf_dir).unwrap();
         std::fs::create_dir_all(&net.bin_dir).unwrap();
+        let plugins = match version {
+            "1.1.0" => reference_plugins_1_1(),
+            _ => PathBuf::from(REFERENCE_PLUGINS),
+        };
         for p in ["bridge", "host-local", "loopback"] {
-            let src = Path::new(REFERENCE_PLUGINS).join(p);
+            let src = plugins.join(p);
             assert!(
                 src.exists(),
                 "{} missing: apt-get install containernetworking-plugins",
@@ -83,8 +124,8 @@ impl Mesh {
             );
             std::os::unix::fs::symlink(&src, net.bin_dir.join(p)).unwrap();
         }
-        let conflist = json!({
-            "cniVersion": "1.0.0",
+        let mut conflist = json!({
+            "cniVersion": version,
             "name": "k8s-pod-network",
             "plugins": [{
                 "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
@@ -96,6 +137,9 @@ impl Mesh {
                 },
             }],
         });
+        if version == "1.1.0" {
+            conflist["cniVersions"] = json!(["1.0.0", "1.1.0"]);
+        }
         std::fs::write(
             net.conf_dir.join("10-k8s.conflist"),
             serde_json::to_vec_pretty(&conflist).unwrap(),
@@ -142,6 +186,16 @@ impl Mesh {
             .unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns, agent_bin, "--node", node]);
+        // The machine's /proc and /run/netns hold every test's pods (with
+        // the same addresses): each node looks for running pods only in
+        // dirs of its own, empty unless a test puts a pod there.
+        for (flag, sub) in [("--proc-root", "proc"), ("--netns-dir", "netns")] {
+            if !extra.contains(&flag) {
+                let d = self.dir.join(node).join(sub);
+                std::fs::create_dir_all(&d).unwrap();
+                cmd.arg(flag).arg(d);
+            }
+        }
         match &self.kubeconfig {
             Some(k) => cmd.arg("--from-kube").env("KUBECONFIG", k),
             None => cmd.arg("--config").arg(&self.config),

@@ -22,7 +22,7 @@ mod dns;
 pub mod helm;
 mod http;
 pub use cluster::{eventually, Cluster};
-pub use cni::{CniFailure, CniNet};
+pub use cni::{reference_plugins_1_1, static_plugin, CniFailure, CniNet};
 pub use dns::DnsCounts;
 pub use hickory_proto;
 pub use http::Hits;

@@ -8,7 +8,7 @@ use super::plan::{plan, plan_pod, Action};
 use super::records::{Enrolled, Record};
 use super::{blocking, pod_name, Agent, Key};
 use crate::membership::{decide, Membership};
-use crate::{host, redirect};
+use crate::redirect;
 
 /// Where a reconciled pod stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,15 +137,16 @@ impl Agent {
                 "capture rules installed"
             );
         }
-        if address && self.cfg.probe_snat {
+        if let Some(host) = self.host.clone().filter(|_| address) {
             let ip = to.ip;
-            if let Err(e) = blocking(move || host::add_pod(ip)).await {
+            let h = host.clone();
+            if let Err(e) = blocking(move || h.add_pod(ip)).await {
                 tracing::warn!(pod, error = %e, "probe SNAT set not updated");
             }
             // The old address may be another pod's by now: its probes must
             // not be SNATed as if it were ambient.
             if let Some(stale) = old.map(|o| o.ip).filter(|o| *o != ip) {
-                if let Err(e) = blocking(move || host::del_pod(stale)).await {
+                if let Err(e) = blocking(move || host.del_pod(stale)).await {
                     tracing::warn!(pod, error = %e, "probe SNAT set not updated");
                 }
             }
@@ -195,8 +196,8 @@ impl Agent {
         if let Err(e) = blocking(move || redirect::remove(&n)).await {
             tracing::error!(netns = %netns.display(), error = %e, "removing capture rules failed");
         }
-        if self.cfg.probe_snat {
-            if let Err(e) = blocking(move || host::del_pod(ip)).await {
+        if let Some(host) = self.host.clone() {
+            if let Err(e) = blocking(move || host.del_pod(ip)).await {
                 tracing::warn!(error = %e, "probe SNAT set not updated");
             }
         }

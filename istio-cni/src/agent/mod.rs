@@ -15,6 +15,7 @@
 //! stay in while ztunnel or the agent is away (traffic fails rather than
 //! leaving in plaintext); they come out only when the pod leaves the mesh.
 
+mod adopt;
 mod capture;
 mod plan;
 mod records;
@@ -33,7 +34,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use zds::{ZdsConn, ZdsServer};
 
 use crate::api::{Request, Response};
-use crate::host;
+use crate::host::Host;
+use crate::status::Status;
 use records::Record;
 
 #[derive(Clone)]
@@ -49,15 +51,31 @@ pub struct Config {
     pub exclude_namespaces: Vec<String>,
     /// Keep the node's probe SNAT rule and ipset.
     pub probe_snat: bool,
+    /// The node's netns for that rule, when it is not the agent's own.
+    pub host_netns: Option<PathBuf>,
+    /// Where the node's filesystem is mounted ("/" when it is ours): the
+    /// netns paths the plugin sends are the node's, opened under it.
+    pub host_root: PathBuf,
+    /// The node's /proc and the runtime's netns dir (as mounted here),
+    /// where pods running before the agent are found.
+    pub proc_root: PathBuf,
+    pub netns_dir: PathBuf,
     /// In a cluster: annotate captured pods so istiod advertises them as
     /// reachable over HBONE.
     pub annotator: Option<kube_source::PodAnnotator>,
+    /// Readiness and metrics, shared with the installer and the HTTP side.
+    pub status: Arc<Status>,
 }
 
 type Key = (String, String);
 
 fn pod_name(k: &Key) -> String {
     format!("{}/{}", k.0, k.1)
+}
+
+/// A node path as this agent opens it: under `host_root`.
+fn on_node(host_root: &std::path::Path, p: &std::path::Path) -> PathBuf {
+    host_root.join(p.strip_prefix("/").unwrap_or(p))
 }
 
 enum Event {
@@ -73,6 +91,8 @@ struct Agent {
     state: Arc<MeshState>,
     pods: BTreeMap<Key, Record>,
     ztunnel: Option<ZdsConn>,
+    /// Where the probe SNAT set lives (None: not kept).
+    host: Option<Host>,
     /// What `pods.json` holds: rewritten only when the records change (a
     /// mesh change on a busy node would otherwise rewrite it each time).
     persisted: Vec<u8>,
@@ -86,11 +106,19 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     // seen as a change.
     let mut changes = cfg.store.subscribe();
     let state = cfg.store.load();
-    if cfg.probe_snat {
-        blocking(host::install)
+    let host = match cfg.probe_snat {
+        true => {
+            let netns = cfg.host_netns.clone();
+            let host = blocking(move || {
+                let h = Host::detect(netns)?;
+                h.install().map(|()| h)
+            })
             .await
             .context("node probe SNAT rule")?;
-    }
+            Some(host)
+        }
+        false => None,
+    };
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
     let (pods, persisted) = records::load(&cfg.state_dir)?;
@@ -100,6 +128,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         state,
         pods,
         ztunnel: None,
+        host,
         persisted,
     };
     // The answer first: a plugin that cannot reach us meanwhile decides from
@@ -109,6 +138,9 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     // and pods the plugin started while no agent answered are taken in.
     agent.prune().await;
     agent.take_pending();
+    // Ambient pods running without a record (the agent is new on this
+    // node) are found by their netns and captured without a restart.
+    agent.adopt_running().await;
     agent.reconcile_all("reconcile on start failed").await;
     agent.persist();
     tracing::info!(
@@ -125,6 +157,8 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     let _ = std::fs::remove_file(&cfg.plugin_socket);
     let plugin = UnixListener::bind(&cfg.plugin_socket)
         .with_context(|| format!("plugin socket {}", cfg.plugin_socket.display()))?;
+    // Ready from here: ztunnel can connect and the plugin be answered.
+    cfg.status.zds_serving(true);
     let (tx, mut rx) = mpsc::channel(64);
     // The accept loops and the ticker hold nothing to drain: aborted on stop.
     let mut tasks = tokio::task::JoinSet::new();
@@ -167,6 +201,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         }
     }
     tasks.shutdown().await;
+    cfg.status.zds_serving(false);
     let _ = std::fs::remove_file(&cfg.plugin_socket);
     tracing::info!("node agent stopped; captured pods stay captured");
     Ok(())

@@ -147,7 +147,12 @@ impl Agent {
         let mut taken = Vec::new();
         for req in fallback::take_pending(&self.cfg.state_dir) {
             let key = (req.namespace.clone(), req.name.clone());
-            let Some(netns) = req.netns.clone().filter(|n| n.exists()) else {
+            let Some(netns) = req
+                .netns
+                .as_deref()
+                .map(|n| super::on_node(&self.cfg.host_root, n))
+                .filter(|n| n.exists())
+            else {
                 continue;
             };
             if self.pods.contains_key(&key) {

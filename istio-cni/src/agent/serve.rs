@@ -6,7 +6,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use super::capture::Standing;
-use super::{blocking, pod_name, Agent, Event};
+use super::{blocking, on_node, pod_name, Agent, Event};
 use crate::api::{Op, Request, Response};
 use crate::membership::{decide, Membership};
 use crate::redirect;
@@ -55,6 +55,7 @@ impl Agent {
         // A mesh change the event loop has not reached yet decides this pod
         // too: the plugin's answer is never older than the store.
         self.refresh().await;
+        self.cfg.status.plugin_request(req.op);
         match req.op {
             Op::Add => self.add(req).await,
             Op::Check => self.check(&req).await,
@@ -77,7 +78,11 @@ impl Agent {
     /// ambient ones.
     async fn add(&mut self, req: Request) -> Response {
         let key = (req.namespace.clone(), req.name.clone());
-        let Some(netns) = req.netns.clone() else {
+        let Some(netns) = req
+            .netns
+            .as_deref()
+            .map(|n| on_node(&self.cfg.host_root, n))
+        else {
             return refused("ADD without a netns path");
         };
         self.remember(req, netns).await;

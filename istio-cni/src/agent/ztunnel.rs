@@ -43,6 +43,7 @@ impl Agent {
             Err(err) => {
                 tracing::warn!(error = %err, "ztunnel connection lost; it gets the pod in its next snapshot");
                 self.ztunnel = None;
+                self.cfg.status.ztunnel_connected(false);
                 Ok(())
             }
         }
@@ -56,6 +57,7 @@ impl Agent {
             Err(err) => {
                 tracing::warn!(error = %err, "ztunnel connection lost");
                 self.ztunnel = None;
+                self.cfg.status.ztunnel_connected(false);
             }
         }
     }
@@ -95,6 +97,7 @@ impl Agent {
             Ok(()) => {
                 tracing::info!(pods = enrolled.len(), "ztunnel connected; snapshot sent");
                 self.ztunnel = Some(conn);
+                self.cfg.status.ztunnel_connected(true);
             }
             Err(err) => tracing::warn!(error = %err, "ztunnel refused the snapshot"),
         }
