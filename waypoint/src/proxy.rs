@@ -268,6 +268,9 @@ fn refuse_unbound(
         attempts: 0,
         grpc_status: None,
         not_retried: None,
+        downstream: Some(peer),
+        user_agent: None,
+        forwarded_for: None,
     });
 }
 
@@ -443,6 +446,15 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         })
         .unwrap_or_default();
     let method = parts.method.to_string();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (user_agent, forwarded_for) = (header("user-agent"), header("x-forwarded-for"));
+    let peer = s.peer;
     let path = parts
         .uri
         .path_and_query()
@@ -561,6 +573,9 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
                 None
             },
             not_retried: not_retried.map(|n| n.reason()),
+            downstream: Some(peer),
+            user_agent: user_agent.as_deref(),
+            forwarded_for: forwarded_for.as_deref(),
         })
     };
     // An upgraded connection is logged when it closes, with its bytes and

@@ -55,6 +55,10 @@ pub struct Record<'a> {
     pub grpc_status: Option<u32>,
     /// Why a retry the policy asked for was not made.
     pub not_retried: Option<&'static str>,
+    /// The client's address as its ztunnel gave it (the CONNECT's source).
+    pub downstream: Option<std::net::SocketAddr>,
+    pub user_agent: Option<&'a str>,
+    pub forwarded_for: Option<&'a str>,
 }
 
 pub const DURATION_BUCKETS_MS: &[f64] = &[
@@ -254,21 +258,30 @@ pub fn record(r: &Record) {
         metrics::counter!("istio_waypoint_retries_total", "destination_service" => svc)
             .increment(u64::from(r.attempts - 1));
     }
+    // Istio's JSON access-log keys (what log pipelines built for Envoy
+    // waypoints and sidecars index), then ours: the client's principal,
+    // attempts, gRPC status and why a retry was not made.
+    let start = std::time::SystemTime::now()
+        .checked_sub(r.duration)
+        .unwrap_or(std::time::UNIX_EPOCH);
     let line = serde_json::json!({
-        "start_time": humantime_now(),
+        "start_time": humantime::format_rfc3339_millis(start).to_string(),
+        "route_name": r.route,
         "method": r.method,
         "path": r.path,
-        "authority": r.authority,
         "protocol": r.protocol,
         "response_code": r.code,
         "response_flags": r.flags,
-        "duration_ms": r.duration.as_millis() as u64,
         "bytes_received": r.request_bytes,
         "bytes_sent": r.response_bytes,
+        "duration": r.duration.as_millis() as u64,
+        "x_forwarded_for": r.forwarded_for,
+        "user_agent": r.user_agent,
+        "request_id": r.request_id,
+        "authority": r.authority,
         "upstream_host": r.upstream.map(|u| u.to_string()),
-        "x_request_id": r.request_id,
+        "downstream_remote_address": r.downstream.map(|d| d.to_string()),
         "source_principal": r.src_identity.to_string(),
-        "route": r.route,
         "attempts": r.attempts,
         "grpc_status": r.grpc_status,
         "not_retried": r.not_retried,
@@ -302,11 +315,4 @@ pub fn start_access_log_flusher() {
         std::thread::sleep(std::time::Duration::from_millis(100));
         flush_access_log();
     });
-}
-
-fn humantime_now() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
 }

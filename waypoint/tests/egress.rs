@@ -677,7 +677,9 @@ spec:
         log.iter().any(|l| {
             l["authority"] == "gwapi.example.com"
                 && l["upstream_host"] == upstream
-                && l["route"].as_str().is_some_and(|r| r.contains("app/gwapi"))
+                && l["route_name"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("app/gwapi"))
         })
     };
     assert!(took("192.0.2.1:8080"), "{log:?}");

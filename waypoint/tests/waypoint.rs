@@ -220,8 +220,17 @@ spec:
     let log = access_log(m);
     assert_eq!(log.len(), 425);
     assert!(
-        log.iter().all(|l| l["route"] == "HTTPRoute app/split"
-            && l["x_request_id"].as_str().is_some_and(|s| s.len() == 36)),
+        log.iter().all(|l| l["route_name"] == "HTTPRoute app/split"
+            && l["request_id"].as_str().is_some_and(|s| s.len() == 36)
+            && l["user_agent"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("curl/"))
+            && l["downstream_remote_address"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("10.244.1.10:"))
+            && l["start_time"]
+                .as_str()
+                .is_some_and(|s| humantime::parse_rfc3339(s).is_ok())),
         "{:?}",
         log[0]
     );
