@@ -75,20 +75,27 @@ pub fn check(
     for e in exprs {
         let mut in_expr = BTreeSet::new();
         let mut foreign = false;
-        for s in selector.captures_iter(&e) {
-            let metric = &s[1];
+        // The labels of a series the query names, None for others' series.
+        let mut series = |metric: &str| -> Option<&BTreeSet<String>> {
             if not_ours.contains(&metric) {
                 foreign = true;
-                continue;
+                return None;
             }
             let labels = exported.get(metric).unwrap_or_else(|| {
                 panic!("{name}: `{metric}` is not exported by ztunnel or the waypoint (in {e})")
             });
             in_expr.extend(labels.iter().cloned());
+            Some(labels)
+        };
+        for s in selector.captures_iter(&e) {
+            let Some(labels) = series(&s[1]) else {
+                continue;
+            };
             for l in matcher.captures_iter(&s[2]) {
                 assert!(
                     labels.contains(&l[1]) || TARGET_LABELS.contains(&&l[1]),
-                    "{name}: `{metric}` has no label `{}` (in {e})",
+                    "{name}: `{}` has no label `{}` (in {e})",
+                    &s[1],
                     &l[1]
                 );
             }
@@ -97,16 +104,9 @@ pub fn check(
         // Series named without a selector (`sum(istio_requests_total) by
         // (...)`): ours by their prefixes, which must exist too.
         for b in bare.captures_iter(&e) {
-            let metric = &b[1];
-            if not_ours.contains(&metric) {
-                foreign = true;
-                continue;
+            if series(&b[1]).is_some() {
+                checked += 1;
             }
-            let labels = exported.get(metric).unwrap_or_else(|| {
-                panic!("{name}: `{metric}` is not exported by ztunnel or the waypoint (in {e})")
-            });
-            in_expr.extend(labels.iter().cloned());
-            checked += 1;
         }
         for l in listed.captures_iter(&e) {
             let labels = exported
