@@ -106,7 +106,10 @@ fn translate(name: &str, docs: &[String]) -> mesh::MeshState {
 
 /// `<bin> --help` lists every `--flag` the manifest passes.
 fn check_flags(args: &serde_yaml::Value, bin: &str) {
-    let path = root().join("target/debug").join(bin);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let path = target.join("debug").join(bin);
     let help = Command::new(&path)
         .arg("--help")
         .output()
