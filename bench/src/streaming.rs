@@ -58,7 +58,10 @@ fn peer(m: &Mesh, pod: &str, args: &str, port: u16) -> Child {
     let log = std::fs::File::create(m.dir.join(format!("peer-{port}.log"))).unwrap();
     let child = Command::new("sh")
         .arg("-c")
-        .arg(format!("exec ip netns exec {} python3 {PEERS}/{args}", m.pod_ns(pod)))
+        .arg(format!(
+            "exec ip netns exec {} python3 {PEERS}/{args}",
+            m.pod_ns(pod)
+        ))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

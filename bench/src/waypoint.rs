@@ -378,10 +378,8 @@ async fn main() {
         status_mib(&m.pod_ns("envoy"), "envoy", "VmHWM")
     );
     if std::env::var("BENCH_STREAMING").as_deref() != Ok("0") {
-        let cases = streaming::run(&m, |proxy| {
-            let comm = if proxy == "waypoint" { "waypoint" } else { "envoy" };
-            status_mib(&m.pod_ns(proxy), comm, "VmHWM")
-        });
+        // Each proxy's pod and process are named alike.
+        let cases = streaming::run(&m, |proxy| status_mib(&m.pod_ns(proxy), proxy, "VmHWM"));
         streaming::print(&cases);
     }
 }

@@ -37,8 +37,7 @@ async fn resolver() -> Result<&'static TokioResolver, ResolveError> {
             .unwrap_or_else(|e| Err(e.to_string()))
         })
         .await;
-    r.as_ref()
-        .map_err(|e| ResolveError::NoResolver(e.clone()))
+    r.as_ref().map_err(|e| ResolveError::NoResolver(e.clone()))
 }
 
 /// The addresses of `targets` (name, port), in the order the names were

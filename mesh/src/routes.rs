@@ -756,10 +756,9 @@ pub(crate) fn http_route(object: &str, value: serde_yaml::Value) -> Result<HttpR
         let kind = p.kind.as_deref().unwrap_or("Gateway");
         let parent_ns = p.namespace.as_deref().unwrap_or(&ns);
         match (kind, p.group.as_deref()) {
-            ("Service", None | Some("") | Some("core")) => hosts.push(format!(
-                "{}.{parent_ns}.svc.{CLUSTER_DOMAIN}",
-                p.name
-            )),
+            ("Service", None | Some("") | Some("core")) => {
+                hosts.push(format!("{}.{parent_ns}.svc.{CLUSTER_DOMAIN}", p.name))
+            }
             // Bound to the entry at its waypoint, as Istio does: the route
             // is for the entry's hosts.
             ("ServiceEntry", Some(ISTIO_NETWORKING)) => {

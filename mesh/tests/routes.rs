@@ -342,7 +342,11 @@ fn destination_rule_tls_origination_or_a_named_refusal() {
             "credentialName",
             "either credentialName or",
         ),
-        ("{mode: MUTUAL, credentialName: \"\"}", "credentialName", "empty"),
+        (
+            "{mode: MUTUAL, credentialName: \"\"}",
+            "credentialName",
+            "empty",
+        ),
         (
             "{mode: SIMPLE, subjectAltNames: [a.example, \"spiffe://td/ns/a/sa/b\"]}",
             "subjectAltNames[1]",
@@ -403,14 +407,24 @@ spec: {hosts: [api.example.com, api2.example.com], addresses: [240.0.0.1], resol
     let hostname = "{kind: Hostname, group: networking.istio.io, name: API.example.com., port: 80}";
     // (parent, backend, the hosts the route is found under, its backend host)
     let table: [(&str, &str, &[&str], &str); 4] = [
-        (se_parent, hostname, &["api.example.com", "api2.example.com"], "api.example.com"),
+        (
+            se_parent,
+            hostname,
+            &["api.example.com", "api2.example.com"],
+            "api.example.com",
+        ),
         (
             se_parent,
             "{name: a, port: 80}",
             &["api.example.com", "api2.example.com"],
             "a.app.svc.cluster.local",
         ),
-        ("{kind: Service, name: a}", hostname, &["a.app.svc.cluster.local"], "api.example.com"),
+        (
+            "{kind: Service, name: a}",
+            hostname,
+            &["a.app.svc.cluster.local"],
+            "api.example.com",
+        ),
         // A ServiceEntry in another namespace, named with its namespace.
         (
             "{kind: ServiceEntry, group: networking.istio.io, name: api, namespace: other}",
@@ -421,9 +435,17 @@ spec: {hosts: [api.example.com, api2.example.com], addresses: [240.0.0.1], resol
     ];
     for (parent, backend, hosts, to) in table {
         let m = with(&format!("{ENTRY}---\n{}", route(parent, backend))).unwrap();
-        for h in ["api.example.com", "api2.example.com", "a.app.svc.cluster.local"] {
+        for h in [
+            "api.example.com",
+            "api2.example.com",
+            "a.app.svc.cluster.local",
+        ] {
             let found: Vec<_> = m.http_routes.get(h).collect();
-            assert_eq!(found.len(), usize::from(hosts.contains(&h)), "{parent} under {h}");
+            assert_eq!(
+                found.len(),
+                usize::from(hosts.contains(&h)),
+                "{parent} under {h}"
+            );
             if let Some(r) = found.first() {
                 assert_eq!(r.rules[0].backends[0].host, to, "{backend}");
             }
@@ -488,10 +510,17 @@ fn tls_secrets_are_kept_out_of_the_dump() {
     assert_eq!(s.key.as_deref(), Some(&b"PEM-KEY"[..]));
     assert_eq!(s.ca.as_deref(), Some(&b"PEM-CA"[..]));
     let dump = serde_json::to_string(&m).unwrap();
-    assert!(!dump.contains("UEVNLUtFWQ") && !dump.contains("PEM-KEY"), "{dump}");
+    assert!(
+        !dump.contains("UEVNLUtFWQ") && !dump.contains("PEM-KEY"),
+        "{dump}"
+    );
     assert!(!format!("{s:?}").contains("PEM-KEY"));
     for (body, field, what) in [
-        ("type: kubernetes.io/dockerconfigjson", "type", "only kubernetes.io/tls"),
+        (
+            "type: kubernetes.io/dockerconfigjson",
+            "type",
+            "only kubernetes.io/tls",
+        ),
         ("data: {password: eA==}", "data.password", "unknown key"),
         ("data: {tls.crt: \"!!\"}", "data.tls.crt", "not base64"),
     ] {

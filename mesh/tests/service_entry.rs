@@ -207,8 +207,14 @@ spec: {hosts: [bare.example.com, bare2.example.com], addresses: [240.0.0.6], res
     );
     assert!(t(&m, "api.example.com", 81).is_empty());
     // No endpoints: each host is its own name.
-    assert_eq!(t(&m, "bare.example.com", 80), o(&[("bare.example.com", 80)]));
-    assert_eq!(t(&m, "bare2.example.com", 80), o(&[("bare2.example.com", 80)]));
+    assert_eq!(
+        t(&m, "bare.example.com", 80),
+        o(&[("bare.example.com", 80)])
+    );
+    assert_eq!(
+        t(&m, "bare2.example.com", 80),
+        o(&[("bare2.example.com", 80)])
+    );
     // Hostname workloads are found by uid only, never by an address.
     assert!(m.workload_by_ip(ip("0.0.0.0")).is_none());
     assert!(m.addresses_of_host("api.example.com").unwrap() == vec![ip("240.0.0.5")]);

@@ -93,7 +93,10 @@ async fn config(o: &Origination<'_>, h2: bool) -> Result<ClientConfig, OriginTls
         let (path, pem) = match o.secret.and_then(|s| s.ca.clone()) {
             Some(ca) => (secret_part(o, "ca.crt"), ca.to_vec()),
             None => {
-                let path = t.ca_certificates.as_deref().unwrap_or(Path::new(SYSTEM_BUNDLE));
+                let path = t
+                    .ca_certificates
+                    .as_deref()
+                    .unwrap_or(Path::new(SYSTEM_BUNDLE));
                 (path.to_path_buf(), read(path).await?)
             }
         };
@@ -115,7 +118,9 @@ async fn config(o: &Origination<'_>, h2: bool) -> Result<ClientConfig, OriginTls
             let names = t
                 .subject_alt_names
                 .iter()
-                .map(|n| ServerName::try_from(n.clone()).map_err(|_| OriginTlsError::Name(n.clone())))
+                .map(|n| {
+                    ServerName::try_from(n.clone()).map_err(|_| OriginTlsError::Name(n.clone()))
+                })
                 .collect::<Result<_, _>>()?;
             builder
                 .dangerous()

@@ -365,14 +365,18 @@ pub fn resolve(
     // A Secret that is not there fails the request, never sends it with
     // other credentials (or none).
     let secret = match policy.tls.as_ref().and_then(|t| t.credential.as_ref()) {
-        Some((ns, name)) => Some(state.secrets.get(&(ns.clone(), name.clone())).cloned().ok_or_else(
-            || {
-                ProxyError::Unresolved(format!(
-                    "credentialName {ns}/{name}: no such Secret (Secrets are read from the \
+        Some((ns, name)) => Some(
+            state
+                .secrets
+                .get(&(ns.clone(), name.clone()))
+                .cloned()
+                .ok_or_else(|| {
+                    ProxyError::Unresolved(format!(
+                        "credentialName {ns}/{name}: no such Secret (Secrets are read from the \
                      standalone file only)"
-                ))
-            },
-        )?),
+                    ))
+                })?,
+        ),
         None => None,
     };
     Ok(Target {

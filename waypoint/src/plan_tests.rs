@@ -319,7 +319,11 @@ fn dns_entries_forward_to_names_resolved_when_sending() {
             "ext.example.com",
             names(&[("a.origin.test", 8080), ("b.origin.test", 9090)]),
         ),
-        ("240.0.0.2:80", "bare.example.com", names(&[("bare.example.com", 80)])),
+        (
+            "240.0.0.2:80",
+            "bare.example.com",
+            names(&[("bare.example.com", 80)]),
+        ),
     ] {
         let (got, _, dns) = run(target, "/x", (99.0, 0));
         assert_eq!(got, fwd(host, false, 0, "/x", false), "{target}");

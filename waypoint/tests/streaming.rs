@@ -284,7 +284,10 @@ spec:
         ),
     );
     assert_eq!(out, format!("300000 {slow_sum}\n 200"));
-    assert!(started.elapsed() > Duration::from_secs(2), "the upload was not slow");
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "the upload was not slow"
+    );
     let shadow = || run_in(&m, "backend", "curl -s http://127.0.0.1:8081/seen");
     eventually(
         "the mirror gets the small body whole",

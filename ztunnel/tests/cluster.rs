@@ -431,8 +431,15 @@ async fn istiod_dns_service_entry_is_resolved_and_routed_by_ztunnel() {
     c.start_istiod().await;
     c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n").await;
     let labels = BTreeMap::from([("app".to_string(), "client".to_string())]);
-    c.pod("demo", "client", "client", "node1", Some("10.244.1.10"), &labels)
-        .await;
+    c.pod(
+        "demo",
+        "client",
+        "client",
+        "node1",
+        Some("10.244.1.10"),
+        &labels,
+    )
+    .await;
     c.mark_captured("demo", "client").await;
     c.apply(
         "apiVersion: networking.istio.io/v1
@@ -478,10 +485,11 @@ spec:
     let log = plain(&m.log("node1"));
     assert!(!log.contains("xDS NACK"), "{log}");
     assert!(
-        m.metrics("node1").lines().any(|l| l
-            .starts_with("istio_tcp_connections_closed_total")
-            && l.contains("destination_service=\"outside.test\"")
-            && l.contains("response_flags=\"-\"")),
+        m.metrics("node1")
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total")
+                && l.contains("destination_service=\"outside.test\"")
+                && l.contains("response_flags=\"-\"")),
         "{}",
         m.metrics("node1")
     );

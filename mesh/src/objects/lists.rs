@@ -112,7 +112,9 @@ impl Objects {
                 let keys = |r: &crate::routes::HttpRoute| {
                     let mut hosts = r.hosts.clone();
                     for (ns, name) in &r.entry_parents {
-                        let se = entries.iter().find(|s| &s.namespace == ns && &s.name == name);
+                        let se = entries
+                            .iter()
+                            .find(|s| &s.namespace == ns && &s.name == name);
                         hosts.extend(se.into_iter().flat_map(|s| s.hosts.iter().cloned()));
                     }
                     hosts

@@ -351,8 +351,16 @@ fn hostname_workloads_are_endpoints_found_by_uid_only() {
         w.status = wl::WorkloadStatus::Healthy as i32;
         w
     };
-    put(&mut r, "h1", wl::address::Type::Workload(hostname_workload("A.origin.example.")));
-    put(&mut r, "h2", wl::address::Type::Workload(hostname_workload("b.origin.example")));
+    put(
+        &mut r,
+        "h1",
+        wl::address::Type::Workload(hostname_workload("A.origin.example.")),
+    );
+    put(
+        &mut r,
+        "h2",
+        wl::address::Type::Workload(hostname_workload("b.origin.example")),
+    );
     put(
         &mut r,
         "svc",
@@ -393,15 +401,24 @@ fn hostname_workloads_are_endpoints_found_by_uid_only() {
     assert_eq!(st.workloads.len(), 2);
 
     // Neither an address nor a hostname; a hostname that is no DNS name.
-    for (host, what) in [("", "neither an address nor a hostname"), ("a..b", "is not a DNS name")] {
+    for (host, what) in [
+        ("", "neither an address nor a hostname"),
+        ("a..b", "is not a DNS name"),
+    ] {
         let mut bad = hostname_workload("x");
         bad.hostname = host.into();
         let body = wl::Address {
             r#type: Some(wl::address::Type::Workload(bad)),
         }
         .encode_to_vec();
-        let e = r.upsert(ADDRESS_TYPE, "h1", "v2", &body).unwrap_err().to_string();
-        assert!(e.starts_with("h1: workload egress/api") && e.contains(what), "{e}");
+        let e = r
+            .upsert(ADDRESS_TYPE, "h1", "v2", &body)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("h1: workload egress/api") && e.contains(what),
+            "{e}"
+        );
     }
     assert_eq!(r.versions(ADDRESS_TYPE)["h1"], "v1");
 
