@@ -1,7 +1,9 @@
 //! The waypoint against Envoy as an L7 proxy, same route (one backend),
 //! retries (2 on 5xx) and metrics on, 2 worker threads each, same load: wrk
 //! (HTTP/1.1) and h2load (HTTP/2), bounded duration. Also the same load
-//! through ztunnel alone (no L7), for scale. Prints a table.
+//! through ztunnel alone (no L7), for scale. Prints a table. Then the
+//! streaming cases (`streaming`: a large upload, a gRPC stream) through
+//! both proxies with their peak RSS; BENCH_STREAMING=0 skips them.
 //!
 //! Paths (client and backend are ambient pods on two nodes):
 //!   waypoint: client → ztunnel ⇒HBONE⇒ waypoint ⇒HBONE⇒ ztunnel → backend
@@ -10,6 +12,7 @@
 //! The waypoint path does two mTLS hops the Envoy path does not.
 
 mod soak;
+mod streaming;
 
 use std::process::Command;
 
@@ -119,11 +122,48 @@ static_resources:
             - name: web
               domains: ["*"]
               routes: [{match: {prefix: /}, route: {cluster: backend, retry_policy: {retry_on: 5xx, num_retries: 2}}}]
+  # The streaming cases: an upload sink (HTTP/1.1) and a gRPC peer
+  # (HTTP/2); no retries, as the waypoint has no route with retries for
+  # them, and no route timeout.
+  - address: {socket_address: {address: 0.0.0.0, port_value: 8081}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: upload
+          codec_type: AUTO
+          http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+          route_config:
+            virtual_hosts: [{name: upload, domains: ["*"], routes: [{match: {prefix: /}, route: {cluster: upload, timeout: 0s}}]}]
+  - address: {socket_address: {address: 0.0.0.0, port_value: 9090}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: grpc
+          codec_type: AUTO
+          http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+          route_config:
+            virtual_hosts: [{name: grpc, domains: ["*"], routes: [{match: {prefix: /}, route: {cluster: grpc, timeout: 0s}}]}]
   clusters:
   - name: backend
     type: STATIC
     connect_timeout: 1s
     load_assignment: {cluster_name: backend, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 10.244.2.11, port_value: 8080}}}}]}]}
+  - name: upload
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {cluster_name: upload, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 10.244.2.11, port_value: 8081}}}}]}]}
+  - name: grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment: {cluster_name: grpc, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 10.244.2.11, port_value: 9090}}}}]}]}
 "#;
 
 struct Row {
@@ -230,7 +270,7 @@ async fn main() {
     m.pod("backend", "app", "backend", "10.244.2.11", "node2", true);
     m.pod("waypoint", "app", "waypoint", "10.244.2.20", "node2", false);
     m.pod("envoy", "app", "envoy", "10.244.2.30", "node2", false);
-    m.write_config(YAML);
+    m.write_config(&format!("{YAML}{}", streaming::YAML));
     let ca = m.dir.join("ca");
     m.start_node("node1", &ca).await;
     m.start_node("node2", &ca).await;
@@ -337,4 +377,9 @@ async fn main() {
         status_mib(&m.pod_ns("waypoint"), "waypoint", "VmHWM"),
         status_mib(&m.pod_ns("envoy"), "envoy", "VmHWM")
     );
+    if std::env::var("BENCH_STREAMING").as_deref() != Ok("0") {
+        // Each proxy's pod and process are named alike.
+        let cases = streaming::run(&m, |proxy| status_mib(&m.pod_ns(proxy), proxy, "VmHWM"));
+        streaming::print(&cases);
+    }
 }

@@ -364,3 +364,89 @@ spec:
         .unwrap_or_else(|| panic!("revocation not counted:\n{metrics}"));
     assert!(revoked >= 1, "{metrics}");
 }
+
+/// A DNS ServiceEntry applied through the Kubernetes API, bound to no
+/// waypoint: istiod sends its endpoint as a workload carrying a hostname
+/// instead of an address, ztunnel takes it (no NACK) and routes the entry's
+/// VIP at L4 to what it resolves the host to itself (a test resolver beside
+/// the node), shown in its dump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiod_dns_service_entry_is_resolved_and_routed_by_ztunnel() {
+    let mut m = Mesh::new("cdn", ZT);
+    m.pod("client", "demo", "client", "10.244.1.10", "node1", true);
+    // Outside the mesh and the cluster: the origin (also the test
+    // resolver's `outside.test`, 192.0.2.1) and the resolver.
+    m.pod("origin", "ext", "none", "10.244.3.5", "node1", false);
+    m.pod("resolver", "ext", "none", "10.244.3.53", "node1", false);
+    sh(&format!(
+        "ip -n {o} addr add 192.0.2.1/32 dev eth0 && ip -n {c} route add 192.0.2.0/30 via 10.244.3.5",
+        o = m.pod_ns("origin"),
+        c = m.pod_ns("client")
+    ));
+    let c = Cluster::start(&m).await;
+    c.start_istiod().await;
+    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n").await;
+    let labels = BTreeMap::from([("app".to_string(), "client".to_string())]);
+    c.pod(
+        "demo",
+        "client",
+        "client",
+        "node1",
+        Some("10.244.1.10"),
+        &labels,
+    )
+    .await;
+    c.mark_captured("demo", "client").await;
+    c.apply(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: outside, namespace: demo}
+spec:
+  hosts: [outside.test]
+  addresses: [240.240.0.12]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 7000, name: tcp, protocol: TCP, targetPort: 9000}]
+",
+    )
+    .await;
+    c.attach_node(&mut m, "node1", "10.244.250.1").await;
+    // ztunnel's own resolver (`ip netns exec` shows it this file).
+    m.resolv_conf("node1", "nameserver 10.244.3.53\n");
+    let counts = m.dns_server("resolver");
+    m.echo_server("origin", 9000);
+    let dir = m.dir.clone();
+    m.start_node("node1", &dir).await;
+
+    eventually(
+        "the client reaches the DNS entry's endpoint through ztunnel",
+        Duration::from_secs(40),
+        || {
+            m.connect("client", "240.240.0.12:7000").is_ok_and(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                exchange(&mut s, b"probe").is_ok()
+            })
+        },
+    )
+    .await;
+    assert!(counts.udp.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    let dump = m.config_dump("node1");
+    let workloads = dump["workloads"].as_array().unwrap();
+    assert!(
+        workloads
+            .iter()
+            .any(|w| w["hostname"] == "outside.test" && w["workloadIps"] == serde_json::json!([])),
+        "{workloads:?}"
+    );
+    let log = plain(&m.log("node1"));
+    assert!(!log.contains("xDS NACK"), "{log}");
+    assert!(
+        m.metrics("node1")
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total")
+                && l.contains("destination_service=\"outside.test\"")
+                && l.contains("response_flags=\"-\"")),
+        "{}",
+        m.metrics("node1")
+    );
+}
