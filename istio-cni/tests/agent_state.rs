@@ -133,6 +133,16 @@ impl Node {
 }
 
 async fn cni_plugin(dir: &Path, cmd: &str, pod: &str) -> Result<Option<String>, CniError> {
+    cni_plugin_with(dir, cmd, pod, &["10.244.1.50/24"]).await
+}
+
+/// `cni_plugin` with the primary plugin's result giving the pod `ips`.
+async fn cni_plugin_with(
+    dir: &Path,
+    cmd: &str,
+    pod: &str,
+    ips: &[&str],
+) -> Result<Option<String>, CniError> {
     let (ns, name) = pod.split_once('/').unwrap();
     // The "netns": only its existence is looked at for pods outside the mesh.
     let netns = dir.join(format!("netns-{name}"));
@@ -154,7 +164,7 @@ async fn cni_plugin(dir: &Path, cmd: &str, pod: &str) -> Result<Option<String>, 
         "cniVersion": "1.0.0", "name": "k8s", "type": "istio-cni",
         "agent_socket": dir.join("plugin.sock"),
         "agent_state_dir": dir.join("state"),
-        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.50/24"}]},
+        "prevResult": {"cniVersion": "1.0.0", "ips": ips.iter().map(|a| json!({"address": a})).collect::<Vec<_>>()},
     });
     tokio::task::spawn_blocking(move || {
         let env = Env::from_vars(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))?;
@@ -209,6 +219,28 @@ async fn membership_answer_is_rewritten_only_when_its_labels_change() {
     n.stop().await;
     let n = start(&dir, store).await;
     assert_eq!(n.answer(), (ino2, text2));
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Only IPv4 is captured: an ambient pod with an IPv6 address fails its
+/// ADD (its IPv6 traffic would bypass ztunnel); a pod outside the mesh with
+/// one starts as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambient_pod_with_an_ipv6_address_is_refused() {
+    let dir = tmp("ipv6");
+    let n = start(&dir, MeshStore::new(state(&base()), "test")).await;
+    let dual = ["10.244.1.10/24", "fd00:10:244:1::10/64"];
+    let e = cni_plugin_with(&dir, "ADD", "app/a", &dual)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, code::ENROL_FAILED, "{e}");
+    assert!(e.details.contains("IPv6 address fd00:10:244:1::10"), "{e}");
+    let out = cni_plugin_with(&dir, "ADD", "plain/p", &dual)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.contains("fd00:10:244:1::10/64"), "{out}");
     n.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

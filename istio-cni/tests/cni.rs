@@ -712,13 +712,41 @@ async fn a_pod_running_before_the_agent_is_captured_when_it_starts() {
     // (the machine's holds other tests' pods with the same addresses).
     let proc_dir = m.dir.join("node1/proc").join(app.id().to_string());
     std::fs::create_dir_all(proc_dir.join("ns")).unwrap();
-    std::os::unix::fs::symlink(
-        format!("/proc/{}/ns/net", app.id()),
-        proc_dir.join("ns/net"),
-    )
-    .unwrap();
+    for ns in ["net", "user"] {
+        std::os::unix::fs::symlink(
+            format!("/proc/{}/ns/{ns}", app.id()),
+            proc_dir.join("ns").join(ns),
+        )
+        .unwrap();
+    }
+
+    // A process in a user namespace of its own gives a netns of its own
+    // a's address: not a pod's (runtimes make pods' netns in the node's
+    // user namespace), so it is not a second candidate and a is taken in.
+    let marker = m.dir.join("impostor-ready");
+    let mut impostor = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "sh", "-c"])
+        .arg(format!(
+            "ip link set lo up && ip addr add 10.244.1.10/32 dev lo && touch {} && exec sleep 600",
+            marker.display()
+        ))
+        .spawn()
+        .unwrap();
+    eventually("the impostor netns holds a's address", || marker.exists());
+    let fake = m
+        .dir
+        .join("node1/proc")
+        .join(impostor.id().to_string())
+        .join("ns");
+    std::fs::create_dir_all(&fake).unwrap();
+    for ns in ["net", "user"] {
+        std::os::unix::fs::symlink(format!("/proc/{}/ns/{ns}", impostor.id()), fake.join(ns))
+            .unwrap();
+    }
 
     m.start_cni_agent("node1", AGENT, &static_plugin(), &[]);
+    let _ = impostor.kill();
+    let _ = impostor.wait();
     m.start_ztunnel("node1", &ca);
     assert!(
         m.agent_log("node1")

@@ -18,11 +18,13 @@ pub enum ResolveError {
     Lookup { name: String, reason: String },
 }
 
-static RESOLVER: OnceCell<Result<TokioResolver, String>> = OnceCell::const_new();
+/// Built on first use; a failure is not kept, so a `resolv.conf` that was
+/// unreadable once is read again on the next connection.
+static RESOLVER: OnceCell<TokioResolver> = OnceCell::const_new();
 
 async fn resolver() -> Result<&'static TokioResolver, ResolveError> {
-    let r = RESOLVER
-        .get_or_init(|| async {
+    RESOLVER
+        .get_or_try_init(|| async {
             // Reading the system configuration is file I/O: off the
             // runtime's threads.
             tokio::task::spawn_blocking(|| {
@@ -36,8 +38,8 @@ async fn resolver() -> Result<&'static TokioResolver, ResolveError> {
             .await
             .unwrap_or_else(|e| Err(e.to_string()))
         })
-        .await;
-    r.as_ref().map_err(|e| ResolveError::NoResolver(e.clone()))
+        .await
+        .map_err(ResolveError::NoResolver)
 }
 
 /// The addresses of `targets` (name, port), in the order the names were

@@ -33,10 +33,22 @@ impl std::fmt::Debug for TlsSecret {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Object {
+    #[serde(default)]
+    #[allow(dead_code)] // read by the caller; listed so it is known
+    api_version: serde::de::IgnoredAny,
+    #[serde(default)]
+    #[allow(dead_code)]
+    kind: serde::de::IgnoredAny,
+    #[serde(default)]
+    #[allow(dead_code)]
+    metadata: serde::de::IgnoredAny,
+    #[serde(default)]
+    #[allow(dead_code)]
+    immutable: serde::de::IgnoredAny,
     #[serde(rename = "type", default)]
-    kind: Option<String>,
+    secret_type: Option<String>,
     #[serde(default)]
     data: BTreeMap<String, String>,
     #[serde(default)]
@@ -44,8 +56,16 @@ struct Object {
 }
 
 pub(crate) fn parse(object: &str, value: serde_yaml::Value) -> Result<TlsSecret, ConfigError> {
-    let o: Object = typed(object, value)?;
-    match o.kind.as_deref() {
+    // serde's message may quote the value it could not read: for a Secret
+    // that is key material, so only the field is named.
+    let o: Object = typed(object, value).map_err(|e| {
+        err(
+            object,
+            e.field,
+            "not a Secret's shape (type, data, stringData; values not shown)",
+        )
+    })?;
+    match o.secret_type.as_deref() {
         None | Some("kubernetes.io/tls") | Some("Opaque") => {}
         Some(other) => {
             return Err(err(
@@ -77,6 +97,13 @@ pub(crate) fn parse(object: &str, value: serde_yaml::Value) -> Result<TlsSecret,
     for (k, v) in &o.string_data {
         known(format!("stringData.{k}"), k)?;
         parts.insert(k, v.as_bytes().into());
+    }
+    if parts.is_empty() {
+        return Err(err(
+            object,
+            "data",
+            "empty: a TLS Secret holds tls.crt, tls.key and/or ca.crt",
+        ));
     }
     Ok(TlsSecret {
         cert_chain: parts.remove("tls.crt"),

@@ -523,9 +523,20 @@ fn tls_secrets_are_kept_out_of_the_dump() {
         ),
         ("data: {password: eA==}", "data.password", "unknown key"),
         ("data: {tls.crt: \"!!\"}", "data.tls.crt", "not base64"),
+        // A misspelt field would otherwise leave an empty Secret behind.
+        (
+            "stringdata: {ca.crt: PEM-CA}",
+            "stringdata",
+            "not a Secret's shape",
+        ),
+        ("data: {}", "data", "empty"),
     ] {
         let e = secret(body).unwrap_err();
         assert_eq!(e.field, field, "{body}: {e}");
         assert!(e.to_string().contains(what), "{body}: {e}");
     }
+    // A value where a map belongs is not quoted back (it may be a key).
+    let e = secret("data: \"-----BEGIN PRIVATE KEY----- SECRETBYTES\"").unwrap_err();
+    assert_eq!(e.field, "data", "{e}");
+    assert!(!e.to_string().contains("SECRETBYTES"), "{e}");
 }

@@ -53,14 +53,18 @@ pub fn source(
         }
     }
     let workload = name.or(pod)?;
+    // Distinct per described workload: telemetry caches label sets by uid.
+    let uid = format!(
+        "baggage/{}/{}/{workload}",
+        cluster.unwrap_or(""),
+        id.namespace
+    );
+    if !admit_described(&uid) {
+        return None;
+    }
     let s = |v: &str| -> Str { Arc::from(v) };
     Some(Arc::new(Workload {
-        // Distinct per described workload: telemetry caches label sets by uid.
-        uid: format!(
-            "baggage/{}/{}/{workload}",
-            cluster.unwrap_or(""),
-            id.namespace
-        ),
+        uid,
         name: pod.unwrap_or(workload).to_string(),
         workload_name: s(workload),
         workload_kind: kind,
@@ -80,6 +84,26 @@ pub fn source(
         canonical_revision: s(version.unwrap_or("latest")),
         authorization_policies: Vec::new(),
     }))
+}
+
+/// Baggage is the client's to write: each new name it gives is a label set
+/// the waypoint keeps and exports for ever. Past this many, a newly described
+/// workload is reported as unknown, so a peer inventing names cannot grow
+/// the waypoint's memory or its metrics without bound.
+const MAX_DESCRIBED: usize = 4096;
+
+fn admit_described(uid: &str) -> bool {
+    static SEEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut seen = SEEN.lock().unwrap();
+    if seen.contains(uid) {
+        return true;
+    }
+    if seen.len() >= MAX_DESCRIBED {
+        return false;
+    }
+    seen.insert(uid.to_string());
+    true
 }
 
 /// `k8s.*.name` keys that do not name the workload.

@@ -345,15 +345,25 @@ pub fn resolve(
         .into_iter()
         .filter(|(w, _)| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
         .partition(|(w, _)| w.hostname.is_some());
+    // One that speaks HBONE is left out rather than sent plain TCP (the
+    // waypoint resolves names only for plain-TCP endpoints).
+    let (dns, hbone_named): (Vec<_>, Vec<_>) = dns
+        .into_iter()
+        .partition(|(w, _)| w.protocol != mesh::TunnelProtocol::Hbone);
     let dns: Vec<_> = dns
         .into_iter()
         .filter_map(|(w, p)| Some((w.hostname.as_deref()?.to_string(), p)))
         .collect();
     if eps.is_empty() && dns.is_empty() {
-        return Err(ProxyError::NoHealthy(format!(
-            "{} has no endpoint for port {port}",
-            backend.host
-        )));
+        let why = if hbone_named.is_empty() {
+            format!("{} has no endpoint for port {port}", backend.host)
+        } else {
+            format!(
+                "{} has only HBONE endpoints named by hostname for port {port}, which the waypoint does not reach (never as plain TCP)",
+                backend.host
+            )
+        };
+        return Err(ProxyError::NoHealthy(why));
     }
     // The backend port's declared protocol decides HTTP/2 upstream, as in Istio.
     let h2 = bsvc

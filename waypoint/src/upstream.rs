@@ -24,6 +24,10 @@ pub type Body = BoxBody<Bytes, BoxError>;
 use crate::error::ProxyError;
 use crate::origin_tls::Origination;
 
+/// How long reaching an endpoint may take (TCP, and TLS when originated):
+/// Envoy's default cluster `connectTimeout`, which Istio keeps.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Pooled connections are per endpoint, protocol and, for originated TLS,
 /// the settings and server name (a connection made under other settings is
 /// not reused).
@@ -128,18 +132,28 @@ impl Upstreams {
         h2: bool,
     ) -> Result<(TokioIo<Conn>, Option<hbone::StreamGuard>), ProxyError> {
         if ep.protocol == mesh::TunnelProtocol::None {
-            let tcp = tokio::net::TcpStream::connect(dst)
-                .await
-                .map_err(|e| ProxyError::Connect(format!("{dst}: {e}")))?;
-            let _ = tcp.set_nodelay(true);
-            let io: Conn = match tls {
-                Some(o) => Box::new(
-                    crate::origin_tls::connect(o, h2, tcp)
-                        .await
-                        .map_err(|e| ProxyError::Connect(e.to_string()))?,
-                ),
-                None => Box::new(tcp),
+            let connect = async {
+                let tcp = tokio::net::TcpStream::connect(dst)
+                    .await
+                    .map_err(|e| ProxyError::Connect(format!("{dst}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                let io: Conn = match tls {
+                    Some(o) => Box::new(
+                        crate::origin_tls::connect(o, h2, tcp)
+                            .await
+                            .map_err(|e| ProxyError::Connect(e.to_string()))?,
+                    ),
+                    None => Box::new(tcp),
+                };
+                Ok(io)
             };
+            // Bounded on its own: the route timeout starts only once the
+            // request body is read, which waits for this connection.
+            let io = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                .await
+                .map_err(|_| {
+                    ProxyError::Connect(format!("{dst}: no connection within {CONNECT_TIMEOUT:?}"))
+                })??;
             return Ok((TokioIo::new(io), None));
         }
         let cert = self
@@ -153,7 +167,11 @@ impl Upstreams {
             dst_identity: ep.identity(),
             dst: hbone_addr,
         };
-        let dial = move || async move { tokio::net::TcpStream::connect(hbone_addr).await };
+        let dial = move || async move {
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(hbone_addr))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+        };
         let (send, recv, guard) = self
             .pool
             .connect(

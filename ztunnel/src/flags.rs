@@ -316,7 +316,7 @@ mod tests {
             "--drain-timeout",
             "2s",
             "--worker-threads",
-            "3",
+            "5",
         ]);
         std::env::remove_var("ISTIO_META_CLUSTER_ID");
         let plain_cluster = Args::try_parse_from(["ztunnel"]).map(|a| a.cluster_id());
@@ -350,7 +350,7 @@ mod tests {
         assert!(!a.process.log_json());
         assert_eq!(a.process.log_level, "warn");
         assert_eq!(a.process.drain_timeout(), Duration::from_secs(2));
-        assert_eq!(a.worker_threads(), 3);
+        assert_eq!(a.worker_threads(), 5);
 
         assert_eq!(plain_cluster.unwrap(), "c-plain");
         let e = bad.unwrap_err().to_string();

@@ -31,6 +31,9 @@ fn candidates(netns_dir: &Path, proc_root: &Path) -> Vec<PathBuf> {
     .into_iter()
     .flatten()
     .collect();
+    // The agent's own user namespace is the node's (it runs privileged in
+    // it); PID 1's is not always readable, even to root.
+    let node_user = id(Path::new("/proc/self/ns/user"));
     let mut found: BTreeMap<(u64, u64), PathBuf> = BTreeMap::new();
     let named = std::fs::read_dir(netns_dir)
         .into_iter()
@@ -46,6 +49,10 @@ fn candidates(netns_dir: &Path, proc_root: &Path) -> Vec<PathBuf> {
                 .to_str()
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         })
+        // A process in a user namespace of its own can make a netns and
+        // give it any address, a pod's among them: only netns of the
+        // node's user namespace (what runtimes make for pods) are pods'.
+        .filter(|e| id(&e.path().join("ns/user")) == node_user)
         .map(|e| e.path().join("ns/net"));
     for path in named.chain(procs) {
         if let Some(key) = id(&path).filter(|k| !skip.contains(k)) {
@@ -115,18 +122,28 @@ impl Agent {
         })
         .await
         .expect("infallible");
-        let mut taken = Vec::new();
+        // Every netns holding each wanted address: a pod is taken in only
+        // when exactly one does. Two mean one is not the pod's, and handing
+        // the wrong one to ztunnel would serve it under the pod's identity
+        // (and leave the pod itself uncaptured), so neither is taken.
+        let mut holders: BTreeMap<Key, Vec<(PathBuf, IpAddr)>> = BTreeMap::new();
         for (path, ips) in netns {
-            let Some((ip, key)) = ips
+            if let Some((ip, key)) = ips
                 .iter()
                 .find_map(|ip| Some((*ip, wanted.get(ip)?.clone())))
-            else {
-                continue;
-            };
-            if self.pods.contains_key(&key) {
-                tracing::warn!(pod = pod_name(&key), netns = %path.display(), "a second netns holds the pod's address; left alone");
+            {
+                holders.entry(key).or_default().push((path, ip));
+            }
+        }
+        let mut taken = Vec::new();
+        for (key, mut found) in holders {
+            if found.len() > 1 {
+                let netns: Vec<String> =
+                    found.iter().map(|(p, _)| p.display().to_string()).collect();
+                tracing::error!(pod = pod_name(&key), ?netns, "several netns hold the pod's address; none taken in (the pod stays uncaptured until it restarts)");
                 continue;
             }
+            let (path, ip) = found.pop().expect("one holder");
             tracing::info!(pod = pod_name(&key), %ip, netns = %path.display(), "pod running before the agent; taking it in");
             self.pods.insert(
                 key.clone(),

@@ -123,6 +123,14 @@ impl Agent {
         ztunnel: bool,
     ) -> Result<(), String> {
         let pod = pod_name(key);
+        // In-pod rules are IPv4 only: a pod with an IPv6 address would have
+        // its IPv6 traffic bypass ztunnel (no mTLS, no policy). Refused
+        // until both families are captured, whatever AMBIENT_IPV6 says.
+        if let Some(v6) = r.ips.iter().find(|ip| ip.is_ipv6()) {
+            return Err(format!(
+                "{pod} has IPv6 address {v6}: only IPv4 is captured, so it is refused rather than left half outside the mesh"
+            ));
+        }
         let old = r.enrolled.as_ref();
         let options = to.options;
         if rules {

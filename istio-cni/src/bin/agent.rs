@@ -223,7 +223,7 @@ fn main() -> anyhow::Result<()> {
     }
     if env.ipv6 == Some(true) {
         tracing::warn!(
-            "AMBIENT_IPV6=true: only IPv4 traffic is captured (IPv6 rules are not written)"
+            "AMBIENT_IPV6=true: only IPv4 is captured; ambient pods with an IPv6 address are refused (their ADD fails) rather than left half outside the mesh"
         );
     }
     tokio::runtime::Builder::new_multi_thread()

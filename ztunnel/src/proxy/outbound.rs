@@ -61,7 +61,7 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
         }
         let wp = pods[rand::random_range(0..pods.len())].clone();
         // The CONNECT names the original destination; the waypoint routes it.
-        return via_hbone(&px, &pod, down, orig, &wp, src_w.as_deref(), m).await;
+        return via_hbone(&px, &pod, down, orig, (wp.ip, &wp), src_w.as_deref(), m).await;
     }
     let mut service: Option<Arc<Service>> = None;
     let target = if let Some(svc) = state.service_by_vip(orig.ip()) {
@@ -124,11 +124,12 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
         Target::Workload(w, port) => (SocketAddr::new(w.ip, *port), Some(w.clone())),
         Target::Passthrough(a) => (*a, None),
     };
-    // A hostname endpoint is outside the mesh: plain TCP to what it
-    // resolved to (its own address is unspecified).
+    // A hostname endpoint is reached at what its name resolved to (its own
+    // address is unspecified): over HBONE there too when the source says it
+    // speaks HBONE, never downgraded to plain TCP.
     let hbone = dst_w
         .as_ref()
-        .is_some_and(|w| w.protocol == TunnelProtocol::Hbone && w.hostname.is_none());
+        .is_some_and(|w| w.protocol == TunnelProtocol::Hbone);
     let m = ConnMetrics::open(ConnInfo {
         reporter: Reporter::Source,
         src: peer,
@@ -140,7 +141,10 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
         mtls: hbone,
     });
     match (hbone, dst_w) {
-        (true, Some(w)) => via_hbone(&px, &pod, down, dst, &w, src_w.as_deref(), m).await,
+        (true, Some(w)) => {
+            let at = if w.hostname.is_some() { dst.ip() } else { w.ip };
+            via_hbone(&px, &pod, down, dst, (at, &w), src_w.as_deref(), m).await
+        }
         _ => direct(&pod, down, dst, m).await,
     }
 }
@@ -150,11 +154,13 @@ async fn via_hbone(
     pod: &Arc<Pod>,
     down: TcpStream,
     dst: SocketAddr,
-    w: &Workload,
+    // The peer, and where it takes HBONE: its address, or what its
+    // hostname resolved to.
+    (at, w): (std::net::IpAddr, &Workload),
     src_w: Option<&Workload>,
     mut m: ConnMetrics,
 ) {
-    let hbone_addr = SocketAddr::new(w.ip, hbone::HBONE_PORT);
+    let hbone_addr = SocketAddr::new(at, hbone::HBONE_PORT);
     m.tunnel_to(hbone_addr);
     let cert = match px.certs.fetch(&pod.identity).await {
         Ok(c) => c,
