@@ -46,13 +46,29 @@ where
             let route = route.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
-                    let (status, ctype, body) = route(req.method(), req.uri());
-                    let resp = Response::builder()
-                        .status(status)
-                        .header("content-type", ctype)
-                        .body(Full::new(Bytes::from(body)))
-                        .expect("static response parts");
-                    async move { Ok::<_, Infallible>(resp) }
+                    let route = route.clone();
+                    let (method, uri) = (req.method().clone(), req.uri().clone());
+                    async move {
+                        // Off the runtime's workers: a dump serializes the
+                        // whole mesh state and a scrape reads /proc, while
+                        // those workers carry the proxied traffic.
+                        let (status, ctype, body) =
+                            tokio::task::spawn_blocking(move || route(&method, &uri))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    (
+                                        StatusCode::INTERNAL_SERVER_ERROR,
+                                        "text/plain",
+                                        "handler failed\n".into(),
+                                    )
+                                });
+                        let resp = Response::builder()
+                            .status(status)
+                            .header("content-type", ctype)
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("static response parts");
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)

@@ -29,7 +29,8 @@ impl Default for ProcessMetrics {
 
 /// TCP sockets this process holds, whatever network namespace each lives
 /// in (ztunnel's sit in every pod's): counted from the fd table, so the
-/// data path keeps no counter. None when /proc is not readable.
+/// data path keeps no counter (the scrape runs on a blocking thread,
+/// `admin::serve`). None when /proc is not readable.
 fn tcp_sockets() -> Option<usize> {
     let mut n = 0;
     for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
