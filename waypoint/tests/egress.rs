@@ -411,23 +411,35 @@ async fn tls_is_originated_per_destination_rule() {
     drop(peers);
 }
 
+/// A `resolution: DNS` ServiceEntry in `app` for `host` on `vip`: `meta` is
+/// added to its metadata, `port` is its one port.
+fn dns_entry(name: &str, host: &str, vip: &str, meta: &str, port: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: app{meta}}}
+spec:
+  hosts: [{host}]
+  addresses: [{vip}]
+  resolution: DNS
+  ports: [{port}]
+"
+    )
+}
+
 /// An entry with `resolution: DNS` is reached at what the waypoint itself
 /// resolves its host to (the test resolver, outside the mesh); a host that
 /// does not resolve is 503 flagged DF, said in the access log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_entry_resolved_by_the_waypoint() {
     let entry = |name: &str, host: &str, vip: &str| {
-        format!(
-            "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}, namespace: app}}
-spec:
-  hosts: [{host}]
-  addresses: [{vip}]
-  resolution: DNS
-  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
-"
+        dns_entry(
+            name,
+            host,
+            vip,
+            "",
+            "{number: 80, name: http, protocol: HTTP, targetPort: 8080}",
         )
     };
     let m = mesh("egd", |_| {
@@ -560,17 +572,12 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_entry_without_a_waypoint_is_resolved_by_ztunnel() {
     let entry = |name: &str, host: &str, vip: &str| {
-        format!(
-            "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}, namespace: app, labels: {{istio.io/use-waypoint: none}}}}
-spec:
-  hosts: [{host}]
-  addresses: [{vip}]
-  resolution: DNS
-  ports: [{{number: 7000, name: tcp, protocol: TCP, targetPort: 9000}}]
-"
+        dns_entry(
+            name,
+            host,
+            vip,
+            ", labels: {istio.io/use-waypoint: none}",
+            "{number: 7000, name: tcp, protocol: TCP, targetPort: 9000}",
         )
     };
     let m = mesh("egz", |_| {
