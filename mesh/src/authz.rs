@@ -75,20 +75,29 @@ impl TargetedPolicy {
         wp_name: &str,
         service: Option<Destination<'_>>,
     ) -> bool {
-        let ns = self.policy.namespace.as_str();
-        let named = |t: &TargetRef, entry: bool| {
-            service.is_some_and(|d| d.entry == entry && d.namespace == ns && d.name == t.name)
-        };
-        self.targets.iter().any(|t| match t.kind.as_str() {
-            "Gateway" => ns == wp_namespace && t.name == wp_name,
-            "Service" => named(t, false),
-            "ServiceEntry" => named(t, true),
-            "GatewayClass" => {
-                ns == crate::ROOT_NAMESPACE && t.name == crate::routes::WAYPOINT_CLASS
-            }
-            _ => ns == wp_namespace || ns == crate::ROOT_NAMESPACE,
-        })
+        targets_apply(&self.targets, &self.policy.namespace, wp_namespace, wp_name, service)
     }
+}
+
+/// Whether an object of namespace `ns` attached to `targets` applies to
+/// traffic through waypoint `wp_namespace/wp_name` to `service`, if any.
+pub fn targets_apply(
+    targets: &[TargetRef],
+    ns: &str,
+    wp_namespace: &str,
+    wp_name: &str,
+    service: Option<Destination<'_>>,
+) -> bool {
+    let named = |t: &TargetRef, entry: bool| {
+        service.is_some_and(|d| d.entry == entry && d.namespace == ns && d.name == t.name)
+    };
+    targets.iter().any(|t| match t.kind.as_str() {
+        "Gateway" => ns == wp_namespace && t.name == wp_name,
+        "Service" => named(t, false),
+        "ServiceEntry" => named(t, true),
+        "GatewayClass" => ns == crate::ROOT_NAMESPACE && t.name == crate::routes::WAYPOINT_CLASS,
+        _ => ns == wp_namespace || ns == crate::ROOT_NAMESPACE,
+    })
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -133,6 +142,62 @@ pub struct L7Match {
     pub not_hosts: Vec<StringMatch>,
     /// `when: request.headers[name]`: (name, values, notValues).
     pub headers: Vec<(String, Vec<StringMatch>, Vec<StringMatch>)>,
+    /// `requestPrincipals` (`iss/sub` of the request's verified JWT).
+    pub request_principals: Vec<StringMatch>,
+    pub not_request_principals: Vec<StringMatch>,
+    /// `when: request.auth.*`: (what, values, notValues).
+    pub auth: Vec<(AuthKey, Vec<StringMatch>, Vec<StringMatch>)>,
+}
+
+/// What of a verified JWT a `when` condition reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum AuthKey {
+    /// `request.auth.principal`: `iss/sub`.
+    Principal,
+    /// `request.auth.audiences`: each `aud`.
+    Audiences,
+    /// `request.auth.presenter`: `azp`.
+    Presenter,
+    /// `request.auth.claims[a][b]`: the path into the payload.
+    Claim(Vec<String>),
+}
+
+/// What the request's verified JWT says, as policy reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestAuth {
+    /// `iss/sub`.
+    pub principal: String,
+    pub claims: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RequestAuth {
+    /// The string values `key` has: a string, or each string of a list
+    /// (as Istio matches a list claim by any of its elements).
+    pub fn values(&self, key: &AuthKey) -> Vec<&str> {
+        fn strings(v: Option<&serde_json::Value>) -> Vec<&str> {
+            match v {
+                Some(serde_json::Value::String(s)) => vec![s.as_str()],
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_str()).collect(),
+                _ => Vec::new(),
+            }
+        }
+        match key {
+            AuthKey::Principal => vec![self.principal.as_str()],
+            AuthKey::Audiences => strings(self.claims.get("aud")),
+            AuthKey::Presenter => strings(self.claims.get("azp")),
+            AuthKey::Claim(path) => {
+                let mut v = None;
+                for (i, k) in path.iter().enumerate() {
+                    v = if i == 0 {
+                        self.claims.get(k)
+                    } else {
+                        v.and_then(|x: &serde_json::Value| x.get(k))
+                    };
+                }
+                strings(v)
+            }
+        }
+    }
 }
 
 impl L7Match {
@@ -144,6 +209,20 @@ impl L7Match {
             && self.hosts.is_empty()
             && self.not_hosts.is_empty()
             && self.headers.is_empty()
+            && self.request_principals.is_empty()
+            && self.not_request_principals.is_empty()
+            && self.auth.is_empty()
+    }
+
+    /// Whether it holds no request attribute besides the JWT ones.
+    pub fn is_empty_but_auth(&self) -> bool {
+        L7Match {
+            request_principals: Vec::new(),
+            not_request_principals: Vec::new(),
+            auth: Vec::new(),
+            ..self.clone()
+        }
+        .is_empty()
     }
 
     fn matches(&self, r: &HttpRequest) -> bool {
@@ -169,6 +248,20 @@ impl L7Match {
                 (vals.is_empty() || v.is_some_and(|v| any(vals, v)))
                     && !v.is_some_and(|v| any(nots, v))
             })
+            && self.auth_matches(r.auth)
+    }
+
+    /// Without a verified token a positive matcher fails and a negative
+    /// one holds, as for peer identities.
+    fn auth_matches(&self, auth: Option<&RequestAuth>) -> bool {
+        let any = |ms: &[StringMatch], vs: &[&str]| vs.iter().any(|v| ms.iter().any(|m| m.matches(v)));
+        let principal: Vec<&str> = auth.map(|a| vec![a.principal.as_str()]).unwrap_or_default();
+        (self.request_principals.is_empty() || any(&self.request_principals, &principal))
+            && !any(&self.not_request_principals, &principal)
+            && self.auth.iter().all(|(key, vals, nots)| {
+                let vs = auth.map(|a| a.values(key)).unwrap_or_default();
+                (vals.is_empty() || any(vals, &vs)) && !any(nots, &vs)
+            })
     }
 }
 
@@ -180,6 +273,8 @@ pub struct HttpRequest<'a> {
     pub path: &'a str,
     pub host: &'a str,
     pub headers: &'a http::HeaderMap,
+    /// The verified JWT, if the request carried one (RequestAuthentication).
+    pub auth: Option<&'a RequestAuth>,
 }
 
 /// Istio's string forms: exact, `prefix*`, `*suffix`, and `*` (present).

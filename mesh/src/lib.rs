@@ -13,6 +13,7 @@ pub mod objects;
 pub mod owner;
 mod policy_index;
 mod rejected;
+pub mod request_authn;
 pub mod resolve;
 pub mod routes;
 pub mod scope;

@@ -327,6 +327,9 @@ pub struct MeshState {
     /// AuthorizationPolicies with targetRefs: enforced by waypoints. By the
     /// policy's namespace (a target is in the policy's own namespace).
     pub waypoint_policies: Arc<Keyed<crate::authz::TargetedPolicy>>,
+    /// RequestAuthentications (JWT), by namespace: a waypoint enforces
+    /// those attached to it or to a service it serves.
+    pub request_authentications: Arc<Keyed<crate::request_authn::RequestAuthentication>>,
     /// Pods scheduled but not yet given an address (`status: {}`): the node
     /// agent decides their capture at CNI ADD, before the kubelet reports
     /// the IP. Their `ip` is unspecified; nothing routes to them.

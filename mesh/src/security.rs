@@ -18,8 +18,8 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use crate::authz::{
-    Action, AuthorizationPolicy, Clause, L7Match, Match, Rule, Scope, StringMatch, TargetRef,
-    TargetedPolicy,
+    Action, AuthKey, AuthorizationPolicy, Clause, L7Match, Match, Rule, Scope, StringMatch,
+    TargetRef, TargetedPolicy,
 };
 use crate::model::{MtlsMode, PeerAuthentication};
 use crate::rejected::Rejected;
@@ -170,7 +170,7 @@ pub(crate) struct Report<'a> {
 }
 
 impl Report<'_> {
-    fn add(&mut self, field: impl Into<String>, reason: impl Into<String>, effect: &str) {
+    pub(crate) fn add(&mut self, field: impl Into<String>, reason: impl Into<String>, effect: &str) {
         self.out.push(Rejected {
             kind: self.kind.to_string(),
             namespace: self.namespace.clone(),
@@ -217,7 +217,7 @@ fn dry_run(value: &Value) -> bool {
         == Some("true")
 }
 
-fn name_and_namespace(value: &Value) -> (String, String) {
+pub(crate) fn name_and_namespace(value: &Value) -> (String, String) {
     let meta = value.get("metadata");
     let get = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str);
     (
@@ -355,7 +355,11 @@ fn unreadable_policy(
     }
 }
 
-fn targets(refs: &[Value], single: Option<&Value>, report: &mut Report) -> Vec<TargetRef> {
+pub(crate) fn targets(
+    refs: &[Value],
+    single: Option<&Value>,
+    report: &mut Report,
+) -> Vec<TargetRef> {
     let mut out = Vec::new();
     for (i, t) in refs.iter().chain(single).enumerate() {
         let field = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("").to_string();
@@ -453,13 +457,15 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
             let s = &f.source;
             let base = format!("{base}.source");
             unknown(&mut rule, &base, &s.unknown, report);
+            // Request principals come from a verified JWT: a waypoint
+            // checks them; for ztunnel `l4_only` makes them unevaluable.
             for (field, v) in [
                 ("requestPrincipals", &s.request_principals),
                 ("notRequestPrincipals", &s.not_request_principals),
             ] {
-                if !v.is_empty() {
-                    let why = "request principals need RequestAuthentication (JWT), which is not supported";
-                    bad(&mut rule, format!("{base}.{field}"), why.into(), report);
+                if !v.is_empty() && !for_waypoint {
+                    let why = "request principals (JWT) need a waypoint; ztunnel enforces L4 only";
+                    report.add(format!("{base}.{field}"), why, effect);
                 }
             }
             let net_field = |field: &str, v: &[String], rule: &mut Rule, report: &mut Report| {
@@ -494,6 +500,11 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
                 not_namespaces: strs(&s.not_namespaces),
                 source_ips: src,
                 not_source_ips: not_src,
+                l7: L7Match {
+                    request_principals: strs(&s.request_principals),
+                    not_request_principals: strs(&s.not_request_principals),
+                    ..Default::default()
+                },
                 ..Default::default()
             });
         }
@@ -534,7 +545,7 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
                     not_paths: strs(&op.not_paths),
                     hosts: lower(&op.hosts),
                     not_hosts: lower(&op.not_hosts),
-                    headers: vec![],
+                    ..Default::default()
                 },
                 ..Default::default()
             });
@@ -545,7 +556,13 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
         let base = format!("{base}.when[{ci}]");
         unknown(&mut rule, &base, &c.unknown, report);
         match condition(c) {
-            Ok(m) => rule.clauses.push(Clause { matches: vec![m] }),
+            Ok(m) => {
+                if !for_waypoint && !m.l7.auth.is_empty() {
+                    let why = format!("{:?}: JWT claims need a waypoint; ztunnel enforces L4 only", c.key);
+                    report.add(format!("{base}.key"), why, effect);
+                }
+                rule.clauses.push(Clause { matches: vec![m] })
+            }
             Err(why) => bad(
                 &mut rule,
                 format!("{base}.key"),
@@ -561,7 +578,7 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
             .clauses
             .iter()
             .flat_map(|c| &c.matches)
-            .any(|m| !m.l7.is_empty())
+            .any(|m| !m.l7.is_empty_but_auth())
     {
         report.add(base, "request attributes (methods, paths, hosts, headers) need a waypoint; ztunnel enforces L4 only", effect);
     }
@@ -606,9 +623,36 @@ fn condition(c: &Condition) -> Result<Match, String> {
             let name = key["request.headers[".len()..key.len() - 1].to_ascii_lowercase();
             m.l7.headers.push((name, strs(vals), strs(nots)));
         }
+        "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => {
+            let key = match c.key.as_str() {
+                "request.auth.principal" => AuthKey::Principal,
+                "request.auth.audiences" => AuthKey::Audiences,
+                _ => AuthKey::Presenter,
+            };
+            m.l7.auth.push((key, strs(vals), strs(nots)));
+        }
+        key if key.starts_with("request.auth.claims[") => {
+            let path = claim_path(&key["request.auth.claims".len()..])
+                .ok_or("want request.auth.claims[name], or [a][b] for a nested claim")?;
+            m.l7.auth.push((AuthKey::Claim(path), strs(vals), strs(nots)));
+        }
         _ => return Err("this condition key is not supported".into()),
     }
     Ok(m)
+}
+
+/// `[a][b]` as its names; None when it is not that shape.
+fn claim_path(mut s: &str) -> Option<Vec<String>> {
+    let mut path = Vec::new();
+    while let Some(rest) = s.strip_prefix('[') {
+        let (name, after) = rest.split_once(']')?;
+        if name.is_empty() || name.contains('[') {
+            return None;
+        }
+        path.push(name.to_string());
+        s = after;
+    }
+    (s.is_empty() && !path.is_empty()).then_some(path)
 }
 
 /// Err holds the failing index as a field suffix, e.g. `[1]`.

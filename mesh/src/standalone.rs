@@ -268,6 +268,12 @@ pub fn translate(
         ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "DestinationRule") => {
             Kind::DestinationRule(crate::routes::destination_rule(&object, value)?)
         }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "RequestAuthentication") => {
+            Kind::RequestAuthentication(crate::request_authn::request_authentication(
+                value,
+                &mut rejected,
+            ))
+        }
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
             Kind::PeerAuthentication(security::peer_authentication(value, &mut rejected))
         }
@@ -276,7 +282,7 @@ pub fn translate(
         }
         ("v1", "Secret") => Kind::Secret(crate::secret::parse(&object, value)?),
         (api, kind) => {
-            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service/Secret, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
+            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service/Secret, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication/RequestAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
         }
     };
     Ok(Some(Translated {

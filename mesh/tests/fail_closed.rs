@@ -65,6 +65,15 @@ fn ztunnel_allows(m: &MeshState, p: &Probe) -> bool {
 }
 
 fn waypoint_allows(m: &MeshState, wp: (&str, &str), path: &str) -> bool {
+    waypoint_allows_jwt(m, wp, path, None)
+}
+
+fn waypoint_allows_jwt(
+    m: &MeshState,
+    wp: (&str, &str),
+    path: &str,
+    auth: Option<&mesh::authz::RequestAuth>,
+) -> bool {
     let id = Identity::new("cluster.local", "ns", "client");
     let headers = http::HeaderMap::new();
     let c = Connection {
@@ -77,6 +86,7 @@ fn waypoint_allows(m: &MeshState, wp: (&str, &str), path: &str) -> bool {
             path,
             host: "a.ns.svc.cluster.local",
             headers: &headers,
+            auth,
         }),
     };
     let applied = m
@@ -241,14 +251,8 @@ fn waypoint_policies_fail_closed() {
         ("CUSTOM at the waypoint denies what its rules match",
             waypoint_policy("CUSTOM", "  provider: {name: oauth2-proxy}\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]"),
             "spec.provider", Some("/public"), "/admin/x"),
-        ("DENY notRequestPrincipals at the waypoint denies every request",
-            waypoint_policy("DENY", "  rules: [{from: [{source: {notRequestPrincipals: [\"*\"]}}]}]"),
-            "spec.rules[0].from[0].source.notRequestPrincipals", None, "/public"),
-        ("ALLOW requestPrincipals at the waypoint allows nothing",
-            waypoint_policy("ALLOW", "  rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]"),
-            "spec.rules[0].from[0].source.requestPrincipals", None, "/public"),
-        ("ALLOW with a JWT claim condition allows nothing",
-            waypoint_policy("ALLOW", "  rules: [{when: [{key: \"request.auth.claims[groups]\", values: [admin]}]}]"),
+        ("ALLOW with a JWT claim path we cannot read allows nothing",
+            waypoint_policy("ALLOW", "  rules: [{when: [{key: \"request.auth.claims[groups\", values: [admin]}]}]"),
             "spec.rules[0].when[0].key", None, "/public"),
         ("a target kind we do not know covers every waypoint in the namespace",
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec:\n  targetRefs: [{kind: WorkloadEntry, group: networking.istio.io, name: ext}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]".to_string(),
@@ -313,4 +317,37 @@ fn peer_authentications_we_cannot_read_are_strict() {
         (m.mtls_mode(a, 80), m.mtls_mode(a, 9000)),
         (MtlsMode::Strict, MtlsMode::Permissive)
     );
+}
+
+#[test]
+fn waypoint_policies_read_the_verified_jwt() {
+    let wp = ("ns", "wp");
+    let auth = |sub: &str, claims: serde_json::Value| mesh::authz::RequestAuth {
+        principal: format!("https://idp/{sub}"),
+        claims: claims.as_object().unwrap().clone(),
+    };
+    let alice = auth("alice", serde_json::json!({"iss": "https://idp", "sub": "alice", "aud": ["web", "api"], "azp": "cli", "groups": ["dev", "ops"], "org": {"team": {"name": "core"}}, "level": "gold"}));
+    let bob = auth("bob", serde_json::json!({"iss": "https://idp", "sub": "bob", "aud": "web", "groups": "sales", "org": {"team": {"name": "edge"}}}));
+    // (policy rules, no token, alice, bob): allowed?
+    let cases = [
+        ("ALLOW", "[{from: [{source: {requestPrincipals: [\"*\"]}}]}]", false, true, true),
+        ("ALLOW", "[{from: [{source: {requestPrincipals: [https://idp/alice]}}]}]", false, true, false),
+        ("ALLOW", "[{from: [{source: {requestPrincipals: [\"https://idp/*\"], notRequestPrincipals: [https://idp/bob]}}]}]", false, true, false),
+        ("DENY", "[{from: [{source: {notRequestPrincipals: [\"*\"]}}]}]", false, true, true),
+        ("ALLOW", "[{when: [{key: \"request.auth.claims[groups]\", values: [ops]}]}]", false, true, false),
+        ("ALLOW", "[{when: [{key: \"request.auth.claims[groups]\", values: [sales]}]}]", false, false, true),
+        ("DENY", "[{when: [{key: \"request.auth.claims[groups]\", notValues: [ops]}]}]", false, true, false),
+        ("ALLOW", "[{when: [{key: \"request.auth.claims[org][team][name]\", values: [core]}]}]", false, true, false),
+        ("ALLOW", "[{when: [{key: \"request.auth.claims[level]\", values: [\"go*\"]}]}]", false, true, false),
+        ("ALLOW", "[{when: [{key: request.auth.principal, values: [https://idp/bob]}]}]", false, false, true),
+        ("ALLOW", "[{when: [{key: request.auth.audiences, values: [api]}]}]", false, true, false),
+        ("ALLOW", "[{when: [{key: request.auth.presenter, values: [cli]}]}]", false, true, false),
+    ];
+    for (action, rules, none, a, b) in cases {
+        let m = load(&waypoint_policy(action, &format!("  rules: {rules}")));
+        assert!(m.rejected.is_empty(), "{rules}: {:#?}", m.rejected);
+        assert_eq!(waypoint_allows_jwt(&m, wp, "/", None), none, "{action} {rules}: no token");
+        assert_eq!(waypoint_allows_jwt(&m, wp, "/", Some(&alice)), a, "{action} {rules}: alice");
+        assert_eq!(waypoint_allows_jwt(&m, wp, "/", Some(&bob)), b, "{action} {rules}: bob");
+    }
 }

@@ -13,6 +13,7 @@ pub(super) enum List {
     Policies,
     WaypointPolicies,
     PeerAuthentications,
+    RequestAuthentications,
     Waypoints,
     Routes,
     DestinationRules,
@@ -21,10 +22,11 @@ pub(super) enum List {
 }
 
 impl List {
-    pub(super) const ALL: [List; 8] = [
+    pub(super) const ALL: [List; 9] = [
         List::Policies,
         List::WaypointPolicies,
         List::PeerAuthentications,
+        List::RequestAuthentications,
         List::Waypoints,
         List::Routes,
         List::DestinationRules,
@@ -39,6 +41,7 @@ pub(super) fn list_of(k: &Kind) -> List {
         Kind::Policy(_) => List::Policies,
         Kind::WaypointPolicy(_) => List::WaypointPolicies,
         Kind::PeerAuthentication(_) => List::PeerAuthentications,
+        Kind::RequestAuthentication(_) => List::RequestAuthentications,
         Kind::Gateway(_) => List::Waypoints,
         Kind::Route(_) => List::Routes,
         Kind::DestinationRule(_) => List::DestinationRules,
@@ -91,6 +94,14 @@ impl Objects {
                 });
                 self.published.peer_authentications =
                     Arc::new(Keyed::new(list, |pa| vec![pa.namespace.clone()]));
+            }
+            List::RequestAuthentications => {
+                let list = self.collect(|k| match k {
+                    Kind::RequestAuthentication(r) => Some(r),
+                    _ => None,
+                });
+                self.published.request_authentications =
+                    Arc::new(Keyed::new(list, |r| vec![r.namespace.clone()]));
             }
             List::Waypoints => {
                 let list = self.collect(|k| match k {

@@ -103,6 +103,7 @@ pub enum Kind {
     Policy(Arc<AuthorizationPolicy>),
     WaypointPolicy(TargetedPolicy),
     PeerAuthentication(PeerAuthentication),
+    RequestAuthentication(crate::request_authn::RequestAuthentication),
     Gateway(Option<Waypoint>),
     Route(HttpRoute),
     DestinationRule(DestinationRule),
@@ -177,6 +178,7 @@ struct Lists {
     policy_index: Arc<PolicyIndex>,
     waypoint_policies: Arc<Keyed<TargetedPolicy>>,
     peer_authentications: Arc<Keyed<PeerAuthentication>>,
+    request_authentications: Arc<Keyed<crate::request_authn::RequestAuthentication>>,
     waypoints: Arc<Vec<Waypoint>>,
     http_routes: Arc<Keyed<HttpRoute>>,
     destination_rules: Arc<Keyed<DestinationRule>>,
@@ -403,6 +405,7 @@ impl Objects {
         state.destination_rules = l.destination_rules;
         state.secrets = l.secrets;
         state.waypoint_policies = l.waypoint_policies;
+        state.request_authentications = l.request_authentications;
         state.unaddressed = self.unaddressed.values().cloned().collect();
         state.rejected = l.rejected;
         state
