@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
                         path: parts.uri.path(),
                         host: &host,
                         headers: &parts.headers,
+                        auth: None,
                     }),
                 };
                 let decision = authz::evaluate_selected(

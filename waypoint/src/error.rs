@@ -15,6 +15,9 @@ use crate::upstream::Body;
 pub enum ProxyError {
     #[error("denied by L7 policy: {0}")]
     Denied(String),
+    /// The request carried a JWT that does not verify (RequestAuthentication).
+    #[error("JWT rejected: {0}")]
+    Unauthenticated(JwtReject),
     /// Pod-addressed traffic to an address the mesh does not know.
     #[error("no such destination")]
     NoDestination,
@@ -48,6 +51,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             Denied(_) => StatusCode::FORBIDDEN,
+            Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             NoRoute => StatusCode::NOT_FOUND,
             NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -60,6 +64,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             Denied(_) => flag::RBAC,
+            Unauthenticated(_) => flag::JWT,
             NoRoute => flag::NO_ROUTE,
             NoDestination | NoBackend | Unresolved(_) => flag::NO_CLUSTER,
             NoHealthy(_) => flag::NO_HEALTHY,
@@ -77,6 +82,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             Denied(_) => "RBAC: access denied",
+            Unauthenticated(r) => r.text(),
             NoDestination => "no such destination\n",
             NoRoute => "no route matched\n",
             NoBackend => "route has no backend\n",
@@ -87,6 +93,16 @@ impl ProxyError {
             Connect(_) => "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
             Reset(_) | PerTryTimeout => "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
             Timeout => "upstream request timeout",
+        }
+    }
+
+    /// Envoy's `response_code_details` for a local reply that policy made,
+    /// so a JWT rejection and an RBAC denial read apart in the access log.
+    pub fn details(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::Denied(_) => Some("rbac_access_denied_matched_policy[none]"),
+            ProxyError::Unauthenticated(r) => Some(r.details()),
+            _ => None,
         }
     }
 
@@ -121,6 +137,65 @@ impl ProxyError {
     }
 }
 
+/// Why a request's JWT was rejected (401), worded as Envoy's jwt_authn
+/// filter words it (clients and log pipelines match on these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtReject {
+    Malformed,
+    UnknownIssuer,
+    Expired,
+    NotYetValid,
+    Audience,
+    Signature,
+    NoKey,
+    JwksFetch,
+    /// The issuer's rule (or the whole RequestAuthentication) could not be
+    /// read: its tokens are never accepted.
+    Unusable,
+}
+
+impl std::fmt::Display for JwtReject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.text())
+    }
+}
+
+impl std::error::Error for JwtReject {}
+
+impl JwtReject {
+    pub fn text(&self) -> &'static str {
+        use JwtReject::*;
+        match self {
+            Malformed => "Jwt is not in the form of Header.Payload.Signature",
+            UnknownIssuer => "Jwt issuer is not configured",
+            Expired => "Jwt is expired",
+            NotYetValid => "Jwt not yet valid",
+            Audience => "Audiences in Jwt are not allowed",
+            Signature => "Jwt verification fails",
+            NoKey => "Jwks doesn't have key to match kid or alg from Jwt",
+            JwksFetch => "Jwks remote fetch is failed",
+            Unusable => "Jwt issuer's rule is not usable",
+        }
+    }
+
+    /// `response_code_details`: Envoy's `jwt_authn_access_denied{<text
+    /// with underscores>}`.
+    pub fn details(&self) -> &'static str {
+        use JwtReject::*;
+        match self {
+            Malformed => "jwt_authn_access_denied{Jwt_is_not_in_the_form_of_Header.Payload.Signature}",
+            UnknownIssuer => "jwt_authn_access_denied{Jwt_issuer_is_not_configured}",
+            Expired => "jwt_authn_access_denied{Jwt_is_expired}",
+            NotYetValid => "jwt_authn_access_denied{Jwt_not_yet_valid}",
+            Audience => "jwt_authn_access_denied{Audiences_in_Jwt_are_not_allowed}",
+            Signature => "jwt_authn_access_denied{Jwt_verification_fails}",
+            NoKey => "jwt_authn_access_denied{Jwks_doesn't_have_key_to_match_kid_or_alg_from_Jwt}",
+            JwksFetch => "jwt_authn_access_denied{Jwks_remote_fetch_is_failed}",
+            Unusable => "jwt_authn_access_denied{Jwt_issuer's_rule_is_not_usable}",
+        }
+    }
+}
+
 pub fn local(code: StatusCode, body: &'static str) -> Response<Body> {
     Response::builder()
         .status(code)
@@ -142,6 +217,7 @@ mod tests {
         use ProxyError::*;
         let table: &[(ProxyError, u16, &str, &[RetryOn])] = &[
             (Denied("x".into()), 403, "-", &[]),
+            (Unauthenticated(JwtReject::Expired), 401, "-", &[]),
             (NoRoute, 404, "NR", &[]),
             (NoBackend, 500, "NC", &[]),
             (Unresolved("x".into()), 503, "NC", &[]),
@@ -189,5 +265,19 @@ mod tests {
                 assert_eq!(e.retryable_by(r), want, "{e} under {r:?}");
             }
         }
+    }
+
+    #[test]
+    fn jwt_rejections_read_apart_from_rbac_denials() {
+        use JwtReject::*;
+        for r in [Malformed, UnknownIssuer, Expired, NotYetValid, Audience, Signature, NoKey, JwksFetch, Unusable] {
+            let e = ProxyError::Unauthenticated(r);
+            assert_eq!(e.text(), r.to_string());
+            // Envoy's form: the text, spaces as underscores, in braces.
+            let want = format!("jwt_authn_access_denied{{{}}}", r.text().replace(' ', "_"));
+            assert_eq!(e.details(), Some(want.as_str()));
+        }
+        assert_eq!(ProxyError::Denied("p".into()).details(), Some("rbac_access_denied_matched_policy[none]"));
+        assert_eq!(ProxyError::NoRoute.details(), None);
     }
 }

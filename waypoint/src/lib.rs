@@ -6,6 +6,7 @@ pub mod body;
 pub mod dns;
 pub mod error;
 pub mod grpc;
+pub mod jwt;
 pub mod lb;
 pub mod origin_tls;
 pub mod peer;

@@ -80,6 +80,18 @@ struct Args {
     /// requests at most, whatever the bodies' sizes.
     #[arg(long, default_value_t = 64 * 1024)]
     request_replay_buffer: usize,
+    /// PEM CA certificates trusted for RequestAuthentication `jwksUri`
+    /// servers, besides the system's (`/etc/ssl/certs`).
+    #[arg(long, env = "JWKS_CA_FILE")]
+    jwks_ca_file: Option<PathBuf>,
+    /// A fetched JWKS is fetched again after this (Istio's
+    /// PILOT_JWT_PUB_KEY_REFRESH_INTERVAL default).
+    #[arg(long, default_value = "20m", value_parser = mesh::routes::parse_duration)]
+    jwks_refresh_interval: Duration,
+    /// A token naming a key the JWKS lacks (a rotation) fetches it again,
+    /// at most once per this per URI.
+    #[arg(long, default_value = "5s", value_parser = mesh::routes::parse_duration)]
+    jwks_min_refetch_interval: Duration,
     #[arg(long, default_value_t = 2)]
     worker_threads: usize,
     #[command(flatten)]
@@ -176,6 +188,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         live: Default::default(),
         upgraded: Default::default(),
         replay_buffer: args.request_replay_buffer,
+        jwks: Arc::new(
+            waypoint::jwt::Jwks::new(
+                args.jwks_ca_file.as_deref(),
+                args.jwks_refresh_interval,
+                args.jwks_min_refetch_interval,
+            )
+            .context("JWKS client")?,
+        ),
     });
     wp.watch_live();
 
@@ -279,6 +299,7 @@ fn config_dump(wp: &proxy::Waypoint, dropped: &[mesh::Rejected]) -> String {
         "routes": state.http_routes,
         "destination_rules": state.destination_rules,
         "policies": state.waypoint_policies,
+        "request_authentications": state.request_authentications,
         // Objects not translatable as written: policies kept fail-closed
         // (`rejected`) and other objects the Kubernetes source left out.
         "rejected": state.rejected.iter().chain(dropped).collect::<Vec<_>>(),

@@ -42,6 +42,8 @@ pub struct Caller<'a> {
     pub target: SocketAddr,
     /// The waypoint's Gateway, for the policies attached to it.
     pub waypoint: (&'a str, &'a str),
+    /// The request's verified JWT, if it carried one.
+    pub auth: Option<&'a authz::RequestAuth>,
 }
 
 /// A route backend made concrete: its endpoints (subset applied), traffic
@@ -102,8 +104,22 @@ pub fn policies_for<'a>(
     svc: Option<&'a Service>,
 ) -> impl Iterator<Item = &'a authz::AuthorizationPolicy> {
     let (wp_ns, wp_name) = waypoint;
-    // A policy targets objects of its own namespace (or, from the root
-    // namespace, every waypoint): only those namespaces' policies can apply.
+    let (namespaces, svc) = attachment(wp_ns, state, svc);
+    namespaces
+        .into_iter()
+        .flat_map(|ns| state.waypoint_policies.get(ns))
+        .filter(move |tp| tp.applies(wp_ns, wp_name, svc))
+        .map(|tp| &tp.policy)
+}
+
+/// Where objects attached by `targetRefs` to this waypoint or to `svc` can
+/// be: an object targets its own namespace (or, from the root namespace,
+/// every waypoint), so only those namespaces'; and `svc` as a target.
+pub fn attachment<'a>(
+    wp_ns: &'a str,
+    state: &'a MeshState,
+    svc: Option<&'a Service>,
+) -> (Vec<&'a str>, Option<authz::Destination<'a>>) {
     let svc_ns = svc.map(|s| s.namespace.as_str());
     let mut namespaces = vec![wp_ns, mesh::ROOT_NAMESPACE];
     namespaces.extend(svc_ns);
@@ -116,11 +132,7 @@ pub fn policies_for<'a>(
             se.namespace == s.namespace && se.name == s.name && se.hosts.contains(&s.hostname)
         }),
     });
-    namespaces
-        .into_iter()
-        .flat_map(|ns| state.waypoint_policies.get(ns))
-        .filter(move |tp| tp.applies(wp_ns, wp_name, svc))
-        .map(|tp| &tp.policy)
+    (namespaces, svc)
 }
 
 /// Plans one request. `parts` gets the route's rewrites and request header
@@ -143,6 +155,7 @@ pub fn plan<'a>(
             path: parts.uri.path(),
             host: authority,
             headers: &parts.headers,
+            auth: c.auth,
         }),
     };
     if let Decision::Deny(why) =

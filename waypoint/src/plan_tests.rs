@@ -129,6 +129,7 @@ fn run(target: &str, path: &str, dice: (f64, u64)) -> Run {
         peer: "10.0.0.9:40000".parse().unwrap(),
         target,
         waypoint: ("app", "wp"),
+        auth: None,
     };
     let (mut parts, ()) = http::Request::get(path).body(()).unwrap().into_parts();
     let svc = state.service_by_vip(target.ip()).cloned();

@@ -52,6 +52,8 @@ pub struct Waypoint {
     /// A request body up to this many bytes is kept so that a retry or a
     /// mirror can send it again; a larger one streams once.
     pub replay_buffer: usize,
+    /// Key sets for RequestAuthentication rules (fetched `jwksUri`s).
+    pub jwks: Arc<crate::jwt::Jwks>,
 }
 
 /// What an L4 stream was admitted on.
@@ -72,6 +74,8 @@ pub struct UpgradedStream {
     path: String,
     host: String,
     headers: HeaderMap,
+    /// Its verified JWT: the connection keeps the principal it opened with.
+    auth: Option<authz::RequestAuth>,
 }
 
 impl Waypoint {
@@ -123,6 +127,7 @@ impl Waypoint {
                 path: &u.path,
                 host: &u.host,
                 headers: &u.headers,
+                auth: u.auth.as_ref(),
             }),
         };
         match authz::evaluate_selected(
@@ -271,6 +276,7 @@ fn refuse_unbound(
         downstream: Some(peer),
         user_agent: None,
         forwarded_for: None,
+        details: None,
     });
 }
 
@@ -472,6 +478,20 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         );
     }
     let service = state.service_by_vip(s.target.ip()).cloned();
+    // RequestAuthentication first, as Envoy's jwt_authn runs before RBAC.
+    let applying = crate::jwt::applying(wp.gateway(), &state, service.as_deref());
+    let auth = if applying.is_empty() {
+        Ok(None)
+    } else {
+        crate::jwt::authenticate(&wp.jwks, &applying, &mut parts).await
+    };
+    let (auth, rejected) = match auth {
+        Ok(a) => (a, None),
+        Err(r) => {
+            tracing::info!(source = %s.src, path = parts.uri.path(), reason = %r, "request rejected: its JWT does not verify");
+            (None, Some(r))
+        }
+    };
     let src_workload = s.src_workload.clone();
     let upgrade =
         upgrade_kind(&parts).and_then(|k| Some((k, parts.extensions.remove::<OnUpgrade>()?)));
@@ -486,6 +506,7 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
             path: parts.uri.path().to_string(),
             host: authority.clone(),
             headers: parts.headers.clone(),
+            auth: auth.clone(),
         })
     });
     let body = Replay::new(body, wp.replay_buffer);
@@ -494,15 +515,24 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         peer: s.peer,
         target: s.target,
         waypoint: wp.gateway(),
+        auth: auth.as_ref(),
     };
-    let planned = plan::plan(
-        &caller,
-        &state,
-        service.as_deref(),
-        &mut parts,
-        &authority,
-        &mut plan::Random,
-    );
+    let planned = match rejected {
+        Some(r) => plan::Plan {
+            route: None,
+            delay: None,
+            action: Err(crate::error::ProxyError::Unauthenticated(r)),
+        },
+        None => plan::plan(
+            &caller,
+            &state,
+            service.as_deref(),
+            &mut parts,
+            &authority,
+            &mut plan::Random,
+        ),
+    };
+    let details = planned.action.as_ref().err().and_then(|e| e.details());
     if let Some(d) = planned.delay {
         tokio::time::sleep(d).await;
     }
@@ -576,6 +606,7 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
             downstream: Some(peer),
             user_agent: user_agent.as_deref(),
             forwarded_for: forwarded_for.as_deref(),
+            details,
         })
     };
     // An upgraded connection is logged when it closes, with its bytes and

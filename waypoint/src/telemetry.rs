@@ -31,6 +31,9 @@ pub mod flag {
     /// Denied by L7 policy (Envoy's RBAC filter has no flag; Istio logs it
     /// as a 403 with this detail).
     pub const RBAC: &str = "-";
+    /// A JWT that does not verify (Envoy's jwt_authn filter sets no flag
+    /// either; the response code and details tell it).
+    pub const JWT: &str = "-";
 }
 
 pub struct Record<'a> {
@@ -59,6 +62,9 @@ pub struct Record<'a> {
     pub downstream: Option<std::net::SocketAddr>,
     pub user_agent: Option<&'a str>,
     pub forwarded_for: Option<&'a str>,
+    /// Envoy's `response_code_details` for a reply policy made here (a JWT
+    /// rejection, an RBAC denial).
+    pub details: Option<&'static str>,
 }
 
 pub const DURATION_BUCKETS_MS: &[f64] = &[
@@ -250,6 +256,10 @@ pub fn record(r: &Record) {
     h.duration.record(r.duration.as_secs_f64() * 1000.0);
     h.request_bytes.record(r.request_bytes as f64);
     h.response_bytes.record(r.response_bytes as f64);
+    if let Some(reason) = r.details.and_then(|d| d.strip_prefix("jwt_authn_access_denied")) {
+        let reason = reason.trim_matches(['{', '}']).to_string();
+        metrics::counter!("istio_waypoint_jwt_denied_total", "reason" => reason).increment(1);
+    }
     if r.attempts > 1 {
         let svc = r
             .service
@@ -285,6 +295,7 @@ pub fn record(r: &Record) {
         "attempts": r.attempts,
         "grpc_status": r.grpc_status,
         "not_retried": r.not_retried,
+        "response_code_details": r.details,
     });
     let mut log = ACCESS_LOG.lock().unwrap();
     // Whole lines only, so lines from concurrent requests never interleave.
