@@ -36,6 +36,10 @@ BUILD_TO="$out/cni-plugins" build "$root/testbed/peers/cni" cni-plugins \
   github.com/containernetworking/plugins/plugins/main/bridge \
   github.com/containernetworking/plugins/plugins/main/loopback \
   github.com/containernetworking/plugins/plugins/ipam/host-local
+# A real OIDC provider (oauth2-proxy/mockoidc behind a tiny main) for the
+# waypoint's RequestAuthentication tests: JWKS over HTTPS, tokens minted and
+# keys rotated on a control port.
+build "$root/testbed/peers/oidc" oidc .
 # The CRDs istiod watches ship inside the modules it was built from.
 mkdir -p "$out/crds"
 istio_dir="$(cd "$root/testbed/peers/istio" && go list -m -f '{{.Dir}}' istio.io/istio)"

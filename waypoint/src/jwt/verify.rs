@@ -86,6 +86,8 @@ pub fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<Map<String, 
         v.validate_aud = false;
     } else {
         v.set_audience(&rule.audiences);
+        // A token without `aud` has none of the listed audiences.
+        v.required_spec_claims.insert("aud".into());
     }
     let mut last = JwtReject::NoKey;
     for jwk in keys.keys.iter().filter(fits) {
@@ -120,4 +122,4 @@ pub fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<Map<String, 
 
 #[cfg(test)]
 #[path = "verify_tests.rs"]
-mod tests;
+pub(crate) mod tests;
