@@ -38,8 +38,9 @@ BUILD_TO="$out/cni-plugins" build "$root/testbed/peers/cni" cni-plugins \
   github.com/containernetworking/plugins/plugins/ipam/host-local
 # A real OIDC provider (oauth2-proxy/mockoidc behind a tiny main) for the
 # waypoint's RequestAuthentication tests: JWKS over HTTPS, tokens minted and
-# keys rotated on a control port.
-build "$root/testbed/peers/oidc" oidc .
+# keys rotated on a control port. Its own main is part of its stamp.
+oidc_main="$(sha256sum "$root/testbed/peers/oidc/main.go" | cut -c1-12)"
+build "$root/testbed/peers/oidc" "oidc-$oidc_main" .
 # The CRDs istiod watches ship inside the modules it was built from.
 mkdir -p "$out/crds"
 istio_dir="$(cd "$root/testbed/peers/istio" && go list -m -f '{{.Dir}}' istio.io/istio)"

@@ -57,7 +57,9 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	if err := m.Start(ln, &tls.Config{Certificates: []tls.Certificate{cert}}); err != nil {
+	// mockoidc serves the listener it is given as is: TLS is ours to add.
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+	if err := m.Start(tls.NewListener(ln, cfg), cfg); err != nil {
 		log.Fatal(err)
 	}
 	iss := *issuer
