@@ -106,6 +106,7 @@ impl Selection {
                 gvk("networking.istio.io", "v1", "ServiceEntry"),
                 gvk("security.istio.io", "v1", "AuthorizationPolicy"),
                 gvk("security.istio.io", "v1", "PeerAuthentication"),
+                gvk("security.istio.io", "v1", "RequestAuthentication"),
             ],
             pods: PodScope::ServedBy(mesh::routes::WaypointRef {
                 name: name.to_string(),

@@ -8,16 +8,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
 use testbed::*;
 
+mod oidc;
+use oidc::{idp, mint, start_idp, IDP};
+
 const WP: &str = env!("CARGO_BIN_EXE_waypoint");
-const ISSUER: &str = "https://idp.test";
-const IDP: &str = "10.244.2.40";
 
 const MESH: &str = "apiVersion: v1
 kind: Namespace
@@ -86,68 +85,6 @@ spec:
   - to: [{operation: {paths: [\"/team*\"]}}]
     when: [{key: \"request.auth.claims[org][team]\", values: [core]}]
 ";
-
-/// A process of the test's, killed when dropped.
-struct Peer(Child);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn oidc_bin() -> PathBuf {
-    let dir = std::env::var("MESH_PEERS_DIR").unwrap_or_else(|_| "/var/cache/mesh-peers".into());
-    let p = PathBuf::from(dir).join("bin/oidc");
-    assert!(p.exists(), "{} missing: build the peers first with scripts/peers.sh", p.display());
-    p
-}
-
-/// The provider in the `idp` pod: HTTPS on 8443 with a certificate for its
-/// address from a CA in `dir` (returned: the CA file the waypoint trusts).
-fn start_idp(m: &Mesh) -> (Peer, PathBuf) {
-    let dir = m.dir.join("idp-ca");
-    std::fs::create_dir_all(&dir).unwrap();
-    identity::BuiltinCa::load_or_create(&dir, "idp.test").unwrap();
-    let (cert, key) = issue_raw_cert(
-        &dir,
-        vec![rcgen::SanType::IpAddress(IDP.parse().unwrap())],
-        (2024, 1, 1),
-        (2099, 1, 1),
-        &dir,
-        "idp",
-    );
-    let log = std::fs::File::create(m.dir.join("idp.log")).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &m.pod_ns("idp")])
-        .arg(oidc_bin())
-        .args(["-listen", "0.0.0.0:8443", "-issuer", ISSUER])
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    (Peer(child), dir.join("root-cert.pem"))
-}
-
-fn idp(m: &Mesh, path: &str, body: &str) -> String {
-    let (_, out) = sh_out(&format!(
-        "ip netns exec {} curl -s -m 5 -X POST --data-binary '{body}' http://127.0.0.1:9000{path}",
-        m.pod_ns("idp")
-    ));
-    out
-}
-
-/// A token the provider signs with its current key.
-fn mint(m: &Mesh, claims: serde_json::Value) -> String {
-    let t = idp(m, "/token", &claims.to_string());
-    assert_eq!(t.split('.').count(), 3, "not a token: {t}");
-    t
-}
 
 /// A server in `pod` that answers every request with its path and the
 /// headers it received, one `name: value` a line.
@@ -224,10 +161,7 @@ async fn request_authentication_at_the_waypoint() {
     m.start_node("node2", &ca).await;
     header_echo(&m, "echo", 8080);
     let (_idp, idp_ca) = start_idp(&m);
-    eventually("the provider's control port", Duration::from_secs(10), || {
-        idp(&m, "/issuer", "") == ISSUER
-    })
-    .await;
+    oidc::wait_ready(&m).await;
     // The JWKS endpoint is down when the waypoint first needs it.
     idp(&m, "/down", "");
     let ca_arg = idp_ca.display().to_string();
