@@ -136,3 +136,30 @@ fn an_unreadable_object_rejects_every_token_in_its_scope() {
         );
     }
 }
+
+#[test]
+fn the_file_carries_it_to_the_state_and_reports_what_it_cannot_read() {
+    let text = "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: good, namespace: app}
+spec:
+  targetRefs: [{kind: Gateway, name: waypoint}]
+  jwtRules: [{issuer: i, jwksUri: 'https://idp/jwks'}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: bad, namespace: app}
+spec:
+  targetRefs: [{kind: Gateway, name: waypoint}]
+  jwtRules: [{issuer: i, jwksUri: 'https://idp/jwks', fromHeader: [{name: x}]}]
+";
+    // A security object is never refused: the file loads.
+    let state = crate::standalone::parse(text, "cluster.local").unwrap();
+    let names: Vec<_> = state.request_authentications.get("app").map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["bad", "good"]);
+    let r: Vec<_> = state.rejected.iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        r,
+        ["RequestAuthentication app/bad: spec.jwtRules[0].fromHeader: unknown field `fromHeader`, expected one of `issuer`, `audiences`, `jwksUri`, `jwks`, `fromHeaders`, `fromParams`, `fromCookies`, `outputPayloadToHeader`, `outputClaimToHeaders`, `forwardOriginalToken`, `timeout` (tokens of this rule's issuer are rejected (401))"]
+    );
+}
