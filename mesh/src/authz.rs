@@ -75,7 +75,13 @@ impl TargetedPolicy {
         wp_name: &str,
         service: Option<Destination<'_>>,
     ) -> bool {
-        targets_apply(&self.targets, &self.policy.namespace, wp_namespace, wp_name, service)
+        targets_apply(
+            &self.targets,
+            &self.policy.namespace,
+            wp_namespace,
+            wp_name,
+            service,
+        )
     }
 }
 
@@ -254,7 +260,8 @@ impl L7Match {
     /// Without a verified token a positive matcher fails and a negative
     /// one holds, as for peer identities.
     fn auth_matches(&self, auth: Option<&RequestAuth>) -> bool {
-        let any = |ms: &[StringMatch], vs: &[&str]| vs.iter().any(|v| ms.iter().any(|m| m.matches(v)));
+        let any =
+            |ms: &[StringMatch], vs: &[&str]| vs.iter().any(|v| ms.iter().any(|m| m.matches(v)));
         let principal: Vec<&str> = auth.map(|a| vec![a.principal.as_str()]).unwrap_or_default();
         (self.request_principals.is_empty() || any(&self.request_principals, &principal))
             && !any(&self.not_request_principals, &principal)

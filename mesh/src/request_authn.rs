@@ -88,7 +88,13 @@ impl RequestAuthentication {
         wp_name: &str,
         service: Option<crate::authz::Destination<'_>>,
     ) -> bool {
-        crate::authz::targets_apply(&self.targets, &self.namespace, wp_namespace, wp_name, service)
+        crate::authz::targets_apply(
+            &self.targets,
+            &self.namespace,
+            wp_namespace,
+            wp_name,
+            service,
+        )
     }
 }
 
@@ -107,7 +113,9 @@ impl JwtRule {
     /// The rule's token locations; with none given, Istio's defaults:
     /// `Authorization: Bearer <token>` and the `access_token` parameter.
     pub fn locations(&self) -> Vec<Location<'_>> {
-        if self.from_headers.is_empty() && self.from_params.is_empty() && self.from_cookies.is_empty()
+        if self.from_headers.is_empty()
+            && self.from_params.is_empty()
+            && self.from_cookies.is_empty()
         {
             return vec![
                 Location::Header {
@@ -199,7 +207,10 @@ const ALL_REJECTED: &str = "every token in its scope is rejected (401)";
 const ISSUER_REJECTED: &str = "tokens of this rule's issuer are rejected (401)";
 
 /// Translates a RequestAuthentication; never fails (see the module comment).
-pub(crate) fn request_authentication(value: Value, out: &mut Vec<Rejected>) -> RequestAuthentication {
+pub(crate) fn request_authentication(
+    value: Value,
+    out: &mut Vec<Rejected>,
+) -> RequestAuthentication {
     let (name, namespace) = name_and_namespace(&value);
     let object = format!("RequestAuthentication {namespace}/{name}");
     let mut report = Report {
@@ -281,13 +292,21 @@ fn rule(object: &str, i: usize, value: Value, report: &mut Report) -> JwtRule {
         (Some(j), _) => match serde_json::from_str::<serde_json::Value>(&j) {
             Ok(v) if v.get("keys").is_some_and(|k| k.is_array()) => KeySource::Inline(j),
             _ => {
-                bad(&mut out, format!("{base}.jwks"), "not a JWKS document (JSON with a \"keys\" list)".into());
+                bad(
+                    &mut out,
+                    format!("{base}.jwks"),
+                    "not a JWKS document (JSON with a \"keys\" list)".into(),
+                );
                 KeySource::None
             }
         },
         (None, Some(u)) if u.starts_with("https://") => KeySource::Uri(u),
         (None, Some(u)) => {
-            bad(&mut out, format!("{base}.jwksUri"), format!("{u:?}: only https URLs are fetched"));
+            bad(
+                &mut out,
+                format!("{base}.jwksUri"),
+                format!("{u:?}: only https URLs are fetched"),
+            );
             KeySource::None
         }
         (None, None) => {
@@ -301,7 +320,11 @@ fn rule(object: &str, i: usize, value: Value, report: &mut Report) -> JwtRule {
                 name: n.as_str().to_string(),
                 prefix: h.prefix,
             }),
-            Err(_) => bad(&mut out, format!("{base}.fromHeaders[{hi}].name"), format!("{:?}: not a header name", h.name)),
+            Err(_) => bad(
+                &mut out,
+                format!("{base}.fromHeaders[{hi}].name"),
+                format!("{:?}: not a header name", h.name),
+            ),
         }
     }
     out.from_params = r.from_params;
@@ -318,12 +341,19 @@ fn rule(object: &str, i: usize, value: Value, report: &mut Report) -> JwtRule {
         }
     }
     for (ci, c) in r.output_claim_to_headers.into_iter().enumerate() {
-        match header(format!("{base}.outputClaimToHeaders[{ci}].header"), &c.header) {
+        match header(
+            format!("{base}.outputClaimToHeaders[{ci}].header"),
+            &c.header,
+        ) {
             Ok(h) if !c.claim.is_empty() => out.output_claim_to_headers.push(ClaimToHeader {
                 header: h,
                 claim: c.claim,
             }),
-            Ok(_) => bad(&mut out, format!("{base}.outputClaimToHeaders[{ci}].claim"), "empty".into()),
+            Ok(_) => bad(
+                &mut out,
+                format!("{base}.outputClaimToHeaders[{ci}].claim"),
+                "empty".into(),
+            ),
             Err((f, why)) => bad(&mut out, f, why),
         }
     }
@@ -332,7 +362,11 @@ fn rule(object: &str, i: usize, value: Value, report: &mut Report) -> JwtRule {
     if let Some(t) = r.timeout {
         match crate::routes::parse_duration(&t) {
             Ok(d) if !d.is_zero() => out.timeout = d,
-            Ok(_) => bad(&mut out, format!("{base}.timeout"), "must be positive".into()),
+            Ok(_) => bad(
+                &mut out,
+                format!("{base}.timeout"),
+                "must be positive".into(),
+            ),
             Err(e) => bad(&mut out, format!("{base}.timeout"), format!("{t:?}: {e}")),
         }
     }

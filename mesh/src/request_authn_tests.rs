@@ -33,18 +33,30 @@ fn every_field_translates() {
     assert!(rejected.is_empty(), "{rejected:#?}");
     assert_eq!(ra.unreadable, None);
     assert_eq!(
-        ra.targets.iter().map(|t| (t.kind.as_str(), t.name.as_str())).collect::<Vec<_>>(),
+        ra.targets
+            .iter()
+            .map(|t| (t.kind.as_str(), t.name.as_str()))
+            .collect::<Vec<_>>(),
         [("Gateway", "waypoint"), ("Service", "echo")]
     );
     let r = &ra.rules[0];
     assert_eq!(r.issuer, "https://idp.example");
     assert_eq!(r.audiences, ["a", "b"]);
-    assert_eq!(r.keys, KeySource::Uri("https://idp.example/jwks.json".into()));
+    assert_eq!(
+        r.keys,
+        KeySource::Uri("https://idp.example/jwks.json".into())
+    );
     assert_eq!(
         r.from_headers,
         [
-            FromHeader { name: "x-token".into(), prefix: "Tok ".into() },
-            FromHeader { name: "x-raw".into(), prefix: String::new() }
+            FromHeader {
+                name: "x-token".into(),
+                prefix: "Tok ".into()
+            },
+            FromHeader {
+                name: "x-raw".into(),
+                prefix: String::new()
+            }
         ]
     );
     assert_eq!(r.from_params, ["tok"]);
@@ -53,8 +65,14 @@ fn every_field_translates() {
     assert_eq!(
         r.output_claim_to_headers,
         [
-            ClaimToHeader { header: "x-sub".into(), claim: "sub".into() },
-            ClaimToHeader { header: "x-b".into(), claim: "a.b".into() }
+            ClaimToHeader {
+                header: "x-sub".into(),
+                claim: "sub".into()
+            },
+            ClaimToHeader {
+                header: "x-b".into(),
+                claim: "a.b".into()
+            }
         ]
     );
     assert!(r.forward_original_token);
@@ -62,8 +80,14 @@ fn every_field_translates() {
     assert_eq!(
         r.locations(),
         [
-            Location::Header { name: "x-token", prefix: "Tok " },
-            Location::Header { name: "x-raw", prefix: "" },
+            Location::Header {
+                name: "x-token",
+                prefix: "Tok "
+            },
+            Location::Header {
+                name: "x-raw",
+                prefix: ""
+            },
             Location::Param("tok"),
             Location::Cookie("session"),
         ]
@@ -75,7 +99,10 @@ fn every_field_translates() {
     assert_eq!(
         d.locations(),
         [
-            Location::Header { name: "authorization", prefix: "Bearer " },
+            Location::Header {
+                name: "authorization",
+                prefix: "Bearer "
+            },
             Location::Param("access_token")
         ]
     );
@@ -83,37 +110,84 @@ fn every_field_translates() {
     assert_eq!(d.timeout, DEFAULT_TIMEOUT);
     let (ra, rejected) = translate("  selector: {matchLabels: {app: echo}}\n  jwtRules: []\n");
     assert!(rejected.is_empty() && ra.targets.is_empty());
-    assert_eq!(ra.selector, Some([("app".to_string(), "echo".to_string())].into()));
+    assert_eq!(
+        ra.selector,
+        Some([("app".to_string(), "echo".to_string())].into())
+    );
 }
 
 #[test]
 fn bad_rules_reject_their_issuers_tokens_and_name_the_field() {
     // (rule, field reported)
     let cases = [
-        ("{issuer: i, jwksUri: https://x/j, audience: [a]}", "spec.jwtRules[0].audience"),
-        ("{issuer: i, jwksUri: http://x/j}", "spec.jwtRules[0].jwksUri"),
+        (
+            "{issuer: i, jwksUri: https://x/j, audience: [a]}",
+            "spec.jwtRules[0].audience",
+        ),
+        (
+            "{issuer: i, jwksUri: http://x/j}",
+            "spec.jwtRules[0].jwksUri",
+        ),
         ("{issuer: i}", "spec.jwtRules[0].jwksUri"),
-        ("{issuer: '', jwksUri: https://x/j}", "spec.jwtRules[0].issuer"),
+        (
+            "{issuer: '', jwksUri: https://x/j}",
+            "spec.jwtRules[0].issuer",
+        ),
         ("{issuer: i, jwks: 'not json'}", "spec.jwtRules[0].jwks"),
-        ("{issuer: i, jwks: '{\"nokeys\": 1}'}", "spec.jwtRules[0].jwks"),
-        ("{issuer: i, jwksUri: https://x/j, fromHeaders: [{name: 'bad header'}]}", "spec.jwtRules[0].fromHeaders[0].name"),
-        ("{issuer: i, jwksUri: https://x/j, fromHeaders: [{name: x, suffix: y}]}", "spec.jwtRules[0].fromHeaders[0].suffix"),
-        ("{issuer: i, jwksUri: https://x/j, outputPayloadToHeader: 'a b'}", "spec.jwtRules[0].outputPayloadToHeader"),
-        ("{issuer: i, jwksUri: https://x/j, outputClaimToHeaders: [{header: x, claim: ''}]}", "spec.jwtRules[0].outputClaimToHeaders[0].claim"),
-        ("{issuer: i, jwksUri: https://x/j, outputClaimToHeaders: [{header: x}]}", "spec.jwtRules[0].outputClaimToHeaders[0]"),
-        ("{issuer: i, jwksUri: https://x/j, timeout: soon}", "spec.jwtRules[0].timeout"),
-        ("{issuer: i, jwksUri: https://x/j, timeout: 0s}", "spec.jwtRules[0].timeout"),
-        ("{issuer: i, jwksUri: https://x/j, forwardOriginalToken: maybe}", "spec.jwtRules[0].forwardOriginalToken"),
+        (
+            "{issuer: i, jwks: '{\"nokeys\": 1}'}",
+            "spec.jwtRules[0].jwks",
+        ),
+        (
+            "{issuer: i, jwksUri: https://x/j, fromHeaders: [{name: 'bad header'}]}",
+            "spec.jwtRules[0].fromHeaders[0].name",
+        ),
+        (
+            "{issuer: i, jwksUri: https://x/j, fromHeaders: [{name: x, suffix: y}]}",
+            "spec.jwtRules[0].fromHeaders[0].suffix",
+        ),
+        (
+            "{issuer: i, jwksUri: https://x/j, outputPayloadToHeader: 'a b'}",
+            "spec.jwtRules[0].outputPayloadToHeader",
+        ),
+        (
+            "{issuer: i, jwksUri: https://x/j, outputClaimToHeaders: [{header: x, claim: ''}]}",
+            "spec.jwtRules[0].outputClaimToHeaders[0].claim",
+        ),
+        (
+            "{issuer: i, jwksUri: https://x/j, outputClaimToHeaders: [{header: x}]}",
+            "spec.jwtRules[0].outputClaimToHeaders[0]",
+        ),
+        (
+            "{issuer: i, jwksUri: https://x/j, timeout: soon}",
+            "spec.jwtRules[0].timeout",
+        ),
+        (
+            "{issuer: i, jwksUri: https://x/j, timeout: 0s}",
+            "spec.jwtRules[0].timeout",
+        ),
+        (
+            "{issuer: i, jwksUri: https://x/j, forwardOriginalToken: maybe}",
+            "spec.jwtRules[0].forwardOriginalToken",
+        ),
     ];
     for (rule, field) in cases {
-        let (ra, rejected) = translate(&format!("  targetRefs: [{{kind: Gateway, name: w}}]\n  jwtRules: [{rule}]\n"));
+        let (ra, rejected) = translate(&format!(
+            "  targetRefs: [{{kind: Gateway, name: w}}]\n  jwtRules: [{rule}]\n"
+        ));
         assert!(ra.unreadable.is_none(), "{rule}");
         assert_eq!(ra.rules.len(), 1, "{rule}: the rule is kept");
         let r = &ra.rules[0];
-        assert!(r.unusable.as_deref().is_some_and(|u| u.starts_with(field)), "{rule}: {:?}", r.unusable);
         assert!(
-            rejected.iter().any(|x| x.field.starts_with(field) && x.effect.contains("rejected (401)")
-                && x.kind == "RequestAuthentication" && x.name == "ra"),
+            r.unusable.as_deref().is_some_and(|u| u.starts_with(field)),
+            "{rule}: {:?}",
+            r.unusable
+        );
+        assert!(
+            rejected.iter().any(|x| x.field.starts_with(field)
+                && x.effect.contains("rejected (401)")
+                && x.kind == "RequestAuthentication"
+                && x.name == "ra"),
             "{rule}: {rejected:#?}"
         );
     }
@@ -155,7 +229,11 @@ spec:
 ";
     // A security object is never refused: the file loads.
     let state = crate::standalone::parse(text, "cluster.local").unwrap();
-    let names: Vec<_> = state.request_authentications.get("app").map(|r| r.name.as_str()).collect();
+    let names: Vec<_> = state
+        .request_authentications
+        .get("app")
+        .map(|r| r.name.as_str())
+        .collect();
     assert_eq!(names, ["bad", "good"]);
     let r: Vec<_> = state.rejected.iter().map(|r| r.to_string()).collect();
     assert_eq!(

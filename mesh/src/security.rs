@@ -170,7 +170,12 @@ pub(crate) struct Report<'a> {
 }
 
 impl Report<'_> {
-    pub(crate) fn add(&mut self, field: impl Into<String>, reason: impl Into<String>, effect: &str) {
+    pub(crate) fn add(
+        &mut self,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+        effect: &str,
+    ) {
         self.out.push(Rejected {
             kind: self.kind.to_string(),
             namespace: self.namespace.clone(),
@@ -558,7 +563,10 @@ fn rule(ri: usize, r: &AuthzRule, action: Action, for_waypoint: bool, report: &m
         match condition(c) {
             Ok(m) => {
                 if !for_waypoint && !m.l7.auth.is_empty() {
-                    let why = format!("{:?}: JWT claims need a waypoint; ztunnel enforces L4 only", c.key);
+                    let why = format!(
+                        "{:?}: JWT claims need a waypoint; ztunnel enforces L4 only",
+                        c.key
+                    );
                     report.add(format!("{base}.key"), why, effect);
                 }
                 rule.clauses.push(Clause { matches: vec![m] })
@@ -634,7 +642,8 @@ fn condition(c: &Condition) -> Result<Match, String> {
         key if key.starts_with("request.auth.claims[") => {
             let path = claim_path(&key["request.auth.claims".len()..])
                 .ok_or("want request.auth.claims[name], or [a][b] for a nested claim")?;
-            m.l7.auth.push((AuthKey::Claim(path), strs(vals), strs(nots)));
+            m.l7.auth
+                .push((AuthKey::Claim(path), strs(vals), strs(nots)));
         }
         _ => return Err("this condition key is not supported".into()),
     }

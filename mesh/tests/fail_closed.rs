@@ -326,8 +326,14 @@ fn waypoint_policies_read_the_verified_jwt() {
         principal: format!("https://idp/{sub}"),
         claims: claims.as_object().unwrap().clone(),
     };
-    let alice = auth("alice", serde_json::json!({"iss": "https://idp", "sub": "alice", "aud": ["web", "api"], "azp": "cli", "groups": ["dev", "ops"], "org": {"team": {"name": "core"}}, "level": "gold"}));
-    let bob = auth("bob", serde_json::json!({"iss": "https://idp", "sub": "bob", "aud": "web", "groups": "sales", "org": {"team": {"name": "edge"}}}));
+    let alice = auth(
+        "alice",
+        serde_json::json!({"iss": "https://idp", "sub": "alice", "aud": ["web", "api"], "azp": "cli", "groups": ["dev", "ops"], "org": {"team": {"name": "core"}}, "level": "gold"}),
+    );
+    let bob = auth(
+        "bob",
+        serde_json::json!({"iss": "https://idp", "sub": "bob", "aud": "web", "groups": "sales", "org": {"team": {"name": "edge"}}}),
+    );
     // (policy rules, no token, alice, bob): allowed?
     let cases = [
         ("ALLOW", "[{from: [{source: {requestPrincipals: [\"*\"]}}]}]", false, true, true),
@@ -346,8 +352,20 @@ fn waypoint_policies_read_the_verified_jwt() {
     for (action, rules, none, a, b) in cases {
         let m = load(&waypoint_policy(action, &format!("  rules: {rules}")));
         assert!(m.rejected.is_empty(), "{rules}: {:#?}", m.rejected);
-        assert_eq!(waypoint_allows_jwt(&m, wp, "/", None), none, "{action} {rules}: no token");
-        assert_eq!(waypoint_allows_jwt(&m, wp, "/", Some(&alice)), a, "{action} {rules}: alice");
-        assert_eq!(waypoint_allows_jwt(&m, wp, "/", Some(&bob)), b, "{action} {rules}: bob");
+        assert_eq!(
+            waypoint_allows_jwt(&m, wp, "/", None),
+            none,
+            "{action} {rules}: no token"
+        );
+        assert_eq!(
+            waypoint_allows_jwt(&m, wp, "/", Some(&alice)),
+            a,
+            "{action} {rules}: alice"
+        );
+        assert_eq!(
+            waypoint_allows_jwt(&m, wp, "/", Some(&bob)),
+            b,
+            "{action} {rules}: bob"
+        );
     }
 }

@@ -183,7 +183,9 @@ impl JwtReject {
     pub fn details(&self) -> &'static str {
         use JwtReject::*;
         match self {
-            Malformed => "jwt_authn_access_denied{Jwt_is_not_in_the_form_of_Header.Payload.Signature}",
+            Malformed => {
+                "jwt_authn_access_denied{Jwt_is_not_in_the_form_of_Header.Payload.Signature}"
+            }
             UnknownIssuer => "jwt_authn_access_denied{Jwt_issuer_is_not_configured}",
             Expired => "jwt_authn_access_denied{Jwt_is_expired}",
             NotYetValid => "jwt_authn_access_denied{Jwt_not_yet_valid}",
@@ -270,14 +272,27 @@ mod tests {
     #[test]
     fn jwt_rejections_read_apart_from_rbac_denials() {
         use JwtReject::*;
-        for r in [Malformed, UnknownIssuer, Expired, NotYetValid, Audience, Signature, NoKey, JwksFetch, Unusable] {
+        for r in [
+            Malformed,
+            UnknownIssuer,
+            Expired,
+            NotYetValid,
+            Audience,
+            Signature,
+            NoKey,
+            JwksFetch,
+            Unusable,
+        ] {
             let e = ProxyError::Unauthenticated(r);
             assert_eq!(e.text(), r.to_string());
             // Envoy's form: the text, spaces as underscores, in braces.
             let want = format!("jwt_authn_access_denied{{{}}}", r.text().replace(' ', "_"));
             assert_eq!(e.details(), Some(want.as_str()));
         }
-        assert_eq!(ProxyError::Denied("p".into()).details(), Some("rbac_access_denied_matched_policy[none]"));
+        assert_eq!(
+            ProxyError::Denied("p".into()).details(),
+            Some("rbac_access_denied_matched_policy[none]")
+        );
         assert_eq!(ProxyError::NoRoute.details(), None);
     }
 }

@@ -256,7 +256,10 @@ pub fn record(r: &Record) {
     h.duration.record(r.duration.as_secs_f64() * 1000.0);
     h.request_bytes.record(r.request_bytes as f64);
     h.response_bytes.record(r.response_bytes as f64);
-    if let Some(reason) = r.details.and_then(|d| d.strip_prefix("jwt_authn_access_denied")) {
+    if let Some(reason) = r
+        .details
+        .and_then(|d| d.strip_prefix("jwt_authn_access_denied"))
+    {
         let reason = reason.trim_matches(['{', '}']).to_string();
         metrics::counter!("istio_waypoint_jwt_denied_total", "reason" => reason).increment(1);
     }

@@ -53,7 +53,9 @@ spec:
 ";
 
 fn code(m: &Mesh, url: &str, token: Option<&str>) -> String {
-    let auth = token.map(|t| format!("-H 'Authorization: Bearer {t}'")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("-H 'Authorization: Bearer {t}'"))
+        .unwrap_or_default();
     let (_, out) = sh_out(&format!(
         "ip netns exec {} curl -s -m 10 {auth} -w '%{{http_code}}' -o /dev/null '{url}'",
         m.pod_ns("client")
@@ -74,18 +76,39 @@ async fn api_request_authentication_at_the_waypoint() {
     c.start_istiod().await;
     c.apply(OBJECTS).await;
     let label = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     };
-    for (name, labels) in [("client", label(&[("app", "client")])), ("echo", label(&[("app", "echo")]))] {
-        c.pod("app", name, name, "node1", Some(&m.ip(name)), &labels).await;
+    for (name, labels) in [
+        ("client", label(&[("app", "client")])),
+        ("echo", label(&[("app", "echo")])),
+    ] {
+        c.pod("app", name, name, "node1", Some(&m.ip(name)), &labels)
+            .await;
         c.mark_captured("app", name).await;
     }
     let wp_labels = label(&[
         ("gateway.networking.k8s.io/gateway-name", "waypoint"),
         ("istio.io/dataplane-mode", "none"),
     ]);
-    let wp_pod = c.pod("app", "waypoint", "waypoint", "node1", Some("10.244.1.20"), &wp_labels).await;
-    c.endpoint_slice("app", "waypoint", &[("mesh", 15008)], &[("waypoint", "10.244.1.20")]).await;
+    let wp_pod = c
+        .pod(
+            "app",
+            "waypoint",
+            "waypoint",
+            "node1",
+            Some("10.244.1.20"),
+            &wp_labels,
+        )
+        .await;
+    c.endpoint_slice(
+        "app",
+        "waypoint",
+        &[("mesh", 15008)],
+        &[("waypoint", "10.244.1.20")],
+    )
+    .await;
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
     m.start_node("node1", &m.dir.clone()).await;
     m.http_server("echo", 8080);
@@ -106,26 +129,55 @@ async fn api_request_authentication_at_the_waypoint() {
     oidc::wait_ready(&m).await;
 
     let url = format!("http://{}/x", c.cluster_ip("app", "echo").await);
-    eventually("echo through the waypoint", Duration::from_secs(30), || code(&m, &url, None) == "200").await;
+    eventually("echo through the waypoint", Duration::from_secs(30), || {
+        code(&m, &url, None) == "200"
+    })
+    .await;
 
     c.apply(JWT).await;
-    let stored = c.get("security.istio.io/v1", "RequestAuthentication", "app", "jwt").await;
-    assert_eq!(stored["spec"]["jwtRules"][0]["issuer"], "https://idp.test", "{stored}");
-    eventually("the policy needs a token", Duration::from_secs(20), || code(&m, &url, None) == "403").await;
+    let stored = c
+        .get(
+            "security.istio.io/v1",
+            "RequestAuthentication",
+            "app",
+            "jwt",
+        )
+        .await;
+    assert_eq!(
+        stored["spec"]["jwtRules"][0]["issuer"], "https://idp.test",
+        "{stored}"
+    );
+    eventually("the policy needs a token", Duration::from_secs(20), || {
+        code(&m, &url, None) == "403"
+    })
+    .await;
     let valid = oidc::mint(&m, serde_json::json!({"sub": "alice"}));
     assert_eq!(code(&m, &url, Some(&valid)), "200");
-    let expired = oidc::mint(&m, serde_json::json!({"sub": "alice", "exp": 1000, "iat": 900}));
+    let expired = oidc::mint(
+        &m,
+        serde_json::json!({"sub": "alice", "exp": 1000, "iat": 900}),
+    );
     assert_eq!(code(&m, &url, Some(&expired)), "401");
     let dump = m.pod_config_dump("waypoint");
     assert!(
-        dump["request_authentications"].as_array().is_some_and(|l| l.iter().any(|r| r["name"] == "jwt")),
+        dump["request_authentications"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|r| r["name"] == "jwt")),
         "{dump}"
     );
     // Deleted through the API: the token is no longer looked at, and the
     // policy, still there, has no principal to match.
-    c.delete("security.istio.io/v1", "RequestAuthentication", "app", "jwt").await;
-    eventually("without RequestAuthentication no principal", Duration::from_secs(20), || {
-        code(&m, &url, Some(&valid)) == "403"
-    })
+    c.delete(
+        "security.istio.io/v1",
+        "RequestAuthentication",
+        "app",
+        "jwt",
+    )
+    .await;
+    eventually(
+        "without RequestAuthentication no principal",
+        Duration::from_secs(20),
+        || code(&m, &url, Some(&valid)) == "403",
+    )
     .await;
 }

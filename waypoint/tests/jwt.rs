@@ -89,7 +89,9 @@ spec:
 /// A server in `pod` that answers every request with its path and the
 /// headers it received, one `name: value` a line.
 fn header_echo(m: &Mesh, pod: &str, port: u16) {
-    let l = in_ns(&m.pod_ns(pod), move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+    let l = in_ns(&m.pod_ns(pod), move || {
+        TcpListener::bind(("0.0.0.0", port)).unwrap()
+    });
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             std::thread::spawn(move || {
@@ -112,7 +114,10 @@ fn header_echo(m: &Mesh, pod: &str, port: u16) {
                         body.push_str(&h.trim_end().to_ascii_lowercase());
                         body.push('\n');
                     }
-                    let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
                     if w.write_all(resp.as_bytes()).is_err() {
                         return;
                     }
@@ -124,7 +129,9 @@ fn header_echo(m: &Mesh, pod: &str, port: u16) {
 
 /// (status, body) of a GET from the client, with `token` as a bearer.
 fn get(m: &Mesh, path: &str, token: Option<&str>) -> (u16, String) {
-    let auth = token.map(|t| format!("-H 'Authorization: Bearer {t}'")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("-H 'Authorization: Bearer {t}'"))
+        .unwrap_or_default();
     let (_, out) = sh_out(&format!(
         "ip netns exec {} curl -s -m 10 {auth} -w '\n%{{http_code}}' 'http://10.96.0.20{path}'",
         m.pod_ns("client")
@@ -171,27 +178,50 @@ async fn request_authentication_at_the_waypoint() {
         "waypoint",
         "app",
         "waypoint",
-        &["--jwks-ca-file", &ca_arg, "--jwks-min-refetch-interval", "1s"],
+        &[
+            "--jwks-ca-file",
+            &ca_arg,
+            "--jwks-min-refetch-interval",
+            "1s",
+        ],
     );
-    eventually("service through the waypoint", Duration::from_secs(20), || {
-        get(&m, "/up", None).0 == 200
-    })
+    eventually(
+        "service through the waypoint",
+        Duration::from_secs(20),
+        || get(&m, "/up", None).0 == 200,
+    )
     .await;
 
     let claims = |sub: &str, extra: serde_json::Value| {
         let mut c = serde_json::json!({"sub": sub, "aud": ["echo"]});
-        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         c
     };
-    let alice = mint(&m, claims("alice", serde_json::json!({"groups": ["admins", "dev"], "org": {"team": "core"}})));
-    let bob = mint(&m, claims("bob", serde_json::json!({"groups": ["dev"], "org": {"team": "edge"}})));
+    let alice = mint(
+        &m,
+        claims(
+            "alice",
+            serde_json::json!({"groups": ["admins", "dev"], "org": {"team": "core"}}),
+        ),
+    );
+    let bob = mint(
+        &m,
+        claims(
+            "bob",
+            serde_json::json!({"groups": ["dev"], "org": {"team": "edge"}}),
+        ),
+    );
 
     // Fail closed: no keys, the token is rejected, never passed.
     assert_eq!(get(&m, "/down", Some(&alice)).0, 401);
     idp(&m, "/up", "");
-    eventually("the JWKS is fetched once the provider is back", Duration::from_secs(20), || {
-        get(&m, "/back", Some(&alice)).0 == 200
-    })
+    eventually(
+        "the JWKS is fetched once the provider is back",
+        Duration::from_secs(20),
+        || get(&m, "/back", Some(&alice)).0 == 200,
+    )
     .await;
 
     // A verified token: its claims and payload reach the server, the
@@ -200,7 +230,10 @@ async fn request_authentication_at_the_waypoint() {
     assert_eq!(code, 200, "{seen}");
     assert!(seen.lines().any(|l| l == "x-jwt-sub: alice"), "{seen}");
     assert!(seen.lines().any(|l| l == "x-jwt-team: core"), "{seen}");
-    assert!(!seen.contains("authorization:"), "the token was forwarded: {seen}");
+    assert!(
+        !seen.contains("authorization:"),
+        "the token was forwarded: {seen}"
+    );
     let payload = seen
         .lines()
         .find_map(|l| l.strip_prefix("x-jwt-payload: "))
@@ -209,7 +242,9 @@ async fn request_authentication_at_the_waypoint() {
     let raw = alice.split('.').nth(1).unwrap();
     assert_eq!(payload, raw.to_ascii_lowercase());
     let decoded: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(raw).unwrap(),
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(raw)
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(decoded["sub"], "alice");
@@ -231,11 +266,36 @@ async fn request_authentication_at_the_waypoint() {
     tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).unwrap();
     let bad = [
-        ("expired", mint(&m, claims("carol", serde_json::json!({"exp": now() - 3600, "iat": now() - 7200}))), "Jwt_is_expired"),
-        ("foreign issuer", mint(&m, claims("carol", serde_json::json!({"iss": "https://evil.test"}))), "Jwt_issuer_is_not_configured"),
-        ("wrong audience", mint(&m, serde_json::json!({"sub": "carol", "aud": ["other"]})), "Audiences_in_Jwt_are_not_allowed"),
+        (
+            "expired",
+            mint(
+                &m,
+                claims(
+                    "carol",
+                    serde_json::json!({"exp": now() - 3600, "iat": now() - 7200}),
+                ),
+            ),
+            "Jwt_is_expired",
+        ),
+        (
+            "foreign issuer",
+            mint(
+                &m,
+                claims("carol", serde_json::json!({"iss": "https://evil.test"})),
+            ),
+            "Jwt_issuer_is_not_configured",
+        ),
+        (
+            "wrong audience",
+            mint(&m, serde_json::json!({"sub": "carol", "aud": ["other"]})),
+            "Audiences_in_Jwt_are_not_allowed",
+        ),
         ("tampered", tampered, "Jwt_verification_fails"),
-        ("not a token", "garbage".to_string(), "Jwt_is_not_in_the_form_of_Header.Payload.Signature"),
+        (
+            "not a token",
+            "garbage".to_string(),
+            "Jwt_is_not_in_the_form_of_Header.Payload.Signature",
+        ),
     ];
     for (what, token, _) in &bad {
         let (code, body) = get(&m, &format!("/bad/{}", what.replace(' ', "-")), Some(token));
@@ -250,23 +310,33 @@ async fn request_authentication_at_the_waypoint() {
         let path = format!("/bad/{}", what.replace(' ', "-"));
         let want = format!("jwt_authn_access_denied{{{reason}}}");
         assert!(
-            log.iter().any(|l| l["path"] == path.as_str() && l["response_code"] == 401 && l["response_code_details"] == want.as_str()),
+            log.iter().any(|l| l["path"] == path.as_str()
+                && l["response_code"] == 401
+                && l["response_code_details"] == want.as_str()),
             "{what}: no access-log line with {want}: {log:#?}"
         );
     }
     let metrics = m.pod_http("waypoint", 15020, "/metrics");
     assert!(
-        metrics.lines().any(|l| l.starts_with("istio_waypoint_jwt_denied_total") && l.contains("reason=\"Jwt_is_expired\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_waypoint_jwt_denied_total")
+                && l.contains("reason=\"Jwt_is_expired\"")),
         "{metrics}"
     );
     assert!(
-        metrics.lines().any(|l| l.starts_with("istio_requests_total") && l.contains("response_code=\"401\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total") && l.contains("response_code=\"401\"")),
         "{metrics}"
     );
 
     // AuthorizationPolicy reads the verified token.
     m.write_config(&format!("{MESH}{POLICY}"));
-    eventually("the policy applies", Duration::from_secs(10), || get(&m, "/any", None).0 == 403).await;
+    eventually("the policy applies", Duration::from_secs(10), || {
+        get(&m, "/any", None).0 == 403
+    })
+    .await;
     let body = get(&m, "/any", None).1;
     assert_eq!(body, "RBAC: access denied");
     assert_eq!(get(&m, "/any", Some(&bob)).0, 200);
@@ -288,9 +358,11 @@ async fn request_authentication_at_the_waypoint() {
     // which triggers the fetch); the old key is gone from it.
     idp(&m, "/rotate", "");
     let rotated = mint(&m, claims("dave", serde_json::json!({})));
-    eventually("the rotated key is fetched", Duration::from_secs(20), || {
-        get(&m, "/any/rotated", Some(&rotated)).0 == 200
-    })
+    eventually(
+        "the rotated key is fetched",
+        Duration::from_secs(20),
+        || get(&m, "/any/rotated", Some(&rotated)).0 == 200,
+    )
     .await;
     assert_eq!(get(&m, "/any/old", Some(&bob)).0, 401);
 }

@@ -62,7 +62,11 @@ pub enum JwksError {
 impl Jwks {
     /// `ca`: PEM roots trusted for `jwksUri` servers besides the system's
     /// (an operator's private CA).
-    pub fn new(ca: Option<&Path>, refresh: Duration, min_refetch: Duration) -> Result<Self, JwksError> {
+    pub fn new(
+        ca: Option<&Path>,
+        refresh: Duration,
+        min_refetch: Duration,
+    ) -> Result<Self, JwksError> {
         let mut roots = RootCertStore::empty();
         let mut add = |path: &Path, required: bool| -> Result<(), JwksError> {
             let err = |why: String| JwksError::Ca {
@@ -170,7 +174,10 @@ impl Jwks {
             let _ = tokio::time::timeout(timeout, done.changed()).await;
         }
         let st = entry.state.lock().unwrap();
-        st.keys.as_ref().map(|(k, _)| k.clone()).ok_or(JwtReject::JwksFetch)
+        st.keys
+            .as_ref()
+            .map(|(k, _)| k.clone())
+            .ok_or(JwtReject::JwksFetch)
     }
 }
 
@@ -200,7 +207,10 @@ async fn fetch_into(entry: Arc<Remote>, tls: Arc<ClientConfig>, timeout: Duratio
 async fn fetch(uri: &str, tls: Arc<ClientConfig>) -> Result<JwkSet, String> {
     let u: http::Uri = uri.parse().map_err(|e| format!("{e}"))?;
     let host = u.host().ok_or("no host")?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = u.port_u16().unwrap_or(443);
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
@@ -221,7 +231,10 @@ async fn fetch(uri: &str, tls: Arc<ClientConfig>) -> Result<JwkSet, String> {
         .header("accept", "application/json")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| format!("HTTP: {e}"))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
     if resp.status() != http::StatusCode::OK {
         return Err(format!("status {}", resp.status()));
     }

@@ -199,7 +199,10 @@ pub async fn authenticate(
     for (f, by) in &found {
         let peeked = verify::peek(&f.token)?;
         // The issuer picks the rule; an unreadable object accepts nothing.
-        if by.iter().any(|i| matches!(checkers[*i], Checker::Unreadable)) {
+        if by
+            .iter()
+            .any(|i| matches!(checkers[*i], Checker::Unreadable))
+        {
             return Err(JwtReject::Unusable);
         }
         let rules: Vec<&JwtRule> = by
@@ -214,7 +217,9 @@ pub async fn authenticate(
         }
         let mut outcome = Err(JwtReject::UnknownIssuer);
         for r in &rules {
-            outcome = check(jwks, r, &f.token, peeked.kid.as_deref()).await.map(|c| (c, *r));
+            outcome = check(jwks, r, &f.token, peeked.kid.as_deref())
+                .await
+                .map(|c| (c, *r));
             if outcome.is_ok() {
                 break;
             }
@@ -224,7 +229,10 @@ pub async fn authenticate(
             strip_at.push(f.at.clone());
         }
         if first.is_none() {
-            let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+            let sub = claims
+                .get("sub")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let auth = RequestAuth {
                 principal: format!("{}/{sub}", peeked.issuer),
                 claims,

@@ -69,9 +69,10 @@ pub fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<Map<String, 
         return Err(JwtReject::NoKey);
     }
     let fits = |k: &&Jwk| {
-        u.kid.as_deref().is_none_or(|kid| k.common.key_id.as_deref() == Some(kid))
-            && k
-                .common
+        u.kid
+            .as_deref()
+            .is_none_or(|kid| k.common.key_id.as_deref() == Some(kid))
+            && k.common
                 .key_algorithm
                 .is_none_or(|a| a.to_string() == format!("{:?}", u.alg))
     };
@@ -104,9 +105,10 @@ pub fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<Map<String, 
                     ErrorKind::MissingRequiredClaim(c) if c == "aud" => JwtReject::Audience,
                     ErrorKind::InvalidIssuer => JwtReject::UnknownIssuer,
                     ErrorKind::InvalidAlgorithm => JwtReject::NoKey,
-                    ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
-                        JwtReject::Malformed
-                    }
+                    ErrorKind::InvalidToken
+                    | ErrorKind::Base64(_)
+                    | ErrorKind::Json(_)
+                    | ErrorKind::Utf8(_) => JwtReject::Malformed,
                     _ => JwtReject::Signature,
                 };
                 // A claim error means the signature held: no other key

@@ -49,7 +49,8 @@ pub(crate) fn sign(k: &Key, kid: Option<&str>, claims: serde_json::Value) -> Str
 }
 
 pub(crate) fn set(keys: &[&Key]) -> JwkSet {
-    serde_json::from_value(json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()})).unwrap()
+    serde_json::from_value(json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}))
+        .unwrap()
 }
 
 pub(crate) fn rule(audiences: &[&str]) -> JwtRule {
@@ -69,12 +70,19 @@ pub(crate) fn rule(audiences: &[&str]) -> JwtRule {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[test]
 fn each_algorithm_verifies_with_its_key_only() {
-    let keys = [ec(Algorithm::ES256, "p256"), ec(Algorithm::ES384, "p384"), ed("ed")];
+    let keys = [
+        ec(Algorithm::ES256, "p256"),
+        ec(Algorithm::ES384, "p384"),
+        ed("ed"),
+    ];
     let all = set(&keys.iter().collect::<Vec<_>>());
     let claims = json!({"iss": "https://idp", "sub": "alice", "aud": "api", "exp": now() + 600});
     for k in &keys {
@@ -83,12 +91,27 @@ fn each_algorithm_verifies_with_its_key_only() {
         let got = verify(&t, &rule(&["api"]), &all).unwrap_or_else(|e| panic!("{:?}: {e}", k.alg));
         assert_eq!(got["sub"], "alice");
         // Without a kid, the key that fits is found.
-        assert!(verify(&sign(k, None, claims.clone()), &rule(&[]), &all).is_ok(), "{:?}", k.alg);
+        assert!(
+            verify(&sign(k, None, claims.clone()), &rule(&[]), &all).is_ok(),
+            "{:?}",
+            k.alg
+        );
         // A set without its key: no key to match.
-        let others = set(&keys.iter().filter(|o| o.jwk["kid"] != kid).collect::<Vec<_>>());
-        assert_eq!(verify(&t, &rule(&[]), &others), Err(JwtReject::NoKey), "{:?}", k.alg);
+        let others = set(&keys
+            .iter()
+            .filter(|o| o.jwk["kid"] != kid)
+            .collect::<Vec<_>>());
+        assert_eq!(
+            verify(&t, &rule(&[]), &others),
+            Err(JwtReject::NoKey),
+            "{:?}",
+            k.alg
+        );
     }
 }
+
+/// (what, token, audiences, outcome)
+type Case<'a> = (&'a str, String, Vec<&'a str>, Result<(), JwtReject>);
 
 #[test]
 fn claims_and_signatures_fail_with_envoys_reasons() {
@@ -97,7 +120,9 @@ fn claims_and_signatures_fail_with_envoys_reasons() {
     let t = |c: serde_json::Value| sign(&k, Some("k"), c);
     let base = |extra: serde_json::Value| {
         let mut c = json!({"iss": "https://idp", "sub": "s", "aud": ["api", "web"]});
-        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         c
     };
     let n = now();
@@ -112,23 +137,97 @@ fn claims_and_signatures_fail_with_envoys_reasons() {
     parts[1] = &forged_payload;
     let swapped = parts.join(".");
     let other_key = ec(Algorithm::ES256, "k");
-    // (what, token, audiences, outcome)
-    let cases: Vec<(&str, String, Vec<&str>, Result<(), JwtReject>)> = vec![
-        ("valid, no exp (Envoy does not require one)", good.clone(), vec!["api"], Ok(())),
-        ("any listed audience", good.clone(), vec!["other", "web"], Ok(())),
-        ("audiences unchecked when none are listed", good.clone(), vec![], Ok(())),
-        ("wrong audience", good.clone(), vec!["other"], Err(JwtReject::Audience)),
-        ("no aud claim but audiences listed", t(json!({"iss": "https://idp", "sub": "s"})), vec!["api"], Err(JwtReject::Audience)),
-        ("expired", t(base(json!({"exp": n - 3600}))), vec![], Err(JwtReject::Expired)),
-        ("expired within the 60 s skew", t(base(json!({"exp": n - 30}))), vec![], Ok(())),
-        ("not yet valid", t(base(json!({"nbf": n + 3600}))), vec![], Err(JwtReject::NotYetValid)),
-        ("not yet valid within the skew", t(base(json!({"nbf": n + 30}))), vec![], Ok(())),
-        ("another issuer", t(json!({"iss": "https://evil", "sub": "s"})), vec![], Err(JwtReject::UnknownIssuer)),
-        ("tampered signature", tampered, vec![], Err(JwtReject::Signature)),
-        ("payload swapped", swapped, vec![], Err(JwtReject::Signature)),
-        ("signed by another key with the same kid", sign(&other_key, Some("k"), base(json!({}))), vec![], Err(JwtReject::Signature)),
+    let cases: Vec<Case> = vec![
+        (
+            "valid, no exp (Envoy does not require one)",
+            good.clone(),
+            vec!["api"],
+            Ok(()),
+        ),
+        (
+            "any listed audience",
+            good.clone(),
+            vec!["other", "web"],
+            Ok(()),
+        ),
+        (
+            "audiences unchecked when none are listed",
+            good.clone(),
+            vec![],
+            Ok(()),
+        ),
+        (
+            "wrong audience",
+            good.clone(),
+            vec!["other"],
+            Err(JwtReject::Audience),
+        ),
+        (
+            "no aud claim but audiences listed",
+            t(json!({"iss": "https://idp", "sub": "s"})),
+            vec!["api"],
+            Err(JwtReject::Audience),
+        ),
+        (
+            "expired",
+            t(base(json!({"exp": n - 3600}))),
+            vec![],
+            Err(JwtReject::Expired),
+        ),
+        (
+            "expired within the 60 s skew",
+            t(base(json!({"exp": n - 30}))),
+            vec![],
+            Ok(()),
+        ),
+        (
+            "not yet valid",
+            t(base(json!({"nbf": n + 3600}))),
+            vec![],
+            Err(JwtReject::NotYetValid),
+        ),
+        (
+            "not yet valid within the skew",
+            t(base(json!({"nbf": n + 30}))),
+            vec![],
+            Ok(()),
+        ),
+        (
+            "another issuer",
+            t(json!({"iss": "https://evil", "sub": "s"})),
+            vec![],
+            Err(JwtReject::UnknownIssuer),
+        ),
+        (
+            "tampered signature",
+            tampered,
+            vec![],
+            Err(JwtReject::Signature),
+        ),
+        (
+            "payload swapped",
+            swapped,
+            vec![],
+            Err(JwtReject::Signature),
+        ),
+        (
+            "signed by another key with the same kid",
+            sign(&other_key, Some("k"), base(json!({}))),
+            vec![],
+            Err(JwtReject::Signature),
+        ),
         ("not a JWT", "a.b".into(), vec![], Err(JwtReject::Malformed)),
-        ("HS256 is never accepted", jsonwebtoken::encode(&Header::new(Algorithm::HS256), &base(json!({})), &EncodingKey::from_secret(b"s")).unwrap(), vec![], Err(JwtReject::NoKey)),
+        (
+            "HS256 is never accepted",
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &base(json!({})),
+                &EncodingKey::from_secret(b"s"),
+            )
+            .unwrap(),
+            vec![],
+            Err(JwtReject::NoKey),
+        ),
     ];
     for (what, token, aud, want) in cases {
         let got = verify(&token, &rule(&aud), &keys).map(|_| ());
@@ -140,7 +239,10 @@ fn claims_and_signatures_fail_with_envoys_reasons() {
 fn peek_reads_the_issuer_and_kid_unverified() {
     let k = ed("e1");
     let u = peek(&sign(&k, Some("e1"), json!({"iss": "https://idp"}))).unwrap();
-    assert_eq!((u.issuer.as_str(), u.kid.as_deref(), u.alg), ("https://idp", Some("e1"), Algorithm::EdDSA));
+    assert_eq!(
+        (u.issuer.as_str(), u.kid.as_deref(), u.alg),
+        ("https://idp", Some("e1"), Algorithm::EdDSA)
+    );
     assert_eq!(peek("x.y.z").err(), Some(JwtReject::Malformed));
     let keys = set(&[&k]);
     assert!(has_key(&keys, Some("e1")) && has_key(&keys, None) && !has_key(&keys, Some("e2")));

@@ -23,7 +23,11 @@ impl Drop for Peer {
 fn oidc_bin() -> PathBuf {
     let dir = std::env::var("MESH_PEERS_DIR").unwrap_or_else(|_| "/var/cache/mesh-peers".into());
     let p = PathBuf::from(dir).join("bin/oidc");
-    assert!(p.exists(), "{} missing: build the peers first with scripts/peers.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: build the peers first with scripts/peers.sh",
+        p.display()
+    );
     p
 }
 
@@ -74,8 +78,10 @@ pub fn mint(m: &Mesh, claims: serde_json::Value) -> String {
 
 /// Waits for the provider's control port.
 pub async fn wait_ready(m: &Mesh) {
-    eventually("the OIDC provider's control port", std::time::Duration::from_secs(10), || {
-        idp(m, "/issuer", "") == ISSUER
-    })
+    eventually(
+        "the OIDC provider's control port",
+        std::time::Duration::from_secs(10),
+        || idp(m, "/issuer", "") == ISSUER,
+    )
     .await;
 }
