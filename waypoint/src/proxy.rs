@@ -537,7 +537,20 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         tokio::time::sleep(d).await;
     }
     let sent = match planned.action {
-        Err(e) => Sent::local(&e, grpc),
+        Err(e) => {
+            let mut sent = Sent::local(&e, grpc);
+            // As Envoy's jwt_authn answers a token it rejects.
+            if matches!(e, crate::error::ProxyError::Unauthenticated(_)) {
+                let realm = format!(
+                    "Bearer realm=\"http://{authority}{}\", error=\"invalid_token\"",
+                    parts.uri.path()
+                );
+                if let Ok(v) = HeaderValue::try_from(realm) {
+                    sent.resp.headers_mut().insert("www-authenticate", v);
+                }
+            }
+            sent
+        }
         Ok(Action::Respond(resp, flags)) => Sent::answer(resp, flags),
         Ok(Action::Forward(fwd)) => {
             let out = Outgoing {

@@ -301,6 +301,17 @@ async fn request_authentication_at_the_waypoint() {
         let (code, body) = get(&m, &format!("/bad/{}", what.replace(' ', "-")), Some(token));
         assert_eq!(code, 401, "{what}: {body}");
     }
+    let (_, head) = sh_out(&format!(
+        "ip netns exec {} curl -s -m 10 -o /dev/null -D - -H 'Authorization: Bearer {}' http://10.96.0.20/head",
+        m.pod_ns("client"),
+        bad[0].1
+    ));
+    assert!(
+        head.to_ascii_lowercase().contains(
+            "www-authenticate: bearer realm=\"http://10.96.0.20/head\", error=\"invalid_token\""
+        ),
+        "{head}"
+    );
     // Without a token and without a policy asking for one: allowed.
     assert_eq!(get(&m, "/anonymous", None).0, 200);
     // The operator reads each rejection apart from RBAC denials.
