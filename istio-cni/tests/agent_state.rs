@@ -74,6 +74,7 @@ async fn start(dir: &Path, store: Arc<MeshStore>) -> Node {
         plugin_socket: dir.join("plugin.sock"),
         state_dir: dir.join("state"),
         dns_capture: true,
+        ipv6: true,
         exclude_namespaces: vec!["kube-system".into()],
         probe_snat: false,
         host_netns: None,

@@ -46,17 +46,29 @@ impl Netns {
             ":OUTPUT ",
             ":POSTROUTING ",
         ];
+        let rules = |save: &str| -> String {
+            self.sh(save)
+                .lines()
+                .filter(|l| {
+                    l.starts_with("-A")
+                        || (l.starts_with(':') && !BUILTIN.iter().any(|b| l.starts_with(b)))
+                        || (l.starts_with(':') && !l.contains("ACCEPT"))
+                })
+                .map(|l| l.split(" [").next().unwrap().to_string() + "\n")
+                .collect()
+        };
+        rules("iptables-save") + &self.sh("ip rule show") + &self.sh("ip route show table all")
+    }
+
+    /// The same for IPv6.
+    fn state6(&self) -> String {
         let rules: String = self
-            .sh("iptables-save")
+            .sh("ip6tables-save")
             .lines()
-            .filter(|l| {
-                l.starts_with("-A")
-                    || (l.starts_with(':') && !BUILTIN.iter().any(|b| l.starts_with(b)))
-                    || (l.starts_with(':') && !l.contains("ACCEPT"))
-            })
+            .filter(|l| l.starts_with("-A") || l.contains("ISTIO"))
             .map(|l| l.split(" [").next().unwrap().to_string() + "\n")
             .collect();
-        rules + &self.sh("ip rule show") + &self.sh("ip route show table all")
+        rules + &self.sh("ip -6 rule show") + &self.sh("ip -6 route show table all")
     }
 }
 
@@ -75,10 +87,12 @@ fn install_is_idempotent_and_removal_is_exact() {
         Options {
             dns: true,
             inbound: true,
+            ipv6: false,
         },
         Options {
             dns: false,
             inbound: false,
+            ipv6: false,
         },
     ] {
         install(&ns.path(), opts).unwrap();
@@ -105,6 +119,46 @@ fn install_is_idempotent_and_removal_is_exact() {
     }
     remove(&ns.path()).unwrap();
     assert_eq!(ns.state(), before, "second removal");
+}
+
+/// A pod with an IPv6 address gets the same chains with ip6tables; an
+/// install without `ipv6` takes them out again, and removal is exact for
+/// both families.
+#[test]
+fn ipv6_rules_install_idempotently_and_go_with_the_option() {
+    let ns = Netns::new("v6");
+    let (before, before6) = (ns.state(), ns.state6());
+    let dual = Options {
+        dns: true,
+        inbound: true,
+        ipv6: true,
+    };
+    install(&ns.path(), dual).unwrap();
+    let (once, once6) = (ns.state(), ns.state6());
+    install(&ns.path(), dual).unwrap();
+    assert_eq!((ns.state(), ns.state6()), (once.clone(), once6.clone()), "second install");
+    for port in ["15001", "15006", "15053"] {
+        assert!(once6.contains(&format!("--to-ports {port}")), "{once6}");
+    }
+    assert!(once6.contains("! -d ::1/128"), "{once6}");
+    assert!(once6.contains("-s fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128"), "{once6}");
+    assert!(once6.contains("fwmark 0x111/0xfff lookup 100"), "{once6}");
+    assert!(once6.contains("local default dev lo table 100"), "{once6}");
+    assert_eq!(once6.matches("-A OUTPUT -j ISTIO_OUTPUT").count(), 3, "{once6}");
+    assert!(!once6.contains("127.0.0.1") && !once6.contains("169.254"), "{once6}");
+    // The v4 rules are what a v4-only install writes.
+    assert!(once.contains("--to-ports 15001") && !once.contains("::1"), "{once}");
+    assert!(istio_cni::redirect::installed(&ns.path(), dual).unwrap());
+
+    // The pod loses its v6 address: its v6 rules go, the v4 ones stay.
+    let v4 = Options { ipv6: false, ..dual };
+    install(&ns.path(), v4).unwrap();
+    assert_eq!(ns.state6(), before6, "v6 rules left after a v4-only install");
+    assert_eq!(ns.state(), once);
+
+    install(&ns.path(), dual).unwrap();
+    remove(&ns.path()).unwrap();
+    assert_eq!((ns.state(), ns.state6()), (before, before6), "removal left something");
 }
 
 #[test]

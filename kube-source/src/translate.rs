@@ -359,7 +359,11 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
         let status = if ip.is_empty() {
             serde_json::json!({})
         } else {
-            serde_json::json!({ "podIP": ip })
+            // A dual-stack pod's addresses of both families, podIP first.
+            match status.and_then(|s| s.get("podIPs")) {
+                Some(ips) => serde_json::json!({ "podIP": ip, "podIPs": ips }),
+                None => serde_json::json!({ "podIP": ip }),
+            }
         };
         out.insert("status".into(), status);
     }

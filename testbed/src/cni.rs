@@ -390,6 +390,7 @@ impl Mesh {
                 namespace: namespace.into(),
                 sa: sa.into(),
                 ip: ip.into(),
+                ips: vec![ip.into()],
                 node: node.into(),
                 captured: true,
             },

@@ -162,7 +162,7 @@ fn workload<'a>(state: &MeshState, w: &'a Workload, cluster_id: &'a str) -> Work
         workload_ips: if w.ip.is_unspecified() {
             Vec::new()
         } else {
-            vec![w.ip.to_string()]
+            w.addresses().map(|ip| ip.to_string()).collect()
         },
         waypoint: w.waypoint.as_ref().map(|wp| waypoint_address(state, wp)),
         protocol: match w.protocol {

@@ -48,6 +48,8 @@ pub struct Config {
     pub plugin_socket: PathBuf,
     pub state_dir: PathBuf,
     pub dns_capture: bool,
+    /// Capture pods' IPv6 too (AMBIENT_IPV6); off refuses pods with one.
+    pub ipv6: bool,
     pub exclude_namespaces: Vec<String>,
     /// Keep the node's probe SNAT rule and ipset.
     pub probe_snat: bool,

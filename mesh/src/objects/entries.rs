@@ -213,6 +213,7 @@ impl Objects {
             trust_domain: s.get(&self.trust_domain),
             node: s.get(""),
             ip: at.0,
+            extra_ips: Vec::new(),
             hostname: at.1.map(|h| s.get(h)),
             labels,
             annotations: Default::default(),
