@@ -428,3 +428,58 @@ fn hostname_workloads_are_endpoints_found_by_uid_only() {
     r.build();
     assert_eq!(r.index_sizes(), [0; 7]);
 }
+
+/// istiod on a dual-stack cluster: a workload with an address per family
+/// and a service with a VIP per family. Both addresses find the workload,
+/// both VIPs the service, and a bad second address refuses the resource.
+#[test]
+fn dual_stack_workloads_and_services() {
+    let mut r = Resources::default();
+    let key = "demo/echo.demo.svc.cluster.local";
+    let v6: std::net::Ipv6Addr = "fd00:10:244::1:2".parse().unwrap();
+    let mut echo = workload("echo", [10, 244, 1, 2], Some((key, 80, 8080)), &[]);
+    echo.addresses.push(v6.octets().to_vec());
+    put(&mut r, "a", wl::address::Type::Workload(echo.clone()));
+    let vip6: std::net::Ipv6Addr = "fd00:10:96::10".parse().unwrap();
+    put(
+        &mut r,
+        "svc",
+        wl::address::Type::Service(wl::Service {
+            name: "echo".into(),
+            namespace: "demo".into(),
+            hostname: "echo.demo.svc.cluster.local".into(),
+            addresses: [vec![10, 96, 0, 10], vip6.octets().to_vec()]
+                .into_iter()
+                .map(|address| wl::NetworkAddress {
+                    network: String::new(),
+                    address,
+                })
+                .collect(),
+            ports: vec![wl::Port {
+                service_port: 80,
+                target_port: 0,
+                app_protocol: 0,
+            }],
+            waypoint: None,
+        }),
+    );
+    let st = r.build();
+    let by4 = st.workload_by_ip("10.244.1.2".parse().unwrap()).unwrap();
+    let by6 = st.workload_by_ip(v6.into()).unwrap();
+    assert!(Arc::ptr_eq(by4, by6));
+    assert_eq!(by4.ip, "10.244.1.2".parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(by4.address_like(vip6.into()), std::net::IpAddr::from(v6));
+    let s4 = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+    let s6 = st.service_by_vip(vip6.into()).unwrap();
+    assert!(Arc::ptr_eq(s4, s6));
+    assert_eq!(st.endpoints_for(s6, 80).len(), 1);
+
+    // A second address that is no address: NACKed, the old one kept.
+    echo.addresses[1] = vec![1, 2, 3];
+    let body = wl::Address {
+        r#type: Some(wl::address::Type::Workload(echo)),
+    }
+    .encode_to_vec();
+    assert!(r.upsert(ADDRESS_TYPE, "a", "v2", &body).is_err());
+    assert!(r.build().workload_by_ip(v6.into()).is_some());
+}
