@@ -177,6 +177,15 @@ fn snat_rules(save: &str) -> usize {
         .count()
 }
 
+fn snat_rules6(save: &str) -> usize {
+    save.lines()
+        .filter(|l| {
+            l.contains("istio-inpod-probes-v6")
+                && l.contains("SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+        })
+        .count()
+}
+
 #[test]
 fn a_node_with_only_legacy_rules_gets_legacy_rules() {
     let ns = Netns::new("legacy");
@@ -185,12 +194,20 @@ fn a_node_with_only_legacy_rules_gets_legacy_rules() {
     assert!(!ns.sh("iptables-nft-save").contains("-A "));
     let host = Host::detect(Some(ns.path())).unwrap();
     assert_eq!(host.backend(), Backend::Legacy);
-    host.install().unwrap();
-    host.install().unwrap();
+    host.install(true).unwrap();
+    host.install(true).unwrap();
     assert_eq!(snat_rules(&ns.sh("iptables-legacy-save -t nat")), 1);
     assert_eq!(snat_rules(&ns.sh("iptables-nft-save")), 0);
     host.add_pod("10.244.1.10".parse().unwrap()).unwrap();
-    assert_eq!(host.members().unwrap(), ["10.244.1.10"]);
+    assert_eq!(host.members(false).unwrap(), ["10.244.1.10"]);
+    // IPv6 the same way, with ip6tables of the same backend.
+    assert_eq!(snat_rules6(&ns.sh("ip6tables-legacy-save -t nat")), 1);
+    assert_eq!(snat_rules6(&ns.sh("ip6tables-nft-save")), 0);
+    host.add_pod("fd00:10:244::1:10".parse().unwrap()).unwrap();
+    assert_eq!(host.members(true).unwrap(), ["fd00:10:244::1:10"]);
+    assert_eq!(host.members(false).unwrap(), ["10.244.1.10"]);
+    host.del_pod("fd00:10:244::1:10".parse().unwrap()).unwrap();
+    assert!(host.members(true).unwrap().is_empty());
 }
 
 #[test]
@@ -198,9 +215,11 @@ fn a_node_without_rules_gets_nft_rules() {
     let ns = Netns::new("nft");
     let host = Host::detect(Some(ns.path())).unwrap();
     assert_eq!(host.backend(), Backend::Nft);
-    host.install().unwrap();
+    host.install(true).unwrap();
     assert_eq!(snat_rules(&ns.sh("iptables-nft-save -t nat")), 1);
     assert_eq!(snat_rules(&ns.sh("iptables-legacy-save")), 0);
+    assert_eq!(snat_rules6(&ns.sh("ip6tables-nft-save -t nat")), 1);
+    assert_eq!(snat_rules6(&ns.sh("ip6tables-legacy-save")), 0);
     // Its own rules (an agent restarted) keep it on nft.
     assert_eq!(
         Host::detect(Some(ns.path())).unwrap().backend(),
