@@ -96,6 +96,16 @@ pub struct ServiceFamilies {
     pub ip_family_policy: Option<String>,
 }
 
+/// What the Service's `ipFamilies` says (checked by `service_vips`).
+pub fn service_families(f: &ServiceFamilies) -> crate::model::IpFamilies {
+    use crate::model::IpFamilies;
+    match f.ip_families.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["IPv4"] => IpFamilies::V4Only,
+        ["IPv6"] => IpFamilies::V6Only,
+        _ => IpFamilies::Any,
+    }
+}
+
 /// The Service's VIPs, the primary first; empty for a headless Service.
 pub fn service_vips(f: &ServiceFamilies) -> Result<Vec<IpAddr>, Invalid> {
     if f.cluster_ip == "None" {

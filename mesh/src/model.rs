@@ -109,6 +109,10 @@ impl NameIndex {
     }
 }
 
+fn is_any_family(f: &IpFamilies) -> bool {
+    *f == IpFamilies::Any
+}
+
 fn no_labels(l: &Labels) -> bool {
     l.is_empty()
 }
@@ -156,6 +160,28 @@ pub struct Endpoint {
     pub ip: IpAddr,
 }
 
+/// The address families a Service serves (`spec.ipFamilies`, WDS
+/// `ip_families`). Its VIPs say it for a Service that has them; a headless
+/// one answers DNS with its endpoints' addresses of these families only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum IpFamilies {
+    /// Both, or not said.
+    #[default]
+    Any,
+    V4Only,
+    V6Only,
+}
+
+impl IpFamilies {
+    pub fn admits(self, ip: IpAddr) -> bool {
+        match self {
+            IpFamilies::Any => true,
+            IpFamilies::V4Only => ip.is_ipv4(),
+            IpFamilies::V6Only => ip.is_ipv6(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Service {
     /// The waypoint its own or its namespace's label asks for.
@@ -164,6 +190,8 @@ pub struct Service {
     pub namespace: String,
     pub hostname: String,
     pub vips: Vec<IpAddr>,
+    #[serde(skip_serializing_if = "is_any_family")]
+    pub ip_families: IpFamilies,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
 }
@@ -460,7 +488,8 @@ impl MeshState {
                         None => vec![e.ip],
                     }
                 });
-                ips.filter(|ip| !ip.is_unspecified()).collect()
+                ips.filter(|ip| !ip.is_unspecified() && s.ip_families.admits(*ip))
+                    .collect()
             } else {
                 s.vips.clone()
             });

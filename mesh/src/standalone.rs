@@ -322,6 +322,7 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
         labels: o.metadata.labels,
         selector: spec.selector.filter(|s| !s.is_empty()).map(Into::into),
         vips,
+        ip_families: crate::families::service_families(&spec.families),
         ports,
     })
 }

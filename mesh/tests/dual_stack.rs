@@ -135,3 +135,16 @@ fn bad_family_fields_are_refused_by_name() {
         assert_eq!(e.field, field, "{spec}: {e}");
     }
 }
+
+/// A headless Service of one family answers with its pods' addresses of
+/// that family only.
+#[test]
+fn a_single_family_headless_service_answers_its_family() {
+    let doc = format!(
+        "{DUAL}---\napiVersion: v1\nkind: Service\nmetadata: {{name: hl6, namespace: ns}}\nspec:\n  clusterIP: None\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n  selector: {{app: a}}\n  ports: [{{port: 80}}]\n"
+    );
+    let m = standalone::parse(&doc, "cluster.local").unwrap();
+    let mut got = m.addresses_of_host("hl6.ns.svc.cluster.local").unwrap();
+    got.sort();
+    assert_eq!(got, [ip("fd00::1"), ip("fd00::2")]);
+}

@@ -179,6 +179,7 @@ impl Objects {
                 namespace: se.namespace.clone(),
                 hostname: host.clone(),
                 vips: se.addresses.clone(),
+                ip_families: Default::default(),
                 ports: ports.clone(),
                 endpoints,
             });

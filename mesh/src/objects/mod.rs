@@ -85,6 +85,7 @@ pub struct ServiceDecl {
     /// None or empty: no endpoints are derived (they are managed elsewhere).
     pub selector: Option<crate::labels::LabelMap>,
     pub vips: Vec<IpAddr>,
+    pub ip_families: crate::model::IpFamilies,
     pub ports: Vec<ServicePort>,
 }
 
@@ -571,6 +572,7 @@ impl Objects {
             name: svc_name.clone(),
             namespace: namespace.clone(),
             vips: s.vips.clone(),
+            ip_families: s.ip_families,
             ports: s.ports.clone(),
             endpoints,
         });

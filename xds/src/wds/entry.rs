@@ -189,6 +189,13 @@ pub(super) fn service_entry(s: wl::Service, key: Arc<str>, version: Arc<str>) ->
         ),
         ports: exact(ports),
         endpoints: Vec::new(),
+        ip_families: match wl::IpFamilies::try_from(s.ip_families) {
+            Ok(wl::IpFamilies::Ipv4Only) => mesh::model::IpFamilies::V4Only,
+            Ok(wl::IpFamilies::Ipv6Only) => mesh::model::IpFamilies::V6Only,
+            // Automatic, dual, or a value newer than this proto: the
+            // addresses say.
+            _ => mesh::model::IpFamilies::Any,
+        },
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,

@@ -85,6 +85,7 @@ fn workloads_services_and_listed_policies() {
                 app_protocol: 0,
             }],
             waypoint: None,
+            ip_families: 0,
         }),
     );
     let allow = sec::Authorization {
@@ -324,6 +325,7 @@ fn waypoint_by_hostname_and_by_vip() {
             }],
             ports: vec![],
             waypoint: None,
+            ip_families: 0,
         }),
     );
     let st = r.build();
@@ -378,6 +380,7 @@ fn hostname_workloads_are_endpoints_found_by_uid_only() {
                 app_protocol: 0,
             }],
             waypoint: None,
+            ip_families: 0,
         }),
     );
     let st = r.build();
@@ -439,6 +442,9 @@ fn dual_stack_workloads_and_services() {
     let v6: std::net::Ipv6Addr = "fd00:10:244::1:2".parse().unwrap();
     let mut echo = workload("echo", [10, 244, 1, 2], Some((key, 80, 8080)), &[]);
     echo.addresses.push(v6.octets().to_vec());
+    let headless = "demo/hl.demo.svc.cluster.local";
+    let ports = echo.services[key].clone();
+    echo.services.insert(headless.into(), ports);
     put(&mut r, "a", wl::address::Type::Workload(echo.clone()));
     let vip6: std::net::Ipv6Addr = "fd00:10:96::10".parse().unwrap();
     put(
@@ -461,9 +467,28 @@ fn dual_stack_workloads_and_services() {
                 app_protocol: 0,
             }],
             waypoint: None,
+            ip_families: wl::IpFamilies::Dual as i32,
+        }),
+    );
+    // Headless, IPv6 only: DNS gives its endpoints' v6 addresses only.
+    put(
+        &mut r,
+        "hl",
+        wl::address::Type::Service(wl::Service {
+            name: "hl".into(),
+            namespace: "demo".into(),
+            hostname: "hl.demo.svc.cluster.local".into(),
+            addresses: vec![],
+            ports: vec![],
+            waypoint: None,
+            ip_families: wl::IpFamilies::Ipv6Only as i32,
         }),
     );
     let st = r.build();
+    assert_eq!(
+        st.addresses_of_host("hl.demo.svc.cluster.local"),
+        Some(vec![std::net::IpAddr::from(v6)])
+    );
     let by4 = st.workload_by_ip("10.244.1.2".parse().unwrap()).unwrap();
     let by6 = st.workload_by_ip(v6.into()).unwrap();
     assert!(Arc::ptr_eq(by4, by6));
