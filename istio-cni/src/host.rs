@@ -204,7 +204,9 @@ impl Host {
     fn install_family(&self, v6: bool) -> Result<(), HostError> {
         let create = match v6 {
             false => vec!["ipset", "create", IPSET, "hash:ip", "-exist"],
-            true => vec!["ipset", "create", IPSET6, "hash:ip", "family", "inet6", "-exist"],
+            true => vec![
+                "ipset", "create", IPSET6, "hash:ip", "family", "inet6", "-exist",
+            ],
         };
         self.run(&create, false)?;
         if !self.run(&self.snat_rule("-C", v6), true)? {

@@ -155,7 +155,9 @@ pub fn rules(opts: Options, f: Family) -> String {
         "-A {OUTPUT} -p tcp -m mark --mark {INBOUND_MARK} -j ACCEPT"
     ));
     r.push(format!("-A {OUTPUT} ! -d {lo} -o lo -j ACCEPT"));
-    r.push(format!("-A {OUTPUT} ! -d {lo} -p tcp -m mark ! --mark {ZTUNNEL_MARK} -j REDIRECT --to-ports 15001"));
+    r.push(format!(
+        "-A {OUTPUT} ! -d {lo} -p tcp -m mark ! --mark {ZTUNNEL_MARK} -j REDIRECT --to-ports 15001"
+    ));
     r.push("COMMIT".into());
     if opts.dns {
         r.extend([
@@ -298,7 +300,16 @@ pub fn installed(netns: &Path, opts: Options) -> Result<bool, RedirectError> {
         return Err(RedirectError::NoNetns(netns.to_path_buf()));
     }
     for f in Family::of(opts) {
-        let args = [f.iptables(), "-w", "-t", "nat", "-C", "OUTPUT", "-j", OUTPUT];
+        let args = [
+            f.iptables(),
+            "-w",
+            "-t",
+            "nat",
+            "-C",
+            "OUTPUT",
+            "-j",
+            OUTPUT,
+        ];
         if !run(netns, &args, None, true)? {
             return Ok(false);
         }
@@ -393,7 +404,10 @@ mod tests {
                     .replace(PROBE_SNAT_IP, PROBE_SNAT_IP6);
                 assert_eq!(v6, mapped, "dns={dns} inbound={inbound}");
                 assert!(!v6.contains("127.0.0.1") && !v6.contains("169.254"), "{v6}");
-                assert!(v6.contains(&format!("-s {PROBE_SNAT_IP6} -p tcp -j ACCEPT")), "{v6}");
+                assert!(
+                    v6.contains(&format!("-s {PROBE_SNAT_IP6} -p tcp -j ACCEPT")),
+                    "{v6}"
+                );
                 assert_eq!(v6.contains("--to-ports 15006"), inbound, "{v6}");
                 assert_eq!(v6.contains("--to-ports 15053"), dns, "{v6}");
             }

@@ -57,7 +57,9 @@ impl Netns {
                 .map(|l| l.split(" [").next().unwrap().to_string() + "\n")
                 .collect()
         };
-        rules("iptables-save") + &self.sh("ip -4 rule show") + &self.sh("ip -4 route show table all")
+        rules("iptables-save")
+            + &self.sh("ip -4 rule show")
+            + &self.sh("ip -4 route show table all")
     }
 
     /// The same for IPv6.
@@ -138,29 +140,57 @@ fn ipv6_rules_install_idempotently_and_go_with_the_option() {
     install(&ns.path(), dual).unwrap();
     let (once, once6) = (ns.state(), ns.state6());
     install(&ns.path(), dual).unwrap();
-    assert_eq!((ns.state(), ns.state6()), (once.clone(), once6.clone()), "second install");
+    assert_eq!(
+        (ns.state(), ns.state6()),
+        (once.clone(), once6.clone()),
+        "second install"
+    );
     for port in ["15001", "15006", "15053"] {
         assert!(once6.contains(&format!("--to-ports {port}")), "{once6}");
     }
     assert!(once6.contains("! -d ::1/128"), "{once6}");
-    assert!(once6.contains("-s fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128"), "{once6}");
+    assert!(
+        once6.contains("-s fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128"),
+        "{once6}"
+    );
     assert!(once6.contains("fwmark 0x111/0xfff lookup 100"), "{once6}");
     assert!(once6.contains("local default dev lo table 100"), "{once6}");
-    assert_eq!(once6.matches("-A OUTPUT -j ISTIO_OUTPUT").count(), 3, "{once6}");
-    assert!(!once6.contains("127.0.0.1") && !once6.contains("169.254"), "{once6}");
+    assert_eq!(
+        once6.matches("-A OUTPUT -j ISTIO_OUTPUT").count(),
+        3,
+        "{once6}"
+    );
+    assert!(
+        !once6.contains("127.0.0.1") && !once6.contains("169.254"),
+        "{once6}"
+    );
     // The v4 rules are what a v4-only install writes.
-    assert!(once.contains("--to-ports 15001") && !once.contains("fd16:"), "{once}");
+    assert!(
+        once.contains("--to-ports 15001") && !once.contains("fd16:"),
+        "{once}"
+    );
     assert!(istio_cni::redirect::installed(&ns.path(), dual).unwrap());
 
     // The pod loses its v6 address: its v6 rules go, the v4 ones stay.
-    let v4 = Options { ipv6: false, ..dual };
+    let v4 = Options {
+        ipv6: false,
+        ..dual
+    };
     install(&ns.path(), v4).unwrap();
-    assert_eq!(ns.state6(), before6, "v6 rules left after a v4-only install");
+    assert_eq!(
+        ns.state6(),
+        before6,
+        "v6 rules left after a v4-only install"
+    );
     assert_eq!(ns.state(), once);
 
     install(&ns.path(), dual).unwrap();
     remove(&ns.path()).unwrap();
-    assert_eq!((ns.state(), ns.state6()), (before, before6), "removal left something");
+    assert_eq!(
+        (ns.state(), ns.state6()),
+        (before, before6),
+        "removal left something"
+    );
 }
 
 #[test]

@@ -43,9 +43,15 @@ fn one_per_family(ips: &[IpAddr], field: &str) -> Result<(), Invalid> {
         [a, b] if a.is_ipv4() != b.is_ipv4() => Ok(()),
         [a, b] => Err(invalid(
             field,
-            format!("{a} and {b} are both {}: at most one address per family", family(*a)),
+            format!(
+                "{a} and {b} are both {}: at most one address per family",
+                family(*a)
+            ),
         )),
-        _ => Err(invalid(field, format!("{} addresses: at most two (one per family)", ips.len()))),
+        _ => Err(invalid(
+            field,
+            format!("{} addresses: at most two (one per family)", ips.len()),
+        )),
     }
 }
 
@@ -99,7 +105,13 @@ pub struct ServiceFamilies {
 /// What the Service's `ipFamilies` says (checked by `service_vips`).
 pub fn service_families(f: &ServiceFamilies) -> crate::model::IpFamilies {
     use crate::model::IpFamilies;
-    match f.ip_families.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match f
+        .ip_families
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["IPv4"] => IpFamilies::V4Only,
         ["IPv6"] => IpFamilies::V6Only,
         _ => IpFamilies::Any,
@@ -112,7 +124,10 @@ pub fn service_vips(f: &ServiceFamilies) -> Result<Vec<IpAddr>, Invalid> {
         return match f.cluster_ips.as_slice() {
             [] => Ok(Vec::new()),
             [one] if one == "None" => Ok(Vec::new()),
-            _ => Err(invalid("spec.clusterIPs", "must be [None] for a headless service")),
+            _ => Err(invalid(
+                "spec.clusterIPs",
+                "must be [None] for a headless service",
+            )),
         };
     }
     let listed: Vec<&str> = match (f.cluster_ip.as_str(), f.cluster_ips.as_slice()) {
@@ -148,7 +163,10 @@ pub fn service_vips(f: &ServiceFamilies) -> Result<Vec<IpAddr>, Invalid> {
         if have != f.ip_families {
             return Err(invalid(
                 "spec.ipFamilies",
-                format!("{:?} does not match the cluster IPs' families {have:?}", f.ip_families),
+                format!(
+                    "{:?} does not match the cluster IPs' families {have:?}",
+                    f.ip_families
+                ),
             ));
         }
     }
@@ -188,17 +206,33 @@ mod tests {
 
     #[test]
     fn pod_addresses_table() {
-        let list = |v: &[&str]| v.iter().map(|s| PodIp { ip: s.to_string() }).collect::<Vec<_>>();
+        let list = |v: &[&str]| {
+            v.iter()
+                .map(|s| PodIp { ip: s.to_string() })
+                .collect::<Vec<_>>()
+        };
         type Want = Result<(Option<&'static str>, Vec<&'static str>), &'static str>;
         let cases: &[(&str, &[&str], Want)] = &[
             ("", &[], Ok((None, vec![]))),
             ("10.0.0.1", &[], Ok((Some("10.0.0.1"), vec![]))),
-            ("10.0.0.1", &["10.0.0.1", "fd00::1"], Ok((Some("10.0.0.1"), vec!["fd00::1"]))),
-            ("", &["fd00::1", "10.0.0.1"], Ok((Some("fd00::1"), vec!["10.0.0.1"]))),
+            (
+                "10.0.0.1",
+                &["10.0.0.1", "fd00::1"],
+                Ok((Some("10.0.0.1"), vec!["fd00::1"])),
+            ),
+            (
+                "",
+                &["fd00::1", "10.0.0.1"],
+                Ok((Some("fd00::1"), vec!["10.0.0.1"])),
+            ),
             ("fd00::1", &["fd00::1"], Ok((Some("fd00::1"), vec![]))),
             ("10.0.0.1", &["fd00::1", "10.0.0.1"], Err("status.podIPs")),
             ("", &["10.0.0.1", "10.0.0.2"], Err("status.podIPs")),
-            ("", &["10.0.0.1", "fd00::1", "fd00::2"], Err("status.podIPs")),
+            (
+                "",
+                &["10.0.0.1", "fd00::1", "fd00::2"],
+                Err("status.podIPs"),
+            ),
             ("", &["10.0.0.1", "nope"], Err("status.podIPs[1].ip")),
             ("nope", &[], Err("status.podIP")),
         ];
@@ -227,22 +261,73 @@ mod tests {
         let cases: Vec<(ServiceFamilies, Result<Vec<IpAddr>, &str>)> = vec![
             (svc("10.96.0.1", &[], &[], None), Ok(ips(&["10.96.0.1"]))),
             (svc("None", &[], &[], None), Ok(vec![])),
-            (svc("None", &["None"], &["IPv4", "IPv6"], Some("PreferDualStack")), Ok(vec![])),
-            (svc("None", &["10.96.0.1"], &[], None), Err("spec.clusterIPs")),
+            (
+                svc(
+                    "None",
+                    &["None"],
+                    &["IPv4", "IPv6"],
+                    Some("PreferDualStack"),
+                ),
+                Ok(vec![]),
+            ),
+            (
+                svc("None", &["10.96.0.1"], &[], None),
+                Err("spec.clusterIPs"),
+            ),
             (svc("", &[], &[], None), Err("spec.clusterIP")),
             (svc("nope", &[], &[], None), Err("spec.clusterIP")),
-            (svc("10.96.0.1", &dual, &["IPv4", "IPv6"], Some("RequireDualStack")), Ok(ips(&dual))),
+            (
+                svc(
+                    "10.96.0.1",
+                    &dual,
+                    &["IPv4", "IPv6"],
+                    Some("RequireDualStack"),
+                ),
+                Ok(ips(&dual)),
+            ),
             (svc("", &dual, &[], None), Ok(ips(&dual))),
-            (svc("fd00:96::1", &["fd00:96::1"], &["IPv6"], Some("SingleStack")), Ok(ips(&["fd00:96::1"]))),
+            (
+                svc(
+                    "fd00:96::1",
+                    &["fd00:96::1"],
+                    &["IPv6"],
+                    Some("SingleStack"),
+                ),
+                Ok(ips(&["fd00:96::1"])),
+            ),
             (svc("fd00:96::1", &dual, &[], None), Err("spec.clusterIPs")),
-            (svc("10.96.0.1", &["10.96.0.1", "10.96.0.2"], &[], None), Err("spec.clusterIPs")),
-            (svc("10.96.0.1", &["10.96.0.1", "bad"], &[], None), Err("spec.clusterIPs[1]")),
-            (svc("10.96.0.1", &dual, &["IPv6", "IPv4"], None), Err("spec.ipFamilies")),
-            (svc("10.96.0.1", &dual, &["IPv4"], None), Err("spec.ipFamilies")),
-            (svc("10.96.0.1", &[], &["ipv4"], None), Err("spec.ipFamilies[0]")),
-            (svc("10.96.0.1", &dual, &[], Some("SingleStack")), Err("spec.ipFamilyPolicy")),
-            (svc("10.96.0.1", &[], &[], Some("RequireDualStack")), Err("spec.ipFamilyPolicy")),
-            (svc("10.96.0.1", &[], &[], Some("DualStack")), Err("spec.ipFamilyPolicy")),
+            (
+                svc("10.96.0.1", &["10.96.0.1", "10.96.0.2"], &[], None),
+                Err("spec.clusterIPs"),
+            ),
+            (
+                svc("10.96.0.1", &["10.96.0.1", "bad"], &[], None),
+                Err("spec.clusterIPs[1]"),
+            ),
+            (
+                svc("10.96.0.1", &dual, &["IPv6", "IPv4"], None),
+                Err("spec.ipFamilies"),
+            ),
+            (
+                svc("10.96.0.1", &dual, &["IPv4"], None),
+                Err("spec.ipFamilies"),
+            ),
+            (
+                svc("10.96.0.1", &[], &["ipv4"], None),
+                Err("spec.ipFamilies[0]"),
+            ),
+            (
+                svc("10.96.0.1", &dual, &[], Some("SingleStack")),
+                Err("spec.ipFamilyPolicy"),
+            ),
+            (
+                svc("10.96.0.1", &[], &[], Some("RequireDualStack")),
+                Err("spec.ipFamilyPolicy"),
+            ),
+            (
+                svc("10.96.0.1", &[], &[], Some("DualStack")),
+                Err("spec.ipFamilyPolicy"),
+            ),
         ];
         for (f, want) in cases {
             let got = service_vips(&f);

@@ -482,12 +482,13 @@ impl MeshState {
             return Some(if s.vips.is_empty() {
                 // Hostname endpoints have no address to answer with; a
                 // dual-stack endpoint answers with both its addresses.
-                let ips = s.endpoints.iter().flat_map(|e| {
-                    match self.workloads.get(&e.workload_uid) {
-                        Some(w) => w.addresses().collect(),
-                        None => vec![e.ip],
-                    }
-                });
+                let ips =
+                    s.endpoints
+                        .iter()
+                        .flat_map(|e| match self.workloads.get(&e.workload_uid) {
+                            Some(w) => w.addresses().collect(),
+                            None => vec![e.ip],
+                        });
                 ips.filter(|ip| !ip.is_unspecified() && s.ip_families.admits(*ip))
                     .collect()
             } else {

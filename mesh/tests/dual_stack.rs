@@ -52,9 +52,18 @@ spec:
 fn pods_and_services_by_every_address() {
     let m = standalone::parse(DUAL, "cluster.local").unwrap();
     let a = m.workload_by_name("ns", "a").unwrap();
-    assert_eq!((a.ip, a.extra_ips.as_slice()), (ip("10.0.0.1"), &[ip("fd00::1")][..]));
-    assert!(std::ptr::eq(&**m.workload_by_ip(ip("fd00::1")).unwrap(), &**a));
-    assert!(std::ptr::eq(&**m.workload_by_ip(ip("10.0.0.1")).unwrap(), &**a));
+    assert_eq!(
+        (a.ip, a.extra_ips.as_slice()),
+        (ip("10.0.0.1"), &[ip("fd00::1")][..])
+    );
+    assert!(std::ptr::eq(
+        &**m.workload_by_ip(ip("fd00::1")).unwrap(),
+        &**a
+    ));
+    assert!(std::ptr::eq(
+        &**m.workload_by_ip(ip("10.0.0.1")).unwrap(),
+        &**a
+    ));
     assert_eq!(a.address_like(ip("fd00:96::1")), ip("fd00::1"));
     assert_eq!(a.address_like(ip("10.96.0.1")), ip("10.0.0.1"));
     // An IPv6-only pod: its v6 address is its primary, a v4 VIP still
@@ -65,13 +74,18 @@ fn pods_and_services_by_every_address() {
 
     let svc = m.service_by_vip(ip("fd00:96::1")).unwrap();
     assert_eq!(svc.vips, [ip("10.96.0.1"), ip("fd00:96::1")]);
-    assert!(std::ptr::eq(&**m.service_by_vip(ip("10.96.0.1")).unwrap(), &**svc));
+    assert!(std::ptr::eq(
+        &**m.service_by_vip(ip("10.96.0.1")).unwrap(),
+        &**svc
+    ));
     assert_eq!(m.endpoints_for(svc, 80).len(), 2);
     // DNS answers both families of VIPs; a headless service its pods'
     // addresses of both families.
     let host = "a.ns.svc.cluster.local";
     assert_eq!(m.addresses_of_host(host).unwrap(), svc.vips);
-    let mut headless = m.addresses_of_host("headless.ns.svc.cluster.local").unwrap();
+    let mut headless = m
+        .addresses_of_host("headless.ns.svc.cluster.local")
+        .unwrap();
     headless.sort();
     assert_eq!(headless, [ip("10.0.0.1"), ip("fd00::1"), ip("fd00::2")]);
 }
@@ -84,8 +98,14 @@ fn two_pods_on_one_v6_address_are_refused() {
         "{DUAL}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: z, namespace: ns}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: 10.0.0.9, podIPs: [{{ip: 10.0.0.9}}, {{ip: 'fd00::1'}}]}}\n"
     );
     let e = standalone::parse(&doc, "cluster.local").unwrap_err();
-    assert_eq!((e.object.as_str(), e.field.as_str()), ("Pod ns/z", "status.podIPs"));
-    assert!(e.message.contains("fd00::1") && e.message.contains("Pod ns/a"), "{e}");
+    assert_eq!(
+        (e.object.as_str(), e.field.as_str()),
+        ("Pod ns/z", "status.podIPs")
+    );
+    assert!(
+        e.message.contains("fd00::1") && e.message.contains("Pod ns/a"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -116,8 +136,14 @@ fn v6_ip_blocks_match_v6_sources_only() {
 #[test]
 fn bad_family_fields_are_refused_by_name() {
     let cases = [
-        ("status: {podIP: 10.0.0.5, podIPs: [{ip: 'fd00::5'}, {ip: 10.0.0.5}]}", "status.podIPs"),
-        ("status: {podIPs: [{ip: 10.0.0.5}, {ip: 10.0.0.6}]}", "status.podIPs"),
+        (
+            "status: {podIP: 10.0.0.5, podIPs: [{ip: 'fd00::5'}, {ip: 10.0.0.5}]}",
+            "status.podIPs",
+        ),
+        (
+            "status: {podIPs: [{ip: 10.0.0.5}, {ip: 10.0.0.6}]}",
+            "status.podIPs",
+        ),
     ];
     for (status, field) in cases {
         let doc = format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: ns}}\nspec: {{nodeName: n1}}\n{status}\n");
@@ -125,11 +151,22 @@ fn bad_family_fields_are_refused_by_name() {
         assert_eq!(e.field, field, "{status}: {e}");
         assert_eq!(e.object, "Pod ns/p", "{status}: {e}");
     }
-    let svc = |spec: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec:\n  ports: [{{port: 80}}]\n{spec}\n");
+    let svc = |spec: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec:\n  ports: [{{port: 80}}]\n{spec}\n")
+    };
     for (spec, field) in [
-        ("  clusterIP: 10.96.0.1\n  ipFamilyPolicy: RequireDualStack", "spec.ipFamilyPolicy"),
-        ("  clusterIPs: [10.96.0.1, 'fd00:96::1']\n  ipFamilies: [IPv6, IPv4]", "spec.ipFamilies"),
-        ("  clusterIP: 10.96.0.2\n  clusterIPs: [10.96.0.1]", "spec.clusterIPs"),
+        (
+            "  clusterIP: 10.96.0.1\n  ipFamilyPolicy: RequireDualStack",
+            "spec.ipFamilyPolicy",
+        ),
+        (
+            "  clusterIPs: [10.96.0.1, 'fd00:96::1']\n  ipFamilies: [IPv6, IPv4]",
+            "spec.ipFamilies",
+        ),
+        (
+            "  clusterIP: 10.96.0.2\n  clusterIPs: [10.96.0.1]",
+            "spec.clusterIPs",
+        ),
     ] {
         let e = standalone::parse(&svc(spec), "cluster.local").unwrap_err();
         assert_eq!(e.field, field, "{spec}: {e}");

@@ -170,7 +170,10 @@ impl Mesh {
                 .as_array_mut()
                 .unwrap()
                 .push(json!([{"subnet": format!("fd00:10:244:{index}::/64")}]));
-            ipam["routes"].as_array_mut().unwrap().push(json!({"dst": "::/0"}));
+            ipam["routes"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"dst": "::/0"}));
         }
         if version == "1.1.0" {
             conflist["cniVersions"] = json!(["1.0.0", "1.1.0"]);

@@ -227,7 +227,12 @@ impl Mesh {
             self.pods.len()
         );
         let v6 = ips.iter().any(|ip| ip.contains(':'));
-        if v6 && !self.pods.values().any(|p| p.ips.iter().any(|i| i.contains(':'))) {
+        if v6
+            && !self
+                .pods
+                .values()
+                .any(|p| p.ips.iter().any(|i| i.contains(':')))
+        {
             // `nodad`: usable at once, not after duplicate detection.
             sh(&format!(
                 "ip -n {net} addr add {IPV6_POD_GW}/64 dev br0 nodad",

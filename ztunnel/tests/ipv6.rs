@@ -62,9 +62,30 @@ spec:
 
 async fn dual_stack(tag: &str) -> Mesh {
     let mut m = Mesh::new(tag, ZT);
-    m.pod_with_ips("client", "app", "client", &["10.244.1.10", CLIENT6], "node1", true);
-    m.pod_with_ips("other", "app", "other", &["10.244.2.10", OTHER6], "node2", true);
-    m.pod_with_ips("server-2", "app", "server", &["10.244.2.11", SERVER6], "node2", true);
+    m.pod_with_ips(
+        "client",
+        "app",
+        "client",
+        &["10.244.1.10", CLIENT6],
+        "node1",
+        true,
+    );
+    m.pod_with_ips(
+        "other",
+        "app",
+        "other",
+        &["10.244.2.10", OTHER6],
+        "node2",
+        true,
+    );
+    m.pod_with_ips(
+        "server-2",
+        "app",
+        "server",
+        &["10.244.2.11", SERVER6],
+        "node2",
+        true,
+    );
     m.write_config(DUAL);
     let ca = m.dir.join("ca");
     m.start_node("node1", &ca).await;
@@ -117,7 +138,10 @@ async fn dual_stack_pods_talk_v6_over_hbone_and_v4_as_before() {
         "tshark -r {} -Y '{filter}' -T fields -e tcp.port 2>/dev/null | sort -u",
         pcap.display()
     ));
-    assert!(ok && !ports.trim().is_empty(), "no v6 packets between the pods: {ports}");
+    assert!(
+        ok && !ports.trim().is_empty(),
+        "no v6 packets between the pods: {ports}"
+    );
     assert!(
         ports.lines().all(|l| l.split(',').any(|p| p == "15008")),
         "non-HBONE ports between the pods: {ports}"
@@ -134,10 +158,11 @@ async fn dual_stack_pods_talk_v6_over_hbone_and_v4_as_before() {
     // Both ends counted it as mTLS, with the v6 addresses.
     let dst = m.metrics("node2");
     assert!(
-        dst.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
-            && l.contains("reporter=\"destination\"")
-            && l.contains("connection_security_policy=\"mutual_tls\"")
-            && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/client\"")),
+        dst.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/client\"")),
         "{dst}"
     );
     let dump = m.config_dump("node1");
@@ -166,10 +191,12 @@ async fn v6_ip_blocks_deny_and_leave_v4_alone() {
         "denied client got {:?}",
         String::from_utf8_lossy(&buf)
     );
-    assert!(m.metrics("node2").lines().any(|l| l
-        .starts_with("istio_tcp_connections_closed_total")
-        && l.contains("response_flags=\"DENY\"")
-        && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/other\"")));
+    assert!(m
+        .metrics("node2")
+        .lines()
+        .any(|l| l.starts_with("istio_tcp_connections_closed_total")
+            && l.contains("response_flags=\"DENY\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/other\"")));
     // Its v4 address is not in a v6 block; the client's v6 one is not either.
     assert_eq!(
         m.whoami("other", "10.244.2.11:9090").unwrap(),
@@ -197,8 +224,16 @@ async fn dns_proxy_answers_aaaa_with_the_v6_vip() {
     let m = dual_stack("v6n").await;
     let host = "server.app.svc.cluster.local";
     for server in ["10.96.0.53", "fd00:10:96::53"] {
-        assert_eq!(dig(&m, "client", server, "AAAA", host), VIP6, "via {server}");
-        assert_eq!(dig(&m, "client", server, "A", host), "10.96.0.10", "via {server}");
+        assert_eq!(
+            dig(&m, "client", server, "AAAA", host),
+            VIP6,
+            "via {server}"
+        );
+        assert_eq!(
+            dig(&m, "client", server, "A", host),
+            "10.96.0.10",
+            "via {server}"
+        );
     }
     // The proxy answered all four (no server listens at either address).
     let metrics = m.metrics("node1");
@@ -240,8 +275,22 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_only_pair() {
     let mut m = Mesh::new("v6o", ZT);
-    m.pod_with_ips("client", "app", "client", &["fd00:10:244::1:20"], "node1", true);
-    m.pod_with_ips("server", "app", "server", &["fd00:10:244::2:20"], "node2", true);
+    m.pod_with_ips(
+        "client",
+        "app",
+        "client",
+        &["fd00:10:244::1:20"],
+        "node1",
+        true,
+    );
+    m.pod_with_ips(
+        "server",
+        "app",
+        "server",
+        &["fd00:10:244::2:20"],
+        "node2",
+        true,
+    );
     m.write_config(V6_ONLY);
     let ca = m.dir.join("ca");
     m.start_node("node1", &ca).await;

@@ -387,7 +387,11 @@ mod tests {
             assert!(r.dns_capture);
             assert!(r.ipv6, "IPv6 is captured unless AMBIENT_IPV6=false");
         }
-        let r = resolve(&parse(&["x", "--node", "n"]).0, &env(&[("AMBIENT_IPV6", "false")]), false);
+        let r = resolve(
+            &parse(&["x", "--node", "n"]).0,
+            &env(&[("AMBIENT_IPV6", "false")]),
+            false,
+        );
         assert!(!r.ipv6);
         let (args, chart) = parse(&["istio-cni-agent", "--node", "n"]);
         assert!(!chart);

@@ -118,12 +118,12 @@ impl Kind {
     /// The addresses the object claims, with the field that claims each.
     pub fn addresses(&self) -> Vec<(&'static str, IpAddr)> {
         match self {
-            Kind::Pod(p) => p
-                .ip
-                .map(|ip| ("status.podIP", ip))
-                .into_iter()
-                .chain(p.extra_ips.iter().map(|ip| ("status.podIPs", *ip)))
-                .collect(),
+            Kind::Pod(p) => {
+                p.ip.map(|ip| ("status.podIP", ip))
+                    .into_iter()
+                    .chain(p.extra_ips.iter().map(|ip| ("status.podIPs", *ip)))
+                    .collect()
+            }
             Kind::Service(s) => s.vips.iter().map(|v| ("spec.clusterIP", *v)).collect(),
             Kind::ServiceEntry(s) => s.addresses.iter().map(|a| ("spec.addresses", *a)).collect(),
             _ => Vec::new(),

@@ -277,7 +277,11 @@ pub(super) fn workload_ip(
                     w.namespace, w.name, w.hostname
                 ));
             }
-            Ok((IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), Vec::new(), Some(h)))
+            Ok((
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                Vec::new(),
+                Some(h),
+            ))
         }
     }
 }
