@@ -208,7 +208,7 @@ impl Mesh {
     }
 
     /// `pod` with several addresses: IPv4 ones in 10.244.0.0/16, IPv6 ones
-    /// in `IPV6_POD_NET` (dual-stack: one of each; IPv6-only: just one).
+    /// in fd00:10:244::/64 (dual-stack: one of each; IPv6-only: just one).
     /// The bridge gets its IPv6 address with the first IPv6 pod, so meshes
     /// without one are exactly IPv4-only.
     pub fn pod_with_ips(
@@ -604,9 +604,8 @@ impl Mesh {
     }
 }
 
-/// The IPv6 pods' subnet (a /64 on the shared bridge) and the bridge's
-/// address in it, their default gateway.
-pub const IPV6_POD_NET: &str = "fd00:10:244::/64";
+/// The bridge's address in the IPv6 pods' subnet (fd00:10:244::/64, on the
+/// shared bridge), their default gateway.
 pub const IPV6_POD_GW: &str = "fd00:10:244::1";
 
 /// A listener on [::]:`port`, IPv6 only.
