@@ -2,7 +2,7 @@
 # Installs what the demo and the tests need on a fresh Debian machine (as root).
 set -euo pipefail
 need=()
-for pair in ip:iproute2 iptables-restore:iptables dumpcap:tshark tshark:tshark iperf3:iperf3 sockperf:sockperf nc:netcat-openbsd curl:curl wrk:wrk h2load:nghttp2-client; do
+for pair in ip:iproute2 iptables-restore:iptables dumpcap:tshark tshark:tshark iperf3:iperf3 sockperf:sockperf nc:netcat-openbsd curl:curl wrk:wrk h2load:nghttp2-client dig:dnsutils ip6tables-restore:iptables; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 # The reference CNI plugins the istio-cni tests chain ours with; ipset for the

@@ -1,7 +1,8 @@
 //! Node-side rule: kubelet probes to an ambient pod are SNATed
-//! to 169.254.7.127 so the in-pod rules let them bypass ztunnel (a probe
-//! must reach the app even under STRICT mTLS). The set of ambient pod IPs is
-//! an ipset the agent keeps.
+//! to 169.254.7.127 (IPv6: fd16:9254:7127:1337:ffff:ffff:ffff:ffff, as
+//! upstream) so the in-pod rules let them bypass ztunnel (a probe must reach
+//! the app even under STRICT mTLS). The ambient pod IPs are an ipset per
+//! family the agent keeps.
 //!
 //! The rule goes into the node's netns: the agent's own when it runs with
 //! host networking, else the one it is told to switch to (Istio's chart:
@@ -15,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub const IPSET: &str = "istio-inpod-probes-v4";
+pub const IPSET6: &str = "istio-inpod-probes-v6";
 const SNAT_TO: &str = "169.254.7.127";
+const SNAT_TO6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
 
 #[derive(Debug, thiserror::Error)]
 #[error("`{cmd}` on the node: {reason}")]
@@ -36,6 +39,13 @@ impl Backend {
         match self {
             Backend::Legacy => "iptables-legacy",
             Backend::Nft => "iptables-nft",
+        }
+    }
+
+    pub fn ip6tables(self) -> &'static str {
+        match self {
+            Backend::Legacy => "ip6tables-legacy",
+            Backend::Nft => "ip6tables-nft",
         }
     }
 }
@@ -152,9 +162,13 @@ impl Host {
         Ok(out.status.success())
     }
 
-    fn snat_rule(&self, op: &'static str) -> Vec<&'static str> {
+    fn snat_rule(&self, op: &'static str, v6: bool) -> Vec<&'static str> {
+        let (iptables, set, to) = match v6 {
+            false => (self.backend.iptables(), IPSET, SNAT_TO),
+            true => (self.backend.ip6tables(), IPSET6, SNAT_TO6),
+        };
         vec![
-            self.backend.iptables(),
+            iptables,
             "-w",
             "-t",
             "nat",
@@ -168,38 +182,64 @@ impl Host {
             "-m",
             "set",
             "--match-set",
-            IPSET,
+            set,
             "dst",
             "-j",
             "SNAT",
             "--to-source",
-            SNAT_TO,
+            to,
         ]
     }
 
-    /// Creates the ipset and the SNAT rule once; safe to repeat.
-    pub fn install(&self) -> Result<(), HostError> {
-        self.run(&["ipset", "create", IPSET, "hash:ip", "-exist"], false)?;
-        if !self.run(&self.snat_rule("-C"), true)? {
-            self.run(&self.snat_rule("-A"), false)?;
+    /// Creates the ipset and the SNAT rule once, for IPv4 and with `ipv6`
+    /// IPv6 too; safe to repeat.
+    pub fn install(&self, ipv6: bool) -> Result<(), HostError> {
+        self.install_family(false)?;
+        if ipv6 {
+            self.install_family(true)?;
         }
         Ok(())
     }
 
+    fn install_family(&self, v6: bool) -> Result<(), HostError> {
+        let create = match v6 {
+            false => vec!["ipset", "create", IPSET, "hash:ip", "-exist"],
+            true => vec![
+                "ipset", "create", IPSET6, "hash:ip", "family", "inet6", "-exist",
+            ],
+        };
+        self.run(&create, false)?;
+        if !self.run(&self.snat_rule("-C", v6), true)? {
+            self.run(&self.snat_rule("-A", v6), false)?;
+        }
+        Ok(())
+    }
+
+    fn set_of(ip: std::net::IpAddr) -> &'static str {
+        if ip.is_ipv6() {
+            IPSET6
+        } else {
+            IPSET
+        }
+    }
+
     pub fn add_pod(&self, ip: std::net::IpAddr) -> Result<(), HostError> {
-        self.run(&["ipset", "add", IPSET, &ip.to_string(), "-exist"], false)
+        let set = Self::set_of(ip);
+        self.run(&["ipset", "add", set, &ip.to_string(), "-exist"], false)
             .map(drop)
     }
 
     /// Removing an IP that is not there succeeds.
     pub fn del_pod(&self, ip: std::net::IpAddr) -> Result<(), HostError> {
-        self.run(&["ipset", "del", IPSET, &ip.to_string(), "-exist"], false)
+        let set = Self::set_of(ip);
+        self.run(&["ipset", "del", set, &ip.to_string(), "-exist"], false)
             .map(drop)
     }
 
-    /// The IPs in the set now (for reconcile and tests).
-    pub fn members(&self) -> Result<Vec<String>, HostError> {
-        let text = self.output(&["ipset", "list", IPSET])?;
+    /// The IPs in the family's set now (for reconcile and tests).
+    pub fn members(&self, v6: bool) -> Result<Vec<String>, HostError> {
+        let set = if v6 { IPSET6 } else { IPSET };
+        let text = self.output(&["ipset", "list", set])?;
         Ok(text
             .split_once("Members:")
             .map(|(_, m)| m.split_whitespace().map(str::to_string).collect())

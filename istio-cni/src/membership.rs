@@ -77,6 +77,8 @@ pub fn decide(
         options: Options {
             dns: flag(DNS_CAPTURE).unwrap_or(dns_default),
             inbound: !flag(BYPASS_INBOUND).unwrap_or(false),
+            // From the mesh's addresses; the agent adds the CNI's.
+            ipv6: w.ip.is_ipv6() || w.extra_ips.iter().any(IpAddr::is_ipv6),
         },
     }
 }

@@ -31,7 +31,8 @@ pub struct ChartEnv {
     pub exclude_namespaces: Option<Vec<String>>,
     /// AMBIENT_DNS_CAPTURE.
     pub dns_capture: Option<bool>,
-    /// AMBIENT_IPV6: upstream also writes IPv6 rules; we capture IPv4 only.
+    /// AMBIENT_IPV6: write the IPv6 in-pod rules for pods with an IPv6
+    /// address (default true, as Istio's chart); false refuses such pods.
     pub ipv6: Option<bool>,
     /// ZTUNNEL_UDS_ADDRESS: where ztunnel connects for ZDS.
     pub zds_socket: Option<PathBuf>,

@@ -66,6 +66,11 @@ fn tmp(tag: &str) -> PathBuf {
 }
 
 async fn start(dir: &Path, store: Arc<MeshStore>) -> Node {
+    start_with(dir, store, true).await
+}
+
+/// `start` with AMBIENT_IPV6 as `ipv6`.
+async fn start_with(dir: &Path, store: Arc<MeshStore>, ipv6: bool) -> Node {
     let (stop, rx) = tokio::sync::watch::channel(false);
     let cfg = agent::Config {
         node: NODE.into(),
@@ -74,6 +79,7 @@ async fn start(dir: &Path, store: Arc<MeshStore>) -> Node {
         plugin_socket: dir.join("plugin.sock"),
         state_dir: dir.join("state"),
         dns_capture: true,
+        ipv6,
         exclude_namespaces: vec!["kube-system".into()],
         probe_snat: false,
         host_netns: None,
@@ -223,19 +229,19 @@ async fn membership_answer_is_rewritten_only_when_its_labels_change() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Only IPv4 is captured: an ambient pod with an IPv6 address fails its
-/// ADD (its IPv6 traffic would bypass ztunnel); a pod outside the mesh with
-/// one starts as before.
+/// AMBIENT_IPV6=false: no IPv6 rules are written, so an ambient pod with
+/// an IPv6 address fails its ADD (its IPv6 traffic would bypass ztunnel); a
+/// pod outside the mesh with one starts as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ambient_pod_with_an_ipv6_address_is_refused() {
+async fn without_ambient_ipv6_a_pod_with_an_ipv6_address_is_refused() {
     let dir = tmp("ipv6");
-    let n = start(&dir, MeshStore::new(state(&base()), "test")).await;
+    let n = start_with(&dir, MeshStore::new(state(&base()), "test"), false).await;
     let dual = ["10.244.1.10/24", "fd00:10:244:1::10/64"];
     let e = cni_plugin_with(&dir, "ADD", "app/a", &dual)
         .await
         .unwrap_err();
     assert_eq!(e.code, code::ENROL_FAILED, "{e}");
-    assert!(e.details.contains("IPv6 address fd00:10:244:1::10"), "{e}");
+    assert!(e.details.contains("AMBIENT_IPV6=false"), "{e}");
     let out = cni_plugin_with(&dir, "ADD", "plain/p", &dual)
         .await
         .unwrap()

@@ -764,3 +764,57 @@ async fn a_pod_running_before_the_agent_is_captured_when_it_starts() {
     let _ = app.kill();
     let _ = app.wait();
 }
+
+/// Dual-stack nodes (host-local hands out an address per family): the
+/// agent captures the pod's IPv6 too (ip6tables, same chains) and v6
+/// traffic between pods goes through ztunnel, the server seeing the
+/// client's v6 address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_pods_are_captured_for_both_families() {
+    let pod = |name: &str, node: &str, v4: &str, v6: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: app}}\nspec: {{serviceAccountName: {name}, nodeName: {node}}}\nstatus: {{podIP: {v4}, podIPs: [{{ip: {v4}}}, {{ip: '{v6}'}}]}}\n"
+        )
+    };
+    let mut m = Mesh::new("dual", &workspace_bin("ztunnel"));
+    m.write_config(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: app, labels: {{istio.io/dataplane-mode: ambient}}}}\n{}{}",
+        pod("a", "node1", "10.244.1.10", "fd00:10:244:1::10"),
+        pod("b", "node2", "10.244.2.10", "fd00:10:244:2::10"),
+    ));
+    let ca = m.dir.join("ca");
+    for (i, n) in ["node1", "node2"].iter().enumerate() {
+        m.cni_node_dual_stack(n, i as u8 + 1);
+        m.start_cni_agent(n, AGENT, &static_plugin(), &[]);
+        m.start_ztunnel(n, &ca);
+    }
+    let out = m
+        .cni_pod("node1", "a", "app", "a", "10.244.1.10,fd00:10:244:1::10")
+        .unwrap();
+    assert_eq!(out["ips"].as_array().map(Vec::len), Some(2), "{out}");
+    m.cni_pod("node2", "b", "app", "b", "10.244.2.10,fd00:10:244:2::10")
+        .unwrap();
+    let v6_rules = in_pod(&m, "a", "ip6tables-save");
+    assert!(v6_rules.contains("REDIRECT --to-ports 15001"), "{v6_rules}");
+    assert!(in_pod(&m, "a", "ip -6 rule show").contains("fwmark 0x111/0xfff"));
+    eventually("ztunnels serve a and b", || {
+        served(&m, "node1") == ["a"] && served(&m, "node2") == ["b"]
+    });
+    m.whoami_server("b", 9090);
+    assert_eq!(
+        m.whoami("a", "[fd00:10:244:2::10]:9090").unwrap(),
+        "b fd00:10:244:1::10"
+    );
+    assert_eq!(m.whoami("a", "10.244.2.10:9090").unwrap(), "b 10.244.1.10");
+    // Through ztunnel: node2 counted an mTLS connection from a.
+    assert!(m.metrics("node2").lines().any(|l| l
+        .starts_with("istio_tcp_connections_opened_total")
+        && l.contains("reporter=\"destination\"")
+        && l.contains("connection_security_policy=\"mutual_tls\"")
+        && l.contains("source_principal=\"spiffe://cluster.local/ns/app/sa/a\"")));
+
+    // DEL takes both families' rules out.
+    m.cni("node1", "DEL", "a", "app", "").unwrap();
+    let left = in_pod(&m, "a", "ip6tables-save");
+    assert!(!left.contains("ISTIO"), "{left}");
+}

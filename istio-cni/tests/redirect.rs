@@ -46,17 +46,31 @@ impl Netns {
             ":OUTPUT ",
             ":POSTROUTING ",
         ];
+        let rules = |save: &str| -> String {
+            self.sh(save)
+                .lines()
+                .filter(|l| {
+                    l.starts_with("-A")
+                        || (l.starts_with(':') && !BUILTIN.iter().any(|b| l.starts_with(b)))
+                        || (l.starts_with(':') && !l.contains("ACCEPT"))
+                })
+                .map(|l| l.split(" [").next().unwrap().to_string() + "\n")
+                .collect()
+        };
+        rules("iptables-save")
+            + &self.sh("ip -4 rule show")
+            + &self.sh("ip -4 route show table all")
+    }
+
+    /// The same for IPv6.
+    fn state6(&self) -> String {
         let rules: String = self
-            .sh("iptables-save")
+            .sh("ip6tables-save")
             .lines()
-            .filter(|l| {
-                l.starts_with("-A")
-                    || (l.starts_with(':') && !BUILTIN.iter().any(|b| l.starts_with(b)))
-                    || (l.starts_with(':') && !l.contains("ACCEPT"))
-            })
+            .filter(|l| l.starts_with("-A") || l.contains("ISTIO"))
             .map(|l| l.split(" [").next().unwrap().to_string() + "\n")
             .collect();
-        rules + &self.sh("ip rule show") + &self.sh("ip route show table all")
+        rules + &self.sh("ip -6 rule show") + &self.sh("ip -6 route show table all")
     }
 }
 
@@ -75,10 +89,12 @@ fn install_is_idempotent_and_removal_is_exact() {
         Options {
             dns: true,
             inbound: true,
+            ipv6: false,
         },
         Options {
             dns: false,
             inbound: false,
+            ipv6: false,
         },
     ] {
         install(&ns.path(), opts).unwrap();
@@ -107,6 +123,76 @@ fn install_is_idempotent_and_removal_is_exact() {
     assert_eq!(ns.state(), before, "second removal");
 }
 
+/// A pod with an IPv6 address gets the same chains with ip6tables; an
+/// install without `ipv6` takes them out again, and removal is exact for
+/// both families.
+#[test]
+fn ipv6_rules_install_idempotently_and_go_with_the_option() {
+    let ns = Netns::new("v6");
+    // As in a pod (the loopback plugin): IPv6 routes need lo up.
+    ns.sh("ip link set lo up");
+    let (before, before6) = (ns.state(), ns.state6());
+    let dual = Options {
+        dns: true,
+        inbound: true,
+        ipv6: true,
+    };
+    install(&ns.path(), dual).unwrap();
+    let (once, once6) = (ns.state(), ns.state6());
+    install(&ns.path(), dual).unwrap();
+    assert_eq!(
+        (ns.state(), ns.state6()),
+        (once.clone(), once6.clone()),
+        "second install"
+    );
+    for port in ["15001", "15006", "15053"] {
+        assert!(once6.contains(&format!("--to-ports {port}")), "{once6}");
+    }
+    assert!(once6.contains("! -d ::1/128"), "{once6}");
+    assert!(
+        once6.contains("-s fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128"),
+        "{once6}"
+    );
+    assert!(once6.contains("fwmark 0x111/0xfff lookup 100"), "{once6}");
+    assert!(once6.contains("local default dev lo table 100"), "{once6}");
+    assert_eq!(
+        once6.matches("-A OUTPUT -j ISTIO_OUTPUT").count(),
+        3,
+        "{once6}"
+    );
+    assert!(
+        !once6.contains("127.0.0.1") && !once6.contains("169.254"),
+        "{once6}"
+    );
+    // The v4 rules are what a v4-only install writes.
+    assert!(
+        once.contains("--to-ports 15001") && !once.contains("fd16:"),
+        "{once}"
+    );
+    assert!(istio_cni::redirect::installed(&ns.path(), dual).unwrap());
+
+    // The pod loses its v6 address: its v6 rules go, the v4 ones stay.
+    let v4 = Options {
+        ipv6: false,
+        ..dual
+    };
+    install(&ns.path(), v4).unwrap();
+    assert_eq!(
+        ns.state6(),
+        before6,
+        "v6 rules left after a v4-only install"
+    );
+    assert_eq!(ns.state(), once);
+
+    install(&ns.path(), dual).unwrap();
+    remove(&ns.path()).unwrap();
+    assert_eq!(
+        (ns.state(), ns.state6()),
+        (before, before6),
+        "removal left something"
+    );
+}
+
 #[test]
 fn missing_netns_is_an_error_for_install_and_nothing_for_remove() {
     let gone = PathBuf::from("/run/netns/cni-never-existed");
@@ -121,6 +207,15 @@ fn snat_rules(save: &str) -> usize {
         .count()
 }
 
+fn snat_rules6(save: &str) -> usize {
+    save.lines()
+        .filter(|l| {
+            l.contains("istio-inpod-probes-v6")
+                && l.contains("SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+        })
+        .count()
+}
+
 #[test]
 fn a_node_with_only_legacy_rules_gets_legacy_rules() {
     let ns = Netns::new("legacy");
@@ -129,12 +224,20 @@ fn a_node_with_only_legacy_rules_gets_legacy_rules() {
     assert!(!ns.sh("iptables-nft-save").contains("-A "));
     let host = Host::detect(Some(ns.path())).unwrap();
     assert_eq!(host.backend(), Backend::Legacy);
-    host.install().unwrap();
-    host.install().unwrap();
+    host.install(true).unwrap();
+    host.install(true).unwrap();
     assert_eq!(snat_rules(&ns.sh("iptables-legacy-save -t nat")), 1);
     assert_eq!(snat_rules(&ns.sh("iptables-nft-save")), 0);
     host.add_pod("10.244.1.10".parse().unwrap()).unwrap();
-    assert_eq!(host.members().unwrap(), ["10.244.1.10"]);
+    assert_eq!(host.members(false).unwrap(), ["10.244.1.10"]);
+    // IPv6 the same way, with ip6tables of the same backend.
+    assert_eq!(snat_rules6(&ns.sh("ip6tables-legacy-save -t nat")), 1);
+    assert_eq!(snat_rules6(&ns.sh("ip6tables-nft-save")), 0);
+    host.add_pod("fd00:10:244::1:10".parse().unwrap()).unwrap();
+    assert_eq!(host.members(true).unwrap(), ["fd00:10:244::1:10"]);
+    assert_eq!(host.members(false).unwrap(), ["10.244.1.10"]);
+    host.del_pod("fd00:10:244::1:10".parse().unwrap()).unwrap();
+    assert!(host.members(true).unwrap().is_empty());
 }
 
 #[test]
@@ -142,9 +245,11 @@ fn a_node_without_rules_gets_nft_rules() {
     let ns = Netns::new("nft");
     let host = Host::detect(Some(ns.path())).unwrap();
     assert_eq!(host.backend(), Backend::Nft);
-    host.install().unwrap();
+    host.install(true).unwrap();
     assert_eq!(snat_rules(&ns.sh("iptables-nft-save -t nat")), 1);
     assert_eq!(snat_rules(&ns.sh("iptables-legacy-save")), 0);
+    assert_eq!(snat_rules6(&ns.sh("ip6tables-nft-save -t nat")), 1);
+    assert_eq!(snat_rules6(&ns.sh("ip6tables-legacy-save")), 0);
     // Its own rules (an agent restarted) keep it on nft.
     assert_eq!(
         Host::detect(Some(ns.path())).unwrap().backend(),

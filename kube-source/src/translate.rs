@@ -359,7 +359,11 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
         let status = if ip.is_empty() {
             serde_json::json!({})
         } else {
-            serde_json::json!({ "podIP": ip })
+            // A dual-stack pod's addresses of both families, podIP first.
+            match status.and_then(|s| s.get("podIPs")) {
+                Some(ips) => serde_json::json!({ "podIP": ip, "podIPs": ips }),
+                None => serde_json::json!({ "podIP": ip }),
+            }
         };
         out.insert("status".into(), status);
     }
@@ -409,6 +413,37 @@ mod tests {
             _ => ar("", "v1", "Service"),
         };
         t.apply(Change::Apply(Watch::Kind(r.kind.clone()), r, o));
+    }
+
+    /// A dual-stack cluster's pod (status.podIPs) and Service (clusterIPs,
+    /// ipFamilies, ipFamilyPolicy as the API server fills them) keep both
+    /// families through the translator.
+    #[test]
+    fn dual_stack_pod_and_service() {
+        let mut t = Translator::new("cluster.local", Dropped::default());
+        apply(&mut t, ns());
+        let mut p = pod("p", "10.0.0.1", serde_json::json!({}));
+        p.data["status"]["podIPs"] = serde_json::json!([{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]);
+        p.metadata.labels = Some([("app".to_string(), "p".to_string())].into());
+        apply(&mut t, p);
+        let svc = DynamicObject::new("s", &ar("", "v1", "Service"))
+            .within("a")
+            .data(serde_json::json!({"spec": {
+                "clusterIP": "10.96.0.1",
+                "clusterIPs": ["10.96.0.1", "fd00:96::1"],
+                "ipFamilies": ["IPv4", "IPv6"],
+                "ipFamilyPolicy": "PreferDualStack",
+                "selector": {"app": "p"},
+                "ports": [{"port": 80, "protocol": "TCP"}],
+                "type": "ClusterIP",
+            }}));
+        apply(&mut t, svc);
+        let s = t.objects.publish();
+        let w = s.workload_by_ip("fd00::1".parse().unwrap()).unwrap();
+        assert_eq!(w.ip, "10.0.0.1".parse::<std::net::IpAddr>().unwrap());
+        let svc = s.service_by_vip("fd00:96::1".parse().unwrap()).unwrap();
+        assert_eq!(svc.vips.len(), 2);
+        assert_eq!(s.endpoints_for(svc, 80).len(), 1);
     }
 
     #[test]

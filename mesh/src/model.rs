@@ -34,8 +34,13 @@ pub struct Workload {
     pub service_account: Str,
     pub trust_domain: Str,
     pub node: Str,
-    /// Unspecified for a hostname workload.
+    /// Unspecified for a hostname workload. On a dual-stack pod the first
+    /// of its addresses (`status.podIP`, WDS's first address).
     pub ip: IpAddr,
+    /// The pod's further addresses (the other family on a dual-stack pod):
+    /// found by each, and the one of a destination's family is dialled.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_ips: Vec<IpAddr>,
     /// A name the proxy resolves itself instead of an address (an endpoint
     /// of a DNS ServiceEntry): reached through its service only, never
     /// indexed by address or name.
@@ -104,6 +109,10 @@ impl NameIndex {
     }
 }
 
+fn is_any_family(f: &IpFamilies) -> bool {
+    *f == IpFamilies::Any
+}
+
 fn no_labels(l: &Labels) -> bool {
     l.is_empty()
 }
@@ -111,6 +120,24 @@ fn no_labels(l: &Labels) -> bool {
 impl Workload {
     pub fn identity(&self) -> Identity {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// Every address of the workload, the primary first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.ip).chain(self.extra_ips.iter().copied())
+    }
+
+    pub fn has_address(&self, ip: IpAddr) -> bool {
+        self.addresses().any(|a| a == ip)
+    }
+
+    /// The address to reach it at from a connection addressed in `like`'s
+    /// family (a v6 VIP goes to the endpoint's v6 address); the primary when
+    /// it has none of that family.
+    pub fn address_like(&self, like: IpAddr) -> IpAddr {
+        self.addresses()
+            .find(|a| a.is_ipv4() == like.is_ipv4())
+            .unwrap_or(self.ip)
     }
 }
 
@@ -133,6 +160,28 @@ pub struct Endpoint {
     pub ip: IpAddr,
 }
 
+/// The address families a Service serves (`spec.ipFamilies`, WDS
+/// `ip_families`). Its VIPs say it for a Service that has them; a headless
+/// one answers DNS with its endpoints' addresses of these families only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum IpFamilies {
+    /// Both, or not said.
+    #[default]
+    Any,
+    V4Only,
+    V6Only,
+}
+
+impl IpFamilies {
+    pub fn admits(self, ip: IpAddr) -> bool {
+        match self {
+            IpFamilies::Any => true,
+            IpFamilies::V4Only => ip.is_ipv4(),
+            IpFamilies::V6Only => ip.is_ipv6(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Service {
     /// The waypoint its own or its namespace's label asks for.
@@ -141,6 +190,8 @@ pub struct Service {
     pub namespace: String,
     pub hostname: String,
     pub vips: Vec<IpAddr>,
+    #[serde(skip_serializing_if = "is_any_family")]
+    pub ip_families: IpFamilies,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
 }
@@ -209,7 +260,9 @@ impl Indexes {
     pub fn insert_workload(&mut self, w: Arc<Workload>) {
         // A hostname workload has no address of its own to be found by.
         if w.hostname.is_none() {
-            self.by_ip.insert(w.ip, w.clone());
+            for ip in w.addresses() {
+                self.by_ip.insert(ip, w.clone());
+            }
             self.by_name.insert(w.clone());
         }
         self.workloads.insert(w.uid.clone(), w);
@@ -229,8 +282,10 @@ impl Indexes {
         if mine(self.workloads.get(&w.uid)) {
             self.workloads.remove(&w.uid);
         }
-        if mine(self.by_ip.get(&w.ip)) {
-            self.by_ip.remove(&w.ip);
+        for ip in w.addresses() {
+            if mine(self.by_ip.get(&ip)) {
+                self.by_ip.remove(&ip);
+            }
         }
         self.by_name.remove(w);
     }
@@ -428,9 +483,17 @@ impl MeshState {
         if let Some(s) = self.service_by_host(host) {
             // Headless: the endpoints themselves, as Kubernetes DNS does.
             return Some(if s.vips.is_empty() {
-                // Hostname endpoints have no address to answer with.
-                let ips = s.endpoints.iter().map(|e| e.ip);
-                ips.filter(|ip| !ip.is_unspecified()).collect()
+                // Hostname endpoints have no address to answer with; a
+                // dual-stack endpoint answers with both its addresses.
+                let ips =
+                    s.endpoints
+                        .iter()
+                        .flat_map(|e| match self.workloads.get(&e.workload_uid) {
+                            Some(w) => w.addresses().collect(),
+                            None => vec![e.ip],
+                        });
+                ips.filter(|ip| !ip.is_unspecified() && s.ip_families.admits(*ip))
+                    .collect()
             } else {
                 s.vips.clone()
             });

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -111,6 +110,9 @@ struct PodStatus {
     /// is what gives it an address).
     #[serde(rename = "podIP", default)]
     pod_ip: String,
+    /// Both families' addresses on a dual-stack pod, `podIP` first.
+    #[serde(rename = "podIPs", default)]
+    pod_ips: Vec<crate::families::PodIp>,
 }
 
 #[derive(Deserialize)]
@@ -118,8 +120,8 @@ struct PodStatus {
 struct ServiceSpec {
     #[serde(default)]
     selector: Option<BTreeMap<String, String>>,
-    #[serde(rename = "clusterIP")]
-    cluster_ip: String,
+    #[serde(flatten)]
+    families: crate::families::ServiceFamilies,
     ports: Vec<SvcPort>,
 }
 
@@ -295,17 +297,8 @@ pub fn translate(
 fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, ConfigError> {
     let o: Object<ServiceSpec> = typed(object, value)?;
     let spec = o.spec.ok_or_else(|| err(object, "spec", "missing"))?;
-    let mut vips = Vec::new();
-    if spec.cluster_ip != "None" {
-        let vip: IpAddr = spec.cluster_ip.parse().map_err(|e| {
-            err(
-                object,
-                "spec.clusterIP",
-                format!("{:?}: {e}", spec.cluster_ip),
-            )
-        })?;
-        vips.push(vip);
-    }
+    let vips = crate::families::service_vips(&spec.families)
+        .map_err(|e| err(object, e.field, e.message))?;
     let mut ports = Vec::new();
     for (i, p) in spec.ports.into_iter().enumerate() {
         if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
@@ -335,6 +328,7 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
         labels: o.metadata.labels,
         selector: spec.selector.filter(|s| !s.is_empty()).map(Into::into),
         vips,
+        ip_families: crate::families::service_families(&spec.families),
         ports,
     })
 }
@@ -367,13 +361,8 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
     let status = o
         .status
         .ok_or_else(|| err(object, "status", "missing (needs status.podIP)"))?;
-    let ip = match status.pod_ip.as_str() {
-        "" => None,
-        s => Some(
-            s.parse::<IpAddr>()
-                .map_err(|e| err(object, "status.podIP", format!("{s:?}: {e}")))?,
-        ),
-    };
+    let (ip, extra_ips) = crate::families::pod_addresses(&status.pod_ip, &status.pod_ips)
+        .map_err(|e| err(object, e.field, e.message))?;
     if spec.node_name.is_empty() {
         return Err(err(object, "spec.nodeName", "empty"));
     }
@@ -396,6 +385,7 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
             .unwrap_or_else(|| "default".into()),
         node: spec.node_name,
         ip,
+        extra_ips,
         named_ports: spec
             .containers
             .iter()

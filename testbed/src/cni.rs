@@ -90,6 +90,19 @@ impl Mesh {
     /// `cni_node` whose conflist speaks `version`: 1.1.0 lists its
     /// `cniVersions` too and runs the reference plugins that speak it.
     pub fn cni_node_version(&mut self, node: &str, index: u8, version: &str) {
+        self.cni_node_with(node, index, version, false)
+    }
+
+    /// `cni_node` on a dual-stack network: the node also at
+    /// fd00:172:30::<index>, routing to the other nodes' fd00:10:244:<n>::/64,
+    /// and host-local handing out an address of each family. Duplicate
+    /// address detection is off in the node and its pods, so addresses are
+    /// usable at once.
+    pub fn cni_node_dual_stack(&mut self, node: &str, index: u8) {
+        self.cni_node_with(node, index, "1.0.0", true)
+    }
+
+    fn cni_node_with(&mut self, node: &str, index: u8, version: &str, dual: bool) {
         let ns = format!("{}-{}", self.prefix, node);
         let host_if = format!(
             "w{}{}",
@@ -106,6 +119,20 @@ impl Mesh {
         );
         for other in (1..=9u8).filter(|o| *o != index) {
             cmd += &format!(" && ip -n {ns} route add 10.244.{other}.0/24 via 172.30.0.{other}");
+        }
+        if dual {
+            // Set before cni0 and the pods' host ends exist: they inherit it.
+            cmd = cmd.replacen(
+                " && ip link add",
+                &format!(" && ip netns exec {ns} sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.forwarding=1 && ip link add"),
+                1,
+            );
+            cmd += &format!(" && ip -n {ns} addr add fd00:172:30::{index}/64 dev eth0 nodad");
+            for other in (1..=9u8).filter(|o| *o != index) {
+                cmd += &format!(
+                    " && ip -n {ns} -6 route add fd00:10:244:{other}::/64 via fd00:172:30::{other}"
+                );
+            }
         }
         sh(&cmd);
         let net = self.cni_net(node);
@@ -137,6 +164,17 @@ impl Mesh {
                 },
             }],
         });
+        if dual {
+            let ipam = &mut conflist["plugins"][0]["ipam"];
+            ipam["ranges"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!([{"subnet": format!("fd00:10:244:{index}::/64")}]));
+            ipam["routes"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"dst": "::/0"}));
+        }
         if version == "1.1.0" {
             conflist["cniVersions"] = json!(["1.0.0", "1.1.0"]);
         }
@@ -319,7 +357,10 @@ impl Mesh {
         let list: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let netns = format!("/run/netns/{}-{}", self.prefix, pod);
         let mut args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={pod}");
-        if !ip.is_empty() {
+        // Several addresses (`v4,v6`) go in the config's `args.cni.ips`,
+        // which host-local reads; CNI_ARGS' IP takes one.
+        let many = ip.contains(',');
+        if !ip.is_empty() && !many {
             args += &format!(";IP={ip}");
         }
         let cache = self.dir.join(node).join(format!("cache-{pod}.json"));
@@ -341,6 +382,9 @@ impl Mesh {
                 conf["prevResult"] = prev.clone();
             }
             let plugin = p["type"].as_str().unwrap();
+            if many && plugin == "bridge" {
+                conf["args"] = json!({"cni": {"ips": ip.split(',').collect::<Vec<_>>()}});
+            }
             let out = self.exec_plugin(
                 node,
                 plugin,
@@ -371,7 +415,8 @@ impl Mesh {
     }
 
     /// A pod sandbox: its netns, loopback up through the loopback plugin,
-    /// then ADD through the node's conflist asking host-local for `ip`.
+    /// then ADD through the node's conflist asking host-local for `ip`
+    /// (`v4,v6` on a dual-stack node: one of each).
     pub fn cni_pod(
         &mut self,
         node: &str,
@@ -382,6 +427,12 @@ impl Mesh {
     ) -> Result<Value, CniFailure> {
         let ns = format!("{}-{}", self.prefix, name);
         sh(&format!("ip netns add {ns}"));
+        // Addresses of both families (`ip` is "v4,v6"): no duplicate
+        // address detection for the interface the bridge plugin makes.
+        let ips: Vec<String> = ip.split(',').map(str::to_string).collect();
+        if ips.iter().any(|i| i.contains(':')) {
+            sh(&format!("ip netns exec {ns} sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0"));
+        }
         self.pods.insert(
             name.into(),
             Pod {
@@ -389,7 +440,8 @@ impl Mesh {
                 name: name.into(),
                 namespace: namespace.into(),
                 sa: sa.into(),
-                ip: ip.into(),
+                ip: ips[0].clone(),
+                ips,
                 node: node.into(),
                 captured: true,
             },

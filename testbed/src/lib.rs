@@ -64,7 +64,10 @@ pub struct Pod {
     pub name: String,
     pub namespace: String,
     pub sa: String,
+    /// The first of `ips`.
     pub ip: String,
+    /// Every address (one per family on a dual-stack pod).
+    pub ips: Vec<String>,
     pub node: String,
     pub captured: bool,
 }
@@ -201,18 +204,67 @@ impl Mesh {
         node: &str,
         captured: bool,
     ) {
+        self.pod_with_ips(name, namespace, sa, &[ip], node, captured)
+    }
+
+    /// `pod` with several addresses: IPv4 ones in 10.244.0.0/16, IPv6 ones
+    /// in fd00:10:244::/64 (dual-stack: one of each; IPv6-only: just one).
+    /// The bridge gets its IPv6 address with the first IPv6 pod, so meshes
+    /// without one are exactly IPv4-only.
+    pub fn pod_with_ips(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        sa: &str,
+        ips: &[&str],
+        node: &str,
+        captured: bool,
+    ) {
         let ns = format!("{}-{}", self.prefix, name);
         let host_if = format!(
             "v{}{}",
             self.prefix.chars().rev().take(6).collect::<String>(),
             self.pods.len()
         );
+        let v6 = ips.iter().any(|ip| ip.contains(':'));
+        if v6
+            && !self
+                .pods
+                .values()
+                .any(|p| p.ips.iter().any(|i| i.contains(':')))
+        {
+            // `nodad`: usable at once, not after duplicate detection.
+            sh(&format!(
+                "ip -n {net} addr add {IPV6_POD_GW}/64 dev br0 nodad",
+                net = self.net
+            ));
+        }
+        // Interfaces made after this skip duplicate address detection, so
+        // their addresses (link-local too) are never tentative.
+        let no_dad = match v6 {
+            true => format!(
+                " && ip netns exec {ns} sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0"
+            ),
+            false => String::new(),
+        };
+        let addrs: String = ips
+            .iter()
+            .map(|ip| match ip.contains(':') {
+                true => format!(
+                    " && ip -n {ns} addr add {ip}/64 dev eth0 nodad && \
+                     ip -n {ns} -6 route add default via {IPV6_POD_GW}"
+                ),
+                false => format!(
+                    " && ip -n {ns} addr add {ip}/16 dev eth0 && \
+                     ip -n {ns} route add default via 10.244.0.1"
+                ),
+            })
+            .collect();
         sh(&format!(
-            "ip netns add {ns} && ip -n {ns} link set lo up && \
+            "ip netns add {ns} && ip -n {ns} link set lo up{no_dad} && \
              ip link add {host_if} type veth peer name eth0 netns {ns} && \
              ip link set {host_if} netns {net} && ip -n {net} link set {host_if} master br0 up && \
-             ip -n {ns} addr add {ip}/16 dev eth0 && ip -n {ns} link set eth0 up && \
-             ip -n {ns} route add default via 10.244.0.1",
+             ip -n {ns} link set eth0 up{addrs}",
             net = self.net
         ));
         if captured {
@@ -220,6 +272,7 @@ impl Mesh {
             let opts = istio_cni::redirect::Options {
                 dns: self.dns_capture,
                 inbound: true,
+                ipv6: v6,
             };
             istio_cni::redirect::install(&path, opts)
                 .unwrap_or_else(|e| panic!("capture rules for {name}: {e}"));
@@ -231,7 +284,8 @@ impl Mesh {
                 name: name.into(),
                 namespace: namespace.into(),
                 sa: sa.into(),
-                ip: ip.into(),
+                ip: ips[0].into(),
+                ips: ips.iter().map(|ip| ip.to_string()).collect(),
                 node: node.into(),
                 captured,
             },
@@ -427,20 +481,30 @@ impl Mesh {
         port: u16,
         handle: impl Fn(TcpStream, String) + Send + Sync + 'static,
     ) {
-        let l = in_ns(&self.pod_ns(pod), move || {
-            TcpListener::bind(("0.0.0.0", port)).unwrap()
+        // A pod with an IPv6 address listens on [::] too (IPv6-only, so a
+        // v4 client is never seen as a v4-mapped address).
+        let v6 = self.pods[pod].ips.iter().any(|ip| ip.contains(':'));
+        let ls = in_ns(&self.pod_ns(pod), move || {
+            let mut ls = vec![TcpListener::bind(("0.0.0.0", port)).unwrap()];
+            if v6 {
+                ls.push(v6_listener(port));
+            }
+            ls
         });
         let handle = std::sync::Arc::new(handle);
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let peer = s
-                    .peer_addr()
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default();
-                let handle = handle.clone();
-                std::thread::spawn(move || handle(s, peer));
-            }
-        });
+        for l in ls {
+            let handle = handle.clone();
+            std::thread::spawn(move || {
+                for s in l.incoming().flatten() {
+                    let peer = s
+                        .peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
+                    let handle = handle.clone();
+                    std::thread::spawn(move || handle(s, peer));
+                }
+            });
+        }
     }
 
     /// Echoes every byte back.
@@ -538,6 +602,22 @@ impl Mesh {
         }
         Ok(out.trim().to_string())
     }
+}
+
+/// The bridge's address in the IPv6 pods' subnet (fd00:10:244::/64, on the
+/// shared bridge), their default gateway.
+pub const IPV6_POD_GW: &str = "fd00:10:244::1";
+
+/// A listener on [::]:`port`, IPv6 only.
+fn v6_listener(port: u16) -> TcpListener {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+    s.set_only_v6(true).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())
+        .unwrap();
+    s.listen(128).unwrap();
+    s.into()
 }
 
 fn echo(s: TcpStream) {

@@ -39,6 +39,7 @@ fn endpoint(name: &str, ip: IpAddr) -> Arc<Workload> {
         trust_domain: s(""),
         node: s(""),
         ip,
+        extra_ips: Vec::new(),
         hostname: None,
         labels: Default::default(),
         annotations: Default::default(),

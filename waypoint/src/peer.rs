@@ -74,6 +74,7 @@ pub fn source(
         trust_domain: s(&id.trust_domain),
         node: s(""),
         ip,
+        extra_ips: Vec::new(),
         hostname: None,
         labels: Default::default(),
         annotations: Default::default(),

@@ -162,7 +162,7 @@ fn workload<'a>(state: &MeshState, w: &'a Workload, cluster_id: &'a str) -> Work
         workload_ips: if w.ip.is_unspecified() {
             Vec::new()
         } else {
-            vec![w.ip.to_string()]
+            w.addresses().map(|ip| ip.to_string()).collect()
         },
         waypoint: w.waypoint.as_ref().map(|wp| waypoint_address(state, wp)),
         protocol: match w.protocol {
@@ -247,11 +247,12 @@ fn service<'a>(state: &MeshState, svc: &'a Service) -> ServiceOut<'a> {
         endpoints,
         subject_alt_names: [],
         waypoint: svc.waypoint.as_ref().map(|wp| waypoint_address(state, wp)),
-        ip_families: match (v4, v6) {
-            (true, true) => Some("Dual"),
-            (true, false) => Some("IPv4"),
-            (false, true) => Some("IPv6"),
-            (false, false) => None,
+        // From the VIPs; a headless service's from what its source said.
+        ip_families: match (v4, v6, svc.ip_families) {
+            (true, true, _) => Some("Dual"),
+            (true, false, _) | (false, false, mesh::model::IpFamilies::V4Only) => Some("IPv4"),
+            (false, true, _) | (false, false, mesh::model::IpFamilies::V6Only) => Some("IPv6"),
+            (false, false, mesh::model::IpFamilies::Any) => None,
         },
     }
 }
@@ -498,6 +499,33 @@ spec:
         assert_eq!(ep["workloadUid"], uid.as_str());
         assert_eq!(ep["service"], "app/web.app.svc.cluster.local");
         assert_eq!(ep["port"], json!({"80": 8080}));
+    }
+
+    /// Dual-stack: every address of a workload, the families of a
+    /// service from its VIPs, a headless one's from its ipFamilies.
+    #[test]
+    fn dual_stack_addresses_and_families() {
+        let yaml = YAML
+            .replace(
+                "status: {podIP: 10.244.1.10}",
+                "status: {podIP: 10.244.1.10, podIPs: [{ip: 10.244.1.10}, {ip: 'fd00::10'}]}",
+            )
+            .replace(
+                "  clusterIP: 10.96.0.10\n",
+                "  clusterIPs: [10.96.0.10, 'fd00:96::10']\n",
+            )
+            + "---\napiVersion: v1\nkind: Service\nmetadata: {name: hl, namespace: app}\nspec:\n  clusterIP: None\n  ipFamilies: [IPv6]\n  selector: {app: web}\n  ports: [{port: 80}]\n";
+        let st = mesh::standalone::parse(&yaml, "cluster.local").unwrap();
+        let w = workloads(&st, "Kubernetes");
+        assert_eq!(w[0]["workloadIps"], json!(["10.244.1.10", "fd00::10"]));
+        let s = services(&st);
+        let family = |host: &str| {
+            s.iter()
+                .find(|x| x["hostname"] == host)
+                .map(|x| x["ipFamilies"].clone())
+        };
+        assert_eq!(family("web.app.svc.cluster.local"), Some(json!("Dual")));
+        assert_eq!(family("hl.app.svc.cluster.local"), Some(json!("IPv6")));
     }
 
     #[test]

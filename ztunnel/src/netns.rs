@@ -65,26 +65,52 @@ impl PodNetns {
         r
     }
 
-    /// A listener on 0.0.0.0:`port` in the pod: marked, reuse-port (old and
-    /// new ztunnel overlap in upgrades), transparent.
-    pub fn listener(&self, port: u16) -> io::Result<TcpListener> {
-        let sock = self.run(tcp_socket)?;
+    /// A listener on `port` in the pod for one family (0.0.0.0, or [::]
+    /// IPv6-only so addresses never come v4-mapped): marked, reuse-port (old
+    /// and new ztunnel overlap in upgrades), transparent.
+    fn listener(&self, port: u16, v6: bool) -> io::Result<TcpListener> {
+        let sock = self.run(|| tcp_socket(v6))?;
         sock.set_reuse_address(true)?;
         sock.set_reuse_port(true)?;
-        sock.set_ip_transparent_v4(true)?;
-        sock.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        let any = match v6 {
+            true => {
+                sock.set_only_v6(true)?;
+                sock.set_ip_transparent_v6(true)?;
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+            }
+            false => {
+                sock.set_ip_transparent_v4(true)?;
+                SocketAddr::from(([0, 0, 0, 0], port))
+            }
+        };
+        sock.bind(&any.into())?;
         sock.listen(1024)?;
         TcpListener::from_std(sock.into())
     }
 
-    /// The DNS proxy's sockets on 127.0.0.1:`port` in the pod (UDP and TCP),
-    /// where the capture rules REDIRECT port 53.
-    pub fn dns_listeners(&self, port: u16) -> io::Result<(UdpSocket, TcpListener)> {
-        let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
-        let (udp, tcp) = self.run(|| Ok((udp_socket()?, tcp_socket()?)))?;
+    /// The listeners on `port` for both families.
+    pub fn listeners(&self, port: u16) -> io::Result<Vec<TcpListener>> {
+        both_families(port, |v6| self.listener(port, v6))
+    }
+
+    /// The DNS proxy's sockets (UDP and TCP) on 127.0.0.1:`port` and
+    /// [::1]:`port` in the pod, where the capture rules REDIRECT port 53.
+    pub fn dns_listeners(&self, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>> {
+        both_families(port, |v6| self.dns_listener(port, v6))
+    }
+
+    fn dns_listener(&self, port: u16, v6: bool) -> io::Result<(UdpSocket, TcpListener)> {
+        let addr: SocketAddr = match v6 {
+            true => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            false => SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        let (udp, tcp) = self.run(|| Ok((udp_socket(v6)?, tcp_socket(v6)?)))?;
         for s in [&udp, &tcp] {
             s.set_reuse_address(true)?;
             s.set_reuse_port(true)?;
+            if v6 {
+                s.set_only_v6(true)?;
+            }
             s.bind(&addr.into())?;
         }
         tcp.listen(256)?;
@@ -97,23 +123,28 @@ impl PodNetns {
     /// A marked UDP socket in the pod bound to `local` (upstream DNS: it
     /// leaves by the pod's own routes, skipping the capture rules).
     pub fn udp_bind(&self, local: SocketAddr) -> io::Result<UdpSocket> {
-        let s = self.run(udp_socket)?;
+        let s = self.run(|| udp_socket(local.is_ipv6()))?;
         s.bind(&local.into())?;
         UdpSocket::from_std(s.into())
     }
 
     /// Connects from inside the pod. With `as_source`, the socket is bound to
     /// that (foreign) address first, so the application sees the original
-    /// client IP (IP_TRANSPARENT + IP_FREEBIND).
+    /// client IP (IP_TRANSPARENT + IP_FREEBIND, or their IPv6 twins).
     pub async fn connect(
         &self,
         dst: SocketAddr,
         as_source: Option<SocketAddr>,
     ) -> io::Result<TcpStream> {
-        let sock = self.run(tcp_socket)?;
+        let sock = self.run(|| tcp_socket(dst.is_ipv6()))?;
         if let Some(src) = as_source {
-            sock.set_ip_transparent_v4(true)?;
-            sock.set_freebind_v4(true)?;
+            if dst.is_ipv6() {
+                sock.set_ip_transparent_v6(true)?;
+                sock.set_freebind_v6(true)?;
+            } else {
+                sock.set_ip_transparent_v4(true)?;
+                sock.set_freebind_v4(true)?;
+            }
             sock.bind(&SocketAddr::new(src.ip(), 0).into())?;
         }
         let s = TcpSocket::from_std_stream(sock.into()).connect(dst).await?;
@@ -122,9 +153,38 @@ impl PodNetns {
     }
 }
 
-fn udp_socket() -> io::Result<Socket> {
+/// `open(false)`, and `open(true)` unless the pod's netns has IPv6 turned
+/// off (it can then have no v6 traffic to serve).
+fn both_families<T>(port: u16, open: impl Fn(bool) -> io::Result<T>) -> io::Result<Vec<T>> {
+    let mut out = vec![open(false)?];
+    match open(true) {
+        Ok(l) => out.push(l),
+        Err(e) if no_ipv6(&e) => {
+            tracing::debug!(port, error = %e, "no IPv6 in the pod; IPv4 only")
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(out)
+}
+
+/// Binding [::] failed because the netns has no IPv6 (disabled).
+fn no_ipv6(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    let errno = Errno::from_raw(e.raw_os_error().unwrap_or_default());
+    matches!(errno, Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL)
+}
+
+fn domain(v6: bool) -> Domain {
+    if v6 {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    }
+}
+
+fn udp_socket(v6: bool) -> io::Result<Socket> {
     let s = Socket::new(
-        Domain::IPV4,
+        domain(v6),
         Type::DGRAM.nonblocking().cloexec(),
         Some(Protocol::UDP),
     )?;
@@ -132,9 +192,9 @@ fn udp_socket() -> io::Result<Socket> {
     Ok(s)
 }
 
-fn tcp_socket() -> io::Result<Socket> {
+fn tcp_socket(v6: bool) -> io::Result<Socket> {
     let s = Socket::new(
-        Domain::IPV4,
+        domain(v6),
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;
@@ -142,9 +202,16 @@ fn tcp_socket() -> io::Result<Socket> {
     Ok(s)
 }
 
-/// The destination a REDIRECTed connection was headed to.
+/// The destination a REDIRECTed connection was headed to: SO_ORIGINAL_DST
+/// for IPv4, IP6T_SO_ORIGINAL_DST for IPv6 (listeners are one family each).
 pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
-    let a = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::OriginalDst)?;
+    use nix::sys::socket::{getsockopt, sockopt};
+    if s.local_addr()?.is_ipv6() {
+        let a = getsockopt(s, sockopt::Ip6tOriginalDst)?;
+        let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+        return Ok(SocketAddr::from((ip, u16::from_be(a.sin6_port))));
+    }
+    let a = getsockopt(s, sockopt::OriginalDst)?;
     let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
     Ok(SocketAddr::from((ip, u16::from_be(a.sin_port))))
 }

@@ -123,12 +123,12 @@ impl Agent {
         ztunnel: bool,
     ) -> Result<(), String> {
         let pod = pod_name(key);
-        // In-pod rules are IPv4 only: a pod with an IPv6 address would have
-        // its IPv6 traffic bypass ztunnel (no mTLS, no policy). Refused
-        // until both families are captured, whatever AMBIENT_IPV6 says.
-        if let Some(v6) = r.ips.iter().find(|ip| ip.is_ipv6()) {
+        // AMBIENT_IPV6=false: no v6 rules are written, so a pod with an IPv6
+        // address would have its v6 traffic bypass ztunnel (no mTLS, no
+        // policy). Refused rather than left half outside the mesh.
+        if !self.cfg.ipv6 && to.options.ipv6 {
             return Err(format!(
-                "{pod} has IPv6 address {v6}: only IPv4 is captured, so it is refused rather than left half outside the mesh"
+                "{pod} has an IPv6 address but AMBIENT_IPV6=false: refused rather than left half outside the mesh"
             ));
         }
         let old = r.enrolled.as_ref();

@@ -48,6 +48,8 @@ pub struct Config {
     pub plugin_socket: PathBuf,
     pub state_dir: PathBuf,
     pub dns_capture: bool,
+    /// Capture pods' IPv6 too (AMBIENT_IPV6); off refuses pods with one.
+    pub ipv6: bool,
     pub exclude_namespaces: Vec<String>,
     /// Keep the node's probe SNAT rule and ipset.
     pub probe_snat: bool,
@@ -108,10 +110,10 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     let state = cfg.store.load();
     let host = match cfg.probe_snat {
         true => {
-            let netns = cfg.host_netns.clone();
+            let (netns, ipv6) = (cfg.host_netns.clone(), cfg.ipv6);
             let host = blocking(move || {
                 let h = Host::detect(netns)?;
-                h.install().map(|()| h)
+                h.install(ipv6).map(|()| h)
             })
             .await
             .context("node probe SNAT rule")?;

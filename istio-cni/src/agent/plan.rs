@@ -101,11 +101,14 @@ pub(super) fn plan_pod(
                         r.ips
                     ))
                 } else {
+                    // An IPv6 address either source knows gets the v6 rules:
+                    // its v6 traffic must not pass by ztunnel.
+                    let ipv6 = options.ipv6 || r.ips.iter().any(std::net::IpAddr::is_ipv6);
                     let to = Enrolled {
                         uid,
                         ip,
                         service_account,
-                        options,
+                        options: crate::redirect::Options { ipv6, ..options },
                     };
                     enrol(r.enrolled.as_ref(), to, repair)
                 }

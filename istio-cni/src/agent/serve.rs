@@ -126,8 +126,9 @@ impl Agent {
         if r.enrolled.is_none() {
             return refused(format!("{pod} is not enrolled"));
         }
-        let netns = r.netns.clone();
-        match blocking(move || redirect::installed(&netns)).await {
+        let (netns, opts) = (r.netns.clone(), r.enrolled.as_ref().map(|e| e.options));
+        let opts = opts.unwrap_or_default();
+        match blocking(move || redirect::installed(&netns, opts)).await {
             Ok(true) => Response::Enrolled,
             Ok(false) => refused(format!("{pod}: capture rules are missing")),
             Err(e) => refused(e.to_string()),

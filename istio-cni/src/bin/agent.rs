@@ -112,6 +112,7 @@ struct Resolved {
     plugin_socket: PathBuf,
     state_dir: PathBuf,
     dns_capture: bool,
+    ipv6: bool,
     exclude_namespaces: Vec<String>,
     cni_conf_dir: Option<PathBuf>,
     cni_conf_name: Option<String>,
@@ -161,6 +162,7 @@ fn resolve(args: &Args, env: &ChartEnv, chart: bool) -> Resolved {
             .or(run_dir)
             .unwrap_or_else(|| api::DEFAULT_STATE_DIR.into()),
         dns_capture: args.dns_capture.or(env.dns_capture).unwrap_or(true),
+        ipv6: env.ipv6.unwrap_or(true),
         exclude_namespaces: args
             .exclude_namespaces
             .clone()
@@ -221,9 +223,9 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(?changed, "istio-cni plugin uninstalled");
         return Ok(());
     }
-    if env.ipv6 == Some(true) {
+    if !cfg.ipv6 {
         tracing::warn!(
-            "AMBIENT_IPV6=true: only IPv4 is captured; ambient pods with an IPv6 address are refused (their ADD fails) rather than left half outside the mesh"
+            "AMBIENT_IPV6=false: no IPv6 rules are written; ambient pods with an IPv6 address are refused (their ADD fails) rather than left half outside the mesh"
         );
     }
     tokio::runtime::Builder::new_multi_thread()
@@ -309,6 +311,7 @@ async fn run(args: Args, cfg: Resolved) -> anyhow::Result<()> {
         plugin_socket: cfg.plugin_socket,
         state_dir: cfg.state_dir,
         dns_capture: cfg.dns_capture,
+        ipv6: cfg.ipv6,
         exclude_namespaces: cfg.exclude_namespaces,
         probe_snat: args.probe_snat,
         host_netns: cfg.host_netns,
@@ -382,7 +385,14 @@ mod tests {
             assert_eq!(r.plugin_socket, PathBuf::from(api::DEFAULT_SOCKET));
             assert_eq!(r.metrics_port, 15014);
             assert!(r.dns_capture);
+            assert!(r.ipv6, "IPv6 is captured unless AMBIENT_IPV6=false");
         }
+        let r = resolve(
+            &parse(&["x", "--node", "n"]).0,
+            &env(&[("AMBIENT_IPV6", "false")]),
+            false,
+        );
+        assert!(!r.ipv6);
         let (args, chart) = parse(&["istio-cni-agent", "--node", "n"]);
         assert!(!chart);
         let r = resolve(&args, &ChartEnv::default(), chart);

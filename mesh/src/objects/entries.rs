@@ -179,6 +179,7 @@ impl Objects {
                 namespace: se.namespace.clone(),
                 hostname: host.clone(),
                 vips: se.addresses.clone(),
+                ip_families: Default::default(),
                 ports: ports.clone(),
                 endpoints,
             });
@@ -213,6 +214,7 @@ impl Objects {
             trust_domain: s.get(&self.trust_domain),
             node: s.get(""),
             ip: at.0,
+            extra_ips: Vec::new(),
             hostname: at.1.map(|h| s.get(h)),
             labels,
             annotations: Default::default(),

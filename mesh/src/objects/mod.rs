@@ -73,6 +73,8 @@ pub struct PodDecl {
     pub node: String,
     /// None while scheduled but not yet networked.
     pub ip: Option<IpAddr>,
+    /// `status.podIPs` after the first (the other family, dual-stack).
+    pub extra_ips: Vec<IpAddr>,
     pub named_ports: BTreeMap<String, u16>,
 }
 
@@ -83,6 +85,7 @@ pub struct ServiceDecl {
     /// None or empty: no endpoints are derived (they are managed elsewhere).
     pub selector: Option<crate::labels::LabelMap>,
     pub vips: Vec<IpAddr>,
+    pub ip_families: crate::model::IpFamilies,
     pub ports: Vec<ServicePort>,
 }
 
@@ -116,7 +119,12 @@ impl Kind {
     /// The addresses the object claims, with the field that claims each.
     pub fn addresses(&self) -> Vec<(&'static str, IpAddr)> {
         match self {
-            Kind::Pod(p) => p.ip.map(|ip| ("status.podIP", ip)).into_iter().collect(),
+            Kind::Pod(p) => {
+                p.ip.map(|ip| ("status.podIP", ip))
+                    .into_iter()
+                    .chain(p.extra_ips.iter().map(|ip| ("status.podIPs", *ip)))
+                    .collect()
+            }
             Kind::Service(s) => s.vips.iter().map(|v| ("spec.clusterIP", *v)).collect(),
             Kind::ServiceEntry(s) => s.addresses.iter().map(|a| ("spec.addresses", *a)).collect(),
             _ => Vec::new(),
@@ -422,14 +430,16 @@ impl Objects {
         let Some(w) = self.pods.get(&name).cloned() else {
             return;
         };
-        if let Some(ip) = address(&w) {
-            if let Err(holder) = self.holder(&key, ip) {
-                self.left_out(
-                    &key,
-                    "status.podIP",
-                    format!("{ip} is already used by {holder}"),
-                );
-                return;
+        if address(&w).is_some() {
+            for ip in w.addresses() {
+                if let Err(holder) = self.holder(&key, ip) {
+                    self.left_out(
+                        &key,
+                        "status.podIP",
+                        format!("{ip} is already used by {holder}"),
+                    );
+                    return;
+                }
             }
         }
         self.clear_left_out(&key);
@@ -515,6 +525,7 @@ impl Objects {
             node: s.get(&p.node),
             // Unaddressed pods carry the unspecified address (`address`).
             ip: p.ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            extra_ips: p.extra_ips,
             hostname: None,
             labels: p.labels,
             annotations: p.annotations,
@@ -564,6 +575,7 @@ impl Objects {
             name: svc_name.clone(),
             namespace: namespace.clone(),
             vips: s.vips.clone(),
+            ip_families: s.ip_families,
             ports: s.ports.clone(),
             endpoints,
         });

@@ -99,7 +99,7 @@ fn port_pair(p: &wl::Port) -> Option<(u16, u16)> {
 /// unspecified one and its hostname; `key` interns a service key.
 pub(super) fn workload_entry(
     w: wl::Workload,
-    at: (IpAddr, Option<String>),
+    at: (IpAddr, Vec<IpAddr>, Option<String>),
     version: Arc<str>,
     no_labels: &Labels,
     strings: &mut mesh::intern::Interner,
@@ -135,7 +135,8 @@ pub(super) fn workload_entry(
         uid: w.uid,
         name: w.name,
         ip: at.0,
-        hostname: at.1.map(|h| strings.get(&h)),
+        extra_ips: at.1,
+        hostname: at.2.map(|h| strings.get(&h)),
         // WDS carries neither: one empty map shared by all.
         labels: no_labels.clone(),
         annotations: no_labels.clone(),
@@ -188,6 +189,13 @@ pub(super) fn service_entry(s: wl::Service, key: Arc<str>, version: Arc<str>) ->
         ),
         ports: exact(ports),
         endpoints: Vec::new(),
+        ip_families: match wl::IpFamilies::try_from(s.ip_families) {
+            Ok(wl::IpFamilies::Ipv4Only) => mesh::model::IpFamilies::V4Only,
+            Ok(wl::IpFamilies::Ipv6Only) => mesh::model::IpFamilies::V6Only,
+            // Automatic, dual, or a value newer than this proto: the
+            // addresses say.
+            _ => mesh::model::IpFamilies::Any,
+        },
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,
@@ -240,15 +248,23 @@ pub(crate) fn ip_of(b: &[u8]) -> Result<IpAddr, String> {
     }
 }
 
-/// Where traffic for `w` goes: its address, or (no address) the hostname
-/// istiod gives a DNS ServiceEntry's endpoints, which the proxy resolves
-/// when it connects; the address is then the unspecified one.
-pub(super) fn workload_ip(w: &wl::Workload) -> Result<(IpAddr, Option<String>), String> {
-    // Our pods are single-stack; the first address is the one traffic uses.
-    match w.addresses.first() {
-        Some(a) => ip_of(a)
-            .map(|ip| (ip, None))
-            .map_err(|r| format!("workload {}/{} {r}", w.namespace, w.name)),
+/// Where traffic for `w` goes: its addresses (a dual-stack pod has one per
+/// family, the first is its primary), or (no address) the hostname istiod
+/// gives a DNS ServiceEntry's endpoints, which the proxy resolves when it
+/// connects; the address is then the unspecified one.
+pub(super) fn workload_ip(
+    w: &wl::Workload,
+) -> Result<(IpAddr, Vec<IpAddr>, Option<String>), String> {
+    let bad = |r: String| format!("workload {}/{} {r}", w.namespace, w.name);
+    match w.addresses.split_first() {
+        Some((first, rest)) => {
+            let ip = ip_of(first).map_err(bad)?;
+            let extra = rest
+                .iter()
+                .map(|a| ip_of(a).map_err(bad))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((ip, extra, None))
+        }
         None if w.hostname.is_empty() => Err(format!(
             "workload {}/{} has neither an address nor a hostname",
             w.namespace, w.name
@@ -261,7 +277,11 @@ pub(super) fn workload_ip(w: &wl::Workload) -> Result<(IpAddr, Option<String>), 
                     w.namespace, w.name, w.hostname
                 ));
             }
-            Ok((IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), Some(h)))
+            Ok((
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                Vec::new(),
+                Some(h),
+            ))
         }
     }
 }

@@ -85,6 +85,7 @@ fn workloads_services_and_listed_policies() {
                 app_protocol: 0,
             }],
             waypoint: None,
+            ip_families: 0,
         }),
     );
     let allow = sec::Authorization {
@@ -324,6 +325,7 @@ fn waypoint_by_hostname_and_by_vip() {
             }],
             ports: vec![],
             waypoint: None,
+            ip_families: 0,
         }),
     );
     let st = r.build();
@@ -378,6 +380,7 @@ fn hostname_workloads_are_endpoints_found_by_uid_only() {
                 app_protocol: 0,
             }],
             waypoint: None,
+            ip_families: 0,
         }),
     );
     let st = r.build();
@@ -427,4 +430,81 @@ fn hostname_workloads_are_endpoints_found_by_uid_only() {
     }
     r.build();
     assert_eq!(r.index_sizes(), [0; 7]);
+}
+
+/// istiod on a dual-stack cluster: a workload with an address per family
+/// and a service with a VIP per family. Both addresses find the workload,
+/// both VIPs the service, and a bad second address refuses the resource.
+#[test]
+fn dual_stack_workloads_and_services() {
+    let mut r = Resources::default();
+    let key = "demo/echo.demo.svc.cluster.local";
+    let v6: std::net::Ipv6Addr = "fd00:10:244::1:2".parse().unwrap();
+    let mut echo = workload("echo", [10, 244, 1, 2], Some((key, 80, 8080)), &[]);
+    echo.addresses.push(v6.octets().to_vec());
+    let headless = "demo/hl.demo.svc.cluster.local";
+    let ports = echo.services[key].clone();
+    echo.services.insert(headless.into(), ports);
+    put(&mut r, "a", wl::address::Type::Workload(echo.clone()));
+    let vip6: std::net::Ipv6Addr = "fd00:10:96::10".parse().unwrap();
+    put(
+        &mut r,
+        "svc",
+        wl::address::Type::Service(wl::Service {
+            name: "echo".into(),
+            namespace: "demo".into(),
+            hostname: "echo.demo.svc.cluster.local".into(),
+            addresses: [vec![10, 96, 0, 10], vip6.octets().to_vec()]
+                .into_iter()
+                .map(|address| wl::NetworkAddress {
+                    network: String::new(),
+                    address,
+                })
+                .collect(),
+            ports: vec![wl::Port {
+                service_port: 80,
+                target_port: 0,
+                app_protocol: 0,
+            }],
+            waypoint: None,
+            ip_families: wl::IpFamilies::Dual as i32,
+        }),
+    );
+    // Headless, IPv6 only: DNS gives its endpoints' v6 addresses only.
+    put(
+        &mut r,
+        "hl",
+        wl::address::Type::Service(wl::Service {
+            name: "hl".into(),
+            namespace: "demo".into(),
+            hostname: "hl.demo.svc.cluster.local".into(),
+            addresses: vec![],
+            ports: vec![],
+            waypoint: None,
+            ip_families: wl::IpFamilies::Ipv6Only as i32,
+        }),
+    );
+    let st = r.build();
+    assert_eq!(
+        st.addresses_of_host("hl.demo.svc.cluster.local"),
+        Some(vec![std::net::IpAddr::from(v6)])
+    );
+    let by4 = st.workload_by_ip("10.244.1.2".parse().unwrap()).unwrap();
+    let by6 = st.workload_by_ip(v6.into()).unwrap();
+    assert!(Arc::ptr_eq(by4, by6));
+    assert_eq!(by4.ip, "10.244.1.2".parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(by4.address_like(vip6.into()), std::net::IpAddr::from(v6));
+    let s4 = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+    let s6 = st.service_by_vip(vip6.into()).unwrap();
+    assert!(Arc::ptr_eq(s4, s6));
+    assert_eq!(st.endpoints_for(s6, 80).len(), 1);
+
+    // A second address that is no address: NACKed, the old one kept.
+    echo.addresses[1] = vec![1, 2, 3];
+    let body = wl::Address {
+        r#type: Some(wl::address::Type::Workload(echo)),
+    }
+    .encode_to_vec();
+    assert!(r.upsert(ADDRESS_TYPE, "a", "v2", &body).is_err());
+    assert!(r.build().workload_by_ip(v6.into()).is_some());
 }

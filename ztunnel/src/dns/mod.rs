@@ -109,19 +109,21 @@ impl Dns {
 
 /// Opens the pod's DNS sockets and serves them until `stop` or the drain.
 pub fn start(px: &Arc<Proxy>, pod: Arc<Pod>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    let (udp, tcp) = pod.netns.dns_listeners(DNS_PORT)?;
+    let sockets = pod.netns.dns_listeners(DNS_PORT)?;
     let dns = Arc::new(Dns {
         px: px.clone(),
         upstream: upstream::Upstream::for_pod(pod.clone()),
         meters: Meters::new(&pod),
     });
-    tokio::spawn(serve_udp(
-        dns.clone(),
-        Arc::new(udp),
-        stop.clone(),
-        px.drain.clone(),
-    ));
-    tokio::spawn(serve_tcp(dns, tcp, stop, px.drain.clone()));
+    for (udp, tcp) in sockets {
+        tokio::spawn(serve_udp(
+            dns.clone(),
+            Arc::new(udp),
+            stop.clone(),
+            px.drain.clone(),
+        ));
+        tokio::spawn(serve_tcp(dns.clone(), tcp, stop.clone(), px.drain.clone()));
+    }
     Ok(())
 }
 

@@ -102,7 +102,7 @@ pub fn admit(state: &mesh::MeshState, c: &Inbound) -> Result<Arc<mesh::Workload>
     };
     match &c.src {
         Some(src) => {
-            if c.target.ip() != dst_w.ip {
+            if !dst_w.has_address(c.target.ip()) {
                 return Err(Refused::NotThisPod(c.target));
             }
             if let Some(why) = bypasses_waypoint(state, &dst_w, src, &conn) {

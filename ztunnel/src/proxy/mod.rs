@@ -58,18 +58,25 @@ impl Pod {
     }
 }
 
-/// Opens the pod's listeners (three TCP, and DNS) and serves them until `stop` or the drain.
+/// Opens the pod's listeners (three TCP ports, and DNS; each for IPv4 and
+/// IPv6) and serves them until `stop` or the drain.
 pub fn start_pod(
     px: &Arc<Proxy>,
     pod: Arc<Pod>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let outbound = pod.netns.listener(OUTBOUND_PORT)?;
-    let plaintext = pod.netns.listener(INBOUND_PLAINTEXT_PORT)?;
-    let hbone = pod.netns.listener(hbone::HBONE_PORT)?;
-    spawn_accept(px, &pod, outbound, stop.clone(), outbound::handle);
-    spawn_accept(px, &pod, plaintext, stop.clone(), inbound::plaintext);
-    spawn_accept(px, &pod, hbone, stop.clone(), inbound::hbone);
+    let outbound = pod.netns.listeners(OUTBOUND_PORT)?;
+    let plaintext = pod.netns.listeners(INBOUND_PLAINTEXT_PORT)?;
+    let hbone = pod.netns.listeners(hbone::HBONE_PORT)?;
+    for l in outbound {
+        spawn_accept(px, &pod, l, stop.clone(), outbound::handle);
+    }
+    for l in plaintext {
+        spawn_accept(px, &pod, l, stop.clone(), inbound::plaintext);
+    }
+    for l in hbone {
+        spawn_accept(px, &pod, l, stop.clone(), inbound::hbone);
+    }
     if !px.dns_proxy {
         return Ok(());
     }

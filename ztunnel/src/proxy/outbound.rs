@@ -61,7 +61,9 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
         }
         let wp = pods[rand::random_range(0..pods.len())].clone();
         // The CONNECT names the original destination; the waypoint routes it.
-        return via_hbone(&px, &pod, down, orig, (wp.ip, &wp), src_w.as_deref(), m).await;
+        // Of the original destination's family: a v6 connection stays v6.
+        let at = wp.address_like(orig.ip());
+        return via_hbone(&px, &pod, down, orig, (at, &wp), src_w.as_deref(), m).await;
     }
     let mut service: Option<Arc<Service>> = None;
     let target = if let Some(svc) = state.service_by_vip(orig.ip()) {
@@ -121,7 +123,12 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
                 }
             }
         }
-        Target::Workload(w, port) => (SocketAddr::new(w.ip, *port), Some(w.clone())),
+        // A dual-stack endpoint is reached in the family the pod used (a
+        // v6 VIP goes to its v6 address).
+        Target::Workload(w, port) => (
+            SocketAddr::new(w.address_like(orig.ip()), *port),
+            Some(w.clone()),
+        ),
         Target::Passthrough(a) => (*a, None),
     };
     // A hostname endpoint is reached at what its name resolved to (its own
@@ -142,7 +149,11 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
     });
     match (hbone, dst_w) {
         (true, Some(w)) => {
-            let at = if w.hostname.is_some() { dst.ip() } else { w.ip };
+            let at = if w.hostname.is_some() {
+                dst.ip()
+            } else {
+                w.address_like(dst.ip())
+            };
             via_hbone(&px, &pod, down, dst, (at, &w), src_w.as_deref(), m).await
         }
         _ => direct(&pod, down, dst, m).await,
