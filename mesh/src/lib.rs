@@ -2,6 +2,7 @@
 //! Kubernetes API and istiod's WDS later) and the L4 policy it implies.
 
 pub mod authz;
+pub mod ext_authz;
 pub mod file;
 pub mod intern;
 mod keyed;

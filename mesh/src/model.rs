@@ -327,6 +327,9 @@ pub struct MeshState {
     /// AuthorizationPolicies with targetRefs: enforced by waypoints. By the
     /// policy's namespace (a target is in the policy's own namespace).
     pub waypoint_policies: Arc<Keyed<crate::authz::TargetedPolicy>>,
+    /// meshConfig's extension providers by name: the external authorizers
+    /// CUSTOM policies name.
+    pub extension_providers: Arc<crate::ext_authz::Providers>,
     /// Pods scheduled but not yet given an address (`status: {}`): the node
     /// agent decides their capture at CNI ADD, before the kubelet reports
     /// the IP. Their `ip` is unspecified; nothing routes to them.

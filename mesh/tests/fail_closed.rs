@@ -150,9 +150,12 @@ fn ztunnel_policies_fail_closed_per_field_class() {
         ("DENY with a bad condition value",
             policy("DENY", "  rules: [{when: [{key: destination.port, values: [eighty]}]}]"),
             "spec.rules[0].when[0].key", vec![POD_B], vec![CLIENT, PORT_81]),
-        ("CUSTOM: a DENY of what its rules match",
+        ("CUSTOM with a selector: ztunnel does not enforce it, as Istio's does not",
             policy("CUSTOM", "  provider: {name: ext-authz}\n  rules: [{to: [{operation: {ports: [\"80\"]}}]}]"),
-            "spec.provider", vec![PORT_81, POD_B], vec![CLIENT]),
+            "spec.action", vec![PORT_81, POD_B, CLIENT], vec![]),
+        ("CUSTOM without a provider name: a DENY of what its rules match",
+            policy("CUSTOM", "  provider: {}\n  rules: [{to: [{operation: {ports: [\"80\"]}}]}]"),
+            "spec.provider.name", vec![PORT_81, POD_B], vec![CLIENT]),
         ("an unknown action is a DENY",
             policy("LOG", "  rules: [{from: [{source: {principals: [cluster.local/ns/ns/sa/client]}}]}]"),
             "spec.action", vec![OTHER], vec![CLIENT]),
@@ -215,6 +218,8 @@ fn supported_policies_report_nothing() {
         policy("DENY", "  rules: [{from: [{source: {notNamespaces: [ns]}}]}]"),
         policy("AUDIT", "  rules: [{}]"),
         waypoint_policy("ALLOW", "  rules: [{to: [{operation: {paths: [/ok]}}], when: [{key: \"request.headers[x-a]\", values: [b]}]}]"),
+        // The waypoint resolves the provider per request.
+        waypoint_policy("CUSTOM", "  provider: {name: ext-authz}\n  rules: [{to: [{operation: {paths: [/admin]}}]}]"),
     ] {
         let m = load(&doc);
         assert!(m.rejected.is_empty(), "{doc}: {:#?}", m.rejected);
@@ -238,9 +243,9 @@ fn waypoint_policies_fail_closed() {
     let wp = ("ns", "wp");
     // (what, policy, reported field, path allowed, path denied)
     let cases: Vec<(&str, String, &str, Option<&str>, &str)> = vec![
-        ("CUSTOM at the waypoint denies what its rules match",
-            waypoint_policy("CUSTOM", "  provider: {name: oauth2-proxy}\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]"),
-            "spec.provider", Some("/public"), "/admin/x"),
+        ("CUSTOM at the waypoint without a provider denies what its rules match",
+            waypoint_policy("CUSTOM", "  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]"),
+            "spec.provider.name", Some("/public"), "/admin/x"),
         ("DENY notRequestPrincipals at the waypoint denies every request",
             waypoint_policy("DENY", "  rules: [{from: [{source: {notRequestPrincipals: [\"*\"]}}]}]"),
             "spec.rules[0].from[0].source.notRequestPrincipals", None, "/public"),

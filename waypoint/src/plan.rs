@@ -101,6 +101,16 @@ pub fn policies_for<'a>(
     state: &'a MeshState,
     svc: Option<&'a Service>,
 ) -> impl Iterator<Item = &'a authz::AuthorizationPolicy> {
+    targeted_for(waypoint, state, svc).map(|tp| &tp.policy)
+}
+
+/// `policies_for` with their targets and provider (CUSTOM policies need
+/// the provider they name).
+pub fn targeted_for<'a>(
+    waypoint: (&'a str, &'a str),
+    state: &'a MeshState,
+    svc: Option<&'a Service>,
+) -> impl Iterator<Item = &'a authz::TargetedPolicy> {
     let (wp_ns, wp_name) = waypoint;
     // A policy targets objects of its own namespace (or, from the root
     // namespace, every waypoint): only those namespaces' policies can apply.
@@ -120,7 +130,6 @@ pub fn policies_for<'a>(
         .into_iter()
         .flat_map(|ns| state.waypoint_policies.get(ns))
         .filter(move |tp| tp.applies(wp_ns, wp_name, svc))
-        .map(|tp| &tp.policy)
 }
 
 /// Plans one request. `parts` gets the route's rewrites and request header

@@ -75,7 +75,7 @@ pub struct UpgradedStream {
 }
 
 impl Waypoint {
-    fn gateway(&self) -> (&str, &str) {
+    pub(crate) fn gateway(&self) -> (&str, &str) {
         (&self.namespace, &self.name)
     }
 
@@ -99,8 +99,16 @@ impl Waypoint {
             dst_port: s.target.port(),
             request: None,
         };
+        // No request to send an authorizer: a CUSTOM policy denies the
+        // streams its rules match (fail closed).
         let l4: Vec<_> = plan::policies_for(self.gateway(), state, svc.map(|s| &**s))
-            .map(|p| p.l4_only())
+            .map(|p| {
+                let mut p = p.l4_only();
+                if p.action == authz::Action::Custom {
+                    p.action = authz::Action::Deny;
+                }
+                p
+            })
             .collect();
         match authz::evaluate_selected(&l4, &conn) {
             Decision::Allow => Ok(()),
@@ -489,47 +497,66 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         })
     });
     let body = Replay::new(body, wp.replay_buffer);
-    let caller = plan::Caller {
+    // CUSTOM policies first, then DENY and ALLOW (in the plan), as Istio
+    // orders them.
+    let asker = crate::ext_authz::Asker {
         src: &s.src,
         peer: s.peer,
         target: s.target,
-        waypoint: wp.gateway(),
+        authority: &authority,
+        request_id: &request_id,
+        grpc,
     };
-    let planned = plan::plan(
-        &caller,
-        &state,
-        service.as_deref(),
-        &mut parts,
-        &authority,
-        &mut plan::Random,
-    );
-    if let Some(d) = planned.delay {
-        tokio::time::sleep(d).await;
-    }
-    let sent = match planned.action {
-        Err(e) => Sent::local(&e, grpc),
-        Ok(Action::Respond(resp, flags)) => Sent::answer(resp, flags),
-        Ok(Action::Forward(fwd)) => {
-            let out = Outgoing {
-                parts: &parts,
-                body: &body,
-                grpc,
-                upgrade: upgrade.zip(live).map(|((kind, client), live)| Upgrading {
-                    kind,
-                    client,
-                    live,
-                }),
+    let authorized =
+        crate::ext_authz::authorize(wp, &state, service.as_deref(), &mut parts, &body, &asker)
+            .await;
+    let (route_name, sent) = match authorized {
+        Err(answered) => (None, answered),
+        Ok(on_allow) => {
+            let caller = plan::Caller {
+                src: &s.src,
                 peer: s.peer,
+                target: s.target,
+                waypoint: wp.gateway(),
             };
-            let mut sent = send::send(wp, &fwd, out).await;
-            if sent.flags == flag::NONE && planned.delay.is_some() {
-                sent.flags = flag::DELAY;
+            let planned = plan::plan(
+                &caller,
+                &state,
+                service.as_deref(),
+                &mut parts,
+                &authority,
+                &mut plan::Random,
+            );
+            if let Some(d) = planned.delay {
+                tokio::time::sleep(d).await;
             }
-            plan::apply_headers(sent.resp.headers_mut(), &fwd.rule.response_headers);
-            sent
+            let mut sent = match planned.action {
+                Err(e) => Sent::local(&e, grpc),
+                Ok(Action::Respond(resp, flags)) => Sent::answer(resp, flags),
+                Ok(Action::Forward(fwd)) => {
+                    let out = Outgoing {
+                        parts: &parts,
+                        body: &body,
+                        grpc,
+                        upgrade: upgrade.zip(live).map(|((kind, client), live)| Upgrading {
+                            kind,
+                            client,
+                            live,
+                        }),
+                        peer: s.peer,
+                    };
+                    let mut sent = send::send(wp, &fwd, out).await;
+                    if sent.flags == flag::NONE && planned.delay.is_some() {
+                        sent.flags = flag::DELAY;
+                    }
+                    plan::apply_headers(sent.resp.headers_mut(), &fwd.rule.response_headers);
+                    sent
+                }
+            };
+            on_allow.apply(sent.resp.headers_mut());
+            (planned.route, sent)
         }
     };
-    let route_name = planned.route;
     let Sent {
         mut resp,
         flags,

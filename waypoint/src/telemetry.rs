@@ -31,6 +31,9 @@ pub mod flag {
     /// Denied by L7 policy (Envoy's RBAC filter has no flag; Istio logs it
     /// as a 403 with this detail).
     pub const RBAC: &str = "-";
+    /// Denied by a CUSTOM policy's external authorizer, or its check failed
+    /// (Envoy's "unauthorized external service").
+    pub const EXT_AUTHZ: &str = "UAEX";
 }
 
 pub struct Record<'a> {

@@ -18,10 +18,11 @@ pub(super) enum List {
     DestinationRules,
     ServiceEntries,
     Secrets,
+    MeshConfig,
 }
 
 impl List {
-    pub(super) const ALL: [List; 8] = [
+    pub(super) const ALL: [List; 9] = [
         List::Policies,
         List::WaypointPolicies,
         List::PeerAuthentications,
@@ -30,6 +31,7 @@ impl List {
         List::DestinationRules,
         List::ServiceEntries,
         List::Secrets,
+        List::MeshConfig,
     ];
 }
 
@@ -43,6 +45,7 @@ pub(super) fn list_of(k: &Kind) -> List {
         Kind::Route(_) => List::Routes,
         Kind::DestinationRule(_) => List::DestinationRules,
         Kind::Secret(_) => List::Secrets,
+        Kind::MeshConfig(_) => List::MeshConfig,
         // Namespaces, pods and services are not kept in `lists`.
         Kind::ServiceEntry(_) | Kind::Namespace(_) | Kind::Pod(_) | Kind::Service(_) => {
             List::ServiceEntries
@@ -135,6 +138,15 @@ impl Objects {
                     _ => None,
                 });
                 self.published.secrets = Arc::new(list.collect());
+            }
+            List::MeshConfig => {
+                // One object (the source reads only istio-system/istio).
+                let providers = self.collect(|k| match k {
+                    Kind::MeshConfig(p) => Some(p),
+                    _ => None,
+                });
+                self.published.extension_providers =
+                    Arc::new(providers.into_iter().next().unwrap_or_default());
             }
             List::ServiceEntries => {
                 let list = self.collect(|k| match k {

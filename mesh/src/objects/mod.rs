@@ -109,6 +109,9 @@ pub enum Kind {
     ServiceEntry(ServiceEntry),
     /// For DestinationRule `credentialName` (the standalone file only).
     Secret(crate::secret::TlsSecret),
+    /// meshConfig (the `istio` ConfigMap of `istio-system`): its extension
+    /// providers.
+    MeshConfig(crate::ext_authz::Providers),
 }
 
 impl Kind {
@@ -181,6 +184,7 @@ struct Lists {
     http_routes: Arc<Keyed<HttpRoute>>,
     destination_rules: Arc<Keyed<DestinationRule>>,
     secrets: Arc<BTreeMap<(String, String), crate::secret::TlsSecret>>,
+    extension_providers: Arc<crate::ext_authz::Providers>,
     service_entries: Arc<Vec<ServiceEntry>>,
     namespace_labels: Arc<BTreeMap<String, BTreeMap<String, String>>>,
     rejected: Arc<Vec<Rejected>>,
@@ -403,6 +407,7 @@ impl Objects {
         state.destination_rules = l.destination_rules;
         state.secrets = l.secrets;
         state.waypoint_policies = l.waypoint_policies;
+        state.extension_providers = l.extension_providers;
         state.unaddressed = self.unaddressed.values().cloned().collect();
         state.rejected = l.rejected;
         state
