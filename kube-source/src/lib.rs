@@ -106,6 +106,9 @@ impl Selection {
                 gvk("networking.istio.io", "v1", "ServiceEntry"),
                 gvk("security.istio.io", "v1", "AuthorizationPolicy"),
                 gvk("security.istio.io", "v1", "PeerAuthentication"),
+                // meshConfig's extension providers, for CUSTOM policies
+                // (only istio-system/istio is watched).
+                gvk("", "v1", "ConfigMap"),
             ],
             pods: PodScope::ServedBy(mesh::routes::WaypointRef {
                 name: name.to_string(),
