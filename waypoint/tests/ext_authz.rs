@@ -6,7 +6,7 @@
 //! `x-ext-authz-check-result` on its answer either way; it speaks Envoy's
 //! HTTP service (8000) and gRPC `Authorization/Check` (9000).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::time::Duration;
 
 use testbed::*;
@@ -98,6 +98,22 @@ data:
       envoyExtAuthzHttp: {service: ext-authz.foo.svc.cluster.local, port: 8002, timeout: 0.5s}
     - name: slow-grpc
       envoyExtAuthzGrpc: {service: ext-authz.foo.svc.cluster.local, port: 9002, timeout: 0.5s}
+    - name: http-body
+      envoyExtAuthzHttp:
+        service: ext-authz.foo.svc.cluster.local
+        port: 8000
+        includeRequestHeadersInCheck: [x-ext-authz]
+        includeRequestBodyInCheck: {maxRequestBytes: 8, allowPartialMessage: true}
+    - name: grpc-body
+      envoyExtAuthzGrpc:
+        service: ext-authz.foo.svc.cluster.local
+        port: 9000
+        includeRequestBodyInCheck: {maxRequestBytes: 1000}
+    - name: body-strict
+      envoyExtAuthzHttp:
+        service: ext-authz.foo.svc.cluster.local
+        port: 8000
+        includeRequestBodyInCheck: {maxRequestBytes: 4}
     - name: tracer
       zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
 "#;
@@ -115,6 +131,9 @@ fn policies() -> String {
         ("down-open", "/down-open"),
         ("slow", "/slow"),
         ("slow-grpc", "/slow-grpc"),
+        ("http-body", "/body-http"),
+        ("grpc-body", "/body-grpc"),
+        ("body-strict", "/body-strict"),
         ("tracer", "/tracer"),
         ("missing", "/missing"),
     ]
@@ -144,9 +163,14 @@ impl Answer {
 }
 
 fn get(m: &Mesh, path: &str, allow: bool) -> Answer {
+    request(m, path, allow, None)
+}
+
+fn request(m: &Mesh, path: &str, allow: bool, data: Option<&str>) -> Answer {
     let header = if allow { "-H 'x-ext-authz: allow'" } else { "" };
+    let data = data.map(|d| format!("--data-binary {d}")).unwrap_or_default();
     let (_, out) = sh_out(&format!(
-        "ip netns exec {} curl -s -m 10 -i {header} http://10.96.0.20{path}",
+        "ip netns exec {} curl -s -m 10 -i {header} {data} http://10.96.0.20{path}",
         m.pod_ns("client")
     ));
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
@@ -162,14 +186,15 @@ fn get(m: &Mesh, path: &str, allow: bool) -> Answer {
     }
 }
 
-/// An HTTP/1.1 server answering 200 with the request head it got as the
-/// body: what reached the upstream.
+/// An HTTP/1.1 server answering 200 with the request head and body it
+/// got as the body: what reached the upstream.
 fn head_echo(m: &Mesh, pod: &str, port: u16) {
     m.serve(pod, port, |s, _| {
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut w = s;
         loop {
             let mut head = String::new();
+            let mut len = 0;
             loop {
                 let mut line = String::new();
                 if r.read_line(&mut line).unwrap_or(0) == 0 {
@@ -178,8 +203,16 @@ fn head_echo(m: &Mesh, pod: &str, port: u16) {
                 if line == "\r\n" {
                     break;
                 }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
                 head.push_str(&line);
             }
+            let mut body = vec![0u8; len];
+            if r.read_exact(&mut body).is_err() {
+                return;
+            }
+            head.push_str(&format!("body: {}", String::from_utf8_lossy(&body)));
             let resp = format!(
                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{head}",
                 head.len()
@@ -261,6 +294,20 @@ async fn custom_policies_ask_istios_sample_authorizer() {
         let a = get(&m, path, true);
         assert_eq!((a.status, a.body.as_str()), (403, ""), "{path}: {}", a.head);
     }
+    // The body in the check: its first maxRequestBytes when partial
+    // bodies are allowed (HTTP), all of it (gRPC), 413 over the limit
+    // otherwise; the upstream gets all of it either way.
+    let data = "0123456789abcdef";
+    for path in ["/body-http", "/body-grpc"] {
+        let a = request(&m, path, true, Some(data));
+        assert_eq!(a.status, 200, "{path}: {}", a.head);
+        assert!(a.body.ends_with(&format!("body: {data}")), "{path}: {}", a.body);
+    }
+    assert_eq!(request(&m, "/body-strict", true, Some(data)).status, 413);
+    let authz_log = std::fs::read_to_string(m.dir.join("extauthz.err")).unwrap_or_default();
+    assert!(authz_log.contains("body: [01234567]"), "{authz_log}");
+    assert!(authz_log.contains(&format!("body:\"{data}\"")), "{authz_log}");
+
     // A provider that is not an authorizer, or none by that name: denied.
     for path in ["/tracer", "/missing"] {
         let a = get(&m, path, true);
