@@ -480,6 +480,37 @@ pub fn mesh_config(
     Ok(providers)
 }
 
+/// CUSTOM policies whose provider cannot be asked (meshConfig has none by
+/// that name, or it is unusable): reported as a policy field we cannot
+/// evaluate. The waypoint denies what they match.
+pub fn unresolved(
+    policies: &[crate::authz::TargetedPolicy],
+    providers: &Providers,
+) -> Vec<Rejected> {
+    policies
+        .iter()
+        .filter_map(|tp| {
+            let name = tp.provider.as_deref()?;
+            let reason = match providers.get(name) {
+                Some(Provider::Unusable(why)) => format!("provider {name:?} cannot be used: {why}"),
+                Some(_) => return None,
+                None => format!(
+                    "provider {name:?} is not among meshConfig's extensionProviders (ConfigMap {}/{MESH_CONFIG_NAME})",
+                    crate::ROOT_NAMESPACE
+                ),
+            };
+            Some(Rejected {
+                kind: "AuthorizationPolicy".into(),
+                namespace: tp.policy.namespace.clone(),
+                name: tp.policy.name.clone(),
+                field: "spec.provider.name".into(),
+                reason,
+                effect: "the waypoint denies what its rules match".into(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 #[path = "ext_authz_tests.rs"]
 mod tests;

@@ -218,8 +218,9 @@ fn supported_policies_report_nothing() {
         policy("DENY", "  rules: [{from: [{source: {notNamespaces: [ns]}}]}]"),
         policy("AUDIT", "  rules: [{}]"),
         waypoint_policy("ALLOW", "  rules: [{to: [{operation: {paths: [/ok]}}], when: [{key: \"request.headers[x-a]\", values: [b]}]}]"),
-        // The waypoint resolves the provider per request.
-        waypoint_policy("CUSTOM", "  provider: {name: ext-authz}\n  rules: [{to: [{operation: {paths: [/admin]}}]}]"),
+        // A CUSTOM policy whose provider meshConfig defines.
+        format!("{}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    extensionProviders: [{{name: ext-authz, envoyExtAuthzHttp: {{service: a.b.svc.cluster.local, port: 80}}}}]\n",
+            waypoint_policy("CUSTOM", "  provider: {name: ext-authz}\n  rules: [{to: [{operation: {paths: [/admin]}}]}]")),
     ] {
         let m = load(&doc);
         assert!(m.rejected.is_empty(), "{doc}: {:#?}", m.rejected);
@@ -318,4 +319,34 @@ fn peer_authentications_we_cannot_read_are_strict() {
         (m.mtls_mode(a, 80), m.mtls_mode(a, 9000)),
         (MtlsMode::Strict, MtlsMode::Permissive)
     );
+}
+
+#[test]
+fn custom_policies_without_a_usable_provider_are_reported() {
+    let mesh = |providers: &str| {
+        format!("\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    extensionProviders: {providers}\n")
+    };
+    let custom = waypoint_policy("CUSTOM", "  provider: {name: ext}\n  rules: [{}]");
+    // (meshConfig, reason reported at spec.provider.name; None: nothing)
+    for (config, want) in [
+        (String::new(), Some("is not among meshConfig's extensionProviders")),
+        (mesh("[{name: other, envoyExtAuthzHttp: {service: a, port: 80}}]"), Some("is not among")),
+        (mesh("[{name: ext, zipkin: {service: z, port: 9411}}]"), Some("cannot be used")),
+        (mesh("[{name: ext, envoyExtAuthzGrpc: {service: a, port: 0}}]"), Some("cannot be used")),
+        (mesh("[{name: ext, envoyExtAuthzGrpc: {service: a, port: 9000}}]"), None),
+    ] {
+        let m = load(&format!("{custom}{config}"));
+        let found: Vec<_> = m
+            .rejected
+            .iter()
+            .filter(|r| r.kind == "AuthorizationPolicy" && r.field == "spec.provider.name")
+            .collect();
+        match want {
+            Some(words) => assert!(
+                found.len() == 1 && found[0].reason.contains(words),
+                "{config}: {found:#?}"
+            ),
+            None => assert!(found.is_empty(), "{config}: {found:#?}"),
+        }
+    }
 }

@@ -432,8 +432,7 @@ async fn unevaluable_api_policies_fail_closed_at_the_waypoint() {
     .await;
     assert_eq!(rejected_policies_counted(&m).1, None);
 
-    // CUSTOM naming a provider meshConfig does not define: what its rules
-    // match is denied (decided per request: the policy itself is valid).
+    // CUSTOM naming a provider meshConfig does not define: its rules deny.
     c.apply(CUSTOM_POLICY).await;
     let stored = policy(&c, "ext-authz-admin").await;
     assert_eq!(
@@ -483,13 +482,13 @@ async fn unevaluable_api_policies_fail_closed_at_the_waypoint() {
     // not other Services sharing its pods.
     assert_eq!(codes(&m, &public, 3), ["200"; 3]);
 
-    // The JWT field is named in the config dump and counted, once.
-    assert!(rejected_fields(&m, "ext-authz-admin").is_empty());
+    // Both are named in the config dump and counted, once each.
+    assert_eq!(rejected_fields(&m, "ext-authz-admin"), ["spec.provider.name"]);
     assert_eq!(
         rejected_fields(&m, "deny-without-jwt"),
         ["spec.rules[0].from[0].source.notRequestPrincipals"]
     );
-    assert_rejected_counted(&m, 1.0).await;
+    assert_rejected_counted(&m, 2.0).await;
 
     // An ALLOW whose only rule cannot be evaluated matches nothing: echo-v1
     // is locked down, not opened.
@@ -511,5 +510,5 @@ async fn unevaluable_api_policies_fail_closed_at_the_waypoint() {
         rejected_fields(&m, "admins-only"),
         ["spec.rules[0].when[0].key"]
     );
-    assert_rejected_counted(&m, 2.0).await;
+    assert_rejected_counted(&m, 3.0).await;
 }

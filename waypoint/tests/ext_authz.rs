@@ -314,6 +314,18 @@ async fn custom_policies_ask_istios_sample_authorizer() {
         assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"), "{path}");
     }
 
+    // Both are named in the dump, at the field that names the provider.
+    let dump = m.pod_config_dump("waypoint");
+    for policy in ["ext-tracer", "ext-missing"] {
+        assert!(
+            dump["rejected"].as_array().is_some_and(|r| r
+                .iter()
+                .any(|r| r["name"] == policy && r["field"] == "spec.provider.name")),
+            "{policy}: {}",
+            dump["rejected"]
+        );
+    }
+
     // The operator can tell an external denial from an RBAC one: UAEX in
     // the access log and the metrics.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -171,6 +171,9 @@ pub struct Objects {
     published: Lists,
     /// What the ServiceEntries put in `ix`.
     entries_out: entries::Published,
+    /// CUSTOM policies naming a provider meshConfig cannot give (derived
+    /// from both).
+    unresolved_custom: Vec<Rejected>,
 }
 
 /// What `publish` rebuilds only when its inputs changed.
@@ -386,15 +389,26 @@ impl Objects {
         for name in std::mem::take(&mut self.dirty_services) {
             self.derive_service(name);
         }
+        let mut custom_dirty = false;
         for list in std::mem::take(&mut self.lists_dirty) {
+            custom_dirty |= matches!(list, List::WaypointPolicies | List::MeshConfig);
             self.rebuild(list);
+        }
+        if custom_dirty {
+            let p = &self.published;
+            let r = crate::ext_authz::unresolved(&p.waypoint_policies, &p.extension_providers);
+            if r != self.unresolved_custom {
+                self.unresolved_custom = r;
+                self.rejected_dirty = true;
+            }
         }
         if self.namespaces_dirty {
             self.published.namespace_labels = Arc::new(self.namespaces.clone());
             self.namespaces_dirty = false;
         }
         if self.rejected_dirty {
-            self.published.rejected = Arc::new(self.rejected.values().flatten().cloned().collect());
+            let all = self.rejected.values().flatten().chain(&self.unresolved_custom);
+            self.published.rejected = Arc::new(all.cloned().collect());
             self.rejected_dirty = false;
         }
         let l = self.published.clone();

@@ -157,8 +157,8 @@ fn ops(options: &[pb::HeaderValueOption]) -> Vec<HeaderOp> {
 }
 
 /// What a Check answer means (pure): the response head and trailers of
-/// the call, and its one message.
-pub(super) fn verdict(
+/// the call, and its one message (bytes from the authorizer: fuzzed).
+pub fn verdict(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],

@@ -13,6 +13,8 @@
 mod grpc;
 mod http;
 
+pub use grpc::verdict as grpc_verdict;
+
 #[allow(clippy::all)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/envoy.service.auth.v3.rs"));
@@ -29,7 +31,7 @@ use mesh::ext_authz::{Authorizer, HttpAuthorizer, Provider, Providers};
 use mesh::routes::Backend;
 use mesh::{MeshState, Service};
 
-use crate::error::ProxyError;
+use crate::error::{ExtAuthzError, ProxyError};
 use crate::proxy::Waypoint;
 use crate::send::{ReqBody, Sent};
 use crate::telemetry::flag;
@@ -297,8 +299,6 @@ pub async fn authorize(
     }
     Ok(on_allow)
 }
-
-pub use crate::error::ExtAuthzError;
 
 fn failed(a: &Authorizer, why: String) -> ProxyError {
     ProxyError::ExtAuthz(ExtAuthzError::Failed {
