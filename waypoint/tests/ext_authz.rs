@@ -114,6 +114,10 @@ data:
         service: ext-authz.foo.svc.cluster.local
         port: 8000
         includeRequestBodyInCheck: {maxRequestBytes: 4}
+    - name: nowhere
+      envoyExtAuthzHttp: {service: nowhere.foo.svc.cluster.local, port: 8000, failOpen: true}
+    - name: wrong-namespace
+      envoyExtAuthzHttp: {service: bar/ext-authz.foo.svc.cluster.local, port: 8000}
     - name: tracer
       zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
 "#;
@@ -134,6 +138,8 @@ fn policies() -> String {
         ("http-body", "/body-http"),
         ("grpc-body", "/body-grpc"),
         ("body-strict", "/body-strict"),
+        ("nowhere", "/nowhere"),
+        ("wrong-namespace", "/wrong-namespace"),
         ("tracer", "/tracer"),
         ("missing", "/missing"),
     ]
@@ -308,8 +314,9 @@ async fn custom_policies_ask_istios_sample_authorizer() {
     assert!(authz_log.contains("body: [01234567]"), "{authz_log}");
     assert!(authz_log.contains(&format!("body:\"{data}\"")), "{authz_log}");
 
-    // A provider that is not an authorizer, or none by that name: denied.
-    for path in ["/tracer", "/missing"] {
+    // A provider that is not an authorizer, none by that name, or whose
+    // service the mesh does not have (failOpen or not): denied.
+    for path in ["/tracer", "/missing", "/nowhere", "/wrong-namespace"] {
         let a = get(&m, path, true);
         assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"), "{path}");
     }

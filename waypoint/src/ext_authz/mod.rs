@@ -233,6 +233,14 @@ pub async fn authorize(
             Need::Check(n, ask) => (n, ask),
         };
         let authorizer = ask.authorizer();
+        // A provider whose service the mesh does not have is a bad
+        // provider (istiod refuses it and denies), not a failed check that
+        // `failOpen` would let through.
+        if let Err(why) = known_service(state, authorizer) {
+            let why = format!("provider {name:?}: {why}");
+            tracing::info!(source = %src, path = parts.uri.path(), why, "request denied: CUSTOM provider's service unknown");
+            return Err(Sent::local(&ProxyError::Denied(why), grpc));
+        }
         let body_part = match authorizer.body {
             None => None,
             Some(b) => match read_body(body, b.max_request_bytes as usize).await {
@@ -348,18 +356,21 @@ fn to_grpc(resp: Response<Body>) -> Response<Body> {
 }
 
 /// The authorizer's endpoints on its port, as a route backend resolves.
-fn target(
-    state: &MeshState,
-    a: &Authorizer,
-) -> Result<crate::plan::Target, String> {
-    if let Some(ns) = &a.namespace {
-        let svc = state
-            .service_by_host(&a.host)
-            .ok_or_else(|| format!("service {} does not exist", a.host))?;
-        if &svc.namespace != ns {
-            return Err(format!("service {} is not in namespace {ns}", a.host));
+/// The provider's service is one the mesh has (in its namespace, when the
+/// provider names one).
+fn known_service(state: &MeshState, a: &Authorizer) -> Result<(), String> {
+    let svc = state
+        .service_by_host(&a.host)
+        .ok_or_else(|| format!("service {} does not exist", a.host))?;
+    match &a.namespace {
+        Some(ns) if &svc.namespace != ns => {
+            Err(format!("service {} is not in namespace {ns}", a.host))
         }
+        _ => Ok(()),
     }
+}
+
+fn target(state: &MeshState, a: &Authorizer) -> Result<crate::plan::Target, String> {
     let backend = Backend {
         host: a.host.clone(),
         port: Some(a.port),
