@@ -10,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from(i32::from(status % 20)));
+    trailers.insert(
+        "grpc-status",
+        http::HeaderValue::from(i32::from(status % 20)),
+    );
     let _ = waypoint::ext_authz::grpc_verdict(
         http::StatusCode::OK,
         &http::HeaderMap::new(),

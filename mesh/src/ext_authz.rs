@@ -251,9 +251,12 @@ fn common(
         .ok_or_else(|| bad("port", format!("{port}: must be in [1, 65535]")))?;
     let timeout = match timeout {
         None => DEFAULT_TIMEOUT,
-        Some(t) => duration(t)
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| bad("timeout", format!("{t:?}: want a positive duration like \"0.5s\"")))?,
+        Some(t) => duration(t).filter(|d| !d.is_zero()).ok_or_else(|| {
+            bad(
+                "timeout",
+                format!("{t:?}: want a positive duration like \"0.5s\""),
+            )
+        })?,
     };
     let status_on_error = match status_on_error {
         None | Some("") => 403,
@@ -261,7 +264,12 @@ fn common(
             .parse::<u16>()
             .ok()
             .filter(|c| ENVOY_STATUS_CODES.contains(c))
-            .ok_or_else(|| bad("statusOnError", format!("{s:?}: not an HTTP status Envoy can send")))?,
+            .ok_or_else(|| {
+                bad(
+                    "statusOnError",
+                    format!("{s:?}: not an HTTP status Envoy can send"),
+                )
+            })?,
     };
     let body = match body {
         None => None,
@@ -434,9 +442,9 @@ pub fn mesh_config(
     let field = format!("data.{MESH_CONFIG_KEY}");
     let mesh: MeshConfig = match serde_yaml::from_str::<Option<Value>>(text) {
         Ok(None) => MeshConfig::default(),
-        Ok(Some(v)) => typed(object, v).map_err(|e| {
-            err(object, format!("{field}.{}", e.field), e.message)
-        })?,
+        Ok(Some(v)) => {
+            typed(object, v).map_err(|e| err(object, format!("{field}.{}", e.field), e.message))?
+        }
         Err(e) => return Err(err(object, field, format!("YAML: {e}"))),
     };
     let mut providers = Providers::new();
@@ -457,10 +465,16 @@ pub fn mesh_config(
             Ok(np) => np,
             Err((f, why)) => {
                 let Some(name) = name.filter(|n| !n.is_empty()) else {
-                    report(out, f, why, "provider ignored (no name to be found by)".into());
+                    report(
+                        out,
+                        f,
+                        why,
+                        "provider ignored (no name to be found by)".into(),
+                    );
                     continue;
                 };
-                let effect = format!("CUSTOM policies naming provider {name:?} deny what they match");
+                let effect =
+                    format!("CUSTOM policies naming provider {name:?} deny what they match");
                 let why = format!("{why} (provider {name:?})");
                 report(out, f.clone(), why.clone(), effect);
                 (name, Provider::Unusable(format!("{f}: {why}")))

@@ -13,7 +13,12 @@ fn config_map(mesh: &str) -> Value {
 fn read(mesh: &str) -> (Providers, Vec<String>) {
     let mut out = Vec::new();
     let p = mesh_config("ConfigMap istio-system/istio", config_map(mesh), &mut out).unwrap();
-    (p, out.into_iter().map(|r| format!("{}: {}", r.field, r.reason)).collect())
+    (
+        p,
+        out.into_iter()
+            .map(|r| format!("{}: {}", r.field, r.reason))
+            .collect(),
+    )
 }
 
 fn one(provider: &str) -> (Provider, Vec<String>) {
@@ -72,7 +77,10 @@ fn http_provider_fields() {
         h.to_downstream_on_deny,
         vec![HeaderMatch::Prefix("x-ext-authz-".into())]
     );
-    assert_eq!(h.to_downstream_on_allow, vec![HeaderMatch::Exact("x-allow".into())]);
+    assert_eq!(
+        h.to_downstream_on_allow,
+        vec![HeaderMatch::Exact("x-allow".into())]
+    );
 }
 
 #[test]
@@ -102,12 +110,20 @@ fn grpc_provider_fields() {
          failOpen: true, statusOnError: \"500\", includeRequestBodyInCheck: {maxRequestBytes: 8}}",
     );
     assert!(r.is_empty(), "{r:?}");
-    let Provider::Grpc(a) = p else { panic!("{p:?}") };
-    assert_eq!((a.host.as_str(), a.port), ("ext-authz.foo.svc.cluster.local", 9000));
+    let Provider::Grpc(a) = p else {
+        panic!("{p:?}")
+    };
+    assert_eq!(
+        (a.host.as_str(), a.port),
+        ("ext-authz.foo.svc.cluster.local", 9000)
+    );
     assert_eq!(a.timeout, Duration::from_secs(2));
     assert!(a.fail_open);
     assert_eq!(a.status_on_error, 500);
-    assert_eq!(a.body.map(|b| (b.max_request_bytes, b.allow_partial)), Some((8, false)));
+    assert_eq!(
+        a.body.map(|b| (b.max_request_bytes, b.allow_partial)),
+        Some((8, false))
+    );
 }
 
 #[test]
@@ -155,7 +171,9 @@ fn bad_providers_are_unusable_and_reported_by_field() {
 fn other_provider_kinds_are_unusable_silently() {
     let (p, r) = one("zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}");
     assert!(r.is_empty(), "{r:?}");
-    let Provider::Unusable(why) = p else { panic!("{p:?}") };
+    let Provider::Unusable(why) = p else {
+        panic!("{p:?}")
+    };
     assert!(why.contains("zipkin"), "{why}");
 }
 
@@ -168,7 +186,9 @@ fn names_missing_or_twice() {
          - {name: x, envoyExtAuthzGrpc: {service: second, port: 80}}\n",
     );
     assert_eq!(p.len(), 1);
-    let Provider::Http(h) = &p["x"] else { panic!("{p:?}") };
+    let Provider::Http(h) = &p["x"] else {
+        panic!("{p:?}")
+    };
     assert_eq!(h.authorizer.host, "first");
     assert_eq!(
         r,

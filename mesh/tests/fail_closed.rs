@@ -329,11 +329,26 @@ fn custom_policies_without_a_usable_provider_are_reported() {
     let custom = waypoint_policy("CUSTOM", "  provider: {name: ext}\n  rules: [{}]");
     // (meshConfig, reason reported at spec.provider.name; None: nothing)
     for (config, want) in [
-        (String::new(), Some("is not among meshConfig's extensionProviders")),
-        (mesh("[{name: other, envoyExtAuthzHttp: {service: a, port: 80}}]"), Some("is not among")),
-        (mesh("[{name: ext, zipkin: {service: z, port: 9411}}]"), Some("cannot be used")),
-        (mesh("[{name: ext, envoyExtAuthzGrpc: {service: a, port: 0}}]"), Some("cannot be used")),
-        (mesh("[{name: ext, envoyExtAuthzGrpc: {service: a, port: 9000}}]"), None),
+        (
+            String::new(),
+            Some("is not among meshConfig's extensionProviders"),
+        ),
+        (
+            mesh("[{name: other, envoyExtAuthzHttp: {service: a, port: 80}}]"),
+            Some("is not among"),
+        ),
+        (
+            mesh("[{name: ext, zipkin: {service: z, port: 9411}}]"),
+            Some("cannot be used"),
+        ),
+        (
+            mesh("[{name: ext, envoyExtAuthzGrpc: {service: a, port: 0}}]"),
+            Some("cannot be used"),
+        ),
+        (
+            mesh("[{name: ext, envoyExtAuthzGrpc: {service: a, port: 9000}}]"),
+            None,
+        ),
     ] {
         let m = load(&format!("{custom}{config}"));
         let found: Vec<_> = m

@@ -39,7 +39,8 @@ impl Mesh {
                 assert!(
                     Instant::now() < deadline,
                     "{bin} did not listen on {port}; log:\n{}",
-                    std::fs::read_to_string(self.dir.join(format!("{bin}.err"))).unwrap_or_default()
+                    std::fs::read_to_string(self.dir.join(format!("{bin}.err")))
+                        .unwrap_or_default()
                 );
                 std::thread::sleep(Duration::from_millis(100));
             }

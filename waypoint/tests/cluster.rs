@@ -483,7 +483,10 @@ async fn unevaluable_api_policies_fail_closed_at_the_waypoint() {
     assert_eq!(codes(&m, &public, 3), ["200"; 3]);
 
     // Both are named in the config dump and counted, once each.
-    assert_eq!(rejected_fields(&m, "ext-authz-admin"), ["spec.provider.name"]);
+    assert_eq!(
+        rejected_fields(&m, "ext-authz-admin"),
+        ["spec.provider.name"]
+    );
     assert_eq!(
         rejected_fields(&m, "deny-without-jwt"),
         ["spec.rules[0].from[0].source.notRequestPrincipals"]

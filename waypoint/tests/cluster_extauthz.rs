@@ -131,7 +131,12 @@ async fn custom_policy_and_mesh_config_from_the_api() {
     c.attach_node(&mut m, "node1", "10.244.250.1").await;
     m.start_node("node1", &m.dir.clone()).await;
     let echo = m.http_server("echo", 8080);
-    m.start_peer("ext-authz", "extauthz", &["-http", "8000", "-grpc", "9000"], &[8000]);
+    m.start_peer(
+        "ext-authz",
+        "extauthz",
+        &["-http", "8000", "-grpc", "9000"],
+        &[8000],
+    );
     let token = c
         .pod_token("app", "waypoint", waypoint_pod.as_ref().unwrap())
         .await;
@@ -156,9 +161,11 @@ async fn custom_policy_and_mesh_config_from_the_api() {
     // meshConfig and the policy through the API: the sample decides.
     c.apply(&mesh_config("sample")).await;
     c.apply(POLICY).await;
-    eventually("the sample authorizer denies", Duration::from_secs(20), || {
-        get(&m, &url, false) == ("403".into(), true)
-    })
+    eventually(
+        "the sample authorizer denies",
+        Duration::from_secs(20),
+        || get(&m, &url, false) == ("403".into(), true),
+    )
     .await;
     let before = echo.total();
     assert_eq!(get(&m, &url, true), ("200".into(), false));
@@ -167,9 +174,11 @@ async fn custom_policy_and_mesh_config_from_the_api() {
     // The provider renamed in the ConfigMap: the policy names none, and
     // denies even what the sample would allow.
     c.apply(&mesh_config("renamed")).await;
-    eventually("an unknown provider denies", Duration::from_secs(20), || {
-        get(&m, &url, true) == ("403".into(), false)
-    })
+    eventually(
+        "an unknown provider denies",
+        Duration::from_secs(20),
+        || get(&m, &url, true) == ("403".into(), false),
+    )
     .await;
     let dump = m.pod_config_dump("waypoint");
     assert!(

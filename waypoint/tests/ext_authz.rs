@@ -174,7 +174,9 @@ fn get(m: &Mesh, path: &str, allow: bool) -> Answer {
 
 fn request(m: &Mesh, path: &str, allow: bool, data: Option<&str>) -> Answer {
     let header = if allow { "-H 'x-ext-authz: allow'" } else { "" };
-    let data = data.map(|d| format!("--data-binary {d}")).unwrap_or_default();
+    let data = data
+        .map(|d| format!("--data-binary {d}"))
+        .unwrap_or_default();
     let (_, out) = sh_out(&format!(
         "ip netns exec {} curl -s -m 10 -i {header} {data} http://10.96.0.20{path}",
         m.pod_ns("client")
@@ -238,7 +240,14 @@ async fn custom_policies_ask_istios_sample_authorizer() {
     let mut m = Mesh::new("xauthz", &workspace_bin("ztunnel"));
     m.pod("client", "app", "client", "10.244.1.10", "node1", true);
     m.pod("echo", "app", "echo", "10.244.1.11", "node1", true);
-    m.pod("ext-authz", "foo", "ext-authz", "10.244.1.20", "node1", true);
+    m.pod(
+        "ext-authz",
+        "foo",
+        "ext-authz",
+        "10.244.1.20",
+        "node1",
+        true,
+    );
     m.pod("waypoint", "app", "waypoint", "10.244.2.20", "node2", false);
     m.write_config(&format!("{MESH}{}", policies()));
     let ca = m.dir.join("ca");
@@ -255,9 +264,11 @@ async fn custom_policies_ask_istios_sample_authorizer() {
     m.silent_server("ext-authz", 8002);
     m.silent_server("ext-authz", 9002);
     m.start_waypoint(WP, "waypoint", "waypoint", "app", "waypoint");
-    eventually("the echo service through the waypoint", Duration::from_secs(20), || {
-        get(&m, "/public", false).status == 200
-    })
+    eventually(
+        "the echo service through the waypoint",
+        Duration::from_secs(20),
+        || get(&m, "/public", false).status == 200,
+    )
     .await;
 
     for api in ["http", "grpc"] {
@@ -278,13 +289,22 @@ async fn custom_policies_ask_istios_sample_authorizer() {
         let a = get(&m, &format!("/{api}/items"), false);
         assert_eq!(a.status, 403, "{api}: {}", a.head);
         assert_eq!(a.body, DENY_BODY, "{api}");
-        assert_eq!(a.header("x-ext-authz-check-result").as_deref(), Some("denied"), "{api}: {}", a.head);
+        assert_eq!(
+            a.header("x-ext-authz-check-result").as_deref(),
+            Some("denied"),
+            "{api}: {}",
+            a.head
+        );
         // CUSTOM decides before DENY: without the header it is the
         // authorizer's denial; allowed by it, the DENY policy still denies.
         let a = get(&m, &format!("/{api}/forbidden"), false);
         assert_eq!((a.status, a.body.as_str()), (403, DENY_BODY), "{api}");
         let a = get(&m, &format!("/{api}/forbidden"), true);
-        assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"), "{api}");
+        assert_eq!(
+            (a.status, a.body.as_str()),
+            (403, "RBAC: access denied"),
+            "{api}"
+        );
     }
     // headersToDownstreamOnDeny lists one header: the sample's others stay
     // with the waypoint.
@@ -307,18 +327,29 @@ async fn custom_policies_ask_istios_sample_authorizer() {
     for path in ["/body-http", "/body-grpc"] {
         let a = request(&m, path, true, Some(data));
         assert_eq!(a.status, 200, "{path}: {}", a.head);
-        assert!(a.body.ends_with(&format!("body: {data}")), "{path}: {}", a.body);
+        assert!(
+            a.body.ends_with(&format!("body: {data}")),
+            "{path}: {}",
+            a.body
+        );
     }
     assert_eq!(request(&m, "/body-strict", true, Some(data)).status, 413);
     let authz_log = std::fs::read_to_string(m.dir.join("extauthz.err")).unwrap_or_default();
     assert!(authz_log.contains("body: [01234567]"), "{authz_log}");
-    assert!(authz_log.contains(&format!("body:\"{data}\"")), "{authz_log}");
+    assert!(
+        authz_log.contains(&format!("body:\"{data}\"")),
+        "{authz_log}"
+    );
 
     // A provider that is not an authorizer, none by that name, or whose
     // service the mesh does not have (failOpen or not): denied.
     for path in ["/tracer", "/missing", "/nowhere", "/wrong-namespace"] {
         let a = get(&m, path, true);
-        assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"), "{path}");
+        assert_eq!(
+            (a.status, a.body.as_str()),
+            (403, "RBAC: access denied"),
+            "{path}"
+        );
     }
 
     // Both are named in the dump, at the field that names the provider.
@@ -348,18 +379,29 @@ async fn custom_policies_ask_istios_sample_authorizer() {
             .map(|l| l["response_flags"].as_str().unwrap_or("").to_string())
             .collect::<Vec<_>>()
     };
-    assert!(flag("/http/items", 403).iter().all(|f| f == "UAEX"), "{access}");
+    assert!(
+        flag("/http/items", 403).iter().all(|f| f == "UAEX"),
+        "{access}"
+    );
     assert!(!flag("/http/items", 403).is_empty(), "{access}");
     assert!(flag("/slow", 403) == ["UAEX"], "{access}");
     assert!(flag("/down", 503) == ["UAEX"], "{access}");
-    assert!(flag("/http/forbidden", 403).contains(&"-".to_string()), "{access}");
+    assert!(
+        flag("/http/forbidden", 403).contains(&"-".to_string()),
+        "{access}"
+    );
     let metrics = m.pod_http("waypoint", 15020, "/metrics");
     assert!(
-        metrics.lines().any(|l| l.starts_with("istio_requests_total")
-            && l.contains("response_code=\"403\"")
-            && l.contains("response_flags=\"UAEX\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total")
+                && l.contains("response_code=\"403\"")
+                && l.contains("response_flags=\"UAEX\"")),
         "{metrics}"
     );
     let authz_log = std::fs::read_to_string(m.dir.join("extauthz.err")).unwrap_or_default();
-    assert!(authz_log.contains("[gRPCv3][allowed]") && authz_log.contains("[HTTP][denied]"), "{authz_log}");
+    assert!(
+        authz_log.contains("[gRPCv3][allowed]") && authz_log.contains("[HTTP][denied]"),
+        "{authz_log}"
+    );
 }

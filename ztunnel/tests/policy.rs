@@ -103,9 +103,11 @@ async fn allow_by_principal_deny_by_port_and_peer_authentication() {
         "server-2 10.244.1.10"
     );
     m.write_config(&two_node_yaml(&format!("{POLICIES}{STRICT}{UNKNOWN_8081}")));
-    eventually("the unknown action fails closed", Duration::from_secs(5), || {
-        m.whoami("client", "10.244.2.11:8081").is_err()
-    });
+    eventually(
+        "the unknown action fails closed",
+        Duration::from_secs(5),
+        || m.whoami("client", "10.244.2.11:8081").is_err(),
+    );
     assert_eq!(
         m.whoami("client", "10.244.2.11:8080").unwrap(),
         "server-2 10.244.1.10",

@@ -407,7 +407,11 @@ impl Objects {
             self.namespaces_dirty = false;
         }
         if self.rejected_dirty {
-            let all = self.rejected.values().flatten().chain(&self.unresolved_custom);
+            let all = self
+                .rejected
+                .values()
+                .flatten()
+                .chain(&self.unresolved_custom);
             self.published.rejected = Arc::new(all.cloned().collect());
             self.rejected_dirty = false;
         }

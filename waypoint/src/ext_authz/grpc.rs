@@ -144,14 +144,16 @@ fn ops(options: &[pb::HeaderValueOption]) -> Vec<HeaderOp> {
             } else {
                 HeaderValue::try_from(h.value.as_str()).ok()?
             };
-            Some(match (o.append.as_ref().map(|b| b.value), o.append_action()) {
-                (Some(true), _) => HeaderOp::Append(k, v),
-                (Some(false), _) => HeaderOp::Set(k, v),
-                (None, A::AppendIfExistsOrAdd) => HeaderOp::Append(k, v),
-                (None, A::AddIfAbsent) => HeaderOp::AddIfAbsent(k, v),
-                (None, A::OverwriteIfExistsOrAdd) => HeaderOp::Set(k, v),
-                (None, A::OverwriteIfExists) => HeaderOp::OverwriteIfExists(k, v),
-            })
+            Some(
+                match (o.append.as_ref().map(|b| b.value), o.append_action()) {
+                    (Some(true), _) => HeaderOp::Append(k, v),
+                    (Some(false), _) => HeaderOp::Set(k, v),
+                    (None, A::AppendIfExistsOrAdd) => HeaderOp::Append(k, v),
+                    (None, A::AddIfAbsent) => HeaderOp::AddIfAbsent(k, v),
+                    (None, A::OverwriteIfExistsOrAdd) => HeaderOp::Set(k, v),
+                    (None, A::OverwriteIfExists) => HeaderOp::OverwriteIfExists(k, v),
+                },
+            )
         })
         .collect()
 }
@@ -217,7 +219,11 @@ pub fn verdict(
         .and_then(|c| StatusCode::from_u16(c).ok())
         .filter(|c| c.as_u16() >= 200)
         .unwrap_or(StatusCode::FORBIDDEN);
-    Verdict::Deny(answer(status, ops(&denied.headers), Bytes::from(denied.body)))
+    Verdict::Deny(answer(
+        status,
+        ops(&denied.headers),
+        Bytes::from(denied.body),
+    ))
 }
 
 pub(super) async fn check(
@@ -228,7 +234,9 @@ pub(super) async fn check(
 ) -> Verdict {
     let msg = frame(&check_request(a, input, wp.identity.to_string()));
     match call(wp, state, a, |_| request(a, msg), true).await {
-        Ok((parts, body, trailers)) => verdict(parts.status, &parts.headers, &body, trailers.as_ref()),
+        Ok((parts, body, trailers)) => {
+            verdict(parts.status, &parts.headers, &body, trailers.as_ref())
+        }
         Err(why) => Verdict::Failed(why),
     }
 }

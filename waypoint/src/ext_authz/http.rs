@@ -28,7 +28,12 @@ const ALWAYS_ON_DENY: [&str; 2] = ["www-authenticate", "location"];
 fn framing(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade" | "te"
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
             | "content-length"
     )
 }

@@ -243,16 +243,18 @@ pub async fn authorize(
         }
         let body_part = match authorizer.body {
             None => None,
-            Some(b) => match read_body(body, b.max_request_bytes as usize).await {
-                Ok((bytes, whole)) if whole || b.allow_partial => Some((bytes, whole)),
-                Ok(_) | Err(()) => {
-                    tracing::info!(provider = name, "request body over the authorizer's maxRequestBytes (or the replay buffer)");
-                    return Err(Sent::local(
-                        &ProxyError::ExtAuthz(ExtAuthzError::BodyTooLarge),
-                        grpc,
-                    ));
+            Some(b) => {
+                match read_body(body, b.max_request_bytes as usize).await {
+                    Ok((bytes, whole)) if whole || b.allow_partial => Some((bytes, whole)),
+                    Ok(_) | Err(()) => {
+                        tracing::info!(provider = name, "request body over the authorizer's maxRequestBytes (or the replay buffer)");
+                        return Err(Sent::local(
+                            &ProxyError::ExtAuthz(ExtAuthzError::BodyTooLarge),
+                            grpc,
+                        ));
+                    }
                 }
-            },
+            }
         };
         let input = Input {
             parts,
@@ -290,7 +292,11 @@ pub async fn authorize(
                 return Err(Sent::answer(resp, flag::EXT_AUTHZ));
             }
             Verdict::Failed(why) if authorizer.fail_open => {
-                tracing::info!(provider = name, why, "external authorization failed; allowed (failOpen)");
+                tracing::info!(
+                    provider = name,
+                    why,
+                    "external authorization failed; allowed (failOpen)"
+                );
             }
             Verdict::Failed(why) => {
                 tracing::info!(source = %src, path = parts.uri.path(), provider = name, why, "external authorization failed; denied");
@@ -393,18 +399,24 @@ async fn call(
     let eps = if t.dns.is_empty() {
         t.eps.clone()
     } else {
-        crate::dns::resolve(&t.dns).await.map_err(|e| e.to_string())?
+        crate::dns::resolve(&t.dns)
+            .await
+            .map_err(|e| e.to_string())?
     };
     let (ep, port) = eps
         .get(rand::random_range(0..eps.len().max(1)))
         .cloned()
         .ok_or_else(|| format!("{} has no endpoint", a.host))?;
     let h2 = force_h2 || t.h2;
-    let origin = t.policy.tls.as_ref().map(|tls| crate::origin_tls::Origination {
-        tls,
-        host: &t.host,
-        secret: t.secret.as_ref(),
-    });
+    let origin = t
+        .policy
+        .tls
+        .as_ref()
+        .map(|tls| crate::origin_tls::Origination {
+            tls,
+            host: &t.host,
+            secret: t.secret.as_ref(),
+        });
     let resp = wp
         .upstreams
         .send(&ep, port, req(h2), h2, origin.as_ref())

@@ -66,7 +66,11 @@ fn which_providers_a_request_needs() {
     );
     // (policies, path, needs)
     let table: Vec<(String, &str, Vec<&str>)> = vec![
-        (custom("a", "http", "/admin*"), "/admin/1", vec!["http:http"]),
+        (
+            custom("a", "http", "/admin*"),
+            "/admin/1",
+            vec!["http:http"],
+        ),
         (custom("a", "http", "/admin*"), "/public", vec![]),
         (custom("a", "grpc", "/admin*"), "/admin", vec!["grpc:grpc"]),
         // Each provider once, in policy order.
@@ -78,13 +82,19 @@ fn which_providers_a_request_needs() {
     }
     // A provider missing or not an authorizer: refused, naming it.
     for (provider, words) in [
-        ("nope", "\"nope\" is not among meshConfig's extensionProviders"),
+        (
+            "nope",
+            "\"nope\" is not among meshConfig's extensionProviders",
+        ),
         ("tracer", "type zipkin"),
         ("broken", "envoyExtAuthzHttp.port"),
     ] {
         let got = needs(&custom("a", provider, "/*"), "/x");
         assert_eq!(got.len(), 1, "{got:?}");
-        assert!(got[0].starts_with("refuse:CUSTOM policy ns/a") && got[0].contains(words), "{got:?}");
+        assert!(
+            got[0].starts_with("refuse:CUSTOM policy ns/a") && got[0].contains(words),
+            "{got:?}"
+        );
     }
     // A dry-run CUSTOM policy asks nobody.
     let dry = custom("a", "http", "/*").replace(
@@ -129,7 +139,11 @@ fn client_request() -> ::http::request::Parts {
         .0
 }
 
-fn input<'a>(parts: &'a ::http::request::Parts, src: &'a Identity, body: Option<(Bytes, bool)>) -> Input<'a> {
+fn input<'a>(
+    parts: &'a ::http::request::Parts,
+    src: &'a Identity,
+    body: Option<(Bytes, bool)>,
+) -> Input<'a> {
     Input {
         parts,
         authority: "echo.ns:80",
@@ -168,7 +182,11 @@ fn http_check_request_is_envoys() {
         allow_partial: true,
         pack_as_bytes: false,
     });
-    let r = http::request(&p, &input(&parts, &src, Some((Bytes::from_static(b"abc"), false))), false);
+    let r = http::request(
+        &p,
+        &input(&parts, &src, Some((Bytes::from_static(b"abc"), false))),
+        false,
+    );
     assert_eq!(r.headers()["content-length"], "3");
     assert_eq!(r.headers()["x-envoy-auth-partial-body"], "true");
     // Over HTTP/2 the authority travels in the URI.
@@ -180,7 +198,10 @@ fn http_check_request_is_envoys() {
 fn headers(list: &[(&str, &str)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in list {
-        h.append(::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        h.append(
+            ::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
     h
 }
@@ -206,7 +227,11 @@ fn http_answers() {
         ("x-other", "o"),
         ("content-length", "0"),
     ]);
-    let Verdict::Allow { upstream, downstream } = http::verdict(&p, StatusCode::OK, &answer, Bytes::new()) else {
+    let Verdict::Allow {
+        upstream,
+        downstream,
+    } = http::verdict(&p, StatusCode::OK, &answer, Bytes::new())
+    else {
         panic!("200 allows")
     };
     assert_eq!(names(&upstream), ["set x-ext-authz-check-result=allowed"]);
@@ -215,7 +240,11 @@ fn http_answers() {
     let mut bare = http_provider();
     bare.to_upstream_on_allow.clear();
     bare.to_downstream_on_allow.clear();
-    let Verdict::Allow { upstream, downstream } = http::verdict(&bare, StatusCode::OK, &answer, Bytes::new()) else {
+    let Verdict::Allow {
+        upstream,
+        downstream,
+    } = http::verdict(&bare, StatusCode::OK, &answer, Bytes::new())
+    else {
         panic!()
     };
     assert!(upstream.is_empty() && downstream.is_empty());
@@ -230,7 +259,12 @@ fn http_answers() {
         ("www-authenticate", "Basic"),
         ("transfer-encoding", "chunked"),
     ]);
-    let Verdict::Deny(r) = http::verdict(&p, StatusCode::UNAUTHORIZED, &deny, Bytes::from_static(b"no")) else {
+    let Verdict::Deny(r) = http::verdict(
+        &p,
+        StatusCode::UNAUTHORIZED,
+        &deny,
+        Bytes::from_static(b"no"),
+    ) else {
         panic!("401 denies")
     };
     assert_eq!(r.status(), 401);
@@ -240,7 +274,8 @@ fn http_answers() {
     // A list keeps only its headers, and those a client needs.
     let mut listed = http_provider();
     listed.to_downstream_on_deny = vec![HeaderMatch::Exact("x-nothing".into())];
-    let Verdict::Deny(r) = http::verdict(&listed, StatusCode::FORBIDDEN, &deny, Bytes::new()) else {
+    let Verdict::Deny(r) = http::verdict(&listed, StatusCode::FORBIDDEN, &deny, Bytes::new())
+    else {
         panic!()
     };
     let got: Vec<_> = r.headers().keys().map(|k| k.to_string()).collect();
@@ -261,14 +296,22 @@ fn option(key: &str, value: &str, append: Option<bool>, action: i32) -> pb::Head
 
 fn grpc_answer(resp: &pb::CheckResponse) -> Verdict {
     let body = grpc::frame(resp);
-    grpc::verdict(StatusCode::OK, &HeaderMap::new(), &body, Some(&headers(&[("grpc-status", "0")])))
+    grpc::verdict(
+        StatusCode::OK,
+        &HeaderMap::new(),
+        &body,
+        Some(&headers(&[("grpc-status", "0")])),
+    )
 }
 
 #[test]
 fn grpc_answers() {
     use pb::check_response::HttpResponse;
     let ok = pb::CheckResponse {
-        status: Some(pb::Status { code: 0, message: String::new() }),
+        status: Some(pb::Status {
+            code: 0,
+            message: String::new(),
+        }),
         http_response: Some(HttpResponse::OkResponse(pb::OkHttpResponse {
             headers: vec![
                 option("x-a", "1", None, 0),
@@ -282,7 +325,13 @@ fn grpc_answers() {
             response_headers_to_add: vec![option("x-to-client", "7", None, 2)],
         })),
     };
-    let Verdict::Allow { upstream, downstream } = grpc_answer(&ok) else { panic!("code 0 allows") };
+    let Verdict::Allow {
+        upstream,
+        downstream,
+    } = grpc_answer(&ok)
+    else {
+        panic!("code 0 allows")
+    };
     assert_eq!(
         names(&upstream),
         [
@@ -298,29 +347,46 @@ fn grpc_answers() {
     assert_eq!(names(&downstream), ["set x-to-client=7"]);
     // A denial: its status, headers and body; 403 when it names none.
     let denied = |status: Option<i32>| pb::CheckResponse {
-        status: Some(pb::Status { code: 7, message: String::new() }),
+        status: Some(pb::Status {
+            code: 7,
+            message: String::new(),
+        }),
         http_response: Some(HttpResponse::DeniedResponse(pb::DeniedHttpResponse {
             status: status.map(|code| pb::HttpStatus { code }),
             headers: vec![option("x-ext-authz-check-result", "denied", None, 0)],
             body: "denied by ext_authz".into(),
         })),
     };
-    let Verdict::Deny(r) = grpc_answer(&denied(Some(401))) else { panic!() };
+    let Verdict::Deny(r) = grpc_answer(&denied(Some(401))) else {
+        panic!()
+    };
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["x-ext-authz-check-result"], "denied");
-    let Verdict::Deny(r) = grpc_answer(&denied(None)) else { panic!() };
+    let Verdict::Deny(r) = grpc_answer(&denied(None)) else {
+        panic!()
+    };
     assert_eq!(r.status(), 403);
     let bare = pb::CheckResponse {
-        status: Some(pb::Status { code: 16, message: String::new() }),
+        status: Some(pb::Status {
+            code: 16,
+            message: String::new(),
+        }),
         http_response: None,
     };
-    let Verdict::Deny(r) = grpc_answer(&bare) else { panic!() };
+    let Verdict::Deny(r) = grpc_answer(&bare) else {
+        panic!()
+    };
     assert_eq!(r.status(), 403);
     // Failures: the call's own status, a missing or broken message.
     let body = grpc::frame(&ok);
     let fail = |status: u16, trailers: &[(&str, &str)], body: &[u8]| {
         matches!(
-            grpc::verdict(StatusCode::from_u16(status).unwrap(), &HeaderMap::new(), body, Some(&headers(trailers))),
+            grpc::verdict(
+                StatusCode::from_u16(status).unwrap(),
+                &HeaderMap::new(),
+                body,
+                Some(&headers(trailers))
+            ),
             Verdict::Failed(_)
         )
     };
@@ -328,7 +394,11 @@ fn grpc_answers() {
     assert!(fail(200, &[], &body));
     assert!(fail(503, &[("grpc-status", "0")], &body));
     assert!(fail(200, &[("grpc-status", "0")], &body[..body.len() - 1]));
-    assert!(fail(200, &[("grpc-status", "0")], &[0, 0, 0, 0, 2, 0xff, 0xff]));
+    assert!(fail(
+        200,
+        &[("grpc-status", "0")],
+        &[0, 0, 0, 0, 2, 0xff, 0xff]
+    ));
 }
 
 #[test]
@@ -336,13 +406,23 @@ fn grpc_check_request_carries_the_request() {
     let parts = client_request();
     let src = Identity::new("cluster.local", "ns", "client");
     let a = http_provider().authorizer;
-    let r = grpc::check_request(&a, &input(&parts, &src, None), "spiffe://cluster.local/ns/ns/sa/wp".into());
+    let r = grpc::check_request(
+        &a,
+        &input(&parts, &src, None),
+        "spiffe://cluster.local/ns/ns/sa/wp".into(),
+    );
     // What a server decodes from it (Istio's sample reads the headers map).
     let back = pb::CheckRequest::decode(grpc::frame(&r).slice(5..)).unwrap();
     let attrs = back.attributes.unwrap();
-    assert_eq!(attrs.source.unwrap().principal, "spiffe://cluster.local/ns/ns/sa/client");
+    assert_eq!(
+        attrs.source.unwrap().principal,
+        "spiffe://cluster.local/ns/ns/sa/client"
+    );
     let http = attrs.request.unwrap().http.unwrap();
-    assert_eq!((http.method.as_str(), http.path.as_str(), http.host.as_str()), ("POST", "/api/items?id=3", "echo.ns:80"));
+    assert_eq!(
+        (http.method.as_str(), http.path.as_str(), http.host.as_str()),
+        ("POST", "/api/items?id=3", "echo.ns:80")
+    );
     assert_eq!(http.headers["x-ext-authz"], "allow");
     assert_eq!(http.headers[":authority"], "echo.ns:80");
     assert_eq!(http.headers[":path"], "/api/items?id=3");
@@ -366,7 +446,12 @@ fn header_ops_apply() {
     ] {
         op.apply(&mut h);
     }
-    let all = |k: &str| h.get_all(k).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+    let all = |k: &str| {
+        h.get_all(k)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(all("a"), ["1", "2"]);
     assert_eq!(all("b"), ["2"]);
     assert_eq!(all("c"), ["2"]);
