@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real peers the tests run against (kube-apiserver, etcd, istiod,
-# istioctl, helm, the CNI reference plugins) from their Go modules, pinned by
+# istioctl, helm, the CNI reference plugins, Istio's sample ext_authz server) from their Go modules, pinned by
 # testbed/peers/*/go.mod. Builds are cached in $MESH_PEERS_DIR keyed by the
 # go.sum they came from, so a second run is free.
 set -euo pipefail
@@ -29,6 +29,10 @@ build "$root/testbed/peers/istio" istioctl istio.io/istio/istioctl/cmd/istioctl
 # helm renders Istio's own ztunnel and cni charts with our images; the version
 # is the one istio's module requires, so the charts meet the helm they ship with.
 build "$root/testbed/peers/istio" helm helm.sh/helm/v4/cmd/helm
+# Istio's sample external authorizer (HTTP and gRPC v3 Check; allows a
+# request carrying `x-ext-authz: allow`): the waypoint's CUSTOM policy tests
+# run it as a mesh workload. Same module as istiod, its own stamp.
+build "$root/testbed/peers/istio" extauthz istio.io/istio/samples/extauthz/cmd/extauthz
 # The CNI reference plugins at a version that speaks CNI 1.1.0 (Debian's
 # package stops at 1.0.0): istio-cni's tests chain ours with them. Their own
 # dir, so they never shadow anything in bin/.

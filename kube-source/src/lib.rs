@@ -107,6 +107,9 @@ impl Selection {
                 gvk("security.istio.io", "v1", "AuthorizationPolicy"),
                 gvk("security.istio.io", "v1", "PeerAuthentication"),
                 gvk("security.istio.io", "v1", "RequestAuthentication"),
+                // meshConfig's extension providers, for CUSTOM policies
+                // (only istio-system/istio is watched).
+                gvk("", "v1", "ConfigMap"),
             ],
             pods: PodScope::ServedBy(mesh::routes::WaypointRef {
                 name: name.to_string(),

@@ -333,6 +333,12 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
     if let Some(spec) = obj.data.get("spec") {
         out.insert("spec".into(), spec.clone());
     }
+    // meshConfig (the `istio` ConfigMap) lives in `data`.
+    if ar.kind == "ConfigMap" {
+        if let Some(data) = obj.data.get("data") {
+            out.insert("data".into(), data.clone());
+        }
+    }
     if ar.kind == "Pod" {
         let status = obj.data.get("status");
         let phase = status

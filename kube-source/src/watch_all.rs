@@ -37,8 +37,16 @@ pub(crate) async fn watch_all(
         }) else {
             continue;
         };
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let mut api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         let mut cfg = watcher::Config::default();
+        // Of ConfigMaps only meshConfig: `istio` in istio-system.
+        if ar.kind == "ConfigMap" {
+            api = Api::namespaced_with(client.clone(), mesh::ROOT_NAMESPACE, &ar);
+            cfg = cfg.fields(&format!(
+                "metadata.name={}",
+                mesh::ext_authz::MESH_CONFIG_NAME
+            ));
+        }
         let mut w = Watch::Kind(ar.kind.clone());
         if ar.kind == "Pod" {
             match &sel.pods {

@@ -17,6 +17,10 @@ pub enum Action {
     Deny,
     /// Waypoint only: logged, never changes the decision.
     Audit,
+    /// The request goes to an external authorizer first (the waypoint
+    /// decides these before DENY and ALLOW; `evaluate` skips them). ztunnel
+    /// does not enforce them, as Istio's does not.
+    Custom,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -55,6 +59,9 @@ pub struct TargetRef {
 pub struct TargetedPolicy {
     pub targets: Vec<TargetRef>,
     pub policy: AuthorizationPolicy,
+    /// `provider.name` of a CUSTOM policy: the extension provider asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
 }
 
 /// Where a request through a waypoint goes, as a policy can name it.
@@ -403,19 +410,24 @@ impl AuthorizationPolicy {
         p
     }
 
+    /// Whether a rule matches. What a DENY or CUSTOM rule cannot evaluate
+    /// is left out (it denies, or asks the authorizer, about more).
     pub fn matches(&self, c: &Connection) -> bool {
+        let lenient = matches!(self.action, Action::Deny | Action::Custom);
         self.rules
             .iter()
-            .any(|r| (self.action == Action::Deny || r.unevaluable.is_empty()) && r.matches(c))
+            .any(|r| (lenient || r.unevaluable.is_empty()) && r.matches(c))
     }
 
-    fn key(&self) -> String {
+    pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 }
 
-/// Istio's order: dry-run policies only log; any DENY match denies; with no
-/// ALLOW policy selecting the workload, allow; any ALLOW match allows; else deny.
+/// Istio's order: dry-run policies only log; CUSTOM ones were decided before
+/// (by the waypoint's authorizer call) and are skipped; any DENY match
+/// denies; with no ALLOW policy selecting the workload, allow; any ALLOW
+/// match allows; else deny.
 pub fn evaluate<'a>(
     policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
     dst: &Workload,
@@ -447,6 +459,7 @@ pub fn evaluate_selected<'a>(
                 }
             }
             Action::Allow => allows.push(p),
+            Action::Custom => {}
         }
     }
     if allows.is_empty() || allows.iter().any(|p| p.matches(c)) {

@@ -3,6 +3,7 @@
 
 pub mod authz;
 mod families;
+pub mod ext_authz;
 pub mod file;
 pub mod intern;
 mod keyed;

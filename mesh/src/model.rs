@@ -385,6 +385,9 @@ pub struct MeshState {
     /// RequestAuthentications (JWT), by namespace: a waypoint enforces
     /// those attached to it or to a service it serves.
     pub request_authentications: Arc<Keyed<crate::request_authn::RequestAuthentication>>,
+    /// meshConfig's extension providers by name: the external authorizers
+    /// CUSTOM policies name.
+    pub extension_providers: Arc<crate::ext_authz::Providers>,
     /// Pods scheduled but not yet given an address (`status: {}`): the node
     /// agent decides their capture at CNI ADD, before the kubelet reports
     /// the IP. Their `ip` is unspecified; nothing routes to them.

@@ -5,7 +5,11 @@
 //! reported (`Rejected`) and made to fail closed, following Istio:
 //! - a field we cannot evaluate makes its rule unevaluable: an ALLOW rule
 //!   then matches nothing, a DENY rule matches on the rest (denies more);
-//! - an unknown or CUSTOM action, or a provider, is a DENY for its scope;
+//! - an unknown action, a CUSTOM one without a provider name, or a provider
+//!   with another action, is a DENY for its scope (a CUSTOM policy naming a
+//!   provider the waypoint does not know denies there, at request time);
+//! - a CUSTOM policy with a selector is not enforced, as Istio's ztunnel
+//!   does not enforce CUSTOM (reported; attach it to a waypoint);
 //! - a selector or target we cannot read widens to the policy's namespace;
 //! - a policy we cannot read at all denies everything in its scope (DENY,
 //!   CUSTOM, unknown) or allows nothing there (ALLOW);
@@ -207,6 +211,7 @@ pub(crate) enum ParsedPolicy {
 fn rule_effect(action: Action) -> &'static str {
     match action {
         Action::Deny => "the DENY rule ignores it and denies more",
+        Action::Custom => "the CUSTOM rule ignores it and sends more requests to the authorizer",
         Action::Allow | Action::Audit => "the rule matches nothing",
     }
 }
@@ -248,7 +253,14 @@ pub(crate) fn authorization_policy(value: Value, out: &mut Vec<Rejected>) -> Par
     let spec = o.spec.unwrap_or_default();
     let targets = targets(&spec.target_refs, spec.target_ref.as_ref(), &mut report);
     let for_waypoint = !targets.is_empty();
-    let action = action(spec.action.as_deref(), spec.provider.as_ref(), &mut report);
+    let (action, provider) = action(spec.action.as_deref(), spec.provider.as_ref(), &mut report);
+    if action == Action::Custom && !for_waypoint {
+        report.add(
+            "spec.action",
+            "ztunnel does not enforce the CUSTOM action (neither does Istio's); a waypoint does, for a policy with targetRefs",
+            "not enforced",
+        );
+    }
     let scope = scope(spec.selector.as_ref(), &namespace, &mut report);
     let mut rules = Vec::new();
     if !spec.unknown.is_empty() {
@@ -276,7 +288,11 @@ pub(crate) fn authorization_policy(value: Value, out: &mut Vec<Rejected>) -> Par
         dry_run: dry_run(&value),
     };
     if for_waypoint {
-        ParsedPolicy::Waypoint(TargetedPolicy { targets, policy })
+        ParsedPolicy::Waypoint(TargetedPolicy {
+            targets,
+            policy,
+            provider,
+        })
     } else {
         ParsedPolicy::Ztunnel(policy.l4_only())
     }
@@ -356,7 +372,11 @@ fn unreadable_policy(
     if targets.is_empty() {
         ParsedPolicy::Ztunnel(policy)
     } else {
-        ParsedPolicy::Waypoint(TargetedPolicy { targets, policy })
+        ParsedPolicy::Waypoint(TargetedPolicy {
+            targets,
+            policy,
+            provider: None,
+        })
     }
 }
 
@@ -387,32 +407,41 @@ pub(crate) fn targets(
     out
 }
 
-fn action(action: Option<&str>, provider: Option<&Value>, report: &mut Report) -> Action {
+/// The action, and for CUSTOM the provider it names.
+fn action(
+    action: Option<&str>,
+    provider: Option<&Value>,
+    report: &mut Report,
+) -> (Action, Option<String>) {
     const AS_DENY: &str = "treated as DENY for the policy's scope";
+    let name = provider
+        .and_then(|p| p.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let deny = |report: &mut Report, field: &str, why: String| {
+        report.add(field, why, AS_DENY);
+        (Action::Deny, None)
+    };
     match action.unwrap_or("ALLOW") {
-        _ if provider.is_some() => {
-            let name = provider
-                .and_then(|p| p.get("name"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            report.add(
-                "spec.provider",
-                format!("external authorization (provider {name:?}) is not supported"),
-                AS_DENY,
-            );
-            Action::Deny
-        }
-        "ALLOW" => Action::Allow,
-        "DENY" => Action::Deny,
-        "AUDIT" => Action::Audit,
-        other => {
-            report.add(
-                "spec.action",
-                format!("action {other:?} is not supported"),
-                AS_DENY,
-            );
-            Action::Deny
-        }
+        "CUSTOM" if !name.is_empty() => (Action::Custom, Some(name.to_string())),
+        "CUSTOM" => deny(
+            report,
+            "spec.provider.name",
+            "a CUSTOM policy must name its provider".into(),
+        ),
+        other if provider.is_some() => deny(
+            report,
+            "spec.provider",
+            format!("a provider is only for action CUSTOM, not {other:?}"),
+        ),
+        "ALLOW" => (Action::Allow, None),
+        "DENY" => (Action::Deny, None),
+        "AUDIT" => (Action::Audit, None),
+        other => deny(
+            report,
+            "spec.action",
+            format!("action {other:?} is not supported"),
+        ),
     }
 }
 

@@ -283,8 +283,17 @@ pub fn translate(
             Kind::ServiceEntry(crate::service_entry::parse(&object, value)?)
         }
         ("v1", "Secret") => Kind::Secret(crate::secret::parse(&object, value)?),
+        ("v1", "ConfigMap")
+            if key.namespace == crate::ROOT_NAMESPACE
+                && key.name == crate::ext_authz::MESH_CONFIG_NAME =>
+        {
+            Kind::MeshConfig(crate::ext_authz::mesh_config(&object, value, &mut rejected)?)
+        }
+        ("v1", "ConfigMap") => {
+            return Err(err(&object, "metadata", format!("only the ConfigMap {}/{} (meshConfig) is read", crate::ROOT_NAMESPACE, crate::ext_authz::MESH_CONFIG_NAME)))
+        }
         (api, kind) => {
-            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service/Secret, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication/RequestAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
+            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service/Secret/ConfigMap (istio-system/istio), security.istio.io/v1 AuthorizationPolicy/PeerAuthentication/RequestAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
         }
     };
     Ok(Some(Translated {

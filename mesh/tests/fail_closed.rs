@@ -160,9 +160,12 @@ fn ztunnel_policies_fail_closed_per_field_class() {
         ("DENY with a bad condition value",
             policy("DENY", "  rules: [{when: [{key: destination.port, values: [eighty]}]}]"),
             "spec.rules[0].when[0].key", vec![POD_B], vec![CLIENT, PORT_81]),
-        ("CUSTOM: a DENY of what its rules match",
+        ("CUSTOM with a selector: ztunnel does not enforce it, as Istio's does not",
             policy("CUSTOM", "  provider: {name: ext-authz}\n  rules: [{to: [{operation: {ports: [\"80\"]}}]}]"),
-            "spec.provider", vec![PORT_81, POD_B], vec![CLIENT]),
+            "spec.action", vec![PORT_81, POD_B, CLIENT], vec![]),
+        ("CUSTOM without a provider name: a DENY of what its rules match",
+            policy("CUSTOM", "  provider: {}\n  rules: [{to: [{operation: {ports: [\"80\"]}}]}]"),
+            "spec.provider.name", vec![PORT_81, POD_B], vec![CLIENT]),
         ("an unknown action is a DENY",
             policy("LOG", "  rules: [{from: [{source: {principals: [cluster.local/ns/ns/sa/client]}}]}]"),
             "spec.action", vec![OTHER], vec![CLIENT]),
@@ -225,6 +228,9 @@ fn supported_policies_report_nothing() {
         policy("DENY", "  rules: [{from: [{source: {notNamespaces: [ns]}}]}]"),
         policy("AUDIT", "  rules: [{}]"),
         waypoint_policy("ALLOW", "  rules: [{to: [{operation: {paths: [/ok]}}], when: [{key: \"request.headers[x-a]\", values: [b]}]}]"),
+        // A CUSTOM policy whose provider meshConfig defines.
+        format!("{}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    extensionProviders: [{{name: ext-authz, envoyExtAuthzHttp: {{service: a.b.svc.cluster.local, port: 80}}}}]\n",
+            waypoint_policy("CUSTOM", "  provider: {name: ext-authz}\n  rules: [{to: [{operation: {paths: [/admin]}}]}]")),
     ] {
         let m = load(&doc);
         assert!(m.rejected.is_empty(), "{doc}: {:#?}", m.rejected);
@@ -248,9 +254,9 @@ fn waypoint_policies_fail_closed() {
     let wp = ("ns", "wp");
     // (what, policy, reported field, path allowed, path denied)
     let cases: Vec<(&str, String, &str, Option<&str>, &str)> = vec![
-        ("CUSTOM at the waypoint denies what its rules match",
-            waypoint_policy("CUSTOM", "  provider: {name: oauth2-proxy}\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]"),
-            "spec.provider", Some("/public"), "/admin/x"),
+        ("CUSTOM at the waypoint without a provider denies what its rules match",
+            waypoint_policy("CUSTOM", "  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]"),
+            "spec.provider.name", Some("/public"), "/admin/x"),
         ("ALLOW with a JWT claim path we cannot read allows nothing",
             waypoint_policy("ALLOW", "  rules: [{when: [{key: \"request.auth.claims[groups\", values: [admin]}]}]"),
             "spec.rules[0].when[0].key", None, "/public"),
@@ -367,5 +373,50 @@ fn waypoint_policies_read_the_verified_jwt() {
             b,
             "{action} {rules}: bob"
         );
+    }
+}
+
+#[test]
+fn custom_policies_without_a_usable_provider_are_reported() {
+    let mesh = |providers: &str| {
+        format!("\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    extensionProviders: {providers}\n")
+    };
+    let custom = waypoint_policy("CUSTOM", "  provider: {name: ext}\n  rules: [{}]");
+    // (meshConfig, reason reported at spec.provider.name; None: nothing)
+    for (config, want) in [
+        (
+            String::new(),
+            Some("is not among meshConfig's extensionProviders"),
+        ),
+        (
+            mesh("[{name: other, envoyExtAuthzHttp: {service: a, port: 80}}]"),
+            Some("is not among"),
+        ),
+        (
+            mesh("[{name: ext, zipkin: {service: z, port: 9411}}]"),
+            Some("cannot be used"),
+        ),
+        (
+            mesh("[{name: ext, envoyExtAuthzGrpc: {service: a, port: 0}}]"),
+            Some("cannot be used"),
+        ),
+        (
+            mesh("[{name: ext, envoyExtAuthzGrpc: {service: a, port: 9000}}]"),
+            None,
+        ),
+    ] {
+        let m = load(&format!("{custom}{config}"));
+        let found: Vec<_> = m
+            .rejected
+            .iter()
+            .filter(|r| r.kind == "AuthorizationPolicy" && r.field == "spec.provider.name")
+            .collect();
+        match want {
+            Some(words) => assert!(
+                found.len() == 1 && found[0].reason.contains(words),
+                "{config}: {found:#?}"
+            ),
+            None => assert!(found.is_empty(), "{config}: {found:#?}"),
+        }
     }
 }

@@ -21,6 +21,7 @@ mod cni;
 mod dns;
 pub mod helm;
 mod http;
+mod peer;
 pub use cluster::{eventually, Cluster};
 pub use cni::{reference_plugins_1_1, static_plugin, CniFailure, CniNet};
 pub use dns::DnsCounts;

@@ -44,6 +44,22 @@ pub enum ProxyError {
     PerTryTimeout,
     #[error("upstream request timeout")]
     Timeout,
+    /// A CUSTOM policy's external authorizer could not decide.
+    #[error("external authorization: {0}")]
+    ExtAuthz(ExtAuthzError),
+}
+
+/// Why external authorization answered the client itself (the
+/// authorizer's own denials are its answers, not ours).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtAuthzError {
+    /// Unreachable, timed out, 5xx, unreadable: `statusOnError`.
+    #[error("check failed: {why}")]
+    Failed { status: u16, why: String },
+    /// The body the check needs is over its `maxRequestBytes` (or the
+    /// replay buffer that keeps it for the upstream).
+    #[error("request body too large for the check")]
+    BodyTooLarge,
 }
 
 impl ProxyError {
@@ -55,6 +71,10 @@ impl ProxyError {
             NoRoute => StatusCode::NOT_FOUND,
             NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ExtAuthz(ExtAuthzError::Failed { status, .. }) => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN)
+            }
+            ExtAuthz(ExtAuthzError::BodyTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
             NoDestination | Unresolved(_) | NoHealthy(_) | Dns(_) | Overflow | Connect(_)
             | Reset(_) | PerTryTimeout => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -73,6 +93,7 @@ impl ProxyError {
             Connect(_) => flag::CONNECT_FAILURE,
             Reset(_) | PerTryTimeout => flag::RESET,
             Timeout => flag::TIMEOUT,
+            ExtAuthz(_) => flag::EXT_AUTHZ,
         }
     }
 
@@ -93,6 +114,8 @@ impl ProxyError {
             Connect(_) => "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
             Reset(_) | PerTryTimeout => "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
             Timeout => "upstream request timeout",
+            ExtAuthz(ExtAuthzError::Failed { .. }) => "",
+            ExtAuthz(ExtAuthzError::BodyTooLarge) => "Payload Too Large",
         }
     }
 
@@ -102,6 +125,8 @@ impl ProxyError {
         match self {
             ProxyError::Denied(_) => Some("rbac_access_denied_matched_policy[none]"),
             ProxyError::Unauthenticated(r) => Some(r.details()),
+            ProxyError::ExtAuthz(ExtAuthzError::Failed { .. }) => Some("ext_authz_error"),
+            ProxyError::ExtAuthz(ExtAuthzError::BodyTooLarge) => Some("request_payload_too_large"),
             _ => None,
         }
     }
@@ -248,6 +273,25 @@ mod tests {
                 ],
             ),
             (Timeout, 504, "UT", &[]),
+            (
+                ExtAuthz(ExtAuthzError::Failed {
+                    status: 403,
+                    why: "x".into(),
+                }),
+                403,
+                "UAEX",
+                &[],
+            ),
+            (
+                ExtAuthz(ExtAuthzError::Failed {
+                    status: 503,
+                    why: "x".into(),
+                }),
+                503,
+                "UAEX",
+                &[],
+            ),
+            (ExtAuthz(ExtAuthzError::BodyTooLarge), 413, "UAEX", &[]),
         ];
         let all = [
             RetryOn::FiveXx,

@@ -5,6 +5,7 @@ pub mod binding;
 pub mod body;
 pub mod dns;
 pub mod error;
+pub mod ext_authz;
 pub mod grpc;
 pub mod jwt;
 pub mod lb;

@@ -300,6 +300,8 @@ fn config_dump(wp: &proxy::Waypoint, dropped: &[mesh::Rejected]) -> String {
         "destination_rules": state.destination_rules,
         "policies": state.waypoint_policies,
         "request_authentications": state.request_authentications,
+        // meshConfig's extension providers (CUSTOM policies' authorizers).
+        "extension_providers": state.extension_providers,
         // Objects not translatable as written: policies kept fail-closed
         // (`rejected`) and other objects the Kubernetes source left out.
         "rejected": state.rejected.iter().chain(dropped).collect::<Vec<_>>(),

@@ -103,13 +103,22 @@ pub fn policies_for<'a>(
     state: &'a MeshState,
     svc: Option<&'a Service>,
 ) -> impl Iterator<Item = &'a authz::AuthorizationPolicy> {
+    targeted_for(waypoint, state, svc).map(|tp| &tp.policy)
+}
+
+/// `policies_for` with their targets and provider (CUSTOM policies need
+/// the provider they name).
+pub fn targeted_for<'a>(
+    waypoint: (&'a str, &'a str),
+    state: &'a MeshState,
+    svc: Option<&'a Service>,
+) -> impl Iterator<Item = &'a authz::TargetedPolicy> {
     let (wp_ns, wp_name) = waypoint;
     let (namespaces, svc) = attachment(wp_ns, state, svc);
     namespaces
         .into_iter()
         .flat_map(|ns| state.waypoint_policies.get(ns))
         .filter(move |tp| tp.applies(wp_ns, wp_name, svc))
-        .map(|tp| &tp.policy)
 }
 
 /// Where objects attached by `targetRefs` to this waypoint or to `svc` can

@@ -79,7 +79,7 @@ pub struct UpgradedStream {
 }
 
 impl Waypoint {
-    fn gateway(&self) -> (&str, &str) {
+    pub(crate) fn gateway(&self) -> (&str, &str) {
         (&self.namespace, &self.name)
     }
 
@@ -103,8 +103,16 @@ impl Waypoint {
             dst_port: s.target.port(),
             request: None,
         };
+        // No request to send an authorizer: a CUSTOM policy denies the
+        // streams its rules match (fail closed).
         let l4: Vec<_> = plan::policies_for(self.gateway(), state, svc.map(|s| &**s))
-            .map(|p| p.l4_only())
+            .map(|p| {
+                let mut p = p.l4_only();
+                if p.action == authz::Action::Custom {
+                    p.action = authz::Action::Deny;
+                }
+                p
+            })
             .collect();
         match authz::evaluate_selected(&l4, &conn) {
             Decision::Allow => Ok(()),
@@ -510,69 +518,73 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         })
     });
     let body = Replay::new(body, wp.replay_buffer);
-    let caller = plan::Caller {
-        src: &s.src,
-        peer: s.peer,
-        target: s.target,
-        waypoint: wp.gateway(),
-        auth: auth.as_ref(),
-    };
-    let planned = match rejected {
-        Some(r) => plan::Plan {
-            route: None,
-            delay: None,
-            action: Err(crate::error::ProxyError::Unauthenticated(r)),
-        },
-        None => plan::plan(
-            &caller,
-            &state,
-            service.as_deref(),
-            &mut parts,
-            &authority,
-            &mut plan::Random,
-        ),
-    };
-    let details = planned.action.as_ref().err().and_then(|e| e.details());
-    if let Some(d) = planned.delay {
-        tokio::time::sleep(d).await;
-    }
-    let sent = match planned.action {
-        Err(e) => {
-            let mut sent = Sent::local(&e, grpc);
-            // As Envoy's jwt_authn answers a token it rejects.
-            if matches!(e, crate::error::ProxyError::Unauthenticated(_)) {
-                let realm = format!(
-                    "Bearer realm=\"http://{authority}{}\", error=\"invalid_token\"",
-                    parts.uri.path()
-                );
-                if let Ok(v) = HeaderValue::try_from(realm) {
-                    sent.resp.headers_mut().insert("www-authenticate", v);
-                }
-            }
-            sent
-        }
-        Ok(Action::Respond(resp, flags)) => Sent::answer(resp, flags),
-        Ok(Action::Forward(fwd)) => {
-            let out = Outgoing {
-                parts: &parts,
-                body: &body,
-                grpc,
-                upgrade: upgrade.zip(live).map(|((kind, client), live)| Upgrading {
-                    kind,
-                    client,
-                    live,
-                }),
+    // A token that does not verify is answered before any policy; then
+    // CUSTOM policies, then DENY and ALLOW (in the plan), as Istio orders
+    // them.
+    let authorized = match rejected {
+        Some(r) => Err(unauthenticated(r, grpc, &authority, parts.uri.path())),
+        None => {
+            let asker = crate::ext_authz::Asker {
+                src: &s.src,
                 peer: s.peer,
+                target: s.target,
+                authority: &authority,
+                request_id: &request_id,
+                grpc,
+                auth: auth.as_ref(),
             };
-            let mut sent = send::send(wp, &fwd, out).await;
-            if sent.flags == flag::NONE && planned.delay.is_some() {
-                sent.flags = flag::DELAY;
-            }
-            plan::apply_headers(sent.resp.headers_mut(), &fwd.rule.response_headers);
-            sent
+            crate::ext_authz::authorize(wp, &state, service.as_deref(), &mut parts, &body, &asker)
+                .await
         }
     };
-    let route_name = planned.route;
+    let (route_name, sent) = match authorized {
+        Err(answered) => (None, answered),
+        Ok(on_allow) => {
+            let caller = plan::Caller {
+                src: &s.src,
+                auth: auth.as_ref(),
+                peer: s.peer,
+                target: s.target,
+                waypoint: wp.gateway(),
+            };
+            let planned = plan::plan(
+                &caller,
+                &state,
+                service.as_deref(),
+                &mut parts,
+                &authority,
+                &mut plan::Random,
+            );
+            if let Some(d) = planned.delay {
+                tokio::time::sleep(d).await;
+            }
+            let mut sent = match planned.action {
+                Err(e) => Sent::local(&e, grpc),
+                Ok(Action::Respond(resp, flags)) => Sent::answer(resp, flags),
+                Ok(Action::Forward(fwd)) => {
+                    let out = Outgoing {
+                        parts: &parts,
+                        body: &body,
+                        grpc,
+                        upgrade: upgrade.zip(live).map(|((kind, client), live)| Upgrading {
+                            kind,
+                            client,
+                            live,
+                        }),
+                        peer: s.peer,
+                    };
+                    let mut sent = send::send(wp, &fwd, out).await;
+                    if sent.flags == flag::NONE && planned.delay.is_some() {
+                        sent.flags = flag::DELAY;
+                    }
+                    plan::apply_headers(sent.resp.headers_mut(), &fwd.rule.response_headers);
+                    sent
+                }
+            };
+            on_allow.apply(sent.resp.headers_mut());
+            (planned.route, sent)
+        }
+    };
     let Sent {
         mut resp,
         flags,
@@ -581,6 +593,7 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         attempts,
         not_retried,
         tunnel,
+        details,
     } = sent;
     if let Ok(v) = HeaderValue::try_from(request_id.as_str()) {
         resp.headers_mut().insert("x-request-id", v);
@@ -634,6 +647,17 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
     let (rparts, rbody) = resp.into_parts();
     let counted = Counted::new(rbody, move |sent, grpc| done(body.bytes_read(), sent, grpc));
     Response::from_parts(rparts, counted.boxed())
+}
+
+/// The 401 for a token that does not verify, with the `www-authenticate`
+/// challenge Envoy's jwt_authn answers with.
+fn unauthenticated(r: crate::error::JwtReject, grpc: bool, authority: &str, path: &str) -> Sent {
+    let mut sent = Sent::local(&crate::error::ProxyError::Unauthenticated(r), grpc);
+    let realm = format!("Bearer realm=\"http://{authority}{path}\", error=\"invalid_token\"");
+    if let Ok(v) = HeaderValue::try_from(realm) {
+        sent.resp.headers_mut().insert("www-authenticate", v);
+    }
+    sent
 }
 
 #[cfg(test)]

@@ -39,11 +39,17 @@ pub struct Sent {
     /// For an upgraded connection: its bytes (client to upstream, back),
     /// known when the tunnel closes; the telemetry waits for them.
     pub tunnel: Option<oneshot::Receiver<(u64, u64)>>,
+    /// Envoy's `response_code_details` for an answer policy made here (a
+    /// JWT rejection, an RBAC or external authorizer's denial).
+    pub details: Option<&'static str>,
 }
 
 impl Sent {
     pub fn local(e: &ProxyError, grpc: bool) -> Self {
-        Sent::answer(e.response(grpc), e.flag())
+        Sent {
+            details: e.details(),
+            ..Sent::answer(e.response(grpc), e.flag())
+        }
     }
 
     /// Answered here, without an upstream.
@@ -56,6 +62,7 @@ impl Sent {
             attempts: 0,
             not_retried: None,
             tunnel: None,
+            details: None,
         }
     }
 }
@@ -312,6 +319,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                     attempts: attempt,
                     not_retried: None,
                     tunnel: None,
+                    details: None,
                 },
                 Err(e) => {
                     tracing::debug!(endpoint = %SocketAddr::new(ep.ip, port), error = %e, attempt, "upstream attempt failed");

@@ -34,6 +34,9 @@ pub mod flag {
     /// A JWT that does not verify (Envoy's jwt_authn filter sets no flag
     /// either; the response code and details tell it).
     pub const JWT: &str = "-";
+    /// Denied by a CUSTOM policy's external authorizer, or its check failed
+    /// (Envoy's "unauthorized external service").
+    pub const EXT_AUTHZ: &str = "UAEX";
 }
 
 pub struct Record<'a> {

@@ -433,7 +433,7 @@ async fn unevaluable_api_policies_fail_closed_at_the_waypoint() {
     .await;
     assert_eq!(rejected_policies_counted(&m).1, None);
 
-    // CUSTOM (ext-authz) is not supported: its rules deny instead.
+    // CUSTOM naming a provider meshConfig does not define: its rules deny.
     c.apply(CUSTOM_POLICY).await;
     let stored = policy(&c, "ext-authz-admin").await;
     assert_eq!(
@@ -482,9 +482,12 @@ async fn unevaluable_api_policies_fail_closed_at_the_waypoint() {
     // not other Services sharing its pods.
     assert_eq!(codes(&m, &public, 3), ["200"; 3]);
 
-    // The CUSTOM one is named in the config dump and counted, once; the
-    // JWT one is evaluated, not reported.
-    assert_eq!(rejected_fields(&m, "ext-authz-admin"), ["spec.provider"]);
+    // The CUSTOM one (its provider is not in meshConfig) is named in the
+    // config dump and counted, once; the JWT one is evaluated, not reported.
+    assert_eq!(
+        rejected_fields(&m, "ext-authz-admin"),
+        ["spec.provider.name"]
+    );
     assert!(rejected_fields(&m, "deny-without-jwt").is_empty());
     assert_rejected_counted(&m, 1.0).await;
 

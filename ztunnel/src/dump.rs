@@ -344,6 +344,7 @@ fn policy(p: &AuthorizationPolicy) -> Value {
             Action::Allow => "Allow",
             Action::Deny => "Deny",
             Action::Audit => "Audit",
+            Action::Custom => "Custom",
         },
         "rules": rules,
         "dryRun": p.dry_run,

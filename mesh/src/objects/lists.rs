@@ -19,10 +19,11 @@ pub(super) enum List {
     DestinationRules,
     ServiceEntries,
     Secrets,
+    MeshConfig,
 }
 
 impl List {
-    pub(super) const ALL: [List; 9] = [
+    pub(super) const ALL: [List; 10] = [
         List::Policies,
         List::WaypointPolicies,
         List::PeerAuthentications,
@@ -32,6 +33,7 @@ impl List {
         List::DestinationRules,
         List::ServiceEntries,
         List::Secrets,
+        List::MeshConfig,
     ];
 }
 
@@ -46,6 +48,7 @@ pub(super) fn list_of(k: &Kind) -> List {
         Kind::Route(_) => List::Routes,
         Kind::DestinationRule(_) => List::DestinationRules,
         Kind::Secret(_) => List::Secrets,
+        Kind::MeshConfig(_) => List::MeshConfig,
         // Namespaces, pods and services are not kept in `lists`.
         Kind::ServiceEntry(_) | Kind::Namespace(_) | Kind::Pod(_) | Kind::Service(_) => {
             List::ServiceEntries
@@ -146,6 +149,15 @@ impl Objects {
                     _ => None,
                 });
                 self.published.secrets = Arc::new(list.collect());
+            }
+            List::MeshConfig => {
+                // One object (the source reads only istio-system/istio).
+                let providers = self.collect(|k| match k {
+                    Kind::MeshConfig(p) => Some(p),
+                    _ => None,
+                });
+                self.published.extension_providers =
+                    Arc::new(providers.into_iter().next().unwrap_or_default());
             }
             List::ServiceEntries => {
                 let list = self.collect(|k| match k {

@@ -113,6 +113,9 @@ pub enum Kind {
     ServiceEntry(ServiceEntry),
     /// For DestinationRule `credentialName` (the standalone file only).
     Secret(crate::secret::TlsSecret),
+    /// meshConfig (the `istio` ConfigMap of `istio-system`): its extension
+    /// providers.
+    MeshConfig(crate::ext_authz::Providers),
 }
 
 impl Kind {
@@ -177,6 +180,9 @@ pub struct Objects {
     published: Lists,
     /// What the ServiceEntries put in `ix`.
     entries_out: entries::Published,
+    /// CUSTOM policies naming a provider meshConfig cannot give (derived
+    /// from both).
+    unresolved_custom: Vec<Rejected>,
 }
 
 /// What `publish` rebuilds only when its inputs changed.
@@ -191,6 +197,7 @@ struct Lists {
     http_routes: Arc<Keyed<HttpRoute>>,
     destination_rules: Arc<Keyed<DestinationRule>>,
     secrets: Arc<BTreeMap<(String, String), crate::secret::TlsSecret>>,
+    extension_providers: Arc<crate::ext_authz::Providers>,
     service_entries: Arc<Vec<ServiceEntry>>,
     namespace_labels: Arc<BTreeMap<String, BTreeMap<String, String>>>,
     rejected: Arc<Vec<Rejected>>,
@@ -392,15 +399,30 @@ impl Objects {
         for name in std::mem::take(&mut self.dirty_services) {
             self.derive_service(name);
         }
+        let mut custom_dirty = false;
         for list in std::mem::take(&mut self.lists_dirty) {
+            custom_dirty |= matches!(list, List::WaypointPolicies | List::MeshConfig);
             self.rebuild(list);
+        }
+        if custom_dirty {
+            let p = &self.published;
+            let r = crate::ext_authz::unresolved(&p.waypoint_policies, &p.extension_providers);
+            if r != self.unresolved_custom {
+                self.unresolved_custom = r;
+                self.rejected_dirty = true;
+            }
         }
         if self.namespaces_dirty {
             self.published.namespace_labels = Arc::new(self.namespaces.clone());
             self.namespaces_dirty = false;
         }
         if self.rejected_dirty {
-            self.published.rejected = Arc::new(self.rejected.values().flatten().cloned().collect());
+            let all = self
+                .rejected
+                .values()
+                .flatten()
+                .chain(&self.unresolved_custom);
+            self.published.rejected = Arc::new(all.cloned().collect());
             self.rejected_dirty = false;
         }
         let l = self.published.clone();
@@ -414,6 +436,7 @@ impl Objects {
         state.secrets = l.secrets;
         state.waypoint_policies = l.waypoint_policies;
         state.request_authentications = l.request_authentications;
+        state.extension_providers = l.extension_providers;
         state.unaddressed = self.unaddressed.values().cloned().collect();
         state.rejected = l.rejected;
         state
