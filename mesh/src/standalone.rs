@@ -111,6 +111,15 @@ struct PodStatus {
     /// is what gives it an address).
     #[serde(rename = "podIP", default)]
     pod_ip: String,
+    #[serde(default)]
+    conditions: Vec<PodCondition>,
+}
+
+#[derive(Deserialize)]
+struct PodCondition {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +130,12 @@ struct ServiceSpec {
     #[serde(rename = "clusterIP")]
     cluster_ip: String,
     ports: Vec<SvcPort>,
+    #[serde(default)]
+    traffic_distribution: Option<String>,
+    #[serde(default)]
+    internal_traffic_policy: Option<String>,
+    #[serde(default)]
+    publish_not_ready_addresses: bool,
 }
 
 #[derive(Deserialize)]
@@ -227,7 +242,7 @@ pub fn translate(
     };
     let name = meta("name").unwrap_or_default();
     let key = ObjectKey {
-        namespace: if kind == "Namespace" {
+        namespace: if kind == "Namespace" || kind == "Node" {
             String::new()
         } else {
             meta("namespace").unwrap_or_else(|| "default".into())
@@ -244,6 +259,10 @@ pub fn translate(
         ("v1", "Namespace") => {
             let o: Object<serde::de::IgnoredAny> = typed(&object, value)?;
             Kind::Namespace(o.metadata.labels)
+        }
+        ("v1", "Node") => {
+            let o: Object<serde::de::IgnoredAny> = typed(&object, value)?;
+            Kind::Node(crate::locality::Locality::of_node(&o.metadata.labels))
         }
         ("v1", "Pod") => Kind::Pod(pod(&object, value)?),
         ("v1", "Service") => Kind::Service(service(&object, value)?),
@@ -276,7 +295,7 @@ pub fn translate(
         }
         ("v1", "Secret") => Kind::Secret(crate::secret::parse(&object, value)?),
         (api, kind) => {
-            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service/Secret, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
+            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Node/Pod/Service/Secret, security.istio.io/v1 AuthorizationPolicy/PeerAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
         }
     };
     Ok(Some(Translated {
@@ -300,6 +319,25 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
         })?;
         vips.push(vip);
     }
+    let itp = spec.internal_traffic_policy.as_deref();
+    if let Some(v) = itp.filter(|v| !matches!(*v, "Cluster" | "Local")) {
+        return Err(err(
+            object,
+            "spec.internalTrafficPolicy",
+            format!("{v:?}: must be Cluster or Local"),
+        ));
+    }
+    let annotations = &o.metadata.annotations;
+    let load_balancing = crate::locality::KubeService {
+        internal_traffic_policy: itp,
+        traffic_distribution: spec.traffic_distribution.as_deref(),
+        annotation: annotations
+            .get(crate::locality::TRAFFIC_DISTRIBUTION_ANNOTATION)
+            .map(String::as_str),
+        namespace_annotation: None,
+        publish_not_ready_addresses: spec.publish_not_ready_addresses,
+    }
+    .load_balancing();
     let mut ports = Vec::new();
     for (i, p) in spec.ports.into_iter().enumerate() {
         if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
@@ -330,6 +368,7 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
         selector: spec.selector.filter(|s| !s.is_empty()).map(Into::into),
         vips,
         ports,
+        load_balancing,
     })
 }
 
@@ -361,6 +400,11 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
     let status = o
         .status
         .ok_or_else(|| err(object, "status", "missing (needs status.podIP)"))?;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.kind == "Ready")
+        .is_none_or(|c| c.status == "True");
     let ip = match status.pod_ip.as_str() {
         "" => None,
         s => Some(
@@ -396,5 +440,6 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
             .flat_map(|c| &c.ports)
             .filter_map(|cp| Some((cp.name.clone()?, cp.container_port)))
             .collect(),
+        ready,
     })
 }

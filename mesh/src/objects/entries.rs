@@ -181,6 +181,7 @@ impl Objects {
                 vips: se.addresses.clone(),
                 ports: ports.clone(),
                 endpoints,
+                load_balancing: None,
             });
             self.ix.insert_service(svc.clone());
             self.entries_out.services.push(svc);
@@ -224,6 +225,8 @@ impl Objects {
             canonical_name: s.get(&se.name),
             canonical_revision: s.get("latest"),
             authorization_policies: Vec::new(),
+            locality: None,
+            healthy: true,
         })
     }
 }

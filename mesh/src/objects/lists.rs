@@ -44,7 +44,11 @@ pub(super) fn list_of(k: &Kind) -> List {
         Kind::DestinationRule(_) => List::DestinationRules,
         Kind::Secret(_) => List::Secrets,
         // Namespaces, pods and services are not kept in `lists`.
-        Kind::ServiceEntry(_) | Kind::Namespace(_) | Kind::Pod(_) | Kind::Service(_) => {
+        Kind::ServiceEntry(_)
+        | Kind::Namespace(_)
+        | Kind::Node(_)
+        | Kind::Pod(_)
+        | Kind::Service(_) => {
             List::ServiceEntries
         }
     }

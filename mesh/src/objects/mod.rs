@@ -35,6 +35,7 @@ use lists::{list_of, List};
 
 use crate::authz::{AuthorizationPolicy, TargetedPolicy};
 use crate::labels::LabelMap;
+use crate::locality::Locality;
 use crate::model::{
     Endpoint, Indexes, Keyed, Labels, MeshState, PeerAuthentication, PolicyIndex, Service,
     ServicePort, TunnelProtocol, Workload,
@@ -53,8 +54,8 @@ pub struct ObjectKey {
 
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.kind == "Namespace" {
-            write!(f, "Namespace {}", self.name)
+        if self.kind == "Namespace" || self.kind == "Node" {
+            write!(f, "{} {}", self.kind, self.name)
         } else {
             write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
         }
@@ -74,6 +75,9 @@ pub struct PodDecl {
     /// None while scheduled but not yet networked.
     pub ip: Option<IpAddr>,
     pub named_ports: BTreeMap<String, u16>,
+    /// Its Ready condition (a pod without conditions is taken as ready: the
+    /// file need not spell them out).
+    pub ready: bool,
 }
 
 /// A Service as declared, before its endpoints are known.
@@ -84,6 +88,7 @@ pub struct ServiceDecl {
     pub selector: Option<crate::labels::LabelMap>,
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    pub load_balancing: Option<crate::locality::LoadBalancing>,
 }
 
 impl ServiceDecl {
@@ -98,6 +103,8 @@ impl ServiceDecl {
 #[derive(Clone, Debug)]
 pub enum Kind {
     Namespace(BTreeMap<String, String>),
+    /// A node's locality (its topology labels).
+    Node(Option<Arc<Locality>>),
     Pod(PodDecl),
     Service(ServiceDecl),
     Policy(Arc<AuthorizationPolicy>),
@@ -141,6 +148,8 @@ pub struct Objects {
     /// The strings workloads share (namespace, service account, node...).
     strings: crate::intern::Interner,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// The nodes that say where they are.
+    nodes: HashMap<String, Arc<Locality>>,
     /// Each pod as last derived: a pod is stored once, as the workload it
     /// publishes, and re-derived from it when its namespace changes.
     pods: BTreeMap<Name, Arc<Workload>>,
@@ -230,7 +239,7 @@ impl Objects {
     }
 
     pub fn len(&self) -> usize {
-        self.namespaces.len() + self.pods.len() + self.services.len() + self.lists.len()
+        self.namespaces.len() + self.nodes.len() + self.pods.len() + self.services.len() + self.lists.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -253,6 +262,7 @@ impl Objects {
                     self.namespace_changed(&key.name);
                 }
             }
+            Kind::Node(locality) => self.set_node(&key.name, locality),
             Kind::Pod(p) => {
                 let name = (key.namespace.clone(), key.name.clone());
                 // Deriving it marks the services it leaves and joins.
@@ -290,6 +300,7 @@ impl Objects {
                     self.namespace_changed(&key.name);
                 }
             }
+            "Node" => self.set_node(&key.name, None),
             "Pod" => {
                 if self.pods.remove(&name).is_some() {
                     self.dirty_pods.insert(name);
@@ -316,9 +327,15 @@ impl Objects {
             namespace: String::new(),
             name: n.clone(),
         });
+        let nodes = self.nodes.keys().map(|n| ObjectKey {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: n.clone(),
+        });
         let pods = self.pods.keys().map(|(ns, n)| pod_key(ns, n));
         let svcs = self.services.keys().map(|(ns, n)| service_key(ns, n));
-        ns.chain(pods)
+        ns.chain(nodes)
+            .chain(pods)
             .chain(svcs)
             .chain(self.lists.keys().cloned())
             .collect()
@@ -362,6 +379,30 @@ impl Objects {
         {
             self.lists_dirty.insert(List::ServiceEntries);
         }
+    }
+
+    /// A node's locality changed (a node's status is updated every few
+    /// seconds in a cluster: only a change of its labels costs anything):
+    /// its pods are derived again.
+    fn set_node(&mut self, node: &str, locality: Option<Arc<Locality>>) {
+        let changed = match locality {
+            Some(l) if self.nodes.get(node) != Some(&l) => {
+                self.nodes.insert(node.to_string(), l);
+                true
+            }
+            Some(_) => false,
+            None => self.nodes.remove(node).is_some(),
+        };
+        if !changed {
+            return;
+        }
+        let on_node: Vec<_> = self
+            .pods
+            .iter()
+            .filter(|(_, w)| &*w.node == node)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.dirty_pods.extend(on_node);
     }
 
     /// Marks the services of `ns` whose selector matches `labels`.
@@ -432,12 +473,14 @@ impl Objects {
         self.clear_left_out(&key);
         // What its namespace decides may have changed since it was stored.
         let (protocol, waypoint) = self.enrolment(&name.0, &w.labels);
-        let w = if w.protocol == protocol && w.waypoint == waypoint {
+        let locality = self.nodes.get(&*w.node).cloned();
+        let w = if w.protocol == protocol && w.waypoint == waypoint && w.locality == locality {
             w
         } else {
             let w = Arc::new(Workload {
                 protocol,
                 waypoint,
+                locality,
                 ..(*w).clone()
             });
             self.pods.insert(name.clone(), w.clone());
@@ -518,6 +561,8 @@ impl Objects {
             waypoint,
             named_ports: p.named_ports,
             protocol,
+            locality: self.nodes.get(&p.node).cloned(),
+            healthy: p.ready,
         }
     }
 
@@ -539,9 +584,10 @@ impl Objects {
         self.clear_left_out(&key);
         let s = &self.services[&name];
         let (namespace, svc_name) = &name;
+        let all = crate::locality::LoadBalancing::allows_unhealthy(s.load_balancing.as_ref());
         let endpoints = if s.selector.is_some() {
             in_namespace(&self.pods, namespace)
-                .filter(|(_, p)| s.selects(&p.labels))
+                .filter(|(_, p)| s.selects(&p.labels) && (p.healthy || all))
                 .filter_map(|((ns, name), _)| self.ix.workload_named(ns, name))
                 .map(|w| Endpoint {
                     workload_uid: w.uid.clone(),
@@ -563,6 +609,7 @@ impl Objects {
             vips: s.vips.clone(),
             ports: s.ports.clone(),
             endpoints,
+            load_balancing: s.load_balancing.clone(),
         });
         self.ix.insert_service(svc.clone());
         self.svc_out.insert(name, svc);
