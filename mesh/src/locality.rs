@@ -28,7 +28,7 @@ pub const TRAFFIC_DISTRIBUTION_ANNOTATION: &str = "networking.istio.io/traffic-d
 
 /// Where a workload runs; the empty string is "not known" and, as upstream
 /// compares, equals another unknown.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Locality {
     pub region: String,
     pub zone: String,
