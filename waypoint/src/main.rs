@@ -28,6 +28,10 @@ struct Args {
     name: String,
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: String,
+    /// This waypoint's pod (in --namespace): endpoints of a service that
+    /// prefers close ones are chosen by its node's locality.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
     /// The waypoint's service account (its SPIFFE identity); default: --name.
     #[arg(long, env = "SERVICE_ACCOUNT")]
     service_account: Option<String>,
@@ -176,6 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         live: Default::default(),
         upgraded: Default::default(),
         replay_buffer: args.request_replay_buffer,
+        pod: args.pod_name.clone(),
     });
     wp.watch_live();
 

@@ -52,6 +52,9 @@ pub struct Waypoint {
     /// A request body up to this many bytes is kept so that a retry or a
     /// mirror can send it again; a larger one streams once.
     pub replay_buffer: usize,
+    /// This waypoint's own pod (POD_NAME), whose locality the endpoints
+    /// are chosen by; None: no preference.
+    pub pod: Option<String>,
 }
 
 /// What an L4 stream was admitted on.
