@@ -165,7 +165,9 @@ impl KubeService<'_> {
         // An unknown spec value falls through to the annotations; an
         // unknown annotation value means no preference (istiod warns).
         match self.traffic_distribution {
-            Some("PreferClose" | "PreferSameZone") => return Some(LoadBalancing::prefer_same_zone()),
+            Some("PreferClose" | "PreferSameZone") => {
+                return Some(LoadBalancing::prefer_same_zone())
+            }
             Some("PreferSameNode") => return Some(LoadBalancing::prefer_same_node()),
             _ => {}
         }

@@ -203,15 +203,31 @@ fn kubernetes_fields_map_as_istiod_maps_them() {
     };
     let cases: Vec<(&str, KubeService, Option<LoadBalancing>)> = vec![
         ("nothing", k(None, None, None, None), None),
-        ("PreferClose", k(None, Some("PreferClose"), None, None), zone.clone()),
-        ("PreferSameZone", k(None, Some("PreferSameZone"), None, None), zone.clone()),
-        ("PreferSameNode", k(None, Some("PreferSameNode"), None, None), node.clone()),
+        (
+            "PreferClose",
+            k(None, Some("PreferClose"), None, None),
+            zone.clone(),
+        ),
+        (
+            "PreferSameZone",
+            k(None, Some("PreferSameZone"), None, None),
+            zone.clone(),
+        ),
+        (
+            "PreferSameNode",
+            k(None, Some("PreferSameNode"), None, None),
+            node.clone(),
+        ),
         (
             "internalTrafficPolicy Local beats trafficDistribution",
             k(Some("Local"), Some("PreferClose"), None, None),
             local,
         ),
-        ("Cluster is no preference", k(Some("Cluster"), None, None, None), None),
+        (
+            "Cluster is no preference",
+            k(Some("Cluster"), None, None, None),
+            None,
+        ),
         (
             "the spec beats the annotation",
             k(None, Some("PreferSameNode"), Some("PreferClose"), None),
@@ -268,7 +284,10 @@ fn node_labels_give_the_locality() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<std::collections::BTreeMap<_, _>>()
     };
-    assert_eq!(Locality::of_node(&labels(&[("kubernetes.io/os", "linux")])), None);
+    assert_eq!(
+        Locality::of_node(&labels(&[("kubernetes.io/os", "linux")])),
+        None
+    );
     let l = Locality::of_node(&labels(&[
         (REGION_LABEL, "r1"),
         (ZONE_LABEL, "za"),

@@ -309,14 +309,20 @@ spec:
     let svc = m.service_by_vip(ip("10.96.0.1")).unwrap();
     assert_eq!(m.endpoints_for(svc, 80).len(), 2);
     let lb = svc.load_balancing.as_ref().unwrap();
-    assert_eq!(lb.routing_preferences, LoadBalancing::prefer_same_node().routing_preferences);
-    assert_eq!((lb.mode, lb.health_policy), (Mode::Failover, HealthPolicy::AllowAll));
+    assert_eq!(
+        lb.routing_preferences,
+        LoadBalancing::prefer_same_node().routing_preferences
+    );
+    assert_eq!(
+        (lb.mode, lb.health_policy),
+        (Mode::Failover, HealthPolicy::AllowAll)
+    );
     let m = standalone::parse(&yaml("  internalTrafficPolicy: Local\n"), "cluster.local").unwrap();
     let svc = m.service_by_vip(ip("10.96.0.1")).unwrap();
     assert_eq!(svc.load_balancing, Some(LoadBalancing::node_local()));
     // A policy Kubernetes does not have is refused by field.
-    let e = standalone::parse(&yaml("  internalTrafficPolicy: Nearby\n"), "cluster.local")
-        .unwrap_err();
+    let e =
+        standalone::parse(&yaml("  internalTrafficPolicy: Nearby\n"), "cluster.local").unwrap_err();
     assert_eq!(
         e.to_string(),
         "Service a/s: spec.internalTrafficPolicy: \"Nearby\": must be Cluster or Local"

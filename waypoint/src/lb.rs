@@ -285,8 +285,12 @@ mod tests {
     /// The waypoint on node1 (zone a); a1 on node1, a2 on node2 (zone a),
     /// b on node3 (zone b).
     fn mesh() -> (Arc<Workload>, Vec<(Arc<Workload>, u16)>) {
-        let node = |n: &str, z: &str| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {n}, labels: {{topology.kubernetes.io/zone: {z}}}}}\n---\n");
-        let pod = |n: &str, node: &str, ip: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {n}, namespace: a}}\nspec: {{nodeName: {node}}}\nstatus: {{podIP: {ip}}}\n---\n");
+        let node = |n: &str, z: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {n}, labels: {{topology.kubernetes.io/zone: {z}}}}}\n---\n")
+        };
+        let pod = |n: &str, node: &str, ip: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {n}, namespace: a}}\nspec: {{nodeName: {node}}}\nstatus: {{podIP: {ip}}}\n---\n")
+        };
         let yaml = [
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n".to_string(),
             node("node1", "za"),
@@ -300,7 +304,10 @@ mod tests {
         .concat();
         let st = mesh::standalone::parse(&yaml, "cluster.local").unwrap();
         let w = |n: &str| st.workload_by_name("a", n).unwrap().clone();
-        (w("wp"), ["a1", "a2", "b"].iter().map(|n| (w(n), 8080)).collect())
+        (
+            w("wp"),
+            ["a1", "a2", "b"].iter().map(|n| (w(n), 8080)).collect(),
+        )
     }
 
     fn policy(lb: LoadBalancer) -> TrafficPolicy {
@@ -329,7 +336,9 @@ mod tests {
             cookie: &none,
             source_ip: [10, 0, 0, 9].into(),
         };
-        (0..40).map(|_| b.pick(eps, p, &h, near).0.name.clone()).collect()
+        (0..40)
+            .map(|_| b.pick(eps, p, &h, near).0.name.clone())
+            .collect()
     }
 
     #[test]
@@ -338,7 +347,11 @@ mod tests {
         let zone = LoadBalancing::prefer_same_zone();
         let node = LoadBalancing::prefer_same_node();
         let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
-        for lb in [LoadBalancer::RoundRobin, LoadBalancer::Random, LoadBalancer::LeastRequest] {
+        for lb in [
+            LoadBalancer::RoundRobin,
+            LoadBalancer::Random,
+            LoadBalancer::LeastRequest,
+        ] {
             let p = policy(lb);
             let b = Arc::new(Backend::new(&p));
             // No preference: every endpoint.

@@ -18,7 +18,11 @@ fn yaml(unready: &[&str]) -> String {
         )
     };
     let pod = |name: &str, app: &str, node: &str, ip: &str| {
-        let ready = if unready.contains(&name) { "False" } else { "True" };
+        let ready = if unready.contains(&name) {
+            "False"
+        } else {
+            "True"
+        };
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: app, labels: {{app: {app}}}}}\n\
              spec: {{serviceAccountName: {app}, nodeName: {node}}}\n\

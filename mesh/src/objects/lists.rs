@@ -48,9 +48,7 @@ pub(super) fn list_of(k: &Kind) -> List {
         | Kind::Namespace(_)
         | Kind::Node(_)
         | Kind::Pod(_)
-        | Kind::Service(_) => {
-            List::ServiceEntries
-        }
+        | Kind::Service(_) => List::ServiceEntries,
     }
 }
 

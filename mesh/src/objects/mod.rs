@@ -239,7 +239,11 @@ impl Objects {
     }
 
     pub fn len(&self) -> usize {
-        self.namespaces.len() + self.nodes.len() + self.pods.len() + self.services.len() + self.lists.len()
+        self.namespaces.len()
+            + self.nodes.len()
+            + self.pods.len()
+            + self.services.len()
+            + self.lists.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -479,8 +479,14 @@ fn locality_and_load_balancing() {
     let st = r.build();
     let s = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
     let lb = s.load_balancing.as_ref().unwrap();
-    assert_eq!(lb.routing_preferences, [Scope::Network, Scope::Region, Scope::Zone]);
-    assert_eq!((lb.mode, lb.health_policy), (Mode::Failover, HealthPolicy::OnlyHealthy));
+    assert_eq!(
+        lb.routing_preferences,
+        [Scope::Network, Scope::Region, Scope::Zone]
+    );
+    assert_eq!(
+        (lb.mode, lb.health_policy),
+        (Mode::Failover, HealthPolicy::OnlyHealthy)
+    );
     let by_name = |n: &str| st.workloads.values().find(|w| w.name == n).unwrap().clone();
     let (near, sibling) = (by_name("near"), by_name("sibling"));
     let l = near.locality.as_ref().unwrap();

@@ -60,10 +60,16 @@ mod tests {
     #[test]
     fn closest_first_bounded_and_spread() {
         let src = w("client", "n1", "za");
-        let eps: Vec<_> = [("a1", "za"), ("a2", "za"), ("b1", "zb"), ("b2", "zb"), ("b3", "zb")]
-            .into_iter()
-            .map(|(n, z)| (w(n, "n2", z), 8080))
-            .collect();
+        let eps: Vec<_> = [
+            ("a1", "za"),
+            ("a2", "za"),
+            ("b1", "zb"),
+            ("b2", "zb"),
+            ("b3", "zb"),
+        ]
+        .into_iter()
+        .map(|(n, z)| (w(n, "n2", z), 8080))
+        .collect();
         let zone = LoadBalancing::prefer_same_zone();
         let mut first = std::collections::BTreeSet::new();
         for _ in 0..64 {

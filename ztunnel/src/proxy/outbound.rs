@@ -36,7 +36,17 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
             .map(|r| (r, None)),
     };
     if let Some((r, svc)) = waypoint {
-        let pods = state.waypoint(&r).map(|(_, p)| p).unwrap_or_default();
+        // The waypoint's own Service may prefer close instances (istiod
+        // asks for it on waypoints): the closest one serves.
+        let (pods, wp_lb) = state
+            .waypoint(&r)
+            .map(|(wp, p)| {
+                let lb = state.service_by_host(&wp.hostname);
+                (p, lb.and_then(|s| s.load_balancing.clone()))
+            })
+            .unwrap_or_default();
+        let pods: Vec<_> = pods.into_iter().map(|p| (p, hbone::HBONE_PORT)).collect();
+        let pods = balance::order(src_w.as_deref(), wp_lb.as_ref(), pods);
         let dst_w = svc
             .is_none()
             .then(|| state.workload_by_ip(orig.ip()).cloned())
@@ -54,12 +64,12 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
         });
         if pods.is_empty() {
             let why = format!(
-                "waypoint {}/{} has no ready pod (or no Gateway); not bypassing it",
+                "waypoint {}/{} has no ready pod (none close enough under STRICT, or no Gateway); not bypassing it",
                 r.namespace, r.name
             );
             return m.close(Flag::ConnectFailure, (0, 0), Some(&why));
         }
-        let wp = pods[rand::random_range(0..pods.len())].clone();
+        let wp = pods[0].0.clone();
         // The CONNECT names the original destination; the waypoint routes it.
         return via_hbone(&px, &pod, down, orig, (wp.ip, &wp), src_w.as_deref(), m).await;
     }
@@ -141,7 +151,11 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
                 error = %why,
                 "endpoint failed; trying another"
             );
-            m.close(flag, (0, 0), Some(&format_args!("{why}; trying another endpoint")));
+            m.close(
+                flag,
+                (0, 0),
+                Some(&format_args!("{why}; trying another endpoint")),
+            );
             continue;
         }
         if flag == Flag::DnsFailure {
