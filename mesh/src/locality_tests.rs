@@ -65,7 +65,8 @@ fn tiers_follow_the_mode() {
     use Scope::*;
     let zone = LoadBalancing::prefer_same_zone();
     let node = LoadBalancing::prefer_same_node();
-    let cases: Vec<(&str, Option<LoadBalancing>, Vec<Vec<&str>>)> = vec![
+    type Case = (&'static str, Option<LoadBalancing>, Vec<Vec<&'static str>>);
+    let cases: Vec<Case> = vec![
         (
             "no balancing: one tier of all",
             None,

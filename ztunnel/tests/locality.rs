@@ -47,10 +47,9 @@ fn yaml(unready: &[&str]) -> String {
         service("close", "10.96.0.10", 8080, ", trafficDistribution: PreferClose"),
         service("local", "10.96.0.11", 8080, ", internalTrafficPolicy: Local"),
         // Istio's annotation says the same as the field.
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: refusing, namespace: app, annotations: {{networking.istio.io/traffic-distribution: PreferClose}}}}\n\
-             spec: {{clusterIP: 10.96.0.12, selector: {{app: server}}, ports: [{{port: 80, targetPort: 9090}}]}}\n"
-        ),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: refusing, namespace: app, annotations: {networking.istio.io/traffic-distribution: PreferClose}}\n\
+         spec: {clusterIP: 10.96.0.12, selector: {app: server}, ports: [{port: 80, targetPort: 9090}]}\n"
+            .to_string(),
     ]
     .concat()
 }
