@@ -133,22 +133,22 @@ impl LoadBalancing {
 
 /// A Kubernetes Service's fields that decide its balancing, as istiod reads
 /// them: `internalTrafficPolicy: Local` first, then `trafficDistribution`,
-/// then the annotation on the service, then on its namespace.
-#[derive(Default)]
-pub struct KubeService<'a> {
-    pub internal_traffic_policy: Option<&'a str>,
-    pub traffic_distribution: Option<&'a str>,
-    pub annotation: Option<&'a str>,
-    pub namespace_annotation: Option<&'a str>,
+/// then the annotation on the service, then on its namespace (which the
+/// source passes in when it derives the service).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeService {
+    pub internal_traffic_policy: Option<String>,
+    pub traffic_distribution: Option<String>,
+    pub annotation: Option<String>,
     pub publish_not_ready_addresses: bool,
 }
 
-impl KubeService<'_> {
-    pub fn load_balancing(&self) -> Option<LoadBalancing> {
-        let mut lb = if self.internal_traffic_policy == Some("Local") {
+impl KubeService {
+    pub fn load_balancing(&self, namespace_annotation: Option<&str>) -> Option<LoadBalancing> {
+        let mut lb = if self.internal_traffic_policy.as_deref() == Some("Local") {
             Some(LoadBalancing::node_local())
         } else {
-            self.distribution()
+            self.distribution(namespace_annotation)
         };
         if self.publish_not_ready_addresses {
             let l = lb.get_or_insert(LoadBalancing {
@@ -161,10 +161,10 @@ impl KubeService<'_> {
         lb
     }
 
-    fn distribution(&self) -> Option<LoadBalancing> {
+    fn distribution(&self, namespace_annotation: Option<&str>) -> Option<LoadBalancing> {
         // An unknown spec value falls through to the annotations; an
         // unknown annotation value means no preference (istiod warns).
-        match self.traffic_distribution {
+        match self.traffic_distribution.as_deref() {
             Some("PreferClose" | "PreferSameZone") => {
                 return Some(LoadBalancing::prefer_same_zone())
             }
@@ -173,8 +173,9 @@ impl KubeService<'_> {
         }
         let annotated = self
             .annotation
+            .as_deref()
             .filter(|a| !a.is_empty())
-            .or(self.namespace_annotation.filter(|a| !a.is_empty()))?;
+            .or(namespace_annotation.filter(|a| !a.is_empty()))?;
         match annotated.to_ascii_lowercase().as_str() {
             "preferclose" | "prefersamezone" => Some(LoadBalancing::prefer_same_zone()),
             "prefersamenode" => Some(LoadBalancing::prefer_same_node()),

@@ -195,14 +195,22 @@ fn kubernetes_fields_map_as_istiod_maps_them() {
     let zone = Some(LoadBalancing::prefer_same_zone());
     let node = Some(LoadBalancing::prefer_same_node());
     let local = Some(LoadBalancing::node_local());
-    let k = |itp, td, ann, ns| KubeService {
-        internal_traffic_policy: itp,
-        traffic_distribution: td,
-        annotation: ann,
-        namespace_annotation: ns,
-        publish_not_ready_addresses: false,
+    let own = |v: Option<&str>| v.map(str::to_string);
+    let k = |itp: Option<&str>, td: Option<&str>, ann: Option<&str>, ns: Option<&'static str>| {
+        let svc = KubeService {
+            internal_traffic_policy: own(itp),
+            traffic_distribution: own(td),
+            annotation: own(ann),
+            publish_not_ready_addresses: false,
+        };
+        (svc, ns)
     };
-    let cases: Vec<(&str, KubeService, Option<LoadBalancing>)> = vec![
+    type KCase = (
+        &'static str,
+        (KubeService, Option<&'static str>),
+        Option<LoadBalancing>,
+    );
+    let cases: Vec<KCase> = vec![
         ("nothing", k(None, None, None, None), None),
         (
             "PreferClose",
@@ -260,22 +268,22 @@ fn kubernetes_fields_map_as_istiod_maps_them() {
             None,
         ),
     ];
-    for (what, svc, want) in cases {
-        assert_eq!(svc.load_balancing(), want, "{what}");
+    for (what, (svc, ns), want) in cases {
+        assert_eq!(svc.load_balancing(ns), want, "{what}");
     }
     let all = KubeService {
         publish_not_ready_addresses: true,
-        traffic_distribution: Some("PreferClose"),
+        traffic_distribution: Some("PreferClose".into()),
         ..Default::default()
     };
-    let got = all.load_balancing().unwrap();
+    let got = all.load_balancing(None).unwrap();
     assert_eq!(got.health_policy, HealthPolicy::AllowAll);
     assert_eq!(got.mode, Mode::Failover);
     let only = KubeService {
         publish_not_ready_addresses: true,
         ..Default::default()
     };
-    assert_eq!(only.load_balancing().unwrap().mode, Mode::Unspecified);
+    assert_eq!(only.load_balancing(None).unwrap().mode, Mode::Unspecified);
 }
 
 #[test]

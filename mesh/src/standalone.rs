@@ -258,7 +258,9 @@ pub fn translate(
     let translated = match (api.as_str(), key.kind.as_str()) {
         ("v1", "Namespace") => {
             let o: Object<serde::de::IgnoredAny> = typed(&object, value)?;
-            Kind::Namespace(o.metadata.labels)
+            let mut annotations = o.metadata.annotations;
+            let distribution = annotations.remove(crate::locality::TRAFFIC_DISTRIBUTION_ANNOTATION);
+            Kind::Namespace(o.metadata.labels, distribution)
         }
         ("v1", "Node") => {
             let o: Object<serde::de::IgnoredAny> = typed(&object, value)?;
@@ -327,17 +329,16 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
             format!("{v:?}: must be Cluster or Local"),
         ));
     }
-    let annotations = &o.metadata.annotations;
-    let load_balancing = crate::locality::KubeService {
-        internal_traffic_policy: itp,
-        traffic_distribution: spec.traffic_distribution.as_deref(),
-        annotation: annotations
+    let balancing = crate::locality::KubeService {
+        internal_traffic_policy: spec.internal_traffic_policy.clone(),
+        traffic_distribution: spec.traffic_distribution.clone(),
+        annotation: o
+            .metadata
+            .annotations
             .get(crate::locality::TRAFFIC_DISTRIBUTION_ANNOTATION)
-            .map(String::as_str),
-        namespace_annotation: None,
+            .cloned(),
         publish_not_ready_addresses: spec.publish_not_ready_addresses,
-    }
-    .load_balancing();
+    };
     let mut ports = Vec::new();
     for (i, p) in spec.ports.into_iter().enumerate() {
         if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
@@ -368,7 +369,7 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
         selector: spec.selector.filter(|s| !s.is_empty()).map(Into::into),
         vips,
         ports,
-        load_balancing,
+        balancing,
     })
 }
 

@@ -335,3 +335,40 @@ spec:
     .unwrap_err();
     assert_eq!(e.to_string(), "Node : metadata.name: missing");
 }
+
+#[test]
+fn services_inherit_their_namespaces_traffic_distribution() {
+    use mesh::locality::LoadBalancing;
+    let yaml = |ns: &str, svc: &str| {
+        format!(
+            "apiVersion: v1
+kind: Namespace
+metadata: {{name: a{ns}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: s, namespace: a{svc}}}
+spec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}
+"
+        )
+    };
+    let ann = |v: &str| format!(", annotations: {{networking.istio.io/traffic-distribution: {v}}}");
+    let mut src = mesh::FileSource::new(std::path::Path::new(""), "cluster.local");
+    let lb = |m: &mesh::MeshState| {
+        m.service_by_vip(ip("10.96.0.1"))
+            .unwrap()
+            .load_balancing
+            .clone()
+    };
+    assert_eq!(lb(&src.apply(&yaml("", "")).unwrap()), None);
+    // Annotating the namespace re-derives its services...
+    let m = src.apply(&yaml(&ann("PreferSameNode"), "")).unwrap();
+    assert_eq!(lb(&m), Some(LoadBalancing::prefer_same_node()));
+    // ...the service's own annotation wins...
+    let m = src
+        .apply(&yaml(&ann("PreferSameNode"), &ann("PreferClose")))
+        .unwrap();
+    assert_eq!(lb(&m), Some(LoadBalancing::prefer_same_zone()));
+    // ...and taking the namespace's away takes it from the service.
+    assert_eq!(lb(&src.apply(&yaml("", "")).unwrap()), None);
+}

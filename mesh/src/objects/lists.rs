@@ -45,7 +45,7 @@ pub(super) fn list_of(k: &Kind) -> List {
         Kind::Secret(_) => List::Secrets,
         // Namespaces, pods and services are not kept in `lists`.
         Kind::ServiceEntry(_)
-        | Kind::Namespace(_)
+        | Kind::Namespace(..)
         | Kind::Node(_)
         | Kind::Pod(_)
         | Kind::Service(_) => List::ServiceEntries,

@@ -88,7 +88,9 @@ pub struct ServiceDecl {
     pub selector: Option<crate::labels::LabelMap>,
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
-    pub load_balancing: Option<crate::locality::LoadBalancing>,
+    /// What decides its balancing; its namespace's annotation joins when
+    /// it is derived.
+    pub balancing: crate::locality::KubeService,
 }
 
 impl ServiceDecl {
@@ -102,7 +104,9 @@ impl ServiceDecl {
 /// What one object translates to on its own.
 #[derive(Clone, Debug)]
 pub enum Kind {
-    Namespace(BTreeMap<String, String>),
+    /// Labels, and Istio's traffic-distribution annotation, which its
+    /// services inherit.
+    Namespace(BTreeMap<String, String>, Option<String>),
     /// A node's locality (its topology labels).
     Node(Option<Arc<Locality>>),
     Pod(PodDecl),
@@ -148,6 +152,8 @@ pub struct Objects {
     /// The strings workloads share (namespace, service account, node...).
     strings: crate::intern::Interner,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Namespaces annotated with a traffic distribution.
+    ns_distribution: HashMap<String, String>,
     /// The nodes that say where they are.
     nodes: HashMap<String, Arc<Locality>>,
     /// Each pod as last derived: a pod is stored once, as the workload it
@@ -260,8 +266,13 @@ impl Objects {
         self.remove_claims(&key);
         self.set_rejected(&key, rejected);
         match object {
-            Kind::Namespace(labels) => {
-                if self.namespaces.get(&key.name) != Some(&labels) {
+            Kind::Namespace(labels, distribution) => {
+                let moved = self.ns_distribution.get(&key.name) != distribution.as_ref();
+                match distribution {
+                    Some(d) => self.ns_distribution.insert(key.name.clone(), d),
+                    None => self.ns_distribution.remove(&key.name),
+                };
+                if self.namespaces.get(&key.name) != Some(&labels) || moved {
                     self.namespaces.insert(key.name.clone(), labels);
                     self.namespace_changed(&key.name);
                 }
@@ -300,6 +311,7 @@ impl Objects {
         let name = (key.namespace.clone(), key.name.clone());
         match key.kind.as_str() {
             "Namespace" => {
+                self.ns_distribution.remove(&key.name);
                 if self.namespaces.remove(&key.name).is_some() {
                     self.namespace_changed(&key.name);
                 }
@@ -588,7 +600,10 @@ impl Objects {
         self.clear_left_out(&key);
         let s = &self.services[&name];
         let (namespace, svc_name) = &name;
-        let all = crate::locality::LoadBalancing::allows_unhealthy(s.load_balancing.as_ref());
+        let load_balancing = s
+            .balancing
+            .load_balancing(self.ns_distribution.get(namespace).map(String::as_str));
+        let all = crate::locality::LoadBalancing::allows_unhealthy(load_balancing.as_ref());
         let endpoints = if s.selector.is_some() {
             in_namespace(&self.pods, namespace)
                 .filter(|(_, p)| s.selects(&p.labels) && (p.healthy || all))
@@ -613,7 +628,7 @@ impl Objects {
             vips: s.vips.clone(),
             ports: s.ports.clone(),
             endpoints,
-            load_balancing: s.load_balancing.clone(),
+            load_balancing,
         });
         self.ix.insert_service(svc.clone());
         self.svc_out.insert(name, svc);
