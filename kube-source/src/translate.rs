@@ -67,6 +67,11 @@ pub(crate) fn translate_loop(
         if !synced {
             continue;
         }
+        // Nothing to publish (a Node's heartbeat): readers keep their state
+        // and live connections are not judged again for nothing.
+        if store.is_some() && !t.objects.changed() {
+            continue;
+        }
         let mut state = t.objects.publish();
         if let Some(sc) = &scope {
             let want = mesh::scope::waypoint_namespaces(&state, &sc.me);
@@ -455,7 +460,12 @@ mod tests {
         // A pod that came before its node learns the node's zone.
         assert_eq!(w(&s, "p1").locality.as_ref().unwrap().zone, "za");
         assert!(w(&s, "p1").healthy && !w(&s, "p2").healthy);
+        // A status update of the node (same labels) changes nothing: no
+        // state to publish.
+        apply(&mut t, node("za"));
+        assert!(!t.objects.changed());
         apply(&mut t, node("zb"));
+        assert!(t.objects.changed());
         let s = t.objects.publish();
         assert_eq!(w(&s, "p2").locality.as_ref().unwrap().zone, "zb");
         t.apply(Change::Delete(

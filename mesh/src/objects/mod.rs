@@ -430,6 +430,17 @@ impl Objects {
         self.dirty_services.extend(hit);
     }
 
+    /// Whether anything changed since the last `publish`: a source need not
+    /// publish a state equal to the last (a Node's status update, whose
+    /// labels stayed, changes nothing).
+    pub fn changed(&self) -> bool {
+        !(self.dirty_pods.is_empty()
+            && self.dirty_services.is_empty()
+            && self.lists_dirty.is_empty()
+            && !self.namespaces_dirty
+            && !self.rejected_dirty)
+    }
+
     /// Derives what changed since the last call and returns the new state;
     /// everything else is shared with the previous one.
     pub fn publish(&mut self) -> MeshState {

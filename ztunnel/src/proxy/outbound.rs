@@ -132,10 +132,6 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
             src_w: src_w.as_deref(),
             service: service.as_deref(),
         };
-        let what = match &target {
-            Target::Workload(w, port) => format!("{}/{}:{port}", w.namespace, w.name),
-            Target::Passthrough(a) => a.to_string(),
-        };
         let (flag, why, m) = match dial(&src, &target).await {
             Ok((up, m)) => return relay(down, up, m).await,
             Err(e) => e,
@@ -144,6 +140,10 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
         if retry {
             // Nothing reached the client yet: another endpoint may serve it.
             metrics::counter!("ztunnel_connect_retries_total").increment(1);
+            let what = match &target {
+                Target::Workload(w, port) => format!("{}/{}:{port}", w.namespace, w.name),
+                Target::Passthrough(a) => a.to_string(),
+            };
             tracing::warn!(
                 endpoint = %what,
                 attempt = i + 1,
