@@ -96,6 +96,8 @@ impl Selection {
         Selection {
             kinds: vec![
                 gvk("", "v1", "Namespace"),
+                // Where each endpoint runs, for locality-aware balancing.
+                gvk("", "v1", "Node"),
                 gvk("", "v1", "Pod"),
                 gvk("", "v1", "Service"),
                 gvk("gateway.networking.k8s.io", "v1", "Gateway"),

@@ -67,6 +67,11 @@ pub(crate) fn translate_loop(
         if !synced {
             continue;
         }
+        // Nothing to publish (a Node's heartbeat): readers keep their state
+        // and live connections are not judged again for nothing.
+        if store.is_some() && !t.objects.changed() {
+            continue;
+        }
         let mut state = t.objects.publish();
         if let Some(sc) = &scope {
             let want = mesh::scope::waypoint_namespaces(&state, &sc.me);
@@ -279,7 +284,7 @@ impl Translator {
 fn key_of(ar: &ApiResource, o: &DynamicObject) -> ObjectKey {
     ObjectKey {
         kind: ar.kind.clone(),
-        namespace: if ar.kind == "Namespace" {
+        namespace: if ar.kind == "Namespace" || ar.kind == "Node" {
             String::new()
         } else {
             o.metadata
@@ -330,6 +335,11 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
     out.insert("apiVersion".into(), ar.api_version.clone().into());
     out.insert("kind".into(), ar.kind.clone().into());
     out.insert("metadata".into(), Value::Object(meta));
+    // A node says where it is by its labels; its spec and status (updated
+    // every few seconds) are not read.
+    if ar.kind == "Node" {
+        return Some(Value::Object(out));
+    }
     if let Some(spec) = obj.data.get("spec") {
         out.insert("spec".into(), spec.clone());
     }
@@ -362,13 +372,31 @@ fn clean(ar: &ApiResource, obj: &DynamicObject) -> Option<Value> {
             .and_then(|s| s.get("podIP"))
             .and_then(Value::as_str)
             .unwrap_or("");
+        // Ready as istiod judges it: the Ready condition, and not being
+        // deleted (a terminating pod takes no new connections).
+        let ready = m.deletion_timestamp.is_none()
+            && status
+                .and_then(|s| s.get("conditions"))
+                .and_then(Value::as_array)
+                .and_then(|cs| {
+                    cs.iter()
+                        .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+                })
+                .is_none_or(|c| c.get("status").and_then(Value::as_str) == Some("True"));
+        let conditions = serde_json::json!([{
+            "type": "Ready",
+            "status": if ready { "True" } else { "False" },
+        }]);
         let status = if ip.is_empty() {
-            serde_json::json!({})
+            serde_json::json!({ "conditions": conditions })
         } else {
-            // A dual-stack pod's addresses of both families, podIP first.
+            // A dual-stack pod's addresses of both families, podIP first;
+            // its conditions say whether it is ready.
             match status.and_then(|s| s.get("podIPs")) {
-                Some(ips) => serde_json::json!({ "podIP": ip, "podIPs": ips }),
-                None => serde_json::json!({ "podIP": ip }),
+                Some(ips) => {
+                    serde_json::json!({ "podIP": ip, "podIPs": ips, "conditions": conditions })
+                }
+                None => serde_json::json!({ "podIP": ip, "conditions": conditions }),
             }
         };
         out.insert("status".into(), status);
@@ -416,6 +444,7 @@ mod tests {
         let r = match kind.as_str() {
             "Pod" => ar("", "v1", "Pod"),
             "Namespace" => ar("", "v1", "Namespace"),
+            "Node" => ar("", "v1", "Node"),
             _ => ar("", "v1", "Service"),
         };
         t.apply(Change::Apply(Watch::Kind(r.kind.clone()), r, o));
@@ -450,6 +479,45 @@ mod tests {
         let svc = s.service_by_vip("fd00:96::1".parse().unwrap()).unwrap();
         assert_eq!(svc.vips.len(), 2);
         assert_eq!(s.endpoints_for(svc, 80).len(), 1);
+    }
+
+    #[test]
+    fn node_labels_and_readiness() {
+        let mut t = Translator::new("cluster.local", Dropped::default());
+        apply(&mut t, ns());
+        let node = |zone: &str| {
+            let mut n = DynamicObject::new("n1", &ar("", "v1", "Node"))
+                .data(serde_json::json!({"spec": {"podCIDR": "10.0.0.0/24"}, "status": {}}));
+            n.metadata.labels = Some([(mesh::locality::ZONE_LABEL.into(), zone.into())].into());
+            n
+        };
+        apply(&mut t, pod("p1", "10.0.0.1", Value::Null));
+        apply(&mut t, node("za"));
+        let mut unready = pod("p2", "10.0.0.2", Value::Null);
+        unready.data["status"]["conditions"] =
+            serde_json::json!([{"type": "Ready", "status": "False"}]);
+        apply(&mut t, unready);
+        let s = t.objects.publish();
+        let w = |s: &mesh::MeshState, n: &str| {
+            s.workloads.values().find(|w| w.name == n).unwrap().clone()
+        };
+        // A pod that came before its node learns the node's zone.
+        assert_eq!(w(&s, "p1").locality.as_ref().unwrap().zone, "za");
+        assert!(w(&s, "p1").healthy && !w(&s, "p2").healthy);
+        // A status update of the node (same labels) changes nothing: no
+        // state to publish.
+        apply(&mut t, node("za"));
+        assert!(!t.objects.changed());
+        apply(&mut t, node("zb"));
+        assert!(t.objects.changed());
+        let s = t.objects.publish();
+        assert_eq!(w(&s, "p2").locality.as_ref().unwrap().zone, "zb");
+        t.apply(Change::Delete(
+            Watch::Kind("Node".into()),
+            ar("", "v1", "Node"),
+            node("zb"),
+        ));
+        assert!(w(&t.objects.publish(), "p1").locality.is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod intern;
 mod keyed;
 pub mod labels;
 pub mod live;
+pub mod locality;
 pub mod memory;
 pub mod model;
 pub mod objects;

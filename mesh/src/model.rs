@@ -62,6 +62,13 @@ pub struct Workload {
     /// `<ns>/<name>` of the selector-scoped policies istiod says apply.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
+    /// Where it runs (its node's topology labels, or WDS's); shared by the
+    /// workloads of a node. None: not known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locality: Option<Arc<crate::locality::Locality>>,
+    /// Ready to serve (the pod's Ready condition, WDS's status): a service
+    /// lists only healthy endpoints unless it allows all.
+    pub healthy: bool,
 }
 
 pub type Labels = Arc<crate::labels::LabelMap>;
@@ -194,6 +201,9 @@ pub struct Service {
     pub ip_families: IpFamilies,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// How a client picks among the endpoints (None: any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancing: Option<crate::locality::LoadBalancing>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

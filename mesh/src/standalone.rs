@@ -113,6 +113,15 @@ struct PodStatus {
     /// Both families' addresses on a dual-stack pod, `podIP` first.
     #[serde(rename = "podIPs", default)]
     pod_ips: Vec<crate::families::PodIp>,
+    #[serde(default)]
+    conditions: Vec<PodCondition>,
+}
+
+#[derive(Deserialize)]
+struct PodCondition {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +132,12 @@ struct ServiceSpec {
     #[serde(flatten)]
     families: crate::families::ServiceFamilies,
     ports: Vec<SvcPort>,
+    #[serde(default)]
+    traffic_distribution: Option<String>,
+    #[serde(default)]
+    internal_traffic_policy: Option<String>,
+    #[serde(default)]
+    publish_not_ready_addresses: bool,
 }
 
 #[derive(Deserialize)]
@@ -229,7 +244,7 @@ pub fn translate(
     };
     let name = meta("name").unwrap_or_default();
     let key = ObjectKey {
-        namespace: if kind == "Namespace" {
+        namespace: if kind == "Namespace" || kind == "Node" {
             String::new()
         } else {
             meta("namespace").unwrap_or_else(|| "default".into())
@@ -245,7 +260,13 @@ pub fn translate(
     let translated = match (api.as_str(), key.kind.as_str()) {
         ("v1", "Namespace") => {
             let o: Object<serde::de::IgnoredAny> = typed(&object, value)?;
-            Kind::Namespace(o.metadata.labels)
+            let mut annotations = o.metadata.annotations;
+            let distribution = annotations.remove(crate::locality::TRAFFIC_DISTRIBUTION_ANNOTATION);
+            Kind::Namespace(o.metadata.labels, distribution)
+        }
+        ("v1", "Node") => {
+            let o: Object<serde::de::IgnoredAny> = typed(&object, value)?;
+            Kind::Node(crate::locality::Locality::of_node(&o.metadata.labels))
         }
         ("v1", "Pod") => Kind::Pod(pod(&object, value)?),
         ("v1", "Service") => Kind::Service(service(&object, value)?),
@@ -293,7 +314,7 @@ pub fn translate(
             return Err(err(&object, "metadata", format!("only the ConfigMap {}/{} (meshConfig) is read", crate::ROOT_NAMESPACE, crate::ext_authz::MESH_CONFIG_NAME)))
         }
         (api, kind) => {
-            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Pod/Service/Secret/ConfigMap (istio-system/istio), security.istio.io/v1 AuthorizationPolicy/PeerAuthentication/RequestAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
+            return Err(err(&object, "kind", format!("unsupported kind {kind} (apiVersion {api}); supported: v1 Namespace/Node/Pod/Service/Secret/ConfigMap (istio-system/istio), security.istio.io/v1 AuthorizationPolicy/PeerAuthentication/RequestAuthentication, networking.istio.io/v1 ServiceEntry/VirtualService/DestinationRule, gateway.networking.k8s.io/v1 Gateway/HTTPRoute/GRPCRoute")))
         }
     };
     Ok(Some(Translated {
@@ -308,6 +329,24 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
     let spec = o.spec.ok_or_else(|| err(object, "spec", "missing"))?;
     let vips = crate::families::service_vips(&spec.families)
         .map_err(|e| err(object, e.field, e.message))?;
+    let itp = spec.internal_traffic_policy.as_deref();
+    if let Some(v) = itp.filter(|v| !matches!(*v, "Cluster" | "Local")) {
+        return Err(err(
+            object,
+            "spec.internalTrafficPolicy",
+            format!("{v:?}: must be Cluster or Local"),
+        ));
+    }
+    let balancing = crate::locality::KubeService {
+        internal_traffic_policy: spec.internal_traffic_policy.clone(),
+        traffic_distribution: spec.traffic_distribution.clone(),
+        annotation: o
+            .metadata
+            .annotations
+            .get(crate::locality::TRAFFIC_DISTRIBUTION_ANNOTATION)
+            .cloned(),
+        publish_not_ready_addresses: spec.publish_not_ready_addresses,
+    };
     let mut ports = Vec::new();
     for (i, p) in spec.ports.into_iter().enumerate() {
         if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
@@ -339,6 +378,7 @@ fn service(object: &str, value: serde_yaml::Value) -> Result<ServiceDecl, Config
         vips,
         ip_families: crate::families::service_families(&spec.families),
         ports,
+        balancing,
     })
 }
 
@@ -372,6 +412,11 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
         .ok_or_else(|| err(object, "status", "missing (needs status.podIP)"))?;
     let (ip, extra_ips) = crate::families::pod_addresses(&status.pod_ip, &status.pod_ips)
         .map_err(|e| err(object, e.field, e.message))?;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.kind == "Ready")
+        .is_none_or(|c| c.status == "True");
     if spec.node_name.is_empty() {
         return Err(err(object, "spec.nodeName", "empty"));
     }
@@ -401,5 +446,6 @@ fn pod(object: &str, value: serde_yaml::Value) -> Result<PodDecl, ConfigError> {
             .flat_map(|c| &c.ports)
             .filter_map(|cp| Some((cp.name.clone()?, cp.container_port)))
             .collect(),
+        ready,
     })
 }

@@ -251,3 +251,126 @@ fn service_entries_and_hosts_the_mesh_answers_for() {
         assert!(e.message.contains(what), "{spec}: {e}");
     }
 }
+
+#[test]
+fn nodes_readiness_and_load_balancing() {
+    use mesh::locality::{HealthPolicy, LoadBalancing, Mode};
+    let yaml = |extra: &str| {
+        format!(
+            "apiVersion: v1
+kind: Namespace
+metadata: {{name: a}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node1, labels: {{topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: za, topology.istio.io/subzone: s1}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: up, namespace: a, labels: {{app: s}}}}
+spec: {{nodeName: node1}}
+status: {{podIP: 10.0.0.1, conditions: [{{type: Ready, status: \"True\"}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: down, namespace: a, labels: {{app: s}}}}
+spec: {{nodeName: node2}}
+status: {{podIP: 10.0.0.2, conditions: [{{type: Ready, status: \"False\"}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: s, namespace: a}}
+spec:
+  clusterIP: 10.96.0.1
+  selector: {{app: s}}
+  ports: [{{port: 80}}]
+{extra}"
+        )
+    };
+    let m = standalone::parse(&yaml(""), "cluster.local").unwrap();
+    let up = m.workload_by_ip(ip("10.0.0.1")).unwrap();
+    let l = up.locality.as_ref().unwrap();
+    assert_eq!(
+        (l.region.as_str(), l.zone.as_str(), l.subzone.as_str()),
+        ("r1", "za", "s1")
+    );
+    // node2 has no Node object: nothing known of where it runs.
+    let down = m.workload_by_ip(ip("10.0.0.2")).unwrap();
+    assert!(down.locality.is_none());
+    assert!(up.healthy && !down.healthy);
+    // Unready pods stay workloads but are no endpoints...
+    let svc = m.service_by_vip(ip("10.96.0.1")).unwrap();
+    assert_eq!(m.endpoints_for(svc, 80).len(), 1);
+    assert!(svc.load_balancing.is_none());
+    // ...unless the service publishes them.
+    let m = standalone::parse(
+        &yaml("  publishNotReadyAddresses: true\n  trafficDistribution: PreferSameNode\n"),
+        "cluster.local",
+    )
+    .unwrap();
+    let svc = m.service_by_vip(ip("10.96.0.1")).unwrap();
+    assert_eq!(m.endpoints_for(svc, 80).len(), 2);
+    let lb = svc.load_balancing.as_ref().unwrap();
+    assert_eq!(
+        lb.routing_preferences,
+        LoadBalancing::prefer_same_node().routing_preferences
+    );
+    assert_eq!(
+        (lb.mode, lb.health_policy),
+        (Mode::Failover, HealthPolicy::AllowAll)
+    );
+    let m = standalone::parse(&yaml("  internalTrafficPolicy: Local\n"), "cluster.local").unwrap();
+    let svc = m.service_by_vip(ip("10.96.0.1")).unwrap();
+    assert_eq!(svc.load_balancing, Some(LoadBalancing::node_local()));
+    // A policy Kubernetes does not have is refused by field.
+    let e =
+        standalone::parse(&yaml("  internalTrafficPolicy: Nearby\n"), "cluster.local").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Service a/s: spec.internalTrafficPolicy: \"Nearby\": must be Cluster or Local"
+    );
+    // Node objects are cluster-scoped and named as such in errors.
+    let e = standalone::parse(
+        "apiVersion: v1\nkind: Node\nmetadata: {labels: {a: b}}\n",
+        "cluster.local",
+    )
+    .unwrap_err();
+    assert_eq!(e.to_string(), "Node : metadata.name: missing");
+}
+
+#[test]
+fn services_inherit_their_namespaces_traffic_distribution() {
+    use mesh::locality::LoadBalancing;
+    let yaml = |ns: &str, svc: &str| {
+        format!(
+            "apiVersion: v1
+kind: Namespace
+metadata: {{name: a{ns}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: s, namespace: a{svc}}}
+spec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}
+"
+        )
+    };
+    let ann = |v: &str| format!(", annotations: {{networking.istio.io/traffic-distribution: {v}}}");
+    let mut src = mesh::FileSource::new(std::path::Path::new(""), "cluster.local");
+    let lb = |m: &mesh::MeshState| {
+        m.service_by_vip(ip("10.96.0.1"))
+            .unwrap()
+            .load_balancing
+            .clone()
+    };
+    assert_eq!(lb(&src.apply(&yaml("", "")).unwrap()), None);
+    // Annotating the namespace re-derives its services...
+    let m = src.apply(&yaml(&ann("PreferSameNode"), "")).unwrap();
+    assert_eq!(lb(&m), Some(LoadBalancing::prefer_same_node()));
+    // ...the service's own annotation wins...
+    let m = src
+        .apply(&yaml(&ann("PreferSameNode"), &ann("PreferClose")))
+        .unwrap();
+    assert_eq!(lb(&m), Some(LoadBalancing::prefer_same_zone()));
+    // ...and taking the namespace's away takes it from the service.
+    assert_eq!(lb(&src.apply(&yaml("", "")).unwrap()), None);
+}

@@ -507,6 +507,18 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("pod {namespace}/{name} status: {e}"))
     }
 
+    /// Reports the pod no longer ready (a failing readiness probe): it
+    /// keeps its address, and leaves its services' endpoints.
+    pub async fn pod_not_ready(&self, namespace: &str, name: &str) {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let status = json!({"status": {
+            "conditions": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}],
+        }});
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap_or_else(|e| panic!("pod {namespace}/{name} status: {e}"));
+    }
+
     /// A token for `sa` bound to `pod`, audience istio-ca: what kubelet
     /// projects into the ztunnel pod.
     pub async fn pod_token(&self, namespace: &str, sa: &str, pod: &Pod) -> PathBuf {

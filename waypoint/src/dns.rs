@@ -49,5 +49,7 @@ fn endpoint(name: &str, ip: IpAddr) -> Arc<Workload> {
         canonical_name: s(name),
         canonical_revision: s(""),
         authorization_policies: Vec::new(),
+        locality: None,
+        healthy: true,
     })
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use mesh::locality::LoadBalancing;
 use mesh::routes::{LoadBalancer, OutlierDetection, TrafficPolicy};
 use mesh::Workload;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -81,12 +82,16 @@ impl Backend {
     }
 
     /// Picks among `eps` (never empty) by the policy, skipping ejected
-    /// endpoints unless that would leave none.
+    /// endpoints unless that would leave none; with `near` (this proxy's
+    /// workload and the service's preference), among the closest tier of
+    /// those (`mesh::locality::tiers`), so an ejected local endpoint fails
+    /// over outward.
     pub fn pick(
         self: &Arc<Self>,
         eps: &[(Arc<Workload>, u16)],
         policy: &TrafficPolicy,
         h: &HashInput,
+        near: Option<(&Workload, &LoadBalancing)>,
     ) -> (Arc<Workload>, u16, Lease) {
         let now = Instant::now();
         let healthy: Vec<usize> = {
@@ -100,11 +105,23 @@ impl Backend {
                 })
                 .collect()
         };
-        let cand: Vec<usize> = if healthy.is_empty() {
-            (0..eps.len()).collect()
-        } else {
-            healthy
+        let all: Vec<usize> = (0..eps.len()).collect();
+        let closest = |set: &[usize]| -> Vec<usize> {
+            let Some((src, lb)) = near else {
+                return set.to_vec();
+            };
+            let tiers = mesh::locality::tiers(Some(src), Some(lb), set.iter().map(|i| &*eps[*i].0));
+            let first = tiers.into_iter().next().unwrap_or_default();
+            first.into_iter().map(|j| set[j]).collect()
         };
+        let mut cand = closest(&healthy);
+        if cand.is_empty() {
+            cand = closest(&all);
+        }
+        if cand.is_empty() {
+            // Nothing close enough (STRICT): the caller refuses first.
+            cand = all;
+        }
         let i = match &policy.lb {
             LoadBalancer::RoundRobin => cand[self.rr.fetch_add(1, Ordering::Relaxed) % cand.len()],
             LoadBalancer::Random => cand[rand::random_range(0..cand.len())],
@@ -256,5 +273,101 @@ impl Backends {
             })
             .filter(|(_, e)| !e.is_empty())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The waypoint on node1 (zone a); a1 on node1, a2 on node2 (zone a),
+    /// b on node3 (zone b).
+    fn mesh() -> (Arc<Workload>, Vec<(Arc<Workload>, u16)>) {
+        let node = |n: &str, z: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {n}, labels: {{topology.kubernetes.io/zone: {z}}}}}\n---\n")
+        };
+        let pod = |n: &str, node: &str, ip: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {n}, namespace: a}}\nspec: {{nodeName: {node}}}\nstatus: {{podIP: {ip}}}\n---\n")
+        };
+        let yaml = [
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n".to_string(),
+            node("node1", "za"),
+            node("node2", "za"),
+            node("node3", "zb"),
+            pod("wp", "node1", "10.0.0.1"),
+            pod("a1", "node1", "10.0.0.2"),
+            pod("a2", "node2", "10.0.0.3"),
+            pod("b", "node3", "10.0.0.4"),
+        ]
+        .concat();
+        let st = mesh::standalone::parse(&yaml, "cluster.local").unwrap();
+        let w = |n: &str| st.workload_by_name("a", n).unwrap().clone();
+        (
+            w("wp"),
+            ["a1", "a2", "b"].iter().map(|n| (w(n), 8080)).collect(),
+        )
+    }
+
+    fn policy(lb: LoadBalancer) -> TrafficPolicy {
+        TrafficPolicy {
+            lb,
+            outlier: Some(OutlierDetection {
+                consecutive_5xx: Some(1),
+                consecutive_gateway: None,
+                interval: Duration::from_secs(10),
+                base_ejection: Duration::from_secs(60),
+                max_ejection_percent: 100,
+            }),
+            ..TrafficPolicy::default()
+        }
+    }
+
+    fn picks(
+        b: &Arc<Backend>,
+        eps: &[(Arc<Workload>, u16)],
+        p: &TrafficPolicy,
+        near: Option<(&Workload, &LoadBalancing)>,
+    ) -> std::collections::BTreeSet<String> {
+        let none = |_: &str| None;
+        let h = HashInput {
+            header: &none,
+            cookie: &none,
+            source_ip: [10, 0, 0, 9].into(),
+        };
+        (0..40)
+            .map(|_| b.pick(eps, p, &h, near).0.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn closest_healthy_tier_by_the_waypoints_locality() {
+        let (me, eps) = mesh();
+        let zone = LoadBalancing::prefer_same_zone();
+        let node = LoadBalancing::prefer_same_node();
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        for lb in [
+            LoadBalancer::RoundRobin,
+            LoadBalancer::Random,
+            LoadBalancer::LeastRequest,
+        ] {
+            let p = policy(lb);
+            let b = Arc::new(Backend::new(&p));
+            // No preference: every endpoint.
+            assert_eq!(picks(&b, &eps, &p, None), set(&["a1", "a2", "b"]));
+            // The zone, then the node: only the closest tier.
+            assert_eq!(picks(&b, &eps, &p, Some((&me, &zone))), set(&["a1", "a2"]));
+            assert_eq!(picks(&b, &eps, &p, Some((&me, &node))), set(&["a1"]));
+            // The node's endpoint ejected: the zone's other one.
+            b.record(eps[0].0.ip, Outcome::Status(503), p.outlier.as_ref(), 3);
+            assert_eq!(picks(&b, &eps, &p, Some((&me, &node))), set(&["a2"]));
+            // The whole zone ejected: out to the other zone.
+            b.record(eps[1].0.ip, Outcome::Status(503), p.outlier.as_ref(), 3);
+            assert_eq!(picks(&b, &eps, &p, Some((&me, &zone))), set(&["b"]));
+            // Everything ejected: the closest tier again rather than none.
+            b.record(eps[2].0.ip, Outcome::Status(503), p.outlier.as_ref(), 3);
+            assert_eq!(picks(&b, &eps, &p, Some((&me, &zone))), set(&["a1", "a2"]));
+        }
     }
 }

@@ -28,6 +28,10 @@ struct Args {
     name: String,
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: String,
+    /// This waypoint's pod (in --namespace): endpoints of a service that
+    /// prefers close ones are chosen by its node's locality.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
     /// The waypoint's service account (its SPIFFE identity); default: --name.
     #[arg(long, env = "SERVICE_ACCOUNT")]
     service_account: Option<String>,
@@ -196,6 +200,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
             .context("JWKS client")?,
         ),
+        pod: args.pod_name.clone(),
     });
     wp.watch_live();
 

@@ -84,6 +84,8 @@ pub fn source(
         canonical_name: s(service.unwrap_or(workload)),
         canonical_revision: s(version.unwrap_or("latest")),
         authorization_policies: Vec::new(),
+        locality: None,
+        healthy: true,
     }))
 }
 

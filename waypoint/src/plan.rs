@@ -60,6 +60,8 @@ pub struct Target {
     /// this state.
     pub secret: Option<TlsSecret>,
     pub h2: bool,
+    /// The backend service's locality preference (None: any endpoint).
+    pub load_balancing: Option<mesh::locality::LoadBalancing>,
 }
 
 pub struct Forward<'a> {
@@ -185,6 +187,7 @@ pub fn plan<'a>(
             policy: TrafficPolicy::default(),
             secret: None,
             h2: parts.version == http::Version::HTTP_2,
+            load_balancing: None,
         };
         return Plan {
             route: None,
@@ -418,6 +421,7 @@ pub fn resolve(
         policy,
         secret,
         h2,
+        load_balancing: bsvc.load_balancing.clone(),
     })
 }
 

@@ -54,6 +54,9 @@ pub struct Waypoint {
     pub replay_buffer: usize,
     /// Key sets for RequestAuthentication rules (fetched `jwksUri`s).
     pub jwks: Arc<crate::jwt::Jwks>,
+    /// This waypoint's own pod (POD_NAME), whose locality the endpoints
+    /// are chosen by; None: no preference.
+    pub pod: Option<String>,
 }
 
 /// What an L4 stream was admitted on.

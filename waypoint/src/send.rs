@@ -252,6 +252,19 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
             }
         }
     };
+    // Closer endpoints first, by where this waypoint runs; STRICT with none
+    // close enough is no upstream at all.
+    let me = wp
+        .pod
+        .as_deref()
+        .and_then(|p| wp.store.load().workload_by_name(&wp.namespace, p).cloned());
+    let near = me.as_deref().zip(target.load_balancing.as_ref());
+    if let Some((src, lb)) = near {
+        if mesh::locality::tiers(Some(src), Some(lb), eps.iter().map(|(w, _)| &**w)).is_empty() {
+            let why = format!("{} has no endpoint close enough (STRICT)", target.host);
+            return Sent::local(&ProxyError::NoHealthy(why), out.grpc);
+        }
+    }
     let attempts_max = 1 + retries.attempts;
     let origin = target.policy.tls.as_ref().map(|tls| Origination {
         tls,
@@ -270,7 +283,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                     return l;
                 }
             };
-            let (ep, port, _lease) = backend.pick(eps, &target.policy, &hash);
+            let (ep, port, _lease) = backend.pick(eps, &target.policy, &hash, near);
             // An extended CONNECT's body is the tunnel, not the request's.
             let body = match &kind {
                 Some(UpgradeKind::Connect(_)) => {

@@ -22,7 +22,7 @@ mod index;
 mod ports;
 
 pub(crate) use entry::ip_of;
-use entry::{service_entry, service_key, workload_entry, workload_ip, Address};
+use entry::{load_balancing, service_entry, service_key, workload_entry, workload_ip, Address};
 use index::Index;
 use ports::same_targets;
 
@@ -64,6 +64,8 @@ pub struct Resources {
     no_labels: mesh::model::Labels,
     /// The strings workloads share (namespace, service account, node...).
     strings: mesh::intern::Interner,
+    /// The localities workloads share (a few per cluster: never pruned).
+    localities: std::collections::HashSet<Arc<mesh::locality::Locality>>,
 }
 
 #[derive(Debug)]
@@ -102,6 +104,7 @@ impl Resources {
                             version,
                             &self.no_labels,
                             &mut self.strings,
+                            &mut self.localities,
                             |k| self.index.key(k),
                         );
                         self.learn_workload(&name, &e);
@@ -112,10 +115,11 @@ impl Resources {
                             ip_of(&a.address)
                                 .map_err(|r| invalid(name, format!("service address: {r}")))?;
                         }
+                        let lb = load_balancing(&s).map_err(|r| invalid(name, r))?;
                         let version = self.version(version);
                         let name = self.forget_address(name);
                         let key = self.index.key(&service_key(&s));
-                        let e = service_entry(s, key, version);
+                        let e = service_entry(s, lb, key, version);
                         self.learn_service(&name, &e);
                         self.addresses.insert(name, Address::Service(Box::new(e)));
                     }

@@ -58,9 +58,11 @@ struct WorkloadOut<'a> {
     cluster_id: &'a str,
     trust_domain: &'a str,
     node: &'a str,
-    /// A workload in our store is one traffic is sent to: we hold no
-    /// readiness apart from that (the sources leave out what is not ready).
+    /// The pod's readiness (WDS's status): an unready workload is kept,
+    /// but no service lists it unless the service allows all.
     status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    locality: Option<&'a mesh::locality::Locality>,
     hostname: &'a str,
     capacity: u32,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
@@ -95,6 +97,45 @@ struct ServiceOut<'a> {
     waypoint: Option<GatewayAddress>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ip_families: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_balancer: Option<LoadBalancerOut>,
+}
+
+/// A service's balancing as upstream ztunnel names it in its dump.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LoadBalancerOut {
+    routing_preferences: Vec<&'static str>,
+    mode: &'static str,
+    health_policy: &'static str,
+}
+
+fn load_balancer(lb: &mesh::locality::LoadBalancing) -> LoadBalancerOut {
+    use mesh::locality::{HealthPolicy, Mode, Scope};
+    LoadBalancerOut {
+        routing_preferences: lb
+            .routing_preferences
+            .iter()
+            .map(|s| match s {
+                Scope::Region => "Region",
+                Scope::Zone => "Zone",
+                Scope::Subzone => "Subzone",
+                Scope::Node => "Node",
+                Scope::Cluster => "Cluster",
+                Scope::Network => "Network",
+            })
+            .collect(),
+        mode: match lb.mode {
+            Mode::Unspecified => "Standard",
+            Mode::Strict => "Strict",
+            Mode::Failover => "Failover",
+            Mode::Passthrough => "Passthrough",
+        },
+        health_policy: match lb.health_policy {
+            HealthPolicy::OnlyHealthy => "OnlyHealthy",
+            HealthPolicy::AllowAll => "AllowAll",
+        },
+    }
 }
 
 #[derive(Serialize)]
@@ -179,10 +220,19 @@ fn workload<'a>(state: &MeshState, w: &'a Workload, cluster_id: &'a str) -> Work
         cluster_id: w.cluster_id.as_deref().unwrap_or(cluster_id),
         trust_domain: &w.trust_domain,
         node: &w.node,
-        status: "Healthy",
+        status: health(w),
+        locality: w.locality.as_deref(),
         hostname: w.hostname.as_deref().unwrap_or(""),
         capacity: 1,
         authorization_policies: &w.authorization_policies,
+    }
+}
+
+fn health(w: &Workload) -> &'static str {
+    if w.healthy {
+        "Healthy"
+    } else {
+        "Unhealthy"
     }
 }
 
@@ -229,7 +279,7 @@ fn service<'a>(state: &MeshState, svc: &'a Service) -> ServiceOut<'a> {
                 service: key.clone(),
                 address: net_addr(e.ip),
                 port,
-                status: "Healthy",
+                status: pod.map_or("Healthy", |w| health(w)),
             };
             (format!("{}:{}", e.workload_uid, out.address), out)
         })
@@ -254,6 +304,7 @@ fn service<'a>(state: &MeshState, svc: &'a Service) -> ServiceOut<'a> {
             (false, true, _) | (false, false, mesh::model::IpFamilies::V6Only) => Some("IPv6"),
             (false, false, mesh::model::IpFamilies::Any) => None,
         },
+        load_balancer: svc.load_balancing.as_ref().map(load_balancer),
     }
 }
 
@@ -438,6 +489,10 @@ kind: Namespace
 metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
 ---
 apiVersion: v1
+kind: Node
+metadata: {name: node1, labels: {topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: za}}
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: web-5d9c7b-x2x7q, namespace: app, labels: {app: web, pod-template-hash: 5d9c7b, service.istio.io/canonical-revision: v2}}
 spec: {serviceAccountName: web, nodeName: node1}
@@ -448,6 +503,7 @@ kind: Service
 metadata: {name: web, namespace: app}
 spec:
   clusterIP: 10.96.0.10
+  trafficDistribution: PreferClose
   selector: {app: web}
   ports: [{port: 80, targetPort: 8080}]
 ---
@@ -483,6 +539,10 @@ spec:
         assert_eq!(w["clusterId"], "Kubernetes");
         assert_eq!(w["trustDomain"], "cluster.local");
         assert_eq!(w["status"], "Healthy");
+        assert_eq!(
+            w["locality"],
+            json!({"region": "r1", "zone": "za", "subzone": ""})
+        );
     }
 
     #[test]
@@ -500,6 +560,14 @@ spec:
         assert_eq!(ep["workloadUid"], uid.as_str());
         assert_eq!(ep["service"], "app/web.app.svc.cluster.local");
         assert_eq!(ep["port"], json!({"80": 8080}));
+        assert_eq!(
+            s["loadBalancer"],
+            json!({
+                "routingPreferences": ["Network", "Region", "Zone"],
+                "mode": "Failover",
+                "healthPolicy": "OnlyHealthy",
+            })
+        );
     }
 
     /// Dual-stack: every address of a workload, the families of a

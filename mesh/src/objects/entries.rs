@@ -182,6 +182,7 @@ impl Objects {
                 ip_families: Default::default(),
                 ports: ports.clone(),
                 endpoints,
+                load_balancing: None,
             });
             self.ix.insert_service(svc.clone());
             self.entries_out.services.push(svc);
@@ -226,6 +227,8 @@ impl Objects {
             canonical_name: s.get(&se.name),
             canonical_revision: s.get("latest"),
             authorization_policies: Vec::new(),
+            locality: None,
+            healthy: true,
         })
     }
 }

@@ -50,9 +50,11 @@ pub(super) fn list_of(k: &Kind) -> List {
         Kind::Secret(_) => List::Secrets,
         Kind::MeshConfig(_) => List::MeshConfig,
         // Namespaces, pods and services are not kept in `lists`.
-        Kind::ServiceEntry(_) | Kind::Namespace(_) | Kind::Pod(_) | Kind::Service(_) => {
-            List::ServiceEntries
-        }
+        Kind::ServiceEntry(_)
+        | Kind::Namespace(..)
+        | Kind::Node(_)
+        | Kind::Pod(_)
+        | Kind::Service(_) => List::ServiceEntries,
     }
 }
 

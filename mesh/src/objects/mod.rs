@@ -35,6 +35,7 @@ use lists::{list_of, List};
 
 use crate::authz::{AuthorizationPolicy, TargetedPolicy};
 use crate::labels::LabelMap;
+use crate::locality::Locality;
 use crate::model::{
     Endpoint, Indexes, Keyed, Labels, MeshState, PeerAuthentication, PolicyIndex, Service,
     ServicePort, TunnelProtocol, Workload,
@@ -53,8 +54,8 @@ pub struct ObjectKey {
 
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.kind == "Namespace" {
-            write!(f, "Namespace {}", self.name)
+        if self.kind == "Namespace" || self.kind == "Node" {
+            write!(f, "{} {}", self.kind, self.name)
         } else {
             write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
         }
@@ -76,6 +77,9 @@ pub struct PodDecl {
     /// `status.podIPs` after the first (the other family, dual-stack).
     pub extra_ips: Vec<IpAddr>,
     pub named_ports: BTreeMap<String, u16>,
+    /// Its Ready condition (a pod without conditions is taken as ready: the
+    /// file need not spell them out).
+    pub ready: bool,
 }
 
 /// A Service as declared, before its endpoints are known.
@@ -87,6 +91,9 @@ pub struct ServiceDecl {
     pub vips: Vec<IpAddr>,
     pub ip_families: crate::model::IpFamilies,
     pub ports: Vec<ServicePort>,
+    /// What decides its balancing; its namespace's annotation joins when
+    /// it is derived.
+    pub balancing: crate::locality::KubeService,
 }
 
 impl ServiceDecl {
@@ -100,7 +107,11 @@ impl ServiceDecl {
 /// What one object translates to on its own.
 #[derive(Clone, Debug)]
 pub enum Kind {
-    Namespace(BTreeMap<String, String>),
+    /// Labels, and Istio's traffic-distribution annotation, which its
+    /// services inherit.
+    Namespace(BTreeMap<String, String>, Option<String>),
+    /// A node's locality (its topology labels).
+    Node(Option<Arc<Locality>>),
     Pod(PodDecl),
     Service(ServiceDecl),
     Policy(Arc<AuthorizationPolicy>),
@@ -153,6 +164,10 @@ pub struct Objects {
     /// The strings workloads share (namespace, service account, node...).
     strings: crate::intern::Interner,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Namespaces annotated with a traffic distribution.
+    ns_distribution: HashMap<String, String>,
+    /// The nodes that say where they are.
+    nodes: HashMap<String, Arc<Locality>>,
     /// Each pod as last derived: a pod is stored once, as the workload it
     /// publishes, and re-derived from it when its namespace changes.
     pods: BTreeMap<Name, Arc<Workload>>,
@@ -247,7 +262,11 @@ impl Objects {
     }
 
     pub fn len(&self) -> usize {
-        self.namespaces.len() + self.pods.len() + self.services.len() + self.lists.len()
+        self.namespaces.len()
+            + self.nodes.len()
+            + self.pods.len()
+            + self.services.len()
+            + self.lists.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -264,12 +283,18 @@ impl Objects {
         self.remove_claims(&key);
         self.set_rejected(&key, rejected);
         match object {
-            Kind::Namespace(labels) => {
-                if self.namespaces.get(&key.name) != Some(&labels) {
+            Kind::Namespace(labels, distribution) => {
+                let moved = self.ns_distribution.get(&key.name) != distribution.as_ref();
+                match distribution {
+                    Some(d) => self.ns_distribution.insert(key.name.clone(), d),
+                    None => self.ns_distribution.remove(&key.name),
+                };
+                if self.namespaces.get(&key.name) != Some(&labels) || moved {
                     self.namespaces.insert(key.name.clone(), labels);
                     self.namespace_changed(&key.name);
                 }
             }
+            Kind::Node(locality) => self.set_node(&key.name, locality),
             Kind::Pod(p) => {
                 let name = (key.namespace.clone(), key.name.clone());
                 // Deriving it marks the services it leaves and joins.
@@ -303,10 +328,12 @@ impl Objects {
         let name = (key.namespace.clone(), key.name.clone());
         match key.kind.as_str() {
             "Namespace" => {
+                self.ns_distribution.remove(&key.name);
                 if self.namespaces.remove(&key.name).is_some() {
                     self.namespace_changed(&key.name);
                 }
             }
+            "Node" => self.set_node(&key.name, None),
             "Pod" => {
                 if self.pods.remove(&name).is_some() {
                     self.dirty_pods.insert(name);
@@ -333,9 +360,15 @@ impl Objects {
             namespace: String::new(),
             name: n.clone(),
         });
+        let nodes = self.nodes.keys().map(|n| ObjectKey {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: n.clone(),
+        });
         let pods = self.pods.keys().map(|(ns, n)| pod_key(ns, n));
         let svcs = self.services.keys().map(|(ns, n)| service_key(ns, n));
-        ns.chain(pods)
+        ns.chain(nodes)
+            .chain(pods)
             .chain(svcs)
             .chain(self.lists.keys().cloned())
             .collect()
@@ -381,6 +414,30 @@ impl Objects {
         }
     }
 
+    /// A node's locality changed (a node's status is updated every few
+    /// seconds in a cluster: only a change of its labels costs anything):
+    /// its pods are derived again.
+    fn set_node(&mut self, node: &str, locality: Option<Arc<Locality>>) {
+        let changed = match locality {
+            Some(l) if self.nodes.get(node) != Some(&l) => {
+                self.nodes.insert(node.to_string(), l);
+                true
+            }
+            Some(_) => false,
+            None => self.nodes.remove(node).is_some(),
+        };
+        if !changed {
+            return;
+        }
+        let on_node: Vec<_> = self
+            .pods
+            .iter()
+            .filter(|(_, w)| &*w.node == node)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.dirty_pods.extend(on_node);
+    }
+
     /// Marks the services of `ns` whose selector matches `labels`.
     fn mark_selecting(&mut self, ns: &str, labels: &crate::labels::LabelMap) {
         let hit: Vec<_> = in_namespace(&self.services, ns)
@@ -388,6 +445,17 @@ impl Objects {
             .map(|(k, _)| k.clone())
             .collect();
         self.dirty_services.extend(hit);
+    }
+
+    /// Whether anything changed since the last `publish`: a source need not
+    /// publish a state equal to the last (a Node's status update, whose
+    /// labels stayed, changes nothing).
+    pub fn changed(&self) -> bool {
+        !(self.dirty_pods.is_empty()
+            && self.dirty_services.is_empty()
+            && self.lists_dirty.is_empty()
+            && !self.namespaces_dirty
+            && !self.rejected_dirty)
     }
 
     /// Derives what changed since the last call and returns the new state;
@@ -468,12 +536,14 @@ impl Objects {
         self.clear_left_out(&key);
         // What its namespace decides may have changed since it was stored.
         let (protocol, waypoint) = self.enrolment(&name.0, &w.labels);
-        let w = if w.protocol == protocol && w.waypoint == waypoint {
+        let locality = self.nodes.get(&*w.node).cloned();
+        let w = if w.protocol == protocol && w.waypoint == waypoint && w.locality == locality {
             w
         } else {
             let w = Arc::new(Workload {
                 protocol,
                 waypoint,
+                locality,
                 ..(*w).clone()
             });
             self.pods.insert(name.clone(), w.clone());
@@ -555,6 +625,8 @@ impl Objects {
             waypoint,
             named_ports: p.named_ports,
             protocol,
+            locality: self.nodes.get(&p.node).cloned(),
+            healthy: p.ready,
         }
     }
 
@@ -576,9 +648,13 @@ impl Objects {
         self.clear_left_out(&key);
         let s = &self.services[&name];
         let (namespace, svc_name) = &name;
+        let load_balancing = s
+            .balancing
+            .load_balancing(self.ns_distribution.get(namespace).map(String::as_str));
+        let all = crate::locality::LoadBalancing::allows_unhealthy(load_balancing.as_ref());
         let endpoints = if s.selector.is_some() {
             in_namespace(&self.pods, namespace)
-                .filter(|(_, p)| s.selects(&p.labels))
+                .filter(|(_, p)| s.selects(&p.labels) && (p.healthy || all))
                 .filter_map(|((ns, name), _)| self.ix.workload_named(ns, name))
                 .map(|w| Endpoint {
                     workload_uid: w.uid.clone(),
@@ -601,6 +677,7 @@ impl Objects {
             ip_families: s.ip_families,
             ports: s.ports.clone(),
             endpoints,
+            load_balancing,
         });
         self.ix.insert_service(svc.clone());
         self.svc_out.insert(name, svc);

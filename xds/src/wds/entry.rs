@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use mesh::locality::{HealthPolicy, LoadBalancing, Locality, Mode, Scope};
 use mesh::model::Labels;
 use mesh::owner::WorkloadKind;
 use mesh::routes::WaypointRef;
@@ -103,6 +104,7 @@ pub(super) fn workload_entry(
     version: Arc<str>,
     no_labels: &Labels,
     strings: &mut mesh::intern::Interner,
+    localities: &mut std::collections::HashSet<Arc<Locality>>,
     mut key: impl FnMut(&str) -> Arc<str>,
 ) -> WorkloadEntry {
     let mut services: Vec<_> = w
@@ -148,6 +150,26 @@ pub(super) fn workload_entry(
             TunnelProtocol::None
         },
         authorization_policies: exact(w.authorization_policies),
+        locality: w.locality.and_then(|l| {
+            let l = Locality {
+                region: l.region,
+                zone: l.zone,
+                subzone: l.subzone,
+            };
+            if l == Locality::default() {
+                return None;
+            }
+            // Shared by the workloads of a node, as the file source shares it.
+            Some(match localities.get(&l) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = Arc::new(l);
+                    localities.insert(a.clone());
+                    a
+                }
+            })
+        }),
+        healthy,
     };
     WorkloadEntry {
         w: Arc::new(t),
@@ -160,7 +182,60 @@ pub(super) fn workload_entry(
 }
 
 /// `s` as far as it translates alone (its addresses are checked).
-pub(super) fn service_entry(s: wl::Service, key: Arc<str>, version: Arc<str>) -> ServiceEntry {
+/// The service's balancing; a scope, mode or health policy this proto does
+/// not know refuses the resource (as upstream does), rather than guessing
+/// where traffic may go.
+pub(super) fn load_balancing(s: &wl::Service) -> Result<Option<LoadBalancing>, String> {
+    use wl::load_balancing as lb;
+    let Some(l) = &s.load_balancing else {
+        return Ok(None);
+    };
+    let mut routing_preferences = Vec::with_capacity(l.routing_preference.len());
+    for r in &l.routing_preference {
+        routing_preferences.push(match lb::Scope::try_from(*r) {
+            Ok(lb::Scope::Region) => Scope::Region,
+            Ok(lb::Scope::Zone) => Scope::Zone,
+            Ok(lb::Scope::Subzone) => Scope::Subzone,
+            Ok(lb::Scope::Node) => Scope::Node,
+            Ok(lb::Scope::Cluster) => Scope::Cluster,
+            Ok(lb::Scope::Network) => Scope::Network,
+            Ok(lb::Scope::UnspecifiedScope) | Err(_) => {
+                return Err(format!("load_balancing: routing preference {r} unknown"))
+            }
+        });
+    }
+    let mode = match lb::Mode::try_from(l.mode) {
+        Ok(lb::Mode::UnspecifiedMode) => Mode::Unspecified,
+        Ok(lb::Mode::Strict) => Mode::Strict,
+        Ok(lb::Mode::Failover) => Mode::Failover,
+        Ok(lb::Mode::Passthrough) => Mode::Passthrough,
+        Err(_) => return Err(format!("load_balancing: mode {} unknown", l.mode)),
+    };
+    let health_policy = match lb::HealthPolicy::try_from(l.health_policy) {
+        Ok(lb::HealthPolicy::OnlyHealthy) => HealthPolicy::OnlyHealthy,
+        Ok(lb::HealthPolicy::AllowAll) => HealthPolicy::AllowAll,
+        Err(_) => {
+            return Err(format!(
+                "load_balancing: health policy {} unknown",
+                l.health_policy
+            ))
+        }
+    };
+    Ok(Some(LoadBalancing {
+        routing_preferences,
+        mode,
+        health_policy,
+    }))
+}
+
+/// `s` as far as it translates alone (its addresses and balancing are
+/// checked; `load_balancing` is what `load_balancing` made of it).
+pub(super) fn service_entry(
+    s: wl::Service,
+    load_balancing: Option<LoadBalancing>,
+    key: Arc<str>,
+    version: Arc<str>,
+) -> ServiceEntry {
     let (waypoint, waypoint_vip) = match waypoint_name(&s.waypoint) {
         WaypointName::Fixed(r) => (r, None),
         WaypointName::Vip(ip) => (None, Some(ip)),
@@ -196,6 +271,7 @@ pub(super) fn service_entry(s: wl::Service, key: Arc<str>, version: Arc<str>) ->
             // addresses say.
             _ => mesh::model::IpFamilies::Any,
         },
+        load_balancing,
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,

@@ -86,6 +86,7 @@ fn workloads_services_and_listed_policies() {
             }],
             waypoint: None,
             ip_families: 0,
+            load_balancing: None,
         }),
     );
     let allow = sec::Authorization {
@@ -326,6 +327,7 @@ fn waypoint_by_hostname_and_by_vip() {
             ports: vec![],
             waypoint: None,
             ip_families: 0,
+            load_balancing: None,
         }),
     );
     let st = r.build();
@@ -381,6 +383,7 @@ fn hostname_workloads_are_endpoints_found_by_uid_only() {
             }],
             waypoint: None,
             ip_families: 0,
+            load_balancing: None,
         }),
     );
     let st = r.build();
@@ -467,6 +470,7 @@ fn dual_stack_workloads_and_services() {
                 app_protocol: 0,
             }],
             waypoint: None,
+            load_balancing: None,
             ip_families: wl::IpFamilies::Dual as i32,
         }),
     );
@@ -481,6 +485,7 @@ fn dual_stack_workloads_and_services() {
             addresses: vec![],
             ports: vec![],
             waypoint: None,
+            load_balancing: None,
             ip_families: wl::IpFamilies::Ipv6Only as i32,
         }),
     );
@@ -507,4 +512,94 @@ fn dual_stack_workloads_and_services() {
     .encode_to_vec();
     assert!(r.upsert(ADDRESS_TYPE, "a", "v2", &body).is_err());
     assert!(r.build().workload_by_ip(v6.into()).is_some());
+}
+
+#[test]
+fn locality_and_load_balancing() {
+    use mesh::locality::{HealthPolicy, Mode, Scope};
+    let mut r = Resources::default();
+    let key = "demo/echo.demo.svc.cluster.local";
+    let mut near = workload("near", [10, 244, 1, 2], Some((key, 80, 8080)), &[]);
+    near.locality = Some(wl::Locality {
+        region: "r1".into(),
+        zone: "za".into(),
+        subzone: String::new(),
+    });
+    let mut sibling = workload("sibling", [10, 244, 1, 4], Some((key, 80, 8080)), &[]);
+    sibling.locality = near.locality.clone();
+    let mut down = workload("down", [10, 244, 1, 3], Some((key, 80, 8080)), &[]);
+    down.status = wl::WorkloadStatus::Unhealthy as i32;
+    put(&mut r, "near", wl::address::Type::Workload(near));
+    put(&mut r, "sibling", wl::address::Type::Workload(sibling));
+    put(&mut r, "down", wl::address::Type::Workload(down));
+    let svc = |lb| wl::Service {
+        name: "echo".into(),
+        namespace: "demo".into(),
+        hostname: "echo.demo.svc.cluster.local".into(),
+        addresses: vec![wl::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 96, 0, 10],
+        }],
+        ports: vec![wl::Port {
+            service_port: 80,
+            target_port: 0,
+            app_protocol: 0,
+        }],
+        waypoint: None,
+        load_balancing: Some(lb),
+        ip_families: 0,
+    };
+    let failover = wl::LoadBalancing {
+        routing_preference: vec![
+            wl::load_balancing::Scope::Network as i32,
+            wl::load_balancing::Scope::Region as i32,
+            wl::load_balancing::Scope::Zone as i32,
+        ],
+        mode: wl::load_balancing::Mode::Failover as i32,
+        health_policy: 0,
+    };
+    put(&mut r, "svc", wl::address::Type::Service(svc(failover)));
+    let st = r.build();
+    let s = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+    let lb = s.load_balancing.as_ref().unwrap();
+    assert_eq!(
+        lb.routing_preferences,
+        [Scope::Network, Scope::Region, Scope::Zone]
+    );
+    assert_eq!(
+        (lb.mode, lb.health_policy),
+        (Mode::Failover, HealthPolicy::OnlyHealthy)
+    );
+    let by_name = |n: &str| st.workloads.values().find(|w| w.name == n).unwrap().clone();
+    let (near, sibling) = (by_name("near"), by_name("sibling"));
+    let l = near.locality.as_ref().unwrap();
+    assert_eq!((l.region.as_str(), l.zone.as_str()), ("r1", "za"));
+    // One locality value, shared.
+    assert!(Arc::ptr_eq(l, sibling.locality.as_ref().unwrap()));
+    assert!(near.healthy && !by_name("down").healthy);
+    // The unhealthy member is no endpoint.
+    assert_eq!(st.endpoints_for(s, 80).len(), 2);
+
+    // A scope or mode this proto does not know refuses the resource and
+    // keeps the version held.
+    for bad in [
+        wl::LoadBalancing {
+            routing_preference: vec![42],
+            ..Default::default()
+        },
+        wl::LoadBalancing {
+            mode: 9,
+            ..Default::default()
+        },
+    ] {
+        let body = wl::Address {
+            r#type: Some(wl::address::Type::Service(svc(bad))),
+        }
+        .encode_to_vec();
+        let e = r.upsert(ADDRESS_TYPE, "svc", "v2", &body).unwrap_err();
+        assert!(e.to_string().contains("load_balancing"), "{e}");
+    }
+    let st = r.build();
+    let s = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+    assert_eq!(s.load_balancing.as_ref().unwrap().mode, Mode::Failover);
 }

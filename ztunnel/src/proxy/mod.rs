@@ -1,5 +1,6 @@
 //! The data path: per-pod listeners and what each does with a connection.
 
+mod balance;
 mod inbound;
 mod outbound;
 
