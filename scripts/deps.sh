@@ -9,6 +9,10 @@ done
 # node's probe SNAT set; ss (iproute2) to see in-pod listeners.
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 command -v ipset >/dev/null 2>&1 || need+=(ipset)
+# The real node's container runtime (testbed/src/node): Debian's containerd
+# speaks the CRI v1 the kubelet needs; runc comes with it.
+command -v containerd >/dev/null 2>&1 || need+=(containerd)
+command -v runc >/dev/null 2>&1 || need+=(runc)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
