@@ -88,10 +88,13 @@ ln -s istio-cni-agent "$c/usr/local/bin/install-cni"
 tools=(/usr/sbin/xtables-nft-multi /usr/sbin/xtables-legacy-multi /usr/sbin/ip /usr/sbin/ipset /usr/bin/nsenter)
 cp --parents "${tools[@]}" "$c"
 libs "$c" "$bin/istio-cni-agent" "${tools[@]}"
-for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
-  # Debian's alternatives point these at the nft backend by default.
-  ln -s xtables-nft-multi "$c/usr/sbin/$t"
-  ln -s xtables-legacy-multi "$c/usr/sbin/$t-legacy"
+# Debian's names; its alternatives point the plain ones at the nft backend.
+for t in iptables ip6tables; do
+  for op in "" -save -restore; do
+    ln -s xtables-nft-multi "$c/usr/sbin/$t$op"
+    ln -s xtables-nft-multi "$c/usr/sbin/$t-nft$op"
+    ln -s xtables-legacy-multi "$c/usr/sbin/$t-legacy$op"
+  done
 done
 cp -a --parents /usr/lib/x86_64-linux-gnu/xtables "$c"
 oci istio-cni ghcr.io/ambient-rs/istio-cni:0.1.0 '["/usr/local/bin/istio-cni-agent"]' ""

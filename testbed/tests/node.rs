@@ -1,0 +1,230 @@
+//! A real node: containerd and a kubelet start our DaemonSets as the user
+//! installs them (`kubectl apply -k manifests/`, our images imported into
+//! containerd), and the kubelet starts an ambient namespace's pods through
+//! the CNI config our agent chained our plugin into. Nothing here plays the
+//! container runtime.
+//!
+//! Run under the shared lock with --test-threads=1 (one cluster, fixed
+//! ports); needs scripts/peers.sh (kubelet and friends), containerd and runc
+//! (scripts/deps.sh) and the binaries scripts/test.sh builds.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use testbed::cluster::{ClusterDns, RealNode, CONTROL_IP};
+use testbed::{Cluster, Mesh};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The node's peers, or `None` (skip) when they are missing and
+/// `MESH_PEERS_OPTIONAL=1` says a machine without them is expected.
+fn peers() -> Option<()> {
+    let dir = std::env::var("MESH_PEERS_DIR").unwrap_or_else(|_| "/var/cache/mesh-peers".into());
+    let mut missing: Vec<String> = ["kubelet", "kube-proxy", "kube-scheduler", "kube-controller-manager", "kubectl", "kube-apiserver", "etcd"]
+        .iter()
+        .map(|b| Path::new(&dir).join("bin").join(b))
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    for tool in ["containerd", "runc", "ctr"] {
+        if !testbed::sh_out(&format!("command -v {tool}")).0 {
+            missing.push(tool.into());
+        }
+    }
+    if missing.is_empty() {
+        return Some(());
+    }
+    let optional = std::env::var("MESH_PEERS_OPTIONAL").is_ok_and(|v| v == "1");
+    assert!(
+        optional,
+        "{missing:?} missing: scripts/peers.sh and scripts/deps.sh install them (or set MESH_PEERS_OPTIONAL=1 to skip)"
+    );
+    eprintln!("SKIP: {missing:?} missing and MESH_PEERS_OPTIONAL=1");
+    None
+}
+
+/// Our images, built from this test's own profile by scripts/images.sh.
+fn images(out: &Path) -> Vec<PathBuf> {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(Path::parent).unwrap();
+    let musl = profile
+        .parent()
+        .unwrap()
+        .join("x86_64-unknown-linux-musl")
+        .join(profile.file_name().unwrap());
+    for b in [profile.join("ztunnel"), profile.join("istio-cni-agent"), musl.join("istio-cni")] {
+        assert!(b.exists(), "{} not built (scripts/test.sh builds it)", b.display());
+    }
+    testbed::sh(&format!(
+        "{} {} {} {}",
+        root().join("scripts/images.sh").display(),
+        out.display(),
+        profile.display(),
+        musl.display()
+    ));
+    ["pause", "ztunnel", "istio-cni", "app"]
+        .iter()
+        .map(|i| out.join(format!("{i}.tar")))
+        .collect()
+}
+
+fn jsonpath(c: &Cluster, what: &str, path: &str) -> String {
+    let (ok, out) = c.kubectl(&format!("get {what} -o jsonpath='{path}'"));
+    if ok {
+        out.trim().to_string()
+    } else {
+        String::new()
+    }
+}
+
+async fn wait_for(c: &Cluster, node: &RealNode, what: &str, f: impl Fn(&Cluster) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while !f(c) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}\npods:\n{}\nevents:\n{}\nkubelet:\n{}\ncontainers:\n{}",
+            c.kubectl("get pods -A -o wide").1,
+            c.kubectl("get events -A").1,
+            node.log("kubelet"),
+            node.container_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+const ISTIOD_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: istiod, namespace: istio-system}
+spec:
+  ports: [{name: grpc-xds, port: 15012, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: istiod-external
+  namespace: istio-system
+  labels: {kubernetes.io/service-name: istiod, endpointslice.kubernetes.io/managed-by: mesh-test}
+addressType: IPv4
+ports: [{name: grpc-xds, port: 15012, protocol: TCP}]
+endpoints: [{addresses: ["CONTROL_IP"], conditions: {ready: true}}]
+"#;
+
+const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: app
+  labels: {istio.io/dataplane-mode: ambient}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: server, namespace: app}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: server}}
+  template:
+    metadata: {labels: {app: server}}
+    spec:
+      containers:
+        - name: httpd
+          image: mesh.test/app:1
+          imagePullPolicy: Never
+          args: [httpd, -f, -p, "8080", -h, /www]
+          securityContext: {runAsNonRoot: true, runAsUser: 65532}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: client, namespace: app}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: client}}
+  template:
+    metadata: {labels: {app: client}}
+    spec:
+      containers:
+        - name: client
+          image: mesh.test/app:1
+          imagePullPolicy: Never
+          args: [sleep, "3600"]
+          securityContext: {runAsNonRoot: true, runAsUser: 65532}
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
+    if peers().is_none() {
+        return;
+    }
+    let ztunnel = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("ztunnel");
+    let mut mesh = Mesh::new("node", ztunnel.to_str().unwrap());
+    let images = images(&mesh.dir.join("images"));
+    let cluster = Cluster::start(&mesh).await;
+    cluster.start_controllers();
+    // istiod runs beside the API server, outside the cluster: pods reach it
+    // as `istiod.istio-system.svc` through a Service whose endpoint is its
+    // address (kube-proxy routes the ClusterIP), named by the test's
+    // cluster DNS.
+    let dns = ClusterDns::start();
+    cluster.start_istiod().await;
+    cluster.apply(&ISTIOD_SERVICE.replace("CONTROL_IP", CONTROL_IP)).await;
+    dns.add_service(&cluster, "istio-system", "istiod").await;
+    let node = cluster.start_node(&mut mesh, "node1", 1, &images).await;
+
+    // The user's install command, with the images containerd holds.
+    let (ok, out) = cluster.kubectl(&format!("apply -k {}", root().join("manifests").display()));
+    assert!(ok, "kubectl apply -k manifests/: {out}");
+
+    // The kubelet starts the agent, which chains our plugin into the
+    // node's CNI config (the one containerd reads).
+    let chained = |node: &RealNode| {
+        std::fs::read_dir(&node.conf_dir)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .find(|conf| {
+                conf["plugins"].as_array().and_then(|p| p.last()).map(|p| p["type"] == "istio-cni")
+                    == Some(true)
+            })
+    };
+    wait_for(&cluster, &node, "the agent chains istio-cni into the node's conflist", |_| {
+        chained(&node).is_some()
+    })
+    .await;
+    assert!(node.conf_dir.parent().unwrap().join("bin/istio-cni").exists());
+
+    // ztunnel's pod is started by the kubelet from our image and passes its
+    // readiness probe (istiod's first full sync).
+    wait_for(&cluster, &node, "ztunnel DaemonSet ready", |c| {
+        jsonpath(c, "ds -n istio-system ztunnel", "{.status.numberReady}") == "1"
+    })
+    .await;
+
+    // Pods the kubelet starts in an ambient namespace are captured.
+    let app = mesh.dir.join("app.yaml");
+    std::fs::write(&app, APP).unwrap();
+    let (ok, out) = cluster.kubectl(&format!("apply -f {}", app.display()));
+    assert!(ok, "{out}");
+    for a in ["server", "client"] {
+        wait_for(&cluster, &node, &format!("{a} running"), |c| {
+            jsonpath(c, &format!("pods -n app -l app={a}"), "{.items[0].status.phase}") == "Running"
+        })
+        .await;
+        let annotation = jsonpath(
+            &cluster,
+            &format!("pods -n app -l app={a}"),
+            "{.items[0].metadata.annotations.ambient\\.istio\\.io/redirection}",
+        );
+        assert_eq!(annotation, "enabled", "{a} not annotated as captured");
+    }
+}
