@@ -212,6 +212,9 @@ impl Cluster {
                 .args(["--authorization-mode", "Node,RBAC"])
                 // As real clusters do: the CNI agent's DaemonSet is privileged.
                 .arg("--allow-privileged=true")
+                // Real nodes' kubelets (exec, logs) by address: their names
+                // are in no DNS.
+                .arg("--kubelet-preferred-address-types=InternalIP")
                 .args([
                     "--service-account-issuer",
                     "https://kubernetes.default.svc.cluster.local",

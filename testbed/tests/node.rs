@@ -82,12 +82,21 @@ fn jsonpath(c: &Cluster, what: &str, path: &str) -> String {
     }
 }
 
-async fn wait_for(c: &Cluster, node: &RealNode, what: &str, f: impl Fn(&Cluster) -> bool) {
+fn holds(ok: bool, seen: impl FnOnce() -> String) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(seen())
+    }
+}
+
+/// Polls `f` (Err: what it saw instead) until it holds or 180s pass.
+async fn wait_for(c: &Cluster, node: &RealNode, what: &str, f: impl Fn(&Cluster) -> Result<(), String>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    while !f(c) {
+    while let Err(last) = f(c) {
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out waiting for {what}\npods:\n{}\nevents:\n{}\nkubelet:\n{}\ncontainers:\n{}",
+            "timed out waiting for {what}; last: {last}\npods:\n{}\nevents:\n{}\nkubelet:\n{}\ncontainers:\n{}",
             c.kubectl("get pods -A -o wide").1,
             c.kubectl("get events -A").1,
             node.log("kubelet"),
@@ -115,6 +124,28 @@ ports: [{name: grpc-xds, port: 15012, protocol: TCP}]
 endpoints: [{addresses: ["CONTROL_IP"], conditions: {ready: true}}]
 "#;
 
+const DENY_CLIENT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server-allows-someone-else, namespace: app}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: ["cluster.local/ns/app/sa/someone-else"]}}]}]
+"#;
+
+const MARKER: &str = "served-by-the-kubelets-pod";
+
+/// One GET from the client pod (kubectl exec through the kubelet; busybox
+/// nc, as Debian's static busybox wget crashes) to `vip`:80. Whether the
+/// server's page came back, and what did.
+fn fetch(c: &Cluster, vip: &str) -> (bool, String) {
+    let (ok, out) = c.kubectl(&format!(
+        "exec -n app deploy/client -- sh -c \"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {vip} 80\""
+    ));
+    (ok && out.contains(MARKER), out)
+}
+
 const APP: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -135,8 +166,17 @@ spec:
         - name: httpd
           image: mesh.test/app:1
           imagePullPolicy: Never
-          args: [httpd, -f, -p, "8080", -h, /www]
+          args: [sh, -c, "echo served-by-the-kubelets-pod > /www/index.html && exec httpd -f -p 8080 -h /www"]
           securityContext: {runAsNonRoot: true, runAsUser: 65532}
+          volumeMounts: [{name: www, mountPath: /www}]
+      volumes: [{name: www, emptyDir: {}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: app}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -198,7 +238,7 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
             })
     };
     wait_for(&cluster, &node, "the agent chains istio-cni into the node's conflist", |_| {
-        chained(&node).is_some()
+        holds(chained(&node).is_some(), String::new)
     })
     .await;
     assert!(node.conf_dir.parent().unwrap().join("bin/istio-cni").exists());
@@ -206,7 +246,8 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     // ztunnel's pod is started by the kubelet from our image and passes its
     // readiness probe (istiod's first full sync).
     wait_for(&cluster, &node, "ztunnel DaemonSet ready", |c| {
-        jsonpath(c, "ds -n istio-system ztunnel", "{.status.numberReady}") == "1"
+        let n = jsonpath(c, "ds -n istio-system ztunnel", "{.status.numberReady}");
+        holds(n == "1", || n)
     })
     .await;
 
@@ -217,7 +258,8 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     assert!(ok, "{out}");
     for a in ["server", "client"] {
         wait_for(&cluster, &node, &format!("{a} running"), |c| {
-            jsonpath(c, &format!("pods -n app -l app={a}"), "{.items[0].status.phase}") == "Running"
+            let phase = jsonpath(c, &format!("pods -n app -l app={a}"), "{.items[0].status.phase}");
+            holds(phase == "Running", || phase)
         })
         .await;
         let annotation = jsonpath(
@@ -227,4 +269,47 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         );
         assert_eq!(annotation, "enabled", "{a} not annotated as captured");
     }
+
+    // Traffic between them crosses the node's pod network as HBONE only.
+    let vip = cluster.cluster_ip("app", "server").await;
+    let server_ip = jsonpath(&cluster, "pods -n app -l app=server", "{.items[0].status.podIP}");
+    wait_for(&cluster, &node, "client reaches server through the mesh", |c| {
+        let (served, out) = fetch(c, &vip);
+        holds(served, || out)
+    })
+    .await;
+    // Every interface of the node (bridged packets pass its veths, not cni0).
+    let cap = testbed::Capture::start(&node.netns, "any", mesh.dir.join("node.pcap"));
+    let (served, out) = fetch(&cluster, &vip);
+    assert!(served, "{out}");
+    let pcap = cap.stop();
+    assert!(!testbed::contains(&pcap, MARKER.as_bytes()), "the response crossed in plaintext");
+    let (ok, ports) = testbed::sh_out(&format!(
+        "tshark -r {} -Y 'ip.addr=={server_ip}' -T fields -e tcp.srcport -e tcp.dstport",
+        mesh.dir.join("node.pcap").display()
+    ));
+    assert!(ok, "{ports}");
+    let flows: Vec<&str> = ports.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!flows.is_empty(), "no packet to or from the server was seen");
+    for f in &flows {
+        assert!(f.split_whitespace().any(|p| p == "15008"), "non-HBONE packet to the server: {f}");
+    }
+
+    // A policy applied with kubectl is enforced: the client is not allowed.
+    let policy = mesh.dir.join("deny.yaml");
+    std::fs::write(&policy, DENY_CLIENT).unwrap();
+    let (ok, out) = cluster.kubectl(&format!("apply -f {}", policy.display()));
+    assert!(ok, "{out}");
+    wait_for(&cluster, &node, "the policy refuses the client", |c| {
+        let (served, out) = fetch(c, &vip);
+        holds(!served, || out)
+    })
+    .await;
+    let (ok, out) = cluster.kubectl(&format!("delete -f {}", policy.display()));
+    assert!(ok, "{out}");
+    wait_for(&cluster, &node, "the client is served again without the policy", |c| {
+        let (served, out) = fetch(c, &vip);
+        holds(served, || out)
+    })
+    .await;
 }

@@ -169,7 +169,7 @@ state = "{d}/containerd-state"
                  cgroupDriver: cgroupfs\nfailCgroupV1: false\nfailSwapOn: false\n\
                  cgroupRoot: /{cgroup}\n\
                  containerRuntimeEndpoint: unix://{d}/containerd.sock\n\
-                 authentication: {{anonymous: {{enabled: false}}, webhook: {{enabled: false}}}}\n\
+                 authentication: {{anonymous: {{enabled: true}}, webhook: {{enabled: false}}}}\n\
                  authorization: {{mode: AlwaysAllow}}\n\
                  address: {ip}\nreadOnlyPort: 0\nhealthzBindAddress: 127.0.0.1\n\
                  clusterDomain: cluster.local\nclusterDNS: [{CONTROL_IP}]\nresolvConf: {d}/resolv.conf\n\
