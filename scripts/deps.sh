@@ -13,6 +13,10 @@ command -v ipset >/dev/null 2>&1 || need+=(ipset)
 # speaks the CRI v1 the kubelet needs; runc comes with it.
 command -v containerd >/dev/null 2>&1 || need+=(containerd)
 command -v runc >/dev/null 2>&1 || need+=(runc)
+# scripts/images.sh: busybox is the test app image, gcc builds the static
+# pause binary from kubernetes' pause.c.
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx httpd || need+=(busybox-static)
+command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

@@ -13,7 +13,7 @@
 #   istio-cni  plugin, agent (also as install-cni), iptables, ip, ipset and
 #              nsenter with their libraries and xtables modules, root
 #   pause      kubernetes' own pause.c from the pinned module, static
-#   app        Debian's static busybox (httpd, nc, wget): the test app
+#   app        Debian's static busybox (httpd serves, nc is the client)
 set -euo pipefail
 out="$1" bin="$2" musl="$3"
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -105,11 +105,12 @@ mkdir -p "$work/pause"
 gcc -Os -static -DVERSION=v3.10 -o "$work/pause/pause" "$k8s/build/pause/linux/pause.c"
 oci pause registry.k8s.io/pause:3.10 '["/pause"]' 65535:65535
 
-# app: busybox's httpd serves, its wget and nc are the clients.
+# app: busybox's httpd serves, its nc is the client (its wget crashes).
 a="$work/app"
 skeleton "$a"
 mkdir -p "$a/www"
 cp /bin/busybox "$a/bin/busybox"
-for t in sh httpd nc wget sleep cat echo hostname; do ln -s busybox "$a/bin/$t"; done
+libs "$a" /bin/busybox
+for t in sh httpd nc sleep cat echo hostname; do ln -s busybox "$a/bin/$t"; done
 oci app mesh.test/app:1 '["/bin/busybox"]' 65532:65532
 ls "$out"

@@ -25,12 +25,20 @@ fn root() -> PathBuf {
 /// `MESH_PEERS_OPTIONAL=1` says a machine without them is expected.
 fn peers() -> Option<()> {
     let dir = std::env::var("MESH_PEERS_DIR").unwrap_or_else(|_| "/var/cache/mesh-peers".into());
-    let mut missing: Vec<String> = ["kubelet", "kube-proxy", "kube-scheduler", "kube-controller-manager", "kubectl", "kube-apiserver", "etcd"]
-        .iter()
-        .map(|b| Path::new(&dir).join("bin").join(b))
-        .filter(|p| !p.exists())
-        .map(|p| p.display().to_string())
-        .collect();
+    let mut missing: Vec<String> = [
+        "kubelet",
+        "kube-proxy",
+        "kube-scheduler",
+        "kube-controller-manager",
+        "kubectl",
+        "kube-apiserver",
+        "etcd",
+    ]
+    .iter()
+    .map(|b| Path::new(&dir).join("bin").join(b))
+    .filter(|p| !p.exists())
+    .map(|p| p.display().to_string())
+    .collect();
     for tool in ["containerd", "runc", "ctr"] {
         if !testbed::sh_out(&format!("command -v {tool}")).0 {
             missing.push(tool.into());
@@ -57,8 +65,16 @@ fn images(out: &Path) -> Vec<PathBuf> {
         .unwrap()
         .join("x86_64-unknown-linux-musl")
         .join(profile.file_name().unwrap());
-    for b in [profile.join("ztunnel"), profile.join("istio-cni-agent"), musl.join("istio-cni")] {
-        assert!(b.exists(), "{} not built (scripts/test.sh builds it)", b.display());
+    for b in [
+        profile.join("ztunnel"),
+        profile.join("istio-cni-agent"),
+        musl.join("istio-cni"),
+    ] {
+        assert!(
+            b.exists(),
+            "{} not built (scripts/test.sh builds it)",
+            b.display()
+        );
     }
     testbed::sh(&format!(
         "{} {} {} {}",
@@ -91,7 +107,12 @@ fn holds(ok: bool, seen: impl FnOnce() -> String) -> Result<(), String> {
 }
 
 /// Polls `f` (Err: what it saw instead) until it holds or 180s pass.
-async fn wait_for(c: &Cluster, node: &RealNode, what: &str, f: impl Fn(&Cluster) -> Result<(), String>) {
+async fn wait_for(
+    c: &Cluster,
+    node: &RealNode,
+    what: &str,
+    f: impl Fn(&Cluster) -> Result<(), String>,
+) {
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     while let Err(last) = f(c) {
         assert!(
@@ -216,7 +237,9 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     // cluster DNS.
     let dns = ClusterDns::start();
     cluster.start_istiod().await;
-    cluster.apply(&ISTIOD_SERVICE.replace("CONTROL_IP", CONTROL_IP)).await;
+    cluster
+        .apply(&ISTIOD_SERVICE.replace("CONTROL_IP", CONTROL_IP))
+        .await;
     dns.add_service(&cluster, "istio-system", "istiod").await;
     let node = cluster.start_node(&mut mesh, "node1", 1, &images).await;
 
@@ -233,15 +256,26 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())
             .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .find(|conf| {
-                conf["plugins"].as_array().and_then(|p| p.last()).map(|p| p["type"] == "istio-cni")
+                conf["plugins"]
+                    .as_array()
+                    .and_then(|p| p.last())
+                    .map(|p| p["type"] == "istio-cni")
                     == Some(true)
             })
     };
-    wait_for(&cluster, &node, "the agent chains istio-cni into the node's conflist", |_| {
-        holds(chained(&node).is_some(), String::new)
-    })
+    wait_for(
+        &cluster,
+        &node,
+        "the agent chains istio-cni into the node's conflist",
+        |_| holds(chained(&node).is_some(), String::new),
+    )
     .await;
-    assert!(node.conf_dir.parent().unwrap().join("bin/istio-cni").exists());
+    assert!(node
+        .conf_dir
+        .parent()
+        .unwrap()
+        .join("bin/istio-cni")
+        .exists());
 
     // ztunnel's pod is started by the kubelet from our image and passes its
     // readiness probe (istiod's first full sync).
@@ -258,7 +292,11 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     assert!(ok, "{out}");
     for a in ["server", "client"] {
         wait_for(&cluster, &node, &format!("{a} running"), |c| {
-            let phase = jsonpath(c, &format!("pods -n app -l app={a}"), "{.items[0].status.phase}");
+            let phase = jsonpath(
+                c,
+                &format!("pods -n app -l app={a}"),
+                "{.items[0].status.phase}",
+            );
             holds(phase == "Running", || phase)
         })
         .await;
@@ -272,11 +310,20 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
 
     // Traffic between them crosses the node's pod network as HBONE only.
     let vip = cluster.cluster_ip("app", "server").await;
-    let server_ip = jsonpath(&cluster, "pods -n app -l app=server", "{.items[0].status.podIP}");
-    wait_for(&cluster, &node, "client reaches server through the mesh", |c| {
-        let (served, out) = fetch(c, &vip);
-        holds(served, || out)
-    })
+    let server_ip = jsonpath(
+        &cluster,
+        "pods -n app -l app=server",
+        "{.items[0].status.podIP}",
+    );
+    wait_for(
+        &cluster,
+        &node,
+        "client reaches server through the mesh",
+        |c| {
+            let (served, out) = fetch(c, &vip);
+            holds(served, || out)
+        },
+    )
     .await;
     // Every interface of the node (bridged packets pass its veths, not cni0).
     let cap = testbed::Capture::start(&node.netns, "any", mesh.dir.join("node.pcap"));
@@ -290,16 +337,25 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         "tshark -r {} -Y 'ip.addr=={server_ip} && frame contains \"{MARKER}\"' -T fields -e frame.number 2>/dev/null",
         pcap.display()
     ));
-    assert!(ok && plain.trim().is_empty(), "the page crossed in plaintext: {plain}");
+    assert!(
+        ok && plain.trim().is_empty(),
+        "the page crossed in plaintext: {plain}"
+    );
     let (ok, ports) = testbed::sh_out(&format!(
         "tshark -r {} -Y 'ip.addr=={server_ip}' -T fields -e tcp.srcport -e tcp.dstport 2>/dev/null",
         pcap.display()
     ));
     assert!(ok, "{ports}");
     let flows: Vec<&str> = ports.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!flows.is_empty(), "no packet to or from the server was seen");
+    assert!(
+        !flows.is_empty(),
+        "no packet to or from the server was seen"
+    );
     for f in &flows {
-        assert!(f.split_whitespace().any(|p| p == "15008"), "non-HBONE packet to the server: {f}");
+        assert!(
+            f.split_whitespace().any(|p| p == "15008"),
+            "non-HBONE packet to the server: {f}"
+        );
     }
 
     // A policy applied with kubectl is enforced: the client is not allowed.
@@ -314,9 +370,14 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     .await;
     let (ok, out) = cluster.kubectl(&format!("delete -f {}", policy.display()));
     assert!(ok, "{out}");
-    wait_for(&cluster, &node, "the client is served again without the policy", |c| {
-        let (served, out) = fetch(c, &vip);
-        holds(served, || out)
-    })
+    wait_for(
+        &cluster,
+        &node,
+        "the client is served again without the policy",
+        |c| {
+            let (served, out) = fetch(c, &vip);
+            holds(served, || out)
+        },
+    )
     .await;
 }

@@ -98,7 +98,13 @@ impl Cluster {
     /// Makes `mesh`'s CNI node `name` (index 1..=9) a real node: containerd
     /// with `images` (OCI archives) imported, kube-proxy and a kubelet that
     /// registers it. Returns once the node is Ready.
-    pub async fn start_node(&self, mesh: &mut Mesh, name: &str, index: u8, images: &[PathBuf]) -> RealNode {
+    pub async fn start_node(
+        &self,
+        mesh: &mut Mesh,
+        name: &str,
+        index: u8,
+        images: &[PathBuf],
+    ) -> RealNode {
         assert!(NODE_NAMES.contains(&name), "no API token for node {name}");
         // containerd 1.6 reads CNI results up to 1.0.0.
         mesh.cni_node(name, index);
@@ -192,8 +198,18 @@ state = "{d}/containerd-state"
             (net.conf_dir.clone(), PathBuf::from("/etc/cni/net.d")),
             (net.bin_dir.clone(), PathBuf::from("/opt/cni/bin")),
         ];
-        for host in ["/run/netns", "/run/containerd", "/run/ztunnel", "/run/istio-cni", "/var/log/pods", "/var/lib/kubelet"] {
-            binds.push((dir.join(host.trim_start_matches('/').replace('/', "-")), host.into()));
+        for host in [
+            "/run/netns",
+            "/run/containerd",
+            "/run/ztunnel",
+            "/run/istio-cni",
+            "/var/log/pods",
+            "/var/lib/kubelet",
+        ] {
+            binds.push((
+                dir.join(host.trim_start_matches('/').replace('/', "-")),
+                host.into(),
+            ));
         }
         let mut script = String::from("set -e\nmount --make-rshared /\n");
         for (src, dst) in &binds {
@@ -229,7 +245,16 @@ state = "{d}/containerd-state"
         let script_path = w("node.sh", script);
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{netns}"))
-            .args(["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc", "--kill-child"])
+            .args([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+            ])
             .arg("sh")
             .arg(&script_path)
             .stdin(std::process::Stdio::null())
@@ -268,7 +293,8 @@ fn node_bin() -> PathBuf {
 
 impl RealNode {
     pub fn log(&self, what: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("{what}.log"))).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("{what}.log"))).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }

@@ -28,14 +28,20 @@ impl ClusterDns {
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while let Ok((n, peer)) = sock.recv_from(&mut buf) {
-                let Ok(req) = Message::from_vec(&buf[..n]) else { continue };
+                let Ok(req) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
                 let mut m = Message::response(req.metadata.id, req.metadata.op_code);
                 m.metadata.recursion_available = true;
                 m.metadata.authoritative = true;
                 m.add_queries(req.queries.iter().cloned());
                 let found = req.queries.first().and_then(|q| {
                     let name = q.name().to_ascii().to_lowercase();
-                    let ip = names.lock().unwrap().get(name.trim_end_matches('.')).copied();
+                    let ip = names
+                        .lock()
+                        .unwrap()
+                        .get(name.trim_end_matches('.'))
+                        .copied();
                     ip.map(|ip| (q, ip))
                 });
                 match found {
