@@ -380,4 +380,25 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         },
     )
     .await;
+
+    // Removing the namespace's label releases its running pods: the agent
+    // takes its capture annotation back, and they still talk (now directly).
+    let (ok, out) = cluster.kubectl("label namespace app istio.io/dataplane-mode-");
+    assert!(ok, "{out}");
+    for a in ["server", "client"] {
+        wait_for(&cluster, &node, &format!("{a} released"), |c| {
+            let annotation = jsonpath(
+                c,
+                &format!("pods -n app -l app={a}"),
+                "{.items[0].metadata.annotations.ambient\\.istio\\.io/redirection}",
+            );
+            holds(annotation.is_empty(), || annotation)
+        })
+        .await;
+    }
+    wait_for(&cluster, &node, "the released client is served", |c| {
+        let (served, out) = fetch(c, &vip);
+        holds(served, || out)
+    })
+    .await;
 }
