@@ -8,6 +8,8 @@
 //! `/var/run/netns`, ...) are bind mounts of the node's test directory, so
 //! nothing is written to the machine's own, and killing the namespace's
 //! first process ends containerd, its shims and every container at once.
+//! That happens on drop (also when the test panics); a test process that is
+//! killed outright leaves the node running, as it leaves its other peers.
 //!
 //! Settings this machine needs (a VM whose root lacks CAP_SYS_RESOURCE, on
 //! cgroup v1): containerd's `restrict_oom_score_adj` (runc cannot set the

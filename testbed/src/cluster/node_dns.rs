@@ -20,7 +20,7 @@ pub struct ClusterDns {
 
 impl ClusterDns {
     /// Serves on CONTROL_IP:53 (reachable from every node's pods) until the
-    /// process ends.
+    /// process ends: one per test binary (a second bind of the address fails).
     pub fn start() -> ClusterDns {
         let dns = ClusterDns::default();
         let sock = UdpSocket::bind((CONTROL_IP, 53)).expect("cluster DNS on the control address");
