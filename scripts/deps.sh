@@ -9,7 +9,7 @@ done
 # node's probe SNAT set; ss (iproute2) to see in-pod listeners.
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 command -v ipset >/dev/null 2>&1 || need+=(ipset)
-# The real node's container runtime (testbed/src/node): Debian's containerd
+# The real node's container runtime (testbed/src/cluster/node.rs): Debian's containerd
 # speaks the CRI v1 the kubelet needs; runc comes with it.
 command -v containerd >/dev/null 2>&1 || need+=(containerd)
 command -v runc >/dev/null 2>&1 || need+=(runc)

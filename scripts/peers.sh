@@ -30,7 +30,7 @@ build "$root/testbed/peers/istio" istioctl istio.io/istio/istioctl/cmd/istioctl
 # helm renders Istio's own ztunnel and cni charts with our images; the version
 # is the one istio's module requires, so the charts meet the helm they ship with.
 build "$root/testbed/peers/istio" helm helm.sh/helm/v4/cmd/helm
-# A real node (testbed/src/node): kubelet, the scheduler and controllers that
+# A real node (testbed/src/cluster/node.rs): kubelet, the scheduler and controllers that
 # put pods on it, kube-proxy for Service IPs and kubectl for the install
 # command, from the same k8s.io/kubernetes as the API server (most packages
 # are already in the Go build cache from it). Their own module and stamp.
