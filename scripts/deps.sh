@@ -9,6 +9,14 @@ done
 # node's probe SNAT set; ss (iproute2) to see in-pod listeners.
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 command -v ipset >/dev/null 2>&1 || need+=(ipset)
+# The real node's container runtime (testbed/src/cluster/node.rs): Debian's containerd
+# speaks the CRI v1 the kubelet needs; runc comes with it.
+command -v containerd >/dev/null 2>&1 || need+=(containerd)
+command -v runc >/dev/null 2>&1 || need+=(runc)
+# scripts/images.sh: busybox is the test app image, gcc builds the static
+# pause binary from kubernetes' pause.c.
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx httpd || need+=(busybox-static)
+command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

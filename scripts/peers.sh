@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real peers the tests run against (kube-apiserver, etcd, istiod,
-# istioctl, helm, the CNI reference plugins, Istio's sample ext_authz server) from their Go modules, pinned by
+# istioctl, helm, the CNI reference plugins, Istio's sample ext_authz server,
+# a node's kubelet and its companions) from their Go modules, pinned by
 # testbed/peers/*/go.mod. Builds are cached in $MESH_PEERS_DIR keyed by the
 # go.sum they came from, so a second run is free.
 set -euo pipefail
@@ -33,6 +34,16 @@ build "$root/testbed/peers/istio" helm helm.sh/helm/v4/cmd/helm
 # request carrying `x-ext-authz: allow`): the waypoint's CUSTOM policy tests
 # run it as a mesh workload. Same module as istiod, its own stamp.
 build "$root/testbed/peers/istio" extauthz istio.io/istio/samples/extauthz/cmd/extauthz
+# A real node (testbed/src/cluster/node.rs): kubelet, the scheduler and controllers that
+# put pods on it, kube-proxy for Service IPs and kubectl for the install
+# command, from the same k8s.io/kubernetes as the API server (most packages
+# are already in the Go build cache from it). Their own module and stamp.
+# The version is stamped in as a release build would, so the node reports it.
+GOFLAGS="-buildvcs=false -ldflags=-X=k8s.io/component-base/version.gitVersion=v1.36.3" \
+  build "$root/testbed/peers/node" node \
+  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler \
+  k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-proxy \
+  k8s.io/kubernetes/cmd/kubectl
 # The CNI reference plugins at a version that speaks CNI 1.1.0 (Debian's
 # package stops at 1.0.0): istio-cni's tests chain ours with them. Their own
 # dir, so they never shadow anything in bin/.

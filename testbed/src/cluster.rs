@@ -27,7 +27,11 @@ use serde_json::json;
 use crate::{sh, sh_out, Mesh};
 
 mod demo;
+mod node;
+mod node_dns;
 pub use demo::{allow_only, demo_serves_over_hbone, DEMO_PODS};
+pub use node::RealNode;
+pub use node_dns::ClusterDns;
 
 /// Where the API server and istiod listen (the host's leg on the bridge).
 pub const CONTROL_IP: &str = "10.244.254.1";
@@ -156,6 +160,14 @@ impl Cluster {
         let mut srv = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
         srv.subject_alt_names
             .push(rcgen::SanType::IpAddress(CONTROL_IP.parse().unwrap()));
+        // As a real API server's: in-cluster clients (a kubelet's pods) reach
+        // it at the `kubernetes` Service's ClusterIP, the range's first.
+        srv.subject_alt_names
+            .push(rcgen::SanType::IpAddress("10.96.0.1".parse().unwrap()));
+        for dns in ["kubernetes", "kubernetes.default", "kubernetes.default.svc"] {
+            srv.subject_alt_names
+                .push(rcgen::SanType::DnsName(dns.try_into().unwrap()));
+        }
         let srv_key = rcgen::KeyPair::generate().unwrap();
         let srv_cert = srv.signed_by(&srv_key, &issuer).unwrap();
         let sa_key = rcgen::KeyPair::generate().unwrap();
@@ -169,10 +181,14 @@ impl Cluster {
         let tls_key = w("apiserver-key.pem", &srv_key.serialize_pem());
         let sa_priv = w("sa.key", &sa_key.serialize_pem());
         let sa_pub = w("sa.pub", &sa_key.public_key_pem());
-        let tokens = w(
-            "tokens.csv",
-            &format!("{ADMIN_TOKEN},admin,admin,\"system:masters\"\n"),
-        );
+        let mut token_lines = format!("{ADMIN_TOKEN},admin,admin,\"system:masters\"\n");
+        for n in node::NODE_NAMES {
+            token_lines += &format!(
+                "{},system:node:{n},node-{n},\"system:nodes\"\n",
+                node::node_token(n)
+            );
+        }
+        let tokens = w("tokens.csv", &token_lines);
         let api_port = free_port();
         let apiserver = spawn(
             &dir,
@@ -192,7 +208,13 @@ impl Cluster {
                 .arg(&tls_key)
                 .arg("--token-auth-file")
                 .arg(&tokens)
-                .args(["--authorization-mode", "RBAC"])
+                // Node: real kubelets (cluster::node) are judged as nodes.
+                .args(["--authorization-mode", "Node,RBAC"])
+                // As real clusters do: the CNI agent's DaemonSet is privileged.
+                .arg("--allow-privileged=true")
+                // Real nodes' kubelets (exec, logs) by address: their names
+                // are in no DNS.
+                .arg("--kubelet-preferred-address-types=InternalIP")
                 .args([
                     "--service-account-issuer",
                     "https://kubernetes.default.svc.cluster.local",
@@ -661,9 +683,15 @@ fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Child {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // istiod first, then the API server, then etcd.
+        // istiod and the controllers first, then the API server, then etcd.
         let mut procs = self.procs.lock().unwrap();
-        for name in ["istiod", "kube-apiserver", "etcd"] {
+        for name in [
+            "istiod",
+            "kube-scheduler",
+            "kube-controller-manager",
+            "kube-apiserver",
+            "etcd",
+        ] {
             if let Some(mut c) = procs.remove(name) {
                 let _ = c.kill();
                 let _ = c.wait();

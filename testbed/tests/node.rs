@@ -1,0 +1,404 @@
+//! A real node: containerd and a kubelet start our DaemonSets as the user
+//! installs them (`kubectl apply -k manifests/`, our images imported into
+//! containerd), and the kubelet starts an ambient namespace's pods through
+//! the CNI config our agent chained our plugin into. Nothing here plays the
+//! container runtime.
+//!
+//! Run under the shared lock with --test-threads=1 (one cluster, fixed
+//! ports); needs scripts/peers.sh (kubelet and friends), containerd and runc
+//! (scripts/deps.sh) and the binaries scripts/test.sh builds.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use testbed::cluster::{ClusterDns, RealNode, CONTROL_IP};
+use testbed::{Cluster, Mesh};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The node's peers, or `None` (skip) when they are missing and
+/// `MESH_PEERS_OPTIONAL=1` says a machine without them is expected.
+fn peers() -> Option<()> {
+    let dir = std::env::var("MESH_PEERS_DIR").unwrap_or_else(|_| "/var/cache/mesh-peers".into());
+    let mut missing: Vec<String> = [
+        "kubelet",
+        "kube-proxy",
+        "kube-scheduler",
+        "kube-controller-manager",
+        "kubectl",
+        "kube-apiserver",
+        "etcd",
+    ]
+    .iter()
+    .map(|b| Path::new(&dir).join("bin").join(b))
+    .filter(|p| !p.exists())
+    .map(|p| p.display().to_string())
+    .collect();
+    for tool in ["containerd", "runc", "ctr"] {
+        if !testbed::sh_out(&format!("command -v {tool}")).0 {
+            missing.push(tool.into());
+        }
+    }
+    if missing.is_empty() {
+        return Some(());
+    }
+    let optional = std::env::var("MESH_PEERS_OPTIONAL").is_ok_and(|v| v == "1");
+    assert!(
+        optional,
+        "{missing:?} missing: scripts/peers.sh and scripts/deps.sh install them (or set MESH_PEERS_OPTIONAL=1 to skip)"
+    );
+    eprintln!("SKIP: {missing:?} missing and MESH_PEERS_OPTIONAL=1");
+    None
+}
+
+/// Our images, built from this test's own profile by scripts/images.sh.
+fn images(out: &Path) -> Vec<PathBuf> {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(Path::parent).unwrap();
+    let musl = profile
+        .parent()
+        .unwrap()
+        .join("x86_64-unknown-linux-musl")
+        .join(profile.file_name().unwrap());
+    for b in [
+        profile.join("ztunnel"),
+        profile.join("istio-cni-agent"),
+        musl.join("istio-cni"),
+    ] {
+        assert!(
+            b.exists(),
+            "{} not built (scripts/test.sh builds it)",
+            b.display()
+        );
+    }
+    testbed::sh(&format!(
+        "{} {} {} {}",
+        root().join("scripts/images.sh").display(),
+        out.display(),
+        profile.display(),
+        musl.display()
+    ));
+    ["pause", "ztunnel", "istio-cni", "app"]
+        .iter()
+        .map(|i| out.join(format!("{i}.tar")))
+        .collect()
+}
+
+fn jsonpath(c: &Cluster, what: &str, path: &str) -> String {
+    let (ok, out) = c.kubectl(&format!("get {what} -o jsonpath='{path}'"));
+    if ok {
+        out.trim().to_string()
+    } else {
+        String::new()
+    }
+}
+
+fn holds(ok: bool, seen: impl FnOnce() -> String) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(seen())
+    }
+}
+
+/// Polls `f` (Err: what it saw instead) until it holds or 180s pass.
+async fn wait_for(
+    c: &Cluster,
+    node: &RealNode,
+    what: &str,
+    f: impl Fn(&Cluster) -> Result<(), String>,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while let Err(last) = f(c) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last: {last}\npods:\n{}\nevents:\n{}\nkubelet:\n{}\ncontainers:\n{}",
+            c.kubectl("get pods -A -o wide").1,
+            c.kubectl("get events -A").1,
+            node.log("kubelet"),
+            node.container_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+const ISTIOD_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: istiod, namespace: istio-system}
+spec:
+  ports: [{name: grpc-xds, port: 15012, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: istiod-external
+  namespace: istio-system
+  labels: {kubernetes.io/service-name: istiod, endpointslice.kubernetes.io/managed-by: mesh-test}
+addressType: IPv4
+ports: [{name: grpc-xds, port: 15012, protocol: TCP}]
+endpoints: [{addresses: ["CONTROL_IP"], conditions: {ready: true}}]
+"#;
+
+const DENY_CLIENT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server-allows-someone-else, namespace: app}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: ["cluster.local/ns/app/sa/someone-else"]}}]}]
+"#;
+
+const MARKER: &str = "served-by-the-kubelets-pod";
+
+/// One GET from the client pod (kubectl exec through the kubelet; busybox
+/// nc, as Debian's static busybox wget crashes) to `vip`:80. Whether the
+/// server's page came back, and what did.
+fn fetch(c: &Cluster, vip: &str) -> (bool, String) {
+    let (ok, out) = c.kubectl(&format!(
+        "exec -n app deploy/client -- sh -c \"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {vip} 80\""
+    ));
+    (ok && out.contains(MARKER), out)
+}
+
+const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: app
+  labels: {istio.io/dataplane-mode: ambient}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: server, namespace: app}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: server}}
+  template:
+    metadata: {labels: {app: server}}
+    spec:
+      containers:
+        - name: httpd
+          image: mesh.test/app:1
+          imagePullPolicy: Never
+          args: [sh, -c, "echo served-by-the-kubelets-pod > /www/index.html && exec httpd -f -p 8080 -h /www"]
+          securityContext: {runAsNonRoot: true, runAsUser: 65532}
+          volumeMounts: [{name: www, mountPath: /www}]
+      volumes: [{name: www, emptyDir: {}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: app}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: client, namespace: app}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: client}}
+  template:
+    metadata: {labels: {app: client}}
+    spec:
+      containers:
+        - name: client
+          image: mesh.test/app:1
+          imagePullPolicy: Never
+          args: [sleep, "3600"]
+          securityContext: {runAsNonRoot: true, runAsUser: 65532}
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
+    if peers().is_none() {
+        return;
+    }
+    let ztunnel = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("ztunnel");
+    let mut mesh = Mesh::new("node", ztunnel.to_str().unwrap());
+    let images = images(&mesh.dir.join("images"));
+    let cluster = Cluster::start(&mesh).await;
+    cluster.start_controllers();
+    // istiod runs beside the API server, outside the cluster: pods reach it
+    // as `istiod.istio-system.svc` through a Service whose endpoint is its
+    // address (kube-proxy routes the ClusterIP), named by the test's
+    // cluster DNS.
+    let dns = ClusterDns::start();
+    cluster.start_istiod().await;
+    cluster
+        .apply(&ISTIOD_SERVICE.replace("CONTROL_IP", CONTROL_IP))
+        .await;
+    dns.add_service(&cluster, "istio-system", "istiod").await;
+    let node = cluster.start_node(&mut mesh, "node1", 1, &images).await;
+
+    // The user's install command, with the images containerd holds.
+    let (ok, out) = cluster.kubectl(&format!("apply -k {}", root().join("manifests").display()));
+    assert!(ok, "kubectl apply -k manifests/: {out}");
+
+    // The kubelet starts the agent, which chains our plugin into the
+    // node's CNI config (the one containerd reads).
+    let chained = |node: &RealNode| {
+        std::fs::read_dir(&node.conf_dir)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .find(|conf| {
+                conf["plugins"]
+                    .as_array()
+                    .and_then(|p| p.last())
+                    .map(|p| p["type"] == "istio-cni")
+                    == Some(true)
+            })
+    };
+    wait_for(
+        &cluster,
+        &node,
+        "the agent chains istio-cni into the node's conflist",
+        |_| holds(chained(&node).is_some(), String::new),
+    )
+    .await;
+    assert!(node
+        .conf_dir
+        .parent()
+        .unwrap()
+        .join("bin/istio-cni")
+        .exists());
+
+    // ztunnel's pod is started by the kubelet from our image and passes its
+    // readiness probe (istiod's first full sync).
+    wait_for(&cluster, &node, "ztunnel DaemonSet ready", |c| {
+        let n = jsonpath(c, "ds -n istio-system ztunnel", "{.status.numberReady}");
+        holds(n == "1", || n)
+    })
+    .await;
+
+    // Pods the kubelet starts in an ambient namespace are captured.
+    let app = mesh.dir.join("app.yaml");
+    std::fs::write(&app, APP).unwrap();
+    let (ok, out) = cluster.kubectl(&format!("apply -f {}", app.display()));
+    assert!(ok, "{out}");
+    for a in ["server", "client"] {
+        wait_for(&cluster, &node, &format!("{a} running"), |c| {
+            let phase = jsonpath(
+                c,
+                &format!("pods -n app -l app={a}"),
+                "{.items[0].status.phase}",
+            );
+            holds(phase == "Running", || phase)
+        })
+        .await;
+        let annotation = jsonpath(
+            &cluster,
+            &format!("pods -n app -l app={a}"),
+            "{.items[0].metadata.annotations.ambient\\.istio\\.io/redirection}",
+        );
+        assert_eq!(annotation, "enabled", "{a} not annotated as captured");
+    }
+
+    // Traffic between them crosses the node's pod network as HBONE only.
+    let vip = cluster.cluster_ip("app", "server").await;
+    let server_ip = jsonpath(
+        &cluster,
+        "pods -n app -l app=server",
+        "{.items[0].status.podIP}",
+    );
+    wait_for(
+        &cluster,
+        &node,
+        "client reaches server through the mesh",
+        |c| {
+            let (served, out) = fetch(c, &vip);
+            holds(served, || out)
+        },
+    )
+    .await;
+    // Every interface of the node (bridged packets pass its veths, not cni0).
+    let cap = testbed::Capture::start(&node.netns, "any", mesh.dir.join("node.pcap"));
+    let (served, out) = fetch(&cluster, &vip);
+    assert!(served, "{out}");
+    cap.stop();
+    // (The page does cross the node's loopback in plaintext: that is
+    // kubectl exec's stream from containerd to the kubelet.)
+    let pcap = mesh.dir.join("node.pcap");
+    let (ok, plain) = testbed::sh_out(&format!(
+        "tshark -r {} -Y 'ip.addr=={server_ip} && frame contains \"{MARKER}\"' -T fields -e frame.number 2>/dev/null",
+        pcap.display()
+    ));
+    assert!(
+        ok && plain.trim().is_empty(),
+        "the page crossed in plaintext: {plain}"
+    );
+    let (ok, ports) = testbed::sh_out(&format!(
+        "tshark -r {} -Y 'ip.addr=={server_ip}' -T fields -e tcp.srcport -e tcp.dstport 2>/dev/null",
+        pcap.display()
+    ));
+    assert!(ok, "{ports}");
+    let flows: Vec<&str> = ports.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        !flows.is_empty(),
+        "no packet to or from the server was seen"
+    );
+    for f in &flows {
+        assert!(
+            f.split_whitespace().any(|p| p == "15008"),
+            "non-HBONE packet to the server: {f}"
+        );
+    }
+
+    // A policy applied with kubectl is enforced: the client is not allowed.
+    let policy = mesh.dir.join("deny.yaml");
+    std::fs::write(&policy, DENY_CLIENT).unwrap();
+    let (ok, out) = cluster.kubectl(&format!("apply -f {}", policy.display()));
+    assert!(ok, "{out}");
+    wait_for(&cluster, &node, "the policy refuses the client", |c| {
+        let (served, out) = fetch(c, &vip);
+        holds(!served, || out)
+    })
+    .await;
+    let (ok, out) = cluster.kubectl(&format!("delete -f {}", policy.display()));
+    assert!(ok, "{out}");
+    wait_for(
+        &cluster,
+        &node,
+        "the client is served again without the policy",
+        |c| {
+            let (served, out) = fetch(c, &vip);
+            holds(served, || out)
+        },
+    )
+    .await;
+
+    // Removing the namespace's label releases its running pods: the agent
+    // takes its capture annotation back, and they still talk (now directly).
+    let (ok, out) = cluster.kubectl("label namespace app istio.io/dataplane-mode-");
+    assert!(ok, "{out}");
+    for a in ["server", "client"] {
+        wait_for(&cluster, &node, &format!("{a} released"), |c| {
+            let annotation = jsonpath(
+                c,
+                &format!("pods -n app -l app={a}"),
+                "{.items[0].metadata.annotations.ambient\\.istio\\.io/redirection}",
+            );
+            holds(annotation.is_empty(), || annotation)
+        })
+        .await;
+    }
+    wait_for(&cluster, &node, "the released client is served", |c| {
+        let (served, out) = fetch(c, &vip);
+        holds(served, || out)
+    })
+    .await;
+}
