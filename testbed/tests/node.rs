@@ -155,6 +155,39 @@ spec:
   rules: [{from: [{source: {principals: ["cluster.local/ns/app/sa/someone-else"]}}]}]
 "#;
 
+#[derive(Debug)]
+struct Pod {
+    name: String,
+    uid: String,
+    ip: String,
+    phase: String,
+    redirection: String,
+}
+
+/// The first pod `selector` matches in `ns` (fields empty when there is
+/// none).
+fn pod_of(c: &Cluster, ns: &str, selector: &str) -> Pod {
+    let f = jsonpath(
+        c,
+        &format!("pods -n {ns} -l {selector}"),
+        "{.items[0].metadata.name}|{.items[0].metadata.uid}|{.items[0].status.podIP}|{.items[0].status.phase}|{.items[0].metadata.annotations.ambient\\.istio\\.io/redirection}",
+    );
+    let mut f = f.split('|').map(str::to_string);
+    let mut next = || f.next().unwrap_or_default();
+    Pod {
+        name: next(),
+        uid: next(),
+        ip: next(),
+        phase: next(),
+        redirection: next(),
+    }
+}
+
+/// A container's log through the kubelet (`kubectl logs`).
+fn logs(c: &Cluster, what: &str) -> String {
+    c.kubectl(&format!("logs {what} --tail=-1")).1
+}
+
 const MARKER: &str = "served-by-the-kubelets-pod";
 
 /// One GET from the client pod (kubectl exec through the kubelet; busybox
@@ -165,6 +198,42 @@ fn fetch(c: &Cluster, vip: &str) -> (bool, String) {
         "exec -n app deploy/client -- sh -c \"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {vip} 80\""
     ));
     (ok && out.contains(MARKER), out)
+}
+
+/// One fetch while the node's every interface is captured (bridged packets
+/// pass its veths, not cni0): nothing to or from `server_ip` but HBONE
+/// (15008), and the page never in plaintext.
+fn hbone_only(cluster: &Cluster, node: &RealNode, pcap: &Path, vip: &str, server_ip: &str) {
+    let cap = testbed::Capture::start(&node.netns, "any", pcap.to_path_buf());
+    let (served, out) = fetch(cluster, vip);
+    assert!(served, "{out}");
+    cap.stop();
+    // (The page does cross the node's loopback in plaintext: that is
+    // kubectl exec's stream from containerd to the kubelet.)
+    let (ok, plain) = testbed::sh_out(&format!(
+        "tshark -r {} -Y 'ip.addr=={server_ip} && frame contains \"{MARKER}\"' -T fields -e frame.number 2>/dev/null",
+        pcap.display()
+    ));
+    assert!(
+        ok && plain.trim().is_empty(),
+        "the page crossed in plaintext: {plain}"
+    );
+    let (ok, ports) = testbed::sh_out(&format!(
+        "tshark -r {} -Y 'ip.addr=={server_ip}' -T fields -e tcp.srcport -e tcp.dstport 2>/dev/null",
+        pcap.display()
+    ));
+    assert!(ok, "{ports}");
+    let flows: Vec<&str> = ports.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        !flows.is_empty(),
+        "no packet to or from the server was seen"
+    );
+    for f in &flows {
+        assert!(
+            f.split_whitespace().any(|p| p == "15008"),
+            "non-HBONE packet to the server: {f}"
+        );
+    }
 }
 
 const APP: &str = r#"
@@ -214,6 +283,9 @@ spec:
           imagePullPolicy: Never
           args: [sleep, "3600"]
           securityContext: {runAsNonRoot: true, runAsUser: 65532}
+          # A connection held open waits here for the test's go.
+          volumeMounts: [{name: gate, mountPath: /gate}]
+      volumes: [{name: gate, emptyDir: {}}]
 "#;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -325,38 +397,13 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         },
     )
     .await;
-    // Every interface of the node (bridged packets pass its veths, not cni0).
-    let cap = testbed::Capture::start(&node.netns, "any", mesh.dir.join("node.pcap"));
-    let (served, out) = fetch(&cluster, &vip);
-    assert!(served, "{out}");
-    cap.stop();
-    // (The page does cross the node's loopback in plaintext: that is
-    // kubectl exec's stream from containerd to the kubelet.)
-    let pcap = mesh.dir.join("node.pcap");
-    let (ok, plain) = testbed::sh_out(&format!(
-        "tshark -r {} -Y 'ip.addr=={server_ip} && frame contains \"{MARKER}\"' -T fields -e frame.number 2>/dev/null",
-        pcap.display()
-    ));
-    assert!(
-        ok && plain.trim().is_empty(),
-        "the page crossed in plaintext: {plain}"
+    hbone_only(
+        &cluster,
+        &node,
+        &mesh.dir.join("node.pcap"),
+        &vip,
+        &server_ip,
     );
-    let (ok, ports) = testbed::sh_out(&format!(
-        "tshark -r {} -Y 'ip.addr=={server_ip}' -T fields -e tcp.srcport -e tcp.dstport 2>/dev/null",
-        pcap.display()
-    ));
-    assert!(ok, "{ports}");
-    let flows: Vec<&str> = ports.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(
-        !flows.is_empty(),
-        "no packet to or from the server was seen"
-    );
-    for f in &flows {
-        assert!(
-            f.split_whitespace().any(|p| p == "15008"),
-            "non-HBONE packet to the server: {f}"
-        );
-    }
 
     // A policy applied with kubectl is enforced: the client is not allowed.
     let policy = mesh.dir.join("deny.yaml");
@@ -380,6 +427,118 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         },
     )
     .await;
+
+    // Deleting a pod releases it: the kubelet's CNI DEL reaches the agent,
+    // which tells ztunnel, and ztunnel closes that pod's listeners. The
+    // Deployment's replacement is captured and served over HBONE.
+    let old = pod_of(&cluster, "app", "app=server");
+    let (ok, out) = cluster.kubectl(&format!("delete pod -n app {}", old.name));
+    assert!(ok, "{out}");
+    wait_for(&cluster, &node, "the agent takes the CNI DEL", |c| {
+        let log = logs(c, "-n istio-system ds/istio-cni-node");
+        holds(
+            log.lines()
+                .any(|l| l.contains("pod deleted") && l.contains(&format!("app/{}", old.name))),
+            || log,
+        )
+    })
+    .await;
+    wait_for(&cluster, &node, "ztunnel no longer serves the pod", |c| {
+        let log = logs(c, "-n istio-system ds/ztunnel");
+        holds(
+            log.lines()
+                .any(|l| l.contains("pod removed: listeners closed") && l.contains(&old.uid)),
+            || log,
+        )
+    })
+    .await;
+    wait_for(&cluster, &node, "the replacement server captured", |c| {
+        let new = pod_of(c, "app", "app=server");
+        holds(
+            new.name != old.name && new.phase == "Running" && new.redirection == "enabled",
+            || format!("{new:?}"),
+        )
+    })
+    .await;
+    let new = pod_of(&cluster, "app", "app=server");
+    wait_for(&cluster, &node, "the replacement server is served", |c| {
+        let (served, out) = fetch(c, &vip);
+        holds(served, || out)
+    })
+    .await;
+    hbone_only(
+        &cluster,
+        &node,
+        &mesh.dir.join("replaced.pcap"),
+        &vip,
+        &new.ip,
+    );
+
+    // A rollout of the ztunnel DaemonSet (maxSurge 1, maxUnavailable 0):
+    // the new ztunnel is ready before the old one is told to stop, the old
+    // one then drains (new connections go to the new one; the ones it
+    // holds go on until they end or --drain-timeout), and no connection is
+    // refused meanwhile.
+    let old_zt = pod_of(&cluster, "istio-system", "app=ztunnel");
+    // A request held open through the old ztunnel: connected now, finished
+    // when the test writes /gate/go (the client's fresh emptyDir).
+    let held = cluster.kubectl_child(&format!(
+        "exec -n app deploy/client -- sh -c \"(printf 'GET / HTTP/1.0\\r\\n'; while [ ! -e /gate/go ]; do sleep 1; done; printf '\\r\\n') | nc {vip} 80\""
+    ));
+    wait_for(
+        &cluster,
+        &node,
+        "the held connection reaches the server",
+        |c| {
+            let (ok, tcp) =
+                c.kubectl("exec -n app deploy/server -- cat /proc/net/tcp /proc/net/tcp6");
+            // httpd's port 8080 (1F90; its socket is IPv6), ESTABLISHED (01).
+            let up = tcp.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(":1F90") && f[3] == "01"
+            });
+            holds(ok && up, || tcp)
+        },
+    )
+    .await;
+    let (ok, out) = cluster.kubectl("rollout restart daemonset/ztunnel -n istio-system");
+    assert!(ok, "{out}");
+    wait_for(
+        &cluster,
+        &node,
+        "a new ztunnel ready while the old one drains",
+        |c| {
+            let (_, pods) = c.kubectl(
+                "get pods -n istio-system -l app=ztunnel -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.deletionTimestamp} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}'",
+            );
+            let new_ready = pods.lines().any(|l| {
+                !l.starts_with(&format!("{} ", old_zt.name)) && l.ends_with(" True")
+            });
+            let old_draining = pods
+                .lines()
+                .any(|l| l.starts_with(&format!("{} ", old_zt.name)) && l.split_whitespace().count() == 3);
+            holds(new_ready && old_draining, || pods)
+        },
+    )
+    .await;
+    // New connections: the new ztunnel serves them.
+    let (served, out) = fetch(&cluster, &vip);
+    assert!(served, "a new connection during the drain: {out}");
+    // The held one goes on through the draining ztunnel.
+    let (ok, out) = cluster.kubectl("exec -n app deploy/client -- sh -c 'echo > /gate/go'");
+    assert!(ok, "{out}");
+    let held = held.wait_with_output().unwrap();
+    let page = String::from_utf8_lossy(&held.stdout);
+    assert!(
+        held.status.success() && page.contains(MARKER),
+        "the connection held across the rollout: {page}{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    let (ok, out) =
+        cluster.kubectl("rollout status daemonset/ztunnel -n istio-system --timeout=120s");
+    assert!(ok, "{out}");
+    let (served, out) = fetch(&cluster, &vip);
+    assert!(served, "after the rollout: {out}");
 
     // Removing the namespace's label releases its running pods: the agent
     // takes its capture annotation back, and they still talk (now directly).

@@ -97,6 +97,22 @@ impl Cluster {
         ))
     }
 
+    /// `kubectl` started in the background (output piped): for a command
+    /// the test must not wait on, such as a connection held open.
+    pub fn kubectl_child(&self, args: &str) -> Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{} --kubeconfig {} {args}",
+                peer_bin(&node_bin(), "kubectl").display(),
+                self.kubeconfig.display()
+            ))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn kubectl")
+    }
+
     /// Makes `mesh`'s CNI node `name` (index 1..=9) a real node: containerd
     /// with `images` (OCI archives) imported, kube-proxy and a kubelet that
     /// registers it. Returns once the node is Ready.
