@@ -477,8 +477,9 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     // A rollout of the ztunnel DaemonSet (maxSurge 1, maxUnavailable 0):
     // the new ztunnel is ready before the old one is told to stop, the old
     // one then drains (new connections go to the new one; the ones it
-    // holds go on until they end or --drain-timeout), and no connection is
-    // refused meanwhile.
+    // holds go on until they end or --drain-timeout, 30s). Checked: a new
+    // connection while the old one drains, the held one finishing through
+    // it, and the rollout completing.
     let old_zt = pod_of(&cluster, "istio-system", "app=ztunnel");
     // A request held open through the old ztunnel: connected now, finished
     // when the test writes /gate/go (the client's fresh emptyDir).
