@@ -2,8 +2,8 @@
 //! Kubernetes API and istiod's WDS later) and the L4 policy it implies.
 
 pub mod authz;
-mod families;
 pub mod ext_authz;
+mod families;
 pub mod file;
 pub mod intern;
 mod keyed;
