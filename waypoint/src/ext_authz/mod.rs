@@ -426,7 +426,13 @@ async fn call(
         });
     let resp = wp
         .upstreams
-        .send(&ep, port, req(h2), h2, origin.as_ref())
+        .send(
+            &ep,
+            std::net::SocketAddr::new(ep.ip, port),
+            req(h2),
+            h2,
+            origin.as_ref(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
