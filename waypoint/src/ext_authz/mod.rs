@@ -424,6 +424,8 @@ async fn call(
             host: &t.host,
             secret: t.secret.as_ref(),
         });
+    // The authorizer is not the request's destination: no family to
+    // follow, so its primary address.
     let resp = wp
         .upstreams
         .send(
