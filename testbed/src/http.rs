@@ -27,16 +27,24 @@ impl Hits {
 impl Mesh {
     pub fn http_server(&self, pod: &str, port: u16) -> Arc<Hits> {
         let hits = Arc::new(Hits::default());
-        let l = in_ns(&self.pod_ns(pod), move || {
-            TcpListener::bind(("0.0.0.0", port)).unwrap()
-        });
-        let (name, h) = (pod.to_string(), hits.clone());
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let (name, h) = (name.clone(), h.clone());
-                std::thread::spawn(move || serve(s, &name, &h));
+        // A pod with an IPv6 address listens on [::] too, as `serve` does.
+        let v6 = self.pods[pod].ips.iter().any(|ip| ip.contains(':'));
+        let ls = in_ns(&self.pod_ns(pod), move || {
+            let mut ls = vec![TcpListener::bind(("0.0.0.0", port)).unwrap()];
+            if v6 {
+                ls.push(crate::v6_listener(port));
             }
+            ls
         });
+        for l in ls {
+            let (name, h) = (pod.to_string(), hits.clone());
+            std::thread::spawn(move || {
+                for s in l.incoming().flatten() {
+                    let (name, h) = (name.clone(), h.clone());
+                    std::thread::spawn(move || serve(s, &name, &h));
+                }
+            });
+        }
         hits
     }
 }

@@ -154,4 +154,46 @@ spec:
         let c = state.service_by_vip("10.96.0.3".parse().unwrap()).unwrap();
         assert_eq!(state.service_waypoint(c), None);
     }
+
+    /// Dual-stack and IPv6-only destinations: either family's VIP or pod
+    /// address is the same destination, bound or not alike.
+    #[test]
+    fn v6_addresses_bind_like_v4_ones() {
+        let dual = |ns: &str, n: u8| {
+            format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: {ns}}}\nspec: {{nodeName: n}}\nstatus: {{podIP: 10.0.0.{n}, podIPs: [{{ip: 10.0.0.{n}}}, {{ip: 'fd00::{n}'}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: {ns}}}\nspec: {{clusterIP: 10.96.0.{n}, clusterIPs: [10.96.0.{n}, 'fd00:96::{n}'], ipFamilies: [IPv4, IPv6], ports: [{{port: 80}}]}}\n")
+        };
+        let v6_only = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: q, namespace: a}\nspec: {nodeName: n}\nstatus: {podIP: 'fd00::9', podIPs: [{ip: 'fd00::9'}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: six, namespace: a}\nspec: {clusterIP: 'fd00:96::9', clusterIPs: ['fd00:96::9'], ipFamilies: [IPv6], ports: [{port: 80}]}\n";
+        let yaml = format!("{MESH}{}{}{v6_only}", dual("a", 1), dual("d", 4));
+        let state = mesh::standalone::parse(&yaml, "cluster.local").unwrap();
+        let me = WaypointRef {
+            name: "wp-a".into(),
+            namespace: "a".into(),
+        };
+        let t = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let bound = |s| check(&state, &me, t(s));
+        for ok in [
+            "10.96.0.1:80",
+            "[fd00:96::1]:80",
+            "10.0.0.1:8080",
+            "[fd00::1]:8080",
+            "[fd00:96::9]:80",
+            "[fd00::9]:8080",
+        ] {
+            assert_eq!(bound(ok), Ok(()), "{ok}");
+        }
+        let e = bound("[fd00:96::4]:80").unwrap_err();
+        assert!(e.to_string().contains("waypoint d/wp-d"), "{e}");
+        assert!(matches!(
+            bound("[fd00::4]:8080"),
+            Err(Unbound::Workload { .. })
+        ));
+        assert!(matches!(
+            bound("[fd00:96::1]:81"),
+            Err(Unbound::NoSuchPort { .. })
+        ));
+        assert_eq!(
+            bound("[fd00:96::99]:80"),
+            Err(Unbound::Unknown(t("[fd00:96::99]:80")))
+        );
+    }
 }

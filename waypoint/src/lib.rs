@@ -9,6 +9,7 @@ pub mod ext_authz;
 pub mod grpc;
 pub mod jwt;
 pub mod lb;
+pub mod listen;
 pub mod origin_tls;
 pub mod peer;
 pub mod plan;

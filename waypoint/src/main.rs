@@ -3,7 +3,7 @@
 //! terminates HBONE, applies routes and L7 policy, and tunnels on to the
 //! chosen endpoint's ztunnel.
 
-use waypoint::{lb, proxy, telemetry, upstream};
+use waypoint::{lb, listen, proxy, telemetry, upstream};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,6 +70,8 @@ struct Args {
     ca_key: Option<PathBuf>,
     #[arg(long, default_value = "24h", value_parser = mesh::routes::parse_duration)]
     cert_ttl: Duration,
+    /// HBONE listener; an unspecified address (the default) listens on
+    /// both families, IPv6 skipped when the pod has none.
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
     /// A client must send a request's whole header block within this, and an
@@ -204,12 +206,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     wp.watch_live();
 
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listen on {}", args.listen))?;
+    let listeners =
+        listen::bind(args.listen).with_context(|| format!("listen on {}", args.listen))?;
     let tasks = TaskTracker::new();
     telemetry::start_access_log_flusher();
-    tokio::spawn(accept(wp.clone(), listener, tasks.clone()));
+    for l in listeners {
+        tokio::spawn(accept(wp.clone(), l, tasks.clone()));
+    }
 
     let dump = {
         let wp = wp.clone();

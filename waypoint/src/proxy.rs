@@ -313,7 +313,7 @@ async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
     }
     let (ep, port) = eps[rand::random_range(0..eps.len())].clone();
     drop(state);
-    let dst = SocketAddr::new(ep.ip, port);
+    let dst = crate::upstream::at(&ep, s.target.ip(), port);
     // An endpoint outside the mesh (a ServiceEntry's) is plain TCP.
     if ep.protocol == mesh::TunnelProtocol::None {
         match tokio::net::TcpStream::connect(dst).await {
@@ -332,7 +332,7 @@ async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
     let Ok(cert) = wp.certs.fetch(&wp.identity).await else {
         return;
     };
-    let hbone_addr = SocketAddr::new(ep.ip, hbone::HBONE_PORT);
+    let hbone_addr = SocketAddr::new(dst.ip(), hbone::HBONE_PORT);
     let key = hbone::PoolKey {
         source: "waypoint-l4".into(),
         dst_identity: ep.identity(),
@@ -575,6 +575,7 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
                             live,
                         }),
                         peer: s.peer,
+                        target: s.target.ip(),
                     };
                     let mut sent = send::send(wp, &fwd, out).await;
                     if sent.flags == flag::NONE && planned.delay.is_some() {

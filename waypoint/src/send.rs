@@ -2,7 +2,7 @@
 //! names resolved first), retries (while the body can be replayed), per-try
 //! and overall timeouts, the mirror, and upgrades handed to `tunnel`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use crate::plan::{Forward, Target};
 use crate::proxy::{UpgradedStream, Waypoint};
 use crate::replay::{NotReplayable, Replay};
 use crate::telemetry::flag;
-use crate::upstream::Body;
+use crate::upstream::{self, Body};
 
 pub type ReqBody = Replay<Incoming>;
 
@@ -76,6 +76,9 @@ pub struct Outgoing<'a> {
     /// The client's side of an upgrade, when it asked for one.
     pub upgrade: Option<Upgrading>,
     pub peer: SocketAddr,
+    /// The address the client's CONNECT named (VIP or pod): endpoints are
+    /// dialed in its family.
+    pub target: IpAddr,
 }
 
 /// How the client asked to leave HTTP for a byte stream.
@@ -198,7 +201,7 @@ fn build(
 
 pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) -> Sent {
     if let Some(m) = &fwd.mirror {
-        mirror(wp, m, out.parts, out.body);
+        mirror(wp, m, out.target, out.parts, out.body);
     }
     let rule = &fwd.rule;
     let target = &fwd.target;
@@ -292,18 +295,19 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                 _ => body.boxed(),
             };
             let req = build(out.parts, h2, kind.as_ref(), body);
-            let upstream = Some(SocketAddr::new(ep.ip, port));
+            let dst = upstream::at(&ep, out.target, port);
+            let upstream = Some(dst);
             let send = async {
                 if upgrade {
                     let (mut resp, guard) = wp
                         .upstreams
-                        .send_upgrade(&ep, port, req, origin.as_ref())
+                        .send_upgrade(&ep, dst, req, origin.as_ref())
                         .await?;
                     let on = hyper::upgrade::on(&mut resp);
                     tunnel_up = Some((on, guard));
                     Ok(resp)
                 } else {
-                    wp.upstreams.send(&ep, port, req, h2, origin.as_ref()).await
+                    wp.upstreams.send(&ep, dst, req, h2, origin.as_ref()).await
                 }
             };
             let result = match retries.per_try_timeout {
@@ -335,7 +339,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                     details: None,
                 },
                 Err(e) => {
-                    tracing::debug!(endpoint = %SocketAddr::new(ep.ip, port), error = %e, attempt, "upstream attempt failed");
+                    tracing::debug!(endpoint = %dst, error = %e, attempt, "upstream attempt failed");
                     Sent {
                         upstream,
                         dst_workload: Some(ep.clone()),
@@ -422,7 +426,13 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
 /// body to have been read by the main request and goes only if it fit in
 /// the replay buffer. The authority gets `-shadow`, as Envoy marks
 /// mirrored requests.
-fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, body: &Arc<ReqBody>) {
+fn mirror(
+    wp: &Arc<Waypoint>,
+    target: &Target,
+    like: IpAddr,
+    parts: &http::request::Parts,
+    body: &Arc<ReqBody>,
+) {
     if target.eps.is_empty() {
         // A DNS entry's names are resolved for the main request only.
         return tracing::debug!(
@@ -431,6 +441,7 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
         );
     }
     let (ep, port) = target.eps[rand::random_range(0..target.eps.len())].clone();
+    let dst = upstream::at(&ep, like, port);
     let host = parts
         .headers
         .get("host")
@@ -479,12 +490,12 @@ fn mirror(wp: &Arc<Waypoint>, target: &Target, parts: &http::request::Parts, bod
             host: &tls_host,
             secret: secret.as_ref(),
         });
-        match wp.upstreams.send(&ep, port, req, h2, origin.as_ref()).await {
+        match wp.upstreams.send(&ep, dst, req, h2, origin.as_ref()).await {
             Ok(resp) => {
                 let _ = resp.into_body().collect().await;
             }
             Err(e) => {
-                tracing::debug!(endpoint = %SocketAddr::new(ep.ip, port), error = %e, "mirrored request failed")
+                tracing::debug!(endpoint = %dst, error = %e, "mirrored request failed")
             }
         }
     });

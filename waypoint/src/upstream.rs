@@ -5,7 +5,7 @@
 //! outside the mesh (a ServiceEntry's) gets plain TCP.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -36,6 +36,14 @@ type Key = (
     bool,
     Option<(mesh::upstream_tls::UpstreamTls, String)>,
 );
+
+/// Where to reach `ep` on `port` for a request the client addressed to
+/// `like` (a VIP or the pod's own address): in that family when the
+/// endpoint has an address of it, so a v6 VIP reaches the v6 pod address
+/// through the ztunnel's v6 listener; else at its primary address.
+pub fn at(ep: &mesh::Workload, like: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ep.address_like(like), port)
+}
 
 fn key(dst: SocketAddr, h2: bool, tls: Option<&Origination>) -> Key {
     (
@@ -161,7 +169,9 @@ impl Upstreams {
             .fetch(&self.identity)
             .await
             .map_err(|e| ProxyError::Connect(e.to_string()))?;
-        let hbone_addr = SocketAddr::new(ep.ip, hbone::HBONE_PORT);
+        // The endpoint's ztunnel, in the family `dst` was chosen in (its
+        // node listens on both); the CONNECT authority is `dst` itself.
+        let hbone_addr = SocketAddr::new(dst.ip(), hbone::HBONE_PORT);
         let key = hbone::PoolKey {
             source: "waypoint".into(),
             dst_identity: ep.identity(),
@@ -223,19 +233,18 @@ impl Upstreams {
         }
     }
 
-    /// Sends `req` to `ep` (port `port`) and returns the response head; the
-    /// connection goes back to the idle set for the next request. `tls`
-    /// applies to an endpoint outside the mesh only: mesh endpoints are
-    /// always reached over HBONE mTLS.
+    /// Sends `req` to `ep` at `dst` (one of its addresses: `at` picks it)
+    /// and returns the response head; the connection goes back to the idle
+    /// set for the next request. `tls` applies to an endpoint outside the
+    /// mesh only: mesh endpoints are always reached over HBONE mTLS.
     pub async fn send(
         &self,
         ep: &mesh::Workload,
-        port: u16,
+        dst: SocketAddr,
         req: Request<Body>,
         h2: bool,
         tls: Option<&Origination<'_>>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let dst = SocketAddr::new(ep.ip, port);
         let tls = tls.filter(|_| ep.protocol == mesh::TunnelProtocol::None);
         let key = key(dst, h2, tls);
         let mut sender = match self.checkout(&key) {
@@ -267,11 +276,10 @@ impl Upstreams {
     pub async fn send_upgrade(
         &self,
         ep: &mesh::Workload,
-        port: u16,
+        dst: SocketAddr,
         req: Request<Body>,
         tls: Option<&Origination<'_>>,
     ) -> Result<(Response<Incoming>, Option<hbone::StreamGuard>), ProxyError> {
-        let dst = SocketAddr::new(ep.ip, port);
         let tls = tls.filter(|_| ep.protocol == mesh::TunnelProtocol::None);
         let (io, guard) = self.tunnel(ep, dst, tls, false).await?;
         let (mut s, conn) = http1::handshake(io)
@@ -286,5 +294,44 @@ impl Upstreams {
             .await
             .map_err(|e| ProxyError::Reset(e.to_string()))?;
         Ok((resp, guard))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each pod's addresses in the order its status lists them (the first
+    /// is the primary).
+    #[test]
+    fn endpoints_are_reached_in_the_family_the_client_addressed() {
+        let pod = |n: &str, ips: &[&str]| {
+            let list: Vec<String> = ips.iter().map(|ip| format!("{{ip: '{ip}'}}")).collect();
+            format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {n}, namespace: a}}\nspec: {{nodeName: n}}\nstatus: {{podIP: '{}', podIPs: [{}]}}\n", ips[0], list.join(", "))
+        };
+        let yaml = [
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n".to_string(),
+            pod("v4-first", &["10.0.0.1", "fd00::1"]),
+            pod("v6-first", &["fd00::2", "10.0.0.2"]),
+            pod("v4-only", &["10.0.0.3"]),
+            pod("v6-only", &["fd00::4"]),
+        ]
+        .concat();
+        let st = mesh::standalone::parse(&yaml, "cluster.local").unwrap();
+        let (v4, v6): (IpAddr, IpAddr) =
+            ("10.96.0.1".parse().unwrap(), "fd00:96::1".parse().unwrap());
+        let cases = [
+            ("v4-first", v4, "10.0.0.1:8080"),
+            ("v4-first", v6, "[fd00::1]:8080"),
+            ("v6-first", v4, "10.0.0.2:8080"),
+            ("v6-first", v6, "[fd00::2]:8080"),
+            // No address of that family: the primary, as ztunnel does.
+            ("v4-only", v6, "10.0.0.3:8080"),
+            ("v6-only", v4, "[fd00::4]:8080"),
+        ];
+        for (name, like, want) in cases {
+            let w = st.workload_by_name("a", name).unwrap();
+            assert_eq!(at(w, like, 8080).to_string(), want, "{name} for {like}");
+        }
     }
 }

@@ -424,9 +424,17 @@ async fn call(
             host: &t.host,
             secret: t.secret.as_ref(),
         });
+    // The authorizer is not the request's destination: no family to
+    // follow, so its primary address.
     let resp = wp
         .upstreams
-        .send(&ep, port, req(h2), h2, origin.as_ref())
+        .send(
+            &ep,
+            std::net::SocketAddr::new(ep.ip, port),
+            req(h2),
+            h2,
+            origin.as_ref(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
