@@ -79,6 +79,27 @@ pub struct UpgradedStream {
     headers: HeaderMap,
     /// Its verified JWT: the connection keeps the principal it opened with.
     auth: Option<authz::RequestAuth>,
+    /// The CUSTOM providers its opening request was checked by: a provider
+    /// a later config asks it about closes it (that check never ran).
+    asked: Vec<String>,
+}
+
+impl UpgradedStream {
+    fn connection(&self) -> Connection<'_> {
+        Connection {
+            src_identity: Some(&self.src),
+            src_ip: self.peer.ip(),
+            dst_ip: self.target.ip(),
+            dst_port: self.target.port(),
+            request: Some(HttpRequest {
+                method: self.method.as_str(),
+                path: &self.path,
+                host: &self.host,
+                headers: &self.headers,
+                auth: self.auth.as_ref(),
+            }),
+        }
+    }
 }
 
 impl Waypoint {
@@ -128,19 +149,13 @@ impl Waypoint {
     fn admit_upgraded(&self, state: &MeshState, u: &UpgradedStream) -> Result<(), String> {
         binding::check(state, &self.me(), u.target).map_err(|e| e.to_string())?;
         let svc = state.service_by_vip(u.target.ip());
-        let conn = Connection {
-            src_identity: Some(&u.src),
-            src_ip: u.peer.ip(),
-            dst_ip: u.target.ip(),
-            dst_port: u.target.port(),
-            request: Some(HttpRequest {
-                method: u.method.as_str(),
-                path: &u.path,
-                host: &u.host,
-                headers: &u.headers,
-                auth: u.auth.as_ref(),
-            }),
-        };
+        let conn = u.connection();
+        let asked = self.custom_asks(state, u)?;
+        if let Some(p) = asked.iter().find(|p| !u.asked.contains(p)) {
+            return Err(format!(
+                "a CUSTOM policy now asks provider {p:?}, which this connection was not checked by"
+            ));
+        }
         match authz::evaluate_selected(
             plan::policies_for(self.gateway(), state, svc.map(|s| &**s)),
             &conn,
@@ -148,6 +163,14 @@ impl Waypoint {
             Decision::Allow => Ok(()),
             Decision::Deny(why) => Err(why),
         }
+    }
+
+    /// The CUSTOM providers `u`'s opening request is to be checked by under
+    /// `state`.
+    fn custom_asks(&self, state: &MeshState, u: &UpgradedStream) -> Result<Vec<String>, String> {
+        let svc = state.service_by_vip(u.target.ip());
+        let policies = plan::targeted_for(self.gateway(), state, svc.map(|s| &**s));
+        crate::ext_authz::askable(policies, state, &u.connection())
     }
 
     /// Re-judges live L4 streams and upgraded connections whenever the mesh
@@ -509,7 +532,7 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
     // Registered before the decision (as L4 streams are): a change after
     // `state` was loaded is re-checked against this connection too.
     let live = upgrade.as_ref().map(|_| {
-        wp.upgraded.admit(UpgradedStream {
+        let mut u = UpgradedStream {
             src: s.src.clone(),
             peer: s.peer,
             target: s.target,
@@ -518,7 +541,12 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
             host: authority.clone(),
             headers: parts.headers.clone(),
             auth: auth.clone(),
-        })
+            asked: Vec::new(),
+        };
+        // What `authorize` below asks, from the same state (a provider that
+        // cannot be asked denies the request there).
+        u.asked = wp.custom_asks(&state, &u).unwrap_or_default();
+        wp.upgraded.admit(u)
     });
     let body = Replay::new(body, wp.replay_buffer);
     // A token that does not verify is answered before any policy; then

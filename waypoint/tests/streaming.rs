@@ -346,7 +346,9 @@ spec:
     assert_eq!(h2_websocket(&m, "/h2chat", 200).await, Ok(200));
     assert_eq!(h2_websocket(&m, "/admin/h2chat", 1).await, Err(403));
 
-    // Two live tunnels; then a policy that denies one of their paths.
+    // Three live tunnels; then a DENY of one's path, and a CUSTOM policy on
+    // another's naming a provider that cannot be asked (a new request
+    // there would be denied, and its check never ran for the live one).
     let hold = |name: &'static str| {
         let (ns, dir) = (m.pod_ns("client"), m.dir.clone());
         std::thread::spawn(move || {
@@ -358,12 +360,12 @@ spec:
             std::fs::read_to_string(dir.join(name)).unwrap()
         })
     };
-    let (doomed, spared) = (hold("doomed"), hold("spared"));
+    let (doomed, spared, custom) = (hold("doomed"), hold("spared"), hold("custom"));
     let connected = |name: &str| {
         std::fs::read_to_string(m.dir.join(name)).is_ok_and(|s| s.starts_with("echoed 1"))
     };
     eventually("both tunnels are up", Duration::from_secs(20), || {
-        connected("doomed") && connected("spared")
+        connected("doomed") && connected("spared") && connected("custom")
     })
     .await;
     m.write_config(&format!(
@@ -375,9 +377,19 @@ spec:
   targetRefs: [{{kind: Service, group: \"\", name: ws}}]
   action: DENY
   rules: [{{to: [{{operation: {{paths: [\"/live/doomed\"]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ask-custom, namespace: app}}
+spec:
+  targetRefs: [{{kind: Service, group: \"\", name: ws}}]
+  action: CUSTOM
+  provider: {{name: absent}}
+  rules: [{{to: [{{operation: {{paths: [\"/live/custom\"]}}}}]}}]
 "
     ));
     assert_eq!(doomed.join().unwrap().trim_end(), "echoed 1\nclosed");
+    assert_eq!(custom.join().unwrap().trim_end(), "echoed 1\nclosed");
     assert_eq!(spared.join().unwrap().trim_end(), "echoed 1\nheld");
 
     let log = access_log(&m);

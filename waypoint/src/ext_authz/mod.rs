@@ -371,6 +371,25 @@ fn to_grpc(resp: Response<Body>) -> Response<Body> {
 /// The authorizer's endpoints on its port, as a route backend resolves.
 /// The provider's service is one the mesh has (in its namespace, when the
 /// provider names one).
+/// The providers CUSTOM policies would ask about this request now; Err: one
+/// cannot be asked (a live upgraded connection is then closed, as a new
+/// request would be denied).
+pub(crate) fn askable<'a>(
+    policies: impl IntoIterator<Item = &'a TargetedPolicy>,
+    state: &'a MeshState,
+    conn: &Connection,
+) -> Result<Vec<String>, String> {
+    needed(policies, &state.extension_providers, conn)
+        .into_iter()
+        .map(|n| match n {
+            Need::Refuse(why) => Err(why),
+            Need::Check(name, ask) => known_service(state, ask.authorizer())
+                .map(|()| name.to_string())
+                .map_err(|why| format!("provider {name:?}: {why}")),
+        })
+        .collect()
+}
+
 fn known_service(state: &MeshState, a: &Authorizer) -> Result<(), String> {
     let svc = state
         .service_by_host(&a.host)

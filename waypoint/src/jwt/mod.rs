@@ -79,20 +79,27 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
         .map(|p| p.split_once('=').unwrap_or((p, "")))
 }
 
-/// The token at `at`, if the request has one there.
-pub fn extract(parts: &Parts, at: &Location<'_>) -> Option<String> {
+/// Every token the request has at `at`: all of them are verified, so a
+/// second, forged one next to a good one is never forwarded unchecked.
+pub fn extract(parts: &Parts, at: &Location<'_>) -> Vec<String> {
     match at {
         Location::Header { name, prefix } => parts
             .headers
             .get_all(*name)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .find_map(|v| v.strip_prefix(prefix))
+            .filter_map(|v| v.strip_prefix(prefix))
             .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty()),
-        Location::Param(p) => query_pairs(parts.uri.query()?)
-            .find(|(k, v)| k == p && !v.is_empty())
-            .map(|(_, v)| v.to_string()),
+            .filter(|t| !t.is_empty())
+            .collect(),
+        Location::Param(p) => parts
+            .uri
+            .query()
+            .into_iter()
+            .flat_map(query_pairs)
+            .filter(|(k, v)| k == p && !v.is_empty())
+            .map(|(_, v)| v.to_string())
+            .collect(),
         Location::Cookie(c) => parts
             .headers
             .get_all("cookie")
@@ -100,8 +107,9 @@ pub fn extract(parts: &Parts, at: &Location<'_>) -> Option<String> {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|kv| kv.trim().split_once('='))
-            .find(|(k, v)| k == c && !v.is_empty())
-            .map(|(_, v)| v.to_string()),
+            .filter(|(k, v)| k == c && !v.is_empty())
+            .map(|(_, v)| v.to_string())
+            .collect(),
     }
 }
 
@@ -184,13 +192,15 @@ pub async fn authenticate(
     let mut found: Vec<(Found, Vec<usize>)> = Vec::new();
     for (i, c) in checkers.iter().enumerate() {
         for at in c.locations() {
-            let Some(token) = extract(parts, &at) else {
-                continue;
-            };
-            let f = Found { token, at };
-            match found.iter_mut().find(|(g, _)| *g == f) {
-                Some((_, by)) => by.push(i),
-                None => found.push((f, vec![i])),
+            for token in extract(parts, &at) {
+                let f = Found {
+                    token,
+                    at: at.clone(),
+                };
+                match found.iter_mut().find(|(g, _)| *g == f) {
+                    Some((_, by)) => by.push(i),
+                    None => found.push((f, vec![i])),
+                }
             }
         }
     }

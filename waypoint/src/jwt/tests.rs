@@ -195,6 +195,21 @@ async fn the_issuer_picks_the_rule_and_bad_tokens_are_rejected() {
         authenticate(&j, &applying, &mut parts).await,
         Err(JwtReject::UnknownIssuer)
     );
+    // A second token at the same location, forged next to a good one:
+    // verified too, so rejected (never forwarded unchecked).
+    let good = format!("Bearer {}", tok(&ka, "https://a", "x"));
+    let forged = format!("Bearer {}", tok(&kb, "https://a", "root"));
+    let mut parts = request("/", &[("authorization", &good), ("authorization", &forged)]);
+    assert_eq!(
+        authenticate(&j, &applying, &mut parts).await,
+        Err(JwtReject::NoKey)
+    );
+    let (t1, t2) = (tok(&ka, "https://a", "x"), tok(&kb, "https://a", "root"));
+    let mut parts = request(&format!("/?access_token={t1}&access_token={t2}"), &[]);
+    assert_eq!(
+        authenticate(&j, &applying, &mut parts).await,
+        Err(JwtReject::NoKey)
+    );
     // No token: passes, with no principal.
     let mut parts = request("/", &[]);
     assert_eq!(authenticate(&j, &applying, &mut parts).await, Ok(None));

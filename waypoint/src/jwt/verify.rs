@@ -55,9 +55,17 @@ pub fn peek(token: &str) -> Result<Unverified, JwtReject> {
 }
 
 /// Whether `keys` holds a key the token could name (by `kid`, or any key
-/// when the token names none).
+/// when the token names none; a key without a kid fits any token).
 pub fn has_key(keys: &JwkSet, kid: Option<&str>) -> bool {
-    kid.is_none_or(|k| keys.find(k).is_some())
+    kid.is_none_or(|k| {
+        keys.find(k).is_some() || keys.keys.iter().any(|j| j.common.key_id.is_none())
+    })
+}
+
+fn times_are_numbers(claims: &Map<String, Value>) -> bool {
+    ["exp", "nbf"]
+        .iter()
+        .all(|c| claims.get(*c).is_none_or(|v| v.as_u64().is_some()))
 }
 
 /// Verifies the signature with a key of `keys` (the one its `kid` names,
@@ -69,9 +77,10 @@ pub fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<Map<String, 
         return Err(JwtReject::NoKey);
     }
     let fits = |k: &&Jwk| {
+        // As Envoy: a key is skipped only when both name a kid and differ.
         u.kid
             .as_deref()
-            .is_none_or(|kid| k.common.key_id.as_deref() == Some(kid))
+            .is_none_or(|kid| k.common.key_id.as_deref().is_none_or(|id| id == kid))
             && k.common
                 .key_algorithm
                 .is_none_or(|a| a.to_string() == format!("{:?}", u.alg))
@@ -96,6 +105,9 @@ pub fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<Map<String, 
             continue;
         };
         match jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v) {
+            // jsonwebtoken skips an `exp`/`nbf` that is not a non-negative
+            // number (such a token would never expire); Envoy refuses it.
+            Ok(data) if !times_are_numbers(&data.claims) => return Err(JwtReject::Malformed),
             Ok(data) => return Ok(data.claims),
             Err(e) => {
                 last = match e.kind() {

@@ -139,6 +139,24 @@ fn claims_and_signatures_fail_with_envoys_reasons() {
     let other_key = ec(Algorithm::ES256, "k");
     let cases: Vec<Case> = vec![
         (
+            "exp that is not a number (would never expire)",
+            t(base(json!({"exp": "1"}))),
+            vec![],
+            Err(JwtReject::Malformed),
+        ),
+        (
+            "negative exp",
+            t(base(json!({"exp": -5}))),
+            vec![],
+            Err(JwtReject::Malformed),
+        ),
+        (
+            "nbf that is not a number",
+            t(base(json!({"nbf": "soon"}))),
+            vec![],
+            Err(JwtReject::Malformed),
+        ),
+        (
             "valid, no exp (Envoy does not require one)",
             good.clone(),
             vec!["api"],
@@ -246,4 +264,21 @@ fn peek_reads_the_issuer_and_kid_unverified() {
     assert_eq!(peek("x.y.z").err(), Some(JwtReject::Malformed));
     let keys = set(&[&k]);
     assert!(has_key(&keys, Some("e1")) && has_key(&keys, None) && !has_key(&keys, Some("e2")));
+}
+
+#[test]
+fn a_key_without_a_kid_fits_a_token_that_names_one() {
+    let k = ec(Algorithm::ES256, "k");
+    let mut jwk = k.jwk.clone();
+    jwk.as_object_mut().unwrap().remove("kid");
+    let keys: JwkSet = serde_json::from_value(json!({"keys": [jwk]})).unwrap();
+    let token = sign(&k, Some("k"), json!({"iss": "https://idp", "sub": "s"}));
+    assert!(has_key(&keys, Some("k")));
+    assert_eq!(verify(&token, &rule(&[]), &keys).map(|_| ()), Ok(()));
+    // Named kids that differ still do not fit.
+    let other = sign(&k, Some("other"), json!({"iss": "https://idp", "sub": "s"}));
+    assert_eq!(
+        verify(&other, &rule(&[]), &set(&[&k])).map(|_| ()),
+        Err(JwtReject::NoKey)
+    );
 }
