@@ -109,20 +109,29 @@ fn holds(ok: bool, seen: impl FnOnce() -> String) -> Result<(), String> {
 /// Polls `f` (Err: what it saw instead) until it holds or 180s pass.
 async fn wait_for(
     c: &Cluster,
-    node: &RealNode,
+    nodes: &[RealNode],
     what: &str,
     f: impl Fn(&Cluster) -> Result<(), String>,
 ) {
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     while let Err(last) = f(c) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last: {last}\npods:\n{}\nevents:\n{}\nkubelet:\n{}\ncontainers:\n{}",
-            c.kubectl("get pods -A -o wide").1,
-            c.kubectl("get events -A").1,
-            node.log("kubelet"),
-            node.container_logs()
-        );
+        if std::time::Instant::now() >= deadline {
+            let mut seen = String::new();
+            for n in nodes {
+                seen += &format!(
+                    "\n{} kubelet:\n{}\n{} containers:\n{}",
+                    n.name,
+                    n.log("kubelet"),
+                    n.name,
+                    n.container_logs()
+                );
+            }
+            panic!(
+                "timed out waiting for {what}; last: {last}\npods:\n{}\nevents:\n{}{seen}",
+                c.kubectl("get pods -A -o wide").1,
+                c.kubectl("get events -A").1,
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -162,15 +171,28 @@ struct Pod {
     ip: String,
     phase: String,
     redirection: String,
+    node: String,
 }
 
 /// The first pod `selector` matches in `ns` (fields empty when there is
 /// none).
 fn pod_of(c: &Cluster, ns: &str, selector: &str) -> Pod {
+    pod_where(c, &format!("pods -n {ns} -l {selector}"))
+}
+
+/// The first pod `selector` matches in `ns` on `node`.
+fn pod_on(c: &Cluster, ns: &str, selector: &str, node: &str) -> Pod {
+    pod_where(
+        c,
+        &format!("pods -n {ns} -l {selector} --field-selector spec.nodeName={node}"),
+    )
+}
+
+fn pod_where(c: &Cluster, what: &str) -> Pod {
     let f = jsonpath(
         c,
-        &format!("pods -n {ns} -l {selector}"),
-        "{.items[0].metadata.name}|{.items[0].metadata.uid}|{.items[0].status.podIP}|{.items[0].status.phase}|{.items[0].metadata.annotations.ambient\\.istio\\.io/redirection}",
+        what,
+        "{.items[0].metadata.name}|{.items[0].metadata.uid}|{.items[0].status.podIP}|{.items[0].status.phase}|{.items[0].metadata.annotations.ambient\\.istio\\.io/redirection}|{.items[0].spec.nodeName}",
     );
     let mut f = f.split('|').map(str::to_string);
     let mut next = || f.next().unwrap_or_default();
@@ -180,6 +202,7 @@ fn pod_of(c: &Cluster, ns: &str, selector: &str) -> Pod {
         ip: next(),
         phase: next(),
         redirection: next(),
+        node: next(),
     }
 }
 
@@ -200,39 +223,64 @@ fn fetch(c: &Cluster, vip: &str) -> (bool, String) {
     (ok && out.contains(MARKER), out)
 }
 
-/// One fetch while the node's every interface is captured (bridged packets
-/// pass its veths, not cni0): nothing to or from `server_ip` but HBONE
-/// (15008), and the page never in plaintext.
-fn hbone_only(cluster: &Cluster, node: &RealNode, pcap: &Path, vip: &str, server_ip: &str) {
-    let cap = testbed::Capture::start(&node.netns, "any", pcap.to_path_buf());
+/// One fetch while the client's node (`from`) is captured on its interface
+/// to the other node and the server's node (`to`) on every interface
+/// (bridged packets pass its veths, not cni0): between the nodes and into
+/// the server, nothing to or from `server_ip` but HBONE (15008), and the
+/// page never in plaintext.
+fn hbone_only(
+    cluster: &Cluster,
+    from: &RealNode,
+    to: &RealNode,
+    dir: &Path,
+    vip: &str,
+    server_ip: &str,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let wire = testbed::Capture::start(
+        &from.netns,
+        "eth0",
+        dir.join(format!("{}-eth0.pcap", from.name)),
+    );
+    let server =
+        testbed::Capture::start(&to.netns, "any", dir.join(format!("{}-any.pcap", to.name)));
     let (served, out) = fetch(cluster, vip);
     assert!(served, "{out}");
-    cap.stop();
-    // (The page does cross the node's loopback in plaintext: that is
-    // kubectl exec's stream from containerd to the kubelet.)
-    let (ok, plain) = testbed::sh_out(&format!(
-        "tshark -r {} -Y 'ip.addr=={server_ip} && frame contains \"{MARKER}\"' -T fields -e frame.number 2>/dev/null",
-        pcap.display()
-    ));
-    assert!(
-        ok && plain.trim().is_empty(),
-        "the page crossed in plaintext: {plain}"
-    );
-    let (ok, ports) = testbed::sh_out(&format!(
-        "tshark -r {} -Y 'ip.addr=={server_ip}' -T fields -e tcp.srcport -e tcp.dstport 2>/dev/null",
-        pcap.display()
-    ));
-    assert!(ok, "{ports}");
-    let flows: Vec<&str> = ports.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(
-        !flows.is_empty(),
-        "no packet to or from the server was seen"
-    );
-    for f in &flows {
+    wire.stop();
+    server.stop();
+    for pcap in [
+        dir.join(format!("{}-eth0.pcap", from.name)),
+        dir.join(format!("{}-any.pcap", to.name)),
+    ] {
+        // (The page does cross a node's loopback in plaintext: that is
+        // kubectl exec's stream from containerd to the kubelet.)
+        let (ok, plain) = testbed::sh_out(&format!(
+            "tshark -r {} -Y 'ip.addr=={server_ip} && frame contains \"{MARKER}\"' -T fields -e frame.number 2>/dev/null",
+            pcap.display()
+        ));
         assert!(
-            f.split_whitespace().any(|p| p == "15008"),
-            "non-HBONE packet to the server: {f}"
+            ok && plain.trim().is_empty(),
+            "the page crossed {} in plaintext: {plain}",
+            pcap.display()
         );
+        let (ok, ports) = testbed::sh_out(&format!(
+            "tshark -r {} -Y 'ip.addr=={server_ip}' -T fields -e ip.src -e ip.dst -e tcp.srcport -e tcp.dstport 2>/dev/null",
+            pcap.display()
+        ));
+        assert!(ok, "{ports}");
+        let flows: Vec<&str> = ports.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(
+            !flows.is_empty(),
+            "no packet to or from the server in {}",
+            pcap.display()
+        );
+        for f in &flows {
+            assert!(
+                f.split_whitespace().skip(2).any(|p| p == "15008"),
+                "non-HBONE packet to the server in {}: {f}",
+                pcap.display()
+            );
+        }
     }
 }
 
@@ -252,6 +300,7 @@ spec:
   template:
     metadata: {labels: {app: server}}
     spec:
+      nodeSelector: {kubernetes.io/hostname: node2}
       containers:
         - name: httpd
           image: mesh.test/app:1
@@ -277,6 +326,7 @@ spec:
   template:
     metadata: {labels: {app: client}}
     spec:
+      nodeSelector: {kubernetes.io/hostname: node1}
       containers:
         - name: client
           image: mesh.test/app:1
@@ -313,7 +363,16 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         .apply(&ISTIOD_SERVICE.replace("CONTROL_IP", CONTROL_IP))
         .await;
     dns.add_service(&cluster, "istio-system", "istiod").await;
-    let node = cluster.start_node(&mut mesh, "node1", 1, &images).await;
+    // Two nodes, each its own netns (address), containerd and kubelet: the
+    // client runs on node1, the server on node2, so HBONE crosses the wire.
+    let mut nodes = Vec::new();
+    for (i, name) in ["node1", "node2"].iter().enumerate() {
+        nodes.push(
+            cluster
+                .start_node(&mut mesh, name, i as u8 + 1, &images)
+                .await,
+        );
+    }
 
     // The user's install command, with the images containerd holds.
     let (ok, out) = cluster.kubectl(&format!("apply -k {}", root().join("manifests").display()));
@@ -335,25 +394,27 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
                     == Some(true)
             })
     };
-    wait_for(
-        &cluster,
-        &node,
-        "the agent chains istio-cni into the node's conflist",
-        |_| holds(chained(&node).is_some(), String::new),
-    )
-    .await;
-    assert!(node
-        .conf_dir
-        .parent()
-        .unwrap()
-        .join("bin/istio-cni")
-        .exists());
+    for node in &nodes {
+        wait_for(
+            &cluster,
+            &nodes,
+            &format!("the agent chains istio-cni into {}'s conflist", node.name),
+            |_| holds(chained(node).is_some(), String::new),
+        )
+        .await;
+        assert!(node
+            .conf_dir
+            .parent()
+            .unwrap()
+            .join("bin/istio-cni")
+            .exists());
+    }
 
     // ztunnel's pod is started by the kubelet from our image and passes its
     // readiness probe (istiod's first full sync).
-    wait_for(&cluster, &node, "ztunnel DaemonSet ready", |c| {
+    wait_for(&cluster, &nodes, "ztunnel DaemonSet ready", |c| {
         let n = jsonpath(c, "ds -n istio-system ztunnel", "{.status.numberReady}");
-        holds(n == "1", || n)
+        holds(n == "2", || n)
     })
     .await;
 
@@ -363,7 +424,7 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     let (ok, out) = cluster.kubectl(&format!("apply -f {}", app.display()));
     assert!(ok, "{out}");
     for a in ["server", "client"] {
-        wait_for(&cluster, &node, &format!("{a} running"), |c| {
+        wait_for(&cluster, &nodes, &format!("{a} running"), |c| {
             let phase = jsonpath(
                 c,
                 &format!("pods -n app -l app={a}"),
@@ -372,12 +433,10 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
             holds(phase == "Running", || phase)
         })
         .await;
-        let annotation = jsonpath(
-            &cluster,
-            &format!("pods -n app -l app={a}"),
-            "{.items[0].metadata.annotations.ambient\\.istio\\.io/redirection}",
-        );
-        assert_eq!(annotation, "enabled", "{a} not annotated as captured");
+        let pod = pod_of(&cluster, "app", &format!("app={a}"));
+        assert_eq!(pod.redirection, "enabled", "{a} not annotated as captured");
+        let on = if a == "client" { "node1" } else { "node2" };
+        assert_eq!(pod.node, on, "{a} scheduled where its nodeSelector says");
     }
 
     // Traffic between them crosses the node's pod network as HBONE only.
@@ -389,7 +448,7 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     );
     wait_for(
         &cluster,
-        &node,
+        &nodes,
         "client reaches server through the mesh",
         |c| {
             let (served, out) = fetch(c, &vip);
@@ -399,8 +458,9 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     .await;
     hbone_only(
         &cluster,
-        &node,
-        &mesh.dir.join("node.pcap"),
+        &nodes[0],
+        &nodes[1],
+        &mesh.dir.join("first"),
         &vip,
         &server_ip,
     );
@@ -410,7 +470,7 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     std::fs::write(&policy, DENY_CLIENT).unwrap();
     let (ok, out) = cluster.kubectl(&format!("apply -f {}", policy.display()));
     assert!(ok, "{out}");
-    wait_for(&cluster, &node, "the policy refuses the client", |c| {
+    wait_for(&cluster, &nodes, "the policy refuses the client", |c| {
         let (served, out) = fetch(c, &vip);
         holds(!served, || out)
     })
@@ -419,7 +479,7 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     assert!(ok, "{out}");
     wait_for(
         &cluster,
-        &node,
+        &nodes,
         "the client is served again without the policy",
         |c| {
             let (served, out) = fetch(c, &vip);
@@ -434,8 +494,15 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     let old = pod_of(&cluster, "app", "app=server");
     let (ok, out) = cluster.kubectl(&format!("delete pod -n app {}", old.name));
     assert!(ok, "{out}");
-    wait_for(&cluster, &node, "the agent takes the CNI DEL", |c| {
-        let log = logs(c, "-n istio-system ds/istio-cni-node");
+    // The server's node's agent and ztunnel.
+    let agent = pod_on(&cluster, "istio-system", "app=istio-cni", "node2");
+    let zt = pod_on(&cluster, "istio-system", "app=ztunnel", "node2");
+    assert!(
+        !agent.name.is_empty() && !zt.name.is_empty(),
+        "node2's agent {agent:?} and ztunnel {zt:?}"
+    );
+    wait_for(&cluster, &nodes, "the agent takes the CNI DEL", |c| {
+        let log = logs(c, &format!("-n istio-system {}", agent.name));
         holds(
             log.lines()
                 .any(|l| l.contains("pod deleted") && l.contains(&format!("app/{}", old.name))),
@@ -443,8 +510,8 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         )
     })
     .await;
-    wait_for(&cluster, &node, "ztunnel no longer serves the pod", |c| {
-        let log = logs(c, "-n istio-system ds/ztunnel");
+    wait_for(&cluster, &nodes, "ztunnel no longer serves the pod", |c| {
+        let log = logs(c, &format!("-n istio-system {}", zt.name));
         holds(
             log.lines()
                 .any(|l| l.contains("pod removed: listeners closed") && l.contains(&old.uid)),
@@ -452,7 +519,7 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         )
     })
     .await;
-    wait_for(&cluster, &node, "the replacement server captured", |c| {
+    wait_for(&cluster, &nodes, "the replacement server captured", |c| {
         let new = pod_of(c, "app", "app=server");
         holds(
             new.name != old.name && new.phase == "Running" && new.redirection == "enabled",
@@ -461,26 +528,31 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     })
     .await;
     let new = pod_of(&cluster, "app", "app=server");
-    wait_for(&cluster, &node, "the replacement server is served", |c| {
+    wait_for(&cluster, &nodes, "the replacement server is served", |c| {
         let (served, out) = fetch(c, &vip);
         holds(served, || out)
     })
     .await;
     hbone_only(
         &cluster,
-        &node,
-        &mesh.dir.join("replaced.pcap"),
+        &nodes[0],
+        &nodes[1],
+        &mesh.dir.join("replaced"),
         &vip,
         &new.ip,
     );
 
     // A rollout of the ztunnel DaemonSet (maxSurge 1, maxUnavailable 0):
-    // the new ztunnel is ready before the old one is told to stop, the old
-    // one then drains (new connections go to the new one; the ones it
-    // holds go on until they end or --drain-timeout, 30s). Checked: a new
-    // connection while the old one drains, the held one finishing through
-    // it, and the rollout completing.
-    let old_zt = pod_of(&cluster, "istio-system", "app=ztunnel");
+    // node by node, the new ztunnel is ready before the old one is told to
+    // stop, the old one then drains (new connections go to the new one; the
+    // ones it holds go on until they end or --drain-timeout, 30s). Checked:
+    // a new connection while the first node's old one drains, the held one
+    // (through both nodes' old ztunnels) finishing, and the rollout
+    // completing.
+    let old_zt: Vec<String> = ["node1", "node2"]
+        .iter()
+        .map(|n| pod_on(&cluster, "istio-system", "app=ztunnel", n).name)
+        .collect();
     // A request held open through the old ztunnel: connected now, finished
     // when the test writes /gate/go (the client's fresh emptyDir).
     let held = cluster.kubectl_child(&format!(
@@ -488,7 +560,7 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     ));
     wait_for(
         &cluster,
-        &node,
+        &nodes,
         "the held connection reaches the server",
         |c| {
             let (ok, tcp) =
@@ -506,19 +578,25 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     assert!(ok, "{out}");
     wait_for(
         &cluster,
-        &node,
-        "a new ztunnel ready while the old one drains",
+        &nodes,
+        "a new ztunnel ready on a node while its old one drains",
         |c| {
+            // name node ready [deletionTimestamp]
             let (_, pods) = c.kubectl(
-                "get pods -n istio-system -l app=ztunnel -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.deletionTimestamp} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}'",
+                "get pods -n istio-system -l app=ztunnel -o jsonpath='{range .items[*]}{.metadata.name} {.spec.nodeName} {.status.conditions[?(@.type==\"Ready\")].status} {.metadata.deletionTimestamp}{\"\\n\"}{end}'",
             );
-            let new_ready = pods.lines().any(|l| {
-                !l.starts_with(&format!("{} ", old_zt.name)) && l.ends_with(" True")
+            let rows: Vec<Vec<&str>> = pods.lines().map(|l| l.split_whitespace().collect()).collect();
+            let rolling = rows.iter().any(|old| {
+                old.len() == 4
+                    && old_zt.iter().any(|n| n == old[0])
+                    && rows.iter().any(|new| {
+                        new.len() == 3
+                            && !old_zt.iter().any(|n| n == new[0])
+                            && new[1] == old[1]
+                            && new[2] == "True"
+                    })
             });
-            let old_draining = pods
-                .lines()
-                .any(|l| l.starts_with(&format!("{} ", old_zt.name)) && l.split_whitespace().count() == 3);
-            holds(new_ready && old_draining, || pods)
+            holds(rolling, || pods)
         },
     )
     .await;
@@ -546,7 +624,7 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     let (ok, out) = cluster.kubectl("label namespace app istio.io/dataplane-mode-");
     assert!(ok, "{out}");
     for a in ["server", "client"] {
-        wait_for(&cluster, &node, &format!("{a} released"), |c| {
+        wait_for(&cluster, &nodes, &format!("{a} released"), |c| {
             let annotation = jsonpath(
                 c,
                 &format!("pods -n app -l app={a}"),
@@ -556,7 +634,7 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         })
         .await;
     }
-    wait_for(&cluster, &node, "the released client is served", |c| {
+    wait_for(&cluster, &nodes, "the released client is served", |c| {
         let (served, out) = fetch(c, &vip);
         holds(served, || out)
     })
