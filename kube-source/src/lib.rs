@@ -224,8 +224,11 @@ impl PodAnnotator {
             let mut backoff = Duration::from_millis(200);
             for attempt in 1..=5 {
                 let pp = kube::api::PatchParams::default();
+                // Through pods/status, as Istio's agent does: it may change
+                // metadata too and is the lower privilege, the only one
+                // Istio's chart grants the agent.
                 match api
-                    .patch(&name, &pp, &kube::api::Patch::Merge(&patch))
+                    .patch_status(&name, &pp, &kube::api::Patch::Merge(&patch))
                     .await
                 {
                     Ok(_) => return,

@@ -29,6 +29,7 @@ use crate::{sh, sh_out, Mesh};
 mod demo;
 mod node;
 mod node_dns;
+pub mod node_kit;
 pub use demo::{allow_only, demo_serves_over_hbone, DEMO_PODS};
 pub use node::RealNode;
 pub use node_dns::ClusterDns;

@@ -272,6 +272,16 @@ pub fn template(
     namespace: &str,
     sets: &[(&str, &str)],
 ) -> Result<Render, HelmError> {
+    parse(&template_yaml(chart, release, namespace, sets)?)
+}
+
+/// [`template`]'s render as helm prints it: what `kubectl apply -f` takes.
+pub fn template_yaml(
+    chart: &Path,
+    release: &str,
+    namespace: &str,
+    sets: &[(&str, &str)],
+) -> Result<String, HelmError> {
     let Some(helm) = helm_bin() else {
         panic!("helm missing: check helm_bin() before rendering");
     };
@@ -300,7 +310,7 @@ pub fn template(
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         });
     }
-    parse(&String::from_utf8_lossy(&out.stdout))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Parses multi-document YAML as `helm template` prints it.
