@@ -4,12 +4,14 @@
 #
 #   scripts/images.sh OUT_DIR BIN_DIR MUSL_BIN_DIR
 #
-# BIN_DIR holds cargo's ztunnel and istio-cni-agent, MUSL_BIN_DIR the static
-# istio-cni plugin. Each image is what docker/*.Dockerfile makes, from the
+# BIN_DIR holds cargo's ztunnel, waypoint and istio-cni-agent, MUSL_BIN_DIR
+# the static istio-cni plugin. Each image is what docker/*.Dockerfile makes, from the
 # same binaries and with the same entrypoint and user; the base layers are
 # the host's own Debian files instead of distroless/bookworm-slim (the
 # Dockerfiles' bases cannot be pulled here):
 #   ztunnel    the binary and the glibc it links (distroless cc), root
+#   waypoint   the binary, its glibc and CA certificates, and distroless
+#              nonroot's passwd/group entries; 65532:65532
 #   istio-cni  plugin, agent (also as install-cni), iptables, ip, ipset and
 #              nsenter with their libraries and xtables modules, root
 #   pause      kubernetes' own pause.c from the pinned module, static
@@ -76,6 +78,19 @@ install -m 0755 "$bin/ztunnel" "$z/usr/local/bin/ztunnel"
 libs "$z" "$bin/ztunnel"
 cp /etc/ssl/certs/ca-certificates.crt "$z/etc/ssl/certs/"
 oci ztunnel ghcr.io/ambient-rs/ztunnel:0.1.0 '["/usr/local/bin/ztunnel"]' ""
+
+# waypoint: distroless cc's nonroot flavour (its user 65532 named in
+# passwd/group, a home and a /tmp of its own).
+w="$work/waypoint"
+skeleton "$w"
+mkdir -p "$w/etc/ssl/certs" "$w/home/nonroot"
+install -m 0755 "$bin/waypoint" "$w/usr/local/bin/waypoint"
+libs "$w" "$bin/waypoint"
+cp /etc/ssl/certs/ca-certificates.crt "$w/etc/ssl/certs/"
+printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' > "$w/etc/passwd"
+printf 'root:x:0:\nnonroot:x:65532:\n' > "$w/etc/group"
+chmod 1777 "$w/tmp"
+oci waypoint ghcr.io/ambient-rs/waypoint:0.1.0 '["/usr/local/bin/waypoint"]' 65532:65532
 
 # istio-cni: the Dockerfile's slim Debian with iptables, iproute2, ipset,
 # util-linux (nsenter).

@@ -144,6 +144,7 @@ pub fn images(out: &Path) -> Vec<PathBuf> {
         .join(profile.file_name().unwrap());
     for b in [
         profile.join("ztunnel"),
+        profile.join("waypoint"),
         profile.join("istio-cni-agent"),
         musl.join("istio-cni"),
     ] {
@@ -160,7 +161,7 @@ pub fn images(out: &Path) -> Vec<PathBuf> {
         profile.display(),
         musl.display()
     ));
-    ["pause", "ztunnel", "istio-cni", "app"]
+    ["pause", "ztunnel", "waypoint", "istio-cni", "app"]
         .iter()
         .map(|i| out.join(format!("{i}.tar")))
         .collect()
@@ -282,12 +283,25 @@ pub const MARKER: &str = "served-by-the-kubelets-pod";
 
 /// One GET from the client pod (kubectl exec through the kubelet; busybox
 /// nc, as Debian's static busybox wget crashes) to `vip`:80. Whether the
-/// server's page came back, and what did.
+/// server's page came back, and what did. nc half-closes at the end of its
+/// input, which an L4 path carries through (HBONE's END_STREAM).
 pub fn fetch(c: &Cluster, vip: &str) -> (bool, String) {
-    let (ok, out) = c.kubectl(&format!(
-        "exec -n app deploy/client -- sh -c \"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {vip} 80\""
-    ));
+    let (ok, out) = get(c, vip, "/", "");
     (ok && out.contains(MARKER), out)
+}
+
+/// One GET of `path` through an HTTP proxy on the way (a waypoint): the
+/// client keeps its write side open a second, since an HTTP proxy closes
+/// the connection of a client that half-closes before its response, as
+/// Envoy does. Whether kubectl exec ran, and the response.
+pub fn fetch_path(c: &Cluster, vip: &str, path: &str) -> (bool, String) {
+    get(c, vip, path, "; sleep 1")
+}
+
+fn get(c: &Cluster, vip: &str, path: &str, then: &str) -> (bool, String) {
+    c.kubectl(&format!(
+        "exec -n app deploy/client -- sh -c \"(printf 'GET {path} HTTP/1.0\\r\\nHost: server.app.svc.cluster.local\\r\\n\\r\\n'{then}) | nc -w 5 {vip} 80\""
+    ))
 }
 
 /// One fetch while the client's node (`from`) is captured on its interface
