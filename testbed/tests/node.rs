@@ -13,6 +13,10 @@ use testbed::cluster::node_kit::{
     MARKER,
 };
 
+/// The node agent's ipset of ambient pod addresses (kubelet probes from
+/// the node to them are SNATed).
+const PROBE_IPSET: &str = "istio-inpod-probes-v4";
+
 const DENY_CLIENT: &str = r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -134,6 +138,25 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     // which tells ztunnel, and ztunnel closes that pod's listeners. The
     // Deployment's replacement is captured and served over HBONE.
     let old = pod_of(cluster, "app", "app=server");
+    // Before: the pod's netns has the capture rules and the node's probe
+    // ipset has its address.
+    let server_node = &nodes[1];
+    let old_netns = server_node.pod_netns(&old.ip);
+    assert!(!old_netns.is_empty(), "no netns on node2 has {}", old.ip);
+    let (_, rules) = server_node.exec(&format!(
+        "ip netns exec {old_netns} iptables-nft-save; ip netns exec {old_netns} iptables-legacy-save"
+    ));
+    assert!(
+        rules.contains("ISTIO_PRERT") && rules.contains("ISTIO_OUTPUT"),
+        "the server's netns {old_netns} has no capture rules: {rules}"
+    );
+    let probes =
+        |node: &testbed::cluster::RealNode| node.exec(&format!("ipset list {PROBE_IPSET}")).1;
+    assert!(
+        probes(server_node).lines().any(|l| l.trim() == old.ip),
+        "{} not in node2's probe ipset",
+        old.ip
+    );
     let (ok, out) = cluster.kubectl(&format!("delete pod -n app {}", old.name));
     assert!(ok, "{out}");
     // The server's node's agent and ztunnel.
@@ -160,6 +183,23 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
             || log,
         )
     })
+    .await;
+    // After: its netns is gone with the rules in it, and its address left
+    // the node's ipset.
+    wait_for(
+        cluster,
+        nodes,
+        "the old server's netns and probe entry gone",
+        |_| {
+            let (_, left) = server_node.exec("ls /run/netns");
+            let set = probes(server_node);
+            holds(
+                !left.lines().any(|n| n.trim() == old_netns)
+                    && !set.lines().any(|l| l.trim() == old.ip),
+                || format!("netns: {left}\nipset: {set}"),
+            )
+        },
+    )
     .await;
     wait_for(cluster, nodes, "the replacement server captured", |c| {
         let new = pod_of(c, "app", "app=server");

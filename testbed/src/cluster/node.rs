@@ -317,6 +317,29 @@ impl RealNode {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// Runs `script` (sh) in the node's mount and network namespaces,
+    /// where its pods' netns are named (containerd's `/run/netns/cni-*`
+    /// mounts exist only there). Returns (success, output).
+    pub fn exec(&self, script: &str) -> (bool, String) {
+        let pid = self.child.as_ref().expect("node running").id();
+        let out = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "-n", "sh", "-c", script])
+            .output()
+            .expect("nsenter");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text += &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    /// The name (under the node's /run/netns) of the pod netns that has
+    /// `ip`, or "".
+    pub fn pod_netns(&self, ip: &str) -> String {
+        let (_, out) = self.exec(&format!(
+            "for n in $(ls /run/netns); do ip -n $n -4 -o addr | grep -q ' {ip}/' && echo $n; done"
+        ));
+        out.trim().to_string()
+    }
+
     /// The last lines of every container's log on this node (the kubelet
     /// writes them under /var/log/pods, a directory of this test).
     pub fn container_logs(&self) -> String {
