@@ -1,8 +1,8 @@
-//! A real node: containerd and a kubelet start our DaemonSets as the user
-//! installs them (`kubectl apply -k manifests/`, our images imported into
-//! containerd), and the kubelet starts an ambient namespace's pods through
-//! the CNI config our agent chained our plugin into. Nothing here plays the
-//! container runtime.
+//! Two real nodes: on each, containerd and a kubelet start our DaemonSets as
+//! the user installs them (`kubectl apply -k manifests/`, our images
+//! imported into containerd), and the kubelets start an ambient namespace's
+//! pods (client on node1, server on node2) through the CNI config our agent
+//! chained our plugin into. Nothing here plays the container runtime.
 //!
 //! Run under the shared lock with --test-threads=1 (one cluster, fixed
 //! ports); needs scripts/peers.sh (kubelet and friends), containerd and runc
