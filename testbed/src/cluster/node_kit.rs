@@ -91,6 +91,7 @@ impl NodeTestbed {
     }
 }
 
+/// The repository (manifests/, scripts/).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -167,6 +168,7 @@ pub fn images(out: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// `kubectl get <what> -o jsonpath=<path>`, trimmed; "" when it fails.
 pub fn jsonpath(c: &Cluster, what: &str, path: &str) -> String {
     let (ok, out) = c.kubectl(&format!("get {what} -o jsonpath='{path}'"));
     if ok {
@@ -176,6 +178,7 @@ pub fn jsonpath(c: &Cluster, what: &str, path: &str) -> String {
     }
 }
 
+/// A `wait_for` condition: Ok, or what was seen instead.
 pub fn holds(ok: bool, seen: impl FnOnce() -> String) -> Result<(), String> {
     if ok {
         Ok(())
@@ -214,6 +217,7 @@ pub async fn wait_for(
     }
 }
 
+/// istiod (beside the API server) as the in-cluster Service pods dial.
 pub const ISTIOD_SERVICE: &str = r#"
 apiVersion: v1
 kind: Service
@@ -232,6 +236,7 @@ ports: [{name: grpc-xds, port: 15012, protocol: TCP}]
 endpoints: [{addresses: ["CONTROL_IP"], conditions: {ready: true}}]
 "#;
 
+/// What the checks read of a pod.
 #[derive(Debug)]
 pub struct Pod {
     pub name: String,
@@ -256,7 +261,7 @@ pub fn pod_on(c: &Cluster, ns: &str, selector: &str, node: &str) -> Pod {
     )
 }
 
-pub fn pod_where(c: &Cluster, what: &str) -> Pod {
+fn pod_where(c: &Cluster, what: &str) -> Pod {
     let f = jsonpath(
         c,
         what,
@@ -279,6 +284,7 @@ pub fn logs(c: &Cluster, what: &str) -> String {
     c.kubectl(&format!("logs {what} --tail=-1")).1
 }
 
+/// The server's page (never seen in plaintext on the wire).
 pub const MARKER: &str = "served-by-the-kubelets-pod";
 
 /// One GET from the client pod (kubectl exec through the kubelet; busybox
@@ -364,6 +370,8 @@ pub fn hbone_only(
     }
 }
 
+/// The ambient namespace `app`: a busybox httpd `server` (port 80 → 8080)
+/// on node2 and a `client` on node1, both non-root.
 pub const APP: &str = r#"
 apiVersion: v1
 kind: Namespace
