@@ -300,7 +300,7 @@ const IDLE_PORT: u16 = 7001;
 /// BENCH_IDLE_CONNS (4,000) connections from the client pod to the server
 /// pod, each carrying one echoed byte end to end and then held idle: RSS of
 /// both ztunnels before, while holding (settled), and a few seconds after
-/// all are closed.
+/// all are closed. Per connection: (holding - before) / held.
 async fn idle_conns(m: &Mesh, pids: [u32; 2]) -> Idle {
     let n: usize = std::env::var("BENCH_IDLE_CONNS")
         .ok()
@@ -367,7 +367,14 @@ async fn idle_conns(m: &Mesh, pids: [u32; 2]) -> Idle {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let holding = rss();
     drop(held);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Long enough for every close to cross both nodes and for ztunnel to
+    // hand freed memory back (BENCH_IDLE_AFTER_SECS: allocators that decay
+    // freed pages over time need longer to show it).
+    let after_secs = std::env::var("BENCH_IDLE_AFTER_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    tokio::time::sleep(Duration::from_secs(after_secs)).await;
     let after = rss();
     echo.abort();
     Idle {

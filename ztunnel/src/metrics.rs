@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -56,6 +57,30 @@ pub struct ConnMetrics {
     shared: Arc<Shared>,
     start: Instant,
     log: AccessLog,
+    _live: Live,
+}
+
+/// Connections with metrics open now, proxied or not yet.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+pub fn live_connections() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// One connection counted in LIVE while it exists, however it ends.
+struct Live;
+
+impl Live {
+    fn new() -> Live {
+        LIVE.fetch_add(1, Ordering::Relaxed);
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What connections with the same labels and log names share.
@@ -273,6 +298,7 @@ impl ConnMetrics {
             shared,
             start: Instant::now(),
             log: AccessLog::new(&c),
+            _live: Live::new(),
         }
     }
 
