@@ -7,6 +7,7 @@ mod metrics;
 mod netns;
 mod pods;
 mod proxy;
+mod trim;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -18,6 +19,14 @@ use identity::{BuiltinCa, CertificateAuthority, SecretManager};
 use mesh::MeshStore;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
+
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -129,6 +138,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         dns_proxy: args.dns_proxy(),
     });
     proxy::watch_live(&px);
+    // jemalloc and mimalloc give memory back themselves.
+    if cfg!(not(any(feature = "jemalloc", feature = "mimalloc"))) {
+        trim::spawn(metrics::live_connections);
+    }
     let pods = pods::Pods::new(px.clone());
 
     tokio::spawn(pods.clone().run_zds(args.zds_socket.clone(), drain.clone()));
