@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use testbed::{in_ns, Mesh};
 
+mod report;
+
 fn secs() -> u64 {
     std::env::var("BENCH_SECS")
         .ok()
@@ -237,6 +239,22 @@ async fn main() {
     println!("| new connections/s (1-byte echo, 4 par) | {:>10.0} | {:>10.0} | {:>16.2}x | >= 1500/s       |", cps.0, cps.1, cps.1 / cps.0);
     println!("| ztunnel RSS idle (MB, max of 2 nodes)  |            | {:>10.1} |                   | <= 10 MB        |", idle);
     println!("| ztunnel RSS peak at 4 streams (MB)     |            | {:>10.1} |                   | <= 30 MB        |", peak);
+    let row = |measure: &str, unit: &str, direct: f64, ztunnel: f64| {
+        report::Row::new("ztunnel")
+            .text("measure", measure)
+            .text("unit", unit)
+            .num("secs", secs() as f64)
+            .num("direct", direct)
+            .num("ztunnel", ztunnel)
+            .emit()
+    };
+    row("iperf3 1 stream", "Gbit/s", t1.0, t1.1);
+    row("iperf3 4 streams", "Gbit/s", t4.0, t4.1);
+    row("64 B ping-pong p50", "us", lat.0 .0, lat.1 .0);
+    row("64 B ping-pong p99", "us", lat.0 .1, lat.1 .1);
+    row("new connections/s", "1/s", cps.0, cps.1);
+    row("ztunnel RSS idle", "MB", f64::NAN, idle);
+    row("ztunnel RSS peak at 4 streams", "MB", f64::NAN, peak);
 }
 
 fn conn_rate_once(m: &Mesh) -> bool {
