@@ -306,13 +306,18 @@ fn envoy_stats(m: &Mesh, filter: &str) -> String {
 /// waypoint's identity (not from the client's), and Envoy's own counters
 /// saw CONNECTs terminated and requests answered 2xx.
 fn check_envoy_waypoint(m: &Mesh) {
-    let from = format!("source_principal=\"spiffe://cluster.local/ns/app/sa/{}\"", envoy_waypoint::SA);
+    let from = format!(
+        "source_principal=\"spiffe://cluster.local/ns/app/sa/{}\"",
+        envoy_waypoint::SA
+    );
     let metrics = m.metrics("node2");
     assert!(
-        metrics.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
-            && l.contains("reporter=\"destination\"")
-            && l.contains(&from)
-            && l.contains("destination_workload=\"backend\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&from)
+                && l.contains("destination_workload=\"backend\"")),
         "node2's ztunnel saw no HBONE from the Envoy waypoint:\n{metrics}"
     );
     let stats = envoy_stats(m, "(connect_terminate.downstream_rq_total|main_internal.downstream_rq_2xx|connect_originate.upstream_cx_total)");
@@ -320,7 +325,13 @@ fn check_envoy_waypoint(m: &Mesh) {
     let count = |name: &str| -> u64 {
         stats
             .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.trim().parse().ok())
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(": ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0)
     };
     assert!(
@@ -341,8 +352,19 @@ async fn main() {
     m.pod("backend", "app", "backend", "10.244.2.11", "node2", true);
     m.pod("waypoint", "app", "waypoint", "10.244.2.20", "node2", false);
     m.pod("envoy", "app", "envoy", "10.244.2.30", "node2", false);
-    m.pod(envoy_waypoint::POD, "app", envoy_waypoint::SA, "10.244.2.40", "node2", false);
-    m.write_config(&format!("{YAML}{}{}", envoy_waypoint::YAML, streaming::YAML));
+    m.pod(
+        envoy_waypoint::POD,
+        "app",
+        envoy_waypoint::SA,
+        "10.244.2.40",
+        "node2",
+        false,
+    );
+    m.write_config(&format!(
+        "{YAML}{}{}",
+        envoy_waypoint::YAML,
+        streaming::YAML
+    ));
     let ca = m.dir.join("ca");
     m.start_node("node1", &ca).await;
     m.start_node("node2", &ca).await;
@@ -392,16 +414,17 @@ async fn main() {
         let perf_data = std::env::var("BENCH_PERF_OUT")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|_| m.dir.join("perf.data"));
-        let perf = (path.starts_with("waypoint") && std::env::var("BENCH_PROFILE").is_ok()).then(|| {
-            let pid = pid_of(&m.pod_ns("waypoint"), "waypoint");
-            Command::new("perf")
-                .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
-                .arg(&perf_data)
-                .args(["--", "sleep", &secs().to_string()])
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("perf")
-        });
+        let perf =
+            (path.starts_with("waypoint") && std::env::var("BENCH_PROFILE").is_ok()).then(|| {
+                let pid = pid_of(&m.pod_ns("waypoint"), "waypoint");
+                Command::new("perf")
+                    .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
+                    .arg(&perf_data)
+                    .args(["--", "sleep", &secs().to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("perf")
+            });
         let (rps, p50, p99, errors) = wrk(&m, url);
         if let Some(mut p) = perf {
             let _ = p.wait();
@@ -468,7 +491,10 @@ async fn main() {
         );
     }
     let hwm = [
-        ("waypoint (ours)", status_mib(&m.pod_ns("waypoint"), "waypoint", "VmHWM")),
+        (
+            "waypoint (ours)",
+            status_mib(&m.pod_ns("waypoint"), "waypoint", "VmHWM"),
+        ),
         (
             "envoy as waypoint",
             status_mib(&m.pod_ns(envoy_waypoint::POD), "envoy", "VmHWM"),
@@ -484,13 +510,23 @@ async fn main() {
     );
     println!("Envoy waypoint counters:\n{}", envoy_counts.trim_end());
     for r in &rows {
-        let peak = hwm.iter().find(|(p, _)| *p == r.path).map_or(f64::NAN, |h| h.1);
+        let peak = hwm
+            .iter()
+            .find(|(p, _)| *p == r.path)
+            .map_or(f64::NAN, |h| h.1);
         report::Row::new("waypoint")
             .text("path", r.path)
             .text("protocol", r.proto)
             .num("secs", secs() as f64)
             .num("rps", r.rps)
-            .num(if r.proto.starts_with("HTTP/2") { "mean_ms" } else { "p50_ms" }, r.p50_ms)
+            .num(
+                if r.proto.starts_with("HTTP/2") {
+                    "mean_ms"
+                } else {
+                    "p50_ms"
+                },
+                r.p50_ms,
+            )
             .num("p99_ms", r.p99_ms)
             .num("errors", r.errors)
             .num("peak_rss_mib", peak)
