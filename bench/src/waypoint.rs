@@ -218,7 +218,7 @@ fn wrk(m: &Mesh, url: &str) -> (f64, f64, f64, f64) {
         .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
         .flat_map(|l| l.split(|c: char| !c.is_ascii_digit() && c != '.'))
         .filter_map(|n| n.parse::<f64>().ok())
-        .sum();
+        .fold(0.0, |a, b| a + b);
     if errors > 0.0 || rps.is_nan() {
         eprintln!("wrk {url} reported errors:\n{out}");
     }
