@@ -17,6 +17,9 @@ command -v runc >/dev/null 2>&1 || need+=(runc)
 # pause binary from kubernetes' pause.c.
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx httpd || need+=(busybox-static)
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+# aws-lc-sys (HBONE's TLS provider) builds its C with cc; under a sanitizer
+# (the fuzz targets) it insists on CMake.
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

@@ -159,6 +159,7 @@ pub fn run(m: &Mesh, hwm: impl Fn(&str) -> f64) -> Vec<Case> {
     cases
 }
 
+/// The table, then each case as a JSON line (`report`).
 pub fn print(cases: &[Case]) {
     println!("\n| case | proxy | rate | peak RSS before → after (MiB) |");
     println!("|---|---|---:|---:|");
@@ -167,5 +168,15 @@ pub fn print(cases: &[Case]) {
             "| {} | {} | {:.0} {} | {:.1} → {:.1} |",
             c.name, c.proxy, c.rate, c.unit, c.hwm_before, c.hwm_after
         );
+    }
+    for c in cases {
+        crate::report::Row::new("waypoint-streaming")
+            .text("case", &c.name)
+            .text("proxy", c.proxy)
+            .num("rate", c.rate)
+            .text("unit", c.unit)
+            .num("peak_rss_before_mib", c.hwm_before)
+            .num("peak_rss_after_mib", c.hwm_after)
+            .emit();
     }
 }

@@ -1,16 +1,21 @@
-//! The waypoint against Envoy as an L7 proxy, same route (one backend),
-//! retries (2 on 5xx) and metrics on, 2 worker threads each, same load: wrk
-//! (HTTP/1.1) and h2load (HTTP/2), bounded duration. Also the same load
-//! through ztunnel alone (no L7), for scale. Prints a table. Then the
-//! streaming cases (`streaming`: a large upload, a gRPC stream) through
-//! both proxies with their peak RSS; BENCH_STREAMING=0 skips them.
+//! The waypoint against Envoy configured as a waypoint (same hops), and
+//! against Envoy as a plain L7 proxy outside the mesh, same route (one
+//! backend), retries (2 on 5xx) and metrics on, 2 worker threads each, same
+//! load: wrk (HTTP/1.1) and h2load (HTTP/2), bounded duration. Also the same
+//! load through ztunnel alone (no L7), for scale. Prints a table, then each
+//! row as JSON (`report`). Then the streaming cases (`streaming`: a large
+//! upload, a gRPC stream) through our waypoint and the plain Envoy with
+//! their peak RSS; BENCH_STREAMING=0 skips them.
 //!
 //! Paths (client and backend are ambient pods on two nodes):
-//!   waypoint: client → ztunnel ⇒HBONE⇒ waypoint ⇒HBONE⇒ ztunnel → backend
-//!   envoy:    client → ztunnel (plain, Envoy is outside the mesh) → Envoy → ztunnel (15006) → backend
-//!   L4 only:  client → ztunnel ⇒HBONE⇒ ztunnel → backend
-//! The waypoint path does two mTLS hops the Envoy path does not.
+//!   waypoint:          client → ztunnel ⇒HBONE⇒ waypoint ⇒HBONE⇒ ztunnel → backend
+//!   envoy as waypoint: client → ztunnel ⇒HBONE⇒ Envoy (`envoy_waypoint`) ⇒HBONE⇒ ztunnel → backend
+//!   envoy plain L7:    client → ztunnel (plain, Envoy is outside the mesh) → Envoy → ztunnel (15006) → backend
+//!   L4 only:           client → ztunnel ⇒HBONE⇒ ztunnel → backend
+//! The plain-Envoy path does two mTLS hops fewer than the other two.
 
+mod envoy_waypoint;
+mod report;
 mod soak;
 mod streaming;
 
@@ -172,6 +177,8 @@ struct Row {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Failed requests (non-2xx, socket errors, h2load failures).
+    errors: f64,
 }
 
 fn in_client(m: &Mesh, cmd: &str) -> String {
@@ -195,7 +202,8 @@ fn ms(v: &str) -> f64 {
     }
 }
 
-fn wrk(m: &Mesh, url: &str) -> (f64, f64, f64) {
+/// wrk: req/s, p50, p99 and failed requests (non-2xx plus socket errors).
+fn wrk(m: &Mesh, url: &str) -> (f64, f64, f64, f64) {
     let out = in_client(m, &format!("wrk -t2 -c32 -d{}s --latency {url}", secs()));
     let field = |prefix: &str| {
         out.lines()
@@ -204,21 +212,27 @@ fn wrk(m: &Mesh, url: &str) -> (f64, f64, f64) {
     let rps = field("Requests/sec:")
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN);
-    let errors = out
+    // "Non-2xx or 3xx responses: 5", "Socket errors: connect 0, read 1, write 0, timeout 0".
+    let errors: f64 = out
         .lines()
-        .any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
-    if errors {
+        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .flat_map(|l| l.split(|c: char| !c.is_ascii_digit() && c != '.'))
+        .filter_map(|n| n.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b);
+    if errors > 0.0 || rps.is_nan() {
         eprintln!("wrk {url} reported errors:\n{out}");
     }
     (
         rps,
         field("50%").map(|v| ms(&v)).unwrap_or(f64::NAN),
         field("99%").map(|v| ms(&v)).unwrap_or(f64::NAN),
+        errors,
     )
 }
 
-/// h2load: req/s and mean request time (it prints no percentiles).
-fn h2load(m: &Mesh, url: &str) -> (f64, f64) {
+/// h2load: req/s, mean request time (it prints no percentiles) and failed
+/// requests (failed + errored + timed out, and non-2xx answers).
+fn h2load(m: &Mesh, url: &str) -> (f64, f64, f64) {
     let out = in_client(m, &format!("h2load -D {} -c8 -m16 -t2 {url}", secs()));
     let rps = out
         .lines()
@@ -237,10 +251,27 @@ fn h2load(m: &Mesh, url: &str) -> (f64, f64) {
         .find(|l| l.starts_with("time for request:"))
         .and_then(|l| l.split_whitespace().nth(5).map(ms))
         .unwrap_or(f64::NAN);
-    if !out.contains("0 failed, 0 errored") {
+    // "requests: 10 total, 10 started, 10 done, 9 succeeded, 1 failed, 0 errored, 0 timeout"
+    // "status codes: 9 2xx, 0 3xx, 1 4xx, 0 5xx"
+    let count = |prefix: &str, what: &[&str]| -> f64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|l| {
+                l.split(", ")
+                    .filter_map(|part| {
+                        let (n, name) = part.trim().split_once(' ')?;
+                        what.contains(&name).then(|| n.parse::<f64>().ok())?
+                    })
+                    .sum()
+            })
+            .unwrap_or(f64::NAN)
+    };
+    let errors = count("requests: ", &["failed", "errored", "timeout"])
+        .max(count("status codes: ", &["3xx", "4xx", "5xx"]));
+    if errors != 0.0 {
         eprintln!("h2load {url} reported failures:\n{out}");
     }
-    (rps, mean)
+    (rps, mean, errors)
 }
 
 fn pid_of(ns: &str, comm: &str) -> String {
@@ -260,6 +291,57 @@ fn status_mib(ns: &str, comm: &str, field: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The Envoy waypoint's counters whose names contain `filter` (admin
+/// `/stats`), as "name: value" lines.
+fn envoy_stats(m: &Mesh, filter: &str) -> String {
+    let (_, out) = testbed::sh_out(&format!(
+        "ip netns exec {} curl -sg 'http://127.0.0.1:9901/stats?filter={filter}'",
+        m.pod_ns(envoy_waypoint::POD)
+    ));
+    out
+}
+
+/// Fails the bench unless the Envoy waypoint carries the traffic of
+/// `web-envoy-wp`: the backend's ztunnel accepted HBONE from the Envoy
+/// waypoint's identity (not from the client's), and Envoy's own counters
+/// saw CONNECTs terminated and requests answered 2xx.
+fn check_envoy_waypoint(m: &Mesh) {
+    let from = format!(
+        "source_principal=\"spiffe://cluster.local/ns/app/sa/{}\"",
+        envoy_waypoint::SA
+    );
+    let metrics = m.metrics("node2");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&from)
+                && l.contains("destination_workload=\"backend\"")),
+        "node2's ztunnel saw no HBONE from the Envoy waypoint:\n{metrics}"
+    );
+    let stats = envoy_stats(m, "(connect_terminate.downstream_rq_total|main_internal.downstream_rq_2xx|connect_originate.upstream_cx_total)");
+    // Lines are "name: value".
+    let count = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(": ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        count("http.connect_terminate.downstream_rq_total") > 0
+            && count("http.main_internal.downstream_rq_2xx") > 0
+            && count("cluster.connect_originate.upstream_cx_total") > 0,
+        "the Envoy waypoint's counters show no traffic:\n{stats}"
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let ztunnel = std::env::var("ZTUNNEL").unwrap_or_else(|_| "target/release/ztunnel".into());
@@ -270,16 +352,42 @@ async fn main() {
     m.pod("backend", "app", "backend", "10.244.2.11", "node2", true);
     m.pod("waypoint", "app", "waypoint", "10.244.2.20", "node2", false);
     m.pod("envoy", "app", "envoy", "10.244.2.30", "node2", false);
-    m.write_config(&format!("{YAML}{}", streaming::YAML));
+    m.pod(
+        envoy_waypoint::POD,
+        "app",
+        envoy_waypoint::SA,
+        "10.244.2.40",
+        "node2",
+        false,
+    );
+    m.write_config(&format!(
+        "{YAML}{}{}",
+        envoy_waypoint::YAML,
+        streaming::YAML
+    ));
     let ca = m.dir.join("ca");
     m.start_node("node1", &ca).await;
     m.start_node("node2", &ca).await;
     m.start_envoy("backend", BACKEND, "backend", 8080);
     m.start_envoy("envoy", PROXY, "proxy", 8080);
+    // The Envoy waypoint's certificate, from the mesh CA, for its service account.
+    let (chain, key, root) = testbed::issue_cert(
+        &ca,
+        &format!("spiffe://cluster.local/ns/app/sa/{}", envoy_waypoint::SA),
+        &m.dir,
+        "envoy-waypoint",
+    );
+    m.start_envoy(
+        envoy_waypoint::POD,
+        &envoy_waypoint::config(&chain, &key, &root),
+        "envoy-waypoint",
+        15008,
+    );
     m.start_waypoint(&waypoint, "waypoint", "waypoint", "app", "waypoint");
     // Warm up each path (certificates, pools).
     for url in [
         "http://10.96.0.10/",
+        envoy_waypoint::URL,
         "http://10.96.0.11/",
         "http://10.96.0.12/",
     ] {
@@ -288,6 +396,7 @@ async fn main() {
             "{url} does not answer"
         );
     }
+    check_envoy_waypoint(&m);
     // SOAK_SECS=N: a steady-rate soak instead of the comparison.
     if std::env::var("SOAK_SECS").is_ok() {
         soak::run(&m, "10.96.0.10", "10.96.0.11");
@@ -295,22 +404,28 @@ async fn main() {
     }
     let mut rows = Vec::new();
     for (path, url) in [
-        ("waypoint", "http://10.96.0.10/"),
-        ("envoy", "http://10.96.0.12/"),
+        ("waypoint (ours)", "http://10.96.0.10/"),
+        ("envoy as waypoint", envoy_waypoint::URL),
+        ("envoy (plain L7, 2 hops fewer)", "http://10.96.0.12/"),
         ("ztunnel only (L4)", "http://10.96.0.11/"),
     ] {
-        // BENCH_PROFILE=1: perf samples the waypoint during its HTTP/1.1 run.
-        let perf = (path == "waypoint" && std::env::var("BENCH_PROFILE").is_ok()).then(|| {
-            let pid = pid_of(&m.pod_ns("waypoint"), "waypoint");
-            Command::new("perf")
-                .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
-                .arg(m.dir.join("perf.data"))
-                .args(["--", "sleep", &secs().to_string()])
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("perf")
-        });
-        let (rps, p50, p99) = wrk(&m, url);
+        // BENCH_PROFILE=1: perf samples the waypoint during its HTTP/1.1 run
+        // (BENCH_PERF_OUT: where perf.data goes, kept for `perf report`).
+        let perf_data = std::env::var("BENCH_PERF_OUT")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| m.dir.join("perf.data"));
+        let perf =
+            (path.starts_with("waypoint") && std::env::var("BENCH_PROFILE").is_ok()).then(|| {
+                let pid = pid_of(&m.pod_ns("waypoint"), "waypoint");
+                Command::new("perf")
+                    .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
+                    .arg(&perf_data)
+                    .args(["--", "sleep", &secs().to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("perf")
+            });
+        let (rps, p50, p99, errors) = wrk(&m, url);
         if let Some(mut p) = perf {
             let _ = p.wait();
             let out = Command::new("perf")
@@ -324,7 +439,7 @@ async fn main() {
                     "none",
                     "-i",
                 ])
-                .arg(m.dir.join("perf.data"))
+                .arg(&perf_data)
                 .output()
                 .unwrap();
             println!("{}", String::from_utf8_lossy(&out.stdout));
@@ -335,48 +450,88 @@ async fn main() {
             rps,
             p50_ms: p50,
             p99_ms: p99,
+            errors,
         });
-        let (rps, mean) = h2load(&m, url);
+        let (rps, mean, errors) = h2load(&m, url);
         rows.push(Row {
             path,
             proto: "HTTP/2 (h2load -c8 -m16)",
             rps,
             p50_ms: mean,
             p99_ms: f64::NAN,
+            errors,
         });
     }
+    // The load went where it should: the Envoy waypoint's counters after it.
+    check_envoy_waypoint(&m);
+    let envoy_counts = envoy_stats(
+        &m,
+        "(connect_terminate.downstream_rq_total|main_internal.downstream_rq_2xx|main_internal.downstream_rq_5xx|backend.upstream_rq_retry|connect_originate.upstream_cx_total)$",
+    );
     println!(
         "\n{} s per run, 2 cores shared by load generator, proxies and backend\n",
         secs()
     );
-    println!("| path | protocol | req/s | p50 ms | p99 ms |");
-    println!("|---|---|---:|---:|---:|");
+    println!("| path | protocol | req/s | p50 ms | p99 ms | errors |");
+    println!("|---|---|---:|---:|---:|---:|");
     for r in &rows {
         let p99 = if r.p99_ms.is_nan() {
             "-".to_string()
         } else {
             format!("{:.2}", r.p99_ms)
         };
-        let label = if r.proto.starts_with("HTTP/2") {
-            "mean ms"
+        let mean = if r.proto.starts_with("HTTP/2") {
+            " (mean)"
         } else {
             ""
         };
         println!(
-            "| {} | {} | {:.0} | {:.2}{} | {} |",
-            r.path,
-            r.proto,
-            r.rps,
-            r.p50_ms,
-            if label.is_empty() { "" } else { " (mean)" },
-            p99
+            "| {} | {} | {:.0} | {:.2}{mean} | {p99} | {} |",
+            r.path, r.proto, r.rps, r.p50_ms, r.errors
         );
     }
+    let hwm = [
+        (
+            "waypoint (ours)",
+            status_mib(&m.pod_ns("waypoint"), "waypoint", "VmHWM"),
+        ),
+        (
+            "envoy as waypoint",
+            status_mib(&m.pod_ns(envoy_waypoint::POD), "envoy", "VmHWM"),
+        ),
+        (
+            "envoy (plain L7, 2 hops fewer)",
+            status_mib(&m.pod_ns("envoy"), "envoy", "VmHWM"),
+        ),
+    ];
     println!(
-        "\npeak RSS: waypoint {:.1} MiB, Envoy proxy {:.1} MiB",
-        status_mib(&m.pod_ns("waypoint"), "waypoint", "VmHWM"),
-        status_mib(&m.pod_ns("envoy"), "envoy", "VmHWM")
+        "\npeak RSS: waypoint {:.1} MiB, Envoy as waypoint {:.1} MiB, plain Envoy {:.1} MiB",
+        hwm[0].1, hwm[1].1, hwm[2].1
     );
+    println!("Envoy waypoint counters:\n{}", envoy_counts.trim_end());
+    for r in &rows {
+        let peak = hwm
+            .iter()
+            .find(|(p, _)| *p == r.path)
+            .map_or(f64::NAN, |h| h.1);
+        report::Row::new("waypoint")
+            .text("path", r.path)
+            .text("protocol", r.proto)
+            .num("secs", secs() as f64)
+            .num("rps", r.rps)
+            .num(
+                if r.proto.starts_with("HTTP/2") {
+                    "mean_ms"
+                } else {
+                    "p50_ms"
+                },
+                r.p50_ms,
+            )
+            .num("p99_ms", r.p99_ms)
+            .num("errors", r.errors)
+            .num("peak_rss_mib", peak)
+            .emit();
+    }
     if std::env::var("BENCH_STREAMING").as_deref() != Ok("0") {
         // Each proxy's pod and process are named alike.
         let cases = streaming::run(&m, |proxy| status_mib(&m.pod_ns(proxy), proxy, "VmHWM"));

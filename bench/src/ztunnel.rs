@@ -1,7 +1,8 @@
 //! ztunnel vs direct, pod to pod across two nodes, in one run: iperf3 single
 //! and 4-stream throughput, sockperf 64-byte ping-pong latency, new
-//! connections per second with a 1-byte echo, and ztunnel's RSS. Prints a
-//! table. Bounded: every measurement has a fixed duration.
+//! connections per second with a 1-byte echo, ztunnel's RSS, and what
+//! thousands of idle connections cost each node. Prints a table. Bounded:
+//! every measurement has a fixed duration.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,6 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testbed::{in_ns, Mesh};
+
+mod report;
 
 fn secs() -> u64 {
     std::env::var("BENCH_SECS")
@@ -149,6 +152,9 @@ fn rss_mb(pid: u32, field: &str) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // Thousands of held connections: both ztunnels (which inherit it) and
+    // this process (client sockets and the echo server) need the fds.
+    raise_nofile();
     let zt = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "target/release/ztunnel".into());
@@ -192,6 +198,12 @@ async fn main() {
         "measuring: {}s per run; two ztunnels, iperf3/sockperf client and server share 2 cores",
         secs()
     );
+    if std::env::var("BENCH_ONLY_IDLE").is_ok() {
+        let held = idle_conns(&m, pids).await;
+        held.print();
+        held.emit();
+        return;
+    }
     if std::env::var("BENCH_ONLY_CPS").is_ok() {
         let cps = (
             conn_rate(&m, "dclient", "dserver"),
@@ -226,21 +238,187 @@ async fn main() {
         conn_rate(&m, "dclient", "dserver"),
         conn_rate(&m, "client", "server"),
     );
+    let held = idle_conns(&m, pids).await;
 
     println!();
     println!("| measure (pod -> pod across nodes)      | direct     | ztunnel    | ztunnel vs direct | target          |");
     println!("|----------------------------------------|------------|------------|-------------------|-----------------|");
-    println!("| iperf3 1 stream (Gbit/s)               | {:>10.2} | {:>10.2} | {:>16.2}x | >= 0.42x        |", t1.0, t1.1, t1.1 / t1.0);
+    println!("| iperf3 1 stream (Gbit/s)               | {:>10.2} | {:>10.2} | {:>16.2}x | >= 0.43x        |", t1.0, t1.1, t1.1 / t1.0);
     println!("| iperf3 4 streams (Gbit/s)              | {:>10.2} | {:>10.2} | {:>16.2}x |                 |", t4.0, t4.1, t4.1 / t4.0);
     println!("| 64 B ping-pong p50 (us)                | {:>10.1} | {:>10.1} | {:>+14.1} us | <= +100 us      |", lat.0 .0, lat.1 .0, lat.1 .0 - lat.0 .0);
     println!("| 64 B ping-pong p99 (us)                | {:>10.1} | {:>10.1} | {:>+14.1} us |                 |", lat.0 .1, lat.1 .1, lat.1 .1 - lat.0 .1);
     println!("| new connections/s (1-byte echo, 4 par) | {:>10.0} | {:>10.0} | {:>16.2}x | >= 1500/s       |", cps.0, cps.1, cps.1 / cps.0);
-    println!("| ztunnel RSS idle (MB, max of 2 nodes)  |            | {:>10.1} |                   | <= 10 MB        |", idle);
-    println!("| ztunnel RSS peak at 4 streams (MB)     |            | {:>10.1} |                   | <= 30 MB        |", peak);
+    println!("| ztunnel RSS idle (MB, max of 2 nodes)  |            | {:>10.1} |                   | <= 12 MB        |", idle);
+    println!("| ztunnel RSS peak at 4 streams (MB)     |            | {:>10.1} |                   | <= 26 MB        |", peak);
+    let row = |measure: &str, unit: &str, direct: f64, ztunnel: f64| {
+        report::Row::new("ztunnel")
+            .text("measure", measure)
+            .text("unit", unit)
+            .num("secs", secs() as f64)
+            .num("direct", direct)
+            .num("ztunnel", ztunnel)
+            .emit()
+    };
+    row("iperf3 1 stream", "Gbit/s", t1.0, t1.1);
+    row("iperf3 4 streams", "Gbit/s", t4.0, t4.1);
+    row("64 B ping-pong p50", "us", lat.0 .0, lat.1 .0);
+    row("64 B ping-pong p99", "us", lat.0 .1, lat.1 .1);
+    row("new connections/s", "1/s", cps.0, cps.1);
+    row("ztunnel RSS idle", "MB", f64::NAN, idle);
+    row("ztunnel RSS peak at 4 streams", "MB", f64::NAN, peak);
+    println!();
+    held.print();
+    held.emit();
 }
 
 fn conn_rate_once(m: &Mesh) -> bool {
     m.connect("client", "10.244.2.10:7000")
         .map(|mut s| s.write_all(b"x").is_ok() && s.read_exact(&mut [0u8]).is_ok())
         .unwrap_or(false)
+}
+
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// RSS of both ztunnels (client's node, server's node) around holding many
+/// idle connections through the mesh.
+struct Idle {
+    n: usize,
+    opened: usize,
+    before: [f64; 2],
+    holding: [f64; 2],
+    after: [f64; 2],
+}
+
+impl Idle {
+    fn print(&self) {
+        let kb = |i: usize| (self.holding[i] - self.before[i]) * 1024.0 / self.opened.max(1) as f64;
+        println!(
+            "| {} idle connections ({} held)    | before MB | holding MB | after close MB | per conn KB | target     |",
+            self.n, self.opened
+        );
+        println!("|----------------------------------|-----------|------------|----------------|-------------|------------|");
+        for (i, node) in ["client's node (node1)", "server's node (node2)"].iter().enumerate() {
+            println!(
+                "| {node:<32} | {:>9.1} | {:>10.1} | {:>14.1} | {:>11.1} | <= 4 KB    |",
+                self.before[i],
+                self.holding[i],
+                self.after[i],
+                kb(i)
+            );
+        }
+    }
+
+    fn emit(&self) {
+        let kb = |i: usize| (self.holding[i] - self.before[i]) * 1024.0 / self.opened.max(1) as f64;
+        for (i, node) in ["node1", "node2"].iter().enumerate() {
+            report::Row::new("ztunnel")
+                .text("measure", "idle connections")
+                .text("node", node)
+                .num("connections", self.n as f64)
+                .num("held", self.opened as f64)
+                .num("before_mb", self.before[i])
+                .num("holding_mb", self.holding[i])
+                .num("after_close_mb", self.after[i])
+                .num("per_conn_kb", kb(i))
+                .emit();
+        }
+    }
+}
+
+/// Port of the idle row's echo server in the server pod (the shared echo
+/// server spends a thread per connection).
+const IDLE_PORT: u16 = 7001;
+
+/// BENCH_IDLE_CONNS (4,000) connections from the client pod to the server
+/// pod, each carrying one echoed byte end to end and then held idle: RSS of
+/// both ztunnels before, while holding (settled), and a few seconds after
+/// all are closed. Per connection: (holding - before) / held.
+async fn idle_conns(m: &Mesh, pids: [u32; 2]) -> Idle {
+    let n: usize = std::env::var("BENCH_IDLE_CONNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4000);
+    let std_l = in_ns(&m.pod_ns("server"), || {
+        std::net::TcpListener::bind(("0.0.0.0", IDLE_PORT)).expect("bind idle echo port")
+    });
+    std_l.set_nonblocking(true).unwrap();
+    let l = tokio::net::TcpListener::from_std(std_l).unwrap();
+    let echo = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut b = [0u8; 64];
+                while let Ok(k) = s.read(&mut b).await {
+                    if k == 0 || s.write_all(&b[..k]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let rss = || pids.map(|p| rss_mb(p, "VmRSS"));
+    let before = rss();
+    let addr: SocketAddr = format!("{}:{IDLE_PORT}", m.ip("server")).parse().unwrap();
+    let ns = m.pod_ns("client");
+    // A few openers in parallel, each in the client pod's netns.
+    let per = n.div_ceil(4);
+    let openers: Vec<_> = (0..4)
+        .map(|i| {
+            let ns = ns.clone();
+            let count = per.min(n.saturating_sub(i * per));
+            tokio::task::spawn_blocking(move || {
+                in_ns(&ns, move || {
+                    let mut held = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                        else {
+                            continue;
+                        };
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                        let mut b = [7u8];
+                        if s.write_all(&b).is_ok() && s.read_exact(&mut b).is_ok() {
+                            held.push(s);
+                        }
+                    }
+                    held
+                })
+            })
+        })
+        .collect();
+    let mut held = Vec::with_capacity(n);
+    for o in openers {
+        held.extend(o.await.unwrap());
+    }
+    let opened = held.len();
+    if opened < n {
+        eprintln!("idle row: only {opened} of {n} connections carried their byte");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let holding = rss();
+    drop(held);
+    // Long enough for every close to cross both nodes and for ztunnel to
+    // hand freed memory back (BENCH_IDLE_AFTER_SECS: allocators that decay
+    // freed pages over time need longer to show it).
+    let after_secs = std::env::var("BENCH_IDLE_AFTER_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    tokio::time::sleep(Duration::from_secs(after_secs)).await;
+    let after = rss();
+    echo.abort();
+    Idle {
+        n,
+        opened,
+        before,
+        holding,
+        after,
+    }
 }

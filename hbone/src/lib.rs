@@ -11,7 +11,7 @@ mod keepalive;
 mod server;
 
 pub use client::{Pool, PoolKey, StreamGuard};
-pub use copy::{pump, Transfer};
+pub use copy::{pump, ReadReady, Transfer};
 pub use io::StreamIo;
 pub use keepalive::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 pub use server::{log_end, serve, Inbound, InboundError, ServeError};

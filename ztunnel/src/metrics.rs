@@ -1,8 +1,13 @@
 //! Istio's L4 metrics and the per-connection access log. Counter
-//! handles are resolved once per connection, so counting bytes on the data
-//! path is one atomic add.
+//! handles are resolved once per label set, so counting bytes on the data
+//! path is one atomic add; connections with the same labels (the same
+//! workloads, service and identity) share them, and the access log's names,
+//! so a held connection costs a pointer here rather than its own copies.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use identity::Identity;
@@ -49,11 +54,77 @@ pub struct ConnInfo<'a> {
 }
 
 pub struct ConnMetrics {
-    labels: Vec<Label>,
-    sent: Counter,
-    received: Counter,
+    shared: Arc<Shared>,
     start: Instant,
     log: AccessLog,
+    _live: Live,
+}
+
+/// Connections with metrics open now, proxied or not yet.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+pub fn live_connections() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// One connection counted in LIVE while it exists, however it ends.
+struct Live;
+
+impl Live {
+    fn new() -> Live {
+        LIVE.fetch_add(1, Ordering::Relaxed);
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What connections with the same labels and log names share.
+struct Shared {
+    key: SharedKey,
+    sent: Counter,
+    received: Counter,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct SharedKey {
+    labels: Vec<Label>,
+    names: LogNames,
+}
+
+/// Label sets of live connections. Weak: a set goes when its last
+/// connection does (the registry keeps its counters).
+static SHARED: Mutex<Option<HashMap<SharedKey, Weak<Shared>>>> = Mutex::new(None);
+
+impl Shared {
+    fn get(key: SharedKey) -> Arc<Shared> {
+        let mut map = SHARED.lock().unwrap();
+        let map = map.get_or_insert_with(HashMap::new);
+        if let Some(s) = map.get(&key).and_then(Weak::upgrade) {
+            return s;
+        }
+        // Gone sets are swept when the map doubles, so it stays near the
+        // number of sets in use without a sweep per connection.
+        if map.len() >= 64 && map.len().is_power_of_two() {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let with_flag = |f: Flag| {
+            let mut v = key.labels.clone();
+            v.push(Label::new("response_flags", f.as_str()));
+            v
+        };
+        let s = Arc::new(Shared {
+            sent: metrics::counter!("istio_tcp_sent_bytes_total", with_flag(Flag::None)),
+            received: metrics::counter!("istio_tcp_received_bytes_total", with_flag(Flag::None)),
+            key: key.clone(),
+        });
+        map.insert(key, Arc::downgrade(&s));
+        s
+    }
 }
 
 /// The access log's fields, with upstream ztunnel's names, each its own
@@ -61,13 +132,18 @@ pub struct ConnMetrics {
 /// the message. Fields that are not known are left out, as upstream does.
 struct AccessLog {
     src_addr: SocketAddr,
-    src_workload: Option<String>,
-    src_namespace: Option<String>,
-    src_identity: Option<String>,
     /// Where the connection went: for HBONE the peer's port 15008.
     dst_addr: SocketAddr,
     /// The tunnel's target (the CONNECT authority), for HBONE only.
     dst_hbone_addr: Option<SocketAddr>,
+}
+
+/// The access log's names: the same for every connection of a label set.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct LogNames {
+    src_workload: Option<String>,
+    src_namespace: Option<String>,
+    src_identity: Option<String>,
     dst_service: Option<String>,
     dst_workload: Option<String>,
     dst_namespace: Option<String>,
@@ -81,21 +157,28 @@ fn known(v: Option<&str>) -> Option<String> {
 
 impl AccessLog {
     fn new(c: &ConnInfo) -> AccessLog {
-        let (sw, dw, ds) = (c.src_workload, c.dst_workload, c.dst_service);
         AccessLog {
             src_addr: c.src,
-            src_workload: known(sw.map(|w| w.name.as_str())),
-            src_namespace: known(
-                sw.map(|w| &*w.namespace)
-                    .or(c.src_identity.map(|i| i.namespace.as_str())),
-            ),
-            src_identity: c.src_identity.map(|i| i.to_string()),
             dst_addr: if c.mtls {
                 SocketAddr::new(c.dst.ip(), hbone::HBONE_PORT)
             } else {
                 c.dst
             },
             dst_hbone_addr: c.mtls.then_some(c.dst),
+        }
+    }
+}
+
+impl LogNames {
+    fn new(c: &ConnInfo) -> LogNames {
+        let (sw, dw, ds) = (c.src_workload, c.dst_workload, c.dst_service);
+        LogNames {
+            src_workload: known(sw.map(|w| w.name.as_str())),
+            src_namespace: known(
+                sw.map(|w| &*w.namespace)
+                    .or(c.src_identity.map(|i| i.namespace.as_str())),
+            ),
+            src_identity: c.src_identity.map(|i| i.to_string()),
             dst_service: known(ds.map(|s| s.hostname.as_str())),
             dst_workload: known(dw.map(|w| w.name.as_str())),
             dst_namespace: known(
@@ -204,19 +287,18 @@ impl ConnMetrics {
                 if c.mtls { "mutual_tls" } else { "none" }.into(),
             ),
         ];
-        let with_flag = |f: Flag| {
-            let mut v = labels.clone();
-            v.push(Label::new("response_flags", f.as_str()));
-            v
-        };
-        metrics::counter!("istio_tcp_connections_opened_total", with_flag(Flag::None)).increment(1);
-        let log = AccessLog::new(&c);
-        ConnMetrics {
-            sent: metrics::counter!("istio_tcp_sent_bytes_total", with_flag(Flag::None)),
-            received: metrics::counter!("istio_tcp_received_bytes_total", with_flag(Flag::None)),
+        let shared = Shared::get(SharedKey {
             labels,
+            names: LogNames::new(&c),
+        });
+        let mut opened = shared.key.labels.clone();
+        opened.push(Label::new("response_flags", Flag::None.as_str()));
+        metrics::counter!("istio_tcp_connections_opened_total", opened).increment(1);
+        ConnMetrics {
+            shared,
             start: Instant::now(),
-            log,
+            log: AccessLog::new(&c),
+            _live: Live::new(),
         }
     }
 
@@ -224,10 +306,10 @@ impl ConnMetrics {
     /// `sent` as response bytes, whichever side reports.
     pub fn count(&self, request: u64, response: u64) {
         if request > 0 {
-            self.received.increment(request);
+            self.shared.received.increment(request);
         }
         if response > 0 {
-            self.sent.increment(response);
+            self.shared.sent.increment(response);
         }
     }
 
@@ -242,12 +324,13 @@ impl ConnMetrics {
     /// `bytes` is (request, response): logged as `bytes_sent` (source to
     /// destination) and `bytes_recv` (back).
     pub fn close(self, flag: Flag, bytes: (u64, u64), error: Option<&dyn std::fmt::Display>) {
-        let mut labels = self.labels;
+        let mut labels = self.shared.key.labels.clone();
         labels.push(Label::new("response_flags", flag.as_str()));
         metrics::counter!("istio_tcp_connections_closed_total", labels).increment(1);
         // As upstream writes it: a unit, milliseconds.
         let duration = format!("{}ms", self.start.elapsed().as_millis());
         let a = &self.log;
+        let n = &self.shared.key.names;
         let opt = |v: &Option<String>| v.clone().map(tracing::field::display);
         let err = error.map(tracing::field::display);
         // tracing fixes an event's level at its call site: one site per
@@ -259,16 +342,16 @@ impl ConnMetrics {
                     target: "access",
                     $level,
                     src.addr = %a.src_addr,
-                    src.workload = opt(&a.src_workload),
-                    src.namespace = opt(&a.src_namespace),
-                    src.identity = opt(&a.src_identity),
+                    src.workload = opt(&n.src_workload),
+                    src.namespace = opt(&n.src_namespace),
+                    src.identity = opt(&n.src_identity),
                     dst.addr = %a.dst_addr,
                     dst.hbone_addr = a.dst_hbone_addr.map(tracing::field::display),
-                    dst.service = opt(&a.dst_service),
-                    dst.workload = opt(&a.dst_workload),
-                    dst.namespace = opt(&a.dst_namespace),
-                    dst.identity = opt(&a.dst_identity),
-                    direction = a.direction,
+                    dst.service = opt(&n.dst_service),
+                    dst.workload = opt(&n.dst_workload),
+                    dst.namespace = opt(&n.dst_namespace),
+                    dst.identity = opt(&n.dst_identity),
+                    direction = n.direction,
                     bytes_sent = bytes.0,
                     bytes_recv = bytes.1,
                     duration = %duration,

@@ -170,7 +170,9 @@ async fn stream(
     let m = open_metrics(&state, peer, c.target, Some(&src_id), &c.pod, Some(&dst_w));
     drop(state);
     let (pod, target) = (c.pod, c.target);
-    let app = match pod.netns.connect(target, Some(peer)).await {
+    // Boxed: the connect's state is over once the tunnel is up; inline it
+    // would stay part of the stream's task for the connection's life.
+    let app = match Box::pin(pod.netns.connect(target, Some(peer))).await {
         Ok(s) => s,
         Err(e) => {
             m.close(Flag::ConnectFailure, (0, 0), Some(&e));

@@ -134,7 +134,10 @@ pub async fn handle(px: Arc<Proxy>, pod: Arc<Pod>, down: TcpStream, peer: Socket
             src_w: src_w.as_deref(),
             service: service.as_deref(),
         };
-        let (flag, why, m) = match dial(&src, &target).await {
+        // Boxed: the dial's state (DNS, TLS and HTTP/2 handshakes) is large
+        // and over once the tunnel is up; inline it would stay part of every
+        // connection's task for as long as the connection lives.
+        let (flag, why, m) = match Box::pin(dial(&src, &target)).await {
             Ok((up, m)) => return relay(down, up, m).await,
             Err(e) => e,
         };
@@ -278,7 +281,8 @@ async fn via_hbone(
     src_w: Option<&Workload>,
     mut m: ConnMetrics,
 ) {
-    match hbone_connect(px, pod, dst, peer, src_w, &mut m).await {
+    // Boxed for the task's size, as in `handle`.
+    match Box::pin(hbone_connect(px, pod, dst, peer, src_w, &mut m)).await {
         Ok(t) => relay(down, Upstream::Hbone(t), m).await,
         Err((flag, why)) => m.close(flag, (0, 0), Some(&why)),
     }
