@@ -98,20 +98,39 @@ struct SharedKey {
 
 /// Label sets of live connections. Weak: a set goes when its last
 /// connection does (the registry keeps its counters).
-static SHARED: Mutex<Option<HashMap<SharedKey, Weak<Shared>>>> = Mutex::new(None);
+static SHARED: Mutex<Option<Sets>> = Mutex::new(None);
+
+struct Sets {
+    map: HashMap<SharedKey, Weak<Shared>>,
+    /// The map's length at which gone sets are swept next.
+    sweep_at: usize,
+}
+
+/// Where the next sweep is, after one left `live` sets: twice that, so
+/// sweeps stay amortized O(1) per new set even when the live count sits
+/// just below a threshold and short-lived sets keep coming and going.
+fn next_sweep(live: usize) -> usize {
+    (2 * live).max(64)
+}
 
 impl Shared {
     fn get(key: SharedKey) -> Arc<Shared> {
-        let mut map = SHARED.lock().unwrap();
-        let map = map.get_or_insert_with(HashMap::new);
-        if let Some(s) = map.get(&key).and_then(Weak::upgrade) {
+        let mut sets = SHARED.lock().unwrap();
+        let sets = sets.get_or_insert_with(|| Sets {
+            map: HashMap::new(),
+            sweep_at: next_sweep(0),
+        });
+        if let Some(s) = sets.map.get(&key).and_then(Weak::upgrade) {
             return s;
         }
-        // Gone sets are swept when the map doubles, so it stays near the
-        // number of sets in use without a sweep per connection.
-        if map.len() >= 64 && map.len().is_power_of_two() {
-            map.retain(|_, w| w.strong_count() > 0);
+        // Gone sets are swept when the map has doubled since the last
+        // sweep, so it stays near the number of sets in use without a
+        // sweep per connection.
+        if sets.map.len() >= sets.sweep_at {
+            sets.map.retain(|_, w| w.strong_count() > 0);
+            sets.sweep_at = next_sweep(sets.map.len());
         }
+        let map = &mut sets.map;
         let with_flag = |f: Flag| {
             let mut v = key.labels.clone();
             v.push(Label::new("response_flags", f.as_str()));
@@ -365,5 +384,22 @@ impl ConnMetrics {
             None => access!(tracing::Level::INFO, "connection complete"),
             Some(_) => access!(tracing::Level::WARN, "connection failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_sweep;
+
+    #[test]
+    fn sweeps_stay_amortized() {
+        // live sets left by a sweep -> the map length of the next one
+        for (live, want) in [(0, 64), (10, 64), (32, 64), (33, 66), (63, 126), (1000, 2000)] {
+            assert_eq!(next_sweep(live), want, "after {live} live");
+        }
+        // A live count just under a threshold: the sweep that finds it
+        // moves the next one far enough that new sets do not each sweep.
+        let live = 127;
+        assert!(next_sweep(live) - live >= live);
     }
 }
