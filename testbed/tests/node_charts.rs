@@ -8,7 +8,7 @@
 //! Run under the shared lock with --test-threads=1, like tests/node.rs.
 
 use testbed::cluster::node_kit::{
-    fetch, fetch_path, hbone_only, holds, jsonpath, pod_of, root, wait_for, NodeTestbed, APP,
+    fetch_path, holds, jsonpath, pod_of, root, served_hbone_only, wait_for, NodeTestbed, APP,
     MARKER,
 };
 use testbed::helm;
@@ -116,24 +116,15 @@ async fn istios_charts_run_our_images_on_real_nodes() {
     let vip = cluster.cluster_ip("app", "server").await;
     let server = pod_of(cluster, "app", "app=server");
     assert_eq!(server.node, "node2");
-    wait_for(
+    served_hbone_only(
         cluster,
         nodes,
         "client reaches server through the mesh",
-        |c| {
-            let (served, out) = fetch(c, &vip);
-            holds(served, || out)
-        },
-    )
-    .await;
-    hbone_only(
-        cluster,
-        &nodes[0],
-        &nodes[1],
         &mesh.dir.join("pcap"),
         &vip,
         &server.ip,
-    );
+    )
+    .await;
     // Our waypoint, installed as the user does (its ClusterRole, then
     // manifests/waypoint through the example overlay, set to this
     // namespace), enforces an L7 policy:

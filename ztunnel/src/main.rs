@@ -31,7 +31,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// lower than jemalloc's defaults, at the same throughput.
 #[cfg(feature = "jemalloc")]
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: MallocConf = MallocConf(c"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+pub static MALLOC_CONF: MallocConf =
+    MallocConf(c"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
 /// The `const char *` jemalloc looks for.
 #[cfg(feature = "jemalloc")]

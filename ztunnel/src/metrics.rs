@@ -394,7 +394,14 @@ mod tests {
     #[test]
     fn sweeps_stay_amortized() {
         // live sets left by a sweep -> the map length of the next one
-        for (live, want) in [(0, 64), (10, 64), (32, 64), (33, 66), (63, 126), (1000, 2000)] {
+        for (live, want) in [
+            (0, 64),
+            (10, 64),
+            (32, 64),
+            (33, 66),
+            (63, 126),
+            (1000, 2000),
+        ] {
             assert_eq!(next_sweep(live), want, "after {live} live");
         }
         // A live count just under a threshold: the sweep that finds it

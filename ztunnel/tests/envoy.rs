@@ -6,32 +6,6 @@ use testbed::*;
 
 const ZT: &str = env!("CARGO_BIN_EXE_ztunnel");
 
-/// The TLS block for an Envoy tls context, indented by `ind` spaces after its
-/// first line (which the caller places).
-fn tls_common(
-    chain: &std::path::Path,
-    key: &std::path::Path,
-    root: &std::path::Path,
-    expect_san: Option<&str>,
-    ind: usize,
-) -> String {
-    let p = " ".repeat(ind);
-    let san = expect_san
-        .map(|s| format!("\n{p}    match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"{s}\"}}}}]"))
-        .unwrap_or_default();
-    format!(
-        "common_tls_context:
-{p}  tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
-{p}  alpn_protocols: [h2]
-{p}  tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]
-{p}  validation_context:
-{p}    trusted_ca: {{filename: {}}}{san}",
-        chain.display(),
-        key.display(),
-        root.display()
-    )
-}
-
 /// Envoy as an HBONE originator: plain TCP on 127.0.0.1:18000 tunnelled as
 /// CONNECT `target` to `hbone` over mTLS.
 fn envoy_client(target: &str, hbone: &str, tls: &str) -> String {
@@ -136,7 +110,7 @@ async fn envoy_hbone_client_into_our_ztunnel() {
         &m.dir,
         "envoy-client",
     );
-    let tls = tls_common(
+    let tls = envoy_tls_context(
         &c,
         &k,
         &r,
@@ -176,7 +150,7 @@ async fn envoy_hbone_client_into_our_ztunnel() {
         &m.dir,
         "envoy-foreign",
     );
-    let tls = tls_common(&c, &k, &m.dir.join("ca/root-cert.pem"), None, 8);
+    let tls = envoy_tls_context(&c, &k, &m.dir.join("ca/root-cert.pem"), None, 8);
     let cfg = envoy_client("10.244.1.11:8080", "10.244.1.11:15008", &tls)
         .replace("port_value: 18000", "port_value: 18001");
     m.start_envoy("outsider", &cfg, "envoy-foreign", 18001);
@@ -201,7 +175,7 @@ async fn our_ztunnel_into_envoy_hbone_terminator() {
     );
     m.start_envoy(
         "server-2",
-        &envoy_server(&tls_common(&c, &k, &r, None, 10)),
+        &envoy_server(&envoy_tls_context(&c, &k, &r, None, 10)),
         "envoy-server",
         15008,
     );
@@ -234,7 +208,7 @@ async fn terminator_with_wrong_identity_or_foreign_ca_is_refused() {
     );
     m.start_envoy(
         "server-2",
-        &envoy_server(&tls_common(&c, &k, &r, None, 10)),
+        &envoy_server(&envoy_tls_context(&c, &k, &r, None, 10)),
         "impostor",
         15008,
     );
@@ -296,7 +270,7 @@ async fn spoofed_identity_headers_and_tls12_are_refused() {
             &m.dir,
             sa,
         );
-        let tls = tls_common(
+        let tls = envoy_tls_context(
             &c,
             &k,
             &r,

@@ -310,6 +310,29 @@ fn get(c: &Cluster, vip: &str, path: &str, then: &str) -> (bool, String) {
     ))
 }
 
+/// Waits until a fetch from the client gets the server's page at `vip`.
+pub async fn wait_served(cluster: &Cluster, nodes: &[RealNode], what: &str, vip: &str) {
+    wait_for(cluster, nodes, what, |c| {
+        let (served, out) = fetch(c, vip);
+        holds(served, || out)
+    })
+    .await;
+}
+
+/// `wait_served`, then `hbone_only` between the first two nodes (client's,
+/// server's), keeping the captures in `dir`.
+pub async fn served_hbone_only(
+    cluster: &Cluster,
+    nodes: &[RealNode],
+    what: &str,
+    dir: &Path,
+    vip: &str,
+    server_ip: &str,
+) {
+    wait_served(cluster, nodes, what, vip).await;
+    hbone_only(cluster, &nodes[0], &nodes[1], dir, vip, server_ip);
+}
+
 /// One fetch while the client's node (`from`) is captured on its interface
 /// to the other node and the server's node (`to`) on every interface
 /// (bridged packets pass its veths, not cni0): between the nodes and into
