@@ -90,7 +90,7 @@ where
         .await
         .map_err(|source| Error::Connect { addr, source })?;
     let _ = tcp.set_nodelay(true);
-    let tls = tokio_rustls::TlsConnector::from(tls)
+    let mut tls = tokio_rustls::TlsConnector::from(tls)
         .connect(
             ServerName::IpAddress(addr.ip().into()),
             crate::read_buffered(tcp),
@@ -106,6 +106,7 @@ where
             want: want.to_string(),
         });
     }
+    crate::tune_tls(tls.get_mut().1);
     Ok(h2::client::Builder::new()
         .initial_window_size(crate::STREAM_WINDOW)
         .initial_connection_window_size(crate::CONNECTION_WINDOW)

@@ -14,7 +14,9 @@ pub use client::{Pool, PoolKey, StreamGuard};
 pub use copy::{pump, ReadReady, Transfer};
 pub use io::StreamIo;
 pub use keepalive::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
-pub use server::{log_end, serve, Inbound, InboundError, ServeError};
+pub use server::{
+    log_end, serve, terminate, Inbound, InboundError, ServeError, TerminateError, TlsConn,
+};
 
 /// HTTP/2 settings sized for throughput: 64 KiB defaults starve a tunnel.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -33,6 +35,16 @@ pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// it turns a dozen recv syscalls into one.
 pub fn read_buffered<IO: tokio::io::AsyncRead>(io: IO) -> tokio::io::BufReader<IO> {
     tokio::io::BufReader::with_capacity(256 * 1024, io)
+}
+
+/// How much encrypted data rustls holds for the socket before it takes no
+/// more plaintext. Its default (64 KiB) made each bulk write to the socket
+/// ~50 KiB; h2 hands over up to a 1 MiB frame at a time.
+const TLS_SEND_BUFFER: usize = 512 * 1024;
+
+/// Sets what an HBONE TLS connection buffers (both ends).
+pub fn tune_tls<D>(conn: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>) {
+    conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,48 @@ use h2::{RecvStream, SendStream};
 use http::{HeaderMap, Method, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// An HBONE connection after TLS: the stream `serve` takes.
+pub type TlsConn = tokio_rustls::server::TlsStream<tokio::io::BufReader<tokio::net::TcpStream>>;
+
+/// Why an accepted TCP connection never became an HBONE peer.
+#[derive(Debug, thiserror::Error)]
+pub enum TerminateError {
+    #[error("TLS handshake refused: {0}")]
+    Handshake(std::io::Error),
+    #[error("TLS handshake timed out after {:?}", crate::HANDSHAKE_TIMEOUT)]
+    Timeout,
+    #[error("peer has no usable SPIFFE identity: {0}")]
+    Identity(identity::TlsError),
+}
+
+impl TerminateError {
+    /// The `reason` label of the handshake-failure counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TerminateError::Handshake(_) => "handshake",
+            TerminateError::Timeout => "timeout",
+            TerminateError::Identity(_) => "identity",
+        }
+    }
+}
+
+/// Terminates HBONE's mTLS on an accepted connection (within
+/// `HANDSHAKE_TIMEOUT`): the TLS stream, and the peer's identity as its
+/// verified certificate says, which is the only source of it.
+pub async fn terminate(
+    cfg: std::sync::Arc<rustls::ServerConfig>,
+    tcp: tokio::net::TcpStream,
+) -> Result<(TlsConn, identity::Identity), TerminateError> {
+    let accept = tokio_rustls::TlsAcceptor::from(cfg).accept(crate::read_buffered(tcp));
+    let mut tls = tokio::time::timeout(crate::HANDSHAKE_TIMEOUT, accept)
+        .await
+        .map_err(|_| TerminateError::Timeout)?
+        .map_err(TerminateError::Handshake)?;
+    let id = identity::peer_identity(tls.get_ref().1).map_err(TerminateError::Identity)?;
+    crate::tune_tls(tls.get_mut().1);
+    Ok((tls, id))
+}
+
 /// One CONNECT request received over HBONE, not yet answered.
 pub struct Inbound {
     pub authority: SocketAddr,

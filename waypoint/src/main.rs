@@ -270,18 +270,9 @@ async fn connection(wp: Arc<proxy::Waypoint>, tcp: tokio::net::TcpStream, peer: 
     let Ok(cert) = wp.certs.fetch(&wp.identity).await else {
         return;
     };
-    let handshake = tokio::time::timeout(
-        hbone::HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(hbone::read_buffered(tcp)),
-    );
-    let tls = match handshake.await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return tracing::warn!(%peer, error = %e, "TLS handshake refused"),
-        Err(_) => return tracing::warn!(%peer, "TLS handshake timed out"),
-    };
-    let src = match identity::peer_identity(tls.get_ref().1) {
-        Ok(id) => Arc::new(id),
-        Err(e) => return tracing::warn!(%peer, error = %e, "peer has no usable SPIFFE identity"),
+    let (tls, src) = match hbone::terminate(cert.server.clone(), tcp).await {
+        Ok((tls, id)) => (tls, Arc::new(id)),
+        Err(e) => return tracing::warn!(%peer, error = %e, "HBONE connection not terminated"),
     };
     let handler = {
         let wp = wp.clone();

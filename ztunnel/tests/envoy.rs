@@ -160,7 +160,7 @@ async fn envoy_hbone_client_into_our_ztunnel() {
         .unwrap()
         .read_to_string(&mut out);
     assert_eq!(out, "", "a foreign-CA client must not reach the app");
-    wait_for_log(&m, "HBONE TLS handshake refused");
+    wait_for_log(&m, "TLS handshake refused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,7 +322,7 @@ async fn spoofed_identity_headers_and_tls12_are_refused() {
     let tls12 = s_client("-tls1_2");
     assert!(!tls12.contains("Server certificate"), "{tls12}");
     assert!(tls12.contains("alert protocol version"), "{tls12}");
-    wait_for_log(&m, "HBONE TLS handshake refused");
+    wait_for_log(&m, "TLS handshake refused");
     assert!(m
         .metrics("node1")
         .contains("ztunnel_tls_handshake_failures_total"));
@@ -426,7 +426,7 @@ async fn expired_foreign_and_non_spiffe_client_certificates_are_refused() {
         counted = failures();
         let log = m.log("node1");
         let line = log.lines().rev().find(|l| {
-            l.contains("HBONE TLS handshake refused") || l.contains("no usable SPIFFE identity")
+            l.contains("TLS handshake refused") || l.contains("no usable SPIFFE identity")
         });
         assert!(
             line.is_some_and(|l| l.contains(reason)),

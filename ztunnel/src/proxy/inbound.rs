@@ -22,31 +22,12 @@ pub async fn hbone(px: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAd
             return;
         }
     };
-    let handshake = tokio::time::timeout(
-        hbone::HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(hbone::read_buffered(tcp)),
-    );
-    let tls = match handshake.await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "handshake")
-                .increment(1);
-            tracing::warn!(pod = %pod.uid, %peer, error = %e, "HBONE TLS handshake refused");
-            return;
-        }
-        Err(_) => {
-            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "timeout")
-                .increment(1);
-            tracing::warn!(pod = %pod.uid, %peer, "HBONE TLS handshake timed out");
-            return;
-        }
-    };
-    let src_id = match identity::peer_identity(tls.get_ref().1) {
-        Ok(id) => Arc::new(id),
+    let (tls, src_id) = match hbone::terminate(cert.server.clone(), tcp).await {
+        Ok((tls, id)) => (tls, Arc::new(id)),
         Err(e) => {
-            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => "identity")
+            metrics::counter!("ztunnel_tls_handshake_failures_total", "reason" => e.reason())
                 .increment(1);
-            tracing::warn!(pod = %pod.uid, %peer, error = %e, "HBONE peer has no usable SPIFFE identity");
+            tracing::warn!(pod = %pod.uid, %peer, error = %e, "HBONE connection not terminated");
             return;
         }
     };
