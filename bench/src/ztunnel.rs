@@ -193,6 +193,14 @@ async fn main() {
     let _ = conn_rate_once(&m);
     std::thread::sleep(Duration::from_secs(1));
     let idle = pids.iter().map(|p| rss_mb(*p, "VmRSS")).fold(0.0, f64::max);
+    // What idle RSS is made of: the heap and stacks, or the binary's pages.
+    for (node, p) in ["node1", "node2"].iter().zip(pids) {
+        eprintln!(
+            "idle RSS {node}: anon {:.1} MB, file {:.1} MB",
+            rss_mb(p, "RssAnon"),
+            rss_mb(p, "RssFile")
+        );
+    }
 
     eprintln!(
         "measuring: {}s per run; two ztunnels, iperf3/sockperf client and server share 2 cores",
