@@ -1,6 +1,8 @@
 //! The three small HTTP endpoints every proxy serves: admin (localhost
 //! 15000), metrics (15020), readiness (15021).
 
+#[cfg(feature = "jemalloc")]
+pub mod allocator;
 pub mod flags;
 mod logging;
 mod process;

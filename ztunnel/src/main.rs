@@ -20,31 +20,11 @@ use mesh::MeshStore;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+// jemalloc by default, as upstream ztunnel: the data path's large,
+// short-lived read chunks made glibc map, fault in and trim pages over and
+// over (bench/README.md).
 #[cfg(feature = "jemalloc")]
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's options, read at its first allocation (`_RJEM_MALLOC_CONF`
-/// in the environment overrides them). One arena instead of four per CPU
-/// and freed pages purged after 1 s instead of 10 s: on the bench this
-/// kept idle RSS at the system allocator's, and peak RSS under load 6 MB
-/// lower than jemalloc's defaults, at the same throughput.
-#[cfg(feature = "jemalloc")]
-#[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: MallocConf =
-    MallocConf(c"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
-
-/// The `const char *` jemalloc looks for.
-#[cfg(feature = "jemalloc")]
-#[repr(transparent)]
-pub struct MallocConf(*const std::ffi::c_char);
-// SAFETY: it points at a static, immutable C string.
-#[cfg(feature = "jemalloc")]
-unsafe impl Sync for MallocConf {}
-
-#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+admin::jemalloc_global_allocator!();
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -156,8 +136,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         dns_proxy: args.dns_proxy(),
     });
     proxy::watch_live(&px);
-    // jemalloc and mimalloc give memory back themselves.
-    if cfg!(not(any(feature = "jemalloc", feature = "mimalloc"))) {
+    // jemalloc gives memory back itself.
+    if cfg!(not(feature = "jemalloc")) {
         trim::spawn(metrics::live_connections);
     }
     let pods = pods::Pods::new(px.clone());

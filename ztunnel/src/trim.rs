@@ -2,7 +2,7 @@
 //! malloc keeps what a burst of connections freed in its arenas (scattered
 //! among live blocks, so trimming the heap's top does not return it); after
 //! thousands of connections close, `malloc_trim` hands those pages back.
-//! Only with the system allocator on glibc: jemalloc and mimalloc return
+//! Only with the system allocator on glibc: jemalloc returns
 //! memory on their own.
 
 use std::time::Duration;
