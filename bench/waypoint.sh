@@ -4,5 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-cargo build --release -p ztunnel -p waypoint -p bench
+# Each proxy on its own, as its Dockerfile builds it (one build would unify
+# the crates' features across them and measure binaries we do not ship).
+cargo build --release -p ztunnel
+cargo build --release -p waypoint
+cargo build --release -p bench --bin waypoint-bench
 exec ./target/release/waypoint-bench
