@@ -33,7 +33,7 @@ pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 /// rustls pulls one TLS record (~16 KiB) per read; a large read buffer under
 /// it turns a dozen recv syscalls into one.
-pub fn read_buffered<IO: tokio::io::AsyncRead>(io: IO) -> tokio::io::BufReader<IO> {
+pub(crate) fn read_buffered<IO: tokio::io::AsyncRead>(io: IO) -> tokio::io::BufReader<IO> {
     tokio::io::BufReader::with_capacity(256 * 1024, io)
 }
 
@@ -43,7 +43,9 @@ pub fn read_buffered<IO: tokio::io::AsyncRead>(io: IO) -> tokio::io::BufReader<I
 const TLS_SEND_BUFFER: usize = 512 * 1024;
 
 /// Sets what an HBONE TLS connection buffers (both ends).
-pub fn tune_tls<D>(conn: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>) {
+pub(crate) fn tune_tls<D>(
+    conn: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+) {
     conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
 }
 
