@@ -69,12 +69,30 @@ pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bo
     start.elapsed()
 }
 
+/// A port for a peer to listen on. The port is only reserved until the peer
+/// binds it, so it comes from below the kernel's ephemeral range: a port the
+/// kernel hands out (`bind(0)`) can be taken in that window as the source
+/// port of any outgoing connection (the tests' API clients open many), and
+/// istiod then fails with "address already in use".
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // Test binaries run one after another, but start each at its own offset
+    // so a peer left behind by an earlier binary is not asked to share.
+    let (base, span) = (10_000, ephemeral_low.saturating_sub(10_000).max(1000));
+    let start = std::process::id() * 97;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (base + (start + n) % span) as u16;
+        // The wildcard conflicts with a listener on any address.
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {base}..{}", base + span);
 }
 
 pub(crate) fn peers_dir() -> PathBuf {
