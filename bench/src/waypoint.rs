@@ -2,8 +2,10 @@
 //! against Envoy as a plain L7 proxy outside the mesh, same route (one
 //! backend), retries (2 on 5xx) and metrics on, 2 worker threads each, same
 //! load: wrk (HTTP/1.1) and h2load (HTTP/2), bounded duration. Also the same
-//! load through ztunnel alone (no L7), for scale. Prints a table, then each
-//! row as JSON (`report`). Then the streaming cases (`streaming`: a large
+//! load through ztunnel alone (no L7), for scale. The two waypoints race
+//! `BENCH_ROUNDS` times (default 3, `race`); the reference paths run once.
+//! Prints a table of medians and each round's ratio, then each row as JSON
+//! (`report`). Then the streaming cases (`streaming`: a large
 //! upload, a gRPC stream) through our waypoint and the plain Envoy with
 //! their peak RSS; BENCH_STREAMING=0 skips them.
 //!
@@ -15,6 +17,7 @@
 //! The plain-Envoy path does two mTLS hops fewer than the other two.
 
 mod envoy_waypoint;
+mod race;
 mod report;
 mod soak;
 mod streaming;
@@ -170,16 +173,6 @@ static_resources:
         explicit_http_config: {http2_protocol_options: {}}
     load_assignment: {cluster_name: grpc, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 10.244.2.11, port_value: 9090}}}}]}]}
 "#;
-
-struct Row {
-    path: &'static str,
-    proto: &'static str,
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// Failed requests (non-2xx, socket errors, h2load failures).
-    errors: f64,
-}
 
 fn in_client(m: &Mesh, cmd: &str) -> String {
     let out = Command::new("sh")
@@ -342,6 +335,61 @@ fn check_envoy_waypoint(m: &Mesh) {
     );
 }
 
+const OURS: &str = "waypoint (ours)";
+const ENVOY_WP: &str = "envoy as waypoint";
+const H1: &str = "HTTP/1.1 (wrk -c32)";
+const H2: &str = "HTTP/2 (h2load -c8 -m16)";
+
+/// One path's HTTP/1.1 and HTTP/2 runs. BENCH_PROFILE=1: perf samples our
+/// waypoint during its first HTTP/1.1 run (BENCH_PERF_OUT: where perf.data
+/// goes, kept for `perf report`).
+fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Sample; 2] {
+    let perf_data = std::env::var("BENCH_PERF_OUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| m.dir.join("perf.data"));
+    let perf = (path == OURS && round == 0 && std::env::var("BENCH_PROFILE").is_ok()).then(|| {
+        let pid = pid_of(&m.pod_ns("waypoint"), "waypoint");
+        Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
+            .arg(&perf_data)
+            .args(["--", "sleep", &secs().to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf")
+    });
+    let (rps, p50, p99, errors) = wrk(m, url);
+    if let Some(mut p) = perf {
+        let _ = p.wait();
+        let out = Command::new("perf")
+            .args(["report", "--no-children", "--stdio", "--percent-limit", "1.5"])
+            .args(["-g", "none", "-i"])
+            .arg(&perf_data)
+            .output()
+            .unwrap();
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    let h1 = race::Sample {
+        path,
+        proto: H1,
+        round,
+        rps,
+        p50_ms: p50,
+        p99_ms: p99,
+        errors,
+    };
+    let (rps, mean, errors) = h2load(m, url);
+    let h2 = race::Sample {
+        path,
+        proto: H2,
+        round,
+        rps,
+        p50_ms: mean,
+        p99_ms: f64::NAN,
+        errors,
+    };
+    [h1, h2]
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let ztunnel = std::env::var("ZTUNNEL").unwrap_or_else(|_| "target/release/ztunnel".into());
@@ -402,66 +450,28 @@ async fn main() {
         soak::run(&m, "10.96.0.10", "10.96.0.11");
         return;
     }
-    let mut rows = Vec::new();
-    for (path, url) in [
-        ("waypoint (ours)", "http://10.96.0.10/"),
-        ("envoy as waypoint", envoy_waypoint::URL),
+    let paths = [
+        (OURS, "http://10.96.0.10/"),
+        (ENVOY_WP, envoy_waypoint::URL),
         ("envoy (plain L7, 2 hops fewer)", "http://10.96.0.12/"),
         ("ztunnel only (L4)", "http://10.96.0.11/"),
-    ] {
-        // BENCH_PROFILE=1: perf samples the waypoint during its HTTP/1.1 run
-        // (BENCH_PERF_OUT: where perf.data goes, kept for `perf report`).
-        let perf_data = std::env::var("BENCH_PERF_OUT")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| m.dir.join("perf.data"));
-        let perf =
-            (path.starts_with("waypoint") && std::env::var("BENCH_PROFILE").is_ok()).then(|| {
-                let pid = pid_of(&m.pod_ns("waypoint"), "waypoint");
-                Command::new("perf")
-                    .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
-                    .arg(&perf_data)
-                    .args(["--", "sleep", &secs().to_string()])
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("perf")
-            });
-        let (rps, p50, p99, errors) = wrk(&m, url);
-        if let Some(mut p) = perf {
-            let _ = p.wait();
-            let out = Command::new("perf")
-                .args([
-                    "report",
-                    "--no-children",
-                    "--stdio",
-                    "--percent-limit",
-                    "1.5",
-                    "-g",
-                    "none",
-                    "-i",
-                ])
-                .arg(&perf_data)
-                .output()
-                .unwrap();
-            println!("{}", String::from_utf8_lossy(&out.stdout));
+    ];
+    let mut samples = Vec::new();
+    for round in 0..race::rounds() {
+        // The reference rows once; the race every round, who goes first
+        // alternating (a drift within a round favours neither).
+        let mut order: Vec<_> = paths
+            .iter()
+            .filter(|(p, _)| round == 0 || *p == OURS || *p == ENVOY_WP)
+            .collect();
+        if round % 2 == 1 {
+            order.swap(0, 1);
         }
-        rows.push(Row {
-            path,
-            proto: "HTTP/1.1 (wrk -c32)",
-            rps,
-            p50_ms: p50,
-            p99_ms: p99,
-            errors,
-        });
-        let (rps, mean, errors) = h2load(&m, url);
-        rows.push(Row {
-            path,
-            proto: "HTTP/2 (h2load -c8 -m16)",
-            rps,
-            p50_ms: mean,
-            p99_ms: f64::NAN,
-            errors,
-        });
+        for (path, url) in order {
+            samples.extend(measure(&m, path, url, round));
+        }
     }
+    let rows = race::rows(&samples);
     // The load went where it should: the Envoy waypoint's counters after it.
     check_envoy_waypoint(&m);
     let envoy_counts = envoy_stats(
@@ -472,8 +482,8 @@ async fn main() {
         "\n{} s per run, 2 cores shared by load generator, proxies and backend\n",
         secs()
     );
-    println!("| path | protocol | req/s | p50 ms | p99 ms | errors |");
-    println!("|---|---|---:|---:|---:|---:|");
+    println!("| path | protocol | rounds | req/s (median) | req/s range | p50 ms | p99 ms | errors |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let p99 = if r.p99_ms.is_nan() {
             "-".to_string()
@@ -486,17 +496,36 @@ async fn main() {
             ""
         };
         println!(
-            "| {} | {} | {:.0} | {:.2}{mean} | {p99} | {} |",
-            r.path, r.proto, r.rps, r.p50_ms, r.errors
+            "| {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.2}{mean} | {p99} | {} |",
+            r.path, r.proto, r.rounds, r.rps, r.rps_min, r.rps_max, r.p50_ms, r.errors
+        );
+    }
+    println!();
+    let mut race_rows = Vec::new();
+    for proto in [H1, H2] {
+        let each = race::ratios(&samples, proto, OURS, ENVOY_WP);
+        let each_text: Vec<String> = each.iter().map(|x| format!("{x:.2}x")).collect();
+        let median = race::median(each.iter().copied());
+        println!(
+            "{proto}: ours / Envoy as waypoint, round by round: {}; median {median:.2}x (target >= 1.50x)",
+            each_text.join(", ")
+        );
+        race_rows.push(
+            report::Row::new("waypoint_race")
+                .text("protocol", proto)
+                .num("rounds", each.len() as f64)
+                .num("ratio_median", median)
+                .num("ratio_min", each.iter().copied().fold(f64::NAN, f64::min))
+                .num("ratio_max", each.iter().copied().fold(f64::NAN, f64::max)),
         );
     }
     let hwm = [
         (
-            "waypoint (ours)",
+            OURS,
             status_mib(&m.pod_ns("waypoint"), "waypoint", "VmHWM"),
         ),
         (
-            "envoy as waypoint",
+            ENVOY_WP,
             status_mib(&m.pod_ns(envoy_waypoint::POD), "envoy", "VmHWM"),
         ),
         (
@@ -518,7 +547,10 @@ async fn main() {
             .text("path", r.path)
             .text("protocol", r.proto)
             .num("secs", secs() as f64)
+            .num("rounds", r.rounds as f64)
             .num("rps", r.rps)
+            .num("rps_min", r.rps_min)
+            .num("rps_max", r.rps_max)
             .num(
                 if r.proto.starts_with("HTTP/2") {
                     "mean_ms"
@@ -531,6 +563,9 @@ async fn main() {
             .num("errors", r.errors)
             .num("peak_rss_mib", peak)
             .emit();
+    }
+    for r in race_rows {
+        r.emit();
     }
     if std::env::var("BENCH_STREAMING").as_deref() != Ok("0") {
         // Each proxy's pod and process are named alike.
