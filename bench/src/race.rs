@@ -16,6 +16,8 @@ pub struct Sample {
     pub p99_ms: f64,
     /// Failed requests (non-2xx, socket errors, h2load failures).
     pub errors: f64,
+    /// CPU the path's L7 proxy used per request, µs; NaN without one.
+    pub cpu_us: f64,
 }
 
 /// A table row: the median of a path's rounds for one protocol.
@@ -28,6 +30,7 @@ pub struct Row {
     pub rps_max: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub cpu_us: f64,
     /// Summed over the rounds: one failed request in any round shows.
     pub errors: f64,
 }
@@ -81,6 +84,7 @@ pub fn rows(samples: &[Sample]) -> Vec<Row> {
                 rps_max: rps().fold(f64::NEG_INFINITY, f64::max),
                 p50_ms: median(of.iter().map(|s| s.p50_ms)),
                 p99_ms: median(of.iter().map(|s| s.p99_ms)),
+                cpu_us: median(of.iter().map(|s| s.cpu_us)),
                 errors: of.iter().map(|s| s.errors).sum(),
             }
         })
@@ -115,6 +119,7 @@ mod tests {
             p50_ms: rps / 1000.0,
             p99_ms: f64::NAN,
             errors: round as f64,
+            cpu_us: rps * 2.0,
         }
     }
 
@@ -152,6 +157,7 @@ mod tests {
             ]
         );
         assert_eq!(rows[0].p50_ms, 0.02);
+        assert_eq!(rows[1].cpu_us, 12.0);
         assert!(rows[0].p99_ms.is_nan());
     }
 

@@ -337,8 +337,43 @@ fn check_envoy_waypoint(m: &Mesh) {
 
 const OURS: &str = "waypoint (ours)";
 const ENVOY_WP: &str = "envoy as waypoint";
+const PLAIN: &str = "envoy (plain L7, 2 hops fewer)";
 const H1: &str = "HTTP/1.1 (wrk -c32)";
 const H2: &str = "HTTP/2 (h2load -c8 -m16)";
+
+/// The CPU the path's L7 proxy process used during one run: less moved by
+/// the machine's noise than req/s, since the other processes' share of the
+/// cores does not enter it.
+struct ProxyCpu {
+    pid: Option<u32>,
+    start_ms: f64,
+}
+
+impl ProxyCpu {
+    fn start(m: &Mesh, path: &str) -> ProxyCpu {
+        let (ns, comm) = match path {
+            OURS => ("waypoint", "waypoint"),
+            ENVOY_WP => (envoy_waypoint::POD, "envoy"),
+            PLAIN => ("envoy", "envoy"),
+            _ => return ProxyCpu { pid: None, start_ms: 0.0 },
+        };
+        let pid = testbed::pids_in_netns(&m.pod_ns(ns), comm).first().copied();
+        ProxyCpu {
+            pid,
+            start_ms: pid.map_or(0.0, testbed::proc_cpu_ms),
+        }
+    }
+
+    /// µs of CPU per request, for a run of `secs()` at `rps`; NaN for a
+    /// path with no L7 proxy.
+    fn per_request(&self, rps: f64) -> f64 {
+        let Some(pid) = self.pid else {
+            return f64::NAN;
+        };
+        let used_ms = testbed::proc_cpu_ms(pid) - self.start_ms;
+        used_ms * 1000.0 / (rps * secs() as f64)
+    }
+}
 
 /// One path's HTTP/1.1 and HTTP/2 runs. BENCH_PROFILE=1: perf samples our
 /// waypoint during its first HTTP/1.1 run (BENCH_PERF_OUT: where perf.data
@@ -357,7 +392,9 @@ fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Samp
             .spawn()
             .expect("perf")
     });
+    let cpu = ProxyCpu::start(m, path);
     let (rps, p50, p99, errors) = wrk(m, url);
+    let h1_cpu = cpu.per_request(rps);
     if let Some(mut p) = perf {
         let _ = p.wait();
         let out = Command::new("perf")
@@ -376,7 +413,9 @@ fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Samp
         p50_ms: p50,
         p99_ms: p99,
         errors,
+        cpu_us: h1_cpu,
     };
+    let cpu = ProxyCpu::start(m, path);
     let (rps, mean, errors) = h2load(m, url);
     let h2 = race::Sample {
         path,
@@ -386,6 +425,7 @@ fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Samp
         p50_ms: mean,
         p99_ms: f64::NAN,
         errors,
+        cpu_us: cpu.per_request(rps),
     };
     [h1, h2]
 }
@@ -453,7 +493,7 @@ async fn main() {
     let paths = [
         (OURS, "http://10.96.0.10/"),
         (ENVOY_WP, envoy_waypoint::URL),
-        ("envoy (plain L7, 2 hops fewer)", "http://10.96.0.12/"),
+        (PLAIN, "http://10.96.0.12/"),
         ("ztunnel only (L4)", "http://10.96.0.11/"),
     ];
     let mut samples = Vec::new();
@@ -482,8 +522,8 @@ async fn main() {
         "\n{} s per run, 2 cores shared by load generator, proxies and backend\n",
         secs()
     );
-    println!("| path | protocol | rounds | req/s (median) | req/s range | p50 ms | p99 ms | errors |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("| path | protocol | rounds | req/s (median) | req/s range | p50 ms | p99 ms | proxy CPU µs/req | errors |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let p99 = if r.p99_ms.is_nan() {
             "-".to_string()
@@ -495,8 +535,13 @@ async fn main() {
         } else {
             ""
         };
+        let cpu = if r.cpu_us.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.1}", r.cpu_us)
+        };
         println!(
-            "| {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.2}{mean} | {p99} | {} |",
+            "| {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.2}{mean} | {p99} | {cpu} | {} |",
             r.path, r.proto, r.rounds, r.rps, r.rps_min, r.rps_max, r.p50_ms, r.errors
         );
     }
@@ -510,13 +555,25 @@ async fn main() {
             "{proto}: ours / Envoy as waypoint, round by round: {}; median {median:.2}x (target >= 1.50x)",
             each_text.join(", ")
         );
+        let cpu = |path| {
+            rows.iter()
+                .find(|r| r.path == path && r.proto == proto)
+                .map_or(f64::NAN, |r| r.cpu_us)
+        };
+        let cpu_ratio = cpu(ENVOY_WP) / cpu(OURS);
+        println!(
+            "{proto}: CPU per request, Envoy as waypoint / ours (medians): {:.1} / {:.1} µs = {cpu_ratio:.2}x",
+            cpu(ENVOY_WP),
+            cpu(OURS)
+        );
         race_rows.push(
             report::Row::new("waypoint_race")
                 .text("protocol", proto)
                 .num("rounds", each.len() as f64)
                 .num("ratio_median", median)
                 .num("ratio_min", each.iter().copied().fold(f64::NAN, f64::min))
-                .num("ratio_max", each.iter().copied().fold(f64::NAN, f64::max)),
+                .num("ratio_max", each.iter().copied().fold(f64::NAN, f64::max))
+                .num("cpu_ratio", cpu_ratio),
         );
     }
     let hwm = [
@@ -529,7 +586,7 @@ async fn main() {
             status_mib(&m.pod_ns(envoy_waypoint::POD), "envoy", "VmHWM"),
         ),
         (
-            "envoy (plain L7, 2 hops fewer)",
+            PLAIN,
             status_mib(&m.pod_ns("envoy"), "envoy", "VmHWM"),
         ),
     ];
@@ -562,6 +619,7 @@ async fn main() {
             .num("p99_ms", r.p99_ms)
             .num("errors", r.errors)
             .num("peak_rss_mib", peak)
+            .num("proxy_cpu_us_per_req", r.cpu_us)
             .emit();
     }
     for r in race_rows {

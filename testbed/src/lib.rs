@@ -829,6 +829,22 @@ pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU time `pid` has used, user and system, all threads, in ms (the
+/// kernel counts it in 10 ms ticks); 0 when the process is gone.
+pub fn proc_cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    ticks as f64 * 10.0
+}
+
 /// Open file descriptors of `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

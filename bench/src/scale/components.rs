@@ -12,22 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use testbed::proc_cpu_ms;
+
 use crate::gen;
 
 const EDITS: usize = 20;
-
-fn proc_cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at state.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    ticks as f64 * 1000.0 / 100.0
-}
 
 fn rss_mb(pid: u32) -> f64 {
     testbed::proc_status_kb(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0
