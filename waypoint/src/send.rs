@@ -299,10 +299,11 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
             let upstream = Some(dst);
             let send = async {
                 if upgrade {
-                    let (mut resp, guard) = wp
-                        .upstreams
-                        .send_upgrade(&ep, dst, req, origin.as_ref())
-                        .await?;
+                    // Boxed: its dial's state would otherwise ride in every
+                    // request's future (see `Upstreams::send`).
+                    let (mut resp, guard) =
+                        Box::pin(wp.upstreams.send_upgrade(&ep, dst, req, origin.as_ref()))
+                            .await?;
                     let on = hyper::upgrade::on(&mut resp);
                     tunnel_up = Some((on, guard));
                     Ok(resp)

@@ -249,7 +249,10 @@ impl Upstreams {
         let key = key(dst, h2, tls);
         let mut sender = match self.checkout(&key) {
             Some(s) => s,
-            None => self.connect(ep, dst, h2, tls).await?,
+            // Boxed: a dial's state (TLS, HBONE pool, handshakes) is
+            // kilobytes; inline, every request's future would carry and
+            // move it though most reuse a pooled connection.
+            None => Box::pin(self.connect(ep, dst, h2, tls)).await?,
         };
         let resp = match &mut sender {
             Sender::H1(s) => {

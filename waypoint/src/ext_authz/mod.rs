@@ -206,7 +206,7 @@ pub async fn authorize(
         peer,
         target,
         authority,
-        request_id,
+        request_id: _,
         grpc,
         auth,
     } = *who;
@@ -227,6 +227,43 @@ pub async fn authorize(
         let policies = crate::plan::targeted_for(wp.gateway(), state, service);
         needed(policies, &state.extension_providers, &conn)
     };
+    // Most requests meet no CUSTOM policy. The checks' future holds the
+    // authorizer clients' state, kilobytes that every request would carry
+    // (and move) if it were inline here; boxed, only a checked one does.
+    let on_allow = if needs.is_empty() {
+        OnAllow::default()
+    } else {
+        Box::pin(ask_all(wp, state, parts, body, who, needs)).await?
+    };
+    // The upstream attempts read the body next: they need all of it.
+    if body.replayable().is_err() {
+        return Err(Sent::local(
+            &ProxyError::ExtAuthz(ExtAuthzError::BodyTooLarge),
+            grpc,
+        ));
+    }
+    Ok(on_allow)
+}
+
+/// Asks each provider `needs` names, in order; the first denial (or failed
+/// check without `failOpen`) answers the request.
+async fn ask_all(
+    wp: &Arc<Waypoint>,
+    state: &MeshState,
+    parts: &mut ::http::request::Parts,
+    body: &Arc<ReqBody>,
+    who: &Asker<'_>,
+    needs: Vec<Need<'_>>,
+) -> Result<OnAllow, Sent> {
+    let Asker {
+        src,
+        peer,
+        target,
+        authority,
+        request_id,
+        grpc,
+        auth: _,
+    } = *who;
     let mut on_allow = OnAllow::default();
     for need in needs {
         let (name, ask) = match need {
@@ -310,13 +347,6 @@ pub async fn authorize(
                 return Err(Sent::local(&failed(authorizer, why), grpc));
             }
         }
-    }
-    // The upstream attempts read the body next: they need all of it.
-    if body.replayable().is_err() {
-        return Err(Sent::local(
-            &ProxyError::ExtAuthz(ExtAuthzError::BodyTooLarge),
-            grpc,
-        ));
     }
     Ok(on_allow)
 }
