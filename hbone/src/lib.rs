@@ -89,3 +89,28 @@ pub enum Error {
     #[error("bad request: {0}")]
     Request(#[from] http::Error),
 }
+
+/// Whether binding an IPv6 socket failed because the network namespace has
+/// IPv6 turned off (no `[::]` to bind, or no IPv6 at all). Listeners bound
+/// per family skip their v6 socket then: such a pod gets no v6 traffic.
+pub fn no_ipv6(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    let errno = Errno::from_raw(e.raw_os_error().unwrap_or_default());
+    matches!(errno, Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL)
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::errno::Errno;
+
+    #[test]
+    fn no_ipv6_is_only_the_missing_family_or_address() {
+        let os = |e: Errno| std::io::Error::from_raw_os_error(e as i32);
+        assert!(super::no_ipv6(&os(Errno::EAFNOSUPPORT)));
+        assert!(super::no_ipv6(&os(Errno::EADDRNOTAVAIL)));
+        // A port in use, or no permission, is a real failure to report.
+        assert!(!super::no_ipv6(&os(Errno::EADDRINUSE)));
+        assert!(!super::no_ipv6(&os(Errno::EACCES)));
+        assert!(!super::no_ipv6(&std::io::Error::other("not an OS error")));
+    }
+}

@@ -45,7 +45,7 @@ pub fn bind(listen: SocketAddr) -> io::Result<Vec<TcpListener>> {
     for b in plan(listen) {
         match socket(b.addr) {
             Ok(l) => out.push(l),
-            Err(e) if b.optional && no_ipv6(&e) => {
+            Err(e) if b.optional && hbone::no_ipv6(&e) => {
                 tracing::debug!(addr = %b.addr, error = %e, "no IPv6 in the pod; IPv4 only")
             }
             Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", b.addr))),
@@ -73,13 +73,6 @@ fn socket(addr: SocketAddr) -> io::Result<TcpListener> {
     s.bind(&addr.into())?;
     s.listen(1024)?;
     TcpListener::from_std(s.into())
-}
-
-/// Binding [::] failed because the netns has no IPv6 (disabled).
-fn no_ipv6(e: &io::Error) -> bool {
-    use nix::errno::Errno;
-    let errno = Errno::from_raw(e.raw_os_error().unwrap_or_default());
-    matches!(errno, Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL)
 }
 
 #[cfg(test)]

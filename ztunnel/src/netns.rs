@@ -159,19 +159,12 @@ fn both_families<T>(port: u16, open: impl Fn(bool) -> io::Result<T>) -> io::Resu
     let mut out = vec![open(false)?];
     match open(true) {
         Ok(l) => out.push(l),
-        Err(e) if no_ipv6(&e) => {
+        Err(e) if hbone::no_ipv6(&e) => {
             tracing::debug!(port, error = %e, "no IPv6 in the pod; IPv4 only")
         }
         Err(e) => return Err(e),
     }
     Ok(out)
-}
-
-/// Binding [::] failed because the netns has no IPv6 (disabled).
-fn no_ipv6(e: &io::Error) -> bool {
-    use nix::errno::Errno;
-    let errno = Errno::from_raw(e.raw_os_error().unwrap_or_default());
-    matches!(errno, Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL)
 }
 
 fn domain(v6: bool) -> Domain {
