@@ -355,7 +355,12 @@ impl ProxyCpu {
             OURS => ("waypoint", "waypoint"),
             ENVOY_WP => (envoy_waypoint::POD, "envoy"),
             PLAIN => ("envoy", "envoy"),
-            _ => return ProxyCpu { pid: None, start_ms: 0.0 },
+            _ => {
+                return ProxyCpu {
+                    pid: None,
+                    start_ms: 0.0,
+                }
+            }
         };
         let pid = testbed::pids_in_netns(&m.pod_ns(ns), comm).first().copied();
         ProxyCpu {
@@ -398,7 +403,13 @@ fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Samp
     if let Some(mut p) = perf {
         let _ = p.wait();
         let out = Command::new("perf")
-            .args(["report", "--no-children", "--stdio", "--percent-limit", "1.5"])
+            .args([
+                "report",
+                "--no-children",
+                "--stdio",
+                "--percent-limit",
+                "1.5",
+            ])
             .args(["-g", "none", "-i"])
             .arg(&perf_data)
             .output()
@@ -577,18 +588,12 @@ async fn main() {
         );
     }
     let hwm = [
-        (
-            OURS,
-            status_mib(&m.pod_ns("waypoint"), "waypoint", "VmHWM"),
-        ),
+        (OURS, status_mib(&m.pod_ns("waypoint"), "waypoint", "VmHWM")),
         (
             ENVOY_WP,
             status_mib(&m.pod_ns(envoy_waypoint::POD), "envoy", "VmHWM"),
         ),
-        (
-            PLAIN,
-            status_mib(&m.pod_ns("envoy"), "envoy", "VmHWM"),
-        ),
+        (PLAIN, status_mib(&m.pod_ns("envoy"), "envoy", "VmHWM")),
     ];
     println!(
         "\npeak RSS: waypoint {:.1} MiB, Envoy as waypoint {:.1} MiB, plain Envoy {:.1} MiB",

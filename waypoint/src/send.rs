@@ -302,8 +302,7 @@ pub async fn send(wp: &Arc<Waypoint>, fwd: &Forward<'_>, mut out: Outgoing<'_>) 
                     // Boxed: its dial's state would otherwise ride in every
                     // request's future (see `Upstreams::send`).
                     let (mut resp, guard) =
-                        Box::pin(wp.upstreams.send_upgrade(&ep, dst, req, origin.as_ref()))
-                            .await?;
+                        Box::pin(wp.upstreams.send_upgrade(&ep, dst, req, origin.as_ref())).await?;
                     let on = hyper::upgrade::on(&mut resp);
                     tunnel_up = Some((on, guard));
                     Ok(resp)
