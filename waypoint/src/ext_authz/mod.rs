@@ -201,27 +201,18 @@ pub async fn authorize(
     body: &Arc<ReqBody>,
     who: &Asker<'_>,
 ) -> Result<OnAllow, Sent> {
-    let Asker {
-        src,
-        peer,
-        target,
-        authority,
-        request_id: _,
-        grpc,
-        auth,
-    } = *who;
     let needs = {
         let conn = Connection {
-            src_identity: Some(src),
-            src_ip: peer.ip(),
-            dst_ip: target.ip(),
-            dst_port: target.port(),
+            src_identity: Some(who.src),
+            src_ip: who.peer.ip(),
+            dst_ip: who.target.ip(),
+            dst_port: who.target.port(),
             request: Some(mesh::authz::HttpRequest {
                 method: parts.method.as_str(),
                 path: parts.uri.path(),
-                host: authority,
+                host: who.authority,
                 headers: &parts.headers,
-                auth,
+                auth: who.auth,
             }),
         };
         let policies = crate::plan::targeted_for(wp.gateway(), state, service);
@@ -239,7 +230,7 @@ pub async fn authorize(
     if body.replayable().is_err() {
         return Err(Sent::local(
             &ProxyError::ExtAuthz(ExtAuthzError::BodyTooLarge),
-            grpc,
+            who.grpc,
         ));
     }
     Ok(on_allow)
