@@ -382,7 +382,8 @@ impl ProxyCpu {
 
 /// One path's HTTP/1.1 and HTTP/2 runs. BENCH_PROFILE=1: perf samples our
 /// waypoint during its first HTTP/1.1 run (BENCH_PERF_OUT: where perf.data
-/// goes, kept for `perf report`).
+/// goes, kept for `perf report`). Stacks are unwound from DWARF: release
+/// builds keep no frame pointers, so `-g` stops at the first frame.
 fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Sample; 2] {
     let perf_data = std::env::var("BENCH_PERF_OUT")
         .map(std::path::PathBuf::from)
@@ -390,7 +391,8 @@ fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Samp
     let perf = (path == OURS && round == 0 && std::env::var("BENCH_PROFILE").is_ok()).then(|| {
         let pid = pid_of(&m.pod_ns("waypoint"), "waypoint");
         Command::new("perf")
-            .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
+            .args(["record", "-F", "499", "--call-graph", "dwarf,16384"])
+            .args(["-p", &pid, "-o"])
             .arg(&perf_data)
             .args(["--", "sleep", &secs().to_string()])
             .stderr(std::process::Stdio::null())
