@@ -7,26 +7,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use identity::{Identity, SecretManager};
-use mesh::authz::{self, Connection, Decision, HttpRequest};
 use mesh::live::LiveConns;
 use mesh::routes::WaypointRef;
-use mesh::{MeshState, MeshStore, Service, Workload};
+use mesh::{MeshStore, Workload};
 use tokio::sync::watch;
 
 use crate::binding;
 use crate::body::Counted;
 use crate::error::local;
+use crate::l4::L4Stream;
 use crate::lb::Backends;
 use crate::plan::{self, Action};
 use crate::replay::Replay;
-use crate::send::{self, Outgoing, Sent, UpgradeKind, Upgrading};
+use crate::send::{self, Outgoing, Sent, Upgrading};
 use crate::telemetry::{self, flag};
+use crate::tunnel::{upgrade_kind, UpgradedStream};
 use crate::upstream::{Body, Upstreams};
 
 /// How long protocol sniffing waits for the client's first bytes.
@@ -59,118 +60,16 @@ pub struct Waypoint {
     pub pod: Option<String>,
 }
 
-/// What an L4 stream was admitted on.
-#[derive(Clone)]
-pub struct L4Stream {
-    src: Arc<Identity>,
-    peer: SocketAddr,
-    target: SocketAddr,
-}
-
-/// What an upgraded connection was admitted on: its opening request, as
-/// the L7 policy saw it (before any rewrite).
-pub struct UpgradedStream {
-    src: Arc<Identity>,
-    peer: SocketAddr,
-    target: SocketAddr,
-    method: http::Method,
-    path: String,
-    host: String,
-    headers: HeaderMap,
-    /// Its verified JWT: the connection keeps the principal it opened with.
-    auth: Option<authz::RequestAuth>,
-    /// The CUSTOM providers its opening request was checked by: a provider
-    /// a later config asks it about closes it (that check never ran).
-    asked: Vec<String>,
-}
-
-impl UpgradedStream {
-    fn connection(&self) -> Connection<'_> {
-        Connection {
-            src_identity: Some(&self.src),
-            src_ip: self.peer.ip(),
-            dst_ip: self.target.ip(),
-            dst_port: self.target.port(),
-            request: Some(HttpRequest {
-                method: self.method.as_str(),
-                path: &self.path,
-                host: &self.host,
-                headers: &self.headers,
-                auth: self.auth.as_ref(),
-            }),
-        }
-    }
-}
-
 impl Waypoint {
     pub(crate) fn gateway(&self) -> (&str, &str) {
         (&self.namespace, &self.name)
     }
 
-    fn me(&self) -> WaypointRef {
+    pub(crate) fn me(&self) -> WaypointRef {
         WaypointRef {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
         }
-    }
-
-    /// L4 admission, pure: the destination is bound here and the policies,
-    /// enforced as ztunnel would without requests, allow it. The same for a
-    /// new stream and for a live one when the config changes.
-    fn admit_l4(&self, state: &MeshState, s: &L4Stream) -> Result<(), String> {
-        binding::check(state, &self.me(), s.target).map_err(|e| e.to_string())?;
-        let svc = state.service_by_vip(s.target.ip());
-        let conn = Connection {
-            src_identity: Some(&s.src),
-            src_ip: s.peer.ip(),
-            dst_ip: s.target.ip(),
-            dst_port: s.target.port(),
-            request: None,
-        };
-        // No request to send an authorizer: a CUSTOM policy denies the
-        // streams its rules match (fail closed).
-        let l4: Vec<_> = plan::policies_for(self.gateway(), state, svc.map(|s| &**s))
-            .map(|p| {
-                let mut p = p.l4_only();
-                if p.action == authz::Action::Custom {
-                    p.action = authz::Action::Deny;
-                }
-                p
-            })
-            .collect();
-        match authz::evaluate_selected(&l4, &conn) {
-            Decision::Allow => Ok(()),
-            Decision::Deny(why) => Err(why),
-        }
-    }
-
-    /// The opening request of an upgraded connection judged again: bound
-    /// here and allowed by the L7 policies, as a new request would be.
-    fn admit_upgraded(&self, state: &MeshState, u: &UpgradedStream) -> Result<(), String> {
-        binding::check(state, &self.me(), u.target).map_err(|e| e.to_string())?;
-        let svc = state.service_by_vip(u.target.ip());
-        let conn = u.connection();
-        let asked = self.custom_asks(state, u)?;
-        if let Some(p) = asked.iter().find(|p| !u.asked.contains(p)) {
-            return Err(format!(
-                "a CUSTOM policy now asks provider {p:?}, which this connection was not checked by"
-            ));
-        }
-        match authz::evaluate_selected(
-            plan::policies_for(self.gateway(), state, svc.map(|s| &**s)),
-            &conn,
-        ) {
-            Decision::Allow => Ok(()),
-            Decision::Deny(why) => Err(why),
-        }
-    }
-
-    /// The CUSTOM providers `u`'s opening request is to be checked by under
-    /// `state`.
-    fn custom_asks(&self, state: &MeshState, u: &UpgradedStream) -> Result<Vec<String>, String> {
-        let svc = state.service_by_vip(u.target.ip());
-        let policies = plan::targeted_for(self.gateway(), state, svc.map(|s| &**s));
-        crate::ext_authz::askable(policies, state, &u.connection())
     }
 
     /// Re-judges live L4 streams and upgraded connections whenever the mesh
@@ -194,12 +93,12 @@ impl Waypoint {
 }
 
 /// Who is asking and what they asked for, fixed for the stream.
-struct Stream {
-    src: Arc<Identity>,
-    peer: SocketAddr,
-    target: SocketAddr,
+pub(crate) struct Stream {
+    pub(crate) src: Arc<Identity>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) target: SocketAddr,
     /// For telemetry: from the state, else the CONNECT's baggage.
-    src_workload: Option<Arc<Workload>>,
+    pub(crate) src_workload: Option<Arc<Workload>>,
 }
 
 pub async fn stream(wp: Arc<Waypoint>, src: Arc<Identity>, peer: SocketAddr, inb: hbone::Inbound) {
@@ -257,7 +156,7 @@ pub async fn stream(wp: Arc<Waypoint>, src: Arc<Identity>, peer: SocketAddr, inb
             .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .await;
     } else {
-        l4(&wp, &s, io).await;
+        crate::l4::l4(&wp, &s, io).await;
     }
 }
 
@@ -314,147 +213,6 @@ fn refuse_unbound(
     });
 }
 
-/// Not HTTP: one endpoint, bytes both ways, L4 policy only.
-async fn l4(wp: &Waypoint, s: &Stream, mut io: hbone::StreamIo) {
-    let key = L4Stream {
-        src: s.src.clone(),
-        peer: s.peer,
-        target: s.target,
-    };
-    // Registered before the decision: a change after `state` was loaded is
-    // re-checked against this stream too.
-    let mut live = wp.live.admit(key.clone());
-    let state = wp.store.load();
-    let Some((_, eps)) = endpoints_for_target(&state, s.target) else {
-        return;
-    };
-    if let Err(why) = wp.admit_l4(&state, &key) {
-        return tracing::info!(source = %s.src, target = %s.target, why, "L4 stream denied at the waypoint");
-    }
-    if eps.is_empty() {
-        return;
-    }
-    let (ep, port) = eps[rand::random_range(0..eps.len())].clone();
-    drop(state);
-    let dst = crate::upstream::at(&ep, s.target.ip(), port);
-    // An endpoint outside the mesh (a ServiceEntry's) is plain TCP.
-    if ep.protocol == mesh::TunnelProtocol::None {
-        match tokio::net::TcpStream::connect(dst).await {
-            Ok(mut up) => {
-                tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut io, &mut up) => {}
-                    Ok(why) = &mut live.revoked => {
-                        tracing::info!(source = %s.src, target = %s.target, reason = why, "live L4 stream closed by a policy change");
-                    }
-                }
-            }
-            Err(e) => tracing::info!(%dst, error = %e, "L4 upstream failed"),
-        }
-        return;
-    }
-    let Ok(cert) = wp.certs.fetch(&wp.identity).await else {
-        return;
-    };
-    let hbone_addr = SocketAddr::new(dst.ip(), hbone::HBONE_PORT);
-    let key = hbone::PoolKey {
-        source: "waypoint-l4".into(),
-        dst_identity: ep.identity(),
-        dst: hbone_addr,
-    };
-    let dial = move || async move { tokio::net::TcpStream::connect(hbone_addr).await };
-    match wp
-        .upstreams
-        .pool_connect(key, cert.client.clone(), dial, dst)
-        .await
-    {
-        Ok((send, recv, _guard)) => {
-            let mut up = hbone::StreamIo::new(send, recv);
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut io, &mut up) => {}
-                Ok(why) = &mut live.revoked => {
-                    tracing::info!(source = %s.src, target = %s.target, reason = why, "live L4 stream closed by a policy change");
-                }
-            }
-        }
-        Err(e) => tracing::info!(%dst, error = %e, "L4 upstream failed"),
-    }
-}
-
-/// The service the CONNECT named (by VIP) and its endpoints on that port, or
-/// the one workload it named.
-/// The service (if the target was a VIP) and its (endpoint, port) pairs.
-type TargetEndpoints = (Option<Arc<Service>>, Vec<(Arc<Workload>, u16)>);
-
-fn endpoints_for_target(state: &MeshState, target: SocketAddr) -> Option<TargetEndpoints> {
-    if let Some(svc) = state.service_by_vip(target.ip()) {
-        return Some((Some(svc.clone()), state.endpoints_for(svc, target.port())));
-    }
-    state
-        .workload_by_ip(target.ip())
-        .map(|w| (None, vec![(w.clone(), target.port())]))
-}
-
-fn hex_id() -> String {
-    let r: u128 = rand::random();
-    let h = format!("{r:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
-
-/// Continues a valid W3C traceparent with a new span, or starts a trace.
-fn traceparent(h: &HeaderMap) -> String {
-    let span: u64 = rand::random::<u64>() | 1;
-    let parent = h
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let p: Vec<&str> = v.split('-').collect();
-            (p.len() == 4
-                && p[1].len() == 32
-                && p[1].chars().all(|c| c.is_ascii_hexdigit())
-                && p[1] != "0".repeat(32))
-            .then(|| (p[1].to_string(), p[3].to_string()))
-        });
-    match parent {
-        Some((trace, flags)) => format!("00-{trace}-{span:016x}-{flags}"),
-        None => format!("00-{:032x}-{span:016x}-01", rand::random::<u128>() | 1),
-    }
-}
-
-/// Whether the request asks to become a byte stream, and how.
-fn upgrade_kind(parts: &http::request::Parts) -> Option<UpgradeKind> {
-    if parts.version == http::Version::HTTP_2 && parts.method == http::Method::CONNECT {
-        let p = parts.extensions.get::<hyper::ext::Protocol>()?;
-        return Some(UpgradeKind::Connect(p.as_str().to_string()));
-    }
-    is_upgrade(parts).then_some(UpgradeKind::Http1)
-}
-
-/// An HTTP/1.1 request asking to switch protocols (WebSocket and others).
-/// `h2c` is not one: tunnelled, the HTTP/2 requests after it would pass
-/// unseen by routes and policy, so it stays on this hop (dropped) and the
-/// request is served as HTTP/1.1.
-fn is_upgrade(parts: &http::request::Parts) -> bool {
-    let Some(up) = parts.headers.get("upgrade").and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    parts.version == http::Version::HTTP_11
-        && !up.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c"))
-        && parts
-            .headers
-            .get_all("connection")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
 async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -465,8 +223,8 @@ async fn handle(wp: &Arc<Waypoint>, s: &Stream, req: Request<Incoming>) -> Respo
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-        .unwrap_or_else(hex_id);
-    let tp = traceparent(&parts.headers);
+        .unwrap_or_else(crate::trace::request_id);
+    let tp = crate::trace::traceparent(&parts.headers);
     if let Ok(v) = HeaderValue::try_from(request_id.as_str()) {
         parts.headers.insert("x-request-id", v);
     }
@@ -690,52 +448,4 @@ fn unauthenticated(r: crate::error::JwtReject, grpc: bool, authority: &str, path
         sent.resp.headers_mut().insert("www-authenticate", v);
     }
     sent
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn which_requests_are_upgrades() {
-        let up = |version, headers: &[(&str, &str)]| {
-            let mut b = Request::get("/").version(version);
-            for (k, v) in headers {
-                b = b.header(*k, *v);
-            }
-            is_upgrade(&b.body(()).unwrap().into_parts().0)
-        };
-        let v11 = http::Version::HTTP_11;
-        let ws = [("connection", "Upgrade"), ("upgrade", "websocket")];
-        assert!(up(v11, &ws));
-        assert!(up(
-            v11,
-            &[("connection", "keep-alive, upgrade"), ("upgrade", "foo/2")]
-        ));
-        // No Connection: upgrade, or HTTP/1.0 or HTTP/2: not an upgrade.
-        assert!(!up(v11, &[("upgrade", "websocket")]));
-        assert!(!up(http::Version::HTTP_10, &ws));
-        assert!(!up(http::Version::HTTP_2, &ws));
-        // RFC 8441: an HTTP/2 CONNECT naming a protocol; a plain one is not.
-        let connect = |proto: Option<&'static str>| {
-            let mut b = Request::connect("http://h/chat").version(http::Version::HTTP_2);
-            if let Some(p) = proto {
-                b = b.extension(hyper::ext::Protocol::from_static(p));
-            }
-            upgrade_kind(&b.body(()).unwrap().into_parts().0)
-        };
-        assert_eq!(
-            connect(Some("websocket")),
-            Some(UpgradeKind::Connect("websocket".into()))
-        );
-        assert_eq!(connect(None), None);
-        // h2c would hide the requests after it from policy: served as 1.1.
-        assert!(!up(
-            v11,
-            &[
-                ("connection", "Upgrade, HTTP2-Settings"),
-                ("upgrade", "h2c")
-            ]
-        ));
-    }
 }

@@ -20,9 +20,10 @@ use crate::error::ProxyError;
 use crate::lb::{HashInput, Outcome};
 use crate::origin_tls::Origination;
 use crate::plan::{Forward, Target};
-use crate::proxy::{UpgradedStream, Waypoint};
+use crate::proxy::Waypoint;
 use crate::replay::{NotReplayable, Replay};
 use crate::telemetry::flag;
+use crate::tunnel::UpgradedStream;
 use crate::upstream::{self, Body};
 
 pub type ReqBody = Replay<Incoming>;
