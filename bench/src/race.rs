@@ -18,6 +18,8 @@ pub struct Sample {
     pub errors: f64,
     /// CPU the path's L7 proxy used per request, µs; NaN without one.
     pub cpu_us: f64,
+    /// The L7 proxy's context switches per request; NaN without one.
+    pub ctx_sw: f64,
 }
 
 /// A table row: the median of a path's rounds for one protocol.
@@ -31,6 +33,7 @@ pub struct Row {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub cpu_us: f64,
+    pub ctx_sw: f64,
     /// Summed over the rounds: one failed request in any round shows.
     pub errors: f64,
 }
@@ -85,6 +88,7 @@ pub fn rows(samples: &[Sample]) -> Vec<Row> {
                 p50_ms: median(of.iter().map(|s| s.p50_ms)),
                 p99_ms: median(of.iter().map(|s| s.p99_ms)),
                 cpu_us: median(of.iter().map(|s| s.cpu_us)),
+                ctx_sw: median(of.iter().map(|s| s.ctx_sw)),
                 errors: of.iter().map(|s| s.errors).sum(),
             }
         })
@@ -120,6 +124,7 @@ mod tests {
             p99_ms: f64::NAN,
             errors: round as f64,
             cpu_us: rps * 2.0,
+            ctx_sw: rps / 100.0,
         }
     }
 
@@ -158,6 +163,7 @@ mod tests {
         );
         assert_eq!(rows[0].p50_ms, 0.02);
         assert_eq!(rows[1].cpu_us, 12.0);
+        assert_eq!(rows[1].ctx_sw, 0.06);
         assert!(rows[0].p99_ms.is_nan());
     }
 

@@ -347,6 +347,7 @@ const H2: &str = "HTTP/2 (h2load -c8 -m16)";
 struct ProxyCpu {
     pid: Option<u32>,
     start_ms: f64,
+    start_ctx: u64,
 }
 
 impl ProxyCpu {
@@ -359,6 +360,7 @@ impl ProxyCpu {
                 return ProxyCpu {
                     pid: None,
                     start_ms: 0.0,
+                    start_ctx: 0,
                 }
             }
         };
@@ -366,17 +368,20 @@ impl ProxyCpu {
         ProxyCpu {
             pid,
             start_ms: pid.map_or(0.0, testbed::proc_cpu_ms),
+            start_ctx: pid.map_or(0, testbed::proc_ctx_switches),
         }
     }
 
-    /// µs of CPU per request, for a run of `secs()` at `rps`; NaN for a
-    /// path with no L7 proxy.
-    fn per_request(&self, rps: f64) -> f64 {
+    /// µs of CPU and context switches per request, for a run of `secs()`
+    /// at `rps`; NaN for a path with no L7 proxy.
+    fn per_request(&self, rps: f64) -> (f64, f64) {
         let Some(pid) = self.pid else {
-            return f64::NAN;
+            return (f64::NAN, f64::NAN);
         };
+        let requests = rps * secs() as f64;
         let used_ms = testbed::proc_cpu_ms(pid) - self.start_ms;
-        used_ms * 1000.0 / (rps * secs() as f64)
+        let switches = testbed::proc_ctx_switches(pid).saturating_sub(self.start_ctx);
+        (used_ms * 1000.0 / requests, switches as f64 / requests)
     }
 }
 
@@ -401,7 +406,7 @@ fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Samp
     });
     let cpu = ProxyCpu::start(m, path);
     let (rps, p50, p99, errors) = wrk(m, url);
-    let h1_cpu = cpu.per_request(rps);
+    let (h1_cpu, h1_ctx) = cpu.per_request(rps);
     if let Some(mut p) = perf {
         let _ = p.wait();
         let out = Command::new("perf")
@@ -427,9 +432,11 @@ fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Samp
         p99_ms: p99,
         errors,
         cpu_us: h1_cpu,
+        ctx_sw: h1_ctx,
     };
     let cpu = ProxyCpu::start(m, path);
     let (rps, mean, errors) = h2load(m, url);
+    let (cpu_us, ctx_sw) = cpu.per_request(rps);
     let h2 = race::Sample {
         path,
         proto: H2,
@@ -438,7 +445,8 @@ fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Samp
         p50_ms: mean,
         p99_ms: f64::NAN,
         errors,
-        cpu_us: cpu.per_request(rps),
+        cpu_us,
+        ctx_sw,
     };
     [h1, h2]
 }
@@ -535,8 +543,8 @@ async fn main() {
         "\n{} s per run, 2 cores shared by load generator, proxies and backend\n",
         secs()
     );
-    println!("| path | protocol | rounds | req/s (median) | req/s range | p50 ms | p99 ms | proxy CPU µs/req | errors |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| path | protocol | rounds | req/s (median) | req/s range | p50 ms | p99 ms | proxy CPU µs/req | proxy ctx switches/req | errors |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let p99 = if r.p99_ms.is_nan() {
             "-".to_string()
@@ -548,13 +556,16 @@ async fn main() {
         } else {
             ""
         };
-        let cpu = if r.cpu_us.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{:.1}", r.cpu_us)
+        let or_dash = |x: f64, digits: usize| {
+            if x.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{x:.digits$}")
+            }
         };
+        let (cpu, ctx) = (or_dash(r.cpu_us, 1), or_dash(r.ctx_sw, 2));
         println!(
-            "| {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.2}{mean} | {p99} | {cpu} | {} |",
+            "| {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.2}{mean} | {p99} | {cpu} | {ctx} | {} |",
             r.path, r.proto, r.rounds, r.rps, r.rps_min, r.rps_max, r.p50_ms, r.errors
         );
     }
@@ -568,16 +579,16 @@ async fn main() {
             "{proto}: ours / Envoy as waypoint, round by round: {}; median {median:.2}x (target >= 1.50x)",
             each_text.join(", ")
         );
-        let cpu = |path| {
-            rows.iter()
-                .find(|r| r.path == path && r.proto == proto)
-                .map_or(f64::NAN, |r| r.cpu_us)
-        };
+        let row = |path| rows.iter().find(|r| r.path == path && r.proto == proto);
+        let cpu = |path| row(path).map_or(f64::NAN, |r| r.cpu_us);
+        let ctx = |path| row(path).map_or(f64::NAN, |r| r.ctx_sw);
         let cpu_ratio = cpu(ENVOY_WP) / cpu(OURS);
         println!(
-            "{proto}: CPU per request, Envoy as waypoint / ours (medians): {:.1} / {:.1} µs = {cpu_ratio:.2}x",
+            "{proto}: CPU per request, Envoy as waypoint / ours (medians): {:.1} / {:.1} µs = {cpu_ratio:.2}x; context switches per request {:.2} / {:.2}",
             cpu(ENVOY_WP),
-            cpu(OURS)
+            cpu(OURS),
+            ctx(ENVOY_WP),
+            ctx(OURS)
         );
         race_rows.push(
             report::Row::new("waypoint_race")
@@ -627,6 +638,7 @@ async fn main() {
             .num("errors", r.errors)
             .num("peak_rss_mib", peak)
             .num("proxy_cpu_us_per_req", r.cpu_us)
+            .num("proxy_ctx_switches_per_req", r.ctx_sw)
             .emit();
     }
     for r in race_rows {

@@ -845,6 +845,30 @@ pub fn proc_cpu_ms(pid: u32) -> f64 {
     ticks as f64 * 10.0
 }
 
+/// Context switches of `pid` so far, voluntary (it waited) and not (it was
+/// preempted), summed over its threads; 0 when the process is gone. Each is
+/// a hand-off between threads or processes, which on a shared machine costs
+/// more than most of the work between them.
+pub fn proc_ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.ends_with("ctxt_switches")
+                        .then(|| v.trim().parse::<u64>().ok())?
+                })
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// Open file descriptors of `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
