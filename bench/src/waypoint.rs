@@ -387,8 +387,9 @@ impl ProxyCpu {
 
 /// One path's HTTP/1.1 and HTTP/2 runs. BENCH_PROFILE=1: perf samples our
 /// waypoint during its first HTTP/1.1 run (BENCH_PERF_OUT: where perf.data
-/// goes, kept for `perf report`). Stacks are unwound from DWARF: release
-/// builds keep no frame pointers, so `-g` stops at the first frame.
+/// goes, kept for `perf report`; BENCH_PERF_EVENT: what to sample instead of
+/// CPU time). Stacks are unwound from DWARF: release builds keep no frame
+/// pointers, so `-g` stops at the first frame.
 fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Sample; 2] {
     let perf_data = std::env::var("BENCH_PERF_OUT")
         .map(std::path::PathBuf::from)
@@ -397,6 +398,11 @@ fn measure(m: &Mesh, path: &'static str, url: &str, round: usize) -> [race::Samp
         let pid = pid_of(&m.pod_ns("waypoint"), "waypoint");
         Command::new("perf")
             .args(["record", "-F", "499", "--call-graph", "dwarf,16384"])
+            // e.g. sched:sched_switch: where its threads give up the CPU.
+            .args(match std::env::var("BENCH_PERF_EVENT") {
+                Ok(e) => vec!["-e".to_string(), e],
+                Err(_) => vec![],
+            })
             .args(["-p", &pid, "-o"])
             .arg(&perf_data)
             .args(["--", "sleep", &secs().to_string()])
