@@ -37,13 +37,12 @@ pub(crate) fn traceparent(h: &HeaderMap) -> String {
 /// a new trace instead of being passed on.
 fn parent(v: &str) -> Option<(&str, &str)> {
     let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-            && (len == 2 || s.bytes().any(|c| c != b'0'))
+        s.len() == len && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
     };
+    let id = |s: &str, len: usize| hex(s, len) && s.bytes().any(|c| c != b'0');
     let mut p = v.split('-');
     let (version, trace, span, flags) = (p.next()?, p.next()?, p.next()?, p.next()?);
-    (p.next().is_none() && version == "00" && hex(trace, 32) && hex(span, 16) && hex(flags, 2))
+    (p.next().is_none() && version == "00" && id(trace, 32) && id(span, 16) && hex(flags, 2))
         .then_some((trace, flags))
 }
 
