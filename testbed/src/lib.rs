@@ -862,7 +862,10 @@ pub fn proc_ctx_switches(pid: u32) -> u64 {
                 .filter_map(|l| {
                     let (k, v) = l.split_once(':')?;
                     k.ends_with("ctxt_switches")
-                        .then(|| v.trim().parse::<u64>().ok())?
+                        .then_some(v)?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
                 })
                 .sum::<u64>()
         })
@@ -1177,5 +1180,20 @@ impl Mesh {
         let text = self.pod_http(pod, 15000, "/config_dump");
         serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("config dump of {pod} is not JSON ({e}): {text}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn context_switches_are_counted_and_grow() {
+        let me = std::process::id();
+        let before = super::proc_ctx_switches(me);
+        // Each sleep gives up the CPU: a voluntary switch of this thread.
+        for _ in 0..5 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(super::proc_ctx_switches(me) >= before + 5);
+        assert_eq!(super::proc_ctx_switches(u32::MAX), 0, "no such process");
     }
 }
